@@ -1,0 +1,1 @@
+"""CourseZoo: train, export and serve the PyTorch course models."""

@@ -1,0 +1,5 @@
+import sys
+
+from coursezoo.cli import main
+
+sys.exit(main())

@@ -1,0 +1,147 @@
+"""The model card (`exported/<name>/<version>/model.json`): the contract between training and serving.
+
+Training writes it (``training/export.py``); the server, the batch CLI and the benchmarks read it and
+know nothing else about a model. It lives in ``serving`` because serving must not import torch, while
+training may import this plain-Python module: the schema is defined once, here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+CARD_FILE = "model.json"
+ONNX_FILE = "model.onnx"
+TORCHSCRIPT_FILE = "model.pt"
+
+#: Tasks, which are also the batch CLI's ``--kind`` values and pick the domain RPC that serves them.
+TASKS = ("digits", "diabetes", "names", "hello", "regression", "logistic")
+
+#: KServe v2 datatype name -> numpy dtype name.
+DATATYPES = {"FP32": "float32", "FP64": "float64", "INT64": "int64", "INT32": "int32", "UINT8": "uint8"}
+
+
+class CardError(ValueError):
+    """A model card is missing, unreadable or inconsistent with its files."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One named input or output; ``-1`` marks a dynamic axis (the batch axis is always first)."""
+
+    name: str
+    datatype: str  # KServe v2 name, e.g. "FP32", "INT64"
+    shape: tuple[int, ...]
+
+    @property
+    def numpy_dtype(self) -> str:
+        return DATATYPES[self.datatype]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> TensorSpec:
+        if d["datatype"] not in DATATYPES:
+            raise CardError(f"tensor {d['name']!r}: unknown datatype {d['datatype']!r}")
+        return cls(name=d["name"], datatype=d["datatype"], shape=tuple(int(x) for x in d["shape"]))
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """Everything serving needs to know about one exported model version.
+
+    ``preprocessing`` is task specific; its keys are read by ``serving/preprocess.py``:
+      - digits: ``height``, ``width``, ``fit_box``, ``mean``, ``std``, ``polarity`` ("light_on_dark")
+      - diabetes: ``num_features``, ``feature_range``
+      - names: ``vocab_size``, ``padding_index``, ``normalization`` ("NFKD-ascii")
+      - hello: ``vocabulary`` (the characters, index order)
+      - regression / logistic: nothing (raw floats)
+    """
+
+    name: str
+    version: str
+    task: str
+    lecture: str
+    description: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    labels: tuple[str, ...]
+    preprocessing: dict[str, Any]
+    metrics: dict[str, Any]
+    training: dict[str, Any] = field(default_factory=dict)
+    export: dict[str, Any] = field(default_factory=dict)
+    data_sha256: dict[str, str] = field(default_factory=dict)
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    serving: dict[str, Any] = field(default_factory=dict)  # optional per-model batching hints
+    created: str = ""
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["inputs"] = [t.to_json() for t in self.inputs]
+        d["outputs"] = [t.to_json() for t in self.outputs]
+        d["labels"] = list(self.labels)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ModelCard:
+        try:
+            if d.get("schema_version") != SCHEMA_VERSION:
+                raise CardError(f"schema_version {d.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+            if d["task"] not in TASKS:
+                raise CardError(f"unknown task {d['task']!r}; expected one of {', '.join(TASKS)}")
+            kwargs = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
+            kwargs["inputs"] = tuple(TensorSpec.from_json(t) for t in d["inputs"])
+            kwargs["outputs"] = tuple(TensorSpec.from_json(t) for t in d["outputs"])
+            kwargs["labels"] = tuple(d["labels"])
+            kwargs["version"] = str(d["version"])
+            return cls(**kwargs)
+        except (KeyError, TypeError) as e:
+            raise CardError(f"malformed model card: {e!r}") from e
+
+    @classmethod
+    def load(cls, directory: Path) -> ModelCard:
+        path = Path(directory) / CARD_FILE
+        try:
+            return cls.from_json(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError) as e:
+            raise CardError(f"cannot read {path}: {e}") from e
+
+    def save(self, directory: Path) -> Path:
+        path = Path(directory) / CARD_FILE
+        path.write_text(json.dumps(self.to_json(), indent=2, sort_keys=False) + "\n", encoding="utf-8")
+        return path
+
+    def input(self, name: str) -> TensorSpec:
+        return next(t for t in self.inputs if t.name == name)
+
+    def verify_file(self, directory: Path, filename: str = ONNX_FILE) -> Path:
+        """Return the file's path after checking its sha256 against the card; raise CardError otherwise."""
+        path = Path(directory) / filename
+        expected = self.files.get(filename, {}).get("sha256")
+        if not expected:
+            raise CardError(f"{self.name}/{self.version}: card lists no sha256 for {filename}")
+        try:
+            actual = sha256_file(path)
+        except OSError as e:
+            raise CardError(f"{self.name}/{self.version}: cannot read {path}: {e}") from e
+        if actual != expected:
+            raise CardError(
+                f"{self.name}/{self.version}: {filename} sha256 {actual[:12]}… does not match the card's "
+                f"{expected[:12]}…"
+            )
+        return path
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,167 @@
+"""Held-out evaluation, shared by training (eager model), export (ONNX) and ``coursezoo eval``.
+
+A model is evaluated through a ``Predict`` callable (named numpy inputs -> first output), so the
+PyTorch module and the ONNX export are measured by the same code on the same data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from serving.card import ONNX_FILE, CardError, ModelCard
+from serving.preprocess import decode_hello, encode_names
+from training import data
+from training.catalog import HELLO_VOCAB, Entry, resolve
+
+Predict = Callable[[dict[str, np.ndarray]], np.ndarray]
+CHUNK = 1000
+
+
+def torch_predictor(model: torch.nn.Module, entry: Entry, device: str = "cpu") -> Predict:
+    model = model.to(device).eval()
+
+    def predict(inputs: dict[str, np.ndarray]) -> np.ndarray:
+        with torch.no_grad():
+            args = [torch.from_numpy(inputs[t.name]).to(device) for t in entry.inputs]
+            return model(*args).cpu().numpy()
+
+    return predict
+
+
+def onnx_predictor(path: str, providers: list[str] | None = None) -> Predict:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
+    return lambda inputs: session.run(None, inputs)[0]
+
+
+def held_out(entry: Entry, cfg: data.DataConfig) -> tuple[list[dict[str, np.ndarray]], np.ndarray | None]:
+    """The evaluation inputs in chunks, and the targets (None for the toy regression checks)."""
+    if entry.dataset == "mnist":
+        x, y = data.mnist_arrays(train=False, cfg=cfg)
+        return [{"image": x[i : i + CHUNK]} for i in range(0, len(x), CHUNK)], y
+    if entry.dataset == "diabetes":
+        _, test = data.diabetes_splits(cfg)
+        x, y = test.tensors
+        return [{"features": x.numpy()}], y.numpy().reshape(-1).astype(np.int64)
+    if entry.dataset == "names":
+        items = data.NamesDataset(train=False, cfg=cfg).items
+        chunks = []
+        for i in range(0, len(items), CHUNK):
+            chars, lengths = encode_names([n for n, _ in items[i : i + CHUNK]])
+            chunks.append({"chars": chars, "lengths": lengths})
+        return chunks, np.array([c for _, c in items], dtype=np.int64)
+    if entry.dataset == "hello":
+        x, _ = data.hello_pair()
+        return [{"chars": x.numpy()}], None
+    if entry.dataset == "linear_points":
+        return [{"x": np.array([[entry.bar["x"]]], dtype=np.float32)}], None
+    if entry.dataset == "logistic_points":
+        hours = np.array([[entry.bar["p_below"]], [entry.bar["p_above"]]], dtype=np.float32)
+        return [{"hours": hours}], None
+    raise ValueError(f"no held-out data for {entry.dataset}")
+
+
+def measure(entry: Entry, predict: Predict, cfg: data.DataConfig) -> dict[str, Any]:
+    """Metrics on the held-out split, in the shape the model card stores."""
+    chunks, targets = held_out(entry, cfg)
+    out = np.concatenate([predict(c) for c in chunks])
+    if entry.task in ("digits", "names"):
+        correct = int((out.argmax(axis=1) == targets).sum())
+        return {"accuracy": correct / len(targets), "correct": correct, "examples": len(targets),
+                "split": "test"}
+    if entry.task == "diabetes":
+        correct = int(((out.reshape(-1) > 0.5).astype(np.int64) == targets).sum())
+        return {"accuracy": correct / len(targets), "correct": correct, "examples": len(targets),
+                "split": f"test ({data.DIABETES_TEST_FRACTION:.0%} of the file, seed {data.DIABETES_SPLIT_SEED})"}
+    if entry.task == "hello":
+        return {"input": "hello", "output": decode_hello(out, ["hello"], HELLO_VOCAB)[0]}
+    if entry.task == "regression":
+        return {"x": entry.bar["x"], "y": float(out[0, 0])}
+    if entry.task == "logistic":
+        return {"p_below": float(out[0, 0]), "p_above": float(out[1, 0]),
+                "hours_below": entry.bar["p_below"], "hours_above": entry.bar["p_above"]}
+    raise ValueError(entry.task)
+
+
+def meets_bar(entry: Entry, metrics: dict[str, Any]) -> tuple[bool, str]:
+    """Whether the metrics reach the catalogue's bar, and a one-line explanation."""
+    bar = entry.bar
+    if "accuracy" in bar:
+        ok = metrics["accuracy"] >= bar["accuracy"]
+        return ok, f"accuracy {metrics['accuracy']:.4f} (bar {bar['accuracy']:.3f})"
+    if "output" in bar:
+        return metrics["output"] == bar["output"], f"'hello' -> {metrics['output']!r} (bar {bar['output']!r})"
+    if "tolerance" in bar:
+        ok = abs(metrics["y"] - bar["y"]) <= bar["tolerance"]
+        return ok, f"y({bar['x']:g}) = {metrics['y']:.4f} (bar {bar['y']:g} ± {bar['tolerance']:g})"
+    ok = metrics["p_above"] > 0.5 > metrics["p_below"]
+    return ok, (f"P({bar['p_above']:g}h) = {metrics['p_above']:.3f} > 0.5 > "
+                f"P({bar['p_below']:g}h) = {metrics['p_below']:.3f}")
+
+
+# --- `coursezoo eval`: re-evaluate the shipped ONNX exports -----------------------------------------
+
+METRIC_TOLERANCE = 0.002  # 0.2 points of accuracy between the card and a fresh evaluation
+
+
+def latest_version(repo: Path, name: str) -> Path:
+    versions = sorted((p for p in (repo / name).glob("*") if p.is_dir() and p.name.isdigit()),
+                      key=lambda p: int(p.name))
+    if not versions:
+        raise FileNotFoundError(f"no exported versions of {name} under {repo / name}")
+    return versions[-1]
+
+
+def evaluate_export(entry: Entry, version_dir: Path, cfg: data.DataConfig) -> dict[str, Any]:
+    """Fresh held-out metrics of an exported ONNX file, compared with its card and its bar."""
+    card = ModelCard.load(version_dir)
+    onnx_path = card.verify_file(version_dir, ONNX_FILE)
+    metrics = measure(entry, onnx_predictor(str(onnx_path)), cfg)
+    ok, verdict = meets_bar(entry, metrics)
+    if "accuracy" in metrics:
+        delta = abs(metrics["accuracy"] - card.metrics["accuracy"])
+        matches = delta <= METRIC_TOLERANCE
+    else:
+        delta, matches = 0.0, all(metrics[k] == card.metrics[k] if isinstance(metrics[k], str)
+                                  else abs(metrics[k] - card.metrics[k]) <= 1e-4 for k in metrics)
+    return {"name": entry.name, "version": card.version, "metrics": metrics, "meets_bar": ok,
+            "verdict": verdict, "card_delta": delta, "matches_card": matches}
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Re-evaluate exported ONNX models on the held-out data.",
+                                add_help=add_help)
+    p.add_argument("names", nargs="*", default=["all"], help="model names, or 'all' (default)")
+    p.add_argument("--repo", type=Path, default=Path("exported"))
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--data-mirror", default=None)
+    p.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = data.DataConfig.from_env(args.data_root, args.data_mirror)
+    results, bad = [], 0
+    for entry in resolve(args.names or ["all"]):
+        try:
+            r = evaluate_export(entry, latest_version(args.repo, entry.name), cfg)
+        except (FileNotFoundError, CardError, data.DataError) as e:
+            print(f"[ERR] {entry.name}: {e}")
+            bad += 1
+            continue
+        results.append(r)
+        good = r["meets_bar"] and r["matches_card"]
+        bad += not good
+        print(f"[{'ok ' if good else 'BAD'}] {r['name']} v{r['version']}: {r['verdict']}"
+              f"{'' if r['matches_card'] else ' (differs from its card)'}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 1 if bad else 0

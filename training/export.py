@@ -1,0 +1,161 @@
+"""``coursezoo export NAME|all``: TorchScript + ONNX + model card, checked before anything is written.
+
+Reads the checkpoint ``coursezoo train`` left in ``runs/<name>/``, and writes
+``<out>/<name>/<version>/{model.onnx, model.pt, model.json}`` with the next free version number.
+Every export must pass ``onnx.checker`` and agree with the eager model (TorchScript and ONNX Runtime,
+batch sizes 1 and >1, max abs difference <= 1e-4) on real held-out inputs; otherwise nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+import torchvision
+
+from serving.card import ONNX_FILE, TORCHSCRIPT_FILE, ModelCard, sha256_file
+from training import data, evaluate
+from training.catalog import Entry, resolve
+from training.models import build
+from training.train import DEFAULT_RUNS
+
+PARITY_ATOL = 1e-4
+
+
+class ExportError(RuntimeError):
+    """An export failed a check; nothing was written."""
+
+
+def next_version(model_dir: Path) -> str:
+    versions = [int(p.name) for p in model_dir.glob("*") if p.is_dir() and p.name.isdigit()]
+    return str(max(versions, default=0) + 1)
+
+
+def parity_inputs(entry: Entry, cfg: data.DataConfig) -> list[dict[str, np.ndarray]]:
+    """Real held-out inputs at batch size 1 and a larger batch."""
+    chunk = evaluate.held_out(entry, cfg)[0][0]
+    n = len(next(iter(chunk.values())))
+    big = {k: v[: min(n, 64)] for k, v in chunk.items()}
+    one = {k: v[:1] for k, v in chunk.items()}
+    if "lengths" in chunk:  # keep the padding consistent with the single name's length
+        one["chars"] = one["chars"][:, : int(one["lengths"][0])]
+        big["chars"] = big["chars"][:, : int(big["lengths"].max())]
+    return [one, big] if n > 1 else [one]
+
+
+def _check_close(what: str, got: np.ndarray, want: np.ndarray) -> float:
+    diff = float(np.abs(got - want).max())
+    if got.shape != want.shape or not diff <= PARITY_ATOL:
+        raise ExportError(f"{what}: shape {got.shape} vs {want.shape}, max abs diff {diff:.2e} > {PARITY_ATOL}")
+    return diff
+
+
+def export_one(entry: Entry, cfg: data.DataConfig, runs_dir: Path = DEFAULT_RUNS,
+               out_root: Path = Path("exported")) -> Path:
+    run_dir = runs_dir / entry.name
+    ckpt = run_dir / "model.pt"
+    if not ckpt.exists():
+        raise ExportError(f"{entry.name}: no checkpoint at {ckpt}; run `coursezoo train {entry.name}` first")
+    report = json.loads((run_dir / "metrics.json").read_text())
+    model = build(entry)
+    model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
+    model.eval()
+
+    batches = parity_inputs(entry, cfg)
+    in_names = [t.name for t in entry.inputs]
+    out_names = [t.name for t in entry.outputs]
+    example = tuple(torch.from_numpy(batches[-1][n]) for n in in_names)
+    dynamic = {t.name: {i: f"{t.name}_dim{i}" for i, d in enumerate(t.shape) if d == -1}
+               for t in (*entry.inputs, *entry.outputs)}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_dir = Path(tmp)
+        onnx_path, ts_path = tmp_dir / ONNX_FILE, tmp_dir / TORCHSCRIPT_FILE
+        scripted = torch.jit.script(model)
+        scripted.save(str(ts_path))
+        onnx_module = model.export_form() if hasattr(model, "export_form") else model
+        with warnings.catch_warnings():  # the TorchScript-based exporter is the one that handles
+            warnings.simplefilter("ignore")  # packed sequences; its deprecation notice is expected
+            torch.onnx.export(onnx_module, example, str(onnx_path), input_names=in_names,
+                              output_names=out_names, dynamic_axes=dynamic, opset_version=entry.opset,
+                              dynamo=False)
+        onnx.checker.check_model(onnx.load(str(onnx_path)), full_check=True)
+
+        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        loaded_ts = torch.jit.load(str(ts_path))
+        parity = {}
+        for batch in batches:
+            args = [torch.from_numpy(batch[n]) for n in in_names]
+            with torch.no_grad():
+                want = model(*args).numpy()
+                ts_out = loaded_ts(*args).numpy()
+            n = len(args[0])
+            parity[f"torchscript_batch{n}"] = _check_close(f"{entry.name} TorchScript, batch {n}", ts_out, want)
+            parity[f"onnx_batch{n}"] = _check_close(f"{entry.name} ONNX Runtime, batch {n}",
+                                                    session.run(None, batch)[0], want)
+
+        metrics = evaluate.measure(entry, evaluate.onnx_predictor(str(onnx_path)), cfg)
+        ok, verdict = evaluate.meets_bar(entry, metrics)
+        card = ModelCard(
+            name=entry.name, version=next_version(out_root / entry.name), task=entry.task,
+            lecture=entry.lecture, description=entry.description, inputs=entry.inputs,
+            outputs=entry.outputs, labels=entry.labels, preprocessing=dict(entry.preprocessing),
+            metrics={**metrics, "meets_bar": ok, "bar": entry.bar, "verdict": verdict,
+                     "measured_on": "ONNX export, CPUExecutionProvider"},
+            training={k: report[k] for k in ("epochs", "seconds", "device", "seed", "recipe", "train_limit",
+                                             "losses")} | {"eager_metrics": report["metrics"]},
+            export={"opset": entry.opset, "exporter": "torch.onnx (TorchScript-based)",
+                    "parity_max_abs_diff": parity, "parity_atol": PARITY_ATOL,
+                    "onnx_module": type(onnx_module).__name__, "versions": _versions()},
+            data_sha256=report["data_sha256"],
+            files={f: {"sha256": sha256_file(tmp_dir / f), "bytes": (tmp_dir / f).stat().st_size}
+                   for f in (ONNX_FILE, TORCHSCRIPT_FILE)},
+            created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        )
+        card.save(tmp_dir)
+        dest = out_root / entry.name / card.version
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        # Write into a hidden sibling, then rename: the server never sees a half-written version.
+        staging = dest.parent / f".{card.version}.staging"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(tmp_dir, staging)
+        staging.rename(dest)
+    return dest
+
+
+def _versions() -> dict[str, Any]:
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "onnx": onnx.__version__,
+            "onnxruntime": ort.__version__, "python": platform.python_version()}
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Export trained models to TorchScript and ONNX.", add_help=add_help)
+    p.add_argument("names", nargs="+", help="model names from the catalogue, or 'all'")
+    p.add_argument("--out", type=Path, default=Path("exported"), help="model repository to write into")
+    p.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="where `coursezoo train` left checkpoints")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--data-mirror", default=None)
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = data.DataConfig.from_env(args.data_root, args.data_mirror)
+    for entry in resolve(args.names):
+        try:
+            dest = export_one(entry, cfg, args.runs, args.out)
+        except (ExportError, data.DataError) as e:
+            raise SystemExit(f"export failed: {e}") from None
+        card = ModelCard.load(dest)
+        print(f"{entry.name}: wrote {dest} ({card.metrics['verdict']})")
+    return 0

@@ -1,0 +1,184 @@
+"""``coursezoo train NAME|all``: seeded training of the course models, one loop for every task.
+
+Each run writes ``runs/<name>/model.pt`` (state dict) and ``runs/<name>/metrics.json`` (held-out
+metrics, epochs, seconds, device, seed, recipe, data sha256), which ``coursezoo export`` reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import sys
+import time
+from collections.abc import Iterable, Sized
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from training import data, evaluate
+from training.catalog import Entry, resolve
+from training.models import build
+
+log = logging.getLogger("coursezoo.train")
+DEFAULT_RUNS = Path("runs")
+
+LOSSES = {"regression": nn.MSELoss, "logistic": nn.BCELoss, "diabetes": nn.BCELoss,
+          "digits": nn.CrossEntropyLoss, "names": nn.CrossEntropyLoss, "hello": nn.CrossEntropyLoss}
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available to PyTorch here")
+    return device
+
+
+def train_batches(entry: Entry, cfg: data.DataConfig, generator: torch.Generator,
+                  limit: int | None) -> Sized | Iterable[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
+    """The (inputs, target) batches of one epoch of the entry's data set, re-iterable, with a length.
+
+    ``limit`` keeps only the first N training examples (the tests' short runs).
+    """
+    if entry.dataset in ("linear_points", "logistic_points", "hello"):
+        x, y = {"linear_points": data.linear_points, "logistic_points": data.logistic_points,
+                "hello": data.hello_pair}[entry.dataset]()
+        # hello: CrossEntropy over every time step, [T, 4] logits vs [T] targets
+        return [((x,), y.reshape(-1) if entry.dataset == "hello" else y)]
+    if entry.dataset == "mnist":
+        ds, collate = data.mnist(train=True, cfg=cfg), None
+    elif entry.dataset == "diabetes":
+        ds, collate = data.diabetes_splits(cfg)[0], None
+    else:
+        ds, collate = data.NamesDataset(train=True, cfg=cfg), data.names_collate
+    if limit:
+        ds = Subset(ds, range(min(limit, len(ds))))
+    return _LoaderBatches(DataLoader(ds, batch_size=entry.recipe.batch_size, shuffle=True,
+                                     generator=generator, collate_fn=collate))
+
+
+class _LoaderBatches:
+    """A DataLoader whose batches are split into (model inputs, target)."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for *inputs, target in self.loader:
+            yield tuple(inputs), target
+
+
+def make_optimizer(entry: Entry, model: nn.Module, steps: int):
+    r = entry.recipe
+    if r.optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=r.lr)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=r.lr, momentum=r.momentum)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps) if r.schedule == "cosine" else None
+    return opt, sched
+
+
+def train_one(entry: Entry, cfg: data.DataConfig, *, epochs: int | None = None, device: str = "auto",
+              seed: int | None = None, limit: int | None = None, runs_dir: Path = DEFAULT_RUNS,
+              progress: bool | None = None) -> dict[str, Any]:
+    """Train one model, evaluate it on its held-out split, save checkpoint and report."""
+    device = pick_device(device)
+    progress = sys.stderr.isatty() if progress is None else progress  # quiet in CI and logs
+    seed = entry.recipe.seed if seed is None else seed
+    generator = seed_everything(seed)
+    epochs = epochs or entry.recipe.epochs
+    model = build(entry).to(device)
+    loss_fn = LOSSES[entry.task]()
+
+    batches = train_batches(entry, cfg, generator, limit)
+    optimizer, scheduler = make_optimizer(entry, model, epochs * len(batches))
+
+    started, losses = time.perf_counter(), []
+    toy = entry.dataset in ("linear_points", "logistic_points", "hello")
+    epoch_bar = tqdm(range(epochs), desc=entry.name, unit="epoch", disable=not progress or not toy)
+    for epoch in epoch_bar:
+        model.train()
+        total, count = 0.0, 0
+        bar = tqdm(batches, desc=f"{entry.name} epoch {epoch + 1}/{epochs}",
+                   unit="batch", disable=not progress or toy, leave=False)
+        for inputs, target in bar:
+            inputs = tuple(t.to(device) for t in inputs)
+            target = target.to(device)
+            out = model(*inputs)
+            if entry.task == "hello":
+                out = out.reshape(-1, out.size(-1))
+            loss = loss_fn(out, target)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if scheduler:
+                scheduler.step()
+            total += loss.item() * target.size(0)
+            count += target.size(0)
+            bar.set_postfix(loss=f"{total / count:.4f}")
+        losses.append(total / count)
+        epoch_bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if not toy:
+            log.info("epoch done", extra={"model": entry.name, "epoch": epoch + 1, "loss": round(losses[-1], 5)})
+    seconds = time.perf_counter() - started
+
+    metrics = evaluate.measure(entry, evaluate.torch_predictor(model, entry, device), cfg)
+    ok, verdict = evaluate.meets_bar(entry, metrics)
+    report = {
+        "model": entry.name, "metrics": metrics, "meets_bar": ok, "verdict": verdict,
+        "epochs": epochs, "seconds": round(seconds, 2), "device": device, "seed": seed,
+        "train_limit": limit, "losses": [round(v, 6) for v in losses], "recipe": entry.recipe.as_dict(),
+        "data_sha256": data.data_sha256(entry.dataset, cfg), "torch": torch.__version__,
+    }
+    out_dir = runs_dir / entry.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(model.cpu().state_dict(), out_dir / "model.pt")
+    (out_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train course models on their real data sets.", add_help=add_help)
+    p.add_argument("names", nargs="+", help="model names from the catalogue, or 'all'")
+    p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
+    p.add_argument("--limit", type=int, default=None, help="train on the first N examples only")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--data-mirror", default=None)
+    p.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="where checkpoints and reports go")
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = data.DataConfig.from_env(args.data_root, args.data_mirror)
+    failed = []
+    for entry in resolve(args.names):
+        try:
+            report = train_one(entry, cfg, epochs=args.epochs, device=args.device, seed=args.seed,
+                               limit=args.limit, runs_dir=args.runs)
+        except data.DataError as e:
+            raise SystemExit(f"error: {e}") from None
+        mark = "ok " if report["meets_bar"] else "LOW"
+        print(f"[{mark}] {entry.name}: {report['verdict']}, {report['epochs']} epochs, "
+              f"{report['seconds']:.1f}s on {report['device']}")
+        if not report["meets_bar"]:
+            failed.append(entry.name)
+    return 1 if failed and args.limit is None and args.epochs is None and args.seed is None else 0
