@@ -117,10 +117,14 @@ CATALOG: dict[str, Entry] = {e.name: e for e in (
             "note": "features as in the course CSV: the 8 Pima columns each scaled to [-1, 1]",
         },
     ),
+    # The course recipe gave 0.9727 (softmax) and 0.9852 (cnn) here: at the bars. Momentum 0.9 and a
+    # cosine schedule over the same 10 epochs leave a margin; the architectures are unchanged.
     _digits("mnist_softmax", "L9", "SoftmaxMLP", "784-512-256-128-64-10 ReLU MLP (CrossEntropy).",
-            Recipe(epochs=10, optimizer="sgd", lr=0.01, momentum=0.5, course=_COURSE_MNIST), 0.970),
+            Recipe(epochs=10, optimizer="sgd", lr=0.01, momentum=0.9, schedule="cosine",
+                   course=_COURSE_MNIST), 0.970),
     _digits("mnist_cnn", "L10", "BasicCNN", "conv 1->10 k5, conv 10->20 k5, maxpool 2, fc 320->10.",
-            Recipe(epochs=10, optimizer="sgd", lr=0.01, momentum=0.5, course=_COURSE_MNIST), 0.985),
+            Recipe(epochs=10, optimizer="sgd", lr=0.01, momentum=0.9, schedule="cosine",
+                   course=_COURSE_MNIST), 0.985),
     _digits("mnist_inception", "L11", "InceptionNet", "two InceptionA blocks (88 channels), fc 1408->10.",
             Recipe(epochs=8, optimizer="sgd", lr=0.02, momentum=0.9, schedule="cosine",
                    course=_COURSE_MNIST), 0.988),

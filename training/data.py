@@ -57,6 +57,7 @@ class DataConfig:
     root: Path = DEFAULT_ROOT
     mirror: Path | None = None
 
+
     @classmethod
     def from_env(cls, root: str | Path | None = None, mirror: str | Path | None = None) -> DataConfig:
         mirror = mirror or os.environ.get("COURSEZOO_DATA_MIRROR") or None

@@ -110,7 +110,7 @@ def train_one(entry: Entry, cfg: data.DataConfig, *, epochs: int | None = None, 
     batches = train_batches(entry, cfg, generator, limit)
     optimizer, scheduler = make_optimizer(entry, model, epochs * len(batches))
 
-    started, losses = time.perf_counter(), []
+    started, losses, batch_losses = time.perf_counter(), [], []
     toy = entry.dataset in ("linear_points", "logistic_points", "hello")
     epoch_bar = tqdm(range(epochs), desc=entry.name, unit="epoch", disable=not progress or not toy)
     for epoch in epoch_bar:
@@ -130,7 +130,8 @@ def train_one(entry: Entry, cfg: data.DataConfig, *, epochs: int | None = None, 
             optimizer.step()
             if scheduler:
                 scheduler.step()
-            total += loss.item() * target.size(0)
+            batch_losses.append(loss.item())
+            total += batch_losses[-1] * target.size(0)
             count += target.size(0)
             bar.set_postfix(loss=f"{total / count:.4f}")
         losses.append(total / count)
@@ -144,7 +145,9 @@ def train_one(entry: Entry, cfg: data.DataConfig, *, epochs: int | None = None, 
     report = {
         "model": entry.name, "metrics": metrics, "meets_bar": ok, "verdict": verdict,
         "epochs": epochs, "seconds": round(seconds, 2), "device": device, "seed": seed,
-        "train_limit": limit, "losses": [round(v, 6) for v in losses], "recipe": entry.recipe.as_dict(),
+        "train_limit": limit, "losses": [round(v, 6) for v in losses],
+        # mean loss of the first and last few optimizer steps: shows learning even in a one-epoch run
+        "first_steps_loss": float(np.mean(batch_losses[:5])), "last_steps_loss": float(np.mean(batch_losses[-5:])), "recipe": entry.recipe.as_dict(),
         "data_sha256": data.data_sha256(entry.dataset, cfg), "torch": torch.__version__,
     }
     out_dir = runs_dir / entry.name

@@ -1,0 +1,50 @@
+"""Exports pass onnx.checker and agree with the eager model before anything is written."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from serving.card import ModelCard
+from training import data
+from training.catalog import CATALOG
+from training.export import PARITY_ATOL, ExportError, _check_close, export_one
+from training.train import train_one
+
+# one model per family of exported graph: MLP, CNN, branches, RNN loop, packed bidirectional GRU
+FAMILIES = [("diabetes_mlp", None), ("mnist_cnn", 640), ("mnist_inception", 320), ("mnist_resnet", 320),
+            ("hello_rnncell", None), ("hello_embedding", None), ("names_gru", 1024)]
+
+
+@pytest.mark.parametrize(("name", "limit"), FAMILIES)
+def test_export_writes_checked_files_and_card(name: str, limit, data_cfg: data.DataConfig, tmp_path: Path) -> None:
+    entry = CATALOG[name]
+    train_one(entry, data_cfg, epochs=1, limit=limit, runs_dir=tmp_path / "runs", progress=False)
+    dest = export_one(entry, data_cfg, tmp_path / "runs", tmp_path / "repo")
+    assert dest == tmp_path / "repo" / name / "1"
+    card = ModelCard.load(dest)
+    assert [t.name for t in card.inputs] == [t.name for t in entry.inputs]
+    for f in ("model.onnx", "model.pt"):
+        card.verify_file(dest, f)
+    onnx.checker.check_model(onnx.load(str(dest / "model.onnx")))
+    parity = card.export["parity_max_abs_diff"]
+    assert any(k.endswith("batch1") for k in parity) and len(parity) >= 3
+    assert max(parity.values()) <= PARITY_ATOL
+    assert card.data_sha256 == data.data_sha256(entry.dataset, data_cfg)
+    assert json.loads((dest / "model.json").read_text())["labels"] == list(entry.labels)
+    # the next export is a new version beside the first
+    assert export_one(entry, data_cfg, tmp_path / "runs", tmp_path / "repo").name == "2"
+
+
+def test_parity_failure_is_loud() -> None:
+    with pytest.raises(ExportError, match="max abs diff"):
+        _check_close("x", np.zeros((2, 3), np.float32), np.full((2, 3), 1e-3, np.float32))
+    with pytest.raises(ExportError, match="shape"):
+        _check_close("x", np.zeros((2, 3), np.float32), np.zeros((3, 2), np.float32))
+
+
+def test_export_without_checkpoint_says_what_to_do(data_cfg: data.DataConfig, tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="coursezoo train mnist_cnn"):
+        export_one(CATALOG["mnist_cnn"], data_cfg, tmp_path / "runs", tmp_path / "repo")

@@ -1,0 +1,35 @@
+"""A short training run of each model family (a subset, one epoch) lowers the loss."""
+
+from pathlib import Path
+
+import pytest
+
+from training import data
+from training.catalog import CATALOG
+from training.train import train_one
+
+# (model, examples): a few optimizer steps of every family
+SHORT_RUNS = [
+    ("linear_regression", None), ("logistic_regression", None), ("diabetes_mlp", None),
+    ("mnist_softmax", 6400), ("mnist_cnn", 1280), ("mnist_inception", 640), ("mnist_resnet", 640),
+    ("hello_rnncell", None), ("hello_rnn", None), ("hello_embedding", None), ("names_gru", 2560),
+]
+
+
+@pytest.mark.parametrize(("name", "limit"), SHORT_RUNS)
+def test_one_epoch_lowers_the_loss(name: str, limit: int | None, data_cfg: data.DataConfig, tmp_path: Path) -> None:
+    entry = CATALOG[name]
+    # the toy sets are one batch: their "epoch" is a single step, so give them a few
+    epochs = 1 if limit or entry.dataset == "diabetes" else 20
+    report = train_one(entry, data_cfg, epochs=epochs, limit=limit, runs_dir=tmp_path, seed=0, progress=False)
+    assert report["last_steps_loss"] < report["first_steps_loss"]
+    assert (tmp_path / name / "model.pt").exists()
+    assert report["data_sha256"] == data.data_sha256(entry.dataset, data_cfg)
+    assert {"epochs", "seconds", "device", "seed", "metrics"} <= set(report)
+
+
+def test_training_is_repeatable(data_cfg: data.DataConfig, tmp_path: Path) -> None:
+    entry = CATALOG["diabetes_mlp"]
+    a = train_one(entry, data_cfg, epochs=2, runs_dir=tmp_path / "a", progress=False)
+    b = train_one(entry, data_cfg, epochs=2, runs_dir=tmp_path / "b", progress=False)
+    assert a["losses"] == b["losses"] and a["metrics"] == b["metrics"]
