@@ -25,8 +25,8 @@ import torch
 import torchvision
 
 from serving.card import ONNX_FILE, TORCHSCRIPT_FILE, ModelCard, sha256_file
-from training import data, evaluate
 from serving.preprocess import encode_hello
+from training import data, evaluate
 from training.catalog import HELLO_VOCAB, Entry, resolve
 from training.models import build
 from training.train import DEFAULT_RUNS

@@ -147,7 +147,9 @@ def train_one(entry: Entry, cfg: data.DataConfig, *, epochs: int | None = None, 
         "epochs": epochs, "seconds": round(seconds, 2), "device": device, "seed": seed,
         "train_limit": limit, "losses": [round(v, 6) for v in losses],
         # mean loss of the first and last few optimizer steps: shows learning even in a one-epoch run
-        "first_steps_loss": float(np.mean(batch_losses[:5])), "last_steps_loss": float(np.mean(batch_losses[-5:])), "recipe": entry.recipe.as_dict(),
+        "first_steps_loss": float(np.mean(batch_losses[:5])),
+        "last_steps_loss": float(np.mean(batch_losses[-5:])),
+        "recipe": entry.recipe.as_dict(),
         "data_sha256": data.data_sha256(entry.dataset, cfg), "torch": torch.__version__,
     }
     out_dir = runs_dir / entry.name
