@@ -7,10 +7,14 @@ says what was wrong and what is expected; callers map it to ``INVALID_ARGUMENT``
 
 from __future__ import annotations
 
+import io
 import unicodedata
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 
 class InputError(ValueError):
@@ -98,3 +102,200 @@ def encode_features(records: Sequence[Sequence[float]], num_features: int) -> np
     if bad.size:
         raise InputError(f"record {int(bad[0])} has NaN or infinite values: expected finite numbers")
     return x
+
+
+# --- Images: digits (lectures 9-11) ----------------------------------------------------------------
+
+#: The formats the service promises; restricting Image.open to them keeps Pillow's rarer decoders (and
+#: their attack surface) away from client bytes. (Phone MPO files open through the JPEG plugin.)
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")
+_FORMATS_TEXT = "a PNG, JPEG, BMP, GIF, TIFF or WebP file"
+
+#: Default pixel limit: a 24-megapixel phone photo fits, a decompression bomb does not (an RGB decode of
+#: the limit needs ~72 MB; a server decodes many images at once).
+DEFAULT_MAX_IMAGE_PIXELS = 24_000_000
+
+#: Below this spread of grey levels (of 255) an image has no digit to find.
+MIN_CONTRAST = 32
+#: Pixels brighter than background + this fraction of the ink's range count for the ink's bounding box.
+#: Higher than 0 so that JPEG ringing and paper noise do not stretch the box (measured on MNIST saved as
+#: JPEG quality 75: the box then lands within a pixel of the lossless one for 99% of the digits).
+INK_THRESHOLD = 0.125
+
+
+def set_max_image_pixels(limit: int) -> None:
+    """Set the largest image (width * height) that ``decode_digit`` decodes; larger ones raise InputTooLarge.
+
+    The limit is Pillow's own decompression-bomb guard (``Image.MAX_IMAGE_PIXELS``), so it holds for the
+    whole process and is checked from the file header, before any pixel is decoded.
+    """
+    if limit < 1:
+        raise ValueError(f"pixel limit {limit}: expected a positive number of pixels")
+    Image.MAX_IMAGE_PIXELS = limit
+
+
+set_max_image_pixels(DEFAULT_MAX_IMAGE_PIXELS)
+# Pillow only warns between the limit and twice the limit. ``_check_pixels`` refuses those images anyway;
+# turning the warning into an error just keeps it out of the logs (a test runner may reset this filter).
+warnings.simplefilter("error", Image.DecompressionBombWarning)
+
+
+def decode_digit(data: bytes, prep: Mapping[str, Any]) -> np.ndarray:
+    """An image file -> float32 [1, height, width], placed and normalized as MNIST was.
+
+    Any size, colour mode and polarity: the image is made grayscale and light-on-dark; an image of the
+    model's own size is taken as already placed (so a plain MNIST image comes out exactly as training
+    normalized it); any other size gets MNIST's placement (ink bounding box, fit into ``fit_box`` keeping
+    the aspect ratio, centre of mass at the centre).
+    """
+    gray, background = _light_on_dark(_decode_gray(data))
+    height, width = int(prep["height"]), int(prep["width"])
+    if gray.shape == (height, width):
+        digit = gray.astype(np.float32)
+    else:
+        digit = _place(gray, background, height, width, int(prep["fit_box"]))
+    return _normalize(digit, prep)[np.newaxis]
+
+
+def pixels_to_digit(pixels: bytes, prep: Mapping[str, Any]) -> np.ndarray:
+    """Raw uint8 pixels, white digit on black and already MNIST-placed -> float32 [1, height, width]."""
+    height, width = int(prep["height"]), int(prep["width"])
+    if len(pixels) != height * width:
+        raise InputError(
+            f"{len(pixels)} bytes of pixels: expected {height * width} ({height}x{width} uint8, white digit on black)"
+        )
+    return _normalize(np.frombuffer(pixels, dtype=np.uint8).reshape(1, height, width).astype(np.float32), prep)
+
+
+def _normalize(x: np.ndarray, prep: Mapping[str, Any]) -> np.ndarray:
+    """In place, float32 grey levels 0..255 -> (x / 255 - mean) / std: the arithmetic of training's
+    ToTensor + Normalize, step by step in float32, so equal pixels give bit-identical tensors."""
+    x /= np.float32(255)
+    x -= np.float32(prep["mean"])
+    x /= np.float32(prep["std"])
+    return x
+
+
+def _decode_gray(data: bytes) -> np.ndarray:
+    """Image bytes -> uint8 [h, w] grey levels, with errors a client can act on."""
+    if not data:
+        raise InputError(f"empty image: expected the bytes of {_FORMATS_TEXT}")
+    try:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
+            _check_pixels(img)
+            if "exif" in img.info or img.format == "TIFF":  # phone photos: upright as the user saw them
+                ImageOps.exif_transpose(img, in_place=True)
+            return _to_gray(img)
+    except InputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise InputTooLarge(f"image too large: {e}") from e
+    except UnidentifiedImageError as e:
+        raise InputError(
+            f"not a recognised image ({len(data)} bytes starting {data[:8]!r}): expected {_FORMATS_TEXT}"
+        ) from e
+    except Exception as e:  # noqa: BLE001 - a decoder failing on client bytes is the client's input error
+        raise InputError(f"cannot decode the image ({type(e).__name__}: {e}): expected {_FORMATS_TEXT}") from e
+
+
+def _check_pixels(img: Image.Image) -> None:
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and img.width * img.height > limit:
+        raise InputTooLarge(
+            f"image of {img.width}x{img.height} = {img.width * img.height} pixels: at most {limit} are accepted"
+        )
+
+
+def _to_gray(img: Image.Image) -> np.ndarray:
+    """Any Pillow mode -> uint8 grey levels (first frame of animations)."""
+    if img.mode == "L":
+        return np.asarray(img)
+    if img.mode.startswith("I;16"):
+        return (np.asarray(img) >> 8).astype(np.uint8)  # 16-bit: keep the top 8 bits
+    if img.mode in ("I", "F"):
+        return _to_uint8_range(np.asarray(img, dtype=np.float64))
+    if img.mode in ("LA", "La", "PA", "RGBA", "RGBa") or "transparency" in img.info:
+        return _flatten_alpha(np.asarray(img.convert("RGBA").convert("LA")))
+    return np.asarray(img.convert("L"))
+
+
+def _to_uint8_range(x: np.ndarray) -> np.ndarray:
+    """32-bit integer or float pixels have no fixed range: keep grey levels that are already 0..255,
+    otherwise stretch the image's own range onto 0..255."""
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0 or hi > 255:
+        x = (x - lo) * (255 / (hi - lo))
+    return np.rint(x).astype(np.uint8)
+
+
+def _flatten_alpha(la: np.ndarray) -> np.ndarray:
+    """Composite a grey+alpha image onto a background that contrasts with its visible pixels.
+
+    Drawings often come as strokes on a transparent canvas; dropping alpha would leave whatever colour
+    the invisible pixels happen to have. Dark strokes go onto white, light strokes onto black; the
+    polarity step then makes the result light-on-dark.
+    """
+    luma, alpha = la[..., 0].astype(np.float32), la[..., 1].astype(np.float32) / 255
+    weight = float(alpha.sum())
+    if weight == 0:
+        raise InputError("the image is fully transparent: expected a visible digit")
+    background = 255.0 if float((luma * alpha).sum()) / weight < 128 else 0.0
+    return np.rint(luma * alpha + background * (1 - alpha)).astype(np.uint8)
+
+
+def _background(gray: np.ndarray) -> float:
+    """The (upper) median grey level of the border: np.partition, as np.median costs more than the decode."""
+    border = np.concatenate((gray[0], gray[-1], gray[1:-1, 0], gray[1:-1, -1]))
+    middle = border.size // 2
+    return float(np.partition(border, middle)[middle])
+
+
+def _light_on_dark(gray: np.ndarray) -> tuple[np.ndarray, float]:
+    """Return the image as a light digit on a dark background, and that background's grey level.
+
+    The background is the median of the border (a digit rarely fills the edges); the image is inverted
+    when that background is nearer the brightest pixel than the darkest, i.e. dark ink on light paper.
+    """
+    lo, hi = int(gray.min()), int(gray.max())
+    if hi - lo < MIN_CONTRAST:
+        raise InputError(
+            f"no digit found: grey levels only span {lo}..{hi}; expected a digit that stands out from its background"
+        )
+    background = _background(gray)
+    if background - lo > hi - background:
+        return 255 - gray, 255 - background
+    return gray, background
+
+
+def _place(gray: np.ndarray, background: float, height: int, width: int, fit_box: int) -> np.ndarray:
+    """MNIST's placement: crop to the ink, fit into fit_box x fit_box keeping the aspect ratio, then put
+    the centre of mass at the centre of a height x width canvas. Returns float32 grey levels 0..255."""
+    peak = float(gray.max())
+    ink = gray > background + INK_THRESHOLD * (peak - background)
+    rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
+    digit = gray[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].astype(np.float32)
+    # Background to 0 and the strongest ink to 255, as in MNIST, whatever the paper and pen were.
+    digit -= background
+    np.clip(digit, 0, None, out=digit)
+    digit *= 255 / (peak - background)
+    h, w = digit.shape
+    scale = fit_box / max(h, w)
+    if scale != 1:
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        digit = np.asarray(Image.fromarray(digit).resize(size, Image.Resampling.LANCZOS))
+        digit = np.clip(digit, 0, 255)  # Lanczos overshoots a little at sharp edges
+    return _centre(digit, height, width)
+
+
+def _centre(digit: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Paste digit into a zero canvas with its centre of mass at (height / 2, width / 2), as MNIST did (its
+    test set's centres of mass all lie within half a pixel of (14, 14)); integer shifts keep strokes sharp."""
+    h, w = digit.shape
+    mass = float(digit.sum())
+    cy = float(digit.sum(axis=1) @ np.arange(h)) / mass
+    cx = float(digit.sum(axis=0) @ np.arange(w)) / mass
+    top = int(np.clip(np.rint(height / 2 - cy), 0, height - h))
+    left = int(np.clip(np.rint(width / 2 - cx), 0, width - w))
+    canvas = np.zeros((height, width), dtype=np.float32)
+    canvas[top : top + h, left : left + w] = digit
+    return canvas

@@ -1,0 +1,226 @@
+"""Per-model dynamic batching: concurrent requests share one model execution.
+
+A request is a dict of arrays with a leading batch axis of n >= 1 items. Requests wait in a bounded
+queue; a worker task takes the oldest, adds queued requests of the same non-batch shapes and dtypes up
+to ``max_batch_size`` items, waiting at most ``max_delay_ms`` for more, runs the batch in a thread (so the
+event loop keeps serving) and hands each request its own rows back, in order. One execution per model
+is in flight at a time: while it runs the next batch fills up, which is where batching pays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from serving.preprocess import InputError
+
+log = logging.getLogger("coursezoo.batching")
+
+Arrays = dict[str, np.ndarray]
+RunFn = Callable[[Arrays], Mapping[str, np.ndarray]]
+
+
+class QueueFull(RuntimeError):
+    """The model's queue holds ``max_queue_items`` items already (maps to RESOURCE_EXHAUSTED)."""
+
+
+class BatcherClosed(RuntimeError):
+    """``submit`` after ``close``: the model is being unloaded or the server is stopping."""
+
+
+class BatchObserver(Protocol):
+    """Metrics hook, called on the event loop after every model execution."""
+
+    def observe_batch(self, model: str, size: int, queue_depth: int) -> None: ...
+
+
+@dataclass(eq=False)
+class _Request:
+    inputs: Arrays
+    n: int
+    key: tuple
+    future: asyncio.Future[Arrays] = field(repr=False)
+
+
+class DynamicBatcher:
+    """Coalesces ``submit`` calls into ``run`` calls; see the module docstring.
+
+    ``max_batch_size <= 1`` turns coalescing off. ``max_delay_ms == 0`` never waits for more requests but
+    still joins those already queued (as Triton does), which costs no latency.
+    """
+
+    def __init__(
+        self,
+        run: RunFn,
+        *,
+        max_batch_size: int,
+        max_delay_ms: float,
+        max_queue_items: int,
+        name: str = "model",
+        observer: BatchObserver | None = None,
+        executor: Executor | None = None,
+    ):
+        self.name = name
+        self.max_batch_size = max(1, max_batch_size)
+        self.max_delay_s = max(0.0, max_delay_ms) / 1000
+        self.max_queue_items = max_queue_items
+        self._run = run
+        self._observer = observer
+        self._executor = executor  # None: the event loop's default thread pool
+        self._queue: deque[_Request] = deque()
+        self._queued_items = 0
+        self._arrived = asyncio.Event()
+        self._closing = False
+        self._worker: asyncio.Task[None] | None = None
+
+    @property
+    def queue_depth(self) -> int:
+        """Items waiting to run (a gauge for metrics)."""
+        return self._queued_items
+
+    async def submit(self, inputs: Mapping[str, np.ndarray]) -> Arrays:
+        """Run ``inputs`` (n >= 1 items along axis 0) as part of some batch; return its n rows of outputs.
+
+        Raises QueueFull when the queue cannot take n more items, BatcherClosed after close(), and whatever
+        ``run`` raised for the batch this request was part of.
+        """
+        if self._closing:
+            raise BatcherClosed(f"model {self.name} is shutting down")
+        n = _batch_size(inputs)
+        if self._queued_items + n > self.max_queue_items:
+            raise QueueFull(
+                f"model {self.name}: {self._queued_items} items are queued and {n} more do not fit "
+                f"(limit {self.max_queue_items}); retry later or send fewer items"
+            )
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.get_running_loop().create_task(self._work(), name=f"batcher-{self.name}")
+        chunks = [self._enqueue({k: v[i : i + self.max_batch_size] for k, v in inputs.items()})
+                  for i in range(0, n, self.max_batch_size)]
+        if len(chunks) == 1:
+            return await chunks[0]
+        parts = await asyncio.gather(*chunks)  # cancelling submit cancels the chunks not yet run
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    async def close(self) -> None:
+        """Refuse new requests, run the queued ones, then stop the worker."""
+        self._closing = True
+        self._arrived.set()
+        if self._worker is not None:
+            await self._worker
+
+    def _enqueue(self, inputs: Arrays) -> asyncio.Future[Arrays]:
+        n = len(next(iter(inputs.values())))  # submit checked that all tensors agree
+        key = tuple(sorted((k, v.shape[1:], v.dtype.str) for k, v in inputs.items()))
+        request = _Request(inputs, n, key, asyncio.get_running_loop().create_future())
+        self._queue.append(request)
+        self._queued_items += n
+        self._arrived.set()
+        return request.future
+
+    async def _work(self) -> None:
+        batch: list[_Request] = []
+        try:
+            while True:
+                while not self._queue:
+                    if self._closing:
+                        return
+                    self._arrived.clear()
+                    await self._arrived.wait()
+                batch = []
+                await self._collect(batch)
+                if batch:
+                    await self._execute(batch)
+        except BaseException as e:  # cancelled, or a bug: nobody may wait forever on a worker that is gone
+            _fail([*batch, *self._queue], e)
+            self._queue.clear()
+            self._queued_items = 0
+            raise
+
+    async def _collect(self, batch: list[_Request]) -> None:
+        """Fill ``batch`` with the oldest live request plus compatible queued ones, waiting up to max_delay
+        for more."""
+        size = 0
+        deadline = asyncio.get_running_loop().time() + self.max_delay_s
+        while True:
+            size = self._take(batch, size)
+            remaining = deadline - asyncio.get_running_loop().time()
+            if not batch or size >= self.max_batch_size or self._closing or remaining <= 0:
+                return
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except TimeoutError:
+                pass
+
+    def _take(self, batch: list[_Request], size: int) -> int:
+        """Move queued requests that match the batch's shapes and fit into it; drop cancelled ones."""
+        kept: deque[_Request] = deque()
+        while self._queue:
+            request = self._queue.popleft()
+            if request.future.done():  # cancelled by its caller while waiting
+                self._queued_items -= request.n
+            elif (not batch or request.key == batch[0].key) and size + request.n <= self.max_batch_size:
+                batch.append(request)
+                size += request.n
+                self._queued_items -= request.n
+            else:
+                kept.append(request)
+        self._queue = kept
+        return size
+
+    async def _execute(self, batch: list[_Request]) -> None:
+        """Run one batch and settle every request in it: its rows, or the exception the run raised."""
+        try:
+            inputs = batch[0].inputs if len(batch) == 1 else {
+                k: np.concatenate([r.inputs[k] for r in batch]) for k in batch[0].inputs
+            }
+            outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self._run, inputs)
+            self._deliver(batch, outputs)
+        except Exception as e:
+            _fail(batch, e)
+        self._observe(sum(r.n for r in batch))
+
+    @staticmethod
+    def _deliver(batch: list[_Request], outputs: Mapping[str, np.ndarray]) -> None:
+        total = sum(r.n for r in batch)
+        wrong = {k: v.shape for k, v in outputs.items() if v.shape[:1] != (total,)}
+        if wrong:
+            raise RuntimeError(f"model outputs {wrong} do not have the batch's {total} rows on axis 0")
+        offset = 0
+        for r in batch:
+            if not r.future.done():
+                r.future.set_result({k: v[offset : offset + r.n] for k, v in outputs.items()})
+            offset += r.n
+
+    def _observe(self, size: int) -> None:
+        if self._observer is None:
+            return
+        try:
+            self._observer.observe_batch(self.name, size, self._queued_items)
+        except Exception:  # noqa: BLE001 - metrics must never fail a request or stop the worker
+            log.exception("batch observer failed", extra={"model": self.name})
+
+
+def _fail(requests: list[_Request], error: BaseException) -> None:
+    for r in requests:
+        if r.future.done():
+            continue
+        if isinstance(error, asyncio.CancelledError):
+            r.future.cancel()
+        else:
+            r.future.set_exception(error)
+
+
+def _batch_size(inputs: Mapping[str, np.ndarray]) -> int:
+    """The common length of axis 0, which must be at least 1."""
+    sizes = {k: v.shape[0] if v.ndim else 0 for k, v in inputs.items()}
+    if not sizes or len(set(sizes.values())) != 1 or min(sizes.values()) < 1:
+        raise InputError(f"inputs need one batch size >= 1 on axis 0 for every tensor; got {sizes or 'no tensors'}")
+    return next(iter(sizes.values()))

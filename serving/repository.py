@@ -1,0 +1,371 @@
+"""The model repository: ``root/<name>/<version>/{model.onnx, model.json}`` -> served model versions.
+
+Every version directory is loaded (a request may name any version); the newest ready one serves by
+default. A version is only loaded after its ``model.onnx`` matches the card's sha256 and it has run a
+warm-up batch; until then, or if that fails, the previous state keeps serving, so a half-copied or
+broken export never takes a model down. All state changes happen on the event loop between awaits, so
+``get`` always sees either the old or the new version, never a mixture.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from serving.batching import BatcherClosed, BatchObserver, DynamicBatcher
+from serving.card import CARD_FILE, ONNX_FILE, CardError, ModelCard
+from serving.runtime import OnnxModel, ProviderError
+
+log = logging.getLogger("coursezoo.repository")
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_VERSION = re.compile(r"[0-9]+")  # as training/export.py numbers them; hidden staging dirs do not match
+
+READY, UNAVAILABLE, LOADING = "READY", "UNAVAILABLE", "LOADING"  # KServe RepositoryIndex states
+
+
+class ModelNotFound(LookupError):
+    """No such model or version (maps to NOT_FOUND)."""
+
+
+class ModelNotReady(RuntimeError):
+    """The model or version exists but cannot serve now: loading, broken or unloaded (maps to UNAVAILABLE)."""
+
+
+class ServingObserver(BatchObserver, Protocol):
+    """Metrics hooks: every batch (from the batchers) and every version going in or out of service."""
+
+    def set_model_ready(self, model: str, version: str, ready: bool) -> None: ...
+
+
+@dataclass(frozen=True)
+class ServingSettings:
+    """How models are run and batched; ``coursezoo serve`` builds it from its flags.
+
+    A card's ``serving`` dict may override the batching and thread fields for its model (the card knows
+    the model's best batch size), see ``settings_for``.
+    """
+
+    device: str = "auto"  # auto | cuda | cpu
+    max_batch_size: int = 64
+    max_queue_delay_ms: float = 1.0
+    max_queue_items: int = 4096
+    intra_op_threads: int | None = None  # None or 0: ONNX Runtime's default (one per physical core)
+    poll_interval_s: float = 0.0  # 0: no polling; RepositoryModelLoad still loads new versions
+
+
+#: Fields a card's ``serving`` dict may set, with their types.
+CARD_OVERRIDES = {"max_batch_size": int, "max_queue_delay_ms": float, "max_queue_items": int, "intra_op_threads": int}
+
+
+def settings_for(settings: Any, card: ModelCard) -> ServingSettings:
+    """The settings one model runs with: ``settings`` (a ServingSettings, or any object with its fields,
+    such as the server's own settings) overridden by the card's ``serving`` dict."""
+    values = {f.name: getattr(settings, f.name) for f in dataclasses.fields(ServingSettings)}
+    unknown = sorted(set(card.serving) - set(CARD_OVERRIDES))
+    if unknown:
+        raise CardError(f"{card.name}/{card.version}: unknown serving keys {unknown}; known: {sorted(CARD_OVERRIDES)}")
+    try:
+        values.update({k: CARD_OVERRIDES[k](v) for k, v in card.serving.items()})
+    except (TypeError, ValueError) as e:
+        raise CardError(f"{card.name}/{card.version}: bad serving value: {e}") from e
+    return ServingSettings(**values)
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """One row of RepositoryIndex."""
+
+    name: str
+    version: str
+    state: str  # READY | UNAVAILABLE | LOADING
+    reason: str = ""
+
+
+class ServedModel:
+    """One loaded model version: its card, ONNX Runtime session and dynamic batcher."""
+
+    def __init__(self, card: ModelCard, session: OnnxModel, batcher: DynamicBatcher, settings: ServingSettings):
+        self.card = card
+        self.session = session
+        self.batcher = batcher
+        self.settings = settings
+        self.ready = True
+
+    @property
+    def name(self) -> str:
+        return self.card.name
+
+    @property
+    def version(self) -> str:
+        return self.card.version
+
+    @property
+    def provider(self) -> str:
+        return self.session.provider
+
+    @property
+    def queue_depth(self) -> int:
+        return self.batcher.queue_depth
+
+    def validate(self, inputs: Mapping[str, np.ndarray]) -> None:
+        """InputError unless the tensors match the card's names, datatypes and shapes (for ModelInfer)."""
+        self.session.validate(inputs)
+
+    async def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Outputs by the card's names, computed as part of a dynamic batch."""
+        if not self.ready:
+            raise ModelNotReady(f"{self.name}/{self.version} is no longer served")
+        try:
+            return await self.batcher.submit(inputs)
+        except BatcherClosed as e:
+            raise ModelNotReady(f"{self.name}/{self.version} is no longer served") from e
+
+    async def retire(self) -> None:
+        """Stop taking requests and finish the queued ones."""
+        self.ready = False
+        await self.batcher.close()
+
+
+@dataclass
+class _Version:
+    """What the repository knows about one version directory."""
+
+    fingerprint: tuple  # (mtime_ns, size) of its files: a change means "load it again"
+    served: ServedModel | None = None
+    state: str = LOADING
+    reason: str = ""
+
+
+class ModelRepository:
+    """Scans, loads, serves and hot-reloads the model versions under ``root``."""
+
+    def __init__(self, root: Path, settings: ServingSettings | None = None, *, metrics: ServingObserver | None = None):
+        self.root = Path(root)
+        self.settings = settings if settings is not None else ServingSettings()
+        self._metrics = metrics
+        self._models: dict[str, dict[str, _Version]] = {}
+        self._unloaded: set[str] = set()  # names RepositoryModelUnload took out; polling leaves them out
+        self._scan_lock = asyncio.Lock()
+        self._poller: asyncio.Task[None] | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load every version under root; start polling when ``poll_interval_s`` > 0.
+
+        A broken version is logged and left unavailable; ProviderError (``device="cuda"`` without a usable
+        GPU) is a configuration error and propagates.
+        """
+        await self._scan_all()
+        if self.settings.poll_interval_s > 0:
+            self._poller = asyncio.get_running_loop().create_task(self._poll(), name="repository-poll")
+
+    async def stop(self) -> None:
+        """Stop polling, then let every model finish its queued requests."""
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+            self._poller = None
+        async with self._scan_lock:
+            versions = [v for versions in self._models.values() for v in versions.values()]
+            self._models.clear()
+            await asyncio.gather(*(self._retire(v) for v in versions))
+
+    async def load(self, name: str) -> None:
+        """(Re)load a model's new or changed versions now (RepositoryModelLoad); it is polled again too."""
+        _check_name(name)
+        self._unloaded.discard(name)
+        async with self._scan_lock:
+            await self._scan_model(name)
+        versions = self._models.get(name)
+        if not versions:
+            raise ModelNotFound(f"no model {name!r} in {self.root}: expected {self.root}/{name}/<version>/")
+        if not any(v.state == READY for v in versions.values()):
+            raise ModelNotReady(f"model {name!r} has no loadable version: {_reasons(versions)}")
+
+    async def unload(self, name: str) -> None:
+        """Take every version of a model out of service (RepositoryModelUnload) until ``load(name)``."""
+        _check_name(name)
+        async with self._scan_lock:
+            if name not in self._models and name not in self._unloaded:
+                raise ModelNotFound(f"no model {name!r} is loaded")
+            self._unloaded.add(name)
+            versions = self._models.pop(name, {})
+            await asyncio.gather(*(self._retire(v) for v in versions.values()))
+        log.info("unloaded %s", name, extra={"model": name})
+
+    # --- queries ----------------------------------------------------------------------------------------
+
+    def get(self, name: str, version: str | None = None) -> ServedModel:
+        """The newest ready version of ``name``, or the one asked for."""
+        _check_name(name)
+        if name in self._unloaded:
+            raise ModelNotReady(f"model {name!r} is unloaded; RepositoryModelLoad loads it again")
+        versions = self._models.get(name)
+        if not versions:
+            raise ModelNotFound(f"no model {name!r}; available: {', '.join(sorted(self._models)) or 'none'}")
+        if not version:
+            ready = [v.served for _, v in _newest_first(versions) if v.served is not None]
+            if not ready:
+                raise ModelNotReady(f"model {name!r} has no ready version: {_reasons(versions)}")
+            return ready[0]
+        entry = versions.get(str(version))
+        if entry is None:
+            raise ModelNotFound(f"model {name!r} has no version {version!r}; versions: {', '.join(_sorted(versions))}")
+        if entry.served is None:
+            raise ModelNotReady(f"{name}/{version} is {entry.state.lower()}: {entry.reason or 'loading'}")
+        return entry.served
+
+    def models(self) -> list[ServedModel]:
+        """Every serving version, by name then version."""
+        return [v.served for name in sorted(self._models) for _, v in reversed(_newest_first(self._models[name]))
+                if v.served is not None]
+
+    def index(self) -> list[IndexEntry]:
+        """Every version the repository knows, with its state and why it is not ready (RepositoryIndex)."""
+        rows = [IndexEntry(name, version, v.state, v.reason)
+                for name in sorted(self._models) for version, v in reversed(_newest_first(self._models[name]))]
+        rows += [IndexEntry(name, "", UNAVAILABLE, "unloaded") for name in sorted(self._unloaded)]
+        return rows
+
+    def default_model(self, task: str) -> str:
+        """The name of the most accurate ready model of ``task`` (card metrics ``accuracy``), ties by name."""
+        candidates = []
+        for name in self._models:
+            with contextlib.suppress(ModelNotReady, ModelNotFound):
+                served = self.get(name)
+                if served.card.task == task:
+                    candidates.append((-float(served.card.metrics.get("accuracy", float("-inf"))), name))
+        if not candidates:
+            raise ModelNotFound(f"no ready {task} model in {self.root}")
+        return min(candidates)[1]
+
+    # --- scanning and loading ---------------------------------------------------------------------------
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.poll_interval_s)
+            try:
+                await self._scan_all()
+            except Exception:  # noqa: BLE001 - a bad scan must not end polling; the old models keep serving
+                log.exception("repository scan of %s failed", self.root)
+
+    async def _scan_all(self) -> None:
+        async with self._scan_lock:
+            found = await asyncio.to_thread(_model_dirs, self.root)
+            names = (found | set(self._models)) - self._unloaded
+            await asyncio.gather(*(self._scan_model(name) for name in sorted(names)))
+
+    async def _scan_model(self, name: str) -> None:
+        """Bring one model in line with its directory: load new or changed versions, retire removed ones."""
+        found = await asyncio.to_thread(_version_dirs, self.root / name)
+        versions = self._models.setdefault(name, {})
+        for version in set(versions) - set(found):
+            await self._retire(versions.pop(version))
+            log.info("retired %s/%s: its directory is gone", name, version, extra={"model": name, "version": version})
+        for version, fingerprint in found.items():
+            entry = versions.get(version)
+            if entry is None or entry.fingerprint != fingerprint:
+                await self._load_version(name, version, fingerprint)
+        if not versions:
+            del self._models[name]
+
+    async def _load_version(self, name: str, version: str, fingerprint: tuple) -> None:
+        versions = self._models[name]
+        old = versions.get(version)
+        if old is None:
+            versions[version] = _Version(fingerprint)
+        try:
+            card, session, settings = await asyncio.to_thread(self._prepare, name, version)
+        except ProviderError:
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever is wrong with the files, this version just does not serve
+            reason = f"{type(e).__name__}: {e}" if not isinstance(e, CardError) else str(e)
+            log.warning("%s/%s not loaded: %s", name, version, reason,
+                        extra={"model": name, "version": version, "reason": reason})
+            keep = old.served if old is not None else None  # a re-export that fails leaves the old one serving
+            versions[version] = _Version(fingerprint, keep, READY if keep else UNAVAILABLE, reason)
+            return
+        batcher = DynamicBatcher(
+            session.run, max_batch_size=settings.max_batch_size, max_delay_ms=settings.max_queue_delay_ms,
+            max_queue_items=settings.max_queue_items, name=name, observer=self._metrics,
+        )
+        versions[version] = _Version(fingerprint, ServedModel(card, session, batcher, settings), READY)
+        if self._metrics is not None:
+            self._metrics.set_model_ready(name, version, True)
+        log.info("loaded %s/%s on %s", name, version, session.provider,
+                 extra={"model": name, "version": version, "provider": session.provider})
+        if old is not None and old.served is not None:
+            await old.served.retire()  # after the swap: requests already queued there still finish
+
+    def _prepare(self, name: str, version: str) -> tuple[ModelCard, OnnxModel, ServingSettings]:
+        """Blocking part of a load, run in a thread: card, sha256, session, warm-up."""
+        directory = self.root / name / version
+        card = ModelCard.load(directory)
+        if (card.name, card.version) != (name, version):
+            raise CardError(f"{directory}/{CARD_FILE} describes {card.name}/{card.version}, not {name}/{version}")
+        settings = settings_for(self.settings, card)
+        session = OnnxModel(card.verify_file(directory, ONNX_FILE), card, settings.device, settings.intra_op_threads)
+        session.warmup()
+        return card, session, settings
+
+    async def _retire(self, entry: _Version) -> None:
+        if entry.served is None:
+            return
+        if self._metrics is not None:
+            self._metrics.set_model_ready(entry.served.name, entry.served.version, False)
+        await entry.served.retire()
+
+
+def _check_name(name: str) -> None:
+    """Refuse anything that is not a plain model name before it gets near the file system."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        raise ModelNotFound(f"invalid model name {name!r}: expected letters, digits, '_', '.' and '-' only")
+
+
+def _model_dirs(root: Path) -> set[str]:
+    try:
+        return {p.name for p in root.iterdir() if p.is_dir() and _NAME.fullmatch(p.name) and ".." not in p.name}
+    except OSError as e:
+        log.warning("cannot list the model repository %s: %s", root, e)
+        return set()
+
+
+def _version_dirs(model_dir: Path) -> dict[str, tuple]:
+    """Version directory name -> fingerprint of its files (None for a missing file)."""
+    try:
+        dirs = [p for p in model_dir.iterdir() if p.is_dir() and _VERSION.fullmatch(p.name)]
+    except OSError:
+        return {}
+    return {p.name: tuple(_stat(p / f) for f in (CARD_FILE, ONNX_FILE)) for p in dirs}
+
+
+def _stat(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+def _newest_first(versions: dict[str, _Version]) -> list[tuple[str, _Version]]:
+    return sorted(versions.items(), key=lambda kv: int(kv[0]), reverse=True)
+
+
+def _sorted(versions: dict[str, _Version]) -> list[str]:
+    return sorted(versions, key=int)
+
+
+def _reasons(versions: dict[str, _Version]) -> str:
+    return "; ".join(f"version {v}: {e.reason or e.state.lower()}" for v, e in reversed(_newest_first(versions)))

@@ -1,0 +1,199 @@
+"""One ONNX Runtime session per model version, on the GPU when asked and able, else on the CPU.
+
+The card says what the session must look like (tensor names, datatypes, shapes); ``OnnxModel`` checks the
+file against it when loading and checks every client tensor against it before running, so a mistake is
+an ``InputError`` that names the tensor rather than an opaque runtime failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
+from serving.card import DATATYPES, CardError, ModelCard, TensorSpec
+from serving.preprocess import InputError
+
+log = logging.getLogger("coursezoo.runtime")
+
+DEVICES = ("auto", "cpu", "cuda")
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+CUDA_PROVIDER_OPTIONS = {
+    "device_id": "0",
+    # TF32 (ORT's default on Ampere and later) rounds conv and matmul inputs to 10-bit mantissas, which
+    # moves logits by ~1e-3 against the CPU. The course models are small enough that full FP32 costs
+    # little, and then GPU and CPU answers agree within 1e-4: a digit never flips with the device.
+    "use_tf32": "0",
+    # EXHAUSTIVE (the default) benchmarks cuDNN algorithms for every new input shape; a dynamic batcher
+    # makes many batch sizes, and each would pay that on its first request. The heuristic pick is close.
+    "cudnn_conv_algo_search": "HEURISTIC",
+    # Grow the arena by what is asked for, not in powers of two: many small models share one GPU.
+    "arena_extend_strategy": "kSameAsRequested",
+}
+
+_NUMPY_TO_DATATYPE = {np.dtype(v): k for k, v in DATATYPES.items()}
+
+
+class ProviderError(RuntimeError):
+    """``device="cuda"`` was asked for and the CUDA execution provider cannot be used."""
+
+
+class OnnxModel:
+    """A loaded ``model.onnx``; ``run`` is synchronous and thread-safe (ORT sessions are)."""
+
+    def __init__(self, path: Path, card: ModelCard, device: str = "auto", intra_op_threads: int | None = None):
+        if device not in DEVICES:
+            raise ValueError(f"device {device!r}: expected one of {', '.join(DEVICES)}")
+        self.card = card
+        self.path = Path(path)
+        self._session = _create_session(self.path, device, _session_options(intra_op_threads))
+        # Kernel errors caused by client values come back as InputError; ORT need not log them as well.
+        self._run_options = ort.RunOptions()
+        self._run_options.log_severity_level = 4
+        self.provider: str = self._session.get_providers()[0]
+        self._inputs = {t.name: t for t in card.inputs}
+        self._output_names = [t.name for t in card.outputs]
+        self._check_against_card()
+
+    def _check_against_card(self) -> None:
+        """A card that does not describe its file is a broken version, found at load time, not per request."""
+        have_in = sorted(i.name for i in self._session.get_inputs())
+        have_out = sorted(o.name for o in self._session.get_outputs())
+        if have_in != sorted(self._inputs) or have_out != sorted(self._output_names):
+            raise CardError(
+                f"{self.card.name}/{self.card.version}: model.onnx has inputs {have_in} and outputs {have_out}; "
+                f"the card lists {sorted(self._inputs)} and {sorted(self._output_names)}"
+            )
+
+    def validate(self, inputs: Mapping[str, np.ndarray]) -> None:
+        """Raise InputError naming the first tensor whose name, datatype or shape the card does not allow."""
+        unknown = sorted(set(inputs) - set(self._inputs))
+        if unknown:
+            raise InputError(f"unknown input tensor {unknown[0]!r}: expected {_describe(self.card.inputs)}")
+        missing = sorted(set(self._inputs) - set(inputs))
+        if missing:
+            raise InputError(f"missing input tensor {missing[0]!r}: expected {_describe(self.card.inputs)}")
+        batch = {}
+        for name, value in inputs.items():
+            array = np.asarray(value)
+            _check_tensor(self._inputs[name], array)
+            batch[name] = array.shape[0]
+        if len(set(batch.values())) > 1:
+            raise InputError(f"input tensors disagree on the batch size (first axis): {batch}; expected one size")
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Outputs by the card's names. Values the model itself refuses (an index out of range, say)
+        become InputError too: they came from the client."""
+        try:
+            outputs = self._session.run(self._output_names, dict(inputs), self._run_options)
+        except InvalidArgument as e:
+            raise InputError(f"{self.card.name}/{self.card.version} refused the input: {e}") from e
+        return dict(zip(self._output_names, outputs, strict=True))
+
+    def warmup(self) -> dict[str, np.ndarray]:
+        """Run one tiny real-shaped batch, so the first client does not pay for lazy initialization and a
+        model that cannot run is found before it serves."""
+        return self.run(sample_inputs(self.card))
+
+
+def sample_inputs(card: ModelCard, batch_size: int = 1) -> dict[str, np.ndarray]:
+    """Inputs of the card's shapes (dynamic axes 1) filled with ones: a valid value for every course model
+    (pixel value, feature, character code 1, a names length of 1 over 1 character, hello index 1)."""
+    return {
+        t.name: np.ones([batch_size, *(1 if d < 0 else d for d in t.shape[1:])], dtype=t.numpy_dtype)
+        for t in card.inputs
+    }
+
+
+def _describe(specs: tuple[TensorSpec, ...]) -> str:
+    return ", ".join(f"{t.name} {t.datatype} {list(t.shape)}" for t in specs)
+
+
+def _check_tensor(spec: TensorSpec, array: np.ndarray) -> None:
+    expected = f"expected {spec.datatype} {list(spec.shape)} (-1: any size)"
+    if array.dtype != np.dtype(spec.numpy_dtype):
+        given = _NUMPY_TO_DATATYPE.get(array.dtype, str(array.dtype))
+        raise InputError(f"input {spec.name!r} has datatype {given}: {expected}")
+    if len(array.shape) != len(spec.shape) or any(0 <= d != n for d, n in zip(spec.shape, array.shape, strict=True)):
+        raise InputError(f"input {spec.name!r} has shape {list(array.shape)}: {expected}")
+    if array.shape[0] == 0:
+        raise InputError(f"input {spec.name!r} has an empty batch: expected at least one item")
+
+
+def _session_options(intra_op_threads: int | None) -> ort.SessionOptions:
+    """All graph optimizations; ``intra_op_threads`` None lets ORT use one thread per physical core,
+    a number bounds it (several models in one process each get their own pool)."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = intra_op_threads or 0
+    so.log_severity_level = 3  # errors only: quiet by default
+    return so
+
+
+def _create_session(path: Path, device: str, so: ort.SessionOptions) -> ort.InferenceSession:
+    """``cuda``: CUDA or ProviderError; ``auto``: CUDA when it can be created, else CPU; ``cpu``: CPU."""
+    if device == "cuda" or (device == "auto" and _cuda["usable"]):
+        session, reason = _try_cuda(path, so, quiet=device == "auto")
+        if session is not None:
+            return session
+        if device == "cuda":
+            raise ProviderError(
+                f"device 'cuda': {CUDA} cannot be used for {path}: {reason} (onnxruntime's error above says which)"
+            )
+        _fall_back_once(reason)
+    return ort.InferenceSession(str(path), so, providers=[CPU])
+
+
+# ``auto`` gives up on CUDA for the whole process after one failure: if it cannot be created for one model
+# it cannot for any, and one log line says so.
+_cuda_lock = threading.Lock()
+_cuda = {"usable": True, "preloaded": False}
+
+
+def _try_cuda(path: Path, so: ort.SessionOptions, quiet: bool) -> tuple[ort.InferenceSession | None, str]:
+    """A CUDA session, or None and why not. ORT itself falls back to CPU (logging an error) rather than
+    raising when the provider cannot be created, so the providers it ends up with decide."""
+    if CUDA not in ort.get_available_providers():
+        return None, "this onnxruntime build has no CUDA support (install onnxruntime-gpu)"
+    with _cuda_lock:
+        _preload_cuda_libraries()
+        if quiet:
+            ort.set_default_logger_severity(4)  # our one fallback line replaces ORT's multi-line error
+        try:
+            session = ort.InferenceSession(str(path), so, providers=[(CUDA, CUDA_PROVIDER_OPTIONS), CPU])
+        finally:
+            ort.set_default_logger_severity(3)  # errors only: quiet by default
+    if session.get_providers()[0] == CUDA:
+        return session, ""
+    return None, "no usable NVIDIA GPU, or the CUDA 13 / cuDNN 9 libraries are missing"
+
+
+def _fall_back_once(reason: str) -> None:
+    with _cuda_lock:
+        if not _cuda["usable"]:
+            return
+        _cuda["usable"] = False
+    log.warning(
+        "device auto: %s not available (%s); running on %s. Use --device cuda to see onnxruntime's error.",
+        CUDA, reason, CPU, extra={"provider": CPU, "reason": reason},
+    )
+
+
+def _preload_cuda_libraries() -> None:
+    """Load CUDA and cuDNN from the nvidia-* wheels when ORT offers it (1.21+): without torch in the
+    process nothing else puts them on the loader's path. Harmless when they are installed system-wide.
+    Called under ``_cuda_lock``."""
+    if _cuda["preloaded"] or not hasattr(ort, "preload_dlls"):
+        return
+    _cuda["preloaded"] = True
+    try:
+        ort.preload_dlls()
+    except Exception as e:  # noqa: BLE001 - preloading only helps; creating the session decides
+        log.debug("onnxruntime.preload_dlls failed: %s", e)

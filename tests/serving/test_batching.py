@@ -1,0 +1,284 @@
+"""serving.batching.DynamicBatcher: coalescing, order, chunking, back-pressure, failures, cancellation, close.
+
+The model is a plain function that can be held at a gate (a threading.Event), so that requests pile up
+in the queue in a known way: no test depends on how fast anything runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine, Mapping
+from typing import Any
+
+import numpy as np
+import pytest
+
+from serving.batching import BatcherClosed, DynamicBatcher, QueueFull
+from serving.preprocess import InputError
+
+WAIT_S = 30.0  # generous bound on waiting for the worker; only reached when something hangs
+
+
+class GatedModel:
+    """y = 2x, recording every batch; holds each run at the gate until the test opens it."""
+
+    def __init__(self, gated: bool = False):
+        self.started = 0  # runs that reached the gate
+        self.batches: list[tuple[int, ...]] = []
+        self.gate = threading.Event()
+        if not gated:
+            self.gate.set()
+        self.fail: Exception | None = None
+
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.started += 1
+        assert self.gate.wait(WAIT_S), "test never opened the gate"
+        self.batches.append(inputs["x"].shape)
+        if self.fail is not None:
+            raise self.fail
+        return {"y": inputs["x"] * 2}
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int, int]] = []
+
+    def observe_batch(self, model: str, size: int, queue_depth: int) -> None:
+        self.calls.append((model, size, queue_depth))
+
+
+def run(coro: Coroutine[Any, Any, Any]) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, WAIT_S))
+
+
+def x(*values: float, width: int = 3) -> dict[str, np.ndarray]:
+    """A request of len(values) items; item i is a row filled with values[i]."""
+    return {"x": np.repeat(np.array(values, dtype=np.float32)[:, None], width, axis=1)}
+
+
+async def until(condition: Any) -> None:
+    while not condition():
+        await asyncio.sleep(0.001)
+
+
+async def hold_first(batcher: DynamicBatcher, model: GatedModel, request: dict[str, np.ndarray]) -> asyncio.Task:
+    """Submit one request and wait until it is running, held at the gate: what is submitted next queues."""
+    task = asyncio.create_task(batcher.submit(request))
+    await until(lambda: model.started == 1)
+    return task
+
+
+def test_concurrent_requests_form_batches_and_get_their_own_rows_back() -> None:
+    model = GatedModel(gated=True)
+
+    async def main() -> list[dict[str, np.ndarray]]:
+        batcher = DynamicBatcher(model, max_batch_size=16, max_delay_ms=5, max_queue_items=1000, name="m")
+        tasks = [await hold_first(batcher, model, x(0, 0.5))]
+        tasks += [asyncio.create_task(batcher.submit(x(i, i + 0.5))) for i in range(1, 40)]
+        await until(lambda: batcher.queue_depth == 78)
+        model.gate.set()
+        results = await asyncio.gather(*tasks)
+        await batcher.close()
+        return results
+
+    results = run(main())
+    for i, r in enumerate(results):
+        np.testing.assert_array_equal(r["y"], x(i, i + 0.5)["x"] * 2)
+    sizes = [shape[0] for shape in model.batches]
+    assert sizes[0] == 2 and max(sizes) == 16 and sum(sizes) == 80
+    assert all(s <= 16 for s in sizes)
+
+
+def test_only_requests_of_the_same_shape_and_dtype_share_a_batch() -> None:
+    model = GatedModel(gated=True)
+
+    async def main() -> list[dict[str, np.ndarray]]:
+        batcher = DynamicBatcher(model, max_batch_size=64, max_delay_ms=1, max_queue_items=1000)
+        first = await hold_first(batcher, model, x(99))
+        requests = [x(i, width=3 + i % 3) for i in range(12)]
+        requests.append({"x": np.ones((1, 3), dtype=np.float64)})
+        tasks = [asyncio.create_task(batcher.submit(r)) for r in requests]
+        await until(lambda: batcher.queue_depth == 13)
+        model.gate.set()
+        await first
+        return await asyncio.gather(*tasks)
+
+    results = run(main())
+    assert results[-1]["y"].dtype == np.float64
+    for i, r in enumerate(results[:-1]):
+        np.testing.assert_array_equal(r["y"], x(i, width=3 + i % 3)["x"] * 2)
+    assert sorted(model.batches[1:]) == [(1, 3), (4, 3), (4, 4), (4, 5)]
+
+
+def test_large_client_batches_are_chunked_and_reassembled_in_order() -> None:
+    model = GatedModel()
+
+    async def main() -> dict[str, np.ndarray]:
+        batcher = DynamicBatcher(model, max_batch_size=4, max_delay_ms=0, max_queue_items=100)
+        return await batcher.submit(x(*range(10)))
+
+    out = run(main())
+    np.testing.assert_array_equal(out["y"], x(*range(10))["x"] * 2)
+    assert [s[0] for s in model.batches] == [4, 4, 2]
+
+
+def test_batch_size_one_turns_coalescing_off() -> None:
+    model = GatedModel(gated=True)
+
+    async def main() -> None:
+        batcher = DynamicBatcher(model, max_batch_size=1, max_delay_ms=10, max_queue_items=100)
+        tasks = [await hold_first(batcher, model, x(0))]
+        tasks += [asyncio.create_task(batcher.submit(x(i))) for i in range(1, 5)]
+        await until(lambda: batcher.queue_depth == 4)
+        model.gate.set()
+        await asyncio.gather(*tasks)
+
+    run(main())
+    assert [s[0] for s in model.batches] == [1] * 5
+
+
+def test_a_full_queue_pushes_back() -> None:
+    model = GatedModel(gated=True)
+
+    async def main() -> None:
+        batcher = DynamicBatcher(model, max_batch_size=2, max_delay_ms=0, max_queue_items=4, name="tiny")
+        first = await hold_first(batcher, model, x(0))
+        queued = [asyncio.create_task(batcher.submit(x(i, i))) for i in (1, 2)]
+        await until(lambda: batcher.queue_depth == 4)
+        with pytest.raises(QueueFull, match="model tiny: 4 items are queued"):
+            await batcher.submit(x(9))
+        model.gate.set()
+        await asyncio.gather(first, *queued)
+        with pytest.raises(QueueFull):
+            await batcher.submit(x(*range(5)))  # can never fit
+        await batcher.submit(x(3))  # room again
+
+    run(main())
+
+
+def test_a_failing_run_fails_every_request_of_its_batch_and_the_batcher_goes_on() -> None:
+    model = GatedModel(gated=True)
+
+    async def main() -> None:
+        batcher = DynamicBatcher(model, max_batch_size=8, max_delay_ms=1, max_queue_items=100)
+        tasks = [await hold_first(batcher, model, x(0))]
+        tasks += [asyncio.create_task(batcher.submit(x(i))) for i in range(1, 6)]
+        await until(lambda: batcher.queue_depth == 5)
+        model.fail = RuntimeError("model exploded")
+        model.gate.set()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(isinstance(r, RuntimeError) and "exploded" in str(r) for r in results)
+        model.fail = None
+        np.testing.assert_array_equal((await batcher.submit(x(7)))["y"], x(7)["x"] * 2)
+
+    run(main())
+
+
+def test_outputs_without_the_batch_rows_are_an_error_for_everyone() -> None:
+    async def main() -> None:
+        batcher = DynamicBatcher(lambda inputs: {"y": np.zeros(1)}, max_batch_size=8, max_delay_ms=0,
+                                 max_queue_items=100)
+        with pytest.raises(RuntimeError, match="do not have the batch's 2 rows"):
+            await batcher.submit(x(1, 2))
+
+    run(main())
+
+
+def test_a_cancelled_request_does_not_disturb_the_others() -> None:
+    model = GatedModel(gated=True)
+
+    async def main() -> None:
+        batcher = DynamicBatcher(model, max_batch_size=8, max_delay_ms=1, max_queue_items=100)
+        tasks = [await hold_first(batcher, model, x(0))]
+        tasks += [asyncio.create_task(batcher.submit(x(i))) for i in range(1, 5)]
+        await until(lambda: batcher.queue_depth == 4)
+        tasks[2].cancel()
+        model.gate.set()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert isinstance(results[2], asyncio.CancelledError)
+        for i in (0, 1, 3, 4):
+            np.testing.assert_array_equal(results[i]["y"], x(i)["x"] * 2)
+        assert batcher.queue_depth == 0
+
+    run(main())
+    assert sum(s[0] for s in model.batches) == 4  # the cancelled item never ran
+
+
+def test_close_finishes_queued_work_then_refuses_new_requests() -> None:
+    model = GatedModel(gated=True)
+
+    async def main() -> None:
+        batcher = DynamicBatcher(model, max_batch_size=2, max_delay_ms=50, max_queue_items=100)
+        tasks = [await hold_first(batcher, model, x(0))]
+        tasks += [asyncio.create_task(batcher.submit(x(i))) for i in range(1, 5)]
+        await until(lambda: batcher.queue_depth == 4)
+        closing = asyncio.create_task(batcher.close())
+        await asyncio.sleep(0)
+        with pytest.raises(BatcherClosed):
+            await batcher.submit(x(1))
+        model.gate.set()
+        await closing
+        assert all(t.done() and not t.exception() for t in tasks)
+
+    run(main())
+    assert sum(s[0] for s in model.batches) == 5
+
+
+def test_observer_sees_every_batch_and_the_queue_depth() -> None:
+    model, recorder = GatedModel(gated=True), Recorder()
+
+    async def main() -> None:
+        batcher = DynamicBatcher(model, max_batch_size=3, max_delay_ms=0, max_queue_items=100, name="digits",
+                                 observer=recorder)
+        tasks = [await hold_first(batcher, model, x(0))]
+        tasks += [asyncio.create_task(batcher.submit(x(i))) for i in range(1, 7)]
+        await until(lambda: batcher.queue_depth == 6)
+        model.gate.set()
+        await asyncio.gather(*tasks)
+
+    run(main())
+    assert recorder.calls == [("digits", 1, 6), ("digits", 3, 3), ("digits", 3, 0)]
+
+
+def test_a_failing_observer_does_not_fail_requests() -> None:
+    class Broken:
+        def observe_batch(self, model: str, size: int, queue_depth: int) -> None:
+            raise ValueError("metrics down")
+
+    async def main() -> dict[str, np.ndarray]:
+        batcher = DynamicBatcher(GatedModel(), max_batch_size=2, max_delay_ms=0, max_queue_items=10,
+                                 observer=Broken())
+        return await batcher.submit(x(1))
+
+    np.testing.assert_array_equal(run(main())["y"], x(1)["x"] * 2)
+
+
+@pytest.mark.parametrize("inputs", [{}, {"x": np.zeros((0, 3))}, {"x": np.zeros((2, 3)), "z": np.zeros(3)}])
+def test_inputs_need_one_batch_size_of_at_least_one(inputs: dict[str, np.ndarray]) -> None:
+    async def main() -> None:
+        batcher = DynamicBatcher(GatedModel(), max_batch_size=2, max_delay_ms=0, max_queue_items=10)
+        with pytest.raises(InputError, match="one batch size >= 1"):
+            await batcher.submit(inputs)
+
+    run(main())
+
+
+def test_requests_never_outlive_their_worker() -> None:
+    """If the worker task ends abnormally (here: cancelled, as at loop shutdown), its waiters are told at
+    once instead of hanging, and the next request starts a new worker."""
+    model = GatedModel(gated=True)
+
+    async def main() -> None:
+        batcher = DynamicBatcher(model, max_batch_size=2, max_delay_ms=0, max_queue_items=100)
+        tasks = [await hold_first(batcher, model, x(0))]
+        tasks += [asyncio.create_task(batcher.submit(x(i))) for i in range(1, 4)]
+        await until(lambda: batcher.queue_depth == 3)
+        batcher._worker.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(isinstance(r, asyncio.CancelledError) for r in results)
+        assert batcher.queue_depth == 0
+        model.gate.set()
+        np.testing.assert_array_equal((await batcher.submit(x(5)))["y"], x(5)["x"] * 2)
+
+    run(main())

@@ -1,0 +1,296 @@
+"""serving.preprocess: images the MNIST way, pixels, records and texts -> tensors; errors a client can act on.
+
+Real MNIST test images go through every promise of ``decode_digit``: the plain 28x28 image comes out exactly
+as training normalizes it; other formats, modes, polarities and placements come out close to it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from serving import preprocess
+from serving.preprocess import (
+    InputError,
+    InputTooLarge,
+    decode_digit,
+    decode_hello,
+    encode_features,
+    encode_hello,
+    encode_names,
+    pixels_to_digit,
+)
+from training.catalog import DIGITS_PREPROCESSING as PREP  # the digits cards' preprocessing (no torch import)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+MIRROR = Path(os.environ.get("COURSEZOO_DATA_MIRROR", REPO_ROOT.parent / "shared" / "data"))
+N_IMAGES = 200
+
+
+@pytest.fixture(scope="module")
+def mnist() -> np.ndarray:
+    """The first MNIST test images, uint8 [N, 28, 28], white digit on black, read straight from the IDX file."""
+    path = MIRROR / "mnist" / "t10k-images-idx3-ubyte.gz"
+    if not path.exists():
+        pytest.skip(f"no MNIST test set at {path} (set COURSEZOO_DATA_MIRROR)")
+    data = gzip.decompress(path.read_bytes())
+    return np.frombuffer(data, dtype=np.uint8, offset=16).reshape(-1, 28, 28)[:N_IMAGES]
+
+
+def training_normalization(images: np.ndarray) -> np.ndarray:
+    """What training feeds the models: ToTensor (x / 255) then Normalize((x - mean) / std), in float32."""
+    x = images.astype(np.float32) / np.float32(255)
+    return (x - np.float32(PREP["mean"])) / np.float32(PREP["std"])
+
+
+def encode(array: np.ndarray, fmt: str = "PNG", **kwargs: object) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+def pad(images: np.ndarray, top: int = 37, left: int = 11, size: tuple[int, int] = (90, 75)) -> np.ndarray:
+    """Each digit at (top, left) of a larger black canvas: no longer MNIST-placed."""
+    out = np.zeros((len(images), *size), dtype=np.uint8)
+    out[:, top : top + 28, left : left + 28] = images
+    return out
+
+
+def decode_all(files: list[bytes]) -> np.ndarray:
+    return np.stack([decode_digit(f, PREP)[0] for f in files])
+
+
+def aligned_error(got: np.ndarray, want: np.ndarray) -> np.ndarray:
+    """Per image mean |difference| (normalized units), allowing a one-pixel shift: a centre of mass that
+    lies on a half pixel may round either way, which moves the digit but does not change it."""
+    shifts = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    errors = [np.abs(np.roll(got, s, axis=(1, 2)) - want).mean(axis=(1, 2)) for s in shifts]
+    return np.min(errors, axis=0)
+
+
+# --- the plain MNIST image is exact ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["PNG", "BMP", "TIFF", "GIF", "WEBP"])
+def test_plain_mnist_image_is_normalized_exactly_as_in_training(mnist: np.ndarray, fmt: str) -> None:
+    kwargs = {"lossless": True} if fmt == "WEBP" else {}
+    got = decode_all([encode(a, fmt, **kwargs) for a in mnist])
+    assert got.dtype == np.float32 and got.shape == (N_IMAGES, 28, 28)
+    np.testing.assert_array_equal(got, training_normalization(mnist))
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "LA", "P", "I;16", "I"])
+def test_plain_mnist_image_is_exact_in_any_lossless_mode(mnist: np.ndarray, mode: str) -> None:
+    images = mnist[:20]
+    np.testing.assert_array_equal(decode_all([in_mode(a, mode) for a in images]), training_normalization(images))
+
+
+def in_mode(image: np.ndarray, mode: str) -> bytes:
+    """The same grey levels stored in another Pillow mode (16-bit as PNG, 32-bit as TIFF)."""
+    if mode == "I;16":
+        return encode(image.astype(np.uint16) * 257)
+    if mode == "I":
+        return encode(image.astype(np.int32), "TIFF")
+    return _save(Image.fromarray(image).convert(mode))
+
+
+def test_inverted_plain_mnist_image_is_exact(mnist: np.ndarray) -> None:
+    np.testing.assert_array_equal(decode_all([encode(255 - a) for a in mnist]), training_normalization(mnist))
+
+
+def test_pixels_are_normalized_exactly(mnist: np.ndarray) -> None:
+    for a in mnist[:20]:
+        for raw in (a.tobytes(), bytearray(a.tobytes()), memoryview(a.tobytes())):
+            got = pixels_to_digit(raw, PREP)
+            assert got.shape == (1, 28, 28) and got.dtype == np.float32
+            np.testing.assert_array_equal(got[0], training_normalization(a))
+
+
+@pytest.mark.parametrize("size", [0, 783, 785, 28 * 28 * 3])
+def test_wrong_pixel_count_is_an_input_error(size: int) -> None:
+    with pytest.raises(InputError, match=f"{size} bytes of pixels: expected 784"):
+        pixels_to_digit(bytes(size), PREP)
+
+
+# --- other images are placed the MNIST way ---------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "variant",
+    ["padded", "padded_inverted", "jpeg_inverted", "large_rgb_inverted", "transparent_strokes", "webp_lossy"],
+)
+def test_unplaced_images_come_out_close_to_training(mnist: np.ndarray, variant: str) -> None:
+    padded = pad(mnist)
+    big = np.kron(padded, np.ones((4, 4), dtype=np.uint8))  # 360x300, digit ~112 pixels tall
+    files = {
+        "padded": lambda: [encode(a) for a in padded],
+        "padded_inverted": lambda: [encode(255 - a) for a in padded],
+        "jpeg_inverted": lambda: [encode(255 - a, "JPEG", quality=90) for a in padded],
+        "large_rgb_inverted": lambda: [encode(np.repeat(255 - a[..., None], 3, axis=2)) for a in big],
+        # black strokes on a transparent canvas, as drawing apps save them
+        "transparent_strokes": lambda: [encode(np.stack([np.zeros_like(a)] * 3 + [a], axis=2)) for a in padded],
+        "webp_lossy": lambda: [encode(a, "WEBP", quality=90) for a in padded],
+    }[variant]()
+    errors = aligned_error(decode_all(files), training_normalization(mnist))
+    # Normalized grey levels span 3.2; 0.03 is under 1% of that on average, 0.12 for the worst image.
+    assert errors.mean() < 0.03, variant
+    assert errors.max() < 0.12, variant
+
+
+def test_lossless_padding_is_mostly_undone_exactly(mnist: np.ndarray) -> None:
+    """Cropping and re-centring a padded MNIST digit reproduces the original image for most digits (the rest
+    differ by faint edge pixels below the ink threshold or by a 254 peak stretched to 255)."""
+    got = decode_all([encode(a) for a in pad(mnist)])
+    exact = (got == training_normalization(mnist)).all(axis=(1, 2))
+    assert exact.mean() > 0.5
+
+
+def _centre_of_mass(image: np.ndarray) -> tuple[float, float]:
+    ink = image - image.min()
+    ys, xs = np.indices(ink.shape)
+    return float((ink * ys).sum() / ink.sum()), float((ink * xs).sum() / ink.sum())
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    height=st.integers(30, 200), width=st.integers(30, 200),
+    box_h=st.integers(3, 29), box_w=st.integers(3, 29),
+    y=st.floats(0, 1), x=st.floats(0, 1), dark_on_light=st.booleans(),
+)
+def test_any_digit_is_fitted_into_the_box_and_centred(
+    height: int, width: int, box_h: int, box_w: int, y: float, x: float, dark_on_light: bool
+) -> None:
+    canvas = np.zeros((height, width), dtype=np.uint8)
+    top, left = int(y * (height - box_h)), int(x * (width - box_w))
+    canvas[top : top + box_h, left : left + box_w] = 255
+    out = decode_digit(encode(255 - canvas if dark_on_light else canvas), PREP)[0]
+    ink = out > out.min() + 0.5
+    rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
+    assert max(rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1) in (20, 21)  # the fit box (+ resampling blur)
+    cy, cx = _centre_of_mass(out)
+    assert abs(cy - 14) <= 0.6 and abs(cx - 14) <= 0.6
+
+
+def test_thin_digit_keeps_its_aspect_ratio() -> None:
+    canvas = np.zeros((200, 200), dtype=np.uint8)
+    canvas[20:180, 95:111] = 255  # a "1": 160 tall, 16 wide -> 20 tall, 2 wide
+    out = decode_digit(encode(canvas), PREP)[0]
+    ink = out > out.min() + 0.5
+    assert ink.any(axis=1).sum() == 20
+    assert ink.any(axis=0).sum() <= 3
+
+
+def test_exif_orientation_is_applied(mnist: np.ndarray) -> None:
+    """A phone stores the sensor's pixels plus "rotate by 90"; the digit must be read upright."""
+    upright = pad(mnist[:5])
+    for a in upright:
+        stored = np.rot90(a, k=1)  # what the sensor saw; orientation 6 turns it back clockwise
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        rotated = encode(stored, "JPEG", quality=95, exif=exif)
+        want = decode_digit(encode(a, "JPEG", quality=95), PREP)[0]
+        assert aligned_error(decode_digit(rotated, PREP), want[None])[0] < 0.1
+
+
+def test_cmyk_and_16_bit_images_decode(mnist: np.ndarray) -> None:
+    cmyk = _save(Image.fromarray(255 - pad(mnist[:1])[0]).convert("CMYK"), "TIFF")
+    deep = encode(pad(mnist[:1])[0].astype(np.uint16) * 257)
+    want = training_normalization(mnist[:1])
+    for data in (cmyk, deep):
+        assert aligned_error(decode_digit(data, PREP), want)[0] < 0.05
+
+
+def _save(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+# --- errors ------------------------------------------------------------------------------------------------
+
+def test_empty_image_is_an_input_error() -> None:
+    with pytest.raises(InputError, match="empty image: expected the bytes of a PNG, JPEG"):
+        decode_digit(b"", PREP)
+
+
+def test_undecodable_bytes_are_an_input_error() -> None:
+    with pytest.raises(InputError, match="not a recognised image .*expected a PNG, JPEG, BMP, GIF, TIFF or WebP"):
+        decode_digit(b"this is not an image at all", PREP)
+
+
+def test_truncated_image_is_an_input_error(mnist: np.ndarray) -> None:
+    data = encode(pad(mnist[:1])[0])
+    with pytest.raises(InputError, match="cannot decode the image"):
+        decode_digit(data[: len(data) // 2], PREP)
+
+
+@pytest.mark.parametrize("level", [0, 128, 255])
+def test_blank_image_is_an_input_error(level: int) -> None:
+    with pytest.raises(InputError, match="no digit found"):
+        decode_digit(encode(np.full((40, 30), level, dtype=np.uint8)), PREP)
+
+
+def test_fully_transparent_image_is_an_input_error() -> None:
+    with pytest.raises(InputError, match="fully transparent"):
+        decode_digit(encode(np.zeros((40, 30, 4), dtype=np.uint8)), PREP)
+
+
+@pytest.fixture
+def pixel_limit() -> Iterator[Callable[[int], None]]:
+    yield preprocess.set_max_image_pixels
+    preprocess.set_max_image_pixels(preprocess.DEFAULT_MAX_IMAGE_PIXELS)
+
+
+@pytest.mark.filterwarnings("error::PIL.Image.DecompressionBombWarning")  # as serving.preprocess sets it up
+@pytest.mark.parametrize("side", [101, 150, 1000])  # just over the limit, in Pillow's warning range, far over
+def test_images_over_the_pixel_limit_are_refused_before_decoding(pixel_limit: Callable[[int], None], side: int) -> None:
+    pixel_limit(100 * 100)
+    data = encode(np.zeros((side, side), dtype=np.uint8))
+    with pytest.raises(InputTooLarge):
+        decode_digit(data, PREP)
+    assert issubclass(InputTooLarge, InputError)
+
+
+def test_pixel_limit_must_be_positive() -> None:
+    with pytest.raises(ValueError):
+        preprocess.set_max_image_pixels(0)
+
+
+# --- records and texts -------------------------------------------------------------------------------------
+
+def test_features_are_float32_rows_and_bad_records_are_refused() -> None:
+    x = encode_features([[0.1] * 8, [-1.0] * 8], 8)
+    assert x.dtype == np.float32 and x.shape == (2, 8)
+    with pytest.raises(InputError, match="record 1 has 7 features: expected 8"):
+        encode_features([[0.0] * 8, [0.0] * 7], 8)
+    with pytest.raises(InputError, match="record 0 has NaN or infinite values"):
+        encode_features([[float("nan")] + [0.0] * 7], 8)
+    with pytest.raises(InputError, match="no records"):
+        encode_features([], 8)
+
+
+def test_names_are_ascii_code_points_with_lengths() -> None:
+    chars, lengths = encode_names(["Müller", "Li"])
+    assert lengths.tolist() == [6, 2]
+    assert chars.dtype == np.int64 and chars.shape == (2, 6)
+    assert "".join(map(chr, chars[0])) == "Muller" and chars[1, 2:].tolist() == [0] * 4
+    for bad in ([], [""], ["\u4e2d\u6587"]):
+        with pytest.raises(InputError):
+            encode_names(bad)
+
+
+def test_hello_round_trip_cuts_each_text_to_its_length() -> None:
+    vocab = ("e", "h", "l", "o")
+    idx = encode_hello(["hello", "he"], vocab)
+    assert idx.tolist() == [[1, 0, 2, 2, 3], [1, 0, 0, 0, 0]]
+    logits = np.eye(4, dtype=np.float32)[idx]  # "predict" the input itself
+    assert decode_hello(logits, ["hello", "he"], vocab) == ["hello", "he"]
+    with pytest.raises(InputError, match="letters 'x'"):
+        encode_hello(["hex"], vocab)

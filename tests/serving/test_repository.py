@@ -1,0 +1,314 @@
+"""serving.repository: loading, verification, versions, hot reload, unload, defaults, batching through it.
+
+Each test builds its own repository in tmp_path from copies of the shipped exports, then adds, breaks
+or removes versions there; exported/ itself is never written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import re
+import shutil
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from serving.card import ONNX_FILE, ModelCard, sha256_file
+from serving.repository import (
+    READY,
+    UNAVAILABLE,
+    IndexEntry,
+    ModelNotFound,
+    ModelNotReady,
+    ModelRepository,
+    ServingSettings,
+)
+from serving.runtime import CPU, OnnxModel, ProviderError
+
+EXPORTED = Path(__file__).resolve().parents[2] / "exported"
+WAIT_S = 30.0
+CPU_SETTINGS = ServingSettings(device="cpu", max_batch_size=64, max_queue_delay_ms=1, intra_op_threads=1)
+
+
+class Metrics:
+    """Records the repository's metrics hooks."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[str, int, int]] = []
+        self.ready: list[tuple[str, str, bool]] = []
+
+    def observe_batch(self, model: str, size: int, queue_depth: int) -> None:
+        self.batches.append((model, size, queue_depth))
+
+    def set_model_ready(self, model: str, version: str, ready: bool) -> None:
+        self.ready.append((model, version, ready))
+
+
+def run(coro: Coroutine[Any, Any, Any]) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, WAIT_S))
+
+
+def add_version(repo: Path, name: str, version: str, *, source: str = "diabetes_mlp",
+                edit: Callable[[ModelCard], ModelCard] = lambda c: c) -> Path:
+    """Copy the newest shipped export of ``source`` to repo/name/version with its card adjusted."""
+    src = max((p for p in (EXPORTED / source).glob("[0-9]*") if (p / "model.json").exists()),
+              key=lambda p: int(p.name))
+    dest = repo / name / version
+    dest.mkdir(parents=True)
+    shutil.copy2(src / ONNX_FILE, dest / ONNX_FILE)
+    card = dataclasses.replace(ModelCard.load(src), name=name, version=version)
+    edit(card).save(dest)
+    return dest
+
+
+def features(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    return {"features": np.random.default_rng(seed).uniform(-1, 1, (n, 8)).astype(np.float32)}
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    root = tmp_path / "repo"
+    add_version(root, "diabetes_mlp", "1")
+    add_version(root, "names_gru", "1", source="names_gru")
+    return root
+
+
+def test_start_loads_verifies_and_serves_every_model(repo: Path) -> None:
+    metrics = Metrics()
+
+    async def main() -> None:
+        r = ModelRepository(repo, CPU_SETTINGS, metrics=metrics)
+        await r.start()
+        assert r.index() == [IndexEntry("diabetes_mlp", "1", READY), IndexEntry("names_gru", "1", READY)]
+        assert [(m.name, m.version, m.provider, m.ready) for m in r.models()] == [
+            ("diabetes_mlp", "1", CPU, True), ("names_gru", "1", CPU, True)]
+        served = r.get("diabetes_mlp")
+        out = await served.infer(features(5))
+        direct = OnnxModel(repo / "diabetes_mlp/1/model.onnx", served.card, "cpu").run(features(5))
+        np.testing.assert_array_equal(out["probability"], direct["probability"])
+        await r.stop()
+        assert r.models() == []
+        with pytest.raises(ModelNotReady):
+            await served.infer(features(1))
+
+    run(main())
+    assert ("diabetes_mlp", "1", True) in metrics.ready and ("diabetes_mlp", "1", False) in metrics.ready
+
+
+def test_concurrent_requests_are_batched_and_answered_in_order(repo: Path) -> None:
+    metrics = Metrics()
+
+    async def main() -> None:
+        r = ModelRepository(repo, dataclasses.replace(CPU_SETTINGS, max_queue_delay_ms=20), metrics=metrics)
+        await r.start()
+        served = r.get("diabetes_mlp")
+        requests = [features(1, seed=i) for i in range(64)]
+        results = await asyncio.gather(*(served.infer(x) for x in requests))
+        want = served.session.run({"features": np.concatenate([x["features"] for x in requests])})["probability"]
+        np.testing.assert_allclose(np.concatenate([o["probability"] for o in results]), want, atol=1e-6)
+        await r.stop()
+
+    run(main())
+    sizes = [size for model, size, _ in metrics.batches if model == "diabetes_mlp"]
+    assert max(sizes) > 1 and sum(sizes) == 64
+
+
+def test_newest_valid_version_serves_and_old_versions_stay_servable(repo: Path) -> None:
+    async def main() -> None:
+        r = ModelRepository(repo, CPU_SETTINGS)
+        await r.start()
+        add_version(repo, "diabetes_mlp", "2")
+        await r.load("diabetes_mlp")
+        assert r.get("diabetes_mlp").version == "2"
+        assert r.get("diabetes_mlp", "1").version == "1"
+        with pytest.raises(ModelNotFound, match="no version '7'"):
+            r.get("diabetes_mlp", "7")
+        await r.stop()
+
+    run(main())
+
+
+def corrupt_bytes(dest: Path) -> None:
+    """Flip the model file's bytes: the card's sha256 no longer matches."""
+    path = dest / ONNX_FILE
+    path.write_bytes(bytes(b ^ 0xFF for b in path.read_bytes()))
+
+
+def garbage_with_matching_hash(dest: Path) -> None:
+    """A model file that is not ONNX, with a card that vouches for it: loading must still fail safely."""
+    (dest / ONNX_FILE).write_bytes(b"not an onnx model")
+    card = ModelCard.load(dest)
+    files = {**card.files, ONNX_FILE: {"sha256": sha256_file(dest / ONNX_FILE), "bytes": 17}}
+    dataclasses.replace(card, files=files).save(dest)
+
+
+@pytest.mark.parametrize(
+    ("breakage", "reason"),
+    [
+        (corrupt_bytes, "sha256 .* does not match the card"),
+        (garbage_with_matching_hash, "(?i)protobuf|onnx|load"),
+        (lambda dest: (dest / ONNX_FILE).unlink(), "cannot read"),
+        (lambda dest: (dest / "model.json").write_text("{"), "cannot read"),
+    ],
+    ids=["sha-mismatch", "not-onnx", "no-model-file", "bad-card"],
+)
+def test_a_broken_new_version_is_rejected_and_the_old_one_keeps_serving(
+    repo: Path, breakage: Callable[[Path], None], reason: str
+) -> None:
+    async def main() -> None:
+        r = ModelRepository(repo, CPU_SETTINGS)
+        await r.start()
+        breakage(add_version(repo, "diabetes_mlp", "2"))
+        await r.load("diabetes_mlp")  # one version still loads: no error
+        assert r.get("diabetes_mlp").version == "1"
+        (entry,) = [e for e in r.index() if e.version == "2"]
+        assert entry.state == UNAVAILABLE
+        assert re.search(reason, entry.reason), entry.reason
+        with pytest.raises(ModelNotReady, match="diabetes_mlp/2 is unavailable"):
+            r.get("diabetes_mlp", "2")
+        np.testing.assert_equal((await r.get("diabetes_mlp").infer(features(2)))["probability"].shape, (2, 1))
+        await r.stop()
+
+    run(main())
+
+
+def test_a_model_with_no_loadable_version_is_not_ready(tmp_path: Path) -> None:
+    async def main() -> None:
+        root = tmp_path / "repo"
+        corrupt_bytes(add_version(root, "diabetes_mlp", "1"))
+        r = ModelRepository(root, CPU_SETTINGS)
+        await r.start()
+        with pytest.raises(ModelNotReady, match="no ready version: version 1: .*sha256"):
+            r.get("diabetes_mlp")
+        with pytest.raises(ModelNotReady, match="no loadable version"):
+            await r.load("diabetes_mlp")
+        await r.stop()
+
+    run(main())
+
+
+def test_card_of_another_model_is_rejected(tmp_path: Path) -> None:
+    async def main() -> None:
+        root = tmp_path / "repo"
+        dest = add_version(root, "diabetes_mlp", "1")
+        shutil.copytree(dest, root / "impostor" / "1")
+        r = ModelRepository(root, CPU_SETTINGS)
+        await r.start()
+        (entry,) = [e for e in r.index() if e.name == "impostor"]
+        assert entry.state == UNAVAILABLE and "describes diabetes_mlp/1, not impostor/1" in entry.reason
+        await r.stop()
+
+    run(main())
+
+
+def test_polling_picks_up_new_versions_and_retires_removed_ones(repo: Path) -> None:
+    async def until(condition: Callable[[], bool]) -> None:
+        while not condition():
+            await asyncio.sleep(0.01)
+
+    async def main() -> None:
+        r = ModelRepository(repo, dataclasses.replace(CPU_SETTINGS, poll_interval_s=0.02))
+        await r.start()
+        (repo / "diabetes_mlp" / ".2.staging").mkdir()  # an export in progress is not a version
+        add_version(repo, "diabetes_mlp", "2")
+        await until(lambda: r.get("diabetes_mlp").version == "2")
+        old = r.get("diabetes_mlp", "1")
+        shutil.rmtree(repo / "diabetes_mlp" / "1")
+        await until(lambda: not old.ready)
+        with pytest.raises(ModelNotFound):
+            r.get("diabetes_mlp", "1")
+        add_version(repo, "hello_rnn", "1", source="hello_rnn")  # a new model appears too
+        await until(lambda: any(m.name == "hello_rnn" for m in r.models()))
+        assert [e.version for e in r.index() if e.name == "diabetes_mlp"] == ["2"]
+        await r.stop()
+
+    run(main())
+
+
+def test_unload_takes_a_model_out_until_it_is_loaded_again(repo: Path) -> None:
+    async def main() -> None:
+        r = ModelRepository(repo, CPU_SETTINGS)
+        await r.start()
+        served = r.get("diabetes_mlp")
+        await r.unload("diabetes_mlp")
+        with pytest.raises(ModelNotReady, match="unloaded"):
+            r.get("diabetes_mlp")
+        with pytest.raises(ModelNotReady):
+            await served.infer(features(1))
+        assert IndexEntry("diabetes_mlp", "", UNAVAILABLE, "unloaded") in r.index()
+        assert [m.name for m in r.models()] == ["names_gru"]
+        await r.load("diabetes_mlp")
+        assert (await r.get("diabetes_mlp").infer(features(1)))["probability"].shape == (1, 1)
+        with pytest.raises(ModelNotFound):
+            await r.unload("no_such_model")
+        with pytest.raises(ModelNotFound):
+            await r.load("no_such_model")
+        await r.stop()
+
+    run(main())
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../exported", "a/b", "/etc", "x..y", "name with space", "é"])
+def test_bad_model_names_are_not_found_without_touching_the_file_system(name: str, tmp_path: Path) -> None:
+    async def main() -> None:
+        r = ModelRepository(tmp_path / "does-not-exist", CPU_SETTINGS)  # any file access would fail differently
+        with pytest.raises(ModelNotFound, match="invalid model name"):
+            r.get(name)
+        with pytest.raises(ModelNotFound, match="invalid model name"):
+            await r.load(name)
+        with pytest.raises(ModelNotFound, match="invalid model name"):
+            await r.unload(name)
+
+    run(main())
+
+
+def test_default_model_is_the_most_accurate_ready_one_of_its_task(repo: Path) -> None:
+    def accuracy(value: float) -> Callable[[ModelCard], ModelCard]:
+        return lambda c: dataclasses.replace(c, metrics={**c.metrics, "accuracy": value})
+
+    async def main() -> None:
+        add_version(repo, "diabetes_better", "1", edit=accuracy(0.99))
+        corrupt_bytes(add_version(repo, "diabetes_broken", "1", edit=accuracy(1.0)))
+        r = ModelRepository(repo, CPU_SETTINGS)
+        await r.start()
+        assert r.default_model("diabetes") == "diabetes_better"
+        assert r.default_model("names") == "names_gru"
+        with pytest.raises(ModelNotFound, match="no ready digits model"):
+            r.default_model("digits")
+        await r.unload("diabetes_better")
+        assert r.default_model("diabetes") == "diabetes_mlp"
+        await r.stop()
+
+    run(main())
+
+
+def test_card_serving_hints_override_the_settings(repo: Path) -> None:
+    async def main() -> None:
+        add_version(repo, "diabetes_mlp", "2", edit=lambda c: dataclasses.replace(c, serving={"max_batch_size": 4}))
+        add_version(repo, "diabetes_mlp", "3", edit=lambda c: dataclasses.replace(c, serving={"batch": 4}))
+        r = ModelRepository(repo, CPU_SETTINGS)
+        await r.start()
+        assert r.get("diabetes_mlp", "2").settings.max_batch_size == 4
+        assert r.get("diabetes_mlp", "1").settings.max_batch_size == CPU_SETTINGS.max_batch_size
+        (entry,) = [e for e in r.index() if e.version == "3"]
+        assert entry.state == UNAVAILABLE and "unknown serving keys ['batch']" in entry.reason
+        await r.stop()
+
+    run(main())
+
+
+def test_cuda_device_without_cuda_fails_start_loudly(repo: Path) -> None:
+    async def main() -> None:
+        r = ModelRepository(repo, dataclasses.replace(CPU_SETTINGS, device="cuda"))
+        try:
+            await r.start()
+        except ProviderError:
+            return
+        assert all(m.provider == "CUDAExecutionProvider" for m in r.models())
+        await r.stop()
+
+    run(main())

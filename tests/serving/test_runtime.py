@@ -1,0 +1,161 @@
+"""serving.runtime: ONNX Runtime sessions of the shipped exports, device choice and tensor validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from serving import runtime
+from serving.card import CardError, ModelCard, TensorSpec
+from serving.postprocess import hello_predictions, names_predictions
+from serving.preprocess import InputError, encode_hello, encode_names
+from serving.runtime import CPU, CUDA, OnnxModel, ProviderError, sample_inputs
+
+EXPORTED = Path(__file__).resolve().parents[2] / "exported"
+
+
+def export(name: str) -> tuple[Path, ModelCard]:
+    """(model.onnx, card) of the newest shipped version of ``name``."""
+    versions = sorted((p for p in (EXPORTED / name).glob("[0-9]*") if (p / "model.json").exists()),
+                      key=lambda p: int(p.name))
+    if not versions:
+        pytest.skip(f"no export of {name} in {EXPORTED}")
+    return versions[-1] / "model.onnx", ModelCard.load(versions[-1])
+
+
+@pytest.fixture(scope="module")
+def names() -> OnnxModel:
+    return OnnxModel(*export("names_gru"), device="cpu", intra_op_threads=1)
+
+
+def test_cpu_session_answers_like_onnxruntime_itself(names: OnnxModel) -> None:
+    chars, lengths = encode_names(["Nakamura", "Schmidt", "O'Neill"])
+    got = names.run({"chars": chars, "lengths": lengths})
+    direct = ort.InferenceSession(str(names.path), providers=[CPU]).run(None, {"chars": chars, "lengths": lengths})
+    assert names.provider == CPU
+    assert list(got) == ["logits"]
+    np.testing.assert_array_equal(got["logits"], direct[0])
+    labels = [r.label for r in names_predictions(got["logits"], names.card.labels)]
+    assert labels[0] == "Japanese"
+
+
+def test_hello_model_says_ohlol() -> None:
+    model = OnnxModel(*export("hello_rnn"), device="cpu")
+    vocab = model.card.preprocessing["vocabulary"]
+    out = model.run({"chars": encode_hello(["hello"], vocab)})
+    assert hello_predictions(out["logits"], ["hello"], vocab)[0].label == "ohlol"
+
+
+@pytest.mark.parametrize("name", ["diabetes_mlp", "names_gru", "hello_embedding", "linear_regression"])
+def test_warmup_runs_a_real_shaped_batch(name: str) -> None:
+    model = OnnxModel(*export(name), device="cpu")
+    out = model.warmup()
+    assert set(out) == {t.name for t in model.card.outputs}
+    assert all(v.shape[0] == 1 and np.isfinite(v).all() for v in out.values())
+
+
+def test_sample_inputs_follow_the_card() -> None:
+    _, card = export("names_gru")
+    x = sample_inputs(card, batch_size=3)
+    assert {k: (v.shape, v.dtype) for k, v in x.items()} == {
+        "chars": ((3, 1), np.dtype("int64")), "lengths": ((3,), np.dtype("int64"))}
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        ({"chars": np.ones((2, 4), np.int64)}, "missing input tensor 'lengths': expected chars INT64"),
+        ({"chars": np.ones((2, 4), np.int64), "lengths": np.ones(2, np.int64), "x": np.ones(2)},
+         "unknown input tensor 'x'"),
+        ({"chars": np.ones((2, 4), np.int32), "lengths": np.ones(2, np.int64)},
+         r"input 'chars' has datatype INT32: expected INT64 \[-1, -1\]"),
+        ({"chars": np.ones((2, 4), np.float16), "lengths": np.ones(2, np.int64)},
+         "input 'chars' has datatype float16: expected INT64"),
+        ({"chars": np.ones((2, 4, 1), np.int64), "lengths": np.ones(2, np.int64)},
+         r"input 'chars' has shape \[2, 4, 1\]: expected INT64 \[-1, -1\]"),
+        ({"chars": np.ones((0, 4), np.int64), "lengths": np.ones(0, np.int64)}, "empty batch"),
+        ({"chars": np.ones((2, 4), np.int64), "lengths": np.ones(3, np.int64)}, "disagree on the batch size"),
+    ],
+)
+def test_validate_names_the_tensor_and_what_is_expected(names: OnnxModel, inputs: dict, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        names.validate(inputs)
+
+
+def test_validate_checks_fixed_axes() -> None:
+    model = OnnxModel(*export("diabetes_mlp"), device="cpu")
+    model.validate({"features": np.zeros((5, 8), np.float32)})
+    with pytest.raises(InputError, match=r"input 'features' has shape \[5, 7\]: expected FP32 \[-1, 8\]"):
+        model.validate({"features": np.zeros((5, 7), np.float32)})
+
+
+def test_values_the_model_refuses_are_input_errors(names: OnnxModel) -> None:
+    chars = np.full((1, 3), 500, dtype=np.int64)  # outside the 128-character embedding
+    with pytest.raises(InputError, match="refused the input"):
+        names.run({"chars": chars, "lengths": np.array([3], dtype=np.int64)})
+
+
+def test_a_card_that_does_not_describe_its_file_is_refused() -> None:
+    path, card = export("diabetes_mlp")
+    wrong = dataclasses.replace(card, inputs=(TensorSpec("x", "FP32", (-1, 8)),))
+    with pytest.raises(CardError, match=r"model.onnx has inputs \['features'\]"):
+        OnnxModel(path, wrong, device="cpu")
+
+
+def test_unknown_device_is_refused() -> None:
+    with pytest.raises(ValueError, match="device 'tpu'"):
+        OnnxModel(*export("diabetes_mlp"), device="tpu")
+
+
+def test_cuda_is_used_or_fails_loudly() -> None:
+    """``cuda`` never falls back silently: a CUDA session, or ProviderError saying why."""
+    try:
+        model = OnnxModel(*export("diabetes_mlp"), device="cuda")
+    except ProviderError as e:
+        assert CUDA in str(e)
+    else:
+        assert model.provider == CUDA
+
+
+def test_auto_falls_back_to_cpu_with_one_log_line(monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setitem(runtime._cuda, "usable", True)  # as in a fresh process
+    with caplog.at_level(logging.WARNING, logger="coursezoo.runtime"):
+        models = [OnnxModel(*export(n), device="auto") for n in ("diabetes_mlp", "hello_rnn")]
+    if models[0].provider == CUDA:
+        pytest.skip("CUDA works here: nothing to fall back from")
+    assert [m.provider for m in models] == [CPU, CPU]
+    lines = [r.getMessage() for r in caplog.records if r.name == "coursezoo.runtime"]
+    assert len(lines) == 1 and CUDA in lines[0] and CPU in lines[0]
+
+
+def _cuda_works() -> bool:
+    try:
+        return OnnxModel(*export("diabetes_mlp"), device="cuda").provider == CUDA
+    except ProviderError:
+        return False
+
+
+@pytest.mark.gpu
+def test_gpu_matches_cpu_within_fp32_tolerance() -> None:
+    """With TF32 off (runtime.CUDA_PROVIDER_OPTIONS) GPU outputs stay within 1e-4 of the CPU's."""
+    if not _cuda_works():
+        pytest.skip("no usable CUDA execution provider on this machine")
+    rng = np.random.default_rng(0)
+    for name in ("names_gru", "diabetes_mlp", "hello_embedding", "mnist_cnn", "mnist_resnet"):
+        if not (EXPORTED / name).is_dir():
+            continue
+        path, card = export(name)
+        cpu, gpu = OnnxModel(path, card, "cpu"), OnnxModel(path, card, "cuda")
+        inputs = sample_inputs(card, batch_size=16)
+        for k, v in inputs.items():
+            if v.dtype == np.float32:
+                inputs[k] = rng.standard_normal(v.shape).astype(np.float32)
+        want, got = cpu.run(inputs), gpu.run(inputs)
+        for k in want:
+            np.testing.assert_allclose(got[k], want[k], atol=1e-4, rtol=1e-4, err_msg=name)
