@@ -138,6 +138,7 @@ def export_one(entry: Entry, cfg: data.DataConfig, runs_dir: Path = DEFAULT_RUNS
         staging = dest.parent / f".{card.version}.staging"
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(tmp_dir, staging)
+        staging.chmod(0o755)  # TemporaryDirectory is 0700: a server running as another user must read it
         staging.rename(dest)
     return dest
 
