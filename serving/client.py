@@ -1,0 +1,153 @@
+"""CourseZooClient: a small typed client of the domain API (coursezoo.v1.Classifier).
+
+    from serving.client import CourseZooClient
+    with CourseZooClient("localhost:50051") as client:
+        reply = client.classify_files(["seven.png"])
+        print(reply.model, reply.predictions[0].digit, reply.predictions[0].confidence)
+
+Replies are the proto messages (``ClassifyDigitsResponse``, ...): typed, and what the server sent.
+Large jobs are split into requests of ``chunk_size`` items, sent ``max_in_flight`` at a time, and the
+answers merged back in order into one reply. Calls that fail with UNAVAILABLE (server restarting, a
+model still loading) are retried by gRPC itself through the channel's service config. Failures are
+raised as ``grpc.RpcError`` with the server's status code and message.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+import numpy as np
+
+from serving.protos import classifier_pb2 as pb
+from serving.protos import classifier_pb2_grpc
+
+#: What ``classify_digits`` accepts per image: an encoded file's bytes, 28x28 uint8 pixels, or an Image.
+ImageLike = bytes | np.ndarray | pb.Image
+Reply = TypeVar("Reply", pb.ClassifyDigitsResponse, pb.ClassifyDiabetesResponse, pb.ClassifySequencesResponse)
+
+_RETRY_SERVICE_CONFIG = json.dumps({
+    "methodConfig": [{
+        "name": [{"service": "coursezoo.v1.Classifier"}],
+        "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.1s", "maxBackoff": "2s", "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"]},
+    }],
+})
+
+
+def to_image(item: ImageLike) -> pb.Image:
+    """bytes -> ``Image.encoded`` (a PNG/JPEG/... file); a 28x28 array -> ``Image.pixels`` (uint8)."""
+    if isinstance(item, pb.Image):
+        return item
+    if isinstance(item, bytes | bytearray | memoryview):
+        return pb.Image(encoded=bytes(item))
+    pixels = np.asarray(item)
+    if pixels.size != 28 * 28:
+        raise ValueError(f"pixels of shape {pixels.shape}: expected 28x28 (784 values)")
+    return pb.Image(pixels=pixels.astype(np.uint8, copy=False).tobytes())
+
+
+class CourseZooClient:
+    """Blocking client; one channel, safe to share between threads."""
+
+    def __init__(self, target: str, *, timeout: float = 30.0, chunk_size: int = 256, max_in_flight: int = 4,
+                 credentials: grpc.ChannelCredentials | None = None, metadata: Sequence[tuple[str, str]] = (),
+                 max_message_mb: int = 64) -> None:
+        options = [("grpc.max_send_message_length", max_message_mb << 20),
+                   ("grpc.max_receive_message_length", max_message_mb << 20),
+                   ("grpc.enable_retries", 1), ("grpc.service_config", _RETRY_SERVICE_CONFIG)]
+        self.channel = (grpc.secure_channel(target, credentials, options) if credentials is not None
+                        else grpc.insecure_channel(target, options))
+        self.stub = classifier_pb2_grpc.ClassifierStub(self.channel)
+        self.target = target
+        self.timeout = timeout
+        self.chunk_size = chunk_size
+        self.max_in_flight = max_in_flight
+        self.metadata = tuple(metadata)
+
+    def __enter__(self) -> CourseZooClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Block until the channel connects (raises ``grpc.FutureTimeoutError`` after ``timeout``)."""
+        grpc.channel_ready_future(self.channel).result(timeout=timeout)
+
+    def list_models(self, task: str = "") -> list[pb.ModelInfo]:
+        reply = self.stub.ListModels(pb.ListModelsRequest(task=task), timeout=self.timeout, metadata=self.metadata)
+        return list(reply.models)
+
+    def classify_digits(self, images: Sequence[ImageLike], model: str = "", version: str = "") -> \
+            pb.ClassifyDigitsResponse:
+        """Digits for encoded image files and/or raw pixels, in order; ``model=""`` = the best digits model."""
+        requests = [pb.ClassifyDigitsRequest(model=model, version=version, images=[to_image(i) for i in chunk])
+                    for chunk in _chunks(images, self.chunk_size)]
+        # An empty job still sends one request: the server's answer (INVALID_ARGUMENT) is the direct call's.
+        requests = requests or [pb.ClassifyDigitsRequest(model=model, version=version)]
+        return self._merge(self.stub.ClassifyDigits, requests, pb.ClassifyDigitsResponse())
+
+    def classify_files(self, paths: Iterable[str | Path], model: str = "", version: str = "") -> \
+            pb.ClassifyDigitsResponse:
+        return self.classify_digits([Path(p).read_bytes() for p in paths], model, version)
+
+    def stream_classify_digits(self, images: Iterable[ImageLike], model: str = "", version: str = "") -> \
+            Iterator[pb.ClassifyDigitsResponse]:
+        """Pipeline a long (even unbounded) sequence of images over one stream, ``chunk_size`` per message.
+
+        Yields one reply per chunk, in order; each reply's ``id`` is the chunk's index.
+        """
+        def requests() -> Iterator[pb.ClassifyDigitsRequest]:
+            for i, chunk in enumerate(_chunks(images, self.chunk_size)):
+                yield pb.ClassifyDigitsRequest(model=model, version=version, images=[to_image(x) for x in chunk],
+                                               id=str(i))
+
+        yield from self.stub.StreamClassifyDigits(requests(), metadata=self.metadata)
+
+    def classify_diabetes(self, records: Sequence[Sequence[float]], model: str = "", version: str = "") -> \
+            pb.ClassifyDiabetesResponse:
+        requests = [pb.ClassifyDiabetesRequest(model=model, version=version,
+                                               records=[pb.DiabetesRecord(features=r) for r in chunk])
+                    for chunk in _chunks(records, self.chunk_size)]
+        requests = requests or [pb.ClassifyDiabetesRequest(model=model, version=version)]
+        return self._merge(self.stub.ClassifyDiabetes, requests, pb.ClassifyDiabetesResponse())
+
+    def classify_sequences(self, texts: Sequence[str], model: str = "", top_k: int = 0, version: str = "") -> \
+            pb.ClassifySequencesResponse:
+        """Countries of names (names models) or output strings (hello models); ``model=""`` = best names model."""
+        requests = [pb.ClassifySequencesRequest(model=model, version=version, texts=chunk, top_k=top_k)
+                    for chunk in _chunks(texts, self.chunk_size)]
+        requests = requests or [pb.ClassifySequencesRequest(model=model, version=version, top_k=top_k)]
+        return self._merge(self.stub.ClassifySequences, requests, pb.ClassifySequencesResponse())
+
+    def _merge(self, method: grpc.UnaryUnaryMultiCallable, requests: list, reply: Reply) -> Reply:
+        """Send the chunks ``max_in_flight`` at a time and concatenate their predictions in order."""
+        for start in range(0, len(requests), self.max_in_flight):
+            futures = [method.future(r, timeout=self.timeout, metadata=self.metadata)
+                       for r in requests[start:start + self.max_in_flight]]
+            for future in futures:
+                part = future.result()
+                reply.model, reply.model_version = part.model, part.model_version
+                reply.predictions.extend(part.predictions)
+        return reply
+
+
+T = TypeVar("T")
+
+
+def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    chunk: list[T] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

@@ -1,0 +1,78 @@
+"""Prometheus metrics of the server, all prefixed ``coursezoo_``, served on ``--metrics-port``.
+
+One ``Metrics`` object per server owns its own registry, so tests can run several servers (or build
+one twice) in a process without prometheus-client's duplicate-name errors. Label children are cached
+per (model, rpc): ``Counter.labels`` takes a lock and builds a tuple on every call, and this sits on
+the per-request path.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+#: Request latency buckets (seconds): sub-millisecond unary calls up to multi-second bulk batches.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class Metrics:
+    """The server's counters, histograms and gauges, and the hooks that update them."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        reg = self.registry
+        self.requests = Counter("coursezoo_requests", "RPCs received, per model and RPC", ["model", "rpc"],
+                                registry=reg)
+        self.failures = Counter("coursezoo_request_failures", "RPCs that ended with an error status",
+                                ["model", "rpc", "code"], registry=reg)
+        self.items = Counter("coursezoo_items", "Items (images, records, texts, batch rows) answered",
+                             ["model", "rpc"], registry=reg)
+        self.latency = Histogram("coursezoo_request_latency_seconds", "Time from request to response",
+                                 ["model", "rpc"], buckets=LATENCY_BUCKETS, registry=reg)
+        self.batch_size = Histogram("coursezoo_batch_size", "Items per model execution (dynamic batching)",
+                                    ["model"], buckets=BATCH_BUCKETS, registry=reg)
+        self.queue_depth = Gauge("coursezoo_queue_depth", "Items waiting in a model's batching queue", ["model"],
+                                 registry=reg)
+        self.model_ready = Gauge("coursezoo_model_ready", "1 while a model version serves", ["model", "version"],
+                                 registry=reg)
+        self._children: dict[tuple[str, str], tuple[Callable[[], None], Callable[[float], None],
+                                                      Callable[[float], None]]] = {}
+        self._batch_children: dict[str, tuple[Callable[[float], None], Callable[[float], None]]] = {}
+        self._lock = threading.Lock()
+
+    def observe_request(self, model: str, rpc: str, seconds: float, items: int, code: str | None = None) -> None:
+        """Count one finished RPC; ``code`` is the gRPC status name when it failed."""
+        children = self._children.get((model, rpc))
+        if children is None:
+            children = (self.requests.labels(model, rpc).inc, self.latency.labels(model, rpc).observe,
+                        self.items.labels(model, rpc).inc)
+            self._children[(model, rpc)] = children
+        inc_requests, observe_latency, inc_items = children
+        inc_requests()
+        observe_latency(seconds)
+        if code is None:
+            inc_items(items)
+        else:
+            self.failures.labels(model, rpc, code).inc()
+
+    def observe_batch(self, model: str, size: int, queue_depth: int) -> None:
+        """Batcher hook: one model execution of ``size`` items, ``queue_depth`` items still waiting."""
+        children = self._batch_children.get(model)
+        if children is None:
+            with self._lock:
+                children = (self.batch_size.labels(model).observe, self.queue_depth.labels(model).set)
+                self._batch_children[model] = children
+        observe_size, set_depth = children
+        observe_size(size)
+        set_depth(queue_depth)
+
+    def set_model_ready(self, model: str, version: str, ready: bool) -> None:
+        self.model_ready.labels(model, version).set(1 if ready else 0)
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> tuple[WSGIServer, threading.Thread]:
+        """Start the ``/metrics`` HTTP endpoint in a daemon thread; port 0 binds an ephemeral port."""
+        return start_http_server(port, addr=host, registry=self.registry)

@@ -1,0 +1,126 @@
+"""What every handler shares: exception -> gRPC status mapping, per-RPC metrics, model lookup, limits.
+
+Handlers raise the domain exceptions of the modules they call (``InputError`` from preprocessing,
+``ModelNotFound`` from the repository, ``QueueFull`` from the batcher) and return an ``Answer``; the
+``rpc`` decorator turns that into a reply or a status, and records the request once. The mapping
+lives only here, so the domain API and the KServe API answer the same failure with the same code.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, NamedTuple, NoReturn, Protocol
+
+import grpc
+from google.protobuf.message import Message
+
+from serving.batching import BatcherClosed, QueueFull
+from serving.metrics import Metrics
+from serving.preprocess import InputError, InputTooLarge
+from serving.repository import ModelNotFound, ModelNotReady, ModelRepository, ServedModel
+
+log = logging.getLogger("coursezoo.serve")
+
+#: First match wins, so subclasses come before their bases (InputTooLarge is an InputError).
+ERROR_STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (InputTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (InputError, grpc.StatusCode.INVALID_ARGUMENT),
+    (ModelNotFound, grpc.StatusCode.NOT_FOUND),
+    (ModelNotReady, grpc.StatusCode.UNAVAILABLE),
+    (BatcherClosed, grpc.StatusCode.UNAVAILABLE),  # the model is unloading or the server stopping
+)
+
+
+def status_of(exc: BaseException) -> grpc.StatusCode:
+    return next((code for kind, code in ERROR_STATUS if isinstance(exc, kind)), grpc.StatusCode.INTERNAL)
+
+
+class Answer(NamedTuple):
+    """A handler's result: the reply, and the model and item count the request is counted under."""
+
+    message: Message
+    model: str
+    items: int
+
+
+class Settings(Protocol):
+    max_items_per_request: int
+
+
+class Handler:
+    """Base of the servicers: the repository to answer from, metrics to record into, request limits."""
+
+    def __init__(self, repository: ModelRepository, metrics: Metrics, settings: Settings) -> None:
+        self.repository = repository
+        self.metrics = metrics
+        self.max_items = settings.max_items_per_request
+
+    def model(self, name: str, version: str, tasks: tuple[str, ...], rpc: str) -> ServedModel:
+        """The model that answers: ``name`` ("" = the default model of ``tasks[0]``) at ``version`` ("" = newest).
+
+        A model of another task is refused with a message naming the tasks the RPC accepts.
+        """
+        served = self.repository.get(name or self.repository.default_model(tasks[0]), version or None)
+        if served.card.task not in tasks:
+            raise InputError(f"model {served.name!r} is a {served.card.task} model; {rpc} needs a "
+                             f"{' or '.join(tasks)} model")
+        return served
+
+    def check_count(self, n: int, what: str) -> None:
+        if n == 0:
+            raise InputError(f"no {what} given: expected at least one")
+        if n > self.max_items:
+            raise InputTooLarge(f"{n} {what} in one request: at most {self.max_items} are accepted; "
+                                f"split them over several requests")
+
+
+UnaryMethod = Callable[[Any, Any], Awaitable[Answer]]
+
+
+async def answer(handler: Handler, rpc_name: str, method: UnaryMethod, request: Any, model_field: str = "model") \
+        -> Answer:
+    """Run ``method(handler, request)`` and record it in the metrics; exceptions propagate unchanged.
+
+    A failure is labelled with the requested model name, except NOT_FOUND (an unknown name would
+    otherwise become a new metrics series per typo).
+    """
+    start = time.perf_counter()
+    try:
+        result = await method(handler, request)
+    except Exception as exc:
+        code = status_of(exc)
+        model = "" if code is grpc.StatusCode.NOT_FOUND else getattr(request, model_field, "")
+        handler.metrics.observe_request(model, rpc_name, time.perf_counter() - start, 0, code.name)
+        if code is grpc.StatusCode.INTERNAL:
+            log.exception("internal error", extra={"rpc": rpc_name, "model": model})
+        raise
+    handler.metrics.observe_request(result.model, rpc_name, time.perf_counter() - start, result.items)
+    return result
+
+
+async def abort(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
+    """End the RPC with the status ``exc`` maps to; internal errors do not leak their details."""
+    code = status_of(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        await context.abort(code, f"internal error ({type(exc).__name__}); the server log has the details")
+    await context.abort(code, str(exc))
+
+
+def rpc(name: str, model_field: str = "model") -> Callable[[UnaryMethod], Callable[..., Awaitable[Message]]]:
+    """Make ``async def handler(self, request) -> Answer`` a grpc.aio unary method with status and metrics."""
+
+    def decorate(method: UnaryMethod) -> Callable[..., Awaitable[Message]]:
+        @functools.wraps(method)
+        async def handler(self: Handler, request: Any, context: grpc.aio.ServicerContext) -> Message:
+            try:
+                return (await answer(self, name, method, request, model_field)).message
+            except Exception as exc:  # every failure becomes a status; the server keeps serving
+                await abort(context, exc)
+
+        return handler
+
+    return decorate

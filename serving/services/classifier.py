@@ -1,0 +1,153 @@
+"""coursezoo.v1.Classifier: the domain API (digits, diabetes records, names and hello sequences).
+
+Each RPC is the same three steps, LitServe style: decode the request into the model's input tensors
+(``serving.preprocess``), ``await model.infer`` (the model's dynamic batcher coalesces concurrent
+requests into one ONNX Runtime call), encode the outputs (``serving.postprocess``) into the reply.
+The preprocessing and postprocessing rules are not here: the batch CLI shares them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+import numpy as np
+from google.protobuf import struct_pb2
+
+from serving import postprocess
+from serving.preprocess import InputError, decode_digit, encode_features, encode_hello, encode_names, pixels_to_digit
+from serving.protos import classifier_pb2 as pb
+from serving.protos import classifier_pb2_grpc
+from serving.repository import ModelNotFound, ModelNotReady, ServedModel
+from serving.services.base import Answer, Handler, abort, answer, rpc
+
+#: How many stream requests may be in flight at once before the stream stops reading more.
+STREAM_WINDOW = 8
+
+
+class ClassifierService(Handler, classifier_pb2_grpc.ClassifierServicer):
+    """Handlers of the domain API; see protos/coursezoo/v1/classifier.proto for the messages."""
+
+    @rpc("ListModels", model_field="task")
+    async def ListModels(self, request: pb.ListModelsRequest) -> Answer:
+        by_name: dict[str, list[ServedModel]] = {}
+        for served in self.repository.models():
+            if not request.task or served.card.task == request.task:
+                by_name.setdefault(served.name, []).append(served)
+        defaults = {task: self._default_or_none(task) for task in {s[0].card.task for s in by_name.values()}}
+        infos = [self._model_info(name, versions, defaults) for name, versions in sorted(by_name.items())]
+        return Answer(pb.ListModelsResponse(models=infos), "", len(infos))
+
+    def _default_or_none(self, task: str) -> str | None:
+        try:
+            return self.repository.default_model(task)
+        except (ModelNotFound, ModelNotReady):  # no ready model of that task right now
+            return None
+
+    def _model_info(self, name: str, versions: list[ServedModel], defaults: dict[str, str | None]) -> pb.ModelInfo:
+        try:
+            current = self.repository.get(name)
+        except (ModelNotFound, ModelNotReady):  # being swapped or unloaded: describe what we hold
+            current = versions[-1]
+        card = current.card
+        metrics = struct_pb2.Struct()
+        metrics.update(card.metrics)
+        return pb.ModelInfo(
+            name=name, versions=[v.version for v in versions if v.ready], version=current.version, task=card.task,
+            labels=card.labels, metrics=metrics, ready=current.ready, provider=current.provider,
+            lecture=card.lecture, description=card.description, is_default=defaults.get(card.task) == name,
+        )
+
+    async def StreamClassifyDigits(self, requests: AsyncIterator[pb.ClassifyDigitsRequest],
+                                   context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ClassifyDigitsResponse]:
+        """Pipelined: up to ``STREAM_WINDOW`` requests are classified concurrently, answered in order.
+
+        A failing request ends the stream with its status (the messages carry no error field) after
+        the answers to the requests before it.
+        """
+        window: asyncio.Queue[asyncio.Task[Answer] | None] = asyncio.Queue(STREAM_WINDOW)
+
+        async def read() -> None:
+            async for request in requests:
+                task = asyncio.ensure_future(answer(self, "StreamClassifyDigits", type(self)._classify_digits, request))
+                await window.put(task)
+            await window.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (task := await window.get()) is not None:
+                yield (await task).message
+            await reader
+        except Exception as exc:
+            await abort(context, exc)
+        finally:
+            reader.cancel()
+            while not window.empty():
+                if (task := window.get_nowait()) is not None:
+                    task.cancel()
+
+    async def _classify_digits(self, request: pb.ClassifyDigitsRequest) -> Answer:
+        model = self.model(request.model, request.version, ("digits",), "ClassifyDigits")
+        self.check_count(len(request.images), "images")
+        prep = model.card.preprocessing
+        # One image decodes faster than a thread hop; a batch must not block the event loop meanwhile.
+        if len(request.images) == 1:
+            x = _decode_image(request.images[0], 0, prep)[None]
+        else:
+            x = await asyncio.to_thread(_decode_images, request.images, prep)
+        outputs = await model.infer({model.card.inputs[0].name: x})
+        predictions = [pb.DigitPrediction(digit=p.digit, confidence=p.confidence, probabilities=p.probabilities)
+                       for p in postprocess.digit_predictions(outputs[model.card.outputs[0].name])]
+        reply = pb.ClassifyDigitsResponse(model=model.name, model_version=model.version, predictions=predictions,
+                                          id=request.id)
+        return Answer(reply, model.name, len(predictions))
+
+    ClassifyDigits = rpc("ClassifyDigits")(_classify_digits)
+
+    @rpc("ClassifyDiabetes")
+    async def ClassifyDiabetes(self, request: pb.ClassifyDiabetesRequest) -> Answer:
+        model = self.model(request.model, request.version, ("diabetes",), "ClassifyDiabetes")
+        self.check_count(len(request.records), "records")
+        x = encode_features([r.features for r in request.records], model.card.preprocessing["num_features"])
+        outputs = await model.infer({model.card.inputs[0].name: x})
+        predictions = [pb.DiabetesPrediction(label=p.label, probability=p.probability)
+                       for p in postprocess.diabetes_predictions(outputs[model.card.outputs[0].name])]
+        reply = pb.ClassifyDiabetesResponse(model=model.name, model_version=model.version, predictions=predictions)
+        return Answer(reply, model.name, len(predictions))
+
+    @rpc("ClassifySequences")
+    async def ClassifySequences(self, request: pb.ClassifySequencesRequest) -> Answer:
+        model = self.model(request.model, request.version, ("names", "hello"), "ClassifySequences")
+        self.check_count(len(request.texts), "texts")
+        card, texts = model.card, list(request.texts)
+        if card.task == "names":
+            chars, lengths = encode_names(texts, card.preprocessing["vocab_size"])
+            outputs = await model.infer({card.inputs[0].name: chars, card.inputs[1].name: lengths})
+            results = postprocess.names_predictions(outputs[card.outputs[0].name], card.labels, request.top_k)
+        else:
+            vocabulary = card.preprocessing["vocabulary"]
+            outputs = await model.infer({card.inputs[0].name: encode_hello(texts, vocabulary)})
+            results = postprocess.hello_predictions(outputs[card.outputs[0].name], texts, vocabulary)
+        predictions = [pb.SequencePrediction(label=p.label, confidence=p.confidence,
+                                             top=[pb.LabelScore(label=label, score=score) for label, score in p.top])
+                       for p in results]
+        reply = pb.ClassifySequencesResponse(model=model.name, model_version=model.version, predictions=predictions)
+        return Answer(reply, model.name, len(predictions))
+
+
+def _decode_image(image: pb.Image, index: int, prep: dict) -> np.ndarray:
+    """One ``Image`` -> float32 [1, 28, 28]; errors name the image's position in the request."""
+    source = image.WhichOneof("source")
+    try:
+        if source == "encoded":
+            return decode_digit(image.encoded, prep)
+        if source == "pixels":
+            return pixels_to_digit(image.pixels, prep)
+    except InputError as e:
+        raise type(e)(f"image {index}: {e}") from e
+    raise InputError(f"image {index} is empty: set `encoded` (an image file) or `pixels` (784 raw bytes)")
+
+
+def _decode_images(images: Sequence[pb.Image], prep: dict) -> np.ndarray:
+    return np.stack([_decode_image(image, i, prep) for i, image in enumerate(images)])

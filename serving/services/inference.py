@@ -1,0 +1,110 @@
+"""inference.GRPCInferenceService: the Open Inference Protocol (KServe v2) with Triton's repository extension.
+
+Every model in the repository, the two regression models included, is served here under its
+catalogue name with its card's tensor names, datatypes and shapes, so ``tritonclient[grpc]`` and any
+other v2 client work unmodified. Tensors travel as typed ``contents`` or raw buffers (see codecs).
+"""
+
+from __future__ import annotations
+
+from importlib import metadata
+
+from serving.metrics import Metrics
+from serving.protos import inference_pb2 as pb
+from serving.protos import inference_pb2_grpc
+from serving.repository import ModelNotFound, ModelNotReady, ModelRepository
+from serving.services.base import Answer, Handler, Settings, rpc
+from serving.services.codecs import decode_inputs, encode_output, select_outputs
+from serving.services.health import HealthService
+
+PLATFORM = "onnxruntime_onnx"  # Triton's name for the ONNX Runtime backend
+EXTENSIONS = ("model_repository",)
+
+
+def _server_version() -> str:
+    try:
+        return metadata.version("coursezoo")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+class InferenceService(Handler, inference_pb2_grpc.GRPCInferenceServiceServicer):
+    """KServe v2 handlers; repository changes are pushed to the health service as they happen."""
+
+    def __init__(self, repository: ModelRepository, metrics: Metrics, settings: Settings,
+                 health: HealthService) -> None:
+        super().__init__(repository, metrics, settings)
+        self.health = health
+        self.metadata = pb.ServerMetadataResponse(name="coursezoo", version=_server_version(), extensions=EXTENSIONS)
+
+    @rpc("ServerLive")
+    async def ServerLive(self, request: pb.ServerLiveRequest) -> Answer:
+        return Answer(pb.ServerLiveResponse(live=True), "", 0)
+
+    @rpc("ServerReady")
+    async def ServerReady(self, request: pb.ServerReadyRequest) -> Answer:
+        ready = any(m.ready for m in self.repository.models())
+        return Answer(pb.ServerReadyResponse(ready=ready), "", 0)
+
+    @rpc("ModelReady", model_field="name")
+    async def ModelReady(self, request: pb.ModelReadyRequest) -> Answer:
+        try:
+            ready = self.repository.get(request.name, request.version or None).ready
+        except (ModelNotFound, ModelNotReady):
+            ready = False
+        return Answer(pb.ModelReadyResponse(ready=ready), request.name if ready else "", 0)
+
+    @rpc("ServerMetadata")
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest) -> Answer:
+        return Answer(self.metadata, "", 0)
+
+    @rpc("ModelMetadata", model_field="name")
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest) -> Answer:
+        model = self.repository.get(request.name, request.version or None)
+        card = model.card
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        reply = pb.ModelMetadataResponse(
+            name=model.name, platform=PLATFORM,
+            versions=[m.version for m in self.repository.models() if m.name == model.name and m.ready],
+            inputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in card.inputs],
+            outputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in card.outputs],
+        )
+        return Answer(reply, model.name, 0)
+
+    @rpc("ModelInfer", model_field="model_name")
+    async def ModelInfer(self, request: pb.ModelInferRequest) -> Answer:
+        model = self.repository.get(request.model_name, request.model_version or None)
+        inputs = decode_inputs(request.inputs, request.raw_input_contents)
+        model.validate(inputs)
+        rows = len(next(iter(inputs.values())))
+        self.check_count(rows, "rows (batch items)")
+        outputs = await model.infer(inputs)
+        reply = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
+        for name, array in select_outputs(outputs, [o.name for o in request.outputs]):
+            datatype, shape, data = encode_output(array)
+            reply.outputs.add(name=name, datatype=datatype, shape=shape)
+            reply.raw_output_contents.append(data)
+        return Answer(reply, model.name, rows)
+
+    @rpc("RepositoryIndex", model_field="repository_name")
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest) -> Answer:
+        entries = [pb.RepositoryIndexResponse.ModelIndex(name=e.name, version=e.version, state=e.state,
+                                                         reason=e.reason)
+                   for e in self.repository.index() if not request.ready or e.state == "READY"]
+        return Answer(pb.RepositoryIndexResponse(models=entries), "", len(entries))
+
+    @rpc("RepositoryModelLoad", model_field="model_name")
+    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest) -> Answer:
+        try:
+            await self.repository.load(request.model_name)
+        finally:
+            await self.health.sync()
+        return Answer(pb.RepositoryModelLoadResponse(), request.model_name, 0)
+
+    @rpc("RepositoryModelUnload", model_field="model_name")
+    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest) -> Answer:
+        try:
+            await self.repository.unload(request.model_name)
+        finally:
+            await self.health.sync()
+        return Answer(pb.RepositoryModelUnloadResponse(), request.model_name, 0)

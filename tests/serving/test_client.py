@@ -1,0 +1,62 @@
+"""CourseZooClient against the shared server: chunking, files, pixel arrays, streaming, empty jobs."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from serving.client import CourseZooClient, to_image
+from serving.protos import classifier_pb2 as pb
+
+
+def test_chunked_requests_answer_like_one_request(client: CourseZooClient) -> None:
+    records = np.random.default_rng(1).uniform(-1, 1, size=(50, 8)).tolist()
+    whole = client.classify_diabetes(records)
+    with CourseZooClient(client.target, chunk_size=7, max_in_flight=3) as chunked:
+        parts = chunked.classify_diabetes(records)
+    assert parts.model == whole.model and parts.model_version == whole.model_version
+    assert [p.probability for p in parts.predictions] == [p.probability for p in whole.predictions]
+
+
+def test_sequences_chunked_keep_order(client: CourseZooClient) -> None:
+    names = ["Smith", "Tanaka", "Rossi", "Nguyen", "Kowalski"] * 3
+    client.chunk_size = 4
+    try:
+        reply = client.classify_sequences(names, top_k=1)
+    finally:
+        client.chunk_size = 256
+    assert [p.label for p in reply.predictions] == [p.label for p in client.classify_sequences(names).predictions]
+    assert all(len(p.top) == 1 for p in reply.predictions)
+
+
+def test_classify_files_and_pixels(client: CourseZooClient, digits_model: str, tmp_path: Path,
+                                   mnist_test: tuple[np.ndarray, np.ndarray]) -> None:
+    images, _ = mnist_test
+    paths = []
+    for i, a in enumerate(images[:5]):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(a).save(paths[-1])
+    by_files = client.classify_files(paths, model=digits_model)
+    by_pixels = client.classify_digits(list(images[:5]), model=digits_model)
+    assert [p.digit for p in by_files.predictions] == [p.digit for p in by_pixels.predictions]
+
+
+def test_to_image() -> None:
+    buffer = io.BytesIO()
+    Image.new("L", (3, 3)).save(buffer, "PNG")
+    assert to_image(buffer.getvalue()).WhichOneof("source") == "encoded"
+    assert to_image(np.zeros((28, 28), np.uint8)).pixels == bytes(784)
+    assert to_image(pb.Image(pixels=b"x")).pixels == b"x"
+    with pytest.raises(ValueError, match="28x28"):
+        to_image(np.zeros((27, 28)))
+
+
+def test_empty_job_gets_the_servers_answer(client: CourseZooClient) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        client.classify_sequences([])
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "no texts" in info.value.details()

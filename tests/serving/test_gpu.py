@@ -1,0 +1,68 @@
+"""The server on CUDAExecutionProvider: runs where a CUDA device works, skipped with the reason elsewhere.
+
+The runtime turns TF32 off (serving/runtime.py CUDA_PROVIDER_OPTIONS), so GPU answers match the CPU's
+within 1e-4; the tolerances below are that promise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from serving.client import CourseZooClient
+
+if TYPE_CHECKING:
+    from tests.conftest import ServerProcess
+
+pytestmark = pytest.mark.gpu
+
+
+def _cuda_unusable(repo: Path) -> str | None:
+    """Why CUDA cannot run here, or None: a session must actually come up on CUDAExecutionProvider."""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "onnxruntime has no CUDAExecutionProvider"
+    model = next(repo.glob("linear_regression/*/model.onnx"), None)
+    if model is None:
+        return f"no linear_regression export in {repo} to probe CUDA with"
+    try:
+        session = ort.InferenceSession(str(model), providers=["CUDAExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - any failure means: no usable GPU
+        return f"CUDAExecutionProvider does not load: {e}"
+    if session.get_providers()[0] != "CUDAExecutionProvider":
+        return "CUDAExecutionProvider fell back to CPU (no CUDA device or libraries)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def gpu_client(exported_repo: Path, start_server: Callable[..., ServerProcess]) -> CourseZooClient:
+    reason = _cuda_unusable(exported_repo)
+    if reason:
+        pytest.skip(reason)
+    return CourseZooClient(start_server(exported_repo, "--device", "cuda").target, timeout=60)
+
+
+def test_every_model_runs_on_cuda(gpu_client: CourseZooClient) -> None:
+    assert {m.provider for m in gpu_client.list_models()} == {"CUDAExecutionProvider"}
+
+
+def test_gpu_answers_match_cpu(gpu_client: CourseZooClient, client: CourseZooClient,
+                               mnist_test: tuple[np.ndarray, np.ndarray]) -> None:
+    records = np.random.default_rng(2).uniform(-1, 1, size=(64, 8)).tolist()
+    gpu = [p.probability for p in gpu_client.classify_diabetes(records).predictions]
+    cpu = [p.probability for p in client.classify_diabetes(records).predictions]
+    np.testing.assert_allclose(gpu, cpu, atol=1e-4)
+    names = ["Smith", "Tanaka", "Rossi", "Nguyen", "Kowalski", "Dubois"]
+    assert [p.label for p in gpu_client.classify_sequences(names).predictions] == \
+        [p.label for p in client.classify_sequences(names).predictions]
+    if gpu_client.list_models(task="digits"):
+        images = list(mnist_test[0])
+        gpu_digits = gpu_client.classify_digits(images).predictions
+        cpu_digits = client.classify_digits(images).predictions
+        assert [p.digit for p in gpu_digits] == [p.digit for p in cpu_digits]
+        np.testing.assert_allclose([p.probabilities for p in gpu_digits], [p.probabilities for p in cpu_digits],
+                                   atol=1e-4)

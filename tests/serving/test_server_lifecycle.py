@@ -1,0 +1,158 @@
+"""Servers of their own: hot reload in a scratch repository, settings from the environment, limits,
+unload/load, and a clean exit on SIGTERM. Waits are bounded polls of the server's state, never sleeps
+whose length decides the outcome.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+import pytest
+import tritonclient.grpc as triton
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from serving.client import CourseZooClient
+
+if TYPE_CHECKING:
+    from tests.conftest import ServerProcess
+
+MODEL = "diabetes_mlp"
+RECORD = [0.1, -0.2, 0.3, -0.4, 0.5, -0.6, 0.7, -0.8]
+
+
+def add_version(repo: Path, source: Path, version: str, *, break_sha: bool = False) -> None:
+    """Publish ``source`` as ``repo/MODEL/version`` the way an export should: build aside, rename in."""
+    staging = repo / MODEL / f".staging-{version}"
+    shutil.copytree(source, staging)
+    card = json.loads((staging / "model.json").read_text())
+    card["version"] = version
+    if break_sha:
+        card["files"]["model.onnx"]["sha256"] = "0" * 64
+    (staging / "model.json").write_text(json.dumps(card))
+    staging.rename(repo / MODEL / version)
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def source(exported_repo: Path) -> Path:
+    return max((exported_repo / MODEL).iterdir(), key=lambda p: int(p.name))
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory: pytest.TempPathFactory, source: Path,
+            start_server: Callable[..., ServerProcess]) -> tuple[Path, ServerProcess]:
+    """A server on a scratch repository holding version 1 of MODEL, polling it, with limits from the env."""
+    repo = tmp_path_factory.mktemp("repo")
+    add_version(repo, source, "1")
+    env = {"COURSEZOO_MAX_ITEMS_PER_REQUEST": "16", "COURSEZOO_PORT": "1",  # the --port 0 flag beats this
+           "COURSEZOO_POLL_INTERVAL_S": "0.2"}
+    return repo, start_server(repo, "--max-queue-items", "8", env=env)
+
+
+def test_settings_come_from_flags_then_environment(scratch: tuple[Path, ServerProcess]) -> None:
+    _, proc = scratch
+    assert not proc.target.endswith(":1")
+    with CourseZooClient(proc.target) as client:
+        assert len(client.classify_diabetes([RECORD] * 8).predictions) == 8
+        with pytest.raises(grpc.RpcError) as info:
+            client.classify_diabetes([RECORD] * 17)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "at most 16" in info.value.details()
+        with pytest.raises(grpc.RpcError) as info:  # fits a request, not the model's queue of 8
+            client.classify_diabetes([RECORD] * 9)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit 8" in info.value.details()
+
+
+def test_hot_reload_new_version_and_broken_version(scratch: tuple[Path, ServerProcess], source: Path) -> None:
+    repo, proc = scratch
+    triton_client = triton.InferenceServerClient(proc.target)
+    with CourseZooClient(proc.target) as client:
+        assert client.classify_diabetes([RECORD]).model_version == "1"
+
+        add_version(repo, source, "2")  # picked up by polling
+        wait_for(lambda: triton_client.is_model_ready(MODEL, "2"), "version 2 to load by polling")
+        assert client.classify_diabetes([RECORD]).model_version == "2"
+        assert client.classify_diabetes([RECORD], version="1").model_version == "1"
+
+        add_version(repo, source, "3", break_sha=True)  # RepositoryModelLoad: the old version keeps serving
+        triton_client.load_model(MODEL)
+        index = {m["version"]: m for m in triton_client.get_model_repository_index(as_json=True)["models"]}
+        assert index["3"]["state"] == "UNAVAILABLE" and "sha256" in index["3"]["reason"]
+        assert index["2"]["state"] == "READY"
+        assert client.classify_diabetes([RECORD]).model_version == "2"
+        with pytest.raises(grpc.RpcError) as info:
+            client.classify_diabetes([RECORD], version="3")
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "sha256" in info.value.details()
+        assert "model.onnx" in proc.output  # the broken version was logged
+
+        add_version(repo, source, "4")  # served as soon as RepositoryModelLoad returns
+        triton_client.load_model(MODEL)
+        assert client.classify_diabetes([RECORD]).model_version == "4"
+
+
+def test_unload_makes_a_model_unavailable_until_loaded(scratch: tuple[Path, ServerProcess]) -> None:
+    _, proc = scratch
+    triton_client = triton.InferenceServerClient(proc.target)
+    with CourseZooClient(proc.target) as client, grpc.insecure_channel(proc.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+
+        def status(service: str) -> int:
+            return health.Check(health_pb2.HealthCheckRequest(service=service)).status
+
+        triton_client.unload_model(MODEL)
+        assert not triton_client.is_model_ready(MODEL)
+        assert status(MODEL) == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert status("") == health_pb2.HealthCheckResponse.NOT_SERVING  # no model left to serve
+        client.timeout = 5  # UNAVAILABLE is retried by the client's policy; the model stays unloaded
+        with pytest.raises(grpc.RpcError) as info:
+            client.classify_diabetes([RECORD], model=MODEL)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "unloaded" in info.value.details()
+        with pytest.raises(InferenceServerException):
+            triton_client.unload_model("no_such_model")
+
+        triton_client.load_model(MODEL)
+        assert status(MODEL) == status("") == health_pb2.HealthCheckResponse.SERVING
+        assert client.classify_diabetes([RECORD]).predictions
+
+
+def test_sigterm_finishes_in_flight_work_and_exits_zero(start_server: Callable[..., ServerProcess], source: Path,
+                                                        tmp_path: Path) -> None:
+    add_version(tmp_path, source, "1")
+    proc = start_server(tmp_path, "--grace-s", "20")
+    outcomes: list[object] = []
+    started = threading.Event()
+
+    def send() -> None:
+        with CourseZooClient(proc.target, chunk_size=1000) as client:
+            while True:
+                started.set()
+                try:
+                    outcomes.append(len(client.classify_diabetes([RECORD] * 1000).predictions))
+                except grpc.RpcError as e:  # after shutdown began: refused, never half-answered
+                    outcomes.append(e.code())
+                    return
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    started.wait()
+    wait_for(lambda: len(outcomes) > 0, "a first answer")
+    assert proc.stop(signal.SIGTERM) == 0
+    thread.join(30)
+    assert outcomes[0] == 1000
+    assert set(outcomes) <= {1000, grpc.StatusCode.UNAVAILABLE}
+    assert "coursezoo stopped" in proc.output
