@@ -1,0 +1,220 @@
+"""``coursezoo batch``: classify folders of images, CSV files and name lists into one results file.
+
+    coursezoo batch scans/ --recursive --out digits.csv          # every image under scans/
+    coursezoo batch patients.csv --top-k 2                       # diabetes records (+ label column)
+    coursezoo batch names.txt --server localhost:50051 --resume  # through a running server
+
+Every input becomes one row of the results file, in a stable order; inputs that cannot be classified
+become rows with their reason, and the run goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from tqdm import tqdm
+
+from serving.batch import pipeline
+from serving.batch.discover import check_inputs, infer_kind, iter_files
+from serving.batch.engines import Engine
+from serving.batch.items import iter_items
+from serving.batch.output import FORMATS, ResultWriter, check_target, columns, make_row, partial_path
+from serving.batch.summary import Summary
+from serving.batch.types import KINDS, BatchError, Failure, Item, Prediction
+from serving.preprocess import DEFAULT_MAX_IMAGE_PIXELS
+
+#: kinds whose inputs are both plain text lines (names or hello words), which content cannot tell apart
+TEXT_KINDS = {"names", "hello"}
+EXIT_OK, EXIT_FATAL, EXIT_SOME_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_STATUS = """exit status:
+  0    every input classified
+  2    some inputs failed; each is a row of the output with its reason
+  1    nothing could run (bad arguments, no model, server unreachable after retries)
+  130  interrupted; the results so far are kept for --resume"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments exit with 1, the status the batch CLI promises for "nothing could run"."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_FATAL, f"{self.prog}: error: {message}\n")
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text}: expected a whole number >= {low}")
+        return value
+
+    return parse
+
+
+_positive, _non_negative = _at_least(1), _at_least(0)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = _Parser(description="Classify folders of images, CSV files and name lists into one results file.",
+                epilog=EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="folders, files or glob patterns ('scans/**/*.png')")
+    p.add_argument("--kind", choices=KINDS, help="what the inputs are; inferred from their content when unambiguous")
+    p.add_argument("--model", metavar="NAME[:VERSION]", help="model to use; default: the most accurate of the kind")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--local", action="store_true", help="run ONNX Runtime in this process (the default)")
+    where.add_argument("--server", metavar="HOST:PORT", help="send batches to a running `coursezoo serve`")
+
+    local = p.add_argument_group("--local")
+    local.add_argument("--repo", type=Path, default=Path("exported"), help="model repository (default: exported)")
+    local.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                       help="ONNX Runtime device (default: auto)")
+    local.add_argument("--threads", type=_non_negative, default=0, metavar="N",
+                       help="ONNX Runtime threads (default: a quarter of the cores when workers decode images, "
+                       "else one per physical core)")
+    local.add_argument("--max-image-pixels", type=_positive, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
+                       help="larger images (width * height) are refused, as the server does (default: %(default)s)")
+
+    remote = p.add_argument_group("--server")
+    remote.add_argument("--in-flight", type=_positive, default=4, metavar="N",
+                        help="requests in flight at once, so the server never waits (default: 4)")
+    remote.add_argument("--timeout", type=float, default=60.0, metavar="S", help="deadline of a request (default: 60)")
+    remote.add_argument("--retry-for", type=float, default=60.0, metavar="S",
+                        help="how long to retry an unavailable server before giving up (default: 60)")
+
+    out = p.add_argument_group("output")
+    out.add_argument("--out", type=Path, help="results file (default: results.csv, or results.jsonl)")
+    out.add_argument("--format", choices=FORMATS, help="default: from --out's suffix, else csv")
+    existing = out.add_mutually_exclusive_group()
+    existing.add_argument("--overwrite", action="store_true", help="replace an existing results file")
+    existing.add_argument("--resume", action="store_true",
+                          help="skip the inputs already in the results file, append the rest")
+    out.add_argument("--top-k", type=_non_negative, default=0, metavar="K",
+                     help="add the K best classes and their scores")
+
+    run = p.add_argument_group("run")
+    run.add_argument("--recursive", "-r", action="store_true", help="read sub-folders too")
+    run.add_argument("--batch-size", type=_positive, default=256, metavar="N",
+                     help="items per model call or request (default: 256)")
+    run.add_argument("--workers", type=_non_negative, default=pipeline.cores(), metavar="N",
+                     help="processes decoding images (default: one per core; 0: decode in this process)")
+    run.add_argument("--limit", type=_positive, metavar="N", help="stop after N new inputs (try a sample, then "
+                     "--resume)")
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    writer: ResultWriter | None = None
+    engine: Engine | None = None
+    workers: pipeline.Workers | None = None
+    try:
+        check_inputs(args.inputs)
+        fmt = args.format or ("jsonl" if args.out and args.out.suffix in (".jsonl", ".json") else "csv")
+        args.out = args.out or Path(f"results.{fmt}")
+        check_target(args.out, overwrite=args.overwrite, resume=args.resume)  # before any slow start-up
+        if next(iter_files(args.inputs, args.recursive, _own_files(args)), None) is None:
+            raise BatchError(f"no files in {' '.join(args.inputs)}" + ("" if args.recursive else " (--recursive?)"))
+        kind = args.kind or _inferred_or_none(args)
+        if kind is None and not args.model:
+            infer_kind(args.inputs, args.recursive, _own_files(args))  # raises, saying why the kind is ambiguous
+        if args.workers and kind in ("digits", None):
+            workers = pipeline.Workers(args.workers)  # their start-up overlaps the model's loading
+        engine = _open_engine(args, kind)
+        cols = columns(args.top_k, with_label=engine.kind == "diabetes")
+        writer = ResultWriter(args.out, fmt, cols, overwrite=args.overwrite, resume=args.resume)
+        summary = Summary(str(writer.out), engine.description, engine.labels, resumed=len(writer.done),
+                          resumed_failed=writer.done_failed)
+        _classify(args, engine, workers if engine.kind == "digits" else None, writer, summary, cols)
+    except BatchError as e:
+        print(f"coursezoo batch: error: {e}{_kept(writer)}", file=sys.stderr)
+        return EXIT_FATAL
+    except KeyboardInterrupt:
+        print(f"\ncoursezoo batch: interrupted{_kept(writer)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        for resource in (writer, engine, workers):
+            if resource:
+                resource.close()
+    print(summary.render())
+    return EXIT_SOME_FAILED if summary.failed + writer.done_failed else EXIT_OK
+
+
+def _kept(writer: ResultWriter | None) -> str:
+    if writer is None or not writer.rows:
+        return ""
+    return f"\ncoursezoo batch: {writer.rows} results are kept in {writer.partial}; run again with --resume to finish"
+
+
+def _open_engine(args: argparse.Namespace, kind: str | None) -> Engine:
+    """The engine for ``--kind``, else for ``--model`` (its task is the kind), else for the inferred kind.
+
+    A named model whose task contradicts what the inputs clearly are (a diabetes model for a list of
+    names) is refused rather than turning every input into an error row.
+    """
+    engine = _engine(args, args.kind or (None if args.model else kind))
+    if not args.kind and kind and kind != engine.kind and not {kind, engine.kind} <= TEXT_KINDS:
+        engine.close()
+        raise BatchError(f"--model {args.model} classifies {engine.kind} but the inputs look like {kind}; "
+                         f"pass --kind {engine.kind} to read them as {engine.kind} anyway")
+    return engine
+
+
+def _engine(args: argparse.Namespace, kind: str | None) -> Engine:
+    if args.server:
+        from serving.batch.engines.remote import RemoteEngine
+
+        return RemoteEngine.open(args.server, args.model, kind, top_k=args.top_k, in_flight=args.in_flight,
+                                 timeout=args.timeout, retry_for=args.retry_for)
+    from serving.batch.engines.local import LocalEngine
+
+    return LocalEngine.open(args.repo, args.model, kind, device=args.device, top_k=args.top_k,
+                            max_image_pixels=args.max_image_pixels, threads=args.threads or None,
+                            decode_workers=args.workers)
+
+
+def _inferred_or_none(args: argparse.Namespace) -> str | None:
+    try:
+        return infer_kind(args.inputs, args.recursive, _own_files(args))
+    except BatchError:
+        return None
+
+
+def _todo(args: argparse.Namespace, kind: str, writer: ResultWriter) -> Iterator[Item]:
+    """The inputs this run classifies: every item not already in the output, up to ``--limit``."""
+    files = iter_files(args.inputs, args.recursive, _own_files(args))
+    items = (item for item in iter_items(files, kind) if item.id not in writer.done)
+    return itertools.islice(items, args.limit)
+
+
+def _own_files(args: argparse.Namespace) -> set[str]:
+    """The results file and its partial file, never inputs (``coursezoo batch . --resume`` must not read them)."""
+    return {os.path.abspath(args.out), os.path.abspath(partial_path(args.out))}
+
+
+def _classify(args: argparse.Namespace, engine: Engine, workers: pipeline.Workers | None, writer: ResultWriter,
+              summary: Summary, cols: list[str]) -> None:
+    bar = tqdm(unit="item", dynamic_ncols=True, disable=not sys.stderr.isatty())
+    if not bar.disable:  # the total is counted on the side, so the first results are not held back for it
+        threading.Thread(target=_count_total, args=(bar, _todo(args, engine.kind, writer)), daemon=True).start()
+
+    def on_batch(pairs: list[tuple[Item, Prediction | Failure]]) -> None:
+        writer.write([make_row(item, outcome, cols) for item, outcome in pairs])
+        for item, outcome in pairs:
+            summary.add(item, outcome)
+        bar.update(len(pairs))
+
+    with bar:
+        pipeline.run(_todo(args, engine.kind, writer), engine, batch_size=args.batch_size, workers=workers,
+                     on_batch=on_batch)
+    summary.finish()
+    writer.commit()
+
+
+def _count_total(bar: tqdm, items: Iterator[Item]) -> None:
+    bar.total = sum(1 for _ in items)
+    bar.refresh()

@@ -1,0 +1,44 @@
+"""Engines classify prepared batches; the pipeline knows them only through the small ``Engine`` protocol.
+
+``local`` runs the model in-process with ONNX Runtime, the server's own code path; ``remote`` sends
+batches to a running ``coursezoo serve``. A further engine (a Ray pool, say) needs only these members.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from serving.batch.prepare import Preparer
+from serving.batch.types import BatchError, Failure, Prediction
+
+
+class EngineError(BatchError):
+    """The engine cannot run at all (no model, server unreachable after retries): exit status 1."""
+
+
+class Engine(Protocol):
+    kind: str  # the task of the model, one of serving.batch.types.KINDS
+    labels: tuple[str, ...]  # the model's classes, in order (for the summary's histogram)
+    description: str  # one line for the summary: model, version, where it runs
+    concurrency: int  # batches that may be in classify() at once, from threads (a server wants several)
+    preparer: Preparer  # what worker processes do to items before classify()
+
+    def classify(self, inputs: Any) -> list[Prediction | Failure]:
+        """One answer per ready item of a batch (``PreparedBatch.inputs``), in order; thread-safe."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def top_classes(scores: Sequence[float], labels: Sequence[str], k: int) -> tuple[tuple[str, float], ...]:
+    """The ``k`` best (label, score) pairs, best first; ties keep label order."""
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])[:k]
+    return tuple((labels[i], float(scores[i])) for i in order)
+
+
+def diabetes_answer(label: int, probability: float) -> tuple[float, tuple[float, float]]:
+    """(confidence in ``label``, scores of labels 0 and 1) from a diabetes model's P(label 1), so records get a
+    confidence and a top-k like every other kind."""
+    scores = (1.0 - probability, probability)
+    return scores[label], scores

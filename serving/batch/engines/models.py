@@ -1,0 +1,66 @@
+"""Which model version of a repository the local engine runs: named, or the most accurate of the kind.
+
+Read from the cards alone (no session is built for models that are not chosen), with the server's
+rules: the newest valid version of a name by default, the highest card accuracy for a task.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from serving.batch.engines import EngineError
+from serving.batch.types import KINDS
+from serving.card import CARD_FILE, CardError, ModelCard
+
+log = logging.getLogger(__name__)
+
+
+def find_model(repo: Path, spec: str | None, kind: str | None) -> list[tuple[ModelCard, Path]]:
+    """The versions to try, newest first, of the model ``spec`` names ("NAME" or "NAME:VERSION"), else of
+    the most accurate model of ``kind`` (ties by name, as the server breaks them)."""
+    repo = Path(repo)
+    if not repo.is_dir():
+        raise EngineError(f"model repository {repo} is not a folder (pass --repo)")
+    if spec:
+        name, _, version = spec.partition(":")
+        versions = [v for v in _versions(repo / name) if not version or v[0].version == version]
+        if not versions:
+            raise EngineError(f"no model {spec!r} in {repo}; it has {', '.join(_names(repo)) or 'no models'}")
+        task = versions[0][0].task
+        if task not in KINDS:
+            raise EngineError(f"{name} is a {task} model; coursezoo batch classifies {', '.join(KINDS)}")
+        if kind and task != kind:
+            raise EngineError(f"{name} is a {task} model but the inputs are {kind}")
+        return versions
+    models = [v for v in (_versions(repo / name) for name in _names(repo)) if v and v[0][0].task == kind]
+    if not models:
+        raise EngineError(f"no {kind} model in {repo}")
+    return min(models, key=lambda versions: (-_accuracy(versions[0][0]), versions[0][0].name))
+
+
+def _versions(folder: Path) -> list[tuple[ModelCard, Path]]:
+    """A model's versions with a readable card, newest first (numeric versions sort as numbers)."""
+    found = []
+    for directory in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if not (directory / CARD_FILE).is_file():
+            continue
+        try:
+            card = ModelCard.load(directory)
+            if (card.name, card.version) != (folder.name, directory.name):
+                raise CardError(f"the card describes {card.name}/{card.version}")
+        except CardError as e:
+            log.warning("skipping a model version with a broken card", extra={"path": str(directory), "error": str(e)})
+            continue
+        found.append((card, directory))
+    return sorted(found, key=lambda v: (v[0].version.isdigit(), int(v[0].version) if v[0].version.isdigit() else 0,
+                                        v[0].version), reverse=True)
+
+
+def _names(repo: Path) -> list[str]:
+    return sorted(p.name for p in repo.iterdir() if p.is_dir())
+
+
+def _accuracy(card: ModelCard) -> float:
+    value = card.metrics.get("accuracy")
+    return float(value) if isinstance(value, int | float) else float("-inf")

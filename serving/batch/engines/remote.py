@@ -1,0 +1,168 @@
+"""The server engine: batches go to a running ``coursezoo serve`` through the domain API (CourseZooClient).
+
+The pipeline calls ``classify`` from ``--in-flight`` threads at once, so while the server runs one batch
+the next ones are already on the wire and it never waits for this client. A restart of the server
+loses nothing: UNAVAILABLE and DEADLINE_EXCEEDED are retried with exponential backoff for up to
+``retry_for`` seconds (then the run stops with exit status 1 and ``--resume`` finishes it later).
+A batch the server refuses as a whole because of one bad input (INVALID_ARGUMENT, RESOURCE_EXHAUSTED)
+is split in halves until the bad inputs stand alone, so each becomes its own error row.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+
+from serving.batch.engines import EngineError, diabetes_answer, top_classes
+from serving.batch.prepare import INVALID, TOO_LARGE, Preparer
+from serving.batch.types import KINDS, Failure, Prediction
+from serving.client import CourseZooClient
+from serving.protos import classifier_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+#: the server refused the input, not the request: split the batch to find which item
+REFUSED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
+FIRST_BACKOFF_S, MAX_BACKOFF_S = 0.2, 5.0
+#: encoded images per request are capped by bytes too, well under gRPC's 64 MiB message limit
+MAX_REQUEST_BYTES = 16 << 20
+
+
+class RemoteEngine:
+    """Classifies through a server; the model is resolved once, from ``ListModels``, so it stays fixed."""
+
+    def __init__(self, client: CourseZooClient, retrying: Retrying, info: pb.ModelInfo, version: str, *,
+                 top_k: int, in_flight: int) -> None:
+        self.client, self.retrying, self.name, self.version = client, retrying, info.name, version
+        self.target = retrying.target
+        self.kind = info.task
+        self.labels = tuple(info.labels)
+        self.top_k = top_k
+        self.concurrency = in_flight
+        self.preparer = Preparer(self.kind)
+        self.description = f"{info.name} v{version or info.version}, server {self.target}, {info.provider}"
+
+    @classmethod
+    def open(cls, target: str, spec: str | None, kind: str | None, *, top_k: int, in_flight: int, timeout: float,
+             retry_for: float) -> RemoteEngine:
+        """Connect and pick the model: ``spec`` (NAME[:VERSION]) or the server's default model of ``kind``."""
+        client = CourseZooClient(target, timeout=timeout, max_in_flight=1)
+        retrying = Retrying(target, retry_for)
+        name, _, version = (spec or "").partition(":")
+        try:
+            info = _choose(retrying(client.list_models), target, name, version, kind)
+        except EngineError:
+            client.close()
+            raise
+        return cls(client, retrying, info, version, top_k=top_k, in_flight=in_flight)
+
+    def classify(self, inputs: Sequence[Any]) -> list[Prediction | Failure]:
+        if self.kind == "digits":
+            return [answer for group in _by_size(inputs, MAX_REQUEST_BYTES) for answer in self._split(group)]
+        return self._split(inputs)
+
+    def _split(self, inputs: Sequence[Any]) -> list[Prediction | Failure]:
+        """Answers for ``inputs``; when the server refuses the batch, halves until each refused item is alone."""
+        try:
+            return self._answers(self.retrying(lambda: self._request(inputs)))
+        except grpc.RpcError as e:
+            if e.code() not in REFUSED:
+                raise EngineError(f"server {self.target} failed: {e.code().name}: {e.details()}") from e
+            if len(inputs) == 1:
+                too_large = self.kind == "digits" and e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                return [Failure(TOO_LARGE if too_large else INVALID[self.kind], e.details() or e.code().name)]
+            half = len(inputs) // 2
+            return self._split(inputs[:half]) + self._split(inputs[half:])
+
+    def _request(self, inputs: Sequence[Any]) -> Any:
+        if self.kind == "digits":
+            return self.client.classify_digits(inputs, self.name, self.version)
+        if self.kind == "diabetes":
+            return self.client.classify_diabetes(inputs, self.name, self.version)
+        return self.client.classify_sequences(inputs, self.name, max(self.top_k, 1), self.version)
+
+    def _answers(self, reply: Any) -> list[Prediction | Failure]:
+        model, version = reply.model, reply.model_version
+        if self.kind == "digits":
+            return [Prediction(self.labels[p.digit], p.confidence, model, version,
+                               top_classes(p.probabilities, self.labels, self.top_k)) for p in reply.predictions]
+        if self.kind == "diabetes":
+            answers = []
+            for p in reply.predictions:
+                confidence, scores = diabetes_answer(p.label, p.probability)
+                answers.append(Prediction(self.labels[p.label], confidence, model, version,
+                                          top_classes(scores, self.labels, self.top_k)))
+            return answers
+        return [Prediction(p.label, p.confidence, model, version,
+                           tuple((t.label, t.score) for t in p.top[: self.top_k])) for p in reply.predictions]
+
+    def close(self) -> None:
+        """Stop retrying and cancel calls still in flight (an aborted run must not wait for them)."""
+        self.retrying.stop.set()
+        self.client.close()
+
+
+def _choose(models: Sequence[pb.ModelInfo], target: str, name: str, version: str, kind: str | None) -> pb.ModelInfo:
+    """The ready model ``name`` (at ``version``, if given), else the server's default model of ``kind``."""
+    ready = [m for m in models if m.ready]
+    if not name:
+        info = next((m for m in ready if m.task == kind and m.is_default), None)
+        if info is None:
+            raise EngineError(f"server {target} has no ready {kind} model")
+        return info
+    info = next((m for m in ready if m.name == name), None)
+    if info is None or (version and version not in info.versions):
+        spec = f"{name}:{version}" if version else name
+        raise EngineError(f"server {target} has no ready model {spec!r}; it serves "
+                          f"{', '.join(f'{m.name}:{m.version}' for m in ready) or 'nothing'}")
+    if info.task not in KINDS or (kind and info.task != kind):
+        raise EngineError(f"{name} is a {info.task} model; the inputs are {kind or ', '.join(KINDS)}")
+    return info
+
+
+class Retrying:
+    """Runs calls, retrying while the server is unavailable (restarting, loading) for up to ``retry_for`` s.
+
+    One instance is shared by the threads in flight; ``stop`` ends every wait at once when the run ends.
+    """
+
+    def __init__(self, target: str, retry_for: float) -> None:
+        self.target, self.retry_for = target, retry_for
+        self.stop = threading.Event()
+
+    def __call__(self, call: Callable[[], Any]) -> Any:
+        give_up, backoff = None, FIRST_BACKOFF_S
+        while True:
+            try:
+                return call()
+            except grpc.RpcError as e:
+                if e.code() not in TRANSIENT or self.stop.is_set():
+                    raise
+                now = time.monotonic()
+                give_up = give_up or now + self.retry_for
+                if now >= give_up:
+                    raise EngineError(f"server {self.target} unreachable for {self.retry_for:g} s "
+                                      f"({e.code().name}: {e.details()})") from e
+                log.warning("server unavailable, retrying", extra={"target": self.target, "code": e.code().name,
+                                                                   "backoff_s": backoff})
+                if self.stop.wait(min(backoff, give_up - now)):
+                    raise
+                backoff = min(2 * backoff, MAX_BACKOFF_S)
+
+
+def _by_size(images: Sequence[bytes], budget: int) -> list[Sequence[bytes]]:
+    """Consecutive groups of encoded images of at most ``budget`` bytes each (a bigger image goes alone)."""
+    groups, start, size = [], 0, 0
+    for i, data in enumerate(images):
+        if i > start and size + len(data) > budget:
+            groups.append(images[start:i])
+            start, size = i, 0
+        size += len(data)
+    groups.append(images[start:])
+    return groups

@@ -1,0 +1,165 @@
+"""The results file: CSV or JSON Lines, written atomically, flushed per batch, resumable.
+
+Rows go to ``<out>.partial`` and are flushed after every batch, so a crash or a kill keeps everything
+classified so far; only a finished run renames the partial file over ``<out>`` (``os.replace``), so
+``<out>`` is never half written. ``--resume`` continues the partial file of an interrupted run (or a
+copy of a finished ``<out>``), skipping the ids already there.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from serving.batch.types import BatchError, Failure, Item, Prediction
+
+BASE_COLUMNS = ("path", "prediction", "confidence", "error", "model", "model_version")
+FORMATS = ("csv", "jsonl")
+
+
+class OutputError(BatchError):
+    """The output cannot be written as asked (exists without ``--overwrite``, other columns on ``--resume``)."""
+
+
+def columns(top_k: int, with_label: bool) -> list[str]:
+    """The output's columns: the base ones, the input's truth ``label`` for CSV records, then top-k pairs."""
+    cols = list(BASE_COLUMNS) + (["label"] if with_label else [])
+    for k in range(1, top_k + 1):
+        cols += [f"top{k}", f"top{k}_score"]
+    return cols
+
+
+def make_row(item: Item, outcome: Prediction | Failure, cols: Sequence[str]) -> dict[str, Any]:
+    """One output row; missing values are ``None`` (empty in CSV, null in JSON Lines)."""
+    row: dict[str, Any] = dict.fromkeys(cols)
+    row["path"] = item.id
+    if "label" in row:
+        row["label"] = item.label
+    if isinstance(outcome, Failure):
+        row["error"] = str(outcome)
+        return row
+    row.update(prediction=outcome.label, confidence=round(outcome.confidence, 6), model=outcome.model,
+               model_version=outcome.version)
+    for k, (label, score) in enumerate(outcome.top, 1):
+        if f"top{k}" in row:
+            row[f"top{k}"], row[f"top{k}_score"] = label, round(score, 6)
+    return row
+
+
+def partial_path(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+def check_target(out: Path, *, overwrite: bool, resume: bool) -> None:
+    """Refuse to replace a results file, or an interrupted run's partial one, unless told how."""
+    if overwrite or resume:
+        return
+    for existing in (out, partial_path(out)):
+        if existing.exists():
+            what = "an interrupted run's partial results" if existing != out else "the output"
+            raise OutputError(f"{existing} exists ({what}): pass --resume to continue it or --overwrite to start "
+                              "over")
+
+
+class ResultWriter:
+    """Appends rows to ``<out>.partial``; ``commit()`` renames it to ``<out>``.
+
+    After construction ``done`` holds the ids already in the output (``--resume``) and ``done_failed``
+    how many of those rows are failures, so the exit status covers the whole file.
+    """
+
+    def __init__(self, out: Path, fmt: str, cols: Sequence[str], *, overwrite: bool, resume: bool) -> None:
+        self.out, self.fmt, self.cols = Path(out), fmt, list(cols)
+        self.partial = partial_path(self.out)
+        self.done: set[str] = set()
+        self.done_failed = 0
+        self._written = 0
+        check_target(self.out, overwrite=overwrite, resume=resume)
+        if resume and self.partial.exists():
+            _drop_torn_tail(self.partial)
+            self._read_done(self.partial)
+        elif resume and self.out.exists():
+            self._read_done(self.out)  # checked before copying, so a refused resume leaves no partial file
+            shutil.copyfile(self.out, self.partial)
+        fresh = not (resume and self.partial.exists() and self.partial.stat().st_size)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self._file: IO[str] = open(self.partial, "w" if fresh else "a", newline="", encoding="utf-8")
+        self._csv = csv.DictWriter(self._file, self.cols) if fmt == "csv" else None
+        if fresh and self._csv:
+            self._csv.writeheader()
+            self._file.flush()
+
+    def _read_done(self, path: Path) -> None:
+        with open(path, newline="", encoding="utf-8") as f:
+            if self.fmt == "csv":
+                reader = csv.DictReader(f)
+                if reader.fieldnames is not None and reader.fieldnames != self.cols:
+                    raise OutputError(f"{path} has the columns {','.join(reader.fieldnames)}, this run "
+                                      f"writes {','.join(self.cols)}: resume with the same options, or --overwrite")
+                rows: Any = reader
+            else:
+                rows = (json.loads(line) for line in f if line.strip())
+            for row in rows:
+                self.done.add(row["path"])
+                self.done_failed += bool(row.get("error"))
+
+    @property
+    def rows(self) -> int:
+        """Rows in the output so far: those found by ``--resume`` and those written since."""
+        return len(self.done) + self._written
+
+    def write(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Append a batch of rows and flush them to the OS, so a crash after this call keeps them."""
+        if self._csv:
+            self._csv.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
+        else:
+            self._file.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        self._file.flush()
+        self._written += len(rows)
+
+    def commit(self) -> None:
+        """Make the results durable and visible under ``<out>`` in one atomic step."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.partial, self.out)
+        dir_fd = os.open(self.out.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def close(self) -> None:
+        """Stop without committing: the partial file keeps what was written, for ``--resume``; a partial file
+        with no rows at all is removed, so a run that failed at once does not block the next one."""
+        if not self._file.closed:
+            self._file.close()
+            if not self.rows:
+                self.partial.unlink(missing_ok=True)
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a last line that a kill interrupted mid-write; that row is simply classified again."""
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        block = 1 << 16
+        end = size
+        while end > 0:
+            start = max(0, end - block)
+            f.seek(start)
+            cut = f.read(end - start).rfind(b"\n")
+            if cut >= 0:
+                f.truncate(start + cut + 1)
+                return
+            end = start
+        f.truncate(0)

@@ -1,0 +1,113 @@
+"""Ordered, bounded streaming: items -> batches -> worker processes -> engine threads -> rows, in input order.
+
+Each stage keeps a fixed window of batches in flight (``ordered_map``), so memory stays constant however
+many inputs there are, the workers decode the next batches while the engine classifies this one, and
+results come out in input order (which makes the output stable and ``--resume`` a simple skip).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import multiprocessing
+import os
+import signal
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import TypeVar
+
+from serving.batch.engines import Engine
+from serving.batch.prepare import PreparedBatch, Preparer
+from serving.batch.types import BatchError, Failure, Item, Prediction
+
+T = TypeVar("T")
+R = TypeVar("R")
+Outcome = Prediction | Failure
+
+
+def cores() -> int:
+    """CPUs this process may use (its affinity, e.g. a container's limit), not all the machine has."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class Workers:
+    """Processes that prepare (decode) batches, started at once so their start-up overlaps the model's loading.
+
+    Spawned, not forked: the parent holds ONNX Runtime and gRPC threads, which a fork would copy mid-state.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_sigint)
+        for _ in range(n):
+            self.pool.submit(int)  # starts the processes now rather than at the first batch
+
+    def prepare(self, preparer: Preparer, batches: Iterable[list[Item]]) -> Iterator[tuple[list[Item], PreparedBatch]]:
+        """(batch, prepared batch) in order, two batches queued per process."""
+        try:
+            yield from ordered_map(functools.partial(_prepare, preparer), batches, self.pool, window=2 * self.n)
+        except BrokenProcessPool as e:
+            raise BatchError("a worker process decoding images died (out of memory, or a crash in an image "
+                             "decoder); --resume continues after the results so far, --workers 0 decodes "
+                             "in-process") from e
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def run(items: Iterable[Item], engine: Engine, *, batch_size: int, workers: Workers | None,
+        on_batch: Callable[[list[tuple[Item, Outcome]]], None]) -> None:
+    """Classify every item, calling ``on_batch`` with each batch's (item, outcome) pairs in input order.
+
+    With ``workers`` batches are prepared in those processes (image decoding is the costly part of a
+    digits run); without, in this process, which is cheaper for text and CSV rows.
+    """
+    batches = _batched(items, batch_size)
+    threads = ThreadPoolExecutor(engine.concurrency, thread_name_prefix="classify")
+    try:
+        prepared = (workers.prepare(engine.preparer, batches) if workers
+                    else ((b, engine.preparer(b)) for b in batches))
+        classified = ordered_map(lambda pair: _classify(engine, *pair), prepared, threads,
+                                 window=engine.concurrency + 1)
+        for _, pairs in classified:
+            on_batch(pairs)
+    finally:
+        threads.shutdown(wait=False, cancel_futures=True)
+
+
+def ordered_map(fn: Callable[[T], R], source: Iterable[T], executor: Executor, window: int) -> Iterator[tuple[T, R]]:
+    """``(x, fn(x))`` for each x, in order, with at most ``window`` calls submitted and not yet consumed."""
+    it = iter(source)
+    pending: deque[tuple[T, Future[R]]] = deque()
+
+    def refill() -> None:
+        for x in itertools.islice(it, window - len(pending)):
+            pending.append((x, executor.submit(fn, x)))
+
+    refill()
+    while pending:
+        x, future = pending.popleft()
+        result = future.result()
+        refill()  # before yielding, so the executor works while the consumer handles this result
+        yield x, result
+
+
+def _classify(engine: Engine, items: list[Item], batch: PreparedBatch) -> list[tuple[Item, Outcome]]:
+    answers = iter(engine.classify(batch.inputs) if batch.ready else ())
+    return [(item, outcome or next(answers)) for item, outcome in zip(items, batch.outcomes, strict=True)]
+
+
+def _batched(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
+    it = iter(items)
+    while batch := list(itertools.islice(it, size)):
+        yield batch
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops the pool
+
+
+def _prepare(preparer: Preparer, items: list[Item]) -> PreparedBatch:
+    return preparer(items)

@@ -1,0 +1,118 @@
+"""Items -> model inputs, one batch at a time; runs in worker processes, so it must stay picklable and light.
+
+With a model card's ``preprocessing`` (the local engine) items become the exact tensors the server would
+build, through the one shared ``serving.preprocess`` module, and every per-item rule is checked here so
+that one bad input fails alone instead of failing its whole batch. Without one (the server engine)
+items travel raw: the server owns the preprocessing of the model it serves.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from serving import preprocess
+from serving.batch.types import Failure, Item
+
+#: files above this size are refused before reading: an image this big is a mistake or an attack, and a
+#: server request must stay under gRPC's message size
+MAX_FILE_BYTES = 32 << 20
+#: the failure reason of an input that the model's preprocessing refuses, per kind (local or server)
+INVALID = {"digits": "invalid image", "diabetes": "bad row", "names": "invalid name", "hello": "invalid text"}
+TOO_LARGE = "image too large"
+
+
+@dataclass(frozen=True)
+class PreparedBatch:
+    """A batch after preparation: per item ``None`` (ready, its input is in ``inputs``) or a ``Failure``.
+
+    The items themselves stay with the caller: only outcomes and inputs cross back from a worker.
+    """
+
+    outcomes: list[Failure | None]
+    inputs: Any  # the ready items' inputs, collated for one model call (None when no item is ready)
+
+    @property
+    def ready(self) -> int:
+        return self.outcomes.count(None)
+
+
+@dataclass(frozen=True)
+class Preparer:
+    """Turns a list of items into a ``PreparedBatch`` for one kind; called in worker processes."""
+
+    kind: str
+    preprocessing: dict[str, Any] | None = None  # a model card's; None: leave it to the server
+    max_image_pixels: int = preprocess.DEFAULT_MAX_IMAGE_PIXELS
+
+    def __call__(self, items: list[Item]) -> PreparedBatch:
+        if self.kind == "digits":  # a process-wide Pillow setting: set where the decoding happens
+            preprocess.set_max_image_pixels(self.max_image_pixels)
+        prepare: Callable[[Item], Any] = getattr(self, f"_{self.kind}")
+        outcomes: list[Failure | None] = []
+        inputs = []
+        for item in items:
+            value = item.failure or prepare(item)
+            if isinstance(value, Failure):
+                outcomes.append(value)
+            else:
+                outcomes.append(None)
+                inputs.append(value)
+        return PreparedBatch(outcomes, self._collate(inputs) if inputs else None)
+
+    def _collate(self, inputs: list[Any]) -> Any:
+        """Tensors are stacked into one array, which crosses the process boundary as a single buffer."""
+        return np.stack(inputs) if isinstance(inputs[0], np.ndarray) else inputs
+
+    def _digits(self, item: Item) -> np.ndarray | bytes | Failure:
+        data = _read_file(item.id)
+        if isinstance(data, Failure) or self.preprocessing is None:
+            return data
+        try:
+            return preprocess.decode_digit(data, self.preprocessing)
+        except preprocess.InputTooLarge as e:
+            return Failure(TOO_LARGE, str(e))
+        except preprocess.InputError as e:
+            return Failure(INVALID["digits"], str(e))
+
+    def _diabetes(self, item: Item) -> list[float] | Failure:
+        prep = self.preprocessing
+        return _validated(item.data, prep and (lambda r: preprocess.encode_features([r], prep["num_features"])),
+                          INVALID["diabetes"])
+
+    def _names(self, item: Item) -> str | Failure:
+        prep = self.preprocessing
+        return _validated(item.data, prep and (lambda t: preprocess.encode_names([t], prep["vocab_size"])),
+                          INVALID["names"])
+
+    def _hello(self, item: Item) -> str | Failure:
+        prep = self.preprocessing
+        return _validated(item.data, prep and (lambda t: preprocess.encode_hello([t], prep["vocabulary"])),
+                          INVALID["hello"])
+
+
+def _validated(value: Any, encode: Callable[[Any], Any] | None, reason: str) -> Any:
+    """``value`` if ``encode`` (the card's rule) accepts it alone, else why not; the engine encodes whole
+    batches later. Without a card (``encode`` is None) the server judges."""
+    if encode is not None:
+        try:
+            encode(value)
+        except preprocess.InputError as e:
+            return Failure(reason, str(e))
+    return value
+
+
+def _read_file(path: str) -> bytes | Failure:
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_FILE_BYTES:
+                return Failure(TOO_LARGE, f"{size:,} bytes: at most {MAX_FILE_BYTES:,} are read")
+            data = f.read()
+    except OSError as e:
+        return Failure("unreadable file", e.strerror or str(e))
+    return data if data else Failure("empty file", "the file has no content")

@@ -1,0 +1,165 @@
+"""``coursezoo batch --local`` end to end on real files: accuracy, every input once, error rows, exit codes,
+overwrite refusal, resume after a kill, CSV and text inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from serving.batch.output import BASE_COLUMNS, partial_path
+from tests.batch.conftest import BROKEN_DIGITS, Run, digit_label, read_rows
+from tests.conftest import EXPORTED, REPO_ROOT
+
+Batch = Callable[..., Run]
+
+
+def _reason(row: dict[str, str]) -> str:
+    return row["error"].split(":", 1)[0]
+
+
+def test_digits_folder_accurate_and_every_file_once(batch: Batch, digits_dir: Path, best_digits_repo: Path,
+                                                    tmp_path: Path) -> None:
+    run = batch(digits_dir, "--recursive", "--repo", best_digits_repo, "--top-k", "3", "--workers", "2",
+                "--batch-size", "64", out=tmp_path / "digits.csv")
+    assert run.code == 2, run.err  # the broken files fail, the rest is classified
+    files = sorted(str(p) for p in digits_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
+    assert [row["path"] for row in run.rows] == files  # each once, in name order
+    rows = run.by_id()
+    assert {Path(p).name: _reason(r) for p, r in rows.items() if r["error"]} == BROKEN_DIGITS
+    digits = [r for p, r in rows.items() if not r["error"]]
+    assert len(digits) == 200 and all(r["model"] and r["model_version"] for r in digits)
+    correct = Counter(Path(r["path"]).parent.name for r in digits if r["prediction"] == digit_label(r["path"]))
+    assert sum(correct.values()) >= 0.95 * 200, correct
+    assert all(n >= 0.8 * 200 / 6 for n in correct.values()), correct  # every form of image is read well
+    assert all(r["top1"] == r["prediction"] and float(r["top1_score"]) >= float(r["top2_score"]) for r in digits)
+    assert "classified    200" in run.out and "image too large  1" in run.out
+
+
+def test_kind_inferred_model_named_and_jsonl(batch: Batch, digits_dir: Path, best_digits_repo: Path,
+                                             tmp_path: Path) -> None:
+    """Without --recursive only the top-level files count; --kind is needed there, as they mix text and images."""
+    mixed = batch(digits_dir, "--repo", best_digits_repo, out=tmp_path / "mixed.csv")
+    assert mixed.code == 1 and "pass --kind" in mixed.err and not mixed.rows
+    png = batch(f"{digits_dir}/png/*.png", "--repo", best_digits_repo, "--workers", "0", out=tmp_path / "r.jsonl")
+    assert png.code == 0, png.err
+    assert len(png.rows) == len(list((digits_dir / "png").iterdir())) and set(png.rows[0]) == set(BASE_COLUMNS)
+
+
+def test_diabetes_csv_with_bad_rows(batch: Batch, diabetes_rows: list[list[str]], tmp_path: Path) -> None:
+    """The course file with a header and its label column, plus rows a spreadsheet export really produces."""
+    lines = ["Pregnancies,Glucose,BloodPressure,SkinThickness,Insulin,BMI,Pedigree,Age,Outcome"]
+    lines += [",".join(row) for row in diabetes_rows]
+    lines += ["0.1,0.2,0.3", "0.1,x,0,0,0,0,0,0,1", "nan,0,0,0,0,0,0,0,1", "", "0,0,0,0,0,0,0,0,1"]
+    (tmp_path / "patients.dat").write_text("\n".join(lines) + "\n")
+    run = batch(tmp_path / "patients.dat", "--repo", EXPORTED, "--top-k", "2", out=tmp_path / "d.csv")
+    assert run.code == 2, run.err
+    assert len(run.rows) == len(diabetes_rows) + 4  # the blank line is not a record
+    assert [r["path"] for r in run.rows[:2]] == [f"{tmp_path}/patients.dat:2", f"{tmp_path}/patients.dat:3"]
+    errors = [r for r in run.rows if r["error"]]
+    assert [_reason(r) for r in errors] == ["bad row"] * 3
+    good = [r for r in run.rows if not r["error"]]
+    accuracy = sum(r["prediction"] == r["label"] for r in good[:-1]) / len(diabetes_rows)
+    assert accuracy >= 0.7  # the model's test-split accuracy is 0.757; the file is mostly training rows
+    assert f"{accuracy:.4f}"[:4] in run.out and "label column" in run.out
+    assert all({r["top1"], r["top2"]} == {"0", "1"} for r in good)
+
+
+def test_names_lines_with_empty_lines(batch: Batch, names_rows: list[tuple[str, str]], tmp_path: Path) -> None:
+    sample = names_rows[::20]  # 335 names of every country
+    text = "\n".join(name for name, _ in sample[:100]) + "\n\n   \n" + "\n".join(name for name, _ in sample[100:])
+    (tmp_path / "names.csv").write_text(text + "\n")
+    run = batch(tmp_path / "names.csv", "--repo", EXPORTED, out=tmp_path / "n.csv")
+    assert run.code == 2
+    assert len(run.rows) == len(sample) + 2
+    assert [_reason(r) for r in run.rows if r["error"]] == ["empty line", "empty line"]
+    predicted = [r["prediction"] for r in run.rows if not r["error"]]
+    accuracy = sum(p == country for p, (_, country) in zip(predicted, sample, strict=True)) / len(sample)
+    assert accuracy >= 0.75  # the card's test accuracy is 0.845
+
+
+def test_refuses_to_overwrite_and_exit_codes(batch: Batch, names_rows: list[tuple[str, str]], tmp_path: Path) -> None:
+    (tmp_path / "names.txt").write_text("Nakamura\nSmith\n")
+    out = tmp_path / "names.csv"
+    assert batch(tmp_path / "names.txt", "--repo", EXPORTED, out=out).code == 0
+    before = out.read_bytes()
+    again = batch(tmp_path / "names.txt", "--repo", EXPORTED, out=out)
+    assert again.code == 1 and "--overwrite" in again.err and out.read_bytes() == before
+    assert batch(tmp_path / "names.txt", "--repo", EXPORTED, "--overwrite", out=out).code == 0
+    assert batch(tmp_path / "missing.txt", "--repo", EXPORTED, out=tmp_path / "x.csv").code == 1
+    assert batch(tmp_path / "names.txt", "--model", "no_such_model", out=tmp_path / "y.csv").code == 1
+    wrong_model = batch(tmp_path / "names.txt", "--model", "diabetes_mlp", "--repo", EXPORTED, out=tmp_path / "z.csv")
+    assert wrong_model.code == 1 and "--kind diabetes" in wrong_model.err
+    assert batch(tmp_path / "names.txt", "--batch-size", "0", out=tmp_path / "w.csv").code == 1
+    assert not any(tmp_path.glob("[xyzw].csv*"))
+
+
+def test_limit_then_resume_covers_every_input_once(batch: Batch, names_rows: list[tuple[str, str]],
+                                                   tmp_path: Path) -> None:
+    """The results file sits in the input folder: it is never read as an input."""
+    (tmp_path / "names.txt").write_text("\n".join(name for name, _ in names_rows[:500]) + "\n")
+    out = tmp_path / "names.jsonl"
+    first = batch(tmp_path, "--repo", EXPORTED, "--limit", "120", "--batch-size", "50", out=out)
+    assert first.code == 0 and len(first.rows) == 120
+    rest = batch(tmp_path, "--repo", EXPORTED, "--resume", "--batch-size", "50", out=out)
+    assert rest.code == 0 and "resumed       120" in rest.out
+    whole = batch(tmp_path / "names.txt", "--repo", EXPORTED, out=tmp_path / "whole" / "names.jsonl")
+    assert rest.rows == whole.rows  # same rows, same order, as one uninterrupted run
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_killed_run_resumes_without_loss_or_duplicates(names_rows: list[tuple[str, str]], tmp_path: Path,
+                                                       sig: signal.Signals) -> None:
+    """A kill mid-run keeps the flushed rows in <out>.partial (maybe a torn last line), Ctrl-C exits 130 with
+    the same promise; --resume completes the file."""
+    names = [name for name, _ in names_rows[::4]]
+    inputs = []
+    for part in range(4):
+        path = tmp_path / f"names{part}.txt"
+        path.write_text("\n".join(names) + "\n")
+        inputs.append(str(path))
+    out = tmp_path / "names.csv"
+    command = [sys.executable, "-m", "coursezoo", "batch", *inputs, "--repo", str(EXPORTED), "--out", str(out)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    slow = [*command, "--batch-size", "8"]  # many small batches: a kill lands mid-run
+    proc = subprocess.Popen(slow, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    partial = partial_path(out)
+    while proc.poll() is None and (not partial.exists() or partial.stat().st_size < 8_000):
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before it could be killed")
+    assert proc.returncode == (130 if sig == signal.SIGINT else -signal.SIGKILL), stderr
+    assert not out.exists() and partial.exists()
+    kept = partial.read_bytes().count(b"\n") - 1
+    assert 0 < kept < 4 * len(names)
+    resumed = subprocess.run([*command, "--resume"], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    ids = [row["path"] for row in read_rows(out)]
+    expected = [f"{path}:{n}" for path in inputs for n in range(1, len(names) + 1)]
+    assert ids == expected and not partial.exists()
+
+
+def test_newest_valid_version_is_used_and_a_pinned_broken_one_refused(batch: Batch, tmp_path: Path) -> None:
+    """Version 2's model.onnx does not match its card: the run falls back to version 1, as the server does."""
+    repo = tmp_path / "repo"
+    for version in ("1", "2"):
+        shutil.copytree(EXPORTED / "names_gru" / "1", repo / "names_gru" / version)
+    card = json.loads((repo / "names_gru" / "2" / "model.json").read_text())
+    (repo / "names_gru" / "2" / "model.json").write_text(json.dumps({**card, "version": "2"}))
+    (repo / "names_gru" / "2" / "model.onnx").write_bytes(b"not the exported graph")
+    (tmp_path / "names.txt").write_text("Nakamura\n")
+    run = batch(tmp_path / "names.txt", "--repo", repo, out=tmp_path / "a.csv")
+    assert run.code == 0 and run.rows[0]["model_version"] == "1"
+    pinned = batch(tmp_path / "names.txt", "--repo", repo, "--model", "names_gru:2", out=tmp_path / "b.csv")
+    assert pinned.code == 1 and "sha256" in pinned.err

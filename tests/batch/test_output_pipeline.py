@@ -1,0 +1,118 @@
+"""The results file (atomic commit, refusal to overwrite, resume after a torn write) and the ordered,
+bounded streaming of the pipeline."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from serving.batch import pipeline
+from serving.batch.output import OutputError, ResultWriter, columns, make_row, partial_path
+from serving.batch.prepare import Preparer
+from serving.batch.types import Failure, Item, Prediction
+from tests.batch.conftest import read_rows
+
+COLS = columns(top_k=1, with_label=False)
+
+
+def _rows(*ids: str) -> list[dict[str, Any]]:
+    return [make_row(Item(i), Prediction("7", 0.5, "m", "1", (("7", 0.5),)) if i != "bad" else Failure("x", "y"),
+                     COLS) for i in ids]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_rows_appear_only_on_commit_and_resume_continues_a_torn_partial(tmp_path: Path, fmt: str) -> None:
+    out = tmp_path / f"results.{fmt}"
+    writer = ResultWriter(out, fmt, COLS, overwrite=False, resume=False)
+    writer.write(_rows("a", "bad"))
+    writer.close()  # a crash: nothing committed, the partial file keeps the rows
+    assert not out.exists()
+    partial = partial_path(out)
+    with open(partial, "ab") as f:
+        f.write(b"c,7,0.5")  # a kill in the middle of a row
+    with pytest.raises(OutputError, match="--resume"):
+        ResultWriter(out, fmt, COLS, overwrite=False, resume=False)
+    resumed = ResultWriter(out, fmt, COLS, overwrite=False, resume=True)
+    assert resumed.done == {"a", "bad"} and resumed.done_failed == 1
+    resumed.write(_rows("c"))
+    resumed.commit()
+    assert not partial.exists()
+    rows = read_rows(out)
+    assert [r["path"] for r in rows] == ["a", "bad", "c"]
+    assert rows[0]["top1"] == "7" and rows[1]["error"] == "x: y"
+
+
+def test_resume_of_a_finished_file_and_of_other_columns(tmp_path: Path) -> None:
+    out = tmp_path / "results.csv"
+    writer = ResultWriter(out, "csv", COLS, overwrite=False, resume=False)
+    writer.write(_rows("a"))
+    writer.commit()
+    before = out.read_bytes()
+    with pytest.raises(OutputError, match="other|columns"):
+        ResultWriter(out, "csv", columns(top_k=0, with_label=False), overwrite=False, resume=True)
+    assert out.read_bytes() == before and not partial_path(out).exists()  # a refused resume changes nothing
+    again = ResultWriter(out, "csv", COLS, overwrite=False, resume=True)
+    assert again.done == {"a"}
+    again.write(_rows("b"))
+    again.commit()
+    assert [r["path"] for r in read_rows(out)] == ["a", "b"]
+    fresh = ResultWriter(out, "csv", COLS, overwrite=True, resume=False)
+    assert out.read_bytes().count(b"\n") == 3  # --overwrite replaces the file only when the new run commits
+    fresh.write(_rows("z"))
+    fresh.commit()
+    assert [r["path"] for r in read_rows(out)] == ["z"]
+
+
+def test_ordered_map_keeps_order_and_a_bounded_window() -> None:
+    """However slow the consumer, at most ``window`` items are taken from the source ahead of it."""
+    taken = 0
+    lock = threading.Lock()
+
+    def source() -> Any:
+        nonlocal taken
+        for i in range(100):
+            with lock:
+                taken += 1
+            yield i
+
+    with ThreadPoolExecutor(4) as pool:
+        for consumed, (x, y) in enumerate(pipeline.ordered_map(lambda v: v * v, source(), pool, window=3), 1):
+            assert y == x * x and x == consumed - 1
+            assert taken - consumed <= 3
+
+
+class _Echo:
+    """A fake engine: the label of an item is its text; one failure per batch shows where answers go."""
+
+    kind, labels, description, concurrency = "names", (), "echo", 2
+    preparer = Preparer("names")
+
+    def classify(self, inputs: list[str]) -> list[Prediction | Failure]:
+        return [Failure("refused", t) if t == "x" else Prediction(t, 1.0, "echo", "1") for t in inputs]
+
+    def close(self) -> None: ...
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_pipeline_answers_every_item_once_in_order(workers: int) -> None:
+    items = [Item(f"f:{i}", data=str(i % 7) if i % 11 else "x", failure=Failure("empty line", "") if i % 13 == 0
+                  else None) for i in range(1, 300)]
+    seen: list[tuple[Item, Any]] = []
+    pool = pipeline.Workers(workers) if workers else None
+    try:
+        pipeline.run(iter(items), _Echo(), batch_size=16, workers=pool, on_batch=seen.extend)
+    finally:
+        if pool:
+            pool.close()
+    assert [item for item, _ in seen] == items
+    for item, outcome in seen:
+        if item.failure:
+            assert outcome == item.failure
+        elif item.data == "x":
+            assert outcome == Failure("refused", "x")
+        else:
+            assert isinstance(outcome, Prediction) and outcome.label == item.data
