@@ -36,9 +36,12 @@ class BatcherClosed(RuntimeError):
 
 
 class BatchObserver(Protocol):
-    """Metrics hook, called on the event loop after every model execution."""
+    """Metrics hooks, called on the event loop: after every model execution, and when cancelled requests
+    leave the queue (so the queue-depth gauge falls back even if no batch runs after them)."""
 
     def observe_batch(self, model: str, size: int, queue_depth: int) -> None: ...
+
+    def set_queue_depth(self, model: str, queue_depth: int) -> None: ...
 
 
 @dataclass(eq=False)
@@ -47,6 +50,7 @@ class _Request:
     n: int
     key: tuple
     future: asyncio.Future[Arrays] = field(repr=False)
+    queued: bool = True  # counted in queue_depth: waiting, neither taken into a batch nor dropped
 
 
 class DynamicBatcher:
@@ -119,10 +123,24 @@ class DynamicBatcher:
         n = len(next(iter(inputs.values())))  # submit checked that all tensors agree
         key = tuple(sorted((k, v.shape[1:], v.dtype.str) for k, v in inputs.items()))
         request = _Request(inputs, n, key, asyncio.get_running_loop().create_future())
+        request.future.add_done_callback(lambda _: self._forget(request))
         self._queue.append(request)
         self._queued_items += n
         self._arrived.set()
         return request.future
+
+    def _unqueue(self, request: _Request) -> None:
+        if request.queued:
+            request.queued = False
+            self._queued_items -= request.n
+
+    def _forget(self, request: _Request) -> None:
+        """A request cancelled while it waited (its client went away or its deadline passed) gives its queue
+        space and memory back at once, instead of when the worker next looks at the queue."""
+        if request.queued:
+            self._unqueue(request)
+            self._queue.remove(request)  # O(queue length), bounded by max_queue_items
+            self._report_depth()
 
     async def _work(self) -> None:
         batch: list[_Request] = []
@@ -138,9 +156,10 @@ class DynamicBatcher:
                 if batch:
                     await self._execute(batch)
         except BaseException as e:  # cancelled, or a bug: nobody may wait forever on a worker that is gone
+            for request in self._queue:
+                self._unqueue(request)
             _fail([*batch, *self._queue], e)
             self._queue.clear()
-            self._queued_items = 0
             raise
 
     async def _collect(self, batch: list[_Request]) -> None:
@@ -164,19 +183,27 @@ class DynamicBatcher:
         kept: deque[_Request] = deque()
         while self._queue:
             request = self._queue.popleft()
-            if request.future.done():  # cancelled by its caller while waiting
-                self._queued_items -= request.n
+            if request.future.done():  # cancelled by its caller, its _forget callback not yet run
+                self._unqueue(request)
             elif (not batch or request.key == batch[0].key) and size + request.n <= self.max_batch_size:
                 batch.append(request)
                 size += request.n
-                self._queued_items -= request.n
+                self._unqueue(request)
             else:
                 kept.append(request)
         self._queue = kept
         return size
 
     async def _execute(self, batch: list[_Request]) -> None:
-        """Run one batch and settle every request in it: its rows, or the exception the run raised."""
+        """Run one batch and settle every request in it: its rows, or the exception the run raised.
+
+        Requests cancelled while the batch was collecting (a deadline shorter than ``max_delay_ms``) are
+        left out, and a batch left empty is not run: a client that gave up costs no model time.
+        """
+        batch[:] = [r for r in batch if not r.future.done()]
+        if not batch:
+            self._report_depth()
+            return
         try:
             inputs = batch[0].inputs if len(batch) == 1 else {
                 k: np.concatenate([r.inputs[k] for r in batch]) for k in batch[0].inputs
@@ -200,10 +227,16 @@ class DynamicBatcher:
             offset += r.n
 
     def _observe(self, size: int) -> None:
+        self._notify("observe_batch", size, self._queued_items)
+
+    def _report_depth(self) -> None:
+        self._notify("set_queue_depth", self._queued_items)
+
+    def _notify(self, hook: str, *args: int) -> None:
         if self._observer is None:
             return
         try:
-            self._observer.observe_batch(self.name, size, self._queued_items)
+            getattr(self._observer, hook)(self.name, *args)
         except Exception:  # noqa: BLE001 - metrics must never fail a request or stop the worker
             log.exception("batch observer failed", extra={"model": self.name})
 

@@ -10,6 +10,11 @@ Large jobs are split into requests of ``chunk_size`` items, sent ``max_in_flight
 answers merged back in order into one reply. Calls that fail with UNAVAILABLE (server restarting, a
 model still loading) are retried by gRPC itself through the channel's service config. Failures are
 raised as ``grpc.RpcError`` with the server's status code and message.
+
+A server started with TLS and a token (docs/operations.md):
+
+    creds = tls_credentials(ca="ca.pem")  # + cert=, key= for mutual TLS
+    client = CourseZooClient("models.example:50051", credentials=creds, token=os.environ["COURSEZOO_TOKEN"])
 """
 
 from __future__ import annotations
@@ -38,6 +43,19 @@ _RETRY_SERVICE_CONFIG = json.dumps({
 })
 
 
+def tls_credentials(ca: str | Path | None = None, cert: str | Path | None = None,
+                    key: str | Path | None = None) -> grpc.ChannelCredentials:
+    """Channel credentials from PEM files: ``ca`` to trust (None = the system roots), ``cert``/``key`` the
+    client's own certificate for a server that demands one (mutual TLS)."""
+    if (cert is None) != (key is None):
+        raise ValueError("a client certificate needs both cert and key")
+
+    def read(path: str | Path | None) -> bytes | None:
+        return None if path is None else Path(path).read_bytes()
+
+    return grpc.ssl_channel_credentials(read(ca), read(key), read(cert))
+
+
 def to_image(item: ImageLike) -> pb.Image:
     """bytes -> ``Image.encoded`` (a PNG/JPEG/... file); a 28x28 array -> ``Image.pixels`` (uint8)."""
     if isinstance(item, pb.Image):
@@ -51,11 +69,15 @@ def to_image(item: ImageLike) -> pb.Image:
 
 
 class CourseZooClient:
-    """Blocking client; one channel, safe to share between threads."""
+    """Blocking client; one channel, safe to share between threads.
+
+    ``credentials`` (see ``tls_credentials``) makes the channel TLS; ``token`` sends
+    ``authorization: Bearer <token>`` with every call, as a server started with ``--auth-token`` requires.
+    """
 
     def __init__(self, target: str, *, timeout: float = 30.0, chunk_size: int = 256, max_in_flight: int = 4,
                  credentials: grpc.ChannelCredentials | None = None, metadata: Sequence[tuple[str, str]] = (),
-                 max_message_mb: int = 64) -> None:
+                 token: str | None = None, max_message_mb: int = 64) -> None:
         options = [("grpc.max_send_message_length", max_message_mb << 20),
                    ("grpc.max_receive_message_length", max_message_mb << 20),
                    ("grpc.enable_retries", 1), ("grpc.service_config", _RETRY_SERVICE_CONFIG)]
@@ -66,7 +88,7 @@ class CourseZooClient:
         self.timeout = timeout
         self.chunk_size = chunk_size
         self.max_in_flight = max_in_flight
-        self.metadata = tuple(metadata)
+        self.metadata = (*metadata, ("authorization", f"Bearer {token}")) if token else tuple(metadata)
 
     def __enter__(self) -> CourseZooClient:
         return self

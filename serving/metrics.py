@@ -61,14 +61,21 @@ class Metrics:
 
     def observe_batch(self, model: str, size: int, queue_depth: int) -> None:
         """Batcher hook: one model execution of ``size`` items, ``queue_depth`` items still waiting."""
+        observe_size, set_depth = self._batch_hooks(model)
+        observe_size(size)
+        set_depth(queue_depth)
+
+    def set_queue_depth(self, model: str, queue_depth: int) -> None:
+        """Batcher hook: cancelled requests left the queue without a batch running."""
+        self._batch_hooks(model)[1](queue_depth)
+
+    def _batch_hooks(self, model: str) -> tuple[Callable[[float], None], Callable[[float], None]]:
         children = self._batch_children.get(model)
         if children is None:
             with self._lock:
                 children = (self.batch_size.labels(model).observe, self.queue_depth.labels(model).set)
                 self._batch_children[model] = children
-        observe_size, set_depth = children
-        observe_size(size)
-        set_depth(queue_depth)
+        return children
 
     def set_model_ready(self, model: str, version: str, ready: bool) -> None:
         self.model_ready.labels(model, version).set(1 if ready else 0)

@@ -8,6 +8,7 @@ says what was wrong and what is expected; callers map it to ``INVALID_ARGUMENT``
 from __future__ import annotations
 
 import io
+import logging
 import unicodedata
 import warnings
 from collections.abc import Mapping, Sequence
@@ -15,6 +16,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+log = logging.getLogger("coursezoo.preprocess")
 
 
 class InputError(ValueError):
@@ -28,16 +31,25 @@ class InputTooLarge(InputError):
 # --- Text: names (lecture 13) and hello (lecture 12) -----------------------------------------------
 
 MAX_TEXT_LENGTH = 256
+#: Error messages quote at most this much of a client's text: a status message travels in a header.
+QUOTE_LENGTH = 40
+
+
+def _quote(text: str) -> str:
+    return repr(text) if len(text) <= QUOTE_LENGTH else f"{text[:QUOTE_LENGTH]!r}... ({len(text)} characters)"
 
 
 def _ascii_name(text: str, vocab_size: int) -> str:
+    if len(text) > MAX_TEXT_LENGTH * 4:  # NFKD at most quadruples; a megabyte of text is refused before it
+        raise InputError(f"name of {len(text)} characters: at most {MAX_TEXT_LENGTH} are accepted")
     name = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii") if text else ""
     if not name.strip():
-        raise InputError(f"empty name {text!r}: expected a non-empty name in Latin letters")
+        raise InputError(f"empty name {_quote(text)}: expected a non-empty name in Latin letters")
     if len(name) > MAX_TEXT_LENGTH:
         raise InputError(f"name of {len(name)} characters: at most {MAX_TEXT_LENGTH} are accepted")
     if any(ord(c) >= vocab_size or ord(c) == 0 for c in name):
-        raise InputError(f"name {text!r} has characters outside ASCII 1..{vocab_size - 1}")
+        raise InputError(f"name {_quote(text)} has characters outside ASCII 1..{vocab_size - 1}: expected a name "
+                         "in Latin letters")
     return name
 
 
@@ -74,7 +86,7 @@ def encode_hello(texts: Sequence[str], vocabulary: Sequence[str]) -> np.ndarray:
             raise InputError(f"text of {len(t)} characters: at most {MAX_TEXT_LENGTH} are accepted")
         bad = sorted({c for c in t if c not in index})
         if bad:
-            raise InputError(f"text {t!r} has letters {''.join(bad)!r}; only {allowed!r} are known")
+            raise InputError(f"text {_quote(t)} has letters {_quote(''.join(bad))}: expected only {allowed!r}")
         rows.append([index[c] for c in t])
     out = np.zeros((len(rows), max(map(len, rows))), dtype=np.int64)
     for i, r in enumerate(rows):
@@ -97,10 +109,12 @@ def encode_features(records: Sequence[Sequence[float]], num_features: int) -> np
     for i, r in enumerate(records):
         if len(r) != num_features:
             raise InputError(f"record {i} has {len(r)} features: expected {num_features}")
-    x = np.asarray(records, dtype=np.float32).reshape(len(records), num_features)
+    with np.errstate(over="ignore"):  # beyond float32's range becomes inf, refused just below
+        x = np.asarray(records, dtype=np.float32).reshape(len(records), num_features)
     bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
     if bad.size:
-        raise InputError(f"record {int(bad[0])} has NaN or infinite values: expected finite numbers")
+        raise InputError(f"record {int(bad[0])} has NaN or infinite values (or beyond float32's range): expected "
+                         "finite numbers, |x| < 3.4e38")
     return x
 
 
@@ -180,8 +194,10 @@ def _decode_gray(data: bytes) -> np.ndarray:
     """Image bytes -> uint8 [h, w] grey levels, with errors a client can act on."""
     if not data:
         raise InputError(f"empty image: expected the bytes of {_FORMATS_TEXT}")
+    what = f"{len(data)} bytes"
     try:
         with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
+            what = f"a {img.format} of {img.width}x{img.height}, {len(data)} bytes"
             _check_pixels(img)
             if "exif" in img.info or img.format == "TIFF":  # phone photos: upright as the user saw them
                 ImageOps.exif_transpose(img, in_place=True)
@@ -189,13 +205,18 @@ def _decode_gray(data: bytes) -> np.ndarray:
     except InputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise InputTooLarge(f"image too large: {e}") from e
+        # Pillow's message talks of "decompression bomb DOS attack" to a client that may just have a big photo.
+        raise InputTooLarge(f"image too large: its width x height is over {Image.MAX_IMAGE_PIXELS} pixels; at most "
+                            f"{Image.MAX_IMAGE_PIXELS} are accepted: scale it down") from e
     except UnidentifiedImageError as e:
         raise InputError(
             f"not a recognised image ({len(data)} bytes starting {data[:8]!r}): expected {_FORMATS_TEXT}"
         ) from e
     except Exception as e:  # noqa: BLE001 - a decoder failing on client bytes is the client's input error
-        raise InputError(f"cannot decode the image ({type(e).__name__}: {e}): expected {_FORMATS_TEXT}") from e
+        # Pillow's own words ("KeyError: 'MPO'", "Truncated File Read") mean nothing to a client; the log keeps them.
+        log.debug("image decoder failed", extra={"image": what, "error": f"{type(e).__name__}: {e}"})
+        raise InputError(f"cannot decode the image ({what}): its data is truncated or damaged; "
+                         f"expected a complete {_FORMATS_TEXT}") from e
 
 
 def _check_pixels(img: Image.Image) -> None:

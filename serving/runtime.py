@@ -94,7 +94,11 @@ class OnnxModel:
         try:
             outputs = self._session.run(self._output_names, dict(inputs), self._run_options)
         except InvalidArgument as e:
-            raise InputError(f"{self.card.name}/{self.card.version} refused the input: {e}") from e
+            # Keep ORT's reason ("indices element out of data bounds, idx=4 must be within ...") without its
+            # node names and error-code preamble.
+            reason = str(e).rpartition("Status Message: ")[2].strip() or "a value is out of the model's range"
+            raise InputError(f"{self.card.name}/{self.card.version} refused the input values ({reason}): expected "
+                             f"values in the ranges the model was trained on (see its card)") from e
         return dict(zip(self._output_names, outputs, strict=True))
 
     def warmup(self) -> dict[str, np.ndarray]:
@@ -125,6 +129,9 @@ def _check_tensor(spec: TensorSpec, array: np.ndarray) -> None:
         raise InputError(f"input {spec.name!r} has shape {list(array.shape)}: {expected}")
     if array.shape[0] == 0:
         raise InputError(f"input {spec.name!r} has an empty batch: expected at least one item")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        # A NaN would flow through the model into a confident-looking answer; the domain API refuses it too.
+        raise InputError(f"input {spec.name!r} has NaN or infinite values: expected finite numbers")
 
 
 def _session_options(intra_op_threads: int | None) -> ort.SessionOptions:

@@ -11,18 +11,23 @@ The serving loop in plain view:
 Every flag can also be set by an environment variable named ``COURSEZOO_`` + the flag in upper snake
 case (``--metrics-port`` -> ``COURSEZOO_METRICS_PORT``); a flag beats its variable, which beats the
 default. ``ServerSettings`` is the single list of those options; the parser is generated from it.
+Security options (TLS, bearer token, model control) are resolved by ``serving.security``; see
+docs/operations.md for how to run the server in production.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,17 +40,21 @@ from serving.metrics import Metrics
 from serving.preprocess import DEFAULT_MAX_IMAGE_PIXELS, set_max_image_pixels
 from serving.protos import classifier_pb2, classifier_pb2_grpc, inference_pb2, inference_pb2_grpc
 from serving.repository import ModelRepository
+from serving.security import MODEL_CONTROL_MODES, ConfigError, Security
+from serving.services.base import RequestDecodeGuard
 from serving.services.classifier import ClassifierService
 from serving.services.health import HealthService
 from serving.services.inference import InferenceService
+from serving.services.plumbing import around, refusal
 
 log = logging.getLogger("coursezoo.serve")
 
 ENV_PREFIX = "COURSEZOO_"
 
 
-def _option(default: Any, help: str, **argparse_kwargs: Any) -> Any:
-    return field(default=default, metadata={"help": help, **argparse_kwargs})
+def _option(default: Any, help: str, *, secret: bool = False, **argparse_kwargs: Any) -> Any:
+    """A settings field; ``secret`` ones stay out of ``repr`` and ``--help`` (their default may come from the env)."""
+    return field(default=default, repr=not secret, metadata={"help": help, "secret": secret, **argparse_kwargs})
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,15 @@ class ServerSettings:
     poll_interval_s: float = _option(5.0, "how often the repository looks for new versions; 0 = never")
     intra_op_threads: int = _option(0, "ONNX Runtime threads per session; 0 = its default")
     grace_s: float = _option(10.0, "on SIGTERM/SIGINT, how long in-flight RPCs may take to finish")
+    tls_cert: str = _option("", "PEM certificate (chain) the port presents; with --tls-key the port speaks TLS only")
+    tls_key: str = _option("", "PEM private key of --tls-cert")
+    tls_client_ca: str = _option("", "PEM CA bundle: clients must present a certificate it signed (mutual TLS)")
+    auth_token: str = _option("", "bearer token required on every RPC but health checks (prefer the env variable "
+                              "or --auth-token-file: a flag shows in ps)", secret=True)
+    auth_token_file: str = _option("", "file holding the bearer token (e.g. a mounted secret)")
+    auth_health: bool = _option(False, "require the token on health checks too (grpc.health.v1, ServerLive/Ready)")
+    model_control: str = _option("auto", "RepositoryModelLoad/Unload: auto = on when a token is set or the host is "
+                                 "loopback, off otherwise", choices=MODEL_CONTROL_MODES)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServerSettings:
@@ -78,34 +96,114 @@ class ServerSettings:
         return self.max_message_mb * 1024 * 1024
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except for secret options (a token from the environment would be printed)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.dest in _SECRETS else super()._get_help_string(action)
+
+
+_SECRETS = {f.name for f in dataclasses.fields(ServerSettings) if f.metadata["secret"]}
+
+
+def _boolean(text: str | bool) -> bool:
+    """``--auth-health``, ``--auth-health false`` and ``COURSEZOO_AUTH_HEALTH=1`` alike."""
+    if isinstance(text, bool):
+        return text
+    value = text.strip().lower()
+    if value not in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected true or false")
+    return value in ("1", "true", "yes", "on")
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     """One flag per ``ServerSettings`` field; its default comes from ``COURSEZOO_<FIELD>`` when set."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter)
     for f in dataclasses.fields(ServerSettings):
         env = ENV_PREFIX + f.name.upper()
-        kind = type(f.default)
-        extra = {k: v for k, v in f.metadata.items() if k != "help"}
+        kind: Any = type(f.default)
+        extra = {k: v for k, v in f.metadata.items() if k not in ("help", "secret")}
+        if kind is bool:  # a bare flag means true
+            kind, extra = _boolean, {"nargs": "?", "const": True, **extra}
         # argparse runs `type` on string defaults, so an environment value is parsed like the flag.
         parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=os.environ.get(env, f.default),
                             help=f"{f.metadata['help']} [env {env}]", **extra)
+    parser.add_argument("--no-model-control", dest="model_control", action="store_const", const="off",
+                        default=argparse.SUPPRESS, help="same as --model-control off")
     return parser
 
 
+class DrainGate(grpc.aio.ServerInterceptor):
+    """Graceful shutdown's first step: refuse new calls with UNAVAILABLE while the calls in flight finish.
+
+    Stopping the grpc server directly would also cancel the calls that have reached gRPC but no handler
+    yet (under load, most of those in flight: the event loop picks them up one at a time), and a client
+    cannot tell a CANCELLED call from one the server dropped mid-way; UNAVAILABLE says "not done, retry"
+    (CourseZooClient's retry policy does, and a load balancer moves on). So the drain lasts until no call
+    is in flight and none has arrived for ``QUIET_S``: by then gRPC holds no call that no handler has seen.
+    """
+
+    QUIET_S = 0.1
+
+    def __init__(self) -> None:
+        self.draining = False
+        self._active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._last_call = 0.0
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        self._last_call = asyncio.get_running_loop().time()
+        if self.draining:
+            return refusal(handler, grpc.StatusCode.UNAVAILABLE, "the server is shutting down: retry the call")
+        return around(handler, self._in_flight)
+
+    @contextlib.asynccontextmanager
+    async def _in_flight(self) -> AsyncIterator[None]:
+        self._active += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._active -= 1
+            if not self._active:
+                self._idle.set()
+
+    async def drain(self, timeout: float) -> None:
+        """Refuse from now on; return when no call is in flight and none came for QUIET_S, or after ``timeout``."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        with contextlib.suppress(TimeoutError):
+            while (quiet := loop.time() - self._last_call) < self.QUIET_S or not self._idle.is_set():
+                await asyncio.wait_for(self._idle.wait(), deadline - loop.time())
+                await asyncio.wait_for(asyncio.sleep(max(0.0, self.QUIET_S - quiet)), deadline - loop.time())
+
+
 def build_grpc_server(settings: ServerSettings, classifier: ClassifierService, inference: InferenceService,
-                      health: HealthService,
-                      interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> tuple[grpc.aio.Server, int]:
+                      health: HealthService, interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+                      security: Security | None = None) -> tuple[grpc.aio.Server, int]:
     """Create the grpc.aio server with every service registered and bind its port; return (server, port).
 
-    The one place that decides transport options: message limits, interceptors (auth and logging
-    plug in here), and how the port is bound (TLS will replace ``add_insecure_port``).
+    The one place that decides transport options: message limits (gRPC refuses a larger message from
+    its length prefix with RESOURCE_EXHAUSTED, before a handler or the deserializer sees it), the
+    interceptors (authentication first, then ``interceptors``) and how the port is bound (TLS when
+    ``security`` has credentials). ``security`` defaults to the policy ``settings`` describe.
     """
+    security = Security.from_settings(settings) if security is None else security
     options = [
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it silently
     ]
-    server = grpc.aio.server(interceptors=list(interceptors), options=options)
+    server = grpc.aio.server(interceptors=[*security.interceptors(), RequestDecodeGuard(), *interceptors],
+                             options=options)
     classifier_pb2_grpc.add_ClassifierServicer_to_server(classifier, server)
     inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
@@ -118,7 +216,10 @@ def build_grpc_server(settings: ServerSettings, classifier: ClassifierService, i
     reflection.enable_server_reflection(services, server)
     address = f"{settings.host}:{settings.port}"
     try:
-        port = server.add_insecure_port(address)
+        if security.credentials is not None:
+            port = server.add_secure_port(address, security.credentials)
+        else:
+            port = server.add_insecure_port(address)
     except RuntimeError as e:
         raise OSError(f"cannot bind {address}: {e}") from e
     if port == 0:
@@ -135,12 +236,15 @@ class CourseZooServer:
     def __init__(self, settings: ServerSettings,
                  interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> None:
         self.settings = settings
+        self.security = Security.from_settings(settings)  # ConfigError now, before any model loads
         self.metrics = Metrics()
         self.repository = ModelRepository(Path(settings.repo), settings, metrics=self.metrics)
         self.health = HealthService(self.repository)
         self.classifier = ClassifierService(self.repository, self.metrics, settings)
-        self.inference = InferenceService(self.repository, self.metrics, settings, self.health)
+        self.inference = InferenceService(self.repository, self.metrics, settings, self.health,
+                                          model_control=self.security.model_control)
         self._interceptors = interceptors
+        self._gate: DrainGate | None = None
         self._grpc: grpc.aio.Server | None = None
         self._metrics_http: Any = None
         self.port = 0
@@ -149,9 +253,10 @@ class CourseZooServer:
     async def start(self) -> None:
         set_max_image_pixels(self.settings.max_image_pixels)  # process-wide: Pillow's own guard
         await self.repository.start()
+        self._gate = DrainGate()  # created on the running loop, which its event belongs to
         try:
             self._grpc, self.port = build_grpc_server(self.settings, self.classifier, self.inference, self.health,
-                                                      self._interceptors)
+                                                      [self._gate, *self._interceptors], self.security)
         except OSError:
             await self.repository.stop()
             raise
@@ -165,9 +270,12 @@ class CourseZooServer:
     async def stop(self, grace: float | None = None) -> None:
         """Refuse new RPCs, let in-flight ones finish within ``grace`` seconds, then drain the batchers."""
         grace = self.settings.grace_s if grace is None else grace
+        deadline = asyncio.get_running_loop().time() + grace
         await self.health.stop()
-        if self._grpc is not None:
-            await self._grpc.stop(grace)
+        if self._gate is not None:
+            await self._gate.drain(grace)
+        if self._grpc is not None:  # what is still running after the grace period is cancelled here
+            await self._grpc.stop(max(0.0, deadline - asyncio.get_running_loop().time()))
         await self.repository.stop()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
@@ -187,6 +295,7 @@ class CourseZooServer:
                  f"KServe v2 inference.GRPCInferenceService, grpc.health.v1, reflection)"]
         if self.metrics_port:
             lines.append(f"metrics on http://{host}:{self.metrics_port}/metrics")
+        lines.append(self.security.describe())
         rows = [("MODEL", "VERSION", "TASK", "PROVIDER", "METRIC")]
         rows += [(m.name, m.version, m.card.task, m.provider, str(m.card.metrics.get("verdict", "")))
                  for m in sorted(self.repository.models(), key=lambda m: (m.name, int_or_str(m.version)))]
@@ -195,6 +304,17 @@ class CourseZooServer:
         if len(rows) == 1:
             lines.append(f"(no model loaded from {self.settings.repo})")
         return "\n".join(lines)
+
+
+def _started_executor(workers: int) -> ThreadPoolExecutor:
+    """A thread pool with all its threads running: ``ThreadPoolExecutor`` starts one per busy submit, so
+    ``workers`` tasks that wait for each other start them all."""
+    executor = ThreadPoolExecutor(workers, thread_name_prefix="coursezoo-worker")
+    everyone = threading.Barrier(workers + 1)
+    for _ in range(workers):
+        executor.submit(everyone.wait)
+    everyone.wait()
+    return executor
 
 
 def int_or_str(version: str) -> tuple[int, str]:
@@ -206,6 +326,9 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None) -> 
     """Run until ``stop`` is set or SIGTERM/SIGINT arrives, then shut down gracefully."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+    # Model runs and image decoding go to the loop's default executor; started at full size, its thread count
+    # is fixed from the first request on (no thread start-up in the first burst, and nothing that grows).
+    loop.set_default_executor(_started_executor(min(32, (os.cpu_count() or 1) + 4)))
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with CourseZooServer(settings) as server:
@@ -218,7 +341,7 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None) -> 
 def main(args: argparse.Namespace) -> int:
     try:
         asyncio.run(serve(ServerSettings.from_args(args)))
-    except OSError as e:
+    except (OSError, ConfigError) as e:
         print(f"coursezoo serve: {e}", file=sys.stderr)
         return 1
     return 0

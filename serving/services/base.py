@@ -8,10 +8,12 @@ lives only here, so the domain API and the KServe API answer the same failure wi
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NamedTuple, NoReturn, Protocol
 
 import grpc
@@ -21,6 +23,8 @@ from serving.batching import BatcherClosed, QueueFull
 from serving.metrics import Metrics
 from serving.preprocess import InputError, InputTooLarge
 from serving.repository import ModelNotFound, ModelNotReady, ModelRepository, ServedModel
+from serving.security import ModelControlOff
+from serving.services.plumbing import kind_of
 
 log = logging.getLogger("coursezoo.serve")
 
@@ -32,7 +36,12 @@ ERROR_STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (ModelNotFound, grpc.StatusCode.NOT_FOUND),
     (ModelNotReady, grpc.StatusCode.UNAVAILABLE),
     (BatcherClosed, grpc.StatusCode.UNAVAILABLE),  # the model is unloading or the server stopping
+    (ModelControlOff, grpc.StatusCode.UNIMPLEMENTED),  # "not enabled in this service", in gRPC's words
 )
+
+
+class UndecodableRequest(InputError):
+    """The request bytes are not a valid message of the RPC's type (bad wire format, non-UTF-8 string)."""
 
 
 def status_of(exc: BaseException) -> grpc.StatusCode:
@@ -91,6 +100,10 @@ async def answer(handler: Handler, rpc_name: str, method: UnaryMethod, request: 
     start = time.perf_counter()
     try:
         result = await method(handler, request)
+    except asyncio.CancelledError:  # the client cancelled or its deadline passed: counted, not logged
+        handler.metrics.observe_request(getattr(request, model_field, ""), rpc_name, time.perf_counter() - start, 0,
+                                        grpc.StatusCode.CANCELLED.name)
+        raise
     except Exception as exc:
         code = status_of(exc)
         model = "" if code is grpc.StatusCode.NOT_FOUND else getattr(request, model_field, "")
@@ -124,3 +137,88 @@ def rpc(name: str, model_field: str = "model") -> Callable[[UnaryMethod], Callab
         return handler
 
     return decorate
+
+
+class _Undecodable(NamedTuple):
+    """What the guarded deserializer returns instead of raising: gRPC would answer UNKNOWN and log a traceback."""
+
+    error: UndecodableRequest
+
+
+class RequestDecodeGuard(grpc.aio.ServerInterceptor):
+    """Answer requests that do not parse as their message type with INVALID_ARGUMENT.
+
+    grpc.aio deserializes before the handler runs and reports a parse failure as UNKNOWN with protobuf's
+    internals (and an ERROR traceback in the log per request, which a hostile client could use to flood
+    it). This wraps each method's deserializer so the failure reaches the handler as a value, and the
+    handler's wrapper turns it into a status that says what was expected.
+    """
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        deserialize, method = handler.request_deserializer, handler_call_details.method
+
+        def guarded(data: bytes) -> Any:
+            try:
+                return deserialize(data)
+            except Exception as e:  # noqa: BLE001 - any parse failure is the client's malformed message
+                reason = "a string field is not valid UTF-8" if "UTF-8" in str(e) else "its wire format is corrupt"
+                return _Undecodable(UndecodableRequest(
+                    f"the request is not a valid message for {method}: {reason}; expected the message of the "
+                    f"RPC's .proto definition, serialized by a protobuf library"))
+
+        kind = kind_of(handler)
+        guard = _guard_stream if handler.request_streaming else _guard_unary
+        return handler._replace(request_deserializer=guarded, **{kind: guard(getattr(handler, kind))})
+
+
+def _guard_unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
+    """The wrapper keeps the behavior's style: grpc.aio tells generator handlers from ``context.write`` ones."""
+    if inspect.isasyncgenfunction(behavior):
+        async def generator(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            if isinstance(request, _Undecodable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request.error))
+            async for reply in behavior(request, context):
+                yield reply
+
+        return generator
+
+    async def coroutine(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, _Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request.error))
+        return await behavior(request, context)
+
+    return coroutine
+
+
+def _guard_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
+    """A client stream's bad message ends the call with INVALID_ARGUMENT, after the replies already sent."""
+
+    async def checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        async for request in requests:
+            if isinstance(request, _Undecodable):
+                raise request.error
+            yield request
+
+    if inspect.isasyncgenfunction(behavior):
+        async def generator(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            try:
+                async for reply in behavior(checked(requests), context):
+                    yield reply
+            except UndecodableRequest as e:  # handlers that do not map errors themselves (reflection)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+        return generator
+
+    async def coroutine(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await behavior(checked(requests), context)
+        except UndecodableRequest as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+    return coroutine

@@ -64,15 +64,22 @@ class ClassifierService(Handler, classifier_pb2_grpc.ClassifierServicer):
         """Pipelined: up to ``STREAM_WINDOW`` requests are classified concurrently, answered in order.
 
         A failing request ends the stream with its status (the messages carry no error field) after
-        the answers to the requests before it.
+        the answers to the requests before it; so does a message that cannot be read (it fails in order,
+        as a stand-in for its answer). A client that half-closes gets every answer, then OK.
         """
-        window: asyncio.Queue[asyncio.Task[Answer] | None] = asyncio.Queue(STREAM_WINDOW)
+        window: asyncio.Queue[asyncio.Future[Answer] | None] = asyncio.Queue(STREAM_WINDOW)
 
         async def read() -> None:
-            async for request in requests:
-                task = asyncio.ensure_future(answer(self, "StreamClassifyDigits", type(self)._classify_digits, request))
-                await window.put(task)
-            await window.put(None)
+            try:
+                async for request in requests:
+                    await window.put(asyncio.ensure_future(
+                        answer(self, "StreamClassifyDigits", type(self)._classify_digits, request)))
+            except Exception as exc:  # noqa: BLE001 - e.g. an undecodable message: reported in its place
+                failed: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+                failed.set_exception(exc)
+                await window.put(failed)
+            else:
+                await window.put(None)
 
         reader = asyncio.create_task(read())
         try:

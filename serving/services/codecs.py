@@ -8,6 +8,7 @@ raw buffers become zero-copy ``np.frombuffer`` views. Replies always use ``raw_o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -17,6 +18,8 @@ from serving.preprocess import InputError
 
 #: KServe v2 datatype -> little-endian numpy dtype and the ``InferTensorContents`` field that carries it.
 DTYPES = {name: np.dtype(numpy_name).newbyteorder("<") for name, numpy_name in DATATYPES.items()}
+#: More axes than any course model has; numpy itself stops at 64, with an error that is no client's business.
+MAX_DIMS = 8
 CONTENTS_FIELD = {"FP32": "fp32_contents", "FP64": "fp64_contents", "INT64": "int64_contents",
                   "INT32": "int_contents", "UINT8": "uint_contents"}
 DATATYPE_OF = {np.dtype(numpy_name): name for name, numpy_name in DATATYPES.items()}
@@ -40,7 +43,9 @@ def decode_inputs(tensors: Sequence, raw: Sequence[bytes]) -> dict[str, np.ndarr
         shape = tuple(tensor.shape)
         if any(d < 0 for d in shape):
             raise InputError(f"input {tensor.name!r} has shape {list(shape)}: dimensions must be >= 0")
-        count = int(np.prod(shape, dtype=np.int64))
+        if len(shape) > MAX_DIMS:
+            raise InputError(f"input {tensor.name!r} has {len(shape)} dimensions: at most {MAX_DIMS} are accepted")
+        count = math.prod(shape)  # Python ints: a product of huge dimensions must not wrap around to a small one
         if raw:
             if len(raw[i]) != count * dtype.itemsize:
                 raise InputError(f"input {tensor.name!r}: raw buffer of {len(raw[i])} bytes, expected "
@@ -56,7 +61,7 @@ def decode_inputs(tensors: Sequence, raw: Sequence[bytes]) -> dict[str, np.ndarr
             except OverflowError as e:
                 raise InputError(f"input {tensor.name!r}: a value does not fit {tensor.datatype}: {e}") from e
         if tensor.name in arrays:
-            raise InputError(f"input {tensor.name!r} is given twice")
+            raise InputError(f"input {tensor.name!r} is given twice: expected each input once")
         arrays[tensor.name] = array.reshape(shape)
     return arrays
 

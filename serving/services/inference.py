@@ -13,6 +13,7 @@ from serving.metrics import Metrics
 from serving.protos import inference_pb2 as pb
 from serving.protos import inference_pb2_grpc
 from serving.repository import ModelNotFound, ModelNotReady, ModelRepository
+from serving.security import ModelControlOff
 from serving.services.base import Answer, Handler, Settings, rpc
 from serving.services.codecs import decode_inputs, encode_output, select_outputs
 from serving.services.health import HealthService
@@ -29,12 +30,17 @@ def _server_version() -> str:
 
 
 class InferenceService(Handler, inference_pb2_grpc.GRPCInferenceServiceServicer):
-    """KServe v2 handlers; repository changes are pushed to the health service as they happen."""
+    """KServe v2 handlers; repository changes are pushed to the health service as they happen.
+
+    ``model_control=False`` refuses RepositoryModelLoad/Unload (see ``serving.security``); the index
+    stays readable.
+    """
 
     def __init__(self, repository: ModelRepository, metrics: Metrics, settings: Settings,
-                 health: HealthService) -> None:
+                 health: HealthService, *, model_control: bool = True) -> None:
         super().__init__(repository, metrics, settings)
         self.health = health
+        self.model_control = model_control
         self.metadata = pb.ServerMetadataResponse(name="coursezoo", version=_server_version(), extensions=EXTENSIONS)
 
     @rpc("ServerLive")
@@ -95,6 +101,7 @@ class InferenceService(Handler, inference_pb2_grpc.GRPCInferenceServiceServicer)
 
     @rpc("RepositoryModelLoad", model_field="model_name")
     async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest) -> Answer:
+        self._check_model_control()
         try:
             await self.repository.load(request.model_name)
         finally:
@@ -103,8 +110,14 @@ class InferenceService(Handler, inference_pb2_grpc.GRPCInferenceServiceServicer)
 
     @rpc("RepositoryModelUnload", model_field="model_name")
     async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest) -> Answer:
+        self._check_model_control()
         try:
             await self.repository.unload(request.model_name)
         finally:
             await self.health.sync()
         return Answer(pb.RepositoryModelUnloadResponse(), request.model_name, 0)
+
+    def _check_model_control(self) -> None:
+        if not self.model_control:
+            raise ModelControlOff("model control is off on this server: models change only through the "
+                                  "repository (start it with --model-control on, or set a token, to allow this)")

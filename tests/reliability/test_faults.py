@@ -1,0 +1,280 @@
+"""Faults on both ends: clients that cancel, half-close or give up before the batch runs; a server that is
+stopped under load, whose model files are damaged while it serves, or that is offered broken versions.
+
+The server must stay healthy, free the work nobody waits for, and never lose a request silently: every
+call ends with an answer or a clean status. Waits are bounded polls of the server's state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import signal
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from serving.protos import classifier_pb2 as pb
+from serving.protos import classifier_pb2_grpc
+from tests.serving.test_server_lifecycle import wait_for
+
+if TYPE_CHECKING:
+    from tests.conftest import ServerProcess
+
+SLOW = "diabetes_mlp"  # its card in this module's repository says: wait 2 s to fill a batch
+SLOW_DELAY_MS = 2000
+RECORD = pb.DiabetesRecord(features=[0.1, -0.2, 0.3, -0.4, 0.5, -0.6, 0.7, -0.8])
+PIXELS = pb.Image(pixels=bytes(range(256)) * 3 + bytes(16))
+
+
+@pytest.fixture(scope="module")
+def repo(scratch_repo: Path) -> Path:
+    """The scratch repository with a long batching delay for SLOW, set the supported way: its card's hints."""
+    for card_path in (scratch_repo / SLOW).glob("*/model.json"):
+        card = json.loads(card_path.read_text())
+        card["serving"] = {"max_queue_delay_ms": SLOW_DELAY_MS}
+        card_path.write_text(json.dumps(card))
+    return scratch_repo
+
+
+@pytest.fixture(scope="module")
+def server(repo: Path, start_server: Callable[..., ServerProcess]) -> ServerProcess:
+    return start_server(repo, "--poll-interval-s", "0")
+
+
+@pytest.fixture(scope="module")
+def channel(server: ServerProcess) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(server.target) as channel:
+        yield channel
+
+
+@pytest.fixture(scope="module")
+def stub(channel: grpc.Channel) -> classifier_pb2_grpc.ClassifierStub:
+    return classifier_pb2_grpc.ClassifierStub(channel)
+
+
+def metric(server: ServerProcess, name: str, **labels: str) -> float:
+    """The value of one Prometheus sample (0 when it does not exist yet)."""
+    selector = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    pattern = re.compile(rf"^{re.escape(name)}\{{([^}}]*)\}} (\S+)$", re.MULTILINE)
+    for found, value in pattern.findall(server.metrics()):
+        if all(part in found.split(",") for part in selector.split(",") if part):
+            return float(value)
+    return 0.0
+
+
+def healthy(channel: grpc.Channel) -> bool:
+    reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+# --- client faults -----------------------------------------------------------------------------------------------
+
+def test_deadlines_shorter_than_the_queue_delay_cost_no_model_time(server: ServerProcess, channel: grpc.Channel,
+                                                                   stub: classifier_pb2_grpc.ClassifierStub) -> None:
+    request = pb.ClassifyDiabetesRequest(model=SLOW, records=[RECORD])
+    stub.ClassifyDiabetes(request, timeout=30)  # the model's metrics series exist from here on
+    ran = metric(server, "coursezoo_batch_size_sum", model=SLOW)
+    futures = [stub.ClassifyDiabetes.future(request, timeout=0.2) for _ in range(40)]
+    assert {f.exception().code() for f in futures} == {grpc.StatusCode.DEADLINE_EXCEEDED}  # type: ignore[union-attr]
+    wait_for(lambda: metric(server, "coursezoo_request_failures_total", model=SLOW, code="CANCELLED") >= 40,
+             "the server to count the 40 cancelled calls")
+    assert stub.ClassifyDiabetes(request, timeout=30).predictions  # later requests are served
+    assert metric(server, "coursezoo_batch_size_sum", model=SLOW) == ran + 1  # the 40 never ran
+    assert metric(server, "coursezoo_queue_depth", model=SLOW) == 0
+    assert healthy(channel)
+
+
+def test_cancelled_unary_calls_are_freed(server: ServerProcess, channel: grpc.Channel,
+                                         stub: classifier_pb2_grpc.ClassifierStub) -> None:
+    request = pb.ClassifyDiabetesRequest(model=SLOW, records=[RECORD] * 4)
+    before = metric(server, "coursezoo_request_failures_total", model=SLOW, code="CANCELLED")
+    futures = [stub.ClassifyDiabetes.future(request, timeout=30) for _ in range(30)]
+    stub.ListModels(pb.ListModelsRequest(), timeout=30)  # same connection, answered in order: the 30 have arrived
+    for future in futures:
+        future.cancel()
+    assert all(f.cancelled() for f in futures)
+    wait_for(lambda: metric(server, "coursezoo_request_failures_total", model=SLOW, code="CANCELLED") > before,
+             "the server to see the cancellations")
+    wait_for(lambda: metric(server, "coursezoo_queue_depth", model=SLOW) == 0, "the queue to empty")
+    assert stub.ClassifyDiabetes(request, timeout=30).predictions
+    assert healthy(channel)
+
+
+def digit_requests(model: str, n: int | None) -> Iterator[pb.ClassifyDigitsRequest]:
+    """``n`` requests (forever when None), each one image, numbered by ``id``."""
+    i = 0
+    while n is None or i < n:
+        yield pb.ClassifyDigitsRequest(model=model, images=[PIXELS], id=str(i))
+        i += 1
+
+
+def test_half_closed_streams_get_every_answer_in_order(stub: classifier_pb2_grpc.ClassifierStub,
+                                                       digits_name: str) -> None:
+    replies = list(stub.StreamClassifyDigits(digit_requests(digits_name, 50), timeout=60))
+    assert [r.id for r in replies] == [str(i) for i in range(50)]
+
+
+def test_cancelled_streams_are_freed(server: ServerProcess, channel: grpc.Channel,
+                                     stub: classifier_pb2_grpc.ClassifierStub, digits_name: str) -> None:
+    for _ in range(10):
+        call = stub.StreamClassifyDigits(digit_requests(digits_name, None), timeout=60)
+        assert [next(call).id for _ in range(3)] == ["0", "1", "2"]
+        call.cancel()
+        with pytest.raises(grpc.RpcError) as info:
+            list(call)
+        assert info.value.code() == grpc.StatusCode.CANCELLED
+    wait_for(lambda: metric(server, "coursezoo_queue_depth", model=digits_name) == 0, "the queue to empty")
+    assert len(list(stub.StreamClassifyDigits(digit_requests(digits_name, 5), timeout=60))) == 5
+    assert healthy(channel)
+
+
+# --- a model's files damaged while it serves; broken new versions -------------------------------------------------
+
+def newest(repo: Path, name: str) -> Path:
+    return max((repo / name).iterdir(), key=lambda p: int(p.name))
+
+
+def index(target: str) -> dict[tuple[str, str], dict]:
+    rows = triton.InferenceServerClient(target).get_model_repository_index(as_json=True)["models"]
+    return {(row["name"], row.get("version", "")): row for row in rows}
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "remove"])
+def test_a_model_file_damaged_at_run_time_leaves_the_serving_version_working(
+        server: ServerProcess, repo: Path, stub: classifier_pb2_grpc.ClassifierStub, damage: str) -> None:
+    """The session is in memory: the damaged file is noticed at the next scan (RepositoryModelLoad here, the
+    poller in production: the same code) and refused, and the version keeps serving from memory."""
+    version = newest(repo, "names_gru")
+    onnx = version / "model.onnx"
+    original = onnx.read_bytes()
+    request = pb.ClassifySequencesRequest(model="names_gru", texts=["Nakamura"])
+    expected = stub.ClassifySequences(request, timeout=30)
+    try:
+        if damage == "corrupt":
+            onnx.write_bytes(original[: len(original) // 2] + b"garbage")
+        else:
+            onnx.unlink()
+        triton.InferenceServerClient(server.target).load_model("names_gru")
+        row = index(server.target)[("names_gru", version.name)]
+        assert row["state"] == "READY" and row["reason"], row  # serving, with the reason the new file was refused
+        assert stub.ClassifySequences(request, timeout=30) == expected
+    finally:
+        onnx.write_bytes(original)
+    triton.InferenceServerClient(server.target).load_model("names_gru")  # the repaired file loads again
+    assert stub.ClassifySequences(request, timeout=30) == expected
+
+
+def break_onnx_keep_sha(directory: Path) -> None:
+    """Not an ONNX model, with a card that vouches for it: loading must fail in ONNX Runtime, not at the hash."""
+    (directory / "model.onnx").write_bytes(b"\x08\x07 this is not a protobuf graph")
+    card = json.loads((directory / "model.json").read_text())
+    card["files"]["model.onnx"]["sha256"] = hashlib.sha256((directory / "model.onnx").read_bytes()).hexdigest()
+    (directory / "model.json").write_text(json.dumps(card))
+
+
+def edit_card(change: Callable[[dict], None]) -> Callable[[Path], None]:
+    def apply(directory: Path) -> None:
+        card = json.loads((directory / "model.json").read_text())
+        change(card)
+        (directory / "model.json").write_text(json.dumps(card))
+
+    return apply
+
+
+BREAKAGES: dict[str, Callable[[Path], None]] = {
+    "sha256 mismatch": edit_card(lambda c: c["files"]["model.onnx"].update(sha256="0" * 64)),
+    "not an ONNX file": break_onnx_keep_sha,
+    "card names other tensors": edit_card(lambda c: c["inputs"][0].update(name="pixels")),
+    "card is not JSON": lambda d: (d / "model.json").write_text("{ truncated"),
+    "model.onnx missing": lambda d: (d / "model.onnx").unlink(),
+    "card for another version": edit_card(lambda c: c.update(version="1")),
+}
+
+
+@pytest.mark.parametrize("breakage", BREAKAGES)
+def test_a_broken_new_version_never_replaces_a_good_one(server: ServerProcess, repo: Path, breakage: str) -> None:
+    good = newest(repo, "linear_regression")
+    broken = repo / "linear_regression" / str(int(good.name) + 1)
+    staging = repo / "linear_regression" / f".staging-{broken.name}"
+    shutil.copytree(good, staging)
+    card = json.loads((staging / "model.json").read_text())
+    card["version"] = broken.name
+    (staging / "model.json").write_text(json.dumps(card))
+    BREAKAGES[breakage](staging)
+    staging.rename(broken)
+    kserve = triton.InferenceServerClient(server.target)
+    try:
+        kserve.load_model("linear_regression")
+        assert index(server.target)[("linear_regression", broken.name)]["state"] == "UNAVAILABLE"
+        x = triton.InferInput("x", [1, 1], "FP32").set_data_from_numpy(np.ones((1, 1), np.float32))
+        result = kserve.infer("linear_regression", [x])
+        assert result.get_response().model_version == good.name
+    finally:
+        shutil.rmtree(broken)
+        kserve.load_model("linear_regression")
+
+
+# --- SIGTERM under load ----------------------------------------------------------------------------------------------
+
+def test_sigterm_under_load_answers_or_cleanly_refuses_every_call(repo: Path, digits_name: str,
+                                                                  start_server: Callable[..., ServerProcess]) -> None:
+    proc = start_server(repo, "--grace-s", "10", "--poll-interval-s", "0", env={"COURSEZOO_LOG_LEVEL": "DEBUG"})
+    assert proc.proc is not None
+    outcomes: Counter[str] = Counter()
+    started = Counter[str]()
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def worker(i: int) -> None:
+        with grpc.insecure_channel(proc.target) as channel:
+            stub = classifier_pb2_grpc.ClassifierStub(channel)
+            calls: list[Callable[[], object]] = [
+                lambda: stub.ClassifySequences(pb.ClassifySequencesRequest(model="names_gru", texts=["Rossi"] * 8),
+                                               timeout=30),
+                lambda: stub.ClassifyDiabetes(pb.ClassifyDiabetesRequest(model="diabetes_mlp", records=[RECORD]),
+                                              timeout=30),
+                lambda: list(stub.StreamClassifyDigits(digit_requests(digits_name, 4), timeout=30)),
+            ]
+            n = 0
+            while not stop.is_set():
+                with lock:
+                    started["calls"] += 1
+                try:
+                    calls[(i + n) % len(calls)]()
+                    code = grpc.StatusCode.OK
+                except grpc.RpcError as e:
+                    code = e.code()
+                with lock:
+                    outcomes[code.name] += 1
+                if code is not grpc.StatusCode.OK:
+                    return  # refused: the server is going away
+                n += 1
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(64)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: outcomes["OK"] >= 64, "the load to run")
+    assert proc.stop(signal.SIGTERM) == 0
+    stop.set()
+    for t in threads:
+        t.join(60)
+    print(f"SIGTERM under load: {dict(outcomes)} of {started['calls']} calls")
+    assert not any(t.is_alive() for t in threads)
+    assert sum(outcomes.values()) == started["calls"]  # every call ended
+    # The drain answers calls that arrive during shutdown with UNAVAILABLE; CANCELLED stays a clean outcome (a
+    # call reaching gRPC in the instant the port closes, before any handler saw it).
+    assert set(outcomes) <= {"OK", "UNAVAILABLE", "CANCELLED"}, outcomes
+    assert "coursezoo stopped" in proc.output
+    # No handler was cancelled (grpc.aio logs each at DEBUG): no work that had started was thrown away.
+    assert "RPC cancelled for servicer method" not in proc.output
