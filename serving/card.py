@@ -139,6 +139,15 @@ class ModelCard:
         return path
 
 
+def preference(card: ModelCard) -> tuple[float, str]:
+    """Sort key for choosing a task's default model: the most accurate card first, ties by name.
+
+    The server (an empty ``model`` in a request) and the batch CLI (no ``--model``) both choose by it.
+    """
+    accuracy = card.metrics.get("accuracy")
+    return (-float(accuracy) if isinstance(accuracy, int | float) else float("inf"), card.name)
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

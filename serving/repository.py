@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from serving.batching import BatcherClosed, BatchObserver, DynamicBatcher
-from serving.card import CARD_FILE, ONNX_FILE, CardError, ModelCard
+from serving.card import CARD_FILE, ONNX_FILE, CardError, ModelCard, preference
 from serving.runtime import OnnxModel, ProviderError
 
 log = logging.getLogger("coursezoo.repository")
@@ -246,10 +246,10 @@ class ModelRepository:
             with contextlib.suppress(ModelNotReady, ModelNotFound):
                 served = self.get(name)
                 if served.card.task == task:
-                    candidates.append((-float(served.card.metrics.get("accuracy", float("-inf"))), name))
+                    candidates.append(served.card)
         if not candidates:
             raise ModelNotFound(f"no ready {task} model in {self.root}")
-        return min(candidates)[1]
+        return min(candidates, key=preference).name
 
     # --- scanning and loading ---------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from serving.batch.engines import EngineError
 from serving.batch.types import KINDS
-from serving.card import CARD_FILE, CardError, ModelCard
+from serving.card import CARD_FILE, CardError, ModelCard, preference
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def find_model(repo: Path, spec: str | None, kind: str | None) -> list[tuple[Mod
     models = [v for v in (_versions(repo / name) for name in _names(repo)) if v and v[0][0].task == kind]
     if not models:
         raise EngineError(f"no {kind} model in {repo}")
-    return min(models, key=lambda versions: (-_accuracy(versions[0][0]), versions[0][0].name))
+    return min(models, key=lambda versions: preference(versions[0][0]))
 
 
 def _versions(folder: Path) -> list[tuple[ModelCard, Path]]:
@@ -59,8 +59,3 @@ def _versions(folder: Path) -> list[tuple[ModelCard, Path]]:
 
 def _names(repo: Path) -> list[str]:
     return sorted(p.name for p in repo.iterdir() if p.is_dir())
-
-
-def _accuracy(card: ModelCard) -> float:
-    value = card.metrics.get("accuracy")
-    return float(value) if isinstance(value, int | float) else float("-inf")
