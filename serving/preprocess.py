@@ -216,7 +216,7 @@ def _decode_gray(data: bytes) -> np.ndarray:
         # Pillow's own words ("KeyError: 'MPO'", "Truncated File Read") mean nothing to a client; the log keeps them.
         log.debug("image decoder failed", extra={"image": what, "error": f"{type(e).__name__}: {e}"})
         raise InputError(f"cannot decode the image ({what}): its data is truncated or damaged; "
-                         f"expected a complete {_FORMATS_TEXT}") from e
+                         f"expected the complete bytes of {_FORMATS_TEXT}") from e
 
 
 def _check_pixels(img: Image.Image) -> None:
