@@ -8,6 +8,7 @@ copy of a finished ``<out>``), skipping the ids already there.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -115,30 +116,37 @@ class ResultWriter:
 
     def write(self, rows: Sequence[dict[str, Any]]) -> None:
         """Append a batch of rows and flush them to the OS, so a crash after this call keeps them."""
-        if self._csv:
-            self._csv.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
-        else:
-            self._file.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        self._file.flush()
+        try:
+            if self._csv:
+                self._csv.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
+            else:
+                self._file.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+            self._file.flush()
+        except OSError as e:  # a full disk, a quota: the rows flushed before stay, resumable
+            raise OutputError(f"cannot write results to {self.partial}: {e.strerror or e}") from e
         self._written += len(rows)
 
     def commit(self) -> None:
         """Make the results durable and visible under ``<out>`` in one atomic step."""
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self.partial, self.out)
-        dir_fd = os.open(self.out.parent, os.O_RDONLY)
         try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.replace(self.partial, self.out)
+            dir_fd = os.open(self.out.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as e:
+            raise OutputError(f"cannot finish {self.out}: {e.strerror or e}") from e
 
     def close(self) -> None:
         """Stop without committing: the partial file keeps what was written, for ``--resume``; a partial file
         with no rows at all is removed, so a run that failed at once does not block the next one."""
         if not self._file.closed:
-            self._file.close()
+            with contextlib.suppress(OSError):  # rows a full disk refused were never counted as written
+                self._file.close()
             if not self.rows:
                 self.partial.unlink(missing_ok=True)
 
