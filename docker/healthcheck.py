@@ -2,7 +2,8 @@
 
 Docker's ``HEALTHCHECK`` and the compose ``healthcheck`` run ``python /app/docker/healthcheck.py``. It
 reads the same environment as ``coursezoo serve`` (``COURSEZOO_HOST``, ``COURSEZOO_PORT``,
-``COURSEZOO_TLS_CERT``), so a port or TLS change in the compose file needs no second edit. It needs only
+``COURSEZOO_TLS_CERT``, ``COURSEZOO_AUTH_TOKEN[_FILE]``), so a port, TLS or token change in the compose
+file needs no second edit. It needs only
 grpcio and grpcio-health-checking, not the ``serving`` package, so a server bug that breaks imports
 shows up as an unhealthy container rather than as a broken probe.
 
@@ -34,29 +35,45 @@ def default_target(env: Mapping[str, str] = os.environ) -> str:
     return f"{host}:{env.get('COURSEZOO_PORT', '50051')}"
 
 
+def _read(path: str | None) -> bytes | None:
+    if not path:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def channel(target: str, env: Mapping[str, str] = os.environ) -> grpc.Channel:
     """An insecure channel, or TLS when the server runs with ``--tls-cert`` (trusting that certificate).
 
     ``COURSEZOO_HEALTHCHECK_CA`` overrides the trusted CA (a server certificate signed by a CA), and
     ``COURSEZOO_HEALTHCHECK_TLS_NAME`` the name checked against the certificate, since the probe dials
-    loopback while the certificate names the service.
+    loopback while the certificate names the service. With ``--tls-client-ca`` (mutual TLS) the probe
+    presents ``COURSEZOO_HEALTHCHECK_CLIENT_CERT`` / ``COURSEZOO_HEALTHCHECK_CLIENT_KEY``.
     """
     cert = env.get("COURSEZOO_TLS_CERT")
     if not cert:
         return grpc.insecure_channel(target)
-    with open(env.get("COURSEZOO_HEALTHCHECK_CA") or cert, "rb") as f:
-        credentials = grpc.ssl_channel_credentials(root_certificates=f.read())
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=_read(env.get("COURSEZOO_HEALTHCHECK_CA") or cert),
+        private_key=_read(env.get("COURSEZOO_HEALTHCHECK_CLIENT_KEY")),
+        certificate_chain=_read(env.get("COURSEZOO_HEALTHCHECK_CLIENT_CERT")))
     options = []
     if env.get("COURSEZOO_HEALTHCHECK_TLS_NAME"):
         options.append(("grpc.ssl_target_name_override", env["COURSEZOO_HEALTHCHECK_TLS_NAME"]))
     return grpc.secure_channel(target, credentials, options=options)
 
 
+def token_metadata(env: Mapping[str, str] = os.environ) -> list[tuple[str, str]]:
+    """The server's own bearer token (``COURSEZOO_AUTH_TOKEN`` or ``_FILE``), for ``--auth-health``."""
+    token = env.get("COURSEZOO_AUTH_TOKEN") or (_read(env.get("COURSEZOO_AUTH_TOKEN_FILE")) or b"").decode().strip()
+    return [("authorization", f"Bearer {token}")] if token else []
+
+
 def check(target: str, service: str = "", timeout: float = 3.0) -> str:
     """The status name the server reports for ``service`` (SERVING, NOT_SERVING, ...)."""
     with channel(target) as ch:
         response = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service),
-                                                        timeout=timeout)
+                                                        timeout=timeout, metadata=token_metadata())
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
 

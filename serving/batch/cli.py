@@ -3,6 +3,7 @@
     coursezoo batch scans/ --recursive --out digits.csv          # every image under scans/
     coursezoo batch patients.csv --top-k 2                       # diabetes records (+ label column)
     coursezoo batch names.txt --server localhost:50051 --resume  # through a running server
+    coursezoo batch scans/ -r --engine ray --ray-address auto    # as a Ray Data pipeline on a cluster
 
 Every input becomes one row of the results file, in a stable order; inputs that cannot be classified
 become rows with their reason, and the run goes on.
@@ -17,6 +18,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
@@ -28,6 +30,9 @@ from serving.batch.output import FORMATS, ResultWriter, check_target, columns, m
 from serving.batch.summary import Summary
 from serving.batch.types import KINDS, BatchError, Failure, Item, Prediction
 from serving.preprocess import DEFAULT_MAX_IMAGE_PIXELS
+
+if TYPE_CHECKING:  # Ray is an optional extra: imported only when --engine ray runs
+    from serving.batch.engines.ray import RayEngine
 
 #: kinds whose inputs are both plain text lines (names or hello words), which content cannot tell apart
 TEXT_KINDS = {"names", "hello"}
@@ -79,6 +84,18 @@ def get_args_parser() -> argparse.ArgumentParser:
                        "else one per physical core)")
     local.add_argument("--max-image-pixels", type=_positive, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
                        help="larger images (width * height) are refused, as the server does (default: %(default)s)")
+    local.add_argument("--engine", choices=("local", "ray"), default="local",
+                       help="run the model in this process, or as a Ray Data pipeline (pip install "
+                       "'coursezoo[ray]') (default: local)")
+
+    distributed = p.add_argument_group("--engine ray")
+    distributed.add_argument("--ray-address", metavar="ADDRESS",
+                             help="'auto' (the cluster this machine belongs to) or ray://HOST:10001; default: "
+                             "start a Ray instance on this machine")
+    distributed.add_argument("--num-gpus-per-worker", type=float, default=0.0, metavar="G",
+                             help="GPUs per model actor; > 0 runs ONNX Runtime with CUDA (default: 0, CPU)")
+    distributed.add_argument("--concurrency", type=_positive, default=1, metavar="N",
+                             help="model actors, one CPU each (default: 1)")
 
     remote = p.add_argument_group("--server")
     remote.add_argument("--in-flight", type=_positive, default=4, metavar="N",
@@ -110,9 +127,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     writer: ResultWriter | None = None
-    engine: Engine | None = None
+    engine: Engine | RayEngine | None = None
     workers: pipeline.Workers | None = None
     try:
+        if args.engine == "ray" and args.server:
+            raise BatchError("--engine ray runs the models of --repo; it does not combine with --server")
         check_inputs(args.inputs)
         fmt = args.format or ("jsonl" if args.out and args.out.suffix in (".jsonl", ".json") else "csv")
         args.out = args.out or Path(f"results.{fmt}")
@@ -122,7 +141,7 @@ def main(args: argparse.Namespace) -> int:
         kind = args.kind or _inferred_or_none(args)
         if kind is None and not args.model:
             infer_kind(args.inputs, args.recursive, _own_files(args))  # raises, saying why the kind is ambiguous
-        if args.workers and kind in ("digits", None):
+        if args.workers and kind in ("digits", None) and args.engine == "local":  # Ray decodes in its own tasks
             workers = pipeline.Workers(args.workers)  # their start-up overlaps the model's loading
         engine = _open_engine(args, kind)
         cols = columns(args.top_k, with_label=engine.kind == "diabetes")
@@ -150,7 +169,7 @@ def _kept(writer: ResultWriter | None) -> str:
     return f"\ncoursezoo batch: {writer.rows} results are kept in {writer.partial}; run again with --resume to finish"
 
 
-def _open_engine(args: argparse.Namespace, kind: str | None) -> Engine:
+def _open_engine(args: argparse.Namespace, kind: str | None) -> Engine | RayEngine:
     """The engine for ``--kind``, else for ``--model`` (its task is the kind), else for the inferred kind.
 
     A named model whose task contradicts what the inputs clearly are (a diabetes model for a list of
@@ -164,7 +183,13 @@ def _open_engine(args: argparse.Namespace, kind: str | None) -> Engine:
     return engine
 
 
-def _engine(args: argparse.Namespace, kind: str | None) -> Engine:
+def _engine(args: argparse.Namespace, kind: str | None) -> Engine | RayEngine:
+    if args.engine == "ray":
+        from serving.batch.engines.ray import RayEngine
+
+        return RayEngine.open(args.repo, args.model, kind, address=args.ray_address,
+                              num_gpus=args.num_gpus_per_worker, concurrency=args.concurrency, device=args.device,
+                              top_k=args.top_k, max_image_pixels=args.max_image_pixels, threads=args.threads or None)
     if args.server:
         from serving.batch.engines.remote import RemoteEngine
 
@@ -196,8 +221,8 @@ def _own_files(args: argparse.Namespace) -> set[str]:
     return {os.path.abspath(args.out), os.path.abspath(partial_path(args.out))}
 
 
-def _classify(args: argparse.Namespace, engine: Engine, workers: pipeline.Workers | None, writer: ResultWriter,
-              summary: Summary, cols: list[str]) -> None:
+def _classify(args: argparse.Namespace, engine: Engine | RayEngine, workers: pipeline.Workers | None,
+              writer: ResultWriter, summary: Summary, cols: list[str]) -> None:
     bar = tqdm(unit="item", dynamic_ncols=True, disable=not sys.stderr.isatty())
     if not bar.disable:  # the total is counted on the side, so the first results are not held back for it
         threading.Thread(target=_count_total, args=(bar, _todo(args, engine.kind, writer)), daemon=True).start()
@@ -209,8 +234,11 @@ def _classify(args: argparse.Namespace, engine: Engine, workers: pipeline.Worker
         bar.update(len(pairs))
 
     with bar:
-        pipeline.run(_todo(args, engine.kind, writer), engine, batch_size=args.batch_size, workers=workers,
-                     on_batch=on_batch)
+        if args.engine == "ray":
+            engine.run(_todo(args, engine.kind, writer), batch_size=args.batch_size, on_batch=on_batch)
+        else:
+            pipeline.run(_todo(args, engine.kind, writer), engine, batch_size=args.batch_size, workers=workers,
+                         on_batch=on_batch)
     summary.finish()
     writer.commit()
 

@@ -50,7 +50,7 @@ def mount(service: dict[str, Any], target: str) -> dict[str, Any]:
 
 
 def test_compose_files_pass_compose_validation(variant: str) -> None:
-    for profiles in [(), ("train",), ("batch",), ("monitoring",), ("*",)]:
+    for profiles in [(), ("train",), ("batch",), ("monitoring",), ("lb",), ("*",)]:
         result = compose(variant, "config", "--quiet", profiles=profiles)
         assert result.returncode == 0, f"{VARIANTS[variant]} with profiles {profiles}: {result.stderr}"
 
@@ -76,6 +76,7 @@ def test_profiles_select_the_optional_services(variant: str) -> None:
     assert services("train") == {"server", "trainer"}
     assert services("batch") == {"server", "batch"}
     assert services("monitoring") == {"server", "prometheus"}
+    assert services("lb") == {"server", "lb"}
 
 
 def test_server(model: dict[str, Any]) -> None:
@@ -195,6 +196,25 @@ def test_prometheus_scrapes_every_server_replica(model: dict[str, Any]) -> None:
     (sd,) = job["dns_sd_configs"]
     assert sd["names"] == ["server"] and sd["type"] == "A" and sd["port"] == METRICS_PORT
     assert job.get("metrics_path", "/metrics") == "/metrics"
+
+
+def test_load_balancer_spreads_calls_over_every_server_replica(model: dict[str, Any]) -> None:
+    """nginx, pinned, with the repository's config, resolving `server` through Docker's DNS (every replica).
+
+    tests/scale/test_load_balancer.py runs that config with real servers behind it."""
+    lb = model["services"]["lb"]
+    assert lb["profiles"] == ["lb"]
+    assert re.fullmatch(r"nginx:\d+\.\d+\.\d+(-alpine)?", lb["image"]), "pin nginx by version"
+    config_mount = mount(lb, "/etc/nginx/nginx.conf")
+    assert config_mount["read_only"] is True
+    assert config_mount["source"] == str(REPO_ROOT / "deploy" / "lb" / "nginx.conf")
+    assert [p["target"] for p in lb["ports"]] == [GRPC_PORT]
+    assert lb["depends_on"]["server"]["condition"] == "service_healthy"
+    config = (REPO_ROOT / "deploy" / "lb" / "nginx.conf").read_text()
+    assert re.search(rf"^\s*server server:{GRPC_PORT} resolve\b", config, re.M), "every replica, re-resolved"
+    assert re.search(r"^\s*resolver 127\.0\.0\.11\b", config, re.M), "Docker's embedded DNS"
+    assert re.search(rf"^\s*listen {GRPC_PORT} http2;", config, re.M)
+    assert not devices(lb)
 
 
 def test_prometheus_config_passes_promtool() -> None:
