@@ -3,9 +3,9 @@
 Docker's ``HEALTHCHECK`` and the compose ``healthcheck`` run ``python /app/docker/healthcheck.py``. It
 reads the same environment as ``coursezoo serve`` (``COURSEZOO_HOST``, ``COURSEZOO_PORT``,
 ``COURSEZOO_TLS_CERT``, ``COURSEZOO_AUTH_TOKEN[_FILE]``), so a port, TLS or token change in the compose
-file needs no second edit. It needs only
-grpcio and grpcio-health-checking, not the ``serving`` package, so a server bug that breaks imports
-shows up as an unhealthy container rather than as a broken probe.
+file needs no second edit. It needs only grpcio and grpcio-health-checking, not the ``serving``
+package, so a server bug that breaks imports shows up as an unhealthy container rather than as a
+broken probe.
 
 The server reports "" (the whole server) as SERVING once at least one model is ready, and each model
 name as SERVING while a version of it is ready: ``--service mnist_cnn`` checks one model.
