@@ -1,0 +1,1 @@
+"""``coursezoo bench``: the benchmark harness (see ``bench/harness.py`` and docs/performance.md)."""

@@ -1,0 +1,92 @@
+"""The inputs every benchmark path is fed: real held-out data, read with gzip + numpy only.
+
+Every path (in-process baselines, the server, the batch CLI, the Triton peer) measures the same images,
+records and names, so their rows are comparable. This module imports neither torch nor the training
+package: the load-generator processes import it too and must start fast.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import os
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def mirror() -> Path:
+    """The read-only data mirror: ``$COURSEZOO_DATA_MIRROR``, else ``../shared/data`` beside the repo."""
+    env = os.environ.get("COURSEZOO_DATA_MIRROR")
+    return Path(env) if env else REPO_ROOT.parent / "shared" / "data"
+
+
+def _idx(path: Path) -> np.ndarray:
+    """An IDX file (gzip) -> uint8 array; the header gives the number of dimensions and their sizes."""
+    raw = gzip.decompress(path.read_bytes())
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+@cache
+def mnist_test_images() -> np.ndarray:
+    """The 10,000 MNIST test images: uint8 [N, 28, 28], white digit on black."""
+    images = mirror() / "mnist" / "t10k-images-idx3-ubyte.gz"
+    if not images.exists():
+        raise FileNotFoundError(f"no MNIST test set at {images}: set COURSEZOO_DATA_MIRROR")
+    return _idx(images)
+
+
+def digit_tensors(n: int, mean: float, std: float) -> np.ndarray:
+    """``n`` test images as float32 [n, 1, 28, 28], normalized as training does (cycling past 10,000)."""
+    images = mnist_test_images()
+    x = images[np.arange(n) % len(images)].astype(np.float32)[:, np.newaxis]
+    x /= np.float32(255)
+    x -= np.float32(mean)
+    x /= np.float32(std)
+    return x
+
+
+def pixels(n: int) -> np.ndarray:
+    """``n`` test images as uint8 [n, 28, 28] (cycling), for raw-pixel requests and PNG encoding."""
+    images = mnist_test_images()
+    return images[np.arange(n) % len(images)]
+
+
+def _png(image: np.ndarray) -> bytes:
+    """One 28x28 uint8 image as a PNG file's bytes, as a client would upload it."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def pngs(n: int) -> list[bytes]:
+    """``n`` test images encoded as PNG (cycling through the test set)."""
+    return [_png(img) for img in pixels(n)]
+
+
+@cache
+def diabetes_records() -> np.ndarray:
+    """The course's Pima rows (8 scaled features each) as float32 [N, 8]; the label column is dropped."""
+    with gzip.open(mirror() / "diabetes" / "diabetes.csv.gz", "rt", newline="") as f:
+        rows = [r[:8] for r in csv.reader(f) if r]
+    return np.asarray(rows, dtype=np.float32)
+
+
+@cache
+def names() -> list[str]:
+    """The held-out surnames of the names data set, in file order."""
+    with gzip.open(mirror() / "names" / "names_test.csv.gz", "rt", newline="") as f:
+        return [r[0] for r in csv.reader(f) if r]
+
+
+def cycle(items: list, n: int) -> list:
+    """The first ``n`` items of ``items`` repeated as often as needed."""
+    return [items[i % len(items)] for i in range(n)]

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Run `coursezoo bench` on a machine with an NVIDIA GPU whose python3 (3.12, with torch and the nvidia
+# CUDA/cuDNN wheels) has only the CPU build of onnxruntime and no package index to install from.
+#
+#   bash bench/gpu.sh pack          # here, where PyPI is reachable: writes .ortgpu/ (onnxruntime-gpu in
+#                                   # parts, by ../shared/tools/ort-gpu-parts.sh) and .bench-wheels/ (the
+#                                   # serving dependencies as cp312 wheels, pinned as in pyproject.toml)
+#   bash bench/gpu.sh run [ARGS]    # on the GPU host, in the repository root: unpacks onnxruntime-gpu to
+#                                   # /tmp/ortgpu and the wheels to /tmp/benchdeps (once), then runs
+#                                   # `coursezoo bench --device cuda ARGS` (JSON to $OUT/gpu.json when $OUT is set)
+#
+# Transfers: the .ortgpu parts are ~45 MB each; bring them over a few at a time into /tmp/parts (or
+# .ortgpu/) and `run` finds them. onnxruntime.preload_dlls() (called by serving/runtime.py and by the
+# in-process CUDA baselines) loads cuBLAS/cuDNN from the host's nvidia wheels. The Triton peer needs its
+# own 3.12 venv (bench/peer-venv.sh) and is skipped with a note where that is missing.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+PY=${PYTHON:-python3}
+
+pack() {
+    bash "$root/../shared/tools/ort-gpu-parts.sh"
+    grep -qx '/.bench-wheels/' .git/info/exclude 2>/dev/null || echo '/.bench-wheels/' >> .git/info/exclude
+    rm -rf .bench-wheels
+    # the serving dependencies and the load client, minus what the GPU host already has (numpy, onnxruntime)
+    mapfile -t pins < <(python3 - <<'PY'
+import tomllib
+p = tomllib.load(open("pyproject.toml", "rb"))["project"]
+deps = [d for d in p["dependencies"] if not d.startswith(("numpy", "onnxruntime"))]
+deps += [d for d in p["optional-dependencies"]["test"] if d.startswith("tritonclient")]
+print("\n".join(deps))
+PY
+)
+    "$root/.venv/bin/python" -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        --platform manylinux1_x86_64 -d .bench-wheels "${pins[@]}"
+    rm -f .bench-wheels/numpy-*.whl
+    du -sh .ortgpu .bench-wheels
+}
+
+run() {
+    if ! PYTHONPATH=/tmp/ortgpu "$PY" -c "import onnxruntime as o, sys; \
+            sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" 2>/dev/null; then
+        [ -x .ortgpu/unpack.sh ] || { echo "gpu.sh: no onnxruntime-gpu at /tmp/ortgpu and no .ortgpu/ (run 'pack')"; exit 1; }
+        bash .ortgpu/unpack.sh
+    fi
+    if ! PYTHONPATH=/tmp/benchdeps "$PY" -c "import grpc, grpc_tools, grpc_health, grpc_reflection, PIL, tqdm, \
+            prometheus_client, tritonclient.grpc" 2>/dev/null; then
+        [ -d .bench-wheels ] || { echo "gpu.sh: serving dependencies missing and no .bench-wheels/ (run 'pack')"; exit 1; }
+        "$PY" -m pip install -q --no-index --no-deps --target /tmp/benchdeps .bench-wheels/*.whl
+    fi
+    export PYTHONPATH="/tmp/ortgpu:/tmp/benchdeps:$root${PYTHONPATH:+:$PYTHONPATH}"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+    "$PY" -c "import onnxruntime as o; o.preload_dlls(); print('onnxruntime', o.__version__, o.get_available_providers())"
+    local json=()
+    [ -n "${OUT:-}" ] && json=(--json "$OUT/gpu.json")
+    exec "$PY" -m coursezoo bench --device cuda "${json[@]}" "$@"
+}
+
+case "${1:-}" in
+    pack) pack ;;
+    run) shift; run "$@" ;;
+    *) sed -n '2,17p' "$0"; exit 2 ;;
+esac

@@ -1,0 +1,312 @@
+"""``coursezoo bench``: every inference path measured side by side, in one run, on this machine.
+
+    coursezoo bench --quick                      # about a minute or two on 2 cores; what CI runs
+    coursezoo bench                              # the full run (20,000 PNGs, concurrency 1..64, the Triton peer)
+    coursezoo bench --cases server oip --models mnist_resnet --json /tmp/r.json
+
+Groups, in the order they run: ``inprocess`` (PyTorch eager, TorchScript, ONNX Runtime), ``server``
+(the domain API and raw ModelInfer over loopback), ``batching-off`` (the same server restarted with
+``--max-batch-size 1``), ``oip`` (ModelInfer from the real tritonclient at rising concurrency),
+``batch-cli`` (``coursezoo batch`` on a folder of PNGs), ``peer`` (Triton via PyTriton under the same
+load client). Everything compared is measured in the same run; each ratio is printed with its parts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import batch_cli, exports, inprocess, machine, report, server_load, triton_peer
+from bench.exports import Export
+from bench.processes import Server, load
+from bench.report import Ratio, Target
+from bench.stats import Result
+
+log = logging.getLogger("coursezoo.bench")
+
+CASES = ("inprocess", "server", "batching-off", "oip", "batch-cli", "peer")
+QUICK_CASES = ("inprocess", "server", "batching-off", "oip", "batch-cli")  # the peer is optional in --quick
+DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How long and how wide each group measures; --quick trades precision for a run that fits CI."""
+
+    inproc_seconds: float
+    inproc_warmup: int
+    inproc_min_calls: int
+    load_seconds: float
+    load_warmup: float
+    oip_concurrency: tuple[int, ...]
+    batch_images: int
+
+    @property
+    def timing(self) -> dict[str, float]:
+        return {"seconds": self.load_seconds, "warmup": self.load_warmup}
+
+
+QUICK = Plan(inproc_seconds=0.4, inproc_warmup=1, inproc_min_calls=2, load_seconds=1.0, load_warmup=0.3,
+             oip_concurrency=(1, 16, 64), batch_images=2_000)
+FULL = Plan(inproc_seconds=2.0, inproc_warmup=3, inproc_min_calls=5, load_seconds=5.0, load_warmup=1.0,
+            oip_concurrency=(1, 2, 4, 8, 16, 32, 64), batch_images=20_000)
+OIP_CLIENTS = ("tritonclient-grpc", "tritonclient-aio")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Measure every inference path side by side, in one run, on this "
+                                            "machine; print a table and write JSON (see docs/performance.md).")
+    p.add_argument("--quick", action="store_true", help="short timings, fewer models and images (CI smoke run)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="cuda adds ORT CUDA rows and runs the servers on the GPU; auto (default) = cuda when usable")
+    p.add_argument("--models", nargs="+", metavar="NAME",
+                   help=f"models to measure (default: {' '.join(exports.QUICK_MODELS)} with --quick, else "
+                        f"{' '.join(exports.FULL_MODELS)}); the server cases use {exports.SERVER_DIGITS} when it is "
+                        "among them, else the first digits model")
+    p.add_argument("--cases", nargs="+", choices=CASES, metavar="CASE",
+                   help=f"groups to run, from {', '.join(CASES)} (default: all; --quick leaves out the peer)")
+    p.add_argument("--repo", type=Path, default=Path("exported"),
+                   help="model repository with the exports (default: exported)")
+    p.add_argument("--json", type=Path, default=DEFAULT_JSON,
+                   help="results file, with a Markdown copy beside it (default: bench/results/latest.json)")
+    return p
+
+
+class Run:
+    """One benchmark run: collects rows, notes and errors while the groups execute."""
+
+    def __init__(self, args: argparse.Namespace, plan: Plan, selected: list[Export], cuda: bool) -> None:
+        self.args, self.plan, self.cuda = args, plan, cuda
+        self.by_task = {task: e for task in exports.TASKS if (e := exports.first_of(selected, task))}
+        self.selected = selected
+        self.server_models = list(self.by_task.values())
+        self.results: list[Result] = []
+        self.notes: list[str] = []
+        self.errors: list[str] = []
+        self.server_settings: dict[str, Any] = {}
+        self.groups: list[dict[str, Any]] = []
+
+    def group(self, name: str, fn: Callable[[], None]) -> None:
+        """Run one group; a failure is recorded and the remaining groups still run.
+
+        What else was using the machine is sampled before and after each group, so a reader can tell
+        which rows were measured on a busy machine (a shared 2-core box rarely stays quiet for a run).
+        """
+        before = machine.snapshot()
+        start = time.perf_counter()
+        print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - one broken path must not hide the others' numbers
+            self.errors.append(f"{name}: {type(e).__name__}: {e}")
+            log.debug("%s failed:\n%s", name, traceback.format_exc())
+            print(f"[bench] {name} FAILED: {e}", file=sys.stderr, flush=True)
+        seconds = time.perf_counter() - start
+        print(f"[bench] {name} took {seconds:.1f} s", file=sys.stderr, flush=True)
+        after = machine.snapshot()
+        self.groups.append({"name": name, "seconds": round(seconds, 1), "before": before, "after": after})
+        others = sorted({p for snap in (before, after) for p in snap["busy_processes"]})
+        if others:
+            self.notes.append(f"{name}: other processes busy around it: {'; '.join(others)}")
+
+    def _add_loaded(self, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            if "error" in row:
+                self.errors.append(f"{row['key']}: {row['error']}")
+            else:
+                self.results.append(Result(**row))
+
+    def server_args(self, max_batch_size: int | None = None) -> list[str]:
+        """The flags every benchmark server gets: the device, and the batching limits spelled out, so a
+        ``COURSEZOO_*`` variable in the environment cannot change them behind the report's back."""
+        s = self.server_settings
+        return ["--device", "cuda" if self.cuda else "cpu",
+                "--max-batch-size", str(max_batch_size or s["max_batch_size"]),
+                "--max-queue-delay-ms", str(s["max_queue_delay_ms"])]
+
+    # --- groups ---------------------------------------------------------------------------------------------
+
+    def inprocess(self) -> None:
+        p = self.plan
+        self.results += inprocess.run(self.selected, seconds=p.inproc_seconds, warmup=p.inproc_warmup,
+                                      min_calls=p.inproc_min_calls, cuda=self.cuda)
+        if digits := self.by_task.get("digits"):
+            self.results.append(inprocess.decode_cost(digits, seconds=p.inproc_seconds))
+
+    def server(self, cases: set[str], tmp_repo: Path) -> None:
+        """The default-settings server: domain cases, the OIP sweep and the batch CLI through it share one start."""
+        digits = self.by_task.get("digits")
+        with Server(tmp_repo, *self.server_args()) as srv:
+            if "server" in cases:
+                self._add_loaded(load(srv.target, server_load.domain_cases(self.by_task, self.plan.timing), srv.pgid))
+            if "oip" in cases and digits:
+                oip = server_load.oip_cases(digits, "coursezoo", self.plan.oip_concurrency, OIP_CLIENTS,
+                                            self.plan.timing)
+                self._add_loaded(load(srv.target, oip, srv.pgid))
+            if "batch-cli" in cases and digits:
+                self.batch_cli(digits, srv.target)
+
+    def batching_off(self, tmp_repo: Path) -> None:
+        digits = self.by_task.get("digits")
+        if not digits:
+            return
+        with Server(tmp_repo, *self.server_args(max_batch_size=1)) as srv:
+            cases = [server_load.unary(digits, self.plan.timing, off=True),
+                     *server_load.concurrent(digits, self.plan.timing, off=True)]
+            self._add_loaded(load(srv.target, cases, srv.pgid))
+
+    def batch_cli(self, digits: Export, target: str | None) -> None:
+        n = self.plan.batch_images
+        device = "cuda" if self.cuda else "cpu"
+        with batch_cli.PngFolder(n) as folder:
+            self.results.append(batch_cli.ort_decoded(digits, n, "CUDAExecutionProvider" if self.cuda
+                                                      else "CPUExecutionProvider"))
+            self.results.append(batch_cli.run_cli(digits, folder.path, n,
+                                                  ["--local", "--repo", str(self.args.repo), "--device", device],
+                                                  "--local", f"batchcli/local/{digits.name}/n{n}"))
+            if target:
+                self.results.append(batch_cli.run_cli(digits, folder.path, n, ["--server", target], "--server",
+                                                      f"batchcli/server/{digits.name}/n{n}"))
+
+    def peer(self) -> None:
+        digits = self.by_task.get("digits")
+        python, info = triton_peer.find_python()
+        if python is None or digits is None:
+            self.notes.append(info if python is None else "Triton peer skipped: no digits model selected")
+            return
+        batching = {k: self.server_settings[k] for k in ("max_batch_size", "max_queue_delay_ms")}
+        with triton_peer.TritonPeer(python, digits, device="cuda" if self.cuda else "cpu", **batching) as peer:
+            self.notes.append(f"Triton peer: {info} ({python.parent.parent.name}) on {peer.provider}; Triton's "
+                              "dynamic batcher with CourseZoo's batching limits")
+            oip = server_load.oip_cases(digits, "triton", self.plan.oip_concurrency, OIP_CLIENTS, self.plan.timing)
+            self._add_loaded(load(peer.target, oip, peer.pgid))
+
+    # --- ratios and targets -----------------------------------------------------------------------------------
+
+    def ratios(self) -> list[Ratio]:
+        out: list[Ratio] = []
+        for e in self.selected:
+            for bs in inprocess.BATCH_SIZES:
+                for path in ("ort-cuda", "ort-cuda-io-binding"):
+                    out.append(Ratio(f"{e.name} b{bs}: {path} vs ORT CPU", f"inproc/{path}/{e.name}/b{bs}",
+                                     f"inproc/ort-cpu/{e.name}/b{bs}"))
+        if digits := self.by_task.get("digits"):
+            m, ort = digits.name, "ort-cuda" if self.cuda else "ort-cpu"
+            n, c = self.plan.batch_images, server_load.CLIENTS
+            out += [
+                Ratio(f"ModelInfer raw b1024 vs in-process {ort} b1024 ({m})",
+                      f"server/modelinfer-raw/{m}/b1024/c1", f"inproc/{ort}/{m}/b1024", 0.8),
+                Ratio(f"ModelInfer raw b1024 vs in-process {ort} b1024 ({m}), CPU per item",
+                      f"server/modelinfer-raw/{m}/b1024/c1", f"inproc/{ort}/{m}/b1024", by_cpu=True),
+                Ratio(f"{c} clients tritonclient-aio: CourseZoo vs Triton peer, CPU per item",
+                      f"oip/coursezoo/tritonclient-aio/{m}/c{c}", f"oip/triton/tritonclient-aio/{m}/c{c}",
+                      by_cpu=True),
+                Ratio(f"{c} clients ClassifyDigits 1 PNG: batching on vs off",
+                      f"server/classify-png/{m}/b1/c{c}", f"server-off/classify-png/{m}/b1/c{c}"),
+                Ratio(f"{c} clients ModelInfer raw 1 image: batching on vs off",
+                      f"server/modelinfer-raw/{m}/b1/c{c}", f"server-off/modelinfer-raw/{m}/b1/c{c}"),
+                Ratio(f"{c} clients tritonclient-aio: CourseZoo vs Triton peer",
+                      f"oip/coursezoo/tritonclient-aio/{m}/c{c}", f"oip/triton/tritonclient-aio/{m}/c{c}", 2.0),
+                Ratio(f"{c} clients tritonclient-grpc: CourseZoo vs Triton peer",
+                      f"oip/coursezoo/tritonclient-grpc/{m}/c{c}", f"oip/triton/tritonclient-grpc/{m}/c{c}"),
+                Ratio(f"batch --local vs in-process ORT on decoded tensors ({n} PNGs)",
+                      f"batchcli/local/{m}/n{n}", f"batchcli/ort-decoded/{m}/n{n}", 0.7),
+                Ratio(f"batch --server vs in-process ORT on decoded tensors ({n} PNGs)",
+                      f"batchcli/server/{m}/n{n}", f"batchcli/ort-decoded/{m}/n{n}"),
+            ]
+        return out
+
+    def targets(self) -> list[Target]:
+        digits = self.by_task.get("digits")
+        if not digits:
+            return []
+        m, c = digits.name, server_load.CLIENTS
+        return [
+            Target("unary ClassifyDigits 1 PNG p50 ms", f"server/classify-png/{m}/b1/c1", "p50_ms", "<=", 1.0),
+            Target("unary ClassifyDigits 1 PNG p99 ms", f"server/classify-png/{m}/b1/c1", "p99_ms", "<=", 2.5),
+            Target("ClassifyDigits PNG batches of 256, mnist_cnn, images/s",
+                   f"server/classify-png/mnist_cnn/b{server_load.PNG_BATCH}/c{server_load.IN_FLIGHT}",
+                   "throughput", ">=", 10_000),
+            Target(f"{c} clients tritonclient-aio single image p99 ms", f"oip/coursezoo/tritonclient-aio/{m}/c{c}",
+                   "p99_ms", "<=", 50.0),
+            Target(f"{c} clients ClassifyDigits 1 PNG p99 ms", f"server/classify-png/{m}/b1/c{c}", "p99_ms", "<=",
+                   50.0),
+        ]
+
+
+def _server_defaults() -> dict[str, Any]:
+    """The server's own defaults for the settings that shape a benchmark, as its code declares them."""
+    from serving.server import ServerSettings
+
+    keep = ("max_batch_size", "max_queue_delay_ms", "max_queue_items", "intra_op_threads", "max_items_per_request")
+    return {f.name: f.default for f in dataclasses.fields(ServerSettings) if f.name in keep}
+
+
+def main(args: argparse.Namespace) -> int:
+    started = datetime.now(UTC)
+    plan = QUICK if args.quick else FULL
+    cases = set(args.cases or (QUICK_CASES if args.quick else CASES))
+    names = args.models or list(exports.QUICK_MODELS if args.quick else exports.FULL_MODELS)
+    selected, missing = exports.select(args.repo, names)
+    if not selected:
+        print(f"coursezoo bench: nothing to measure: {'; '.join(missing)}", file=sys.stderr)
+        return 1
+    at_start = machine.snapshot()
+    cuda = args.device != "cpu" and inprocess.cuda_available(selected[0])
+    if args.device == "cuda" and not cuda:
+        print("coursezoo bench: --device cuda, but ONNX Runtime cannot use a GPU here", file=sys.stderr)
+        return 1
+
+    run = Run(args, plan, selected, cuda)
+    run.notes += missing
+    run.server_settings = _server_defaults()
+    if not run.by_task.get("digits"):
+        run.notes.append("no digits model selected: the server's digits, OIP, batch-CLI and peer cases are skipped")
+    if "inprocess" in cases:
+        run.group("in-process baselines", run.inprocess)
+    needs_server = cases & {"server", "oip", "batch-cli", "batching-off"}
+    if needs_server:
+        with exports.server_repository(run.server_models) as tmp_repo:
+            if cases & {"server", "oip", "batch-cli"}:
+                run.group("server (batching on)", lambda: run.server(cases, Path(tmp_repo)))
+            if "batching-off" in cases:
+                run.group("server (batching off)", lambda: run.batching_off(Path(tmp_repo)))
+    if "peer" in cases:
+        run.group("Triton peer", run.peer)
+
+    ratios = report.compute_ratios(run.results, run.ratios())
+    targets = report.check_targets(run.results, run.targets())
+    result = {
+        "schema": 1,
+        "started": started.isoformat(timespec="seconds"),
+        "duration_s": round((datetime.now(UTC) - started).total_seconds(), 1),
+        "machine": {**machine.describe(), "at_start": at_start, "at_end": machine.snapshot()},
+        "versions": machine.versions(),
+        "settings": {
+            "command": " ".join(["coursezoo bench", *(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])]),
+            "quick": args.quick, "device": "cuda" if cuda else "cpu", "cases": sorted(cases),
+            "models": [f"{e.name}/{e.version}" for e in selected], "plan": dataclasses.asdict(plan),
+            "server": {**run.server_settings, "flags": run.server_args()},
+            "load_client": "separate process; grpc.aio with pre-serialized requests (raw), or tritonclient",
+            "ort_threads": "onnxruntime defaults (intra-op = physical cores) in-process and in the servers",
+        },
+        "groups": run.groups,
+        "results": [r.to_json() for r in run.results],
+        "ratios": ratios,
+        "targets": targets,
+        "notes": run.notes,
+        "errors": run.errors,
+    }
+    print(report.render_text(run.results, ratios, targets, run.notes + [f"ERROR {e}" for e in run.errors]))
+    report.write_json(args.json, result)
+    args.json.with_suffix(".md").write_text(report.render_markdown(run.results, result), encoding="utf-8")
+    print(f"\nwrote {args.json} and {args.json.with_suffix('.md')}")
+    return 1 if run.errors else 0

@@ -1,0 +1,174 @@
+"""In-process baselines: what each model costs with no transport at all, on the inputs the server gets.
+
+PyTorch eager (the course's module, ``eval()`` + ``no_grad``), TorchScript (the exported ``model.pt``)
+and ONNX Runtime (the exported ``model.onnx``: CPU EP, and CUDA EP with and without IO binding when a GPU
+is there), at the batch sizes the issue names. These rows are the denominators of the server's ratios.
+torch is imported lazily, only here, so the rest of the harness (and the load generators) stay light.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from bench import data
+from bench.exports import Export
+from bench.stats import Result, summarize, time_calls
+from serving.preprocess import decode_digit, encode_names
+
+log = logging.getLogger("coursezoo.bench")
+
+BATCH_SIZES = (1, 64, 1024)
+#: binds one batch of inputs and returns the call that is timed
+Bind = Callable[[dict[str, np.ndarray]], Callable[[], object]]
+RUNS_DIR = Path(__file__).resolve().parents[1] / "runs"
+
+
+def inputs(export: Export, n: int) -> dict[str, np.ndarray]:
+    """``n`` real held-out items for ``export``, as the tensors its card names."""
+    names = [t.name for t in export.card.inputs]
+    if export.task == "digits":
+        prep = export.card.preprocessing
+        return {names[0]: data.digit_tensors(n, prep["mean"], prep["std"])}
+    if export.task == "diabetes":
+        rows = data.diabetes_records()
+        return {names[0]: rows[np.arange(n) % len(rows)]}
+    chars, lengths = encode_names(data.cycle(data.names(), n), export.card.preprocessing.get("vocab_size", 128))
+    return {names[0]: chars, names[1]: lengths}
+
+
+def ort_session(export: Export, provider: str) -> ort.InferenceSession:
+    """A plain session with ORT's defaults (what a user of the ONNX file gets); CUDA with the server's options."""
+    if provider == "CUDAExecutionProvider":
+        from serving.runtime import CUDA_PROVIDER_OPTIONS
+
+        ort.preload_dlls()
+        return ort.InferenceSession(str(export.onnx), providers=[(provider, CUDA_PROVIDER_OPTIONS)])
+    return ort.InferenceSession(str(export.onnx), providers=[provider])
+
+
+def cuda_available(export: Export) -> bool:
+    """Whether ONNX Runtime here really runs on an NVIDIA GPU: the server's own provider choice decides."""
+    from serving.runtime import OnnxModel
+
+    return OnnxModel(export.onnx, export.card, device="auto").provider == "CUDAExecutionProvider"
+
+
+def ort_paths(export: Export, cuda: bool) -> dict[str, Bind]:
+    """Path name -> a factory that binds a batch and returns the call to time."""
+    cpu = ort_session(export, "CPUExecutionProvider")
+    paths: dict[str, Bind] = {
+        "ORT CPU": lambda feeds: lambda: cpu.run(None, feeds),
+    }
+    if cuda:
+        gpu = ort_session(export, "CUDAExecutionProvider")
+        paths["ORT CUDA"] = lambda feeds: lambda: gpu.run(None, feeds)
+
+        def bound(feeds: dict[str, np.ndarray]) -> Callable[[], object]:
+            binding = gpu.io_binding()
+            for name, array in feeds.items():
+                binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0))
+            for out in export.card.outputs:
+                binding.bind_output(out.name, "cuda")
+            return lambda: gpu.run_with_iobinding(binding)
+
+        paths["ORT CUDA IO binding"] = bound
+    return paths
+
+
+def torch_paths(export: Export, cuda: bool) -> tuple[dict[str, Bind], str]:
+    """PyTorch eager and TorchScript calls, and a note on where the eager weights came from."""
+    import torch
+
+    from training.catalog import CATALOG
+    from training.models import build
+
+    names = [t.name for t in export.card.inputs]
+    paths: dict[str, Bind] = {}
+    note = ""
+    if export.name in CATALOG:
+        model = build(CATALOG[export.name])
+        ckpt = RUNS_DIR / export.name / "model.pt"
+        if ckpt.is_file():
+            model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
+        else:  # speed does not depend on the weights' values; say so rather than skip the row
+            note = f"eager weights untrained (no {ckpt.relative_to(RUNS_DIR.parent)})"
+        model.eval()
+        paths["PyTorch eager"] = _torch_call(model, names, "cpu")
+        if cuda and torch.cuda.is_available():
+            paths["PyTorch eager CUDA"] = _torch_call(copy.deepcopy(model).to("cuda"), names, "cuda")
+    if export.torchscript.is_file():
+        with warnings.catch_warnings():  # torch.jit is deprecated upstream; the export still ships model.pt
+            warnings.simplefilter("ignore", FutureWarning)
+            scripted = torch.jit.load(str(export.torchscript), map_location="cpu")
+        paths["TorchScript"] = _torch_call(scripted, names, "cpu")
+    return paths, note
+
+
+def _torch_call(module: Any, names: list[str], device: str) -> Bind:
+    """A torch module (eager or scripted) called on the batch's tensors, synchronized on CUDA."""
+    import torch
+
+    def bind(feeds: dict[str, np.ndarray]) -> Callable[[], object]:
+        args = [torch.from_numpy(feeds[n]).to(device) for n in names]
+
+        def call() -> object:
+            with torch.no_grad():
+                out = module(*args)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return out
+
+        return call
+
+    return bind
+
+
+def run(exports: list[Export], *, seconds: float, warmup: int, min_calls: int, cuda: bool,
+        batch_sizes: tuple[int, ...] = BATCH_SIZES) -> list[Result]:
+    """Every path x model x batch size; without torch installed only the ONNX Runtime rows are measured."""
+    results: list[Result] = []
+    for export in exports:
+        paths = ort_paths(export, cuda)
+        note = ""
+        try:
+            torch_rows, note = torch_paths(export, cuda)
+            paths = {**torch_rows, **paths}
+        except ImportError as e:
+            log.warning("PyTorch baselines skipped (%s): install the train extra to measure them", e)
+        for bs in batch_sizes:
+            feeds = inputs(export, bs)
+            for path, bind in paths.items():
+                t = time_calls(bind(feeds), seconds=seconds, warmup=warmup, min_calls=min_calls)
+                key = f"inproc/{path.lower().replace(' ', '-')}/{export.name}/b{bs}"
+                results.append(summarize(key, "in-process", path, export.name, batch=bs, concurrency=1,
+                                         items=bs * len(t.latencies), seconds=t.wall, latencies_s=t.latencies,
+                                         model_cpu_s=t.cpu, note=note if path.startswith("PyTorch") else ""))
+    return results
+
+
+def decode_cost(export: Export, *, seconds: float) -> Result:
+    """One core decoding PNGs with the server's own rule (``serving.preprocess.decode_digit``).
+
+    Not a server path: it bounds what any PNG path can reach per core, which explains the server's
+    batched-PNG and batch-CLI rows.
+    """
+    images = data.pngs(256)
+    prep = export.card.preprocessing
+    state = {"i": 0}
+
+    def call() -> None:
+        decode_digit(images[state["i"] % len(images)], prep)
+        state["i"] += 1
+
+    t = time_calls(call, seconds=seconds, warmup=10)
+    return summarize(f"inproc/decode-png/{export.name}", "in-process", "decode PNG (serving.preprocess)", export.name,
+                     batch=1, concurrency=1, items=len(t.latencies), seconds=t.wall, latencies_s=t.latencies,
+                     model_cpu_s=t.cpu, note="one core, no inference")

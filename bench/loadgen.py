@@ -1,0 +1,354 @@
+"""The load generator: a separate process that drives a server with pre-encoded requests.
+
+Run as ``python -m bench.loadgen RESULTS.json < spec.json``; it writes one JSON list of results (to a
+file, so nothing a client library prints can corrupt them). It runs in its own process so its CPU time is
+not charged to the server, and so ``tritonclient``'s ``inference`` messages never meet the server's
+identically named ones (protobuf keeps one global descriptor pool).
+
+Two kinds of client, chosen by the case's ``client``:
+  - ``raw``: grpc.aio with requests serialized once up front and responses left as bytes (checked once
+    by parsing), so per request the client does little more than the socket work;
+  - ``tritonclient-grpc`` / ``tritonclient-aio``: the real Triton client library (threads / asyncio),
+    the same load client for CourseZoo's Open Inference Protocol endpoint and for the Triton peer.
+Each case is a closed loop: ``concurrency`` callers each send the next request as soon as the previous
+one answers, for ``seconds`` after ``warmup`` seconds of the same load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench import data
+from bench.stats import summarize
+
+CLASSIFIER = "/coursezoo.v1.Classifier/"
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+#: callers per gRPC channel (each channel is its own TCP connection): a few connections, as real fleets have
+CALLERS_PER_CHANNEL = 16
+#: distinct requests cycled through, so no two consecutive requests are byte-identical
+DISTINCT = 16
+CHANNEL_OPTIONS = [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20),
+                   ("grpc.use_local_subchannel_pool", 1)]
+
+
+class CpuMeter:
+    """CPU seconds used during the timed window by the server's whole process group (all threads, and
+    PyTriton's several processes) and by this load generator: the cost per request on each side, which
+    stays meaningful when a shared machine makes throughput noisy, and shows whether the client keeps
+    up. The server side needs Linux /proc and a process group id."""
+
+    def __init__(self, pgid: int | None) -> None:
+        self.pgid = pgid
+        self.server_seconds: float | None = None
+        self.client_seconds = 0.0
+        self._server_start = 0.0
+        self._client_start = 0.0
+
+    def _group_cpu(self) -> float:
+        total = 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == self.pgid:  # pgrp
+                total += int(fields[11]) + int(fields[12])  # utime + stime
+        return total / os.sysconf("SC_CLK_TCK")
+
+    def start(self) -> None:
+        self._client_start = time.process_time()
+        if self.pgid:
+            self._server_start = self._group_cpu()
+
+    def stop(self) -> None:
+        self.client_seconds = time.process_time() - self._client_start
+        if self.pgid:
+            self.server_seconds = self._group_cpu() - self._server_start
+
+
+# --- requests, encoded once ------------------------------------------------------------------------------
+
+def _digits_requests(case: dict[str, Any]) -> tuple[str, list[bytes], Callable[[bytes], None]]:
+    from serving.protos import classifier_pb2 as pb
+
+    n, batch = DISTINCT, case["batch"]
+    if case.get("encoding", "png") == "png":
+        images = [pb.Image(encoded=b) for b in data.pngs(n * batch)]
+    else:
+        images = [pb.Image(pixels=p.tobytes()) for p in data.pixels(n * batch)]
+    requests = [pb.ClassifyDigitsRequest(model=case["model"], images=images[i * batch:(i + 1) * batch],
+                                         id=str(i)).SerializeToString() for i in range(n)]
+
+    def check(reply: bytes) -> None:
+        got = len(pb.ClassifyDigitsResponse.FromString(reply).predictions)
+        if got != batch:
+            raise RuntimeError(f"ClassifyDigits answered {got} predictions for {batch} images")
+
+    return "ClassifyDigits", requests, check
+
+
+def _diabetes_requests(case: dict[str, Any]) -> tuple[str, list[bytes], Callable[[bytes], None]]:
+    from serving.protos import classifier_pb2 as pb
+
+    rows = data.diabetes_records()
+    batch = case["batch"]
+    requests = []
+    for i in range(DISTINCT):
+        idx = (np.arange(batch) + i * batch) % len(rows)
+        records = [pb.DiabetesRecord(features=r.tolist()) for r in rows[idx]]
+        requests.append(pb.ClassifyDiabetesRequest(model=case["model"], records=records).SerializeToString())
+
+    def check(reply: bytes) -> None:
+        if len(pb.ClassifyDiabetesResponse.FromString(reply).predictions) != batch:
+            raise RuntimeError("ClassifyDiabetes answered the wrong number of predictions")
+
+    return "ClassifyDiabetes", requests, check
+
+
+def _names_requests(case: dict[str, Any]) -> tuple[str, list[bytes], Callable[[bytes], None]]:
+    from serving.protos import classifier_pb2 as pb
+
+    names, batch = data.names(), case["batch"]
+    requests = [pb.ClassifySequencesRequest(model=case["model"], texts=[names[(i * batch + j) % len(names)]
+                                                                        for j in range(batch)]).SerializeToString()
+                for i in range(DISTINCT)]
+
+    def check(reply: bytes) -> None:
+        if len(pb.ClassifySequencesResponse.FromString(reply).predictions) != batch:
+            raise RuntimeError("ClassifySequences answered the wrong number of predictions")
+
+    return "ClassifySequences", requests, check
+
+
+def digit_batches(case: dict[str, Any]) -> list[np.ndarray]:
+    """``DISTINCT`` normalized FP32 batches [batch, 1, 28, 28] of real test images."""
+    x = data.digit_tensors(DISTINCT * case["batch"], case["mean"], case["std"])
+    return [x[i * case["batch"]:(i + 1) * case["batch"]] for i in range(DISTINCT)]
+
+
+def _model_infer_requests(case: dict[str, Any]) -> tuple[str, list[bytes], Callable[[bytes], None]]:
+    """KServe v2 ModelInfer with the tensor in ``raw_input_contents`` (the fast, documented form)."""
+    from tritonclient.grpc import service_pb2 as v2
+
+    requests = []
+    for x in digit_batches(case):
+        req = v2.ModelInferRequest(model_name=case["model"])
+        tensor = req.inputs.add(name=case["input"], datatype="FP32")
+        tensor.shape.extend(x.shape)
+        req.raw_input_contents.append(x.tobytes())
+        requests.append(req.SerializeToString())
+    expected = case["batch"] * 10 * 4
+
+    def check(reply: bytes) -> None:
+        got = sum(len(r) for r in v2.ModelInferResponse.FromString(reply).raw_output_contents)
+        if got != expected:
+            raise RuntimeError(f"ModelInfer answered {got} output bytes, expected {expected}")
+
+    return MODEL_INFER, requests, check
+
+
+REQUESTS = {"digits": _digits_requests, "diabetes": _diabetes_requests, "names": _names_requests,
+            "model_infer": _model_infer_requests}
+
+
+# --- closed loops ----------------------------------------------------------------------------------------
+
+async def _closed_loop(send: Callable[[int], Awaitable[object]], concurrency: int, seconds: float) -> \
+        tuple[list[float], float]:
+    """``concurrency`` callers, each sending request i, i + concurrency, ... until the deadline."""
+    latencies: list[float] = []
+    deadline = time.perf_counter() + seconds
+
+    async def caller(i: int) -> None:
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            await send(i)
+            latencies.append(time.perf_counter() - t0)
+            i += concurrency
+
+    start = time.perf_counter()
+    await asyncio.gather(*(caller(i) for i in range(concurrency)))
+    return latencies, time.perf_counter() - start
+
+
+async def _raw_unary(target: str, case: dict[str, Any], meter: CpuMeter) -> tuple[list[float], float]:
+    import grpc
+
+    method, requests, check = REQUESTS[case["kind"]](case)
+    path = method if method.startswith("/") else CLASSIFIER + method
+    channels = [grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+                for _ in range(math.ceil(case["concurrency"] / CALLERS_PER_CHANNEL))]
+    calls = [ch.unary_unary(path) for ch in channels]  # no (de)serializers: bytes in, bytes out
+    check(await calls[0](requests[0], timeout=60))
+
+    async def send(i: int) -> bytes:
+        return await calls[i % len(calls)](requests[i % len(requests)], timeout=60)
+
+    await _closed_loop(send, case["concurrency"], case["warmup"])
+    meter.start()
+    result = await _closed_loop(send, case["concurrency"], case["seconds"])
+    meter.stop()
+    for ch in channels:
+        await ch.close()
+    return result
+
+
+async def _raw_stream(target: str, case: dict[str, Any], meter: CpuMeter) -> tuple[list[float], float]:
+    """One StreamClassifyDigits stream with ``concurrency`` messages in flight (answers come in order)."""
+    import grpc
+
+    _, requests, check = _digits_requests(case)
+    async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
+        stream = channel.stream_stream(CLASSIFIER + "StreamClassifyDigits")
+
+        async def run(seconds: float) -> tuple[list[float], float]:
+            call = stream()
+            window = asyncio.Semaphore(case["concurrency"])
+            sent: deque[float] = deque()
+            latencies: list[float] = []
+            deadline = time.perf_counter() + seconds
+
+            async def writer() -> None:
+                i = 0
+                while time.perf_counter() < deadline:
+                    await window.acquire()
+                    sent.append(time.perf_counter())
+                    await call.write(requests[i % len(requests)])
+                    i += 1
+                await call.done_writing()
+
+            async def reader() -> None:
+                async for reply in call:
+                    latencies.append(time.perf_counter() - sent.popleft())
+                    if len(latencies) == 1:
+                        check(reply)
+                    window.release()
+
+            start = time.perf_counter()
+            await asyncio.gather(writer(), reader())
+            return latencies, time.perf_counter() - start
+
+        await run(case["warmup"])
+        meter.start()
+        result = await run(case["seconds"])
+        meter.stop()
+        return result
+
+
+def _triton_inputs(case: dict[str, Any], module: Any) -> list[list[Any]]:
+    inputs = []
+    for x in digit_batches(case):
+        tensor = module.InferInput(case["input"], list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        inputs.append([tensor])
+    return inputs
+
+
+async def _triton_aio(target: str, case: dict[str, Any], meter: CpuMeter) -> tuple[list[float], float]:
+    import tritonclient.grpc.aio as tc
+
+    clients = [tc.InferenceServerClient(target) for _ in range(math.ceil(case["concurrency"] / CALLERS_PER_CHANNEL))]
+    inputs = _triton_inputs(case, tc)
+    reply = await clients[0].infer(case["model"], inputs[0])
+    if reply.as_numpy(case["output"]).shape[0] != case["batch"]:
+        raise RuntimeError("the Triton client got a reply of the wrong batch size")
+
+    async def send(i: int) -> object:
+        return await clients[i % len(clients)].infer(case["model"], inputs[i % len(inputs)])
+
+    await _closed_loop(send, case["concurrency"], case["warmup"])
+    meter.start()
+    result = await _closed_loop(send, case["concurrency"], case["seconds"])
+    meter.stop()
+    for c in clients:
+        await c.close()
+    return result
+
+
+def _triton_threads(target: str, case: dict[str, Any], meter: CpuMeter) -> tuple[list[float], float]:
+    """The blocking tritonclient.grpc client, one thread per concurrent caller (how it is used in practice)."""
+    import tritonclient.grpc as tc
+
+    clients = [tc.InferenceServerClient(target) for _ in range(math.ceil(case["concurrency"] / CALLERS_PER_CHANNEL))]
+    inputs = _triton_inputs(case, tc)
+    clients[0].infer(case["model"], inputs[0])
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def loop(i: int, seconds: float, record: bool) -> None:
+        deadline = time.perf_counter() + seconds
+        mine = []
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            clients[i % len(clients)].infer(case["model"], inputs[i % len(inputs)])
+            mine.append(time.perf_counter() - t0)
+            i += case["concurrency"]
+        if record:
+            with lock:
+                latencies.extend(mine)
+
+    wall = 0.0
+    for seconds, record in ((case["warmup"], False), (case["seconds"], True)):
+        threads = [threading.Thread(target=loop, args=(i, seconds, record)) for i in range(case["concurrency"])]
+        if record:
+            meter.start()
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - start
+    meter.stop()
+    for c in clients:
+        c.close()
+    return latencies, wall
+
+
+def run_case(target: str, case: dict[str, Any], server_pgid: int | None) -> dict[str, Any]:
+    client = case.get("client", "raw")
+    meter = CpuMeter(server_pgid)
+    if client == "tritonclient-grpc":
+        latencies, wall = _triton_threads(target, case, meter)
+    elif client == "tritonclient-aio":
+        latencies, wall = asyncio.run(_triton_aio(target, case, meter))
+    elif case["kind"] == "stream":
+        latencies, wall = asyncio.run(_raw_stream(target, case, meter))
+    else:
+        latencies, wall = asyncio.run(_raw_unary(target, case, meter))
+    result = summarize(case["key"], case["group"], case["case"], case["model"], batch=case["batch"],
+                       concurrency=case["concurrency"], items=len(latencies) * case["batch"], seconds=wall,
+                       latencies_s=latencies, note=case.get("note", ""))
+    if latencies:
+        result.client_cpu_ms = meter.client_seconds * 1e3 / len(latencies)
+        if meter.server_seconds is not None:
+            result.model_cpu_ms = meter.server_seconds * 1e3 / len(latencies)
+    return result.to_json()
+
+
+def main() -> int:
+    spec = json.load(sys.stdin)
+    out = []
+    for case in spec["cases"]:
+        try:
+            out.append(run_case(spec["target"], case, spec.get("server_pgid")))
+        except Exception as e:  # noqa: BLE001 - one failing case is reported as such; the others still run
+            out.append({"key": case["key"], "error": f"{type(e).__name__}: {e}"})
+    with open(sys.argv[1], "w", encoding="utf-8") as f:
+        json.dump(out, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""The Triton peer: NVIDIA Triton (through PyTriton) serving one ONNX file with ONNX Runtime.
+
+Run by ``bench.triton_peer`` under the separate Python 3.12 interpreter that has ``nvidia-pytriton``;
+it imports only numpy, onnxruntime and pytriton (never this project), as a user deploying the same
+``model.onnx`` on Triton would write it. Triton's dynamic batcher is given the same limits as
+CourseZoo's (most items per run, longest wait), so the two servers differ in their serving stack only.
+Prints ``READY`` once the model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import onnxruntime as ort
+from pytriton.decorators import batch
+from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+from pytriton.triton import Triton, TritonConfig
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--onnx", required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--input", required=True)
+    p.add_argument("--input-shape", required=True, help="per-item shape, e.g. 1,28,28")
+    p.add_argument("--output", required=True)
+    p.add_argument("--output-shape", required=True, help="per-item shape, e.g. 10")
+    p.add_argument("--max-batch-size", type=int, default=64)
+    p.add_argument("--max-queue-delay-us", type=int, default=1000)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--grpc-port", type=int, required=True)
+    p.add_argument("--http-port", type=int, required=True)
+    p.add_argument("--metrics-port", type=int, required=True)
+    args = p.parse_args()
+
+    providers = ["CPUExecutionProvider"]
+    if args.device == "cuda":
+        ort.preload_dlls()
+        providers.insert(0, "CUDAExecutionProvider")
+    session = ort.InferenceSession(args.onnx, providers=providers)
+
+    @batch
+    def infer(**inputs: np.ndarray) -> dict[str, np.ndarray]:
+        return {args.output: session.run([args.output], {args.input: inputs[args.input]})[0]}
+
+    def shape(text: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in text.split(","))
+
+    config = TritonConfig(grpc_port=args.grpc_port, http_port=args.http_port, metrics_port=args.metrics_port)
+    with Triton(config=config) as triton:
+        triton.bind(
+            model_name=args.name, infer_func=infer,
+            inputs=[Tensor(name=args.input, dtype=np.float32, shape=shape(args.input_shape))],
+            outputs=[Tensor(name=args.output, dtype=np.float32, shape=shape(args.output_shape))],
+            config=ModelConfig(max_batch_size=args.max_batch_size,
+                               batcher=DynamicBatcher(max_queue_delay_microseconds=args.max_queue_delay_us)),
+        )
+        print(f"READY {session.get_providers()[0]}", flush=True)
+        triton.serve()
+
+
+if __name__ == "__main__":
+    main()

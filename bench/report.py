@@ -1,0 +1,181 @@
+"""Turning results into the printed table, the ratios with their parts, the targets, and the JSON file.
+
+A ratio is never printed alone: each line shows both rows' throughputs and what they are, so a reader
+can see which side moved. Targets are the issue's service targets, checked against this run's rows.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.stats import Result
+
+GROUP_TITLES = {
+    "in-process": "In-process baselines (no transport)",
+    "server": "CourseZoo server over loopback (load client in its own process)",
+    "oip": "Open Inference Protocol, single image, real tritonclient: CourseZoo and the Triton peer",
+    "batch-cli": "coursezoo batch on a folder of PNGs",
+}
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """``numerator``'s throughput over ``denominator``'s; with ``by_cpu``, the denominator's model-side CPU
+    per item over the numerator's (CPU efficiency: less sensitive to other load on a shared machine)."""
+
+    name: str
+    numerator: str  # result keys
+    denominator: str
+    target: float | None = None  # the numerator should reach target x the denominator
+    by_cpu: bool = False
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    key: str
+    metric: str  # "throughput", "p50_ms", "p99_ms"
+    op: str  # "<=" or ">="
+    threshold: float
+
+
+def _fmt(x: float | None, digits: int = 2) -> str:
+    if x is None:
+        return "-"
+    return f"{x:,.0f}" if digits == 0 else f"{x:,.{digits}f}"
+
+
+def _rows_in_order(results: list[Result]) -> dict[str, list[Result]]:
+    """Results by table section; the Triton peer's rows sit beside CourseZoo's at the same concurrency."""
+    sections: dict[str, list[Result]] = {g: [] for g in GROUP_TITLES}
+    for r in results:
+        sections["oip" if r.group == "peer" else r.group].append(r)
+    sections["oip"].sort(key=lambda r: (r.case.split(" via ")[-1], r.concurrency, r.group != "oip"))
+    return {g: rows for g, rows in sections.items() if rows}
+
+
+HEADER = ("case", "model", "batch", "conc", "items/s", "p50 ms", "p90 ms", "p99 ms", "model-side CPU ms/call",
+          "client CPU ms/call", "note")
+NUMERIC = range(2, 10)  # right-aligned columns
+CPU_COLUMNS = (8, 9)  # left out of sections where nothing was measured (in-process rows have no client)
+
+
+def _cells(r: Result) -> tuple[str, ...]:
+    return (r.case, r.model, str(r.batch), str(r.concurrency), _fmt(r.throughput, 0), _fmt(r.p50_ms),
+            _fmt(r.p90_ms), _fmt(r.p99_ms), _fmt(r.model_cpu_ms), _fmt(r.client_cpu_ms), r.note)
+
+
+def _section(rows: list[Result]) -> tuple[list[int], list[tuple[str, ...]]]:
+    """The column indices this section shows, and its header plus one tuple of cells per row."""
+    cells = [_cells(r) for r in rows]
+    shown = [i for i in range(len(HEADER)) if i not in CPU_COLUMNS or any(c[i] != "-" for c in cells)]
+    return shown, [tuple(c[i] for i in shown) for c in [HEADER, *cells]]
+
+
+def compute_ratios(results: list[Result], ratios: list[Ratio]) -> list[dict[str, Any]]:
+    """Each ratio whose two rows were measured in this run, with both parts."""
+    by_key = {r.key: r for r in results}
+    out = []
+    for ratio in ratios:
+        num, den = by_key.get(ratio.numerator), by_key.get(ratio.denominator)
+        if not num or not den:
+            continue
+        if ratio.by_cpu:
+            if not num.model_cpu_ms or not den.model_cpu_ms:
+                continue
+            parts = [r.model_cpu_ms / r.batch for r in (num, den)]  # CPU ms per item
+            value, unit = parts[1] / parts[0], "CPU ms/item"
+        else:
+            if not den.throughput:
+                continue
+            parts = [num.throughput, den.throughput]
+            value, unit = parts[0] / parts[1], "items/s"
+        out.append({"name": ratio.name, "value": round(value, 3), "target": ratio.target,
+                    "met": None if ratio.target is None else value >= ratio.target, "unit": unit,
+                    "numerator": {"key": num.key, "value": parts[0]},
+                    "denominator": {"key": den.key, "value": parts[1]}})
+    return out
+
+
+def _part(ratio: dict[str, Any], side: str) -> str:
+    return _fmt(ratio[side]["value"], 0 if ratio["unit"] == "items/s" else 4)
+
+
+def check_targets(results: list[Result], targets: list[Target]) -> list[dict[str, Any]]:
+    by_key = {r.key: r for r in results}
+    out = []
+    for t in targets:
+        row = by_key.get(t.key)
+        value = getattr(row, t.metric) if row else None
+        met = None if value is None else (value <= t.threshold if t.op == "<=" else value >= t.threshold)
+        out.append({"name": t.name, "key": t.key, "metric": t.metric, "op": t.op, "threshold": t.threshold,
+                    "measured": value, "met": met})
+    return out
+
+
+def _verdict(met: bool | None) -> str:
+    return {True: "met", False: "NOT met", None: "not measured"}[met]
+
+
+def render_text(results: list[Result], ratios: list[dict[str, Any]], targets: list[dict[str, Any]],
+                notes: list[str]) -> str:
+    lines: list[str] = []
+    for group, rows in _rows_in_order(results).items():
+        shown, table = _section(rows)
+        widths = [max(len(c[j]) for c in table) for j in range(len(shown) - 1)]  # the note is not padded
+        lines += ["", f"== {GROUP_TITLES[group]}"]
+        for c in table:
+            padded = (v.rjust(w) if i in NUMERIC else v.ljust(w) for i, v, w in zip(shown, c, widths, strict=False))
+            lines.append("  ".join(padded) + ("  " + c[-1] if c[-1] else ""))
+    if ratios:
+        lines += ["", "== Ratios (numerator vs denominator, same run)"]
+        for r in ratios:
+            target = f"  target >= {r['target']:g}x: {_verdict(r['met'])}" if r["target"] is not None else ""
+            lines.append(f"{r['name']}: {_part(r, 'numerator')} vs {_part(r, 'denominator')} {r['unit']} = "
+                         f"{r['value']:.2f}x{target}")
+    if targets:
+        lines += ["", "== Targets"]
+        for t in targets:
+            measured = "-" if t["measured"] is None else _fmt(t["measured"], 0 if t["metric"] == "throughput" else 2)
+            lines.append(f"{t['name']}: {measured} ({t['op']} {t['threshold']:g}) {_verdict(t['met'])}")
+    if notes:
+        lines += ["", "== Notes", *(f"- {n}" for n in notes)]
+    return "\n".join(lines)
+
+
+def render_markdown(results: list[Result], report: dict[str, Any]) -> str:
+    """The same tables as Markdown, for docs/performance.md and the README's Performance section."""
+    m = report["machine"]
+    gpu = ", ".join(g["name"] for g in m["gpus"]) or "no GPU"
+    out = [f"Measured {report['started']} on {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, {gpu}; "
+           f"`{report['settings']['command']}`. Load average at start {m['at_start']['loadavg']}, "
+           f"at end {m['at_end']['loadavg']}."]
+    for group, rows in _rows_in_order(results).items():
+        shown, table = _section(rows)
+        out += ["", f"**{GROUP_TITLES[group]}**", "", "| " + " | ".join(table[0]) + " |",
+                "|" + "|".join("---:" if i in NUMERIC else "---" for i in shown) + "|"]
+        out += ["| " + " | ".join(c) + " |" for c in table[1:]]
+    if report["ratios"]:
+        out += ["", "| ratio | numerator | denominator | unit | value | target |", "|---|---:|---:|---|---:|---|"]
+        for r in report["ratios"]:
+            target = "" if r["target"] is None else f">= {r['target']:g}x: {_verdict(r['met'])}"
+            out.append(f"| {r['name']} | {_part(r, 'numerator')} | {_part(r, 'denominator')} | {r['unit']} | "
+                       f"{r['value']:.2f}x | {target} |")
+    if report["targets"]:
+        out += ["", "| target | measured | goal | status |", "|---|---:|---|---|"]
+        for t in report["targets"]:
+            digits = 0 if t["metric"] == "throughput" else 2
+            measured = "-" if t["measured"] is None else _fmt(t["measured"], digits)
+            out.append(f"| {t['name']} | {measured} | {t['op']} {t['threshold']:g} | {_verdict(t['met'])} |")
+    notes = report["notes"] + [f"ERROR {e}" for e in report["errors"]]
+    if notes:
+        out += ["", *(f"- {n}" for n in notes)]
+    return "\n".join(out) + "\n"
+
+
+def write_json(path: Path, report: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

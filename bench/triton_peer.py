@@ -1,0 +1,102 @@
+"""Start and stop the Triton peer (``bench/pytriton_app.py``) under its own Python 3.12 interpreter.
+
+PyTriton bundles a Triton server built against Python 3.12, so it lives in a separate virtual environment
+(``bench/peer-venv.sh`` makes ``.bench-venv312``; ``COURSEZOO_BENCH_PEER_PYTHON`` points elsewhere). That
+interpreter's ``lib/`` folder must be on ``LD_LIBRARY_PATH`` for Triton's Python backend stub. When the
+interpreter or the package is missing, ``find_python`` says why and the harness skips the peer's rows.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from bench.data import REPO_ROOT
+from bench.exports import Export
+from bench.processes import stop_group
+
+DEFAULT_PYTHON = REPO_ROOT / ".bench-venv312" / "bin" / "python"
+APP = Path(__file__).resolve().parent / "pytriton_app.py"
+
+
+def find_python() -> tuple[Path | None, str]:
+    """The peer's interpreter and, when it cannot be used, the reason (printed as the skip note)."""
+    python = Path(os.environ.get("COURSEZOO_BENCH_PEER_PYTHON", DEFAULT_PYTHON))
+    if not python.exists():
+        return None, f"Triton peer skipped: no interpreter at {python} (run bench/peer-venv.sh)"
+    probe = ("import pytriton, onnxruntime, importlib.metadata as m; "
+             "print('nvidia-pytriton', m.version('nvidia-pytriton') + ', onnxruntime', onnxruntime.__version__)")
+    check = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, check=False)
+    if check.returncode != 0:
+        return None, f"Triton peer skipped: {python} cannot import pytriton/onnxruntime (run bench/peer-venv.sh)"
+    return python, check.stdout.strip()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TritonPeer:
+    """``with TritonPeer(python, export, ...) as peer: peer.target`` is Triton's gRPC address."""
+
+    def __init__(self, python: Path, export: Export, *, max_batch_size: int, max_queue_delay_ms: float,
+                 device: str = "cpu", timeout: float = 180.0) -> None:
+        self.ports = [_free_port() for _ in range(3)]
+        card = export.card
+        self.args = [str(python), str(APP), "--onnx", str(export.onnx), "--name", export.name,
+                     "--input", card.inputs[0].name, "--input-shape", ",".join(map(str, card.inputs[0].shape[1:])),
+                     "--output", card.outputs[0].name,
+                     "--output-shape", ",".join(map(str, card.outputs[0].shape[1:])),
+                     "--max-batch-size", str(max_batch_size),
+                     "--max-queue-delay-us", str(int(max_queue_delay_ms * 1000)), "--device", device,
+                     "--grpc-port", str(self.ports[0]), "--http-port", str(self.ports[1]),
+                     "--metrics-port", str(self.ports[2])]
+        libdir = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"],
+                                capture_output=True, text=True, check=True).stdout.strip()
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1",
+                    "LD_LIBRARY_PATH": os.pathsep.join(p for p in (libdir, os.environ.get("LD_LIBRARY_PATH")) if p)}
+        self.timeout = timeout
+        self.target = f"127.0.0.1:{self.ports[0]}"
+        self.provider = ""
+        self.lines: list[str] = []
+        self.proc: subprocess.Popen[str] | None = None
+        self._ready = threading.Event()
+
+    def __enter__(self) -> TritonPeer:
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env=self.env, start_new_session=True)
+        threading.Thread(target=self._drain, daemon=True).start()
+        deadline = time.monotonic() + self.timeout
+        while not self._ready.wait(0.2):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the Triton peer did not start:\n{''.join(self.lines)[-4000:]}")
+        return self
+
+    @property
+    def pgid(self) -> int:
+        """The peer's process group: PyTriton's proxy, tritonserver and its Python backend stubs."""
+        assert self.proc is not None
+        return self.proc.pid
+
+    def _drain(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if line.startswith("READY"):
+                self.provider = line.split()[1]
+                self._ready.set()
+
+    def stop(self) -> None:
+        """Stop the whole group: PyTriton's proxy, tritonserver and its Python backend stubs."""
+        if self.proc is not None:
+            stop_group(self.proc, grace=60.0)
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
