@@ -9,56 +9,32 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from bench.data import REPO_ROOT
+from serving.process import ServerProcess
 
-_LISTENING = re.compile(r"coursezoo serving on (\S+):(\d+)")
 
-
-class Server:
-    """``python -m coursezoo serve --host 127.0.0.1 --port 0 --repo REPO ARGS``; ``.target`` once ready."""
+class Server(ServerProcess):
+    """The server as the harness runs it: its own process group, no metrics port, no polling, and its pid
+    printed so a profiler can attach while the cases run (py-spy record -p PID, docs/performance.md)."""
 
     def __init__(self, repo: Path, *args: str, timeout: float = 180.0) -> None:
-        self.args = [sys.executable, "-m", "coursezoo", "serve", "--repo", str(repo), "--host", "127.0.0.1",
-                     "--port", "0", "--metrics-port", "-1", "--poll-interval-s", "0", *args]
-        self.timeout = timeout
-        self.lines: list[str] = []
-        self.target = ""
-        self.proc: subprocess.Popen[str] | None = None
-        self._ready = threading.Event()
+        super().__init__(repo, "--metrics-port", "-1", "--poll-interval-s", "0", *args, timeout=timeout,
+                         new_session=True)
 
     def __enter__(self) -> Server:
-        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     cwd=REPO_ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                                     start_new_session=True)
-        threading.Thread(target=self._drain, daemon=True).start()
-        deadline = time.monotonic() + self.timeout
-        while not self._ready.wait(0.1):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"coursezoo serve did not start:\n{''.join(self.lines)[-4000:]}")
-        # the pid lets a profiler attach while the cases run: py-spy record -p PID (docs/performance.md)
+        self.start()
+        assert self.proc is not None
         print(f"[bench] coursezoo serve pid {self.proc.pid} on {self.target}: {' '.join(self.args[3:])}",
               file=sys.stderr, flush=True)
         return self
-
-    def _drain(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            if m := _LISTENING.search(line):
-                self.target = f"{m.group(1)}:{m.group(2)}"
-            if self.target and line.startswith(("MODEL ", "(no model")):  # the model table follows the address
-                self._ready.set()
 
     @property
     def pgid(self) -> int:
@@ -66,12 +42,9 @@ class Server:
         assert self.proc is not None
         return self.proc.pid
 
-    def stop(self) -> None:
+    def stop(self) -> None:  # type: ignore[override]
         if self.proc is not None:
             stop_group(self.proc, grace=30.0)
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def stop_group(proc: subprocess.Popen, grace: float) -> None:

@@ -13,92 +13,19 @@ from __future__ import annotations
 
 import gzip
 import os
-import re
-import signal
-import subprocess
-import sys
-import threading
-import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from serving.process import ServerProcess
+
+__all__ = ["DATA_MIRROR", "EXPORTED", "REPO_ROOT", "ServerProcess", "digits_models"]
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXPORTED = Path(os.environ.get("COURSEZOO_TEST_REPO", REPO_ROOT / "exported"))
 DATA_MIRROR = Path(os.environ.get("COURSEZOO_DATA_MIRROR", REPO_ROOT.parent / "shared" / "data"))
-
-_LISTENING = re.compile(r"coursezoo serving on (\S+):(\d+)")
-_METRICS = re.compile(r"metrics on (http://\S+/metrics)")
-
-
-class ServerProcess:
-    """``python -m coursezoo serve --host 127.0.0.1 --port 0 ...`` in a subprocess, ready when started.
-
-    Reads the bound port from the server's banner, so tests never guess free ports; keeps draining the
-    output (``.output``) so a chatty server never blocks on a full pipe.
-    """
-
-    def __init__(self, repo: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 120.0) -> None:
-        self.args = [sys.executable, "-m", "coursezoo", "serve", "--repo", str(repo), "--host", "127.0.0.1",
-                     "--port", "0", "--metrics-port", "0", *args]
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.timeout = timeout
-        self.lines: list[str] = []
-        self.target = ""
-        self.metrics_url = ""
-        self.proc: subprocess.Popen[str] | None = None
-        self._banner = threading.Event()
-
-    def start(self) -> ServerProcess:
-        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env=self.env, cwd=REPO_ROOT)
-        threading.Thread(target=self._drain, daemon=True).start()
-        deadline = time.monotonic() + self.timeout
-        while not self._banner.wait(0.1):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"server did not start (exit {self.proc.returncode}):\n{self.output}")
-        return self
-
-    def _drain(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            if m := _METRICS.search(line):
-                self.metrics_url = m.group(1)
-            if m := _LISTENING.search(line):
-                self.target = f"{m.group(1)}:{m.group(2)}"
-            if line.startswith(("MODEL ", "(no model")):  # the table follows the address and metrics lines
-                self._banner.set()
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def metrics(self) -> str:
-        with urllib.request.urlopen(self.metrics_url, timeout=10) as response:
-            return response.read().decode()
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        """Send ``sig`` and wait for the exit code (the process is killed if it overstays ``timeout``)."""
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-    def __enter__(self) -> ServerProcess:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def digits_models(repo: Path) -> list[str]:

@@ -17,13 +17,13 @@ import shlex
 import shutil
 import subprocess
 import sys
-import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from serving.process import ChildServer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO_ROOT / "docker" / "Dockerfile"
@@ -210,60 +210,17 @@ def host_command(service: dict[str, Any], stage: str, *, volumes: dict[str, Path
     return HostCommand(argv, env, REPO_ROOT)
 
 
-_LISTENING = re.compile(r"coursezoo serving on (\S+):(\d+)")
-
-
-class ServiceProcess:
+class ServiceProcess(ChildServer):
     """A long-running service command (the server) in a subprocess; ready when its banner is printed."""
 
     def __init__(self, cmd: HostCommand, timeout: float = 120.0) -> None:
+        super().__init__(cmd.argv, env=cmd.env, cwd=cmd.cwd, timeout=timeout)
         self.cmd = cmd
-        self.timeout = timeout
-        self.lines: list[str] = []
-        self.port = 0
-        self.proc: subprocess.Popen[str] | None = None
-        self._ready = threading.Event()
-
-    def start(self) -> ServiceProcess:
-        env = {**self.cmd.env, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(self.cmd.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env=env, cwd=self.cmd.cwd)
-        threading.Thread(target=self._drain, daemon=True).start()
-        deadline = time.monotonic() + self.timeout
-        while not self._ready.wait(0.1):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"{self.cmd.argv} did not start (exit {self.proc.returncode}):\n{self.output}")
-        return self
-
-    def _drain(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            if m := _LISTENING.search(line):
-                self.port = int(m.group(2))
-            if line.startswith(("MODEL ", "(no model")):  # the model table follows the address line
-                self._ready.set()
 
     @property
-    def output(self) -> str:
-        return "".join(self.lines)
+    def port(self) -> int:
+        return int(self.target.rsplit(":", 1)[1])
 
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM, as ``docker stop`` sends, then wait; killed only if it overstays ``timeout``."""
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
 
 
 def run(cmd: HostCommand, timeout: float = 300.0) -> subprocess.CompletedProcess[str]:
