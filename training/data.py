@@ -9,6 +9,7 @@ loader stops with a message that names the files and where to put them.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import gzip
 import io
@@ -62,6 +63,18 @@ class DataConfig:
     def from_env(cls, root: str | Path | None = None, mirror: str | Path | None = None) -> DataConfig:
         mirror = mirror or os.environ.get("COURSEZOO_DATA_MIRROR") or None
         return cls(root=Path(root) if root else DEFAULT_ROOT, mirror=Path(mirror) if mirror else None)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> DataConfig:
+        return cls.from_env(args.data_root, args.data_mirror)
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        """The data options every training command takes (train, export, eval)."""
+        parser.add_argument("--data-root", default=None, help="where the data files live [COURSEZOO_DATA_ROOT, data/]")
+        parser.add_argument("--data-mirror", default=None,
+                            help="a folder laid out like ../shared/data to copy missing files from "
+                                 "[COURSEZOO_DATA_MIRROR]")
 
 
 def _download(rel: str, dest: Path) -> bool:

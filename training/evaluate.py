@@ -141,14 +141,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                 add_help=add_help)
     p.add_argument("names", nargs="*", default=["all"], help="model names, or 'all' (default)")
     p.add_argument("--repo", type=Path, default=Path("exported"))
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--data-mirror", default=None)
+    data.DataConfig.add_arguments(p)
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
     return p
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = data.DataConfig.from_env(args.data_root, args.data_mirror)
+    cfg = data.DataConfig.from_args(args)
     results, bad = [], 0
     for entry in resolve(args.names or ["all"]):
         try:

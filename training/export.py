@@ -153,13 +153,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("names", nargs="+", help="model names from the catalogue, or 'all'")
     p.add_argument("--out", type=Path, default=Path("exported"), help="model repository to write into")
     p.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="where `coursezoo train` left checkpoints")
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--data-mirror", default=None)
+    data.DataConfig.add_arguments(p)
     return p
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = data.DataConfig.from_env(args.data_root, args.data_mirror)
+    cfg = data.DataConfig.from_args(args)
     for entry in resolve(args.names):
         try:
             dest = export_one(entry, cfg, args.runs, args.out)

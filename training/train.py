@@ -166,14 +166,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
     p.add_argument("--limit", type=int, default=None, help="train on the first N examples only")
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--data-mirror", default=None)
+    data.DataConfig.add_arguments(p)
     p.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="where checkpoints and reports go")
     return p
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = data.DataConfig.from_env(args.data_root, args.data_mirror)
+    cfg = data.DataConfig.from_args(args)
     failed = []
     for entry in resolve(args.names):
         try:
