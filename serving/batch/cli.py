@@ -68,7 +68,8 @@ _positive, _non_negative = _at_least(1), _at_least(0)
 def get_args_parser() -> argparse.ArgumentParser:
     p = _Parser(description="Classify folders of images, CSV files and name lists into one results file.",
                 epilog=EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="folders, files or glob patterns ('scans/**/*.png')")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="folders, files, glob patterns ('scans/**/*.png'), or s3:// and gs:// prefixes or objects")
     p.add_argument("--kind", choices=KINDS, help="what the inputs are; inferred from their content when unambiguous")
     p.add_argument("--model", metavar="NAME[:VERSION]", help="model to use; default: the most accurate of the kind")
     where = p.add_mutually_exclusive_group()

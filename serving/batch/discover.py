@@ -4,7 +4,8 @@ Files are told apart by their content, not their extension (a scan saved as ``.d
 image, a ``.csv`` of names is still text). Folders are listed one at a time, in name order, so a folder
 of millions of files streams with constant memory and every run sees the same order and the same
 (normalized) paths, which ``--resume`` relies on. Paths stay strings: a ``Path`` per file costs more
-than everything else the main process does for an image.
+than everything else the main process does for an image. ``s3://`` and ``gs://`` prefixes are listed like
+folders (``serving.batch.sources``); their files keep their URIs.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
+from serving.batch import sources
 from serving.batch.types import BatchError, Failure
 
 log = logging.getLogger(__name__)
@@ -48,7 +50,14 @@ class FileEntry:
 def check_inputs(inputs: Sequence[str]) -> None:
     """Fail fast, before any work, on an INPUT that matches nothing."""
     for arg in inputs:
-        if not os.path.exists(arg) and not (glob.has_magic(arg) and next(glob.iglob(arg, recursive=True), None)):
+        if sources.is_uri(arg):
+            try:
+                found = sources.exists(arg)
+            except OSError as e:
+                raise InputNotFound(f"{arg}: {e}") from e
+            if not found:
+                raise InputNotFound(f"{arg}: no such object or prefix")
+        elif not os.path.exists(arg) and not (glob.has_magic(arg) and next(glob.iglob(arg, recursive=True), None)):
             raise InputNotFound(f"{arg}: no such file, folder or glob match")
 
 
@@ -67,6 +76,13 @@ def iter_files(inputs: Sequence[str], recursive: bool, exclude: Collection[str] 
 def _files(inputs: Sequence[str], recursive: bool) -> Iterator[FileEntry]:
     skipped_dirs = 0
     for arg in inputs:
+        if sources.is_uri(arg):
+            for entry in _list(arg, recursive):
+                if entry is None:
+                    skipped_dirs += 1
+                else:
+                    yield entry
+            continue
         paths = [arg] if os.path.exists(arg) else sorted(glob.iglob(arg, recursive=True))
         for path in map(os.path.normpath, paths):
             if os.path.isdir(path):
@@ -105,13 +121,26 @@ def _walk(folder: str, recursive: bool, above: frozenset[str]) -> Iterator[FileE
             yield FileEntry(e.path)
 
 
+def _list(uri: str, recursive: bool) -> Iterator[FileEntry | None]:
+    """A URI's objects as ``_walk`` yields a folder's files (the URI itself when it names one object)."""
+    try:
+        if not sources.is_dir(uri):
+            yield FileEntry(uri)
+            return
+        listing = list(sources.list_files(uri, recursive))
+    except OSError as e:
+        yield FileEntry(uri, Failure("unreadable folder", str(e)))
+        return
+    yield from (None if found is None else FileEntry(found) for found in listing)
+
+
 def sniff(path: str) -> str:
     """A file's content category: "image" (anything Pillow opens), "csv" (rows of 8 or 9 numbers,
     header allowed), "text", "binary" or "empty"/"unreadable"."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path):
+            with sources.open_file(path) as f, Image.open(f):
                 return "image"
     except Image.DecompressionBombError:
         return "image"  # too large to classify, but an image: it becomes an error row of the digits run
@@ -120,7 +149,7 @@ def sniff(path: str) -> str:
     except OSError:
         return "unreadable"
     try:
-        with open(path, "rb") as f:
+        with sources.open_file(path) as f:
             head = f.read(SNIFF_BYTES)
     except OSError:
         return "unreadable"

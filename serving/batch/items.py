@@ -8,8 +8,10 @@ undecodable line); what a model's card decides (pixel limits, vocabularies, feat
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Iterable, Iterator
 
+from serving.batch import sources
 from serving.batch.discover import SNIFF_BYTES, FileEntry
 from serving.batch.types import Failure, Item
 
@@ -37,7 +39,7 @@ def _read_image(path: str) -> Iterator[Item]:
 def _open_text(path: str) -> tuple[bytes | None, Failure | None]:
     """The file's first bytes, or why it cannot be read as text (so a stray binary file is one error row)."""
     try:
-        with open(path, "rb") as f:
+        with sources.open_file(path) as f:
             head = f.read(SNIFF_BYTES)
     except OSError as e:
         return None, Failure("unreadable file", e.strerror or str(e))
@@ -55,7 +57,7 @@ def _read_lines(path: str) -> Iterator[Item]:
         yield Item(path, failure=failure)
         return
     try:
-        with open(path, "rb") as f:
+        with sources.open_file(path) as f:
             for number, raw in enumerate(f, 1):
                 item_id = f"{path}:{number}"
                 try:
@@ -83,7 +85,7 @@ def _read_records(path: str) -> Iterator[Item]:
         yield Item(path, failure=failure)
         return
     try:
-        with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+        with io.TextIOWrapper(sources.open_file(path), encoding="utf-8-sig", errors="replace", newline="") as f:
             reader = csv.reader(f)
             layout: tuple[int, int | None] | None = None  # (columns, label column)
             for row in reader:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from serving import preprocess
+from serving.batch import sources
 from serving.batch.types import Failure, Item
 
 #: files above this size are refused before reading: an image this big is a mistake or an attack, and a
@@ -108,8 +109,9 @@ def _validated(value: Any, encode: Callable[[Any], Any] | None, reason: str) -> 
 
 def _read_file(path: str) -> bytes | Failure:
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+        with sources.open_file(path) as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(0)
             if size > MAX_FILE_BYTES:
                 return Failure(TOO_LARGE, f"{size:,} bytes: at most {MAX_FILE_BYTES:,} are read")
             data = f.read()

@@ -11,7 +11,9 @@ one people already operate. The steps are the local engine's own, so both engine
 
 Rows carry their input's position, so the driver can check that every input came back exactly once
 (Ray retries failed tasks; a retried block must not become two rows). The model's bytes travel through
-Ray's object store, so workers on other machines need no copy of ``--repo``, only coursezoo itself.
+Ray's object store, so workers on other machines need no copy of ``--repo``, only coursezoo itself. Inputs
+given as ``s3://``/``gs://`` URIs are read by the tasks themselves, through the driver's pyarrow file systems
+(their endpoint and options; credentials come from each worker's own environment).
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+from pyarrow import fs as pafs
 
+from serving.batch import sources
 from serving.batch.engines import EngineError
 from serving.batch.engines.local import LocalEngine
 from serving.batch.engines.models import find_model
@@ -114,8 +118,8 @@ class RayEngine:
         if not expected:
             return
         data = ray.data.from_arrow(blocks)
-        data = data.map_batches(_prepare, fn_kwargs={"preparer": self.preparer}, batch_format="pyarrow",
-                                batch_size=None)  # a block is one batch already
+        data = data.map_batches(_prepare, fn_kwargs={"preparer": self.preparer, "filesystems": sources.opened()},
+                                batch_format="pyarrow", batch_size=None)  # a block is one batch already
         data = data.map_batches(_Predictor, fn_constructor_kwargs=self._predictor_args, batch_format="pyarrow",
                                 batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=self.concurrency),
                                 num_gpus=self.num_gpus or None)
@@ -160,8 +164,9 @@ class _Predictor:
                          OUTCOME: pa.array([pickle.dumps(outcome) for _, outcome in pairs], pa.binary())})
 
 
-def _prepare(batch: pa.Table, preparer: Preparer) -> pa.Table:
+def _prepare(batch: pa.Table, preparer: Preparer, filesystems: dict[str, pafs.FileSystem]) -> pa.Table:
     """A Ray task: decode and check one batch with the batch ``Preparer``; per row its input or its failure."""
+    sources.adopt(filesystems)  # the buckets the driver listed, as it reaches them
     prepared = preparer([pickle.loads(x) for x in batch[ITEM].to_pylist()])
     ready = iter(prepared.inputs if prepared.ready else ())  # a stacked array iterates by item, as a list does
     inputs = [None if failure else pickle.dumps(next(ready)) for failure in prepared.outcomes]

@@ -1,0 +1,88 @@
+"""Where inputs live: local paths, or ``s3://`` and ``gs://`` URIs read through pyarrow file systems.
+
+One place answers "does this INPUT exist, which files are under it, open this file" for both, so
+discovery, item reading and decoding (in worker processes and Ray tasks too) treat a bucket like a
+folder. A URI's files keep their URIs as ids (``s3://bucket/scans/00001.png``). Each bucket's file
+system is opened once per process (``pyarrow.fs.FileSystem.from_uri``, configured by the usual
+``AWS_*`` variables, ``AWS_ENDPOINT_URL`` for an S3-compatible store, or Google's defaults); the Ray
+engine ships the driver's to its tasks (pyarrow file systems pickle, without their credentials).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator, Mapping
+from typing import BinaryIO
+
+from pyarrow import fs as pafs
+
+#: URI schemes read through pyarrow; anything else is a local path
+SCHEMES = ("s3://", "gs://", "gcs://")
+
+_opened: dict[str, pafs.FileSystem] = {}  # "s3://bucket" -> its file system, in this process
+
+
+def is_uri(path: str) -> bool:
+    return path.startswith(SCHEMES)
+
+
+def open_file(path: str) -> BinaryIO:
+    """A local file or a URI's object, as a buffered binary file (seekable; lines iterate)."""
+    if not is_uri(path):
+        return open(path, "rb")
+    filesystem, key = _resolve(path)
+    return io.BufferedReader(filesystem.open_input_file(key))  # type: ignore[arg-type]
+
+
+def exists(uri: str) -> bool:
+    """Whether the URI names an object or a prefix holding some."""
+    filesystem, key = _resolve(uri)
+    return filesystem.get_file_info(key).type != pafs.FileType.NotFound
+
+
+def is_dir(uri: str) -> bool:
+    filesystem, key = _resolve(uri)
+    return filesystem.get_file_info(key).type == pafs.FileType.Directory
+
+
+def list_files(uri: str, recursive: bool) -> Iterator[str | None]:
+    """URIs of the objects under a prefix, ordered as a folder walk is; ``None`` marks a sub-prefix left
+    out without ``recursive``. Hidden entries (a ``.name`` anywhere below ``uri``) are skipped. Raises
+    ``OSError`` when the prefix cannot be listed."""
+    filesystem, key = _resolve(uri)
+    scheme = uri.split("://", 1)[0]
+    entries = []
+    for info in filesystem.get_file_info(pafs.FileSelector(key, recursive=recursive)):
+        parts = info.path[len(key):].strip("/").split("/")
+        if any(part.startswith(".") for part in parts):
+            continue
+        if info.type == pafs.FileType.Directory:
+            if not recursive:
+                entries.append((parts, None))
+        else:
+            entries.append((parts, f"{scheme}://{info.path}"))
+    yield from (entry for _, entry in sorted(entries, key=lambda e: e[0]))  # per folder by name, as _walk
+
+
+def opened() -> dict[str, pafs.FileSystem]:
+    """The file systems this process opened, to hand to Ray tasks (which may lack the driver's settings)."""
+    return dict(_opened)
+
+
+def adopt(filesystems: Mapping[str, pafs.FileSystem]) -> None:
+    """Use the driver's file systems (its endpoint and options) for the buckets they serve."""
+    for root, filesystem in filesystems.items():
+        _opened.setdefault(root, filesystem)
+
+
+def _resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The bucket's file system (opened on first use) and the object key or prefix as pyarrow names it."""
+    scheme, rest = uri.split("://", 1)
+    key = rest.rstrip("/")
+    root = f"{scheme}://{key.split('/', 1)[0]}"
+    if root not in _opened:
+        try:
+            _opened[root] = pafs.FileSystem.from_uri(root)[0]
+        except ValueError as e:  # pyarrow.ArrowInvalid: a malformed URI, or a pyarrow built without it
+            raise OSError(f"cannot open {root}: {e}") from e
+    return _opened[root], key
