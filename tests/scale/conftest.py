@@ -7,6 +7,9 @@ import io
 import logging
 import os
 import shutil
+import socket
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -72,3 +75,26 @@ def scans(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "notes.txt").write_text("scanned on Tuesday\n")
     Image.new("L", (6000, 5000)).save(root / "huge.png")  # 30 Mpx, over the default limit
     return root
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now (for servers that cannot bind port 0 themselves)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, what: str, log: Path | None = None,
+                  timeout: float = 20.0) -> None:
+    """Return once ``proc`` accepts connections on ``port``; fail the test (showing ``log``) if it exits or
+    takes too long."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                shown = log.read_text() if log is not None and log.exists() else ""
+                pytest.fail(f"{what} did not start on port {port} (exit status {proc.poll()})\n{shown}")
+            time.sleep(0.1)

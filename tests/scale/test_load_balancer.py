@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import re
 import shutil
-import socket
 import subprocess
 import threading
-import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,6 +21,7 @@ import pytest
 
 from serving.client import CourseZooClient
 from tests.conftest import EXPORTED, REPO_ROOT, ServerProcess
+from tests.scale.conftest import free_port, wait_for_port
 
 CONFIG = REPO_ROOT / "deploy" / "lb" / "nginx.conf"
 MODEL = "mnist_cnn"
@@ -46,12 +45,6 @@ def render(config: str, replicas: list[str], port: int, folder: Path) -> str:
     temp = "\n".join(f"    {kind}_temp_path {folder}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi",
                                                                              "scgi"))
     return swap(r"^http \{$", "http {\n" + temp, config)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def classify_calls(replica: ServerProcess) -> int:
@@ -93,15 +86,7 @@ def balancer(nginx: str, replicas: list[ServerProcess], tmp_path: Path) -> Itera
                              str(folder / "error.log"), "-g", f"daemon off; pid {folder}/nginx.pid;"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                errors = (folder / "error.log").read_text() if (folder / "error.log").exists() else ""
-                assert proc.poll() is None and time.monotonic() < deadline, f"nginx did not start:\n{errors}"
-                time.sleep(0.1)
+        wait_for_port(port, proc, "nginx", log=folder / "error.log")
         yield f"127.0.0.1:{port}"
     finally:
         proc.terminate()

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +15,7 @@ import pytest
 
 from tests.batch.conftest import Run
 from tests.conftest import EXPORTED, digits_models
-from tests.scale.conftest import require_tool
+from tests.scale.conftest import free_port, require_tool, wait_for_port
 from tests.scale.test_ray_engine import assert_same_rows
 
 Batch = Callable[..., Run]
@@ -45,21 +43,11 @@ def s3_endpoint() -> Iterator[str]:
         moto = None
     server = shutil.which("moto_server", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
     require_tool(moto and server, "moto's S3 server", f"pip install '{MOTO}'")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     process = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"moto_server did not start on port {port} (exit status {process.poll()})")
-                time.sleep(0.1)
+        wait_for_port(port, process, "moto_server")
         yield f"http://127.0.0.1:{port}"
     finally:
         process.terminate()
