@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from serving.card import ModelCard
+
 log = logging.getLogger("coursezoo.preprocess")
 
 
@@ -323,3 +325,22 @@ def _centre(digit: np.ndarray, height: int, width: int) -> np.ndarray:
     canvas = np.zeros((height, width), dtype=np.float32)
     canvas[top : top + h, left : left + w] = digit
     return canvas
+
+
+# --- Records and texts -> a model's named inputs ----------------------------------------------------
+
+def model_inputs(card: ModelCard, items: Sequence[Any]) -> dict[str, np.ndarray]:
+    """Records (diabetes) or texts (names, hello) -> the input tensors the card names, by its task.
+
+    The server's handlers and the batch CLI's local engine both feed models through this, so which
+    encoder a task uses and which tensor gets what is decided once.
+    """
+    prep, names = card.preprocessing, [t.name for t in card.inputs]
+    if card.task == "diabetes":
+        return {names[0]: encode_features(items, prep["num_features"])}
+    if card.task == "names":
+        chars, lengths = encode_names(items, prep["vocab_size"])
+        return {names[0]: chars, names[1]: lengths}
+    if card.task == "hello":
+        return {names[0]: encode_hello(items, prep["vocabulary"])}
+    raise InputError(f"{card.name} is a {card.task} model: it takes no records or texts")

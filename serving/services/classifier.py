@@ -16,7 +16,7 @@ import numpy as np
 from google.protobuf import struct_pb2
 
 from serving import postprocess
-from serving.preprocess import InputError, decode_digit, encode_features, encode_hello, encode_names, pixels_to_digit
+from serving.preprocess import InputError, decode_digit, model_inputs, pixels_to_digit
 from serving.protos import classifier_pb2 as pb
 from serving.protos import classifier_pb2_grpc
 from serving.repository import ModelNotFound, ModelNotReady, ServedModel
@@ -116,8 +116,7 @@ class ClassifierService(Handler, classifier_pb2_grpc.ClassifierServicer):
     async def ClassifyDiabetes(self, request: pb.ClassifyDiabetesRequest) -> Answer:
         model = self.model(request.model, request.version, ("diabetes",), "ClassifyDiabetes")
         self.check_count(len(request.records), "records")
-        x = encode_features([r.features for r in request.records], model.card.preprocessing["num_features"])
-        outputs = await model.infer({model.card.inputs[0].name: x})
+        outputs = await model.infer(model_inputs(model.card, [r.features for r in request.records]))
         predictions = [pb.DiabetesPrediction(label=p.label, probability=p.probability)
                        for p in postprocess.diabetes_predictions(outputs[model.card.outputs[0].name])]
         reply = pb.ClassifyDiabetesResponse(model=model.name, model_version=model.version, predictions=predictions)
@@ -128,14 +127,11 @@ class ClassifierService(Handler, classifier_pb2_grpc.ClassifierServicer):
         model = self.model(request.model, request.version, ("names", "hello"), "ClassifySequences")
         self.check_count(len(request.texts), "texts")
         card, texts = model.card, list(request.texts)
+        logits = (await model.infer(model_inputs(card, texts)))[card.outputs[0].name]
         if card.task == "names":
-            chars, lengths = encode_names(texts, card.preprocessing["vocab_size"])
-            outputs = await model.infer({card.inputs[0].name: chars, card.inputs[1].name: lengths})
-            results = postprocess.names_predictions(outputs[card.outputs[0].name], card.labels, request.top_k)
+            results = postprocess.names_predictions(logits, card.labels, request.top_k)
         else:
-            vocabulary = card.preprocessing["vocabulary"]
-            outputs = await model.infer({card.inputs[0].name: encode_hello(texts, vocabulary)})
-            results = postprocess.hello_predictions(outputs[card.outputs[0].name], texts, vocabulary)
+            results = postprocess.hello_predictions(logits, texts, card.preprocessing["vocabulary"])
         predictions = [pb.SequencePrediction(label=p.label, confidence=p.confidence,
                                              top=[pb.LabelScore(label=label, score=score) for label, score in p.top])
                        for p in results]

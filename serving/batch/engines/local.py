@@ -67,17 +67,14 @@ class LocalEngine:
         if self.kind == "digits":
             results = postprocess.digit_predictions(self.model.run({first: inputs})[output])
             return [self._answer(self.labels[r.digit], r.confidence, r.probabilities) for r in results]
+        outputs = self.model.run(preprocess.model_inputs(card, inputs))[output]
         if self.kind == "diabetes":
-            features = preprocess.encode_features(inputs, prep["num_features"])
-            results = postprocess.diabetes_predictions(self.model.run({first: features})[output])
+            results = postprocess.diabetes_predictions(outputs)
             return [self._answer(self.labels[r.label], *diabetes_answer(r.label, r.probability)) for r in results]
         if self.kind == "names":
-            chars, lengths = preprocess.encode_names(inputs, prep["vocab_size"])
-            logits = self.model.run({first: chars, card.inputs[1].name: lengths})[output]
-            results = postprocess.names_predictions(logits, self.labels, max(self.top_k, 1))
+            results = postprocess.names_predictions(outputs, self.labels, max(self.top_k, 1))
         else:
-            logits = self.model.run({first: preprocess.encode_hello(inputs, prep["vocabulary"])})[output]
-            results = postprocess.hello_predictions(logits, inputs, prep["vocabulary"])
+            results = postprocess.hello_predictions(outputs, inputs, prep["vocabulary"])
         return [Prediction(r.label, r.confidence, card.name, card.version, r.top[: self.top_k]) for r in results]
 
     def _answer(self, label: str, confidence: float, scores: Sequence[float]) -> Prediction:
