@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
@@ -57,7 +58,8 @@ class DynamicBatcher:
     """Coalesces ``submit`` calls into ``run`` calls; see the module docstring.
 
     ``max_batch_size <= 1`` turns coalescing off. ``max_delay_ms == 0`` never waits for more requests but
-    still joins those already queued (as Triton does), which costs no latency.
+    still joins those already queued (as Triton does), which costs no latency. ``inline_budget_ms == 0``
+    runs every batch in a thread.
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class DynamicBatcher:
         name: str = "model",
         observer: BatchObserver | None = None,
         executor: Executor | None = None,
+        inline_budget_ms: float = 0.0,
     ):
         self.name = name
         self.max_batch_size = max(1, max_batch_size)
@@ -78,6 +81,10 @@ class DynamicBatcher:
         self._run = run
         self._observer = observer
         self._executor = executor  # None: the event loop's default thread pool
+        self.inline_budget_s = max(0.0, inline_budget_ms) / 1000
+        # Measured seconds per item, smoothed, by batch-size class (1, 2-3, 4-7, ...): per-item cost falls
+        # as batches grow, so one figure for all sizes would mislead both ends.
+        self._seconds_per_item: dict[int, float] = {}
         self._queue: deque[_Request] = deque()
         self._queued_items = 0
         self._arrived = asyncio.Event()
@@ -204,15 +211,36 @@ class DynamicBatcher:
         if not batch:
             self._report_depth()
             return
+        size = sum(r.n for r in batch)
         try:
             inputs = batch[0].inputs if len(batch) == 1 else {
                 k: np.concatenate([r.inputs[k] for r in batch]) for k in batch[0].inputs
             }
-            outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self._run, inputs)
+            if self._runs_inline(size):
+                outputs = self._timed_run(inputs, size)
+            else:
+                outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self._timed_run, inputs,
+                                                                           size)
             self._deliver(batch, outputs)
         except Exception as e:
             _fail(batch, e)
-        self._observe(sum(r.n for r in batch))
+        self._observe(size)
+        await asyncio.sleep(0)  # after an inline run: let the calls that arrived meanwhile in
+
+    def _runs_inline(self, size: int) -> bool:
+        """Whether ``size`` items are expected to run within the inline budget; a size class not yet
+        measured runs in a thread."""
+        per_item = self._seconds_per_item.get(size.bit_length())
+        return per_item is not None and per_item * size <= self.inline_budget_s
+
+    def _timed_run(self, inputs: Arrays, size: int) -> Mapping[str, np.ndarray]:
+        """``run``, learning its time per item for this size class (one slow run moves it a fifth of the way)."""
+        start = time.perf_counter()
+        outputs = self._run(inputs)
+        sample = (time.perf_counter() - start) / size
+        previous = self._seconds_per_item.get(size.bit_length(), sample)
+        self._seconds_per_item[size.bit_length()] = previous + 0.2 * (sample - previous)
+        return outputs
 
     @staticmethod
     def _deliver(batch: list[_Request], outputs: Mapping[str, np.ndarray]) -> None:

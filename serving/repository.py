@@ -60,11 +60,13 @@ class ServingSettings:
     max_queue_delay_ms: float = 1.0
     max_queue_items: int = 4096
     intra_op_threads: int | None = None  # None or 0: ONNX Runtime's default (one per physical core)
+    inline_run_ms: float = 0.0  # batches expected to run faster than this run on the event loop (see batching)
     poll_interval_s: float = 0.0  # 0: no polling; RepositoryModelLoad still loads new versions
 
 
 #: Fields a card's ``serving`` dict may set, with their types.
-CARD_OVERRIDES = {"max_batch_size": int, "max_queue_delay_ms": float, "max_queue_items": int, "intra_op_threads": int}
+CARD_OVERRIDES = {"max_batch_size": int, "max_queue_delay_ms": float, "max_queue_items": int, "intra_op_threads": int,
+                  "inline_run_ms": float}
 
 
 def settings_for(settings: Any, card: ModelCard) -> ServingSettings:
@@ -300,6 +302,7 @@ class ModelRepository:
         batcher = DynamicBatcher(
             session.run, max_batch_size=settings.max_batch_size, max_delay_ms=settings.max_queue_delay_ms,
             max_queue_items=settings.max_queue_items, name=name, observer=self._metrics,
+            inline_budget_ms=settings.inline_run_ms,
         )
         versions[version] = _Version(fingerprint, ServedModel(card, session, batcher, settings), READY)
         if self._metrics is not None:

@@ -36,6 +36,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from serving.decoding import POOL_MIN_IMAGES, ImageDecoder
 from serving.metrics import Metrics
 from serving.preprocess import DEFAULT_MAX_IMAGE_PIXELS, set_max_image_pixels
 from serving.protos import classifier_pb2, classifier_pb2_grpc, inference_pb2, inference_pb2_grpc
@@ -73,9 +74,13 @@ class ServerSettings:
     max_queue_items: int = _option(4096, "items a model's queue holds before RESOURCE_EXHAUSTED")
     max_items_per_request: int = _option(1024, "items (images, records, texts, rows) one request may carry")
     max_image_pixels: int = _option(DEFAULT_MAX_IMAGE_PIXELS, "largest image (width*height) before RESOURCE_EXHAUSTED")
+    decode_processes: int = _option(-1, f"processes decoding the images of requests with {POOL_MIN_IMAGES} or more; "
+                                    "-1 = one per CPU core (at most 8), 0 = decode in the server process")
     max_message_mb: int = _option(64, "largest gRPC message, both directions, in MiB")
     poll_interval_s: float = _option(5.0, "how often the repository looks for new versions; 0 = never")
     intra_op_threads: int = _option(0, "ONNX Runtime threads per session; 0 = its default")
+    inline_run_ms: float = _option(1.0, "model runs measured to take less than this execute on the event loop, "
+                                   "saving a thread hop; 0 = every run in a worker thread")
     grace_s: float = _option(10.0, "on SIGTERM/SIGINT, how long in-flight RPCs may take to finish")
     tls_cert: str = _option("", "PEM certificate (chain) the port presents; with --tls-key the port speaks TLS only")
     tls_key: str = _option("", "PEM private key of --tls-cert")
@@ -240,7 +245,8 @@ class CourseZooServer:
         self.metrics = Metrics()
         self.repository = ModelRepository(Path(settings.repo), settings, metrics=self.metrics)
         self.health = HealthService(self.repository)
-        self.classifier = ClassifierService(self.repository, self.metrics, settings)
+        self.decoder = ImageDecoder(settings.decode_processes, settings.max_image_pixels)
+        self.classifier = ClassifierService(self.repository, self.metrics, settings, self.decoder)
         self.inference = InferenceService(self.repository, self.metrics, settings, self.health,
                                           model_control=self.security.model_control)
         self._interceptors = interceptors
@@ -252,6 +258,7 @@ class CourseZooServer:
 
     async def start(self) -> None:
         set_max_image_pixels(self.settings.max_image_pixels)  # process-wide: Pillow's own guard
+        self.decoder.start()  # its processes start while the models load
         await self.repository.start()
         self._gate = DrainGate()  # created on the running loop, which its event belongs to
         try:
@@ -259,6 +266,7 @@ class CourseZooServer:
                                                       [self._gate, *self._interceptors], self.security)
         except OSError:
             await self.repository.stop()
+            self.decoder.close()
             raise
         await self._grpc.start()
         await self.health.start()
@@ -277,6 +285,7 @@ class CourseZooServer:
         if self._grpc is not None:  # what is still running after the grace period is cancelled here
             await self._grpc.stop(max(0.0, deadline - asyncio.get_running_loop().time()))
         await self.repository.stop()
+        self.decoder.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()

@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import functools
 import itertools
-import multiprocessing
 import os
-import signal
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import TypeVar
 
 from serving.batch.engines import Engine
 from serving.batch.prepare import PreparedBatch, Preparer
 from serving.batch.types import BatchError, Failure, Item, Prediction
+from serving.workers import spawn_pool
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -33,16 +32,11 @@ def cores() -> int:
 
 
 class Workers:
-    """Processes that prepare (decode) batches, started at once so their start-up overlaps the model's loading.
-
-    Spawned, not forked: the parent holds ONNX Runtime and gRPC threads, which a fork would copy mid-state.
-    """
+    """Processes that prepare (decode) batches, started at once so their start-up overlaps the model's loading."""
 
     def __init__(self, n: int) -> None:
         self.n = n
-        self.pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_sigint)
-        for _ in range(n):
-            self.pool.submit(int)  # starts the processes now rather than at the first batch
+        self.pool = spawn_pool(n)
 
     def prepare(self, preparer: Preparer, batches: Iterable[list[Item]]) -> Iterator[tuple[list[Item], PreparedBatch]]:
         """(batch, prepared batch) in order, two batches queued per process."""
@@ -103,10 +97,6 @@ def _batched(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
     it = iter(items)
     while batch := list(itertools.islice(it, size)):
         yield batch
-
-
-def _ignore_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops the pool
 
 
 def _prepare(preparer: Preparer, items: list[Item]) -> PreparedBatch:

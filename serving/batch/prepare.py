@@ -53,32 +53,34 @@ class Preparer:
     def __call__(self, items: list[Item]) -> PreparedBatch:
         if self.kind == "digits":  # a process-wide Pillow setting: set where the decoding happens
             preprocess.set_max_image_pixels(self.max_image_pixels)
-        prepare: Callable[[Item], Any] = getattr(self, f"_{self.kind}")
-        outcomes: list[Failure | None] = []
-        inputs = []
-        for item in items:
-            value = item.failure or prepare(item)
-            if isinstance(value, Failure):
-                outcomes.append(value)
-            else:
-                outcomes.append(None)
-                inputs.append(value)
+            values = self._digits(items)
+        else:
+            prepare: Callable[[Item], Any] = getattr(self, f"_{self.kind}")
+            values = [item.failure or prepare(item) for item in items]
+        outcomes: list[Failure | None] = [v if isinstance(v, Failure) else None for v in values]
+        inputs = [v for v in values if not isinstance(v, Failure)]
         return PreparedBatch(outcomes, self._collate(inputs) if inputs else None)
 
     def _collate(self, inputs: list[Any]) -> Any:
         """Tensors are stacked into one array, which crosses the process boundary as a single buffer."""
         return np.stack(inputs) if isinstance(inputs[0], np.ndarray) else inputs
 
-    def _digits(self, item: Item) -> np.ndarray | bytes | Failure:
-        data = _read_file(item.id)
-        if isinstance(data, Failure) or self.preprocessing is None:
-            return data
-        try:
-            return preprocess.decode_digit(data, self.preprocessing)
-        except preprocess.InputTooLarge as e:
-            return Failure(TOO_LARGE, str(e))
-        except preprocess.InputError as e:
-            return Failure(INVALID["digits"], str(e))
+    def _digits(self, items: list[Item]) -> list[np.ndarray | bytes | Failure]:
+        """Files -> image tensors, decoded together (``decode_digits``); without a card, the files' bytes."""
+        values: list[Any] = [item.failure or _read_file(item.id) for item in items]
+        if self.preprocessing is None:
+            return values
+        readable = [i for i, v in enumerate(values) if not isinstance(v, Failure)]
+        digits, errors = preprocess.decode_digits([values[i] for i in readable], self.preprocessing)
+        decoded = iter(digits)
+        for j, i in enumerate(readable):
+            error = errors.get(j)
+            if error is None:
+                values[i] = next(decoded)
+            else:
+                values[i] = Failure(TOO_LARGE if isinstance(error, preprocess.InputTooLarge) else INVALID["digits"],
+                                    str(error))
+        return values
 
     def _diabetes(self, item: Item) -> list[float] | Failure:
         prep = self.preprocessing

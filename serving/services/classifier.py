@@ -16,11 +16,13 @@ import numpy as np
 from google.protobuf import struct_pb2
 
 from serving import postprocess
+from serving.decoding import ImageDecoder
+from serving.metrics import Metrics
 from serving.preprocess import InputError, decode_digit, model_inputs, pixels_to_digit
 from serving.protos import classifier_pb2 as pb
 from serving.protos import classifier_pb2_grpc
-from serving.repository import ModelNotFound, ModelNotReady, ServedModel
-from serving.services.base import Answer, Handler, abort, answer, rpc
+from serving.repository import ModelNotFound, ModelNotReady, ModelRepository, ServedModel
+from serving.services.base import Answer, Handler, Settings, abort, answer, rpc
 
 #: How many stream requests may be in flight at once before the stream stops reading more.
 STREAM_WINDOW = 8
@@ -28,6 +30,11 @@ STREAM_WINDOW = 8
 
 class ClassifierService(Handler, classifier_pb2_grpc.ClassifierServicer):
     """Handlers of the domain API; see protos/coursezoo/v1/classifier.proto for the messages."""
+
+    def __init__(self, repository: ModelRepository, metrics: Metrics, settings: Settings,
+                 decoder: ImageDecoder) -> None:
+        super().__init__(repository, metrics, settings)
+        self.decoder = decoder
 
     @rpc("ListModels", model_field="task")
     async def ListModels(self, request: pb.ListModelsRequest) -> Answer:
@@ -97,12 +104,7 @@ class ClassifierService(Handler, classifier_pb2_grpc.ClassifierServicer):
     async def _classify_digits(self, request: pb.ClassifyDigitsRequest) -> Answer:
         model = self.model(request.model, request.version, ("digits",), "ClassifyDigits")
         self.check_count(len(request.images), "images")
-        prep = model.card.preprocessing
-        # One image decodes faster than a thread hop; a batch must not block the event loop meanwhile.
-        if len(request.images) == 1:
-            x = _decode_image(request.images[0], 0, prep)[None]
-        else:
-            x = await asyncio.to_thread(_decode_images, request.images, prep)
+        x = await self._digit_tensor(request.images, model.card.preprocessing)
         outputs = await model.infer({model.card.inputs[0].name: x})
         predictions = [pb.DigitPrediction(digit=p.digit, confidence=p.confidence, probabilities=p.probabilities)
                        for p in postprocess.digit_predictions(outputs[model.card.outputs[0].name])]
@@ -111,6 +113,15 @@ class ClassifierService(Handler, classifier_pb2_grpc.ClassifierServicer):
         return Answer(reply, model.name, len(predictions))
 
     ClassifyDigits = rpc("ClassifyDigits")(_classify_digits)
+
+    async def _digit_tensor(self, images: Sequence[pb.Image], prep: dict) -> np.ndarray:
+        """Images -> the model's float32 [n, 1, h, w]; encoded files go to the decoder, which picks where
+        they decode, and raw pixels (no decoding to speak of) are converted here."""
+        if all(image.WhichOneof("source") == "encoded" for image in images):
+            return await self.decoder.decode([image.encoded for image in images], prep)
+        if len(images) == 1:
+            return _decode_image(images[0], 0, prep)[None]
+        return await asyncio.to_thread(_decode_images, images, prep)
 
     @rpc("ClassifyDiabetes")
     async def ClassifyDiabetes(self, request: pb.ClassifyDiabetesRequest) -> Answer:

@@ -282,3 +282,47 @@ def test_requests_never_outlive_their_worker() -> None:
         np.testing.assert_array_equal((await batcher.submit(x(5)))["y"], x(5)["x"] * 2)
 
     run(main())
+
+
+class ThreadRecorder:
+    """y = 2x, noting which thread ran each batch and taking ``seconds`` per run."""
+
+    def __init__(self, seconds: float = 0.0) -> None:
+        self.seconds = seconds
+        self.threads: list[tuple[int, int]] = []  # (batch size, thread id)
+
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.threads.append((len(inputs["x"]), threading.get_ident()))
+        if self.seconds:
+            threading.Event().wait(self.seconds)
+        return {"y": inputs["x"] * 2}
+
+
+def test_fast_runs_move_onto_the_event_loop_once_measured() -> None:
+    """The first run of a size class goes to a thread and is timed; once a size is known to fit the inline
+    budget, it runs on the loop's own thread. A new size class is measured in a thread first."""
+    model = ThreadRecorder()
+
+    async def main() -> int:
+        batcher = DynamicBatcher(model, max_batch_size=64, max_delay_ms=0, max_queue_items=1000,
+                                 inline_budget_ms=1000)
+        for request in (x(1), x(2), x(3), x(*range(40)), x(*range(40))):
+            np.testing.assert_array_equal((await batcher.submit(request))["y"], request["x"] * 2)
+        return threading.get_ident()
+
+    loop_thread = run(main())
+    assert [(size, thread == loop_thread) for size, thread in model.threads] == [
+        (1, False), (1, True), (1, True), (40, False), (40, True)]
+
+
+def test_slow_runs_and_a_zero_budget_stay_in_worker_threads() -> None:
+    for model, budget in ((ThreadRecorder(seconds=0.02), 5.0), (ThreadRecorder(), 0.0)):
+        async def main(model: ThreadRecorder = model, budget: float = budget) -> int:
+            batcher = DynamicBatcher(model, max_batch_size=8, max_delay_ms=0, max_queue_items=100,
+                                     inline_budget_ms=budget)
+            for i in range(4):
+                await batcher.submit(x(i))
+            return threading.get_ident()
+
+        loop_thread = run(main())
+        assert len(model.threads) == 4 and all(thread != loop_thread for _, thread in model.threads)

@@ -293,3 +293,24 @@ def test_hello_round_trip_cuts_each_text_to_its_length() -> None:
     assert decode_hello(logits, ["hello", "he"], vocab) == ["hello", "he"]
     with pytest.raises(InputError, match="letters 'x'"):
         encode_hello(["hex"], vocab)
+
+
+# --- many images at once ----------------------------------------------------------------------------------
+
+def test_decode_digits_equals_decode_digit_per_image_and_reports_failures_by_position(mnist: np.ndarray) -> None:
+    """The batch form gives the same bits as one image at a time, for placed and unplaced images alike, and
+    a bad image costs only its own place (the others keep their order)."""
+    good = [encode(mnist[0]), encode(255 - mnist[1]), encode(pad(mnist[2:3])[0]), encode(mnist[3], "JPEG")]
+    files = [good[0], b"", good[1], encode(np.full((28, 28), 9, np.uint8)), good[2], b"junk", good[3]]
+    digits, errors = preprocess.decode_digits(files, PREP)
+    assert sorted(errors) == [1, 3, 5]
+    assert "empty image" in str(errors[1]) and "no digit found" in str(errors[3])
+    assert "not a recognised" in str(errors[5])
+    assert digits.shape == (4, 1, 28, 28) and digits.dtype == np.float32
+    np.testing.assert_array_equal(digits, np.stack([decode_digit(f, PREP) for f in good]))
+
+
+def test_decode_digits_keeps_the_error_type_of_an_image_over_the_limit(pixel_limit: Callable[[int], None]) -> None:
+    pixel_limit(100 * 100)
+    digits, errors = preprocess.decode_digits([encode(np.zeros((200, 200), np.uint8))], PREP)
+    assert digits.shape == (0, 1, 28, 28) and isinstance(errors[0], InputTooLarge)

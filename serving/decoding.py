@@ -1,0 +1,100 @@
+"""Where the server decodes request images: on the event loop, in a thread, or in a pool of processes.
+
+Decoding a digit is Pillow plus a few numpy calls, ~50 µs per image of mostly Python work that holds the
+GIL. One image decodes faster than a hand-over to any other thread, so it stays on the event loop. A
+batch decoded in threads competes with the event loop (gRPC, batching, replies) for that one GIL, and on
+2 cores batches of 256 PNGs then came to ~5,000 images/s with ~230 µs of server CPU per image; in worker
+processes a request's images decode on every core at once while the server process keeps serving (see
+docs/performance.md for the figures). Requests of fewer than ``POOL_MIN_IMAGES`` images are not worth
+the inter-process hand-over (~0.3 ms) and decode in a thread.
+
+The decoding rules themselves are ``serving.preprocess.decode_digits``; this module only decides where
+they run (the workers are ``serving.workers`` pools).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+import numpy as np
+
+from serving.preprocess import InputError, decode_digits
+from serving.workers import spawn_pool
+
+log = logging.getLogger("coursezoo.decoding")
+
+#: Requests with at least this many images decode in the process pool.
+POOL_MIN_IMAGES = 16
+#: A request is split over the workers in parts of at least this many images.
+MIN_PART_IMAGES = 32
+#: ``processes=-1`` (auto) uses one worker per core, at most this many.
+MAX_AUTO_PROCESSES = 8
+
+
+def auto_processes() -> int:
+    """One per CPU this process may use (its affinity, e.g. a container's limit), at most MAX_AUTO_PROCESSES."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(MAX_AUTO_PROCESSES, cpus)
+
+
+class ImageDecoder:
+    """Decodes a request's images into the model's input tensor, choosing where by their number."""
+
+    def __init__(self, processes: int, max_image_pixels: int) -> None:
+        self.processes = auto_processes() if processes < 0 else processes
+        self.max_image_pixels = max_image_pixels
+        self._pool: ProcessPoolExecutor | None = None
+
+    def start(self) -> None:
+        """Start the workers now, so that the first big request does not wait for them (~0.5 s each)."""
+        if self.processes > 0:
+            self._pool = spawn_pool(self.processes, self.max_image_pixels)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    async def decode(self, images: Sequence[bytes], prep: Mapping[str, Any]) -> np.ndarray:
+        """Image files -> float32 [n, 1, height, width]; InputError naming the first image that fails."""
+        if len(images) == 1:
+            digits, errors = decode_digits(images, prep)
+        elif self._pool is None or len(images) < POOL_MIN_IMAGES:
+            digits, errors = await asyncio.to_thread(decode_digits, images, prep)
+        else:
+            digits, errors = await self._in_pool(images, prep)
+        if errors:
+            first = min(errors)
+            raise type(errors[first])(f"image {first}: {errors[first]}") from errors[first]
+        return digits
+
+    async def _in_pool(self, images: Sequence[bytes], prep: Mapping[str, Any]) \
+            -> tuple[np.ndarray, dict[int, InputError]]:
+        """Split over the workers; a pool whose worker died (killed for memory, say) is replaced and the
+        request tried once more in the new one."""
+        size = max(MIN_PART_IMAGES, math.ceil(len(images) / self.processes))
+        starts = range(0, len(images), size)
+        for attempt in (1, 2):
+            pool = self._pool
+            assert pool is not None
+            loop = asyncio.get_running_loop()
+            try:
+                parts = await asyncio.gather(*(loop.run_in_executor(pool, decode_digits, images[s : s + size], prep)
+                                               for s in starts))
+                break
+            except BrokenProcessPool:
+                if self._pool is pool:  # the first request to notice replaces it
+                    log.warning("an image decoding process died; starting new ones", extra={"attempt": attempt})
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    self._pool = spawn_pool(self.processes, self.max_image_pixels)
+                if attempt == 2:
+                    raise
+        errors = {s + i: e for s, (_, part_errors) in zip(starts, parts, strict=True) for i, e in part_errors.items()}
+        return np.concatenate([digits for digits, _ in parts]), errors

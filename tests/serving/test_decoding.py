@@ -1,0 +1,132 @@
+"""serving.decoding.ImageDecoder: where a request's images decode (loop, thread, process pool), same results.
+
+Real MNIST test images, real worker processes: the pool's output must equal ``decode_digits`` in this
+process bit for bit, keep the request's order across the parts it is split into, name the first bad
+image by its position in the whole request, and survive a worker that dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from serving.decoding import MIN_PART_IMAGES, POOL_MIN_IMAGES, ImageDecoder
+from serving.preprocess import DEFAULT_MAX_IMAGE_PIXELS, InputError, InputTooLarge, decode_digits
+from training.catalog import DIGITS_PREPROCESSING as PREP
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+MIRROR = Path(os.environ.get("COURSEZOO_DATA_MIRROR", REPO_ROOT.parent / "shared" / "data"))
+N = 3 * MIN_PART_IMAGES + 5  # more parts than workers, the last one short
+
+
+def png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def files() -> list[bytes]:
+    path = MIRROR / "mnist" / "t10k-images-idx3-ubyte.gz"
+    if not path.exists():
+        pytest.skip(f"no MNIST test set at {path} (set COURSEZOO_DATA_MIRROR)")
+    images = np.frombuffer(gzip.decompress(path.read_bytes()), dtype=np.uint8, offset=16).reshape(-1, 28, 28)
+    return [png(a if i % 3 else 255 - a) for i, a in enumerate(images[:N])]
+
+
+@pytest.fixture(scope="module")
+def decoder() -> Iterator[ImageDecoder]:
+    decoder = ImageDecoder(processes=2, max_image_pixels=100 * 100)
+    decoder.start()
+    yield decoder
+    decoder.close()
+
+
+def test_the_pool_gives_the_same_bits_in_the_same_order(decoder: ImageDecoder, files: list[bytes]) -> None:
+    want, errors = decode_digits(files, PREP)
+    assert not errors
+    got = asyncio.run(decoder.decode(files, PREP))
+    np.testing.assert_array_equal(got, want)
+
+
+def test_small_requests_decode_in_process_with_the_same_result(decoder: ImageDecoder, files: list[bytes]) -> None:
+    for n in (1, POOL_MIN_IMAGES - 1):
+        np.testing.assert_array_equal(asyncio.run(decoder.decode(files[:n], PREP)), decode_digits(files[:n], PREP)[0])
+
+
+def test_the_first_bad_image_is_named_by_its_position_in_the_request(decoder: ImageDecoder, files: list[bytes]) -> None:
+    bad = list(files)
+    bad[MIN_PART_IMAGES + 7] = b"not an image"  # in the second part
+    bad[2 * MIN_PART_IMAGES + 1] = b""
+    with pytest.raises(InputError, match=rf"^image {MIN_PART_IMAGES + 7}: not a recognised image"):
+        asyncio.run(decoder.decode(bad, PREP))
+
+
+def test_the_workers_apply_the_servers_pixel_limit(decoder: ImageDecoder, files: list[bytes]) -> None:
+    """The limit travels to the spawned workers (it is process-wide Pillow state), and so does the error type."""
+    big = list(files)
+    big[40] = png(np.zeros((200, 200), dtype=np.uint8))
+    with pytest.raises(InputTooLarge, match=r"^image 40: image of .* at most 10000 are accepted"):
+        asyncio.run(decoder.decode(big, PREP))
+
+
+def test_a_dead_worker_is_replaced_and_the_request_still_answered(files: list[bytes]) -> None:
+    decoder = ImageDecoder(processes=2, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS)
+    decoder.start()
+    try:
+        asyncio.run(decoder.decode(files, PREP))
+        pool = decoder._pool
+        assert pool is not None
+        for pid in list(pool._processes):  # as the kernel's OOM killer would
+            os.kill(pid, signal.SIGKILL)
+        got = asyncio.run(decoder.decode(files, PREP))
+        np.testing.assert_array_equal(got, decode_digits(files, PREP)[0])
+        assert decoder._pool is not pool
+    finally:
+        decoder.close()
+
+
+def test_no_processes_means_decoding_in_the_server_process(files: list[bytes]) -> None:
+    decoder = ImageDecoder(processes=0, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS)
+    decoder.start()
+    assert decoder._pool is None
+    np.testing.assert_array_equal(asyncio.run(decoder.decode(files, PREP)), decode_digits(files, PREP)[0])
+
+
+def test_workers_end_with_a_killed_parent(tmp_path: Path) -> None:
+    """A server killed with SIGKILL (or by the OOM killer) leaves no idle decoding processes behind."""
+    script = ("from serving.decoding import ImageDecoder; import sys, time\n"
+              "d = ImageDecoder(processes=2, max_image_pixels=1000); d.start()\n"
+              "print(' '.join(str(p) for p in d._pool._processes), flush=True); time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        workers = [int(p) for p in parent.stdout.readline().split()]
+        assert len(workers) == 2 and all(_alive(p) for p in workers)
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in workers)
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie awaiting its (dead) parent's reaping."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
