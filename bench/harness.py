@@ -246,7 +246,8 @@ def _server_defaults() -> dict[str, Any]:
     """The server's own defaults for the settings that shape a benchmark, as its code declares them."""
     from serving.server import ServerSettings
 
-    keep = ("max_batch_size", "max_queue_delay_ms", "max_queue_items", "intra_op_threads", "max_items_per_request")
+    keep = ("max_batch_size", "max_queue_delay_ms", "max_queue_items", "intra_op_threads", "max_items_per_request",
+            "inline_run_ms", "decode_processes")
     return {f.name: f.default for f in dataclasses.fields(ServerSettings) if f.name in keep}
 
 

@@ -90,6 +90,7 @@ class DynamicBatcher:
         self._arrived = asyncio.Event()
         self._closing = False
         self._worker: asyncio.Task[None] | None = None
+        self._running = False  # a batch is executing (in a thread, or on the loop)
 
     @property
     def queue_depth(self) -> int:
@@ -110,6 +111,8 @@ class DynamicBatcher:
                 f"model {self.name}: {self._queued_items} items are queued and {n} more do not fit "
                 f"(limit {self.max_queue_items}); retry later or send fewer items"
             )
+        if self._idle_for(n):
+            return self._run_now(inputs, n)
         if self._worker is None or self._worker.done():
             self._worker = asyncio.get_running_loop().create_task(self._work(), name=f"batcher-{self.name}")
         chunks = [self._enqueue({k: v[i : i + self.max_batch_size] for k, v in inputs.items()})
@@ -118,6 +121,23 @@ class DynamicBatcher:
             return await chunks[0]
         parts = await asyncio.gather(*chunks)  # cancelling submit cancels the chunks not yet run
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def _idle_for(self, n: int) -> bool:
+        """Whether ``n`` items can run at once in the caller's task: nothing queued or running, no batching
+        delay to wait out, and a run this size known to fit the inline budget. That is the batch the worker
+        would form, without the hand-over to it and back (two turns of the event loop)."""
+        return (not self._queue and not self._running and self.max_delay_s == 0 and n <= self.max_batch_size
+                and self._runs_inline(n))
+
+    def _run_now(self, inputs: Mapping[str, np.ndarray], n: int) -> Arrays:
+        self._running = True
+        try:
+            outputs = dict(self._timed_run(dict(inputs), n))
+        finally:
+            self._running = False
+        _check_rows(outputs, n)
+        self._observe(n)
+        return outputs
 
     async def close(self) -> None:
         """Refuse new requests, run the queued ones, then stop the worker."""
@@ -216,11 +236,15 @@ class DynamicBatcher:
             inputs = batch[0].inputs if len(batch) == 1 else {
                 k: np.concatenate([r.inputs[k] for r in batch]) for k in batch[0].inputs
             }
-            if self._runs_inline(size):
-                outputs = self._timed_run(inputs, size)
-            else:
-                outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self._timed_run, inputs,
-                                                                           size)
+            self._running = True
+            try:
+                if self._runs_inline(size):
+                    outputs = self._timed_run(inputs, size)
+                else:
+                    outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self._timed_run,
+                                                                               inputs, size)
+            finally:
+                self._running = False
             self._deliver(batch, outputs)
         except Exception as e:
             _fail(batch, e)
@@ -244,10 +268,7 @@ class DynamicBatcher:
 
     @staticmethod
     def _deliver(batch: list[_Request], outputs: Mapping[str, np.ndarray]) -> None:
-        total = sum(r.n for r in batch)
-        wrong = {k: v.shape for k, v in outputs.items() if v.shape[:1] != (total,)}
-        if wrong:
-            raise RuntimeError(f"model outputs {wrong} do not have the batch's {total} rows on axis 0")
+        _check_rows(outputs, sum(r.n for r in batch))
         offset = 0
         for r in batch:
             if not r.future.done():
@@ -267,6 +288,12 @@ class DynamicBatcher:
             getattr(self._observer, hook)(self.name, *args)
         except Exception:  # noqa: BLE001 - metrics must never fail a request or stop the worker
             log.exception("batch observer failed", extra={"model": self.name})
+
+
+def _check_rows(outputs: Mapping[str, np.ndarray], total: int) -> None:
+    wrong = {k: v.shape for k, v in outputs.items() if v.shape[:1] != (total,)}
+    if wrong:
+        raise RuntimeError(f"model outputs {wrong} do not have the batch's {total} rows on axis 0")
 
 
 def _fail(requests: list[_Request], error: BaseException) -> None:

@@ -47,10 +47,11 @@ def decode_inputs(tensors: Sequence, raw: Sequence[bytes]) -> dict[str, np.ndarr
             raise InputError(f"input {tensor.name!r} has {len(shape)} dimensions: at most {MAX_DIMS} are accepted")
         count = math.prod(shape)  # Python ints: a product of huge dimensions must not wrap around to a small one
         if raw:
-            if len(raw[i]) != count * dtype.itemsize:
-                raise InputError(f"input {tensor.name!r}: raw buffer of {len(raw[i])} bytes, expected "
+            buffer = raw[i]  # once: each read of a protobuf bytes field is a copy
+            if len(buffer) != count * dtype.itemsize:
+                raise InputError(f"input {tensor.name!r}: raw buffer of {len(buffer)} bytes, expected "
                                  f"{count * dtype.itemsize} for {tensor.datatype} {list(shape)}")
-            array = np.frombuffer(raw[i], dtype=dtype)
+            array = np.frombuffer(buffer, dtype=dtype)
         else:
             values = getattr(tensor.contents, CONTENTS_FIELD[tensor.datatype])
             if len(values) != count:
