@@ -32,8 +32,9 @@ from bench.stats import Result
 
 log = logging.getLogger("coursezoo.bench")
 
-CASES = ("inprocess", "server", "batching-off", "oip", "batch-cli", "peer")
-QUICK_CASES = ("inprocess", "server", "batching-off", "oip", "batch-cli")  # the peer is optional in --quick
+VARIANTS = tuple(server_load.VARIANTS)  # the server restarted with one setting changed
+CASES = ("inprocess", "server", *VARIANTS, "oip", "batch-cli", "peer")
+QUICK_CASES = tuple(c for c in CASES if c != "peer")  # the peer is optional in --quick
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
 
 
@@ -124,13 +125,12 @@ class Run:
             else:
                 self.results.append(Result(**row))
 
-    def server_args(self, max_batch_size: int | None = None) -> list[str]:
-        """The flags every benchmark server gets: the device, and the batching limits spelled out, so a
-        ``COURSEZOO_*`` variable in the environment cannot change them behind the report's back."""
+    def server_args(self) -> list[str]:
+        """The flags every benchmark server gets: the device, and the settings that shape a benchmark spelled
+        out, so a ``COURSEZOO_*`` variable in the environment cannot change them behind the report's back."""
         s = self.server_settings
         return ["--device", "cuda" if self.cuda else "cpu",
-                "--max-batch-size", str(max_batch_size or s["max_batch_size"]),
-                "--max-queue-delay-ms", str(s["max_queue_delay_ms"])]
+                *(f"--{key.replace('_', '-')}={s[key]}" for key in SPELLED_OUT)]
 
     # --- groups ---------------------------------------------------------------------------------------------
 
@@ -154,14 +154,14 @@ class Run:
             if "batch-cli" in cases and digits:
                 self.batch_cli(digits, srv.target)
 
-    def batching_off(self, tmp_repo: Path) -> None:
+    def variant(self, name: str, tmp_repo: Path) -> None:
+        """The server restarted with one setting changed (its flag given last wins), measured on the rows
+        that setting is for."""
         digits = self.by_task.get("digits")
         if not digits:
             return
-        with Server(tmp_repo, *self.server_args(max_batch_size=1)) as srv:
-            cases = [server_load.unary(digits, self.plan.timing, off=True),
-                     *server_load.concurrent(digits, self.plan.timing, off=True)]
-            self._add_loaded(load(srv.target, cases, srv.pgid))
+        with Server(tmp_repo, *self.server_args(), *server_load.VARIANTS[name].flags) as srv:
+            self._add_loaded(load(srv.target, server_load.variant_cases(name, digits, self.plan.timing), srv.pgid))
 
     def batch_cli(self, digits: Export, target: str | None) -> None:
         n = self.plan.batch_images
@@ -213,6 +213,15 @@ class Run:
                       f"server/classify-png/{m}/b1/c{c}", f"server-off/classify-png/{m}/b1/c{c}"),
                 Ratio(f"{c} clients ModelInfer raw 1 image: batching on vs off",
                       f"server/modelinfer-raw/{m}/b1/c{c}", f"server-off/modelinfer-raw/{m}/b1/c{c}"),
+                Ratio("unary ClassifyDigits 1 PNG: short runs inline vs every run in a thread",
+                      f"server/classify-png/{m}/b1/c1", f"server-thread/classify-png/{m}/b1/c1"),
+                Ratio(f"{c} clients ClassifyDigits 1 PNG: short runs inline vs every run in a thread",
+                      f"server/classify-png/{m}/b1/c{c}", f"server-thread/classify-png/{m}/b1/c{c}"),
+                Ratio("ModelInfer raw b1024: short runs inline vs every run in a thread",
+                      f"server/modelinfer-raw/{m}/b1024/c1", f"server-thread/modelinfer-raw/{m}/b1024/c1"),
+                Ratio(f"ClassifyDigits PNG batches of {server_load.PNG_BATCH}: decoding processes vs in-process",
+                      f"server/classify-png/{m}/b{server_load.PNG_BATCH}/c{server_load.IN_FLIGHT}",
+                      f"server-nopool/classify-png/{m}/b{server_load.PNG_BATCH}/c{server_load.IN_FLIGHT}"),
                 Ratio(f"{c} clients tritonclient-aio: CourseZoo vs Triton peer",
                       f"oip/coursezoo/tritonclient-aio/{m}/c{c}", f"oip/triton/tritonclient-aio/{m}/c{c}", 2.0),
                 Ratio(f"{c} clients tritonclient-grpc: CourseZoo vs Triton peer",
@@ -242,12 +251,15 @@ class Run:
         ]
 
 
+#: The server settings that shape a benchmark: recorded in the JSON and passed to every server explicitly.
+SPELLED_OUT = ("max_batch_size", "max_queue_delay_ms", "inline_run_ms", "decode_processes")
+
+
 def _server_defaults() -> dict[str, Any]:
     """The server's own defaults for the settings that shape a benchmark, as its code declares them."""
     from serving.server import ServerSettings
 
-    keep = ("max_batch_size", "max_queue_delay_ms", "max_queue_items", "intra_op_threads", "max_items_per_request",
-            "inline_run_ms", "decode_processes")
+    keep = (*SPELLED_OUT, "max_queue_items", "intra_op_threads", "max_items_per_request")
     return {f.name: f.default for f in dataclasses.fields(ServerSettings) if f.name in keep}
 
 
@@ -273,13 +285,13 @@ def main(args: argparse.Namespace) -> int:
         run.notes.append("no digits model selected: the server's digits, OIP, batch-CLI and peer cases are skipped")
     if "inprocess" in cases:
         run.group("in-process baselines", run.inprocess)
-    needs_server = cases & {"server", "oip", "batch-cli", "batching-off"}
-    if needs_server:
+    if cases & {"server", "oip", "batch-cli", *VARIANTS}:
         with exports.server_repository(run.server_models) as tmp_repo:
             if cases & {"server", "oip", "batch-cli"}:
-                run.group("server (batching on)", lambda: run.server(cases, Path(tmp_repo)))
-            if "batching-off" in cases:
-                run.group("server (batching off)", lambda: run.batching_off(Path(tmp_repo)))
+                run.group("server (default settings)", lambda: run.server(cases, Path(tmp_repo)))
+            for name in VARIANTS:
+                if name in cases:
+                    run.group(f"server ({name})", lambda name=name: run.variant(name, Path(tmp_repo)))
     if "peer" in cases:
         run.group("Triton peer", run.peer)
 

@@ -7,6 +7,7 @@ and stopping servers is ``bench.processes``. Batched rows keep 4 requests in fli
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from bench.exports import Export
@@ -31,28 +32,61 @@ def _digits_extra(export: Export) -> dict[str, Any]:
             "std": prep["std"]}
 
 
-def _prefix(off: bool) -> str:
-    return "server-off" if off else "server"
+@dataclass(frozen=True)
+class Variant:
+    """A server restarted with one setting changed, to show what that setting gives, side by side."""
+
+    prefix: str  # of the rows' keys
+    note: str
+    flags: tuple[str, ...]
 
 
-OFF_NOTE = "batching off (--max-batch-size 1)"
+DEFAULT = Variant("server", "", ())
+VARIANTS = {
+    "batching-off": Variant("server-off", "batching off (--max-batch-size 1)", ("--max-batch-size", "1")),
+    "inline-off": Variant("server-thread", "every model run in a worker thread (--inline-run-ms 0)",
+                          ("--inline-run-ms", "0")),
+    "decode-in-process": Variant("server-nopool", "images decoded in the server process (--decode-processes 0)",
+                                 ("--decode-processes", "0")),
+}
 
 
-def unary(digits: Export, timing: dict[str, float], off: bool = False) -> dict[str, Any]:
+def unary(digits: Export, timing: dict[str, float], variant: Variant = DEFAULT) -> dict[str, Any]:
     """One PNG per request, one caller: the latency a single interactive user sees."""
-    return _case(f"{_prefix(off)}/classify-png/{digits.name}/b1/c1", "server", "ClassifyDigits 1 PNG", digits,
-                 "digits", 1, 1, timing, note=OFF_NOTE if off else "")
+    return _case(f"{variant.prefix}/classify-png/{digits.name}/b1/c1", "server", "ClassifyDigits 1 PNG", digits,
+                 "digits", 1, 1, timing, note=variant.note)
 
 
-def concurrent(digits: Export, timing: dict[str, float], off: bool = False) -> list[dict[str, Any]]:
+def concurrent(digits: Export, timing: dict[str, float], variant: Variant = DEFAULT) -> list[dict[str, Any]]:
     """64 callers with one image each: the case where per-request cost and dynamic batching decide."""
-    note = OFF_NOTE if off else ""
     return [
-        _case(f"{_prefix(off)}/classify-png/{digits.name}/b1/c{CLIENTS}", "server", "ClassifyDigits 1 PNG", digits,
-              "digits", 1, CLIENTS, timing, note=note),
-        _case(f"{_prefix(off)}/modelinfer-raw/{digits.name}/b1/c{CLIENTS}", "server", "ModelInfer raw FP32", digits,
-              "model_infer", 1, CLIENTS, timing, note=note, **_digits_extra(digits)),
+        _case(f"{variant.prefix}/classify-png/{digits.name}/b1/c{CLIENTS}", "server", "ClassifyDigits 1 PNG", digits,
+              "digits", 1, CLIENTS, timing, note=variant.note),
+        _case(f"{variant.prefix}/modelinfer-raw/{digits.name}/b1/c{CLIENTS}", "server", "ModelInfer raw FP32",
+              digits, "model_infer", 1, CLIENTS, timing, note=variant.note, **_digits_extra(digits)),
     ]
+
+
+def png_batches(digits: Export, timing: dict[str, float], variant: Variant = DEFAULT) -> dict[str, Any]:
+    """Batches of PNGs, a few in flight: where image decoding decides."""
+    return _case(f"{variant.prefix}/classify-png/{digits.name}/b{PNG_BATCH}/c{IN_FLIGHT}", "server",
+                 "ClassifyDigits PNG batch", digits, "digits", PNG_BATCH, IN_FLIGHT, timing, note=variant.note)
+
+
+def raw_batches(digits: Export, timing: dict[str, float], variant: Variant = DEFAULT) -> dict[str, Any]:
+    """Raw FP32 tensors of 1024 images, one at a time: transport and model, no decoding."""
+    return _case(f"{variant.prefix}/modelinfer-raw/{digits.name}/b{RAW_BATCH}/c1", "server", "ModelInfer raw FP32",
+                 digits, "model_infer", RAW_BATCH, 1, timing, note=variant.note, **_digits_extra(digits))
+
+
+def variant_cases(name: str, digits: Export, timing: dict[str, float]) -> list[dict[str, Any]]:
+    """The rows each variant changes: batching the many-clients rows, inline runs the single-image and raw
+    ones, the decoding pool the PNG batches."""
+    variant = VARIANTS[name]
+    if name == "decode-in-process":
+        return [png_batches(digits, timing, variant)]
+    rows = [unary(digits, timing, variant), *concurrent(digits, timing, variant)]
+    return rows + [raw_batches(digits, timing, variant)] if name == "inline-off" else rows
 
 
 def domain_cases(exports: dict[str, Export], timing: dict[str, float]) -> list[dict[str, Any]]:
@@ -62,15 +96,13 @@ def domain_cases(exports: dict[str, Export], timing: dict[str, float]) -> list[d
         m = digits.name
         cases += [
             unary(digits, timing),
-            _case(f"server/classify-png/{m}/b{PNG_BATCH}/c{IN_FLIGHT}", "server", "ClassifyDigits PNG batch", digits,
-                  "digits", PNG_BATCH, IN_FLIGHT, timing),
+            png_batches(digits, timing),
             _case(f"server/classify-pixels/{m}/b{PNG_BATCH}/c{IN_FLIGHT}", "server", "ClassifyDigits pixels batch",
                   digits, "digits", PNG_BATCH, IN_FLIGHT, timing, encoding="pixels",
                   note="raw 28x28 uint8: the PNG row without decoding"),
             _case(f"server/stream-png/{m}/b{PNG_BATCH}/w{IN_FLIGHT}", "server", "StreamClassifyDigits PNG", digits,
                   "stream", PNG_BATCH, IN_FLIGHT, timing, note=f"one stream, {IN_FLIGHT} messages in flight"),
-            _case(f"server/modelinfer-raw/{m}/b{RAW_BATCH}/c1", "server", "ModelInfer raw FP32", digits,
-                  "model_infer", RAW_BATCH, 1, timing, **_digits_extra(digits)),
+            raw_batches(digits, timing),
             *concurrent(digits, timing),
         ]
     for task, kind, rpc in (("diabetes", "diabetes", "ClassifyDiabetes"), ("names", "names", "ClassifySequences")):

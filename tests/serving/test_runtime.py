@@ -159,3 +159,17 @@ def test_gpu_matches_cpu_within_fp32_tolerance() -> None:
         want, got = cpu.run(inputs), gpu.run(inputs)
         for k in want:
             np.testing.assert_allclose(got[k], want[k], atol=1e-4, rtol=1e-4, err_msg=name)
+
+
+def test_small_batches_run_single_threaded_with_the_same_answers() -> None:
+    """Up to SMALL_BATCH items go to a one-thread session, more to ONNX Runtime's pool; both answer alike."""
+    model = OnnxModel(*export("mnist_cnn"), device="cpu")
+    assert model._small_session is not model._session
+    assert model._small_session.get_session_options().intra_op_num_threads == 1
+    x = np.random.default_rng(0).normal(size=(runtime.SMALL_BATCH + 1, 1, 28, 28)).astype(np.float32)
+    name = model.card.inputs[0].name
+    small = model.run({name: x[: runtime.SMALL_BATCH]})["logits"]
+    pooled = model.run({name: x})["logits"]
+    np.testing.assert_allclose(small, pooled[: runtime.SMALL_BATCH], rtol=1e-5, atol=1e-5)
+    single = OnnxModel(*export("mnist_cnn"), device="cpu", intra_op_threads=1)
+    assert single._small_session is single._session  # already one thread: no second session
