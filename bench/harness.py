@@ -49,6 +49,7 @@ class Plan:
     load_warmup: float
     oip_concurrency: tuple[int, ...]
     batch_images: int
+    ab_rounds: int  # a variant and the default server are measured in turn this many times
 
     @property
     def timing(self) -> dict[str, float]:
@@ -56,9 +57,9 @@ class Plan:
 
 
 QUICK = Plan(inproc_seconds=0.4, inproc_warmup=1, inproc_min_calls=2, load_seconds=1.0, load_warmup=0.3,
-             oip_concurrency=(1, 16, 64), batch_images=2_000)
+             oip_concurrency=(1, 16, 64), batch_images=2_000, ab_rounds=1)
 FULL = Plan(inproc_seconds=2.0, inproc_warmup=3, inproc_min_calls=5, load_seconds=5.0, load_warmup=1.0,
-            oip_concurrency=(1, 2, 4, 8, 16, 32, 64), batch_images=20_000)
+            oip_concurrency=(1, 2, 4, 8, 16, 32, 64), batch_images=20_000, ab_rounds=3)
 OIP_CLIENTS = ("tritonclient-grpc", "tritonclient-aio")
 
 
@@ -155,13 +156,21 @@ class Run:
                 self.batch_cli(digits, srv.target)
 
     def variant(self, name: str, tmp_repo: Path) -> None:
-        """The server restarted with one setting changed (its flag given last wins), measured on the rows
-        that setting is for."""
+        """A server with one setting changed (its flag given last wins) and a default one, both up, measured
+        in turn on the rows that setting is for, ``ab_rounds`` times: on a shared machine conditions drift
+        within minutes, and measuring A then B once can flip a 10% difference. Each row is its median round."""
         digits = self.by_task.get("digits")
         if not digits:
             return
-        with Server(tmp_repo, *self.server_args(), *server_load.VARIANTS[name].flags) as srv:
-            self._add_loaded(load(srv.target, server_load.variant_cases(name, digits, self.plan.timing), srv.pgid))
+        rounds: dict[str, list[dict[str, Any]]] = {}
+        with Server(tmp_repo, *self.server_args()) as base, \
+                Server(tmp_repo, *self.server_args(), *server_load.VARIANTS[name].flags) as changed:
+            for _ in range(self.plan.ab_rounds):
+                for srv, baseline in ((base, True), (changed, False)):
+                    for row in load(srv.target, server_load.variant_cases(name, digits, self.plan.timing, baseline),
+                                    srv.pgid):
+                        rounds.setdefault(row["key"], []).append(row)
+        self._add_loaded([_median_round(rows) for rows in rounds.values()])
 
     def batch_cli(self, digits: Export, target: str | None) -> None:
         n = self.plan.batch_images
@@ -210,17 +219,18 @@ class Run:
                       f"oip/coursezoo/tritonclient-aio/{m}/c{c}", f"oip/triton/tritonclient-aio/{m}/c{c}",
                       by_cpu=True),
                 Ratio(f"{c} clients ClassifyDigits 1 PNG: batching on vs off",
-                      f"server/classify-png/{m}/b1/c{c}", f"server-off/classify-png/{m}/b1/c{c}"),
+                      f"server-off-baseline/classify-png/{m}/b1/c{c}", f"server-off/classify-png/{m}/b1/c{c}"),
                 Ratio(f"{c} clients ModelInfer raw 1 image: batching on vs off",
-                      f"server/modelinfer-raw/{m}/b1/c{c}", f"server-off/modelinfer-raw/{m}/b1/c{c}"),
+                      f"server-off-baseline/modelinfer-raw/{m}/b1/c{c}", f"server-off/modelinfer-raw/{m}/b1/c{c}"),
                 Ratio("unary ClassifyDigits 1 PNG: short runs inline vs every run in a thread",
-                      f"server/classify-png/{m}/b1/c1", f"server-thread/classify-png/{m}/b1/c1"),
+                      f"server-thread-baseline/classify-png/{m}/b1/c1", f"server-thread/classify-png/{m}/b1/c1"),
                 Ratio(f"{c} clients ClassifyDigits 1 PNG: short runs inline vs every run in a thread",
-                      f"server/classify-png/{m}/b1/c{c}", f"server-thread/classify-png/{m}/b1/c{c}"),
+                      f"server-thread-baseline/classify-png/{m}/b1/c{c}", f"server-thread/classify-png/{m}/b1/c{c}"),
                 Ratio("ModelInfer raw b1024: short runs inline vs every run in a thread",
-                      f"server/modelinfer-raw/{m}/b1024/c1", f"server-thread/modelinfer-raw/{m}/b1024/c1"),
+                      f"server-thread-baseline/modelinfer-raw/{m}/b1024/c1",
+                      f"server-thread/modelinfer-raw/{m}/b1024/c1"),
                 Ratio(f"ClassifyDigits PNG batches of {server_load.PNG_BATCH}: decoding processes vs in-process",
-                      f"server/classify-png/{m}/b{server_load.PNG_BATCH}/c{server_load.IN_FLIGHT}",
+                      f"server-nopool-baseline/classify-png/{m}/b{server_load.PNG_BATCH}/c{server_load.IN_FLIGHT}",
                       f"server-nopool/classify-png/{m}/b{server_load.PNG_BATCH}/c{server_load.IN_FLIGHT}"),
                 Ratio(f"{c} clients tritonclient-aio: CourseZoo vs Triton peer",
                       f"oip/coursezoo/tritonclient-aio/{m}/c{c}", f"oip/triton/tritonclient-aio/{m}/c{c}", 2.0),
@@ -249,6 +259,15 @@ class Run:
             Target(f"{c} clients ClassifyDigits 1 PNG p99 ms", f"server/classify-png/{m}/b1/c{c}", "p99_ms", "<=",
                    50.0),
         ]
+
+
+def _median_round(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Of one case's rounds, the one with the median throughput, its note saying so."""
+    if len(rows) == 1 or any("error" in r for r in rows):
+        return next((r for r in rows if "error" in r), rows[0])
+    row = sorted(rows, key=lambda r: r["throughput"])[len(rows) // 2]
+    rates = ", ".join(f"{r['throughput']:,.0f}" for r in rows)
+    return {**row, "note": f"{row['note']}; median of {len(rows)} rounds in turn ({rates} items/s)"}
 
 
 #: The server settings that shape a benchmark: recorded in the JSON and passed to every server explicitly.

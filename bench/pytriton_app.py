@@ -4,12 +4,14 @@ Run by ``bench.triton_peer`` under the separate Python 3.12 interpreter that has
 it imports only numpy, onnxruntime and pytriton (never this project), as a user deploying the same
 ``model.onnx`` on Triton would write it. Triton's dynamic batcher is given the same limits as
 CourseZoo's (most items per run, longest wait), so the two servers differ in their serving stack only.
-Prints ``READY`` once the model is loaded.
+Writes the execution provider to ``--ready-file`` once the model is loaded (a file, not stdout: Triton's
+own log shares stdout and can split a marker line).
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -32,6 +34,7 @@ def main() -> None:
     p.add_argument("--grpc-port", type=int, required=True)
     p.add_argument("--http-port", type=int, required=True)
     p.add_argument("--metrics-port", type=int, required=True)
+    p.add_argument("--ready-file", type=Path, required=True)
     args = p.parse_args()
 
     providers = ["CPUExecutionProvider"]
@@ -56,7 +59,9 @@ def main() -> None:
             config=ModelConfig(max_batch_size=args.max_batch_size,
                                batcher=DynamicBatcher(max_queue_delay_microseconds=args.max_queue_delay_us)),
         )
-        print(f"READY {session.get_providers()[0]}", flush=True)
+        staged = args.ready_file.with_suffix(".tmp")
+        staged.write_text(session.get_providers()[0], encoding="utf-8")
+        staged.rename(args.ready_file)  # whole or absent, never half-written
         triton.serve()
 
 

@@ -34,11 +34,16 @@ def _digits_extra(export: Export) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Variant:
-    """A server restarted with one setting changed, to show what that setting gives, side by side."""
+    """A server started with one setting changed, to show what that setting gives, side by side."""
 
     prefix: str  # of the rows' keys
     note: str
     flags: tuple[str, ...]
+
+    @property
+    def baseline(self) -> Variant:
+        """The default server as measured in turn with this variant (its rows' keys end the prefix in -baseline)."""
+        return Variant(f"{self.prefix}-baseline", "default settings, measured in turn with: " + self.note, ())
 
 
 DEFAULT = Variant("server", "", ())
@@ -79,10 +84,11 @@ def raw_batches(digits: Export, timing: dict[str, float], variant: Variant = DEF
                  digits, "model_infer", RAW_BATCH, 1, timing, note=variant.note, **_digits_extra(digits))
 
 
-def variant_cases(name: str, digits: Export, timing: dict[str, float]) -> list[dict[str, Any]]:
-    """The rows each variant changes: batching the many-clients rows, inline runs the single-image and raw
-    ones, the decoding pool the PNG batches."""
-    variant = VARIANTS[name]
+def variant_cases(name: str, digits: Export, timing: dict[str, float], baseline: bool = False) \
+        -> list[dict[str, Any]]:
+    """The rows each variant changes (for the variant, or for its ``baseline``): batching the many-clients
+    rows, inline runs the single-image and raw ones, the decoding pool the PNG batches."""
+    variant = VARIANTS[name].baseline if baseline else VARIANTS[name]
     if name == "decode-in-process":
         return [png_batches(digits, timing, variant)]
     rows = [unary(digits, timing, variant), *concurrent(digits, timing, variant)]

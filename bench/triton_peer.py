@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -48,6 +49,8 @@ class TritonPeer:
     def __init__(self, python: Path, export: Export, *, max_batch_size: int, max_queue_delay_ms: float,
                  device: str = "cpu", timeout: float = 180.0) -> None:
         self.ports = [_free_port() for _ in range(3)]
+        self._tmp = tempfile.TemporaryDirectory(prefix="coursezoo-bench-peer-")
+        self.ready_file = Path(self._tmp.name) / "ready"
         card = export.card
         self.args = [str(python), str(APP), "--onnx", str(export.onnx), "--name", export.name,
                      "--input", card.inputs[0].name, "--input-shape", ",".join(map(str, card.inputs[0].shape[1:])),
@@ -56,7 +59,7 @@ class TritonPeer:
                      "--max-batch-size", str(max_batch_size),
                      "--max-queue-delay-us", str(int(max_queue_delay_ms * 1000)), "--device", device,
                      "--grpc-port", str(self.ports[0]), "--http-port", str(self.ports[1]),
-                     "--metrics-port", str(self.ports[2])]
+                     "--metrics-port", str(self.ports[2]), "--ready-file", str(self.ready_file)]
         libdir = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"],
                                 capture_output=True, text=True, check=True).stdout.strip()
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1",
@@ -66,17 +69,18 @@ class TritonPeer:
         self.provider = ""
         self.lines: list[str] = []
         self.proc: subprocess.Popen[str] | None = None
-        self._ready = threading.Event()
 
     def __enter__(self) -> TritonPeer:
         self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env=self.env, start_new_session=True)
         threading.Thread(target=self._drain, daemon=True).start()
         deadline = time.monotonic() + self.timeout
-        while not self._ready.wait(0.2):
+        while not self.ready_file.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"the Triton peer did not start:\n{''.join(self.lines)[-4000:]}")
+            time.sleep(0.2)
+        self.provider = self.ready_file.read_text(encoding="utf-8")
         return self
 
     @property
@@ -87,16 +91,14 @@ class TritonPeer:
 
     def _drain(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
+        for line in self.proc.stdout:  # kept for the error message if it does not start
             self.lines.append(line)
-            if line.startswith("READY"):
-                self.provider = line.split()[1]
-                self._ready.set()
 
     def stop(self) -> None:
         """Stop the whole group: PyTriton's proxy, tritonserver and its Python backend stubs."""
         if self.proc is not None:
             stop_group(self.proc, grace=60.0)
+        self._tmp.cleanup()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

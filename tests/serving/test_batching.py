@@ -298,14 +298,15 @@ class ThreadRecorder:
         return {"y": inputs["x"] * 2}
 
 
-def test_fast_runs_move_onto_the_event_loop_once_measured() -> None:
+@pytest.mark.parametrize("delay_ms", [0, 1])  # 0: an idle model runs it in the caller's task; 1: the worker does
+def test_fast_runs_move_onto_the_event_loop_once_measured(delay_ms: float) -> None:
     """The first run of a size class goes to a thread and is timed; once a size is known to fit the inline
     budget, it runs on the loop's own thread. A new size class is measured in a thread first."""
-    model = ThreadRecorder()
+    model, recorder = ThreadRecorder(), Recorder()
 
     async def main() -> int:
-        batcher = DynamicBatcher(model, max_batch_size=64, max_delay_ms=0, max_queue_items=1000,
-                                 inline_budget_ms=1000)
+        batcher = DynamicBatcher(model, max_batch_size=64, max_delay_ms=delay_ms, max_queue_items=1000,
+                                 inline_budget_ms=1000, observer=recorder)
         for request in (x(1), x(2), x(3), x(*range(40)), x(*range(40))):
             np.testing.assert_array_equal((await batcher.submit(request))["y"], request["x"] * 2)
         return threading.get_ident()
@@ -313,6 +314,7 @@ def test_fast_runs_move_onto_the_event_loop_once_measured() -> None:
     loop_thread = run(main())
     assert [(size, thread == loop_thread) for size, thread in model.threads] == [
         (1, False), (1, True), (1, True), (40, False), (40, True)]
+    assert [size for _, size, _ in recorder.calls] == [1, 1, 1, 40, 40]  # every run is in the metrics
 
 
 def test_slow_runs_and_a_zero_budget_stay_in_worker_threads() -> None:
