@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import signal
@@ -341,6 +342,10 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None) -> 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with CourseZooServer(settings) as server:
+        # Everything alive now (modules, protobuf descriptors, cards, sessions) lives as long as the process;
+        # frozen, the garbage collector stops re-scanning it in every full collection, which were the pauses
+        # in the latency tail (64 clients, alternating runs: p99 36-51 ms before, 34-43 ms after).
+        gc.freeze()
         print(server.banner(), flush=True)
         await stop.wait()
         print(f"coursezoo shutting down (grace {settings.grace_s:g} s)", flush=True)
