@@ -2,11 +2,11 @@
 
 Decoding a digit is Pillow plus a few numpy calls, ~50 µs per image of mostly Python work that holds the
 GIL. One image decodes faster than a hand-over to any other thread, so it stays on the event loop. A
-batch decoded in threads competes with the event loop (gRPC, batching, replies) for that one GIL, and on
-2 cores batches of 256 PNGs then came to ~5,000 images/s with ~230 µs of server CPU per image; in worker
-processes a request's images decode on every core at once while the server process keeps serving (see
-docs/performance.md for the figures). Requests of fewer than ``POOL_MIN_IMAGES`` images are not worth
-the inter-process hand-over (~0.3 ms) and decode in a thread.
+batch decoded in a thread competes with the event loop (gRPC, batching, replies) for that one GIL; in
+worker processes a request's images decode on every core at once while the server process keeps
+serving: on 2 cores, batches of 256 PNGs went from ~8,500 to ~18,000 images/s (docs/performance.md).
+Requests of fewer than ``POOL_MIN_IMAGES`` images are not worth the inter-process hand-over (~0.3 ms)
+and decode in a thread.
 
 The decoding rules themselves are ``serving.preprocess.decode_digits``; this module only decides where
 they run (the workers are ``serving.workers`` pools).
