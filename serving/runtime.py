@@ -112,8 +112,10 @@ class OnnxModel:
         return dict(zip(self._output_names, outputs, strict=True))
 
     def warmup(self) -> dict[str, np.ndarray]:
-        """Run one tiny real-shaped batch, so the first client does not pay for lazy initialization and a
-        model that cannot run is found before it serves."""
+        """Run one tiny real-shaped batch on each session, so the first client does not pay for lazy
+        initialization and a model that cannot run is found before it serves."""
+        if self._small_session is not self._session:
+            self.run(sample_inputs(self.card, SMALL_BATCH + 1))
         return self.run(sample_inputs(self.card))
 
 

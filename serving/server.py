@@ -260,7 +260,11 @@ class CourseZooServer:
     async def start(self) -> None:
         set_max_image_pixels(self.settings.max_image_pixels)  # process-wide: Pillow's own guard
         self.decoder.start()  # its processes start while the models load
-        await self.repository.start()
+        try:
+            await self.repository.start()
+        except BaseException:
+            self.decoder.close()
+            raise
         self._gate = DrainGate()  # created on the running loop, which its event belongs to
         try:
             self._grpc, self.port = build_grpc_server(self.settings, self.classifier, self.inference, self.health,
