@@ -45,7 +45,17 @@ def ray_local() -> Iterator[Any]:
     except ImportError:
         ray = None
     require_tool(ray, "Ray", "pip install 'coursezoo[ray]'")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    for attempt in (1, 2):
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+            break
+        except Exception:
+            # Ray's own start-up now and then misses its fixed 30 s wait for the raylet on a busy 2-core box
+            # ("The current node timed out during startup", ray-project/ray#62883, #47087): seen in 2 of 5 full
+            # runs here, never in a run of tests/scale alone. One more try, after cleaning up the first.
+            ray.shutdown()
+            if attempt == 2:
+                raise
     yield ray
     ray.shutdown()
 
