@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from serving.preprocess import InputError, decode_digits
-from serving.workers import spawn_pool
+from serving.workers import cores, spawn_pool
 
 log = logging.getLogger("coursezoo.decoding")
 
@@ -38,17 +37,11 @@ MIN_PART_IMAGES = 32
 MAX_AUTO_PROCESSES = 8
 
 
-def auto_processes() -> int:
-    """One per CPU this process may use (its affinity, e.g. a container's limit), at most MAX_AUTO_PROCESSES."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(MAX_AUTO_PROCESSES, cpus)
-
-
 class ImageDecoder:
     """Decodes a request's images into the model's input tensor, choosing where by their number."""
 
     def __init__(self, processes: int, max_image_pixels: int) -> None:
-        self.processes = auto_processes() if processes < 0 else processes
+        self.processes = min(MAX_AUTO_PROCESSES, cores()) if processes < 0 else processes
         self.max_image_pixels = max_image_pixels
         self._pool: ProcessPoolExecutor | None = None
 

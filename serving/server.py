@@ -37,7 +37,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from serving.decoding import POOL_MIN_IMAGES, ImageDecoder
+from serving.decoding import MAX_AUTO_PROCESSES, POOL_MIN_IMAGES, ImageDecoder
 from serving.metrics import Metrics
 from serving.preprocess import DEFAULT_MAX_IMAGE_PIXELS, set_max_image_pixels
 from serving.protos import classifier_pb2, classifier_pb2_grpc, inference_pb2, inference_pb2_grpc
@@ -76,7 +76,8 @@ class ServerSettings:
     max_items_per_request: int = _option(1024, "items (images, records, texts, rows) one request may carry")
     max_image_pixels: int = _option(DEFAULT_MAX_IMAGE_PIXELS, "largest image (width*height) before RESOURCE_EXHAUSTED")
     decode_processes: int = _option(-1, f"processes decoding the images of requests with {POOL_MIN_IMAGES} or more; "
-                                    "-1 = one per CPU core (at most 8), 0 = decode in the server process")
+                                    f"-1 = one per CPU core (at most {MAX_AUTO_PROCESSES}), 0 = decode in the "
+                                    "server process")
     max_message_mb: int = _option(64, "largest gRPC message, both directions, in MiB")
     poll_interval_s: float = _option(5.0, "how often the repository looks for new versions; 0 = never")
     intra_op_threads: int = _option(0, "ONNX Runtime threads per session; 0 = its default")

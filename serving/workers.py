@@ -18,6 +18,11 @@ from concurrent.futures import ProcessPoolExecutor
 from serving.preprocess import set_max_image_pixels
 
 
+def cores() -> int:
+    """CPUs this process may use (its affinity, e.g. a container's limit), not all the machine has."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def spawn_pool(processes: int, max_image_pixels: int | None = None) -> ProcessPoolExecutor:
     """A pool of ``processes`` workers, all started now (ProcessPoolExecutor starts them on demand), so
     their start-up (~0.5 s each) overlaps the caller's own instead of delaying the first task.

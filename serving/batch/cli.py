@@ -30,6 +30,7 @@ from serving.batch.output import FORMATS, ResultWriter, check_target, columns, m
 from serving.batch.summary import Summary
 from serving.batch.types import KINDS, BatchError, Failure, Item, Prediction
 from serving.preprocess import DEFAULT_MAX_IMAGE_PIXELS
+from serving.workers import cores
 
 if TYPE_CHECKING:  # Ray is an optional extra: imported only when --engine ray runs
     from serving.batch.engines.ray import RayEngine
@@ -119,7 +120,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--recursive", "-r", action="store_true", help="read sub-folders too")
     run.add_argument("--batch-size", type=_positive, default=256, metavar="N",
                      help="items per model call or request (default: 256)")
-    run.add_argument("--workers", type=_non_negative, default=pipeline.cores(), metavar="N",
+    run.add_argument("--workers", type=_non_negative, default=cores(), metavar="N",
                      help="processes decoding images (default: one per core; 0: decode in this process)")
     run.add_argument("--limit", type=_positive, metavar="N", help="stop after N new inputs (try a sample, then "
                      "--resume)")

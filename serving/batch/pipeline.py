@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -24,11 +23,6 @@ from serving.workers import spawn_pool
 T = TypeVar("T")
 R = TypeVar("R")
 Outcome = Prediction | Failure
-
-
-def cores() -> int:
-    """CPUs this process may use (its affinity, e.g. a container's limit), not all the machine has."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class Workers:

@@ -15,11 +15,11 @@ from typing import Any
 from serving import postprocess, preprocess
 from serving.batch.engines import EngineError, diabetes_answer, top_classes
 from serving.batch.engines.models import find_model
-from serving.batch.pipeline import cores
 from serving.batch.prepare import Preparer
 from serving.batch.types import Failure, Prediction
 from serving.card import CardError, ModelCard
 from serving.runtime import OnnxModel, ProviderError
+from serving.workers import cores
 
 log = logging.getLogger(__name__)
 
