@@ -219,19 +219,18 @@ class Run:
                       f"oip/coursezoo/tritonclient-aio/{m}/c{c}", f"oip/triton/tritonclient-aio/{m}/c{c}",
                       by_cpu=True),
                 Ratio(f"{c} clients ClassifyDigits 1 PNG: batching on vs off",
-                      f"server-off-baseline/classify-png/{m}/b1/c{c}", f"server-off/classify-png/{m}/b1/c{c}"),
+                      *_in_turn("batching-off", f"classify-png/{m}/b1/c{c}")),
                 Ratio(f"{c} clients ModelInfer raw 1 image: batching on vs off",
-                      f"server-off-baseline/modelinfer-raw/{m}/b1/c{c}", f"server-off/modelinfer-raw/{m}/b1/c{c}"),
+                      *_in_turn("batching-off", f"modelinfer-raw/{m}/b1/c{c}")),
                 Ratio("unary ClassifyDigits 1 PNG: short runs inline vs every run in a thread",
-                      f"server-thread-baseline/classify-png/{m}/b1/c1", f"server-thread/classify-png/{m}/b1/c1"),
+                      *_in_turn("inline-off", f"classify-png/{m}/b1/c1")),
                 Ratio(f"{c} clients ClassifyDigits 1 PNG: short runs inline vs every run in a thread",
-                      f"server-thread-baseline/classify-png/{m}/b1/c{c}", f"server-thread/classify-png/{m}/b1/c{c}"),
+                      *_in_turn("inline-off", f"classify-png/{m}/b1/c{c}")),
                 Ratio("ModelInfer raw b1024: short runs inline vs every run in a thread",
-                      f"server-thread-baseline/modelinfer-raw/{m}/b1024/c1",
-                      f"server-thread/modelinfer-raw/{m}/b1024/c1"),
+                      *_in_turn("inline-off", f"modelinfer-raw/{m}/b{server_load.RAW_BATCH}/c1")),
                 Ratio(f"ClassifyDigits PNG batches of {server_load.PNG_BATCH}: decoding processes vs in-process",
-                      f"server-nopool-baseline/classify-png/{m}/b{server_load.PNG_BATCH}/c{server_load.IN_FLIGHT}",
-                      f"server-nopool/classify-png/{m}/b{server_load.PNG_BATCH}/c{server_load.IN_FLIGHT}"),
+                      *_in_turn("decode-in-process",
+                                f"classify-png/{m}/b{server_load.PNG_BATCH}/c{server_load.IN_FLIGHT}")),
                 Ratio(f"{c} clients tritonclient-aio: CourseZoo vs Triton peer",
                       f"oip/coursezoo/tritonclient-aio/{m}/c{c}", f"oip/triton/tritonclient-aio/{m}/c{c}", 2.0),
                 Ratio(f"{c} clients tritonclient-grpc: CourseZoo vs Triton peer",
@@ -259,6 +258,13 @@ class Run:
             Target(f"{c} clients ClassifyDigits 1 PNG p99 ms", f"server/classify-png/{m}/b1/c{c}", "p99_ms", "<=",
                    50.0),
         ]
+
+
+def _in_turn(variant: str, row: str) -> tuple[str, str]:
+    """The keys of one row as measured in turn: on the default server (the ratio's numerator), then on
+    ``variant``."""
+    changed = server_load.VARIANTS[variant]
+    return f"{changed.baseline.prefix}/{row}", f"{changed.prefix}/{row}"
 
 
 def _median_round(rows: list[dict[str, Any]]) -> dict[str, Any]:
