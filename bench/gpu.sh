@@ -3,11 +3,13 @@
 # CUDA/cuDNN wheels) has only the CPU build of onnxruntime and no package index to install from.
 #
 #   bash bench/gpu.sh pack          # here, where PyPI is reachable: writes .ortgpu/ (onnxruntime-gpu in
-#                                   # parts, by ../shared/tools/ort-gpu-parts.sh) and .bench-wheels/ (the
-#                                   # serving dependencies as cp312 wheels, pinned as in pyproject.toml)
+#                                   # parts, by ../shared/tools/ort-gpu-parts.sh), .bench-wheels/ (the serving
+#                                   # dependencies as cp312 wheels, pinned as in pyproject.toml) and .bench-data/
+#                                   # (the held-out splits the benchmark and the tests read, ~1.7 MB)
 #   bash bench/gpu.sh run [ARGS]    # on the GPU host, in the repository root: unpacks onnxruntime-gpu to
 #                                   # /tmp/ortgpu and the wheels to /tmp/benchdeps (once), then runs
 #                                   # `coursezoo bench --device cuda ARGS` (JSON to $OUT/gpu.json when $OUT is set)
+#   bash bench/gpu.sh test [ARGS]   # the same set-up, then pytest tests/serving/test_gpu.py ARGS
 #
 # Transfers: the .ortgpu parts are ~45 MB each; bring them over a few at a time into /tmp/parts (or
 # .ortgpu/) and `run` finds them. onnxruntime.preload_dlls() (called by serving/runtime.py and by the
@@ -35,10 +37,17 @@ PY
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         --platform manylinux1_x86_64 -d .bench-wheels "${pins[@]}"
     rm -f .bench-wheels/numpy-*.whl
-    du -sh .ortgpu .bench-wheels
+    # the test splits only: the GPU host has no data mirror, and nothing there trains
+    local mirror=${COURSEZOO_DATA_MIRROR:-$root/../shared/data}
+    grep -qx '/.bench-data/' .git/info/exclude 2>/dev/null || echo '/.bench-data/' >> .git/info/exclude
+    rm -rf .bench-data && mkdir -p .bench-data/mnist .bench-data/diabetes .bench-data/names
+    cp "$mirror"/mnist/t10k-*.gz .bench-data/mnist/
+    cp "$mirror"/diabetes/diabetes.csv.gz .bench-data/diabetes/
+    cp "$mirror"/names/names_test.csv.gz .bench-data/names/
+    du -sh .ortgpu .bench-wheels .bench-data
 }
 
-run() {
+setup() {
     if ! PYTHONPATH=/tmp/ortgpu "$PY" -c "import onnxruntime as o, sys; \
             sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" 2>/dev/null; then
         [ -x .ortgpu/unpack.sh ] || { echo "gpu.sh: no onnxruntime-gpu at /tmp/ortgpu and no .ortgpu/ (run 'pack')"; exit 1; }
@@ -50,8 +59,13 @@ run() {
         "$PY" -m pip install -q --no-index --no-deps --target /tmp/benchdeps .bench-wheels/*.whl
     fi
     export PYTHONPATH="/tmp/ortgpu:/tmp/benchdeps:$root${PYTHONPATH:+:$PYTHONPATH}"
+    [ -d .bench-data ] && export COURSEZOO_DATA_MIRROR=${COURSEZOO_DATA_MIRROR:-$root/.bench-data}
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
     "$PY" -c "import onnxruntime as o; o.preload_dlls(); print('onnxruntime', o.__version__, o.get_available_providers())"
+}
+
+run() {
+    setup
     local json=()
     [ -n "${OUT:-}" ] && json=(--json "$OUT/gpu.json")
     exec "$PY" -m coursezoo bench --device cuda "${json[@]}" "$@"
@@ -60,5 +74,6 @@ run() {
 case "${1:-}" in
     pack) pack ;;
     run) shift; run "$@" ;;
-    *) sed -n '2,17p' "$0"; exit 2 ;;
+    test) shift; setup; exec "$PY" -m pytest -p no:cacheprovider tests/serving/test_gpu.py "$@" ;;
+    *) sed -n '2,19p' "$0"; exit 2 ;;
 esac

@@ -75,6 +75,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "among them, else the first digits model")
     p.add_argument("--cases", nargs="+", choices=CASES, metavar="CASE",
                    help=f"groups to run, from {', '.join(CASES)} (default: all; --quick leaves out the peer)")
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=list(inprocess.BATCH_SIZES), metavar="N",
+                   help="batch sizes of the in-process baselines (default: %(default)s); on a GPU add larger ones "
+                        "to find the best batch size")
     p.add_argument("--repo", type=Path, default=Path("exported"),
                    help="model repository with the exports (default: exported)")
     p.add_argument("--json", type=Path, default=DEFAULT_JSON,
@@ -138,7 +141,8 @@ class Run:
     def inprocess(self) -> None:
         p = self.plan
         self.results += inprocess.run(self.selected, seconds=p.inproc_seconds, warmup=p.inproc_warmup,
-                                      min_calls=p.inproc_min_calls, cuda=self.cuda)
+                                      min_calls=p.inproc_min_calls, cuda=self.cuda,
+                                      batch_sizes=tuple(self.args.batch_sizes))
         if digits := self.by_task.get("digits"):
             self.results.append(inprocess.decode_cost(digits, seconds=p.inproc_seconds))
 
@@ -203,7 +207,7 @@ class Run:
     def ratios(self) -> list[Ratio]:
         out: list[Ratio] = []
         for e in self.selected:
-            for bs in inprocess.BATCH_SIZES:
+            for bs in self.args.batch_sizes:
                 for path in ("ort-cuda", "ort-cuda-io-binding"):
                     out.append(Ratio(f"{e.name} b{bs}: {path} vs ORT CPU", f"inproc/{path}/{e.name}/b{bs}",
                                      f"inproc/ort-cpu/{e.name}/b{bs}"))
@@ -322,6 +326,7 @@ def main(args: argparse.Namespace) -> int:
 
     ratios = report.compute_ratios(run.results, run.ratios())
     targets = report.check_targets(run.results, run.targets())
+    best = report.best_batches(run.results)
     result = {
         "schema": 1,
         "started": started.isoformat(timespec="seconds"),
@@ -340,10 +345,11 @@ def main(args: argparse.Namespace) -> int:
         "results": [r.to_json() for r in run.results],
         "ratios": ratios,
         "targets": targets,
+        "best_batch": best,
         "notes": run.notes,
         "errors": run.errors,
     }
-    print(report.render_text(run.results, ratios, targets, run.notes + [f"ERROR {e}" for e in run.errors]))
+    print(report.render_text(run.results, ratios, targets, run.notes + [f"ERROR {e}" for e in run.errors], best))
     report.write_json(args.json, result)
     args.json.with_suffix(".md").write_text(report.render_markdown(run.results, result), encoding="utf-8")
     print(f"\nwrote {args.json} and {args.json.with_suffix('.md')}")

@@ -105,10 +105,15 @@ def torch_paths(export: Export, cuda: bool) -> tuple[dict[str, Bind], str]:
         if cuda and torch.cuda.is_available():
             paths["PyTorch eager CUDA"] = _torch_call(copy.deepcopy(model).to("cuda"), names, "cuda")
     if export.torchscript.is_file():
-        with warnings.catch_warnings():  # torch.jit is deprecated upstream; the export still ships model.pt
-            warnings.simplefilter("ignore", FutureWarning)
-            scripted = torch.jit.load(str(export.torchscript), map_location="cpu")
-        paths["TorchScript"] = _torch_call(scripted, names, "cpu")
+        try:
+            with warnings.catch_warnings():  # torch.jit is deprecated upstream; the export still ships model.pt
+                warnings.simplefilter("ignore", FutureWarning)
+                scripted = torch.jit.load(str(export.torchscript), map_location="cpu")
+        except RuntimeError as e:  # e.g. an older torch than the exporter's (the GPU hosts' own torch)
+            log.warning("TorchScript row of %s skipped: torch %s cannot load %s: %s", export.name,
+                        torch.__version__, export.torchscript, str(e).splitlines()[0])
+        else:
+            paths["TorchScript"] = _torch_call(scripted, names, "cpu")
     return paths, note
 
 

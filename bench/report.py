@@ -116,12 +116,33 @@ def check_targets(results: list[Result], targets: list[Target]) -> list[dict[str
     return out
 
 
+def best_batches(results: list[Result]) -> list[dict[str, Any]]:
+    """For each model and in-process path measured at several batch sizes, the batch size with the highest
+    throughput: the answer to "which batch size should the server aim for on this device"."""
+    by_path: dict[tuple[str, str], list[Result]] = {}
+    for r in results:
+        if r.group == "in-process":
+            by_path.setdefault((r.model, r.case), []).append(r)
+    out = []
+    for (model, case), rows in by_path.items():
+        if len({r.batch for r in rows}) > 1:
+            best = max(rows, key=lambda r: r.throughput)
+            out.append({"model": model, "case": case, "batch": best.batch, "throughput": best.throughput,
+                        "measured": sorted(r.batch for r in rows)})
+    return out
+
+
+def _best_line(b: dict[str, Any]) -> str:
+    return (f"{b['model']} {b['case']}: batch {b['batch']} ({_fmt(b['throughput'], 0)} items/s; measured "
+            f"{', '.join(map(str, b['measured']))})")
+
+
 def _verdict(met: bool | None) -> str:
     return {True: "met", False: "NOT met", None: "not measured"}[met]
 
 
 def render_text(results: list[Result], ratios: list[dict[str, Any]], targets: list[dict[str, Any]],
-                notes: list[str]) -> str:
+                notes: list[str], best: list[dict[str, Any]] = ()) -> str:
     lines: list[str] = []
     for group, rows in _rows_in_order(results).items():
         shown, table = _section(rows)
@@ -130,6 +151,8 @@ def render_text(results: list[Result], ratios: list[dict[str, Any]], targets: li
         for c in table:
             padded = (v.rjust(w) if i in NUMERIC else v.ljust(w) for i, v, w in zip(shown, c, widths, strict=False))
             lines.append("  ".join(padded) + ("  " + c[-1] if c[-1] else ""))
+    if best:
+        lines += ["", "== Best batch size (in-process throughput)", *(_best_line(b) for b in best)]
     if ratios:
         lines += ["", "== Ratios (numerator vs denominator, same run)"]
         for r in ratios:
@@ -158,6 +181,8 @@ def render_markdown(results: list[Result], report: dict[str, Any]) -> str:
         out += ["", f"**{GROUP_TITLES[group]}**", "", "| " + " | ".join(table[0]) + " |",
                 "|" + "|".join("---:" if i in NUMERIC else "---" for i in shown) + "|"]
         out += ["| " + " | ".join(c) + " |" for c in table[1:]]
+    if report.get("best_batch"):
+        out += ["", "Best batch size (in-process throughput): " + "; ".join(map(_best_line, report["best_batch"]))]
     if report["ratios"]:
         out += ["", "| ratio | numerator | denominator | unit | value | target |", "|---|---:|---:|---|---:|---|"]
         for r in report["ratios"]:

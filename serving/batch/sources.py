@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator, Mapping
-from typing import BinaryIO
+from types import ModuleType
+from typing import TYPE_CHECKING, BinaryIO
 
-from pyarrow import fs as pafs
+if TYPE_CHECKING:
+    from pyarrow import fs as pafs
 
 #: URI schemes read through pyarrow; anything else is a local path
 SCHEMES = ("s3://", "gs://", "gcs://")
@@ -37,12 +39,12 @@ def open_file(path: str) -> BinaryIO:
 def exists(uri: str) -> bool:
     """Whether the URI names an object or a prefix holding some."""
     filesystem, key = _resolve(uri)
-    return filesystem.get_file_info(key).type != pafs.FileType.NotFound
+    return filesystem.get_file_info(key).type != _pafs().FileType.NotFound
 
 
 def is_dir(uri: str) -> bool:
     filesystem, key = _resolve(uri)
-    return filesystem.get_file_info(key).type == pafs.FileType.Directory
+    return filesystem.get_file_info(key).type == _pafs().FileType.Directory
 
 
 def list_files(uri: str, recursive: bool) -> Iterator[str | None]:
@@ -52,11 +54,11 @@ def list_files(uri: str, recursive: bool) -> Iterator[str | None]:
     filesystem, key = _resolve(uri)
     scheme = uri.split("://", 1)[0]
     entries = []
-    for info in filesystem.get_file_info(pafs.FileSelector(key, recursive=recursive)):
+    for info in filesystem.get_file_info(_pafs().FileSelector(key, recursive=recursive)):
         parts = info.path[len(key):].strip("/").split("/")
         if any(part.startswith(".") for part in parts):
             continue
-        if info.type == pafs.FileType.Directory:
+        if info.type == _pafs().FileType.Directory:
             if not recursive:
                 entries.append((parts, None))
         else:
@@ -82,7 +84,18 @@ def _resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     root = f"{scheme}://{key.split('/', 1)[0]}"
     if root not in _opened:
         try:
-            _opened[root] = pafs.FileSystem.from_uri(root)[0]
+            _opened[root] = _pafs().FileSystem.from_uri(root)[0]
         except ValueError as e:  # pyarrow.ArrowInvalid: a malformed URI, or a pyarrow built without it
             raise OSError(f"cannot open {root}: {e}") from e
     return _opened[root], key
+
+
+def _pafs() -> ModuleType:
+    """``pyarrow.fs``, imported for the first URI only: local inputs need no pyarrow, and the server image,
+    which also runs the compose batch job, has none (it comes with the ``ray`` extra)."""
+    try:
+        from pyarrow import fs
+    except ImportError as e:
+        raise OSError(f"reading {'/'.join(SCHEMES)} URIs needs pyarrow, which is not installed here "
+                      "(pip install 'coursezoo[ray]')") from e
+    return fs

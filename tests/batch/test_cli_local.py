@@ -163,3 +163,23 @@ def test_newest_valid_version_is_used_and_a_pinned_broken_one_refused(batch: Bat
     assert run.code == 0 and run.rows[0]["model_version"] == "1"
     pinned = batch(tmp_path / "names.txt", "--repo", repo, "--model", "names_gru:2", out=tmp_path / "b.csv")
     assert pinned.code == 1 and "sha256" in pinned.err
+
+
+def test_runs_without_pyarrow_and_says_what_a_uri_needs(names_rows: list[tuple[str, str]], tmp_path: Path) -> None:
+    """The server image (which also runs the compose batch job) has no pyarrow: it comes with the ray extra.
+    Local inputs must classify without it; an s3:// input must say what is missing instead of crashing."""
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(name for name, _ in names_rows[:50]) + "\n")
+    no_pyarrow = ("import sys; sys.modules['pyarrow'] = None; "  # any import of pyarrow now raises ImportError
+                  "from coursezoo import cli; sys.exit(cli.main(sys.argv[1:]))")
+
+    def batch(*inputs: str, out: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", no_pyarrow, "batch", *inputs, "--repo", str(EXPORTED), "--out",
+                               str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False)
+
+    local = batch(str(names), out=tmp_path / "local.csv")
+    assert local.returncode == 0, local.stderr
+    assert len(read_rows(tmp_path / "local.csv")) == 50
+    uri = batch("s3://bucket/names.txt", out=tmp_path / "uri.csv")
+    assert uri.returncode == 1 and "needs pyarrow" in uri.stderr, uri.stderr
+    assert "Traceback" not in uri.stderr

@@ -32,7 +32,7 @@ def test_quick_run_writes_the_promised_json(tmp_path: Path) -> None:
     assert out.with_suffix(".md").is_file()
 
     assert {"schema", "started", "duration_s", "machine", "versions", "settings", "groups", "results", "ratios",
-            "targets", "notes", "errors"} <= report.keys()
+            "targets", "best_batch", "notes", "errors"} <= report.keys()
     for group in report["groups"]:
         assert {"name", "seconds", "before", "after"} <= group.keys()
         assert {"loadavg", "busy_processes"} <= group["before"].keys()
@@ -63,3 +63,7 @@ def test_quick_run_writes_the_promised_json(tmp_path: Path) -> None:
         assert ratio["numerator"]["key"] in keys and ratio["denominator"]["key"] in keys
     for target in report["targets"]:
         assert {"name", "key", "metric", "op", "threshold", "measured", "met"} <= target.keys()
+    inproc = {(r["model"], r["case"]) for r in report["results"] if r["group"] == "in-process"}
+    assert {(b["model"], b["case"]) for b in report["best_batch"]} <= inproc and report["best_batch"]
+    for best in report["best_batch"]:
+        assert best["batch"] in best["measured"] and len(best["measured"]) > 1
