@@ -140,9 +140,11 @@ class Run:
 
     def inprocess(self) -> None:
         p = self.plan
-        self.results += inprocess.run(self.selected, seconds=p.inproc_seconds, warmup=p.inproc_warmup,
-                                      min_calls=p.inproc_min_calls, cuda=self.cuda,
-                                      batch_sizes=tuple(self.args.batch_sizes))
+        results, failures = inprocess.run(self.selected, seconds=p.inproc_seconds, warmup=p.inproc_warmup,
+                                          min_calls=p.inproc_min_calls, cuda=self.cuda,
+                                          batch_sizes=tuple(self.args.batch_sizes))
+        self.results += results
+        self.errors += failures
         if digits := self.by_task.get("digits"):
             self.results.append(inprocess.decode_cost(digits, seconds=p.inproc_seconds))
 

@@ -8,6 +8,7 @@ torch is imported lazily, only here, so the rest of the harness (and the load ge
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import warnings
@@ -55,7 +56,15 @@ def ort_session(export: Export, provider: str) -> ort.InferenceSession:
 
 
 def cuda_available(export: Export) -> bool:
-    """Whether ONNX Runtime here really runs on an NVIDIA GPU: the server's own provider choice decides."""
+    """Whether ONNX Runtime here really runs on an NVIDIA GPU: the server's own provider choice decides.
+
+    torch, when installed, is imported first: its CUDA libraries must be loaded before ONNX Runtime's
+    ``preload_dlls()`` loads the ones it finds. The other way round torch binds to ORT's cuDNN and refuses
+    it when that is older than torch's own build (seen on the GPU host: torch built with cuDNN 9.19, the
+    host's nvidia wheel 9.14), and every PyTorch CUDA row fails.
+    """
+    with contextlib.suppress(ImportError):
+        import torch  # noqa: F401
     from serving.runtime import OnnxModel
 
     return OnnxModel(export.onnx, export.card, device="auto").provider == "CUDAExecutionProvider"
@@ -137,9 +146,11 @@ def _torch_call(module: Any, names: list[str], device: str) -> Bind:
 
 
 def run(exports: list[Export], *, seconds: float, warmup: int, min_calls: int, cuda: bool,
-        batch_sizes: tuple[int, ...] = BATCH_SIZES) -> list[Result]:
-    """Every path x model x batch size; without torch installed only the ONNX Runtime rows are measured."""
+        batch_sizes: tuple[int, ...] = BATCH_SIZES) -> tuple[list[Result], list[str]]:
+    """Every path x model x batch size, and a note for each path that failed (its other rows still count);
+    without torch installed only the ONNX Runtime rows are measured."""
     results: list[Result] = []
+    failed: dict[str, str] = {}  # "path model" -> why
     for export in exports:
         paths = ort_paths(export, cuda)
         note = ""
@@ -151,12 +162,19 @@ def run(exports: list[Export], *, seconds: float, warmup: int, min_calls: int, c
         for bs in batch_sizes:
             feeds = inputs(export, bs)
             for path, bind in paths.items():
-                t = time_calls(bind(feeds), seconds=seconds, warmup=warmup, min_calls=min_calls)
+                if f"{path} {export.name}" in failed:
+                    continue
+                try:
+                    t = time_calls(bind(feeds), seconds=seconds, warmup=warmup, min_calls=min_calls)
+                except RuntimeError as e:  # one broken runtime (a CUDA library mismatch, say) must not hide the rest
+                    failed[f"{path} {export.name}"] = f"batch {bs}: {str(e).splitlines()[0]}"
+                    log.warning("in-process %s on %s failed at batch %d: %s", path, export.name, bs, e)
+                    continue
                 key = f"inproc/{path.lower().replace(' ', '-')}/{export.name}/b{bs}"
                 results.append(summarize(key, "in-process", path, export.name, batch=bs, concurrency=1,
                                          items=bs * len(t.latencies), seconds=t.wall, latencies_s=t.latencies,
                                          model_cpu_s=t.cpu, note=note if path.startswith("PyTorch") else ""))
-    return results
+    return results, [f"in-process {what} failed at {why}" for what, why in failed.items()]
 
 
 def decode_cost(export: Export, *, seconds: float) -> Result:
