@@ -18,7 +18,7 @@ from google.protobuf import struct_pb2
 from serving import postprocess
 from serving.decoding import ImageDecoder
 from serving.metrics import Metrics
-from serving.preprocess import InputError, decode_digit, model_inputs, pixels_to_digit
+from serving.preprocess import InputError, decode_digit, model_inputs, pixels_to_digit, pixels_to_digits
 from serving.protos import classifier_pb2 as pb
 from serving.protos import classifier_pb2_grpc
 from serving.repository import ModelNotFound, ModelNotReady, ModelRepository, ServedModel
@@ -116,9 +116,12 @@ class ClassifierService(Handler, classifier_pb2_grpc.ClassifierServicer):
 
     async def _digit_tensor(self, images: Sequence[pb.Image], prep: dict) -> np.ndarray:
         """Images -> the model's float32 [n, 1, h, w]; encoded files go to the decoder, which picks where
-        they decode, and raw pixels (no decoding to speak of) are converted here."""
-        if all(image.WhichOneof("source") == "encoded" for image in images):
+        they decode, raw pixels (no decoding to speak of) are converted here, as one array when all are."""
+        sources = {image.WhichOneof("source") for image in images}
+        if sources == {"encoded"}:
             return await self.decoder.decode([image.encoded for image in images], prep)
+        if sources == {"pixels"}:
+            return pixels_to_digits([image.pixels for image in images], prep)
         if len(images) == 1:
             return _decode_image(images[0], 0, prep)[None]
         return await asyncio.to_thread(_decode_images, images, prep)

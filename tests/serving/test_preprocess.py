@@ -28,6 +28,7 @@ from serving.preprocess import (
     encode_hello,
     encode_names,
     pixels_to_digit,
+    pixels_to_digits,
 )
 from training.catalog import DIGITS_PREPROCESSING as PREP  # the digits cards' preprocessing (no torch import)
 
@@ -114,10 +115,21 @@ def test_pixels_are_normalized_exactly(mnist: np.ndarray) -> None:
             np.testing.assert_array_equal(got[0], training_normalization(a))
 
 
+def test_pixel_batches_equal_one_by_one(mnist: np.ndarray) -> None:
+    """The batch form is the single-image form, bit for bit, in order."""
+    raw = [a.tobytes() for a in mnist[:50]]
+    one_by_one = np.stack([pixels_to_digit(r, PREP) for r in raw])
+    together = pixels_to_digits(raw, PREP)
+    assert together.shape == (50, 1, 28, 28) and together.dtype == np.float32
+    assert together.tobytes() == one_by_one.tobytes()
+
+
 @pytest.mark.parametrize("size", [0, 783, 785, 28 * 28 * 3])
 def test_wrong_pixel_count_is_an_input_error(size: int) -> None:
     with pytest.raises(InputError, match=f"{size} bytes of pixels: expected 784"):
         pixels_to_digit(bytes(size), PREP)
+    with pytest.raises(InputError, match=f"^image 2: {size} bytes of pixels: expected 784"):
+        pixels_to_digits([bytes(784), bytes(784), bytes(size), bytes(1)], PREP)
 
 
 # --- other images are placed the MNIST way ---------------------------------------------------------------
