@@ -49,12 +49,19 @@ def gpus() -> list[dict[str, str]]:
 
 
 def versions() -> dict[str, str]:
+    """Installed distributions, and the onnxruntime module actually imported: on a GPU host the harness runs
+    an unpacked onnxruntime-gpu from ``PYTHONPATH`` (bench/gpu.sh) over an installed CPU build, whose
+    metadata alone would name the wrong version."""
+    import onnxruntime
+
     found = {"python": platform.python_version()}
     for name in PACKAGES:
         try:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             continue
+    found["onnxruntime (imported)"] = (f"{onnxruntime.__version__} from {Path(onnxruntime.__file__).parent}, "
+                                       f"{', '.join(onnxruntime.get_available_providers())}")
     return found
 
 

@@ -8,8 +8,9 @@
 Replies are the proto messages (``ClassifyDigitsResponse``, ...): typed, and what the server sent.
 Large jobs are split into requests of ``chunk_size`` items, sent ``max_in_flight`` at a time, and the
 answers merged back in order into one reply. Calls that fail with UNAVAILABLE (server restarting, a
-model still loading) are retried by gRPC itself through the channel's service config. Failures are
-raised as ``grpc.RpcError`` with the server's status code and message.
+model still loading) or that a stopping server CANCELLED are retried by gRPC itself through the
+channel's service config. Failures are raised as ``grpc.RpcError`` with the server's status code and
+message.
 
 A server started with TLS and a token (docs/operations.md):
 
@@ -34,11 +35,15 @@ from serving.protos import classifier_pb2_grpc
 ImageLike = bytes | np.ndarray | pb.Image
 Reply = TypeVar("Reply", pb.ClassifyDigitsResponse, pb.ClassifyDiabetesResponse, pb.ClassifySequencesResponse)
 
+#: Classification has no side effects, so resending is always safe. CANCELLED is retried too: a gRPC
+#: server that stops cancels the calls it has received but not yet handed to a handler (grpc/grpc#41785,
+#: open), a window the server's drain (serving.server.DrainGate) narrows but cannot close while calls keep
+#: arriving, as they do through a load balancer. gRPC never retries a call the caller cancelled itself.
 _RETRY_SERVICE_CONFIG = json.dumps({
     "methodConfig": [{
         "name": [{"service": "coursezoo.v1.Classifier"}],
         "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.1s", "maxBackoff": "2s", "backoffMultiplier": 2,
-                        "retryableStatusCodes": ["UNAVAILABLE"]},
+                        "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"]},
     }],
 })
 

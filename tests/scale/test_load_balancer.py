@@ -114,7 +114,8 @@ def test_stopping_a_replica_mid_run_loses_no_call(balancer: str, replicas: list[
                                                   digits: np.ndarray) -> None:
     """A replica is stopped (SIGTERM, graceful) while calls flow: every call still gets its answer.
 
-    The client retries UNAVAILABLE (its service config does); nginx moves calls the stopped replica
+    The client retries UNAVAILABLE and CANCELLED (its service config does: gRPC cancels the calls a stopping
+    server holds but has not handed to a handler yet, grpc/grpc#41785); nginx moves calls the stopped replica
     refuses at connect time to the next one, and the drain answers in-flight calls before the exit.
     Calls go on, eight in flight, from before the stop until 100 were sent after the replica exited.
     """

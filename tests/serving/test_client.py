@@ -60,3 +60,34 @@ def test_empty_job_gets_the_servers_answer(client: CourseZooClient) -> None:
     with pytest.raises(grpc.RpcError) as info:
         client.classify_sequences([])
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "no texts" in info.value.details()
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED])
+def test_a_refused_or_shutdown_cancelled_call_is_resent(code: grpc.StatusCode) -> None:
+    """A stopping server answers UNAVAILABLE, or CANCELLED for calls it held but had not handled yet
+    (grpc/grpc#41785): the client's retry policy resends both, and the caller sees only the answer.
+    A real gRPC server on loopback that fails each call's first attempt with ``code``."""
+    from concurrent import futures
+
+    from serving.protos import classifier_pb2_grpc
+
+    attempts: list[int] = []
+
+    class FailsFirst(classifier_pb2_grpc.ClassifierServicer):
+        def ClassifyDiabetes(self, request: pb.ClassifyDiabetesRequest,  # noqa: N802 - the RPC's name
+                             context: grpc.ServicerContext) -> pb.ClassifyDiabetesResponse:
+            attempts.append(len(request.records))
+            if len(attempts) == 1:
+                context.abort(code, "shutting down")
+            return pb.ClassifyDiabetesResponse(model="stub", predictions=[pb.DiabetesPrediction(label=1)])
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    classifier_pb2_grpc.add_ClassifierServicer_to_server(FailsFirst(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with CourseZooClient(f"127.0.0.1:{port}", timeout=10) as client:
+            reply = client.classify_diabetes([[0.0] * 8])
+    finally:
+        server.stop(None)
+    assert reply.model == "stub" and attempts == [1, 1]
