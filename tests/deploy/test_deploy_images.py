@@ -8,6 +8,7 @@ provider.
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
 import re
@@ -118,6 +119,37 @@ def test_server_image_has_no_torch() -> None:
     assert not {"torch", "torchvision"} & lock("server").keys()
     copied = " ".join(dockerfile_stages()["server-build"].all("COPY"))
     assert "training" not in copied, "the training package imports torch; the server image leaves it out"
+
+
+#: serving modules loaded only on request, and the extra their imports need (not in the server image)
+ON_REQUEST = {"serving/batch/engines/ray.py": "ray"}
+
+
+def test_server_image_provides_every_module_level_import() -> None:
+    """What the server image's code (coursezoo/, serving/) imports when a module loads comes from the standard
+    library, those two packages or the server lock: the compose batch job once crashed at start-up on a
+    module-level ``import pyarrow`` (pyarrow comes with the ray extra, which the image leaves out). Imports
+    inside functions are on-demand (pyarrow for s3:// inputs) and `if TYPE_CHECKING:` blocks never run."""
+    provided = lock("server").keys()
+    owners = metadata.packages_distributions()
+    missing: dict[str, set[str]] = {}
+    for path in sorted([*(REPO_ROOT / "serving").rglob("*.py"), *(REPO_ROOT / "coursezoo").rglob("*.py")]):
+        where = path.relative_to(REPO_ROOT).as_posix()
+        if "_generated" in path.parts or where in ON_REQUEST:
+            continue
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                names = [node.module]
+            else:
+                continue
+            for top in {name.partition(".")[0] for name in names}:
+                ours = top in ("serving", "coursezoo")
+                if not (ours or top in sys.stdlib_module_names or
+                        any(normalize(d) in provided for d in owners.get(top, []))):
+                    missing.setdefault(top, set()).add(where)
+    assert not missing, f"imported at module level but not in docker/requirements-server.txt: {missing}"
 
 
 def test_server_healthcheck_is_the_grpc_probe() -> None:
