@@ -7,6 +7,7 @@ can see which side moved. Targets are the issue's service targets, checked again
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,7 +143,7 @@ def _verdict(met: bool | None) -> str:
 
 
 def render_text(results: list[Result], ratios: list[dict[str, Any]], targets: list[dict[str, Any]],
-                notes: list[str], best: list[dict[str, Any]] = ()) -> str:
+                notes: list[str], best: Sequence[dict[str, Any]] = ()) -> str:
     lines: list[str] = []
     for group, rows in _rows_in_order(results).items():
         shown, table = _section(rows)
