@@ -114,6 +114,19 @@ def test_digits_from_png_jpeg_inverted_and_padded_images(client: CourseZooClient
         assert variant_accuracy >= accuracy - 0.05, f"{variant}: accuracy {variant_accuracy:.3f} vs {accuracy:.3f}"
 
 
+def test_large_pixel_batches_answer_like_small_ones(client: CourseZooClient, digits_model: str,
+                                                   mnist_test: tuple[np.ndarray, np.ndarray]) -> None:
+    """Pixel batches over INLINE_PIXEL_IMAGES convert in a worker thread: same answers, same order."""
+    images = list(mnist_test[0])
+    small = client.classify_digits(images, model=digits_model).predictions
+    with CourseZooClient(client.target, chunk_size=1024) as one_request:
+        large = one_request.classify_digits(images * 4, model=digits_model).predictions  # 800 images, one request
+    assert len(large) == 4 * len(small)
+    for i, p in enumerate(large):
+        assert p.digit == small[i % len(small)].digit
+        np.testing.assert_allclose(p.probabilities, small[i % len(small)].probabilities, atol=1e-6)
+
+
 def test_digits_prediction_fields(client: CourseZooClient, digits_model: str, card: Callable,
                                   mnist_test: tuple[np.ndarray, np.ndarray]) -> None:
     version = card(digits_model).version
@@ -216,6 +229,10 @@ ERRORS = [
     _digits("empty encoded image", INVALID, "image 0", images=[pb.Image(encoded=b"")]),
     _digits("image without a source", INVALID, "set `encoded`", images=[pb.Image()]),
     _digits("wrong pixel count", INVALID, "784", images=[pb.Image(pixels=bytes(783))]),
+    _digits("wrong pixel count in a batch", INVALID, "image 3: 10 bytes of pixels",
+            images=[BLANK] * 3 + [pb.Image(pixels=bytes(10))] + [BLANK] * 3),
+    _digits("wrong pixel count in a large batch", INVALID, "image 700: 785 bytes of pixels",
+            images=[BLANK] * 700 + [pb.Image(pixels=bytes(785))] + [BLANK] * 99),
     _digits("no images", INVALID, "no images"),
     _digits("too many images", EXHAUSTED, "at most 1024", images=[BLANK] * 1025),
     _digits("oversized image", EXHAUSTED, "pixels",
