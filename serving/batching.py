@@ -5,6 +5,10 @@ queue; a worker task takes the oldest, adds queued requests of the same non-batc
 to ``max_batch_size`` items, waiting at most ``max_delay_ms`` for more, runs the batch in a thread (so the
 event loop keeps serving) and hands each request its own rows back, in order. One execution per model
 is in flight at a time: while it runs the next batch fills up, which is where batching pays.
+
+``max_batch_size`` bounds what is merged; a client batch runs in chunks of ``chunk_size`` items (by default
+``max_batch_size``), and a chunk larger than ``max_batch_size`` runs alone. The server chunks at its
+request limit: one large request is one execution, which measured best on both devices (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -73,9 +77,11 @@ class DynamicBatcher:
         observer: BatchObserver | None = None,
         executor: Executor | None = None,
         inline_budget_ms: float = 0.0,
+        chunk_size: int | None = None,
     ):
         self.name = name
         self.max_batch_size = max(1, max_batch_size)
+        self.chunk_size = max(self.max_batch_size, chunk_size or 0)
         self.max_delay_s = max(0.0, max_delay_ms) / 1000
         self.max_queue_items = max_queue_items
         self._run = run
@@ -115,8 +121,8 @@ class DynamicBatcher:
             return self._run_now(inputs, n)
         if self._worker is None or self._worker.done():
             self._worker = asyncio.get_running_loop().create_task(self._work(), name=f"batcher-{self.name}")
-        chunks = [self._enqueue({k: v[i : i + self.max_batch_size] for k, v in inputs.items()})
-                  for i in range(0, n, self.max_batch_size)]
+        chunks = [self._enqueue({k: v[i : i + self.chunk_size] for k, v in inputs.items()})
+                  for i in range(0, n, self.chunk_size)]
         if len(chunks) == 1:
             return await chunks[0]
         parts = await asyncio.gather(*chunks)  # cancelling submit cancels the chunks not yet run
@@ -126,7 +132,7 @@ class DynamicBatcher:
         """Whether ``n`` items can run at once in the caller's task: nothing queued or running, no batching
         delay to wait out, and a run this size known to fit the inline budget. That is the batch the worker
         would form, without the hand-over to it and back (two turns of the event loop)."""
-        return (not self._queue and not self._running and self.max_delay_s == 0 and n <= self.max_batch_size
+        return (not self._queue and not self._running and self.max_delay_s == 0 and n <= self.chunk_size
                 and self._runs_inline(n))
 
     def _run_now(self, inputs: Mapping[str, np.ndarray], n: int) -> Arrays:
@@ -206,13 +212,14 @@ class DynamicBatcher:
                 pass
 
     def _take(self, batch: list[_Request], size: int) -> int:
-        """Move queued requests that match the batch's shapes and fit into it; drop cancelled ones."""
+        """Move queued requests that match the batch's shapes and fit into it; drop cancelled ones. The
+        oldest live request always starts the batch, a chunk larger than ``max_batch_size`` too."""
         kept: deque[_Request] = deque()
         while self._queue:
             request = self._queue.popleft()
             if request.future.done():  # cancelled by its caller, its _forget callback not yet run
                 self._unqueue(request)
-            elif (not batch or request.key == batch[0].key) and size + request.n <= self.max_batch_size:
+            elif not batch or (request.key == batch[0].key and size + request.n <= self.max_batch_size):
                 batch.append(request)
                 size += request.n
                 self._unqueue(request)

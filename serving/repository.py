@@ -61,6 +61,7 @@ class ServingSettings:
     max_queue_items: int = 4096
     intra_op_threads: int | None = None  # None or 0: ONNX Runtime's default (one per physical core)
     inline_run_ms: float = 0.0  # batches expected to run faster than this run on the event loop (see batching)
+    max_items_per_request: int = 1024  # the largest client batch, which runs as one execution (see batching)
     poll_interval_s: float = 0.0  # 0: no polling; RepositoryModelLoad still loads new versions
 
 
@@ -302,7 +303,7 @@ class ModelRepository:
         batcher = DynamicBatcher(
             session.run, max_batch_size=settings.max_batch_size, max_delay_ms=settings.max_queue_delay_ms,
             max_queue_items=settings.max_queue_items, name=name, observer=self._metrics,
-            inline_budget_ms=settings.inline_run_ms,
+            inline_budget_ms=settings.inline_run_ms, chunk_size=settings.max_items_per_request,
         )
         versions[version] = _Version(fingerprint, ServedModel(card, session, batcher, settings), READY)
         if self._metrics is not None:

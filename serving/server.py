@@ -69,7 +69,8 @@ class ServerSettings:
     device: str = _option("auto", "ONNX Runtime device: auto tries CUDA and falls back to CPU",
                           choices=("auto", "cuda", "cpu"))
     metrics_port: int = _option(8002, "Prometheus /metrics port; 0 = ephemeral (printed), -1 = off")
-    max_batch_size: int = _option(64, "dynamic batching: most items per model execution (1 = no coalescing)")
+    max_batch_size: int = _option(64, "dynamic batching: most items merged from concurrent requests into one model "
+                                      "execution (1 = no coalescing); one request runs whole")
     max_queue_delay_ms: float = _option(0.0, "dynamic batching: longest wait for more items to join a batch; 0 "
                                         "= no waiting, but requests queued behind a running batch still join")
     max_queue_items: int = _option(4096, "items a model's queue holds before RESOURCE_EXHAUSTED")

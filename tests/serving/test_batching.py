@@ -123,6 +123,26 @@ def test_large_client_batches_are_chunked_and_reassembled_in_order() -> None:
     assert [s[0] for s in model.batches] == [4, 4, 2]
 
 
+def test_a_chunk_larger_than_the_batch_limit_runs_whole_and_alone() -> None:
+    """chunk_size (the server's request limit) splits client batches; max_batch_size only bounds merging:
+    a 10-item request runs as chunks of 8 and 2, neither merged with the small requests queued beside it."""
+    model = GatedModel(gated=True)
+
+    async def main() -> list[dict[str, np.ndarray]]:
+        batcher = DynamicBatcher(model, max_batch_size=4, max_delay_ms=0, max_queue_items=100, chunk_size=8)
+        first = await hold_first(batcher, model, x(100))
+        rest = [asyncio.create_task(batcher.submit(r)) for r in (x(*range(10)), x(20), x(21))]
+        await until(lambda: batcher.queue_depth == 12)
+        model.gate.set()
+        return [await first, *await asyncio.gather(*rest)]
+
+    out = run(main())
+    np.testing.assert_array_equal(out[1]["y"], x(*range(10))["x"] * 2)
+    np.testing.assert_array_equal(out[2]["y"], x(20)["x"] * 2)
+    np.testing.assert_array_equal(out[3]["y"], x(21)["x"] * 2)
+    assert [s[0] for s in model.batches] == [1, 8, 4]  # the 2-item tail chunk merges with the two singles
+
+
 def test_batch_size_one_turns_coalescing_off() -> None:
     model = GatedModel(gated=True)
 

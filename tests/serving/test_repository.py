@@ -90,6 +90,11 @@ def test_start_loads_verifies_and_serves_every_model(repo: Path) -> None:
         out = await served.infer(features(5))
         direct = OnnxModel(repo / "diabetes_mlp/1/model.onnx", served.card, "cpu").run(features(5))
         np.testing.assert_array_equal(out["probability"], direct["probability"])
+        # a client batch up to the request limit runs as one execution; concurrent requests merge up to 64
+        assert (served.batcher.max_batch_size, served.batcher.chunk_size) == (64, CPU_SETTINGS.max_items_per_request)
+        big = await served.infer(features(300))
+        np.testing.assert_array_equal(big["probability"], OnnxModel(repo / "diabetes_mlp/1/model.onnx", served.card,
+                                                                    "cpu").run(features(300))["probability"])
         await r.stop()
         assert r.models() == []
         with pytest.raises(ModelNotReady):
