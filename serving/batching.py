@@ -6,8 +6,8 @@ to ``max_batch_size`` items, waiting at most ``max_delay_ms`` for more, runs the
 event loop keeps serving) and hands each request its own rows back, in order. One execution per model
 is in flight at a time: while it runs the next batch fills up, which is where batching pays.
 
-``max_batch_size`` bounds what is merged; a client batch runs in chunks of ``chunk_size`` items (by default
-``max_batch_size``), and a chunk larger than ``max_batch_size`` runs alone. The server chunks at its
+``max_batch_size`` bounds what is merged; a client batch runs in chunks of ``chunk_size`` items (at least,
+and by default, ``max_batch_size``), and a chunk larger than ``max_batch_size`` runs alone. The server chunks at its
 request limit: one large request is one execution, which measured best on both devices (docs/performance.md).
 """
 
