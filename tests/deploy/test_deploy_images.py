@@ -121,8 +121,8 @@ def test_server_image_has_no_torch() -> None:
     assert "training" not in copied, "the training package imports torch; the server image leaves it out"
 
 
-#: serving modules loaded only on request, and the extra their imports need (not in the server image)
-ON_REQUEST = {"serving/batch/engines/ray.py": "ray"}
+#: serving modules imported only on request, whose imports come from an extra the server image leaves out
+ON_REQUEST = frozenset({"serving/batch/engines/ray.py"})  # --engine ray: the ray extra
 
 
 def test_server_image_provides_every_module_level_import() -> None:
