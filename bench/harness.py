@@ -29,6 +29,7 @@ from bench.exports import Export
 from bench.processes import Server, load
 from bench.report import Ratio, Target
 from bench.stats import Result
+from serving.batch.cli import at_least
 
 log = logging.getLogger("coursezoo.bench")
 
@@ -75,7 +76,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "among them, else the first digits model")
     p.add_argument("--cases", nargs="+", choices=CASES, metavar="CASE",
                    help=f"groups to run, from {', '.join(CASES)} (default: all; --quick leaves out the peer)")
-    p.add_argument("--batch-sizes", nargs="+", type=_batch_size, default=list(inprocess.BATCH_SIZES), metavar="N",
+    p.add_argument("--batch-sizes", nargs="+", type=at_least(1), default=list(inprocess.BATCH_SIZES), metavar="N",
                    help="batch sizes of the in-process baselines (default: %(default)s); on a GPU add larger ones "
                         "to find the best batch size")
     p.add_argument("--repo", type=Path, default=Path("exported"),
@@ -83,16 +84,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=DEFAULT_JSON,
                    help="results file, with a Markdown copy beside it (default: bench/results/latest.json)")
     return p
-
-
-def _batch_size(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"batch size {text!r}: expected a whole number") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"batch size {n}: expected 1 or more")
-    return n
 
 
 class Run:

@@ -53,9 +53,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_FATAL, f"{self.prog}: error: {message}\n")
 
 
-def _at_least(low: int) -> Callable[[str], int]:
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= ``low``, refused with a message saying so (also used by the bench)."""
     def parse(text: str) -> int:
-        value = int(text)
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= {low}") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"{text}: expected a whole number >= {low}")
         return value
@@ -63,7 +67,7 @@ def _at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
-_positive, _non_negative = _at_least(1), _at_least(0)
+_positive, _non_negative = at_least(1), at_least(0)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
