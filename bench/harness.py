@@ -6,7 +6,8 @@
 
 Groups, in the order they run: ``inprocess`` (PyTorch eager, TorchScript, ONNX Runtime), ``server``
 (the domain API and raw ModelInfer over loopback), ``batching-off`` (the same server restarted with
-``--max-batch-size 1``), ``oip`` (ModelInfer from the real tritonclient at rising concurrency),
+``--max-batch-size 1``), ``oip`` (ModelInfer from the real tritonclient at rising concurrency, and from
+h2load, an external C client: bench/h2load.py),
 ``batch-cli`` (``coursezoo batch`` on a folder of PNGs), ``peer`` (Triton via PyTriton under the same
 load client). Everything compared is measured in the same run; each ratio is printed with its parts.
 """
@@ -24,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import batch_cli, exports, inprocess, machine, report, server_load, triton_peer
+from bench import batch_cli, exports, h2load, inprocess, machine, report, server_load, triton_peer
 from bench.exports import Export
 from bench.processes import Server, load
 from bench.report import Ratio, Target
@@ -158,7 +159,7 @@ class Run:
             if "oip" in cases and digits:
                 oip = server_load.oip_cases(digits, "coursezoo", self.plan.oip_concurrency, OIP_CLIENTS,
                                             self.plan.timing)
-                self._add_loaded(load(srv.target, oip, srv.pgid))
+                self._add_loaded(load(srv.target, oip + self.h2load_cases(digits, "coursezoo"), srv.pgid))
             if "batch-cli" in cases and digits:
                 self.batch_cli(digits, srv.target)
 
@@ -203,7 +204,19 @@ class Run:
             self.notes.append(f"Triton peer: {info} ({python.parent.parent.name}) on {peer.provider}; Triton's "
                               "dynamic batcher with CourseZoo's batching limits")
             oip = server_load.oip_cases(digits, "triton", self.plan.oip_concurrency, OIP_CLIENTS, self.plan.timing)
-            self._add_loaded(load(peer.target, oip, peer.pgid))
+            self._add_loaded(load(peer.target, oip + self.h2load_cases(digits, "triton"), peer.pgid))
+
+    def h2load_cases(self, digits: Export, server: str) -> list[dict[str, Any]]:
+        """The external client's rows for ``server``, or none (and a note, once) when h2load is missing."""
+        executable, info = h2load.find()
+        if executable is None:
+            if info not in self.notes:
+                self.notes.append(info)
+            return []
+        if not any(note.startswith("h2load:") for note in self.notes):
+            self.notes.append(f"h2load: {info}, {h2load.STREAMS_PER_CONNECTION} calls per HTTP/2 connection; "
+                              "every reply counted (bench/h2load.py)")
+        return server_load.h2load_cases(digits, server, self.plan.timing)
 
     # --- ratios and targets -----------------------------------------------------------------------------------
 
@@ -242,6 +255,11 @@ class Run:
                       f"oip/coursezoo/tritonclient-aio/{m}/c{c}", f"oip/triton/tritonclient-aio/{m}/c{c}", 2.0),
                 Ratio(f"{c} clients tritonclient-grpc: CourseZoo vs Triton peer",
                       f"oip/coursezoo/tritonclient-grpc/{m}/c{c}", f"oip/triton/tritonclient-grpc/{m}/c{c}"),
+                Ratio(f"{c} clients h2load: CourseZoo vs Triton peer",
+                      f"h2load/coursezoo/modelinfer-raw/{m}/c{c}", f"h2load/triton/modelinfer-raw/{m}/c{c}", 2.0),
+                Ratio(f"{c} clients h2load: CourseZoo vs Triton peer, CPU per item",
+                      f"h2load/coursezoo/modelinfer-raw/{m}/c{c}", f"h2load/triton/modelinfer-raw/{m}/c{c}",
+                      by_cpu=True),
                 Ratio(f"batch --local vs in-process ORT on decoded tensors ({n} PNGs)",
                       f"batchcli/local/{m}/n{n}", f"batchcli/ort-decoded/{m}/n{n}", 0.7),
                 Ratio(f"batch --server vs in-process ORT on decoded tensors ({n} PNGs)",
@@ -341,7 +359,7 @@ def main(args: argparse.Namespace) -> int:
             "quick": args.quick, "device": "cuda" if cuda else "cpu", "cases": sorted(cases),
             "models": [f"{e.name}/{e.version}" for e in selected], "plan": dataclasses.asdict(plan),
             "server": {**run.server_settings, "flags": run.server_args()},
-            "load_client": "separate process; grpc.aio with pre-serialized requests (raw), or tritonclient",
+            "load_client": "separate process; grpc.aio with pre-serialized requests (raw), tritonclient, or h2load",
             "ort_threads": "onnxruntime defaults (intra-op = physical cores) in-process and in the servers",
         },
         "groups": run.groups,

@@ -5,11 +5,13 @@ file, so nothing a client library prints can corrupt them). It runs in its own p
 not charged to the server, and so ``tritonclient``'s ``inference`` messages never meet the server's
 identically named ones (protobuf keeps one global descriptor pool).
 
-Two kinds of client, chosen by the case's ``client``:
+Three kinds of client, chosen by the case's ``client``:
   - ``raw``: grpc.aio with requests serialized once up front and responses left as bytes (checked once
     by parsing), so per request the client does little more than the socket work;
   - ``tritonclient-grpc`` / ``tritonclient-aio``: the real Triton client library (threads / asyncio),
-    the same load client for CourseZoo's Open Inference Protocol endpoint and for the Triton peer.
+    the same load client for CourseZoo's Open Inference Protocol endpoint and for the Triton peer;
+  - ``h2load``: nghttp2's C load generator sending the same request bytes (``bench.h2load``), a client
+    that costs the shared cores far less than any Python one.
 Each case is a closed loop: ``concurrency`` callers each send the next request as soon as the previous
 one answers, for ``seconds`` after ``warmup`` seconds of the same load.
 """
@@ -316,10 +318,39 @@ def _triton_threads(target: str, case: dict[str, Any], meter: CpuMeter) -> tuple
     return latencies, wall
 
 
+def _h2load(target: str, case: dict[str, Any], meter: CpuMeter) -> tuple[list[float], float]:
+    """The external client (``bench.h2load``) sending the first of the case's requests over and over; the
+    client CPU is h2load's own."""
+    import grpc
+
+    from bench import h2load
+
+    executable, why = h2load.find()
+    if executable is None:
+        raise RuntimeError(why)
+    method, requests, check = REQUESTS[case["kind"]](case)
+    path = method if method.startswith("/") else CLASSIFIER + method
+    with grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
+        reply = channel.unary_unary(path)(requests[0], timeout=60)
+    check(reply)
+    load = h2load.H2Load(executable, target, path, requests[0], case["concurrency"])
+    try:
+        calls = max(h2load.MIN_REQUESTS, round(load.rate(case["warmup"]) * case["seconds"]))
+        meter.start()
+        latencies, wall, client_seconds = load.timed(calls, len(reply))
+        meter.stop()
+    finally:
+        load.close()
+    meter.client_seconds = client_seconds
+    return latencies, wall
+
+
 def run_case(target: str, case: dict[str, Any], server_pgid: int | None) -> dict[str, Any]:
     client = case.get("client", "raw")
     meter = CpuMeter(server_pgid)
-    if client == "tritonclient-grpc":
+    if client == "h2load":
+        latencies, wall = _h2load(target, case, meter)
+    elif client == "tritonclient-grpc":
         latencies, wall = _triton_threads(target, case, meter)
     elif client == "tritonclient-aio":
         latencies, wall = asyncio.run(_triton_aio(target, case, meter))

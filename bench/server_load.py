@@ -129,3 +129,22 @@ def oip_cases(digits: Export, server: str, concurrencies: tuple[int, ...], clien
     return [_case(f"oip/{server}/{client}/{digits.name}/c{c}", group, f"{label} ModelInfer via {client}", digits,
                   "model_infer", 1, c, timing, client=client, **_digits_extra(digits))
             for client in clients for c in concurrencies]
+
+
+#: Concurrencies of the h2load rows: one caller (latency) and the 64 of the many-clients target.
+H2LOAD_CONCURRENCY = (1, CLIENTS)
+
+
+def h2load_cases(digits: Export, server: str, timing: dict[str, float]) -> list[dict[str, Any]]:
+    """Single-image calls from the external C client (``bench.h2load``): ModelInfer on either server, and on
+    CourseZoo also ClassifyDigits with one PNG."""
+    group = "oip" if server == "coursezoo" else "peer"
+    label = {"coursezoo": "CourseZoo", "triton": "Triton (PyTriton)"}[server]
+    m = digits.name
+    cases = [_case(f"h2load/{server}/modelinfer-raw/{m}/c{c}", group, f"{label} ModelInfer via h2load", digits,
+                   "model_infer", 1, c, timing, client="h2load", **_digits_extra(digits))
+             for c in H2LOAD_CONCURRENCY]
+    if server == "coursezoo":
+        cases += [_case(f"h2load/coursezoo/classify-png/{m}/c{c}", "server", "ClassifyDigits 1 PNG via h2load",
+                        digits, "digits", 1, c, timing, client="h2load") for c in H2LOAD_CONCURRENCY]
+    return cases

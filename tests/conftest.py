@@ -21,7 +21,7 @@ import pytest
 
 from serving.process import ServerProcess
 
-__all__ = ["DATA_MIRROR", "EXPORTED", "REPO_ROOT", "ServerProcess", "digits_models"]
+__all__ = ["DATA_MIRROR", "EXPORTED", "REPO_ROOT", "ServerProcess", "digits_models", "require_tool"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXPORTED = Path(os.environ.get("COURSEZOO_TEST_REPO", REPO_ROOT / "exported"))
@@ -31,6 +31,16 @@ DATA_MIRROR = Path(os.environ.get("COURSEZOO_DATA_MIRROR", REPO_ROOT.parent / "s
 def digits_models(repo: Path) -> list[str]:
     """Names of the digits models in ``repo`` (by their cards), to skip digits tests when there are none."""
     return sorted({p.parent.parent.name for p in repo.glob("*/*/model.json") if '"task": "digits"' in p.read_text()})
+
+
+def require_tool(found: object, what: str, install: str) -> None:
+    """Skip without ``found`` locally (say how to install it); fail under CI, which must install it."""
+    if found:
+        return
+    message = f"{what} is not installed ({install})"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{message}: CI must install it")
+    pytest.skip(message)
 
 
 @pytest.fixture(scope="session")

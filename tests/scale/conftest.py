@@ -18,23 +18,13 @@ import pytest
 from PIL import Image
 
 from tests.batch.conftest import batch  # noqa: F401  (the in-process `coursezoo batch` runner, as a fixture)
-from tests.conftest import DATA_MIRROR, _idx
+from tests.conftest import DATA_MIRROR, _idx, require_tool
 
 #: MNIST test images the Ray parity test classifies ("a few hundred"), each saved as a PNG
 N_DIGITS = 300
 #: broken inputs beside the digits, and the failure reason each must get from both engines
 BROKEN = {"corrupt.png": "invalid image", "empty.png": "empty file", "notes.txt": "invalid image",
           "huge.png": "image too large"}
-
-
-def require_tool(found: object, what: str, install: str) -> None:
-    """Skip without ``found`` locally (say how to install it); fail under CI, which must install it."""
-    if found:
-        return
-    message = f"{what} is not installed ({install})"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{message}: CI must install it")
-    pytest.skip(message)
 
 
 @pytest.fixture(scope="session")

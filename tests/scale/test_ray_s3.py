@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from tests.batch.conftest import Run
-from tests.conftest import EXPORTED, digits_models
-from tests.scale.conftest import free_port, require_tool, wait_for_port
+from tests.conftest import EXPORTED, digits_models, require_tool
+from tests.scale.conftest import free_port, wait_for_port
 from tests.scale.test_ray_engine import assert_same_rows
 
 Batch = Callable[..., Run]
