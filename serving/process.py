@@ -38,7 +38,8 @@ class ChildServer:
         self.new_session = new_session
         self.lines: list[str] = []
         self.target = ""
-        self.metrics_url = ""
+        self.metrics_url = ""  # the first; a server of several workers (--workers) lists one per worker
+        self.metrics_urls: list[str] = []
         self.proc: subprocess.Popen[str] | None = None
         self._banner = threading.Event()
 
@@ -58,7 +59,8 @@ class ChildServer:
         for line in self.proc.stdout:
             self.lines.append(line)
             if m := _METRICS.search(line):
-                self.metrics_url = m.group(1)
+                self.metrics_urls.append(m.group(1))
+                self.metrics_url = self.metrics_urls[0]
             if m := _LISTENING.search(line):  # a server bound to every interface is dialled on loopback
                 host = "127.0.0.1" if m.group(1) in ("0.0.0.0", "[::]", "::") else m.group(1)
                 self.target = f"{host}:{m.group(2)}"
@@ -69,8 +71,9 @@ class ChildServer:
     def output(self) -> str:
         return "".join(self.lines)
 
-    def metrics(self) -> str:
-        with urllib.request.urlopen(self.metrics_url, timeout=10) as response:
+    def metrics(self, url: str = "") -> str:
+        """The text of ``url`` (default: the first metrics endpoint)."""
+        with urllib.request.urlopen(url or self.metrics_url, timeout=10) as response:
             return response.read().decode()
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:

@@ -21,8 +21,10 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import gc
 import logging
+import multiprocessing
 import os
 import signal
 import sys
@@ -30,6 +32,7 @@ import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +51,7 @@ from serving.services.classifier import ClassifierService
 from serving.services.health import HealthService
 from serving.services.inference import InferenceService
 from serving.services.plumbing import around, refusal
+from serving.supervisor import supervise
 
 log = logging.getLogger("coursezoo.serve")
 
@@ -94,6 +98,9 @@ class ServerSettings:
     auth_health: bool = _option(False, "require the token on health checks too (grpc.health.v1, ServerLive/Ready)")
     model_control: str = _option("auto", "RepositoryModelLoad/Unload: auto = on when a token is set or the host is "
                                  "loopback, off otherwise", choices=MODEL_CONTROL_MODES)
+    workers: int = _option(1, "server processes sharing the port (SO_REUSEPORT), each with every model: one "
+                           "process answers from one event loop, about one core's worth of requests; with more "
+                           "than 1, model control is off (serving/supervisor.py)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServerSettings:
@@ -196,19 +203,21 @@ class DrainGate(grpc.aio.ServerInterceptor):
 
 def build_grpc_server(settings: ServerSettings, classifier: ClassifierService, inference: InferenceService,
                       health: HealthService, interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
-                      security: Security | None = None) -> tuple[grpc.aio.Server, int]:
+                      security: Security | None = None, reuse_port: bool = False) -> tuple[grpc.aio.Server, int]:
     """Create the grpc.aio server with every service registered and bind its port; return (server, port).
 
     The one place that decides transport options: message limits (gRPC refuses a larger message from
     its length prefix with RESOURCE_EXHAUSTED, before a handler or the deserializer sees it), the
     interceptors (authentication first, then ``interceptors``) and how the port is bound (TLS when
-    ``security`` has credentials). ``security`` defaults to the policy ``settings`` describe.
+    ``security`` has credentials). ``security`` defaults to the policy ``settings`` describe. ``reuse_port``
+    is for the workers of ``--workers N``, which share the port their supervisor holds.
     """
     security = Security.from_settings(settings) if security is None else security
     options = [
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
-        ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it silently
+        # A second server on a busy port must fail, not share it silently; workers share their supervisor's.
+        ("grpc.so_reuseport", int(reuse_port)),
     ]
     server = grpc.aio.server(interceptors=[*security.interceptors(), RequestDecodeGuard(), *interceptors],
                              options=options)
@@ -242,8 +251,9 @@ class CourseZooServer:
     """
 
     def __init__(self, settings: ServerSettings,
-                 interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> None:
+                 interceptors: Sequence[grpc.aio.ServerInterceptor] = (), reuse_port: bool = False) -> None:
         self.settings = settings
+        self.reuse_port = reuse_port
         self.security = Security.from_settings(settings)  # ConfigError now, before any model loads
         self.metrics = Metrics()
         self.repository = ModelRepository(Path(settings.repo), settings, metrics=self.metrics)
@@ -270,7 +280,8 @@ class CourseZooServer:
         self._gate = DrainGate()  # created on the running loop, which its event belongs to
         try:
             self._grpc, self.port = build_grpc_server(self.settings, self.classifier, self.inference, self.health,
-                                                      [self._gate, *self._interceptors], self.security)
+                                                      [self._gate, *self._interceptors], self.security,
+                                                      self.reuse_port)
         except OSError:
             await self.repository.stop()
             self.decoder.close()
@@ -338,29 +349,59 @@ def int_or_str(version: str) -> tuple[int, str]:
     return (int(version), "") if version.isdigit() else (sys.maxsize, version)
 
 
-async def serve(settings: ServerSettings, stop: asyncio.Event | None = None) -> None:
-    """Run until ``stop`` is set or SIGTERM/SIGINT arrives, then shut down gracefully."""
+async def serve(settings: ServerSettings, stop: asyncio.Event | None = None,
+                ready: Callable[[str], None] | None = None, reuse_port: bool = False) -> None:
+    """Run until ``stop`` is set or SIGTERM/SIGINT arrives, then shut down gracefully.
+
+    The banner goes to ``ready`` when given (a worker reporting to its supervisor), else to stdout with
+    the shutdown messages.
+    """
     stop = stop or asyncio.Event()
+    say = (lambda _: None) if ready else functools.partial(print, flush=True)
     loop = asyncio.get_running_loop()
     # Model runs and image decoding go to the loop's default executor; started at full size, its thread count
     # is fixed from the first request on (no thread start-up in the first burst, and nothing that grows).
     loop.set_default_executor(_started_executor(min(32, (os.cpu_count() or 1) + 4)))
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with CourseZooServer(settings) as server:
+    async with CourseZooServer(settings, reuse_port=reuse_port) as server:
         # Everything alive now (modules, protobuf descriptors, cards, sessions) lives as long as the process;
         # frozen, the garbage collector stops re-scanning it in every full collection, which were the pauses
         # in the latency tail (64 clients, alternating runs: p99 36-51 ms before, 34-43 ms after).
         gc.freeze()
-        print(server.banner(), flush=True)
+        (ready or say)(server.banner())
         await stop.wait()
-        print(f"coursezoo shutting down (grace {settings.grace_s:g} s)", flush=True)
-    print("coursezoo stopped", flush=True)
+        say(f"coursezoo shutting down (grace {settings.grace_s:g} s)")
+    say("coursezoo stopped")
+
+
+def run_worker(settings: ServerSettings, reports: Connection) -> int:
+    """One worker of ``--workers N`` (serving.supervisor): serve on the shared port, send ("ready", banner)
+    or ("error", reason) to the supervisor, and stop when it is gone, however it ended."""
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        parent = multiprocessing.parent_process()
+        if parent is not None:  # the sentinel turns readable when the supervisor exits
+            asyncio.get_running_loop().add_reader(parent.sentinel, stop.set)
+        await serve(settings, stop, ready=lambda banner: reports.send(("ready", banner)), reuse_port=True)
+
+    try:
+        asyncio.run(run())
+    except (OSError, ConfigError) as e:
+        reports.send(("error", str(e)))
+        return 1
+    return 0
 
 
 def main(args: argparse.Namespace) -> int:
     try:
-        asyncio.run(serve(ServerSettings.from_args(args)))
+        settings = ServerSettings.from_args(args)
+        if settings.workers < 1:
+            raise ConfigError(f"--workers {settings.workers}: expected 1 or more server processes")
+        if settings.workers > 1:
+            return supervise(settings)
+        asyncio.run(serve(settings))
     except (OSError, ConfigError) as e:
         print(f"coursezoo serve: {e}", file=sys.stderr)
         return 1

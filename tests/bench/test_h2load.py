@@ -32,7 +32,7 @@ def test_every_answer_is_counted(server, digits_model: str, executable: str) -> 
     assert pb.ClassifyDigitsResponse.FromString(reply).predictions
     load = h2load.H2Load(executable, server.target, METHOD, request, concurrency=20)
     try:
-        assert load.args[1:5] == ["-c", "2", "-m", "10"]  # 20 calls in flight: 2 connections of 10
+        assert load.args[1:5] == ["-c", "5", "-m", "4"]  # 20 calls in flight: 5 connections of 4
         assert load.rate(0.2) > 0
         latencies, seconds, cpu = load.timed(150, len(reply))
     finally:

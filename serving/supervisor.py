@@ -1,0 +1,190 @@
+"""``coursezoo serve --workers N``: N server processes answering on one port, for the cores one process
+cannot use.
+
+A server process runs every RPC's Python work (gRPC's handler plumbing, decoding one image, replies) on
+one event loop, so one process tops out near one core's worth of requests (docs/performance.md: single
+images at 64 calls in flight saturate its event loop while the second core stays half idle). Workers
+are whole servers, each with its own models, batchers and decoding processes; the kernel spreads new
+connections over them (``SO_REUSEPORT``), and a connection stays with the worker that accepted it.
+
+The supervisor (the process ``coursezoo serve`` starts as) holds the port from before the workers bind
+it until the end, prints one banner once every worker serves, passes SIGTERM/SIGINT on (each worker
+drains as a single server does) and exits 0 once all have stopped. A worker that dies stops the others
+and the supervisor exits 1: a restart policy (compose, Kubernetes) brings the whole server back, rather
+than one that quietly serves with fewer workers.
+
+What differs from one process: each worker has its own ``/metrics`` port (``--metrics-port`` + its
+index; 0 gives each an ephemeral one; the banner lists them), its own health state, and model control
+(RepositoryModelLoad/Unload) is off, since a load or unload would only reach the worker that received it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import socket
+import sys
+import time
+from typing import TYPE_CHECKING
+
+from serving.security import ConfigError
+from serving.workers import cores
+
+if TYPE_CHECKING:
+    from serving.server import ServerSettings
+
+#: How long the supervisor waits for a worker to load its models and report in.
+START_TIMEOUT_S = 300.0
+#: Beyond --grace-s: the batchers' drain and the process exit after the grace period.
+STOP_MARGIN_S = 30.0
+#: How a server's banner starts its metrics line.
+METRICS_LINE = "metrics on "
+
+
+def worker_settings(settings: ServerSettings, port: int, index: int) -> ServerSettings:
+    """The settings of worker ``index``: the reserved port, its own metrics port, model control off and,
+    unless given, ONNX Runtime threads shared out so N workers do not start N pools as large as the machine."""
+    metrics = settings.metrics_port + index if settings.metrics_port > 0 else settings.metrics_port
+    threads = settings.intra_op_threads or max(1, cores() // settings.workers)
+    return dataclasses.replace(settings, port=port, metrics_port=metrics, model_control="off", workers=1,
+                               intra_op_threads=threads)
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """Fail like a single server when something holds ``host:port`` already, then hold it (``port`` 0: a free
+    one) with ``SO_REUSEPORT`` so that the workers, binding it the same way, share it and nobody else can."""
+    family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    with socket.socket(family, kind, proto) as probe:
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise OSError(f"cannot bind {host}:{port}: {e.strerror}") from e
+        address = (address[0], probe.getsockname()[1], *address[2:])
+    held = socket.socket(family, kind, proto)
+    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    held.bind(address)
+    return held
+
+
+def supervise(settings: ServerSettings) -> int:
+    """Run ``settings.workers`` servers on one port until SIGTERM/SIGINT; the exit code of ``coursezoo serve``."""
+    if settings.model_control == "on":
+        raise ConfigError(f"--model-control on needs --workers 1: with {settings.workers} workers a "
+                          "RepositoryModelLoad/Unload would reach only the worker that received it")
+    held = reserve_port(settings.host, settings.port)
+    port = held.getsockname()[1]
+    stop = _StopSignal()
+    ctx = multiprocessing.get_context("spawn")
+    workers: list[tuple[multiprocessing.process.BaseProcess, multiprocessing.connection.Connection]] = []
+    try:
+        for index in range(settings.workers):
+            reports, child_end = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_worker, args=(worker_settings(settings, port, index), child_end),
+                               name=f"coursezoo-worker-{index}")
+            proc.start()
+            child_end.close()
+            workers.append((proc, reports))
+        banners = [_await_report(proc, reports, index, stop) for index, (proc, reports) in enumerate(workers)]
+        if stop.signum is None:
+            print(_banner(banners, settings), flush=True)
+            failed = _wait(workers, stop)
+        else:
+            failed = None
+    except _WorkerFailed as e:
+        print(f"coursezoo serve: {e}", file=sys.stderr, flush=True)
+        failed = e
+    finally:
+        print(f"coursezoo shutting down (grace {settings.grace_s:g} s)", flush=True)
+        _stop_all(workers, settings.grace_s + STOP_MARGIN_S)
+        held.close()
+    print("coursezoo stopped", flush=True)
+    return 1 if failed is not None or any(proc.exitcode for proc, _ in workers) else 0
+
+
+class _WorkerFailed(RuntimeError):
+    pass
+
+
+class _StopSignal:
+    """SIGTERM/SIGINT noted (not raised) while the supervisor waits on its workers."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._note)
+
+    def _note(self, signum: int, _frame: object) -> None:
+        self.signum = signum
+
+
+def _await_report(proc: multiprocessing.process.BaseProcess, reports: multiprocessing.connection.Connection,
+                  index: int, stop: _StopSignal) -> str:
+    """Worker ``index``'s banner once it serves; _WorkerFailed with its reason if it cannot."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while stop.signum is None:
+        if reports.poll(0.2):
+            try:
+                kind, text = reports.recv()
+            except EOFError:
+                kind, text = "error", f"exited with code {proc.exitcode} before serving"
+            if kind == "error":
+                raise _WorkerFailed(f"worker {index} {text}")
+            return text
+        if not proc.is_alive():
+            raise _WorkerFailed(f"worker {index} exited with code {proc.exitcode} before serving")
+        if time.monotonic() > deadline:
+            raise _WorkerFailed(f"worker {index} did not start within {START_TIMEOUT_S:g} s")
+    return ""
+
+
+def _wait(workers: list[tuple[multiprocessing.process.BaseProcess, multiprocessing.connection.Connection]],
+          stop: _StopSignal) -> _WorkerFailed | None:
+    """Until a stop signal (None) or a worker's end (the failure to report)."""
+    sentinels = {proc.sentinel: (index, proc) for index, (proc, _) in enumerate(workers)}
+    while stop.signum is None:
+        for ready in multiprocessing.connection.wait(list(sentinels), timeout=0.5):
+            index, proc = sentinels[ready]  # type: ignore[index]
+            proc.join()
+            failure = _WorkerFailed(f"worker {index} (pid {proc.pid}) exited with code {proc.exitcode}; "
+                                    "stopping the others")
+            print(f"coursezoo serve: {failure}", file=sys.stderr, flush=True)
+            return failure
+    return None
+
+
+def _stop_all(workers: list[tuple[multiprocessing.process.BaseProcess, multiprocessing.connection.Connection]],
+              timeout: float) -> None:
+    """SIGTERM every live worker (each drains its calls), SIGKILL those still alive after ``timeout``."""
+    for proc, _ in workers:
+        if proc.is_alive() and proc.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for proc, _ in workers:
+        proc.join(max(0.0, deadline - time.monotonic()))
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+
+def _banner(banners: list[str], settings: ServerSettings) -> str:
+    """Worker 0's banner (address, security, models), a line on the workers and each one's metrics URL."""
+    first, *rest = (line for line in banners[0].splitlines() if not line.startswith(METRICS_LINE))
+    metrics = [f"{line} (worker {index})" for index, banner in enumerate(banners)
+               for line in banner.splitlines() if line.startswith(METRICS_LINE)]
+    workers = f"{settings.workers} worker processes share the port; model control off"
+    return "\n".join([first, workers, *metrics, *rest])
+
+
+def _worker(settings: ServerSettings, reports: multiprocessing.connection.Connection) -> None:
+    """A worker: the single-process server on the shared port, reporting its banner (or why it failed)."""
+    from coursezoo import logs
+    from serving.server import run_worker
+
+    logs.setup()
+    sys.exit(run_worker(settings, reports))

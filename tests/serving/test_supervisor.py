@@ -1,0 +1,155 @@
+"""``coursezoo serve --workers N`` (serving/supervisor.py): several server processes on one port.
+
+Each test starts its own supervisor on a one-model scratch repository and looks at the real processes
+in /proc: the workers it spawned, which answered (each worker's own /metrics), and what is left after
+a stop, a crash or a lost supervisor. Waits are bounded polls, never sleeps that decide the outcome.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+
+from serving.process import ServerProcess
+from serving.protos import classifier_pb2 as pb
+from serving.protos import classifier_pb2_grpc
+from tests.conftest import REPO_ROOT
+
+MODEL = "diabetes_mlp"
+RECORD = pb.DiabetesRecord(features=[0.1, -0.2, 0.3, -0.4, 0.5, -0.6, 0.7, -0.8])
+CONNECTIONS = 16  # the kernel spreads connections, not calls: all 16 on one of 2 workers has odds 2^-15
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory, exported_repo: Path) -> Path:
+    root = tmp_path_factory.mktemp("workers-repo")
+    source = max((exported_repo / MODEL).iterdir(), key=lambda p: int(p.name))
+    shutil.copytree(source, root / MODEL / source.name)
+    return root
+
+
+def children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def workers_of(server: ServerProcess) -> list[int]:
+    """The supervisor's worker processes (its other children are multiprocessing's resource tracker)."""
+    assert server.proc is not None
+    return [pid for pid in children(server.proc.pid)
+            if "coursezoo" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            or b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def classify_over_fresh_connections(target: str) -> None:
+    for _ in range(CONNECTIONS):
+        with grpc.insecure_channel(target) as channel:
+            reply = classifier_pb2_grpc.ClassifierStub(channel).ClassifyDiabetes(
+                pb.ClassifyDiabetesRequest(model=MODEL, records=[RECORD] * 3), timeout=60)
+        assert len(reply.predictions) == 3
+
+
+def requests_counted(metrics: str) -> float:
+    return sum(float(v) for v in re.findall(r'^coursezoo_requests_total\{model="diabetes_mlp",rpc="ClassifyDiabetes"\} '
+                                            r"(\S+)$", metrics, re.MULTILINE))
+
+
+def test_two_workers_share_the_port_and_stop_cleanly(repo: Path) -> None:
+    server = ServerProcess(repo, "--workers", "2", "--poll-interval-s", "0").start()
+    try:
+        assert "2 worker processes share the port" in server.output
+        assert "model control off" in server.output
+        assert len(server.metrics_urls) == 2, server.output  # one /metrics per worker
+        workers = workers_of(server)
+        assert len(workers) == 2, server.output
+        classify_over_fresh_connections(server.target)
+        counts = [requests_counted(server.metrics(url)) for url in server.metrics_urls]
+        assert sum(counts) == CONNECTIONS and all(counts), counts  # both workers answered
+    finally:
+        code = server.stop(signal.SIGTERM, timeout=60)
+    assert code == 0, server.output
+    assert not any(alive(pid) for pid in workers)
+    assert server.output.rstrip().endswith("coursezoo stopped")
+
+
+def test_a_worker_that_dies_stops_the_server(repo: Path) -> None:
+    """A restart policy then brings the whole server back, rather than one quietly serving with fewer workers."""
+    server = ServerProcess(repo, "--workers", "2", "--poll-interval-s", "0").start()
+    try:
+        first, second = workers_of(server)
+        os.kill(first, signal.SIGKILL)
+        assert server.proc is not None
+        server.proc.wait(timeout=60)
+    finally:
+        server.stop()
+    assert server.proc.returncode == 1
+    assert re.search(rf"worker \d \(pid {first}\) exited with code -9; stopping the others", server.output)
+    wait_for(lambda: not alive(second), "the other worker to stop")
+
+
+def test_workers_leave_when_the_supervisor_is_killed(repo: Path) -> None:
+    server = ServerProcess(repo, "--workers", "2", "--poll-interval-s", "0").start()
+    workers = workers_of(server)
+    server.stop(signal.SIGKILL)
+    wait_for(lambda: not any(alive(pid) for pid in workers), "the workers to exit after their supervisor")
+
+
+def serve(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "coursezoo", "serve", "--host", "127.0.0.1", *args],
+                          capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+
+
+def test_model_control_needs_one_worker(repo: Path) -> None:
+    done = serve("--repo", str(repo), "--port", "0", "--workers", "2", "--model-control", "on")
+    assert done.returncode == 1
+    assert "--model-control on needs --workers 1" in done.stderr
+
+
+def test_a_busy_port_fails_as_for_one_process(repo: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = serve("--repo", str(repo), "--port", str(port), "--workers", "2")
+    assert done.returncode == 1
+    assert f"cannot bind 127.0.0.1:{port}" in done.stderr
+
+
+def test_workers_must_be_positive(repo: Path) -> None:
+    done = serve("--repo", str(repo), "--port", "0", "--workers", "0")
+    assert done.returncode == 1 and "--workers 0: expected 1 or more" in done.stderr
