@@ -175,8 +175,9 @@ class Run:
                 Server(tmp_repo, *self.server_args(), *server_load.VARIANTS[name].flags) as changed:
             for _ in range(self.plan.ab_rounds):
                 for srv, baseline in ((base, True), (changed, False)):
-                    for row in load(srv.target, server_load.variant_cases(name, digits, self.plan.timing, baseline),
-                                    srv.pgid):
+                    cases = server_load.variant_cases(name, digits, self.plan.timing, baseline,
+                                                      h2load=self.h2load_available())
+                    for row in load(srv.target, cases, srv.pgid):
                         rounds.setdefault(row["key"], []).append(row)
         self._add_loaded([_median_round(rows) for rows in rounds.values()])
 
@@ -206,17 +207,18 @@ class Run:
             oip = server_load.oip_cases(digits, "triton", self.plan.oip_concurrency, OIP_CLIENTS, self.plan.timing)
             self._add_loaded(load(peer.target, oip + self.h2load_cases(digits, "triton"), peer.pgid))
 
-    def h2load_cases(self, digits: Export, server: str) -> list[dict[str, Any]]:
-        """The external client's rows for ``server``, or none (and a note, once) when h2load is missing."""
+    def h2load_available(self) -> bool:
+        """Whether h2load is there; notes (once) its version, or that its rows are skipped and why."""
         executable, info = h2load.find()
-        if executable is None:
-            if info not in self.notes:
-                self.notes.append(info)
-            return []
-        if not any(note.startswith("h2load:") for note in self.notes):
-            self.notes.append(f"h2load: {info}, {h2load.STREAMS_PER_CONNECTION} calls per HTTP/2 connection; "
-                              "every reply counted (bench/h2load.py)")
-        return server_load.h2load_cases(digits, server, self.plan.timing)
+        note = info if executable is None else (f"h2load: {info}, {h2load.STREAMS_PER_CONNECTION} calls per HTTP/2 "
+                                                "connection; every reply counted (bench/h2load.py)")
+        if note not in self.notes:
+            self.notes.append(note)
+        return executable is not None
+
+    def h2load_cases(self, digits: Export, server: str) -> list[dict[str, Any]]:
+        """The external client's rows for ``server``, or none when h2load is missing."""
+        return server_load.h2load_cases(digits, server, self.plan.timing) if self.h2load_available() else []
 
     # --- ratios and targets -----------------------------------------------------------------------------------
 
@@ -260,6 +262,15 @@ class Run:
                 Ratio(f"{c} clients h2load: CourseZoo vs Triton peer, CPU per item",
                       f"h2load/coursezoo/modelinfer-raw/{m}/c{c}", f"h2load/triton/modelinfer-raw/{m}/c{c}",
                       by_cpu=True),
+                Ratio(f"{c} clients h2load: CourseZoo --workers 2 vs Triton peer",
+                      f"{server_load.VARIANTS['workers'].prefix}/h2load/modelinfer-raw/{m}/c{c}",
+                      f"h2load/triton/modelinfer-raw/{m}/c{c}", 2.0),
+                Ratio(f"{c} clients h2load ModelInfer: --workers 2 vs one process",
+                      *_in_turn_reversed("workers", f"h2load/modelinfer-raw/{m}/c{c}")),
+                Ratio(f"{c} clients h2load ClassifyDigits 1 PNG: --workers 2 vs one process",
+                      *_in_turn_reversed("workers", f"h2load/classify-png/{m}/c{c}")),
+                Ratio(f"{c} clients ModelInfer raw 1 image (grpc.aio client): --workers 2 vs one process",
+                      *_in_turn_reversed("workers", f"modelinfer-raw/{m}/b1/c{c}")),
                 Ratio(f"batch --local vs in-process ORT on decoded tensors ({n} PNGs)",
                       f"batchcli/local/{m}/n{n}", f"batchcli/ort-decoded/{m}/n{n}", 0.7),
                 Ratio(f"batch --server vs in-process ORT on decoded tensors ({n} PNGs)",
@@ -292,6 +303,12 @@ def _in_turn(variant: str, row: str) -> tuple[str, str]:
     return f"{changed.baseline.prefix}/{row}", f"{changed.prefix}/{row}"
 
 
+def _in_turn_reversed(variant: str, row: str) -> tuple[str, str]:
+    """``_in_turn`` with the variant as the numerator: for a setting that is meant to add speed."""
+    default, changed = _in_turn(variant, row)
+    return changed, default
+
+
 def _median_round(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Of one case's rounds, the one with the median throughput, its note saying so."""
     if len(rows) == 1 or any("error" in r for r in rows):
@@ -302,7 +319,7 @@ def _median_round(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 #: The server settings that shape a benchmark: recorded in the JSON and passed to every server explicitly.
-SPELLED_OUT = ("max_batch_size", "max_queue_delay_ms", "inline_run_ms", "decode_processes")
+SPELLED_OUT = ("max_batch_size", "max_queue_delay_ms", "inline_run_ms", "decode_processes", "workers")
 
 
 def _server_defaults() -> dict[str, Any]:

@@ -53,6 +53,7 @@ VARIANTS = {
                           ("--inline-run-ms", "0")),
     "decode-in-process": Variant("server-nopool", "images decoded in the server process (--decode-processes 0)",
                                  ("--decode-processes", "0")),
+    "workers": Variant("server-workers2", "2 server processes sharing the port (--workers 2)", ("--workers", "2")),
 }
 
 
@@ -84,13 +85,17 @@ def raw_batches(digits: Export, timing: dict[str, float], variant: Variant = DEF
                  digits, "model_infer", RAW_BATCH, 1, timing, note=variant.note, **_digits_extra(digits))
 
 
-def variant_cases(name: str, digits: Export, timing: dict[str, float], baseline: bool = False) \
-        -> list[dict[str, Any]]:
+def variant_cases(name: str, digits: Export, timing: dict[str, float], baseline: bool = False,
+                  h2load: bool = False) -> list[dict[str, Any]]:
     """The rows each variant changes (for the variant, or for its ``baseline``): batching the many-clients
-    rows, inline runs the single-image and raw ones, the decoding pool the PNG batches."""
+    rows, inline runs the single-image and raw ones, the decoding pool the PNG batches, worker processes
+    the many-clients rows (from h2load too, when ``h2load``: the client that leaves the server the cores)."""
     variant = VARIANTS[name].baseline if baseline else VARIANTS[name]
     if name == "decode-in-process":
         return [png_batches(digits, timing, variant)]
+    if name == "workers":
+        return concurrent(digits, timing, variant) + (h2load_cases(digits, "coursezoo", timing, (CLIENTS,), variant)
+                                                      if h2load else [])
     rows = [unary(digits, timing, variant), *concurrent(digits, timing, variant)]
     return rows + [raw_batches(digits, timing, variant)] if name == "inline-off" else rows
 
@@ -135,16 +140,20 @@ def oip_cases(digits: Export, server: str, concurrencies: tuple[int, ...], clien
 H2LOAD_CONCURRENCY = (1, CLIENTS)
 
 
-def h2load_cases(digits: Export, server: str, timing: dict[str, float]) -> list[dict[str, Any]]:
+def h2load_cases(digits: Export, server: str, timing: dict[str, float],
+                 concurrencies: tuple[int, ...] = H2LOAD_CONCURRENCY, variant: Variant = DEFAULT) \
+        -> list[dict[str, Any]]:
     """Single-image calls from the external C client (``bench.h2load``): ModelInfer on either server, and on
-    CourseZoo also ClassifyDigits with one PNG."""
+    CourseZoo also ClassifyDigits with one PNG. Keys: ``h2load/<server>/...`` on the default servers,
+    ``<variant prefix>/h2load/...`` on a variant."""
     group = "oip" if server == "coursezoo" else "peer"
     label = {"coursezoo": "CourseZoo", "triton": "Triton (PyTriton)"}[server]
+    prefix = f"h2load/{server}" if variant is DEFAULT else f"{variant.prefix}/h2load"
     m = digits.name
-    cases = [_case(f"h2load/{server}/modelinfer-raw/{m}/c{c}", group, f"{label} ModelInfer via h2load", digits,
-                   "model_infer", 1, c, timing, client="h2load", **_digits_extra(digits))
-             for c in H2LOAD_CONCURRENCY]
+    cases = [_case(f"{prefix}/modelinfer-raw/{m}/c{c}", group, f"{label} ModelInfer via h2load", digits,
+                   "model_infer", 1, c, timing, client="h2load", note=variant.note, **_digits_extra(digits))
+             for c in concurrencies]
     if server == "coursezoo":
-        cases += [_case(f"h2load/coursezoo/classify-png/{m}/c{c}", "server", "ClassifyDigits 1 PNG via h2load",
-                        digits, "digits", 1, c, timing, client="h2load") for c in H2LOAD_CONCURRENCY]
+        cases += [_case(f"{prefix}/classify-png/{m}/c{c}", "server", "ClassifyDigits 1 PNG via h2load", digits,
+                        "digits", 1, c, timing, client="h2load", note=variant.note) for c in concurrencies]
     return cases
