@@ -57,7 +57,7 @@ def worker_settings(settings: ServerSettings, port: int, index: int) -> ServerSe
 def reserve_port(host: str, port: int) -> socket.socket:
     """Fail like a single server when something holds ``host:port`` already, then hold it (``port`` 0: a free
     one) with ``SO_REUSEPORT`` so that the workers, binding it the same way, share it and nobody else can."""
-    family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+    family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM,
                                                          flags=socket.AI_PASSIVE)[0]
     with socket.socket(family, kind, proto) as probe:
         try:
