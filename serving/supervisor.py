@@ -31,6 +31,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
+from serving.decoding import MAX_AUTO_PROCESSES
 from serving.security import ConfigError
 from serving.workers import cores
 
@@ -47,11 +48,14 @@ METRICS_LINE = "metrics on "
 
 def worker_settings(settings: ServerSettings, port: int, index: int) -> ServerSettings:
     """The settings of worker ``index``: the reserved port, its own metrics port, model control off and,
-    unless given, ONNX Runtime threads shared out so N workers do not start N pools as large as the machine."""
-    metrics = settings.metrics_port + index if settings.metrics_port > 0 else settings.metrics_port
-    threads = settings.intra_op_threads or max(1, cores() // settings.workers)
-    return dataclasses.replace(settings, port=port, metrics_port=metrics, model_control="off", workers=1,
-                               intra_op_threads=threads)
+    unless given, ONNX Runtime threads and decoding processes shared out, so N workers do not each start
+    pools as large as the machine."""
+    share = max(1, cores() // settings.workers)
+    return dataclasses.replace(
+        settings, port=port, model_control="off", workers=1,
+        metrics_port=settings.metrics_port + index if settings.metrics_port > 0 else settings.metrics_port,
+        intra_op_threads=settings.intra_op_threads or share,
+        decode_processes=min(MAX_AUTO_PROCESSES, share) if settings.decode_processes < 0 else settings.decode_processes)
 
 
 def reserve_port(host: str, port: int) -> socket.socket:

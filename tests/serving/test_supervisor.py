@@ -7,6 +7,7 @@ a stop, a crash or a lost supervisor. Waits are bounded polls, never sleeps that
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -21,9 +22,12 @@ from pathlib import Path
 import grpc
 import pytest
 
+from serving.decoding import MAX_AUTO_PROCESSES
 from serving.process import ServerProcess
 from serving.protos import classifier_pb2 as pb
 from serving.protos import classifier_pb2_grpc
+from serving.supervisor import worker_settings
+from serving.workers import cores
 from tests.conftest import REPO_ROOT
 
 MODEL = "diabetes_mlp"
@@ -153,3 +157,25 @@ def test_a_busy_port_fails_as_for_one_process(repo: Path) -> None:
 def test_workers_must_be_positive(repo: Path) -> None:
     done = serve("--repo", str(repo), "--port", "0", "--workers", "0")
     assert done.returncode == 1 and "--workers 0: expected 1 or more" in done.stderr
+
+
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+    """The fields worker_settings reads: this module must not import serving.server (tests/conftest.py says why)."""
+
+    workers: int = 2
+    port: int = 0
+    metrics_port: int = 8002
+    model_control: str = "auto"
+    intra_op_threads: int = 0
+    decode_processes: int = -1
+
+
+def test_workers_share_out_the_cores_unless_told() -> None:
+    share = max(1, cores() // 2)
+    first, second = (worker_settings(_Settings(), 50051, i) for i in range(2))  # type: ignore[arg-type]
+    assert (first.port, first.metrics_port, second.metrics_port) == (50051, 8002, 8003)
+    assert first.workers == 1 and first.model_control == "off"
+    assert first.intra_op_threads == share and first.decode_processes == min(MAX_AUTO_PROCESSES, share)
+    told = worker_settings(_Settings(metrics_port=0, intra_op_threads=3, decode_processes=0), 50051, 1)  # type: ignore[arg-type]
+    assert (told.metrics_port, told.intra_op_threads, told.decode_processes) == (0, 3, 0)
