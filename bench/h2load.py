@@ -84,7 +84,8 @@ class H2Load:
         if int(done.group(3)) != n or received != expected:
             raise RuntimeError(f"h2load: {done.group(3)} of {n} calls answered with HTTP 200 and {received} reply "
                                f"bytes, expected {expected} ({n} full replies): some calls failed")
-        seconds = float(_match(_RATE, out).group(1)) / (1000 if _match(_RATE, out).group(2) == "ms" else 1)
+        finished = _match(_RATE, out)
+        seconds = float(finished.group(1)) / (1000 if finished.group(2) == "ms" else 1)
         # --log-file: one line per call: start time (µs since the epoch), HTTP status, duration (µs)
         latencies = [int(line.split()[2]) / 1e6 for line in self.log.read_text().splitlines()]
         cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
