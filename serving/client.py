@@ -20,6 +20,7 @@ A server started with TLS and a token (docs/operations.md):
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -74,21 +75,30 @@ def to_image(item: ImageLike) -> pb.Image:
 
 
 class CourseZooClient:
-    """Blocking client; one channel, safe to share between threads.
+    """Blocking client, safe to share between threads.
 
     ``credentials`` (see ``tls_credentials``) makes the channel TLS; ``token`` sends
     ``authorization: Bearer <token>`` with every call, as a server started with ``--auth-token`` requires.
+    ``connections`` > 1 opens that many TCP connections and sends each call on the next one in turn: a
+    server of several worker processes (``coursezoo serve --workers N``) spreads connections over its
+    workers, not calls, so one connection would keep a whole job on one worker.
     """
 
     def __init__(self, target: str, *, timeout: float = 30.0, chunk_size: int = 256, max_in_flight: int = 4,
                  credentials: grpc.ChannelCredentials | None = None, metadata: Sequence[tuple[str, str]] = (),
-                 token: str | None = None, max_message_mb: int = 64) -> None:
+                 token: str | None = None, max_message_mb: int = 64, connections: int = 1) -> None:
+        if connections < 1:
+            raise ValueError(f"connections={connections}: expected 1 or more")
         options = [("grpc.max_send_message_length", max_message_mb << 20),
                    ("grpc.max_receive_message_length", max_message_mb << 20),
-                   ("grpc.enable_retries", 1), ("grpc.service_config", _RETRY_SERVICE_CONFIG)]
-        self.channel = (grpc.secure_channel(target, credentials, options) if credentials is not None
-                        else grpc.insecure_channel(target, options))
-        self.stub = classifier_pb2_grpc.ClassifierStub(self.channel)
+                   ("grpc.enable_retries", 1), ("grpc.service_config", _RETRY_SERVICE_CONFIG),
+                   # Channels of one process otherwise share one connection per target and options.
+                   ("grpc.use_local_subchannel_pool", int(connections > 1))]
+        self.channels = [grpc.secure_channel(target, credentials, options) if credentials is not None
+                         else grpc.insecure_channel(target, options) for _ in range(connections)]
+        self.channel = self.channels[0]
+        self._stubs = [classifier_pb2_grpc.ClassifierStub(channel) for channel in self.channels]
+        self._turn = itertools.count()
         self.target = target
         self.timeout = timeout
         self.chunk_size = chunk_size
@@ -101,12 +111,19 @@ class CourseZooClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def stub(self) -> classifier_pb2_grpc.ClassifierStub:
+        """The stub of the next connection in turn (``next`` on a count is atomic, so threads may share it)."""
+        return self._stubs[next(self._turn) % len(self._stubs)]
+
     def close(self) -> None:
-        self.channel.close()
+        for channel in self.channels:
+            channel.close()
 
     def wait_ready(self, timeout: float = 30.0) -> None:
-        """Block until the channel connects (raises ``grpc.FutureTimeoutError`` after ``timeout``)."""
-        grpc.channel_ready_future(self.channel).result(timeout=timeout)
+        """Block until every connection is up (raises ``grpc.FutureTimeoutError`` after ``timeout``)."""
+        for channel in self.channels:
+            grpc.channel_ready_future(channel).result(timeout=timeout)
 
     def list_models(self, task: str = "") -> list[pb.ModelInfo]:
         reply = self.stub.ListModels(pb.ListModelsRequest(task=task), timeout=self.timeout, metadata=self.metadata)
@@ -119,7 +136,7 @@ class CourseZooClient:
                     for chunk in _chunks(images, self.chunk_size)]
         # An empty job still sends one request: the server's answer (INVALID_ARGUMENT) is the direct call's.
         requests = requests or [pb.ClassifyDigitsRequest(model=model, version=version)]
-        return self._merge(self.stub.ClassifyDigits, requests, pb.ClassifyDigitsResponse())
+        return self._merge("ClassifyDigits", requests, pb.ClassifyDigitsResponse())
 
     def classify_files(self, paths: Iterable[str | Path], model: str = "", version: str = "") -> \
             pb.ClassifyDigitsResponse:
@@ -144,7 +161,7 @@ class CourseZooClient:
                                                records=[pb.DiabetesRecord(features=r) for r in chunk])
                     for chunk in _chunks(records, self.chunk_size)]
         requests = requests or [pb.ClassifyDiabetesRequest(model=model, version=version)]
-        return self._merge(self.stub.ClassifyDiabetes, requests, pb.ClassifyDiabetesResponse())
+        return self._merge("ClassifyDiabetes", requests, pb.ClassifyDiabetesResponse())
 
     def classify_sequences(self, texts: Sequence[str], model: str = "", top_k: int = 0, version: str = "") -> \
             pb.ClassifySequencesResponse:
@@ -152,12 +169,13 @@ class CourseZooClient:
         requests = [pb.ClassifySequencesRequest(model=model, version=version, texts=chunk, top_k=top_k)
                     for chunk in _chunks(texts, self.chunk_size)]
         requests = requests or [pb.ClassifySequencesRequest(model=model, version=version, top_k=top_k)]
-        return self._merge(self.stub.ClassifySequences, requests, pb.ClassifySequencesResponse())
+        return self._merge("ClassifySequences", requests, pb.ClassifySequencesResponse())
 
-    def _merge(self, method: grpc.UnaryUnaryMultiCallable, requests: list, reply: Reply) -> Reply:
-        """Send the chunks ``max_in_flight`` at a time and concatenate their predictions in order."""
+    def _merge(self, method: str, requests: list, reply: Reply) -> Reply:
+        """Send the chunks ``max_in_flight`` at a time, each on the next connection, and concatenate their
+        predictions in order."""
         for start in range(0, len(requests), self.max_in_flight):
-            futures = [method.future(r, timeout=self.timeout, metadata=self.metadata)
+            futures = [getattr(self.stub, method).future(r, timeout=self.timeout, metadata=self.metadata)
                        for r in requests[start:start + self.max_in_flight]]
             for future in futures:
                 part = future.result()

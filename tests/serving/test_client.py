@@ -23,6 +23,17 @@ def test_chunked_requests_answer_like_one_request(client: CourseZooClient) -> No
     assert [p.probability for p in parts.predictions] == [p.probability for p in whole.predictions]
 
 
+def test_chunks_over_several_connections_answer_in_order(client: CourseZooClient) -> None:
+    records = np.random.default_rng(2).uniform(-1, 1, size=(40, 8)).tolist()
+    whole = client.classify_diabetes(records)
+    with CourseZooClient(client.target, chunk_size=3, max_in_flight=5, connections=4) as spread:
+        spread.wait_ready()
+        parts = spread.classify_diabetes(records)
+    assert [p.probability for p in parts.predictions] == [p.probability for p in whole.predictions]
+    with pytest.raises(ValueError, match="connections=0"):
+        CourseZooClient(client.target, connections=0)
+
+
 def test_sequences_chunked_keep_order(client: CourseZooClient) -> None:
     names = ["Smith", "Tanaka", "Rossi", "Nguyen", "Kowalski"] * 3
     client.chunk_size = 4

@@ -22,6 +22,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from serving.client import CourseZooClient
 from serving.decoding import MAX_AUTO_PROCESSES
 from serving.process import ServerProcess
 from serving.protos import classifier_pb2 as pb
@@ -109,6 +110,20 @@ def test_two_workers_share_the_port_and_stop_cleanly(repo: Path) -> None:
     assert code == 0, server.output
     assert not any(alive(pid) for pid in workers)
     assert server.output.rstrip().endswith("coursezoo stopped")
+
+
+def test_one_client_reaches_every_worker_over_its_connections(repo: Path) -> None:
+    """CourseZooClient(connections=N) sends call i on connection i mod N; with one connection (the default)
+    a whole job would stay on one worker."""
+    server = ServerProcess(repo, "--workers", "2", "--poll-interval-s", "0").start()
+    try:
+        with CourseZooClient(server.target, timeout=60, connections=CONNECTIONS) as client:
+            for _ in range(CONNECTIONS):
+                assert len(client.classify_diabetes([list(RECORD.features)] * 2, MODEL).predictions) == 2
+        counts = [requests_counted(server.metrics(url)) for url in server.metrics_urls]
+        assert sum(counts) == CONNECTIONS and all(counts), counts
+    finally:
+        server.stop()
 
 
 def test_a_worker_that_dies_stops_the_server(repo: Path) -> None:

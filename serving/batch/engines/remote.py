@@ -32,6 +32,9 @@ REFUSED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
 FIRST_BACKOFF_S, MAX_BACKOFF_S = 0.2, 5.0
 #: encoded images per request are capped by bytes too, well under gRPC's 64 MiB message limit
 MAX_REQUEST_BYTES = 16 << 20
+#: connections to the server, at least: its worker processes (--workers) each take whole connections, and
+#: with 8 the chance that all of them land on one of 2 workers is 1 in 128
+CONNECTIONS = 8
 
 
 class RemoteEngine:
@@ -52,7 +55,8 @@ class RemoteEngine:
     def open(cls, target: str, spec: str | None, kind: str | None, *, top_k: int, in_flight: int, timeout: float,
              retry_for: float) -> RemoteEngine:
         """Connect and pick the model: ``spec`` (NAME[:VERSION]) or the server's default model of ``kind``."""
-        client = CourseZooClient(target, timeout=timeout, max_in_flight=1)
+        # Several connections, so a server of several worker processes (--workers) gets the job on all of them.
+        client = CourseZooClient(target, timeout=timeout, max_in_flight=1, connections=max(in_flight, CONNECTIONS))
         retrying = Retrying(target, retry_for)
         name, _, version = (spec or "").partition(":")
         try:
