@@ -382,8 +382,14 @@ def run_worker(settings: ServerSettings, reports: Connection) -> int:
     async def run() -> None:
         stop = asyncio.Event()
         parent = multiprocessing.parent_process()
-        if parent is not None:  # the sentinel turns readable when the supervisor exits
-            asyncio.get_running_loop().add_reader(parent.sentinel, stop.set)
+        if parent is not None:  # the sentinel turns readable when the supervisor exits, and stays readable
+            loop = asyncio.get_running_loop()
+
+            def orphaned() -> None:
+                loop.remove_reader(parent.sentinel)
+                stop.set()
+
+            loop.add_reader(parent.sentinel, orphaned)
         await serve(settings, stop, ready=lambda banner: reports.send(("ready", banner)), reuse_port=True)
 
     try:
