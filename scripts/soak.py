@@ -210,7 +210,8 @@ async def load(target: str, pid: int, mix: list[tuple[str, grpc.StatusCode, Call
         while time.monotonic() < stop_at:
             name, expected, call = rng.choice(mix)
             if n % NEW_CONNECTION_EVERY == NEW_CONNECTION_EVERY - 1:
-                async with grpc.aio.insecure_channel(target) as fresh:
+                # Its own subchannel pool, or gRPC would hand it the shared channel's connection.
+                async with grpc.aio.insecure_channel(target, [("grpc.use_local_subchannel_pool", 1)]) as fresh:
                     await one(Stubs(fresh), name, expected, call)
             else:
                 await one(Stubs(shared), name, expected, call)

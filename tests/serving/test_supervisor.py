@@ -81,9 +81,14 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = 60.0) ->
         time.sleep(0.1)
 
 
+#: a channel of its own connection: gRPC otherwise hands a new channel the connection of an earlier one to the
+#: same target (its global subchannel pool), even one just closed, and all calls would share a worker
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
+
+
 def classify_over_fresh_connections(target: str) -> None:
     for _ in range(CONNECTIONS):
-        with grpc.insecure_channel(target) as channel:
+        with grpc.insecure_channel(target, OWN_CONNECTION) as channel:
             reply = classifier_pb2_grpc.ClassifierStub(channel).ClassifyDiabetes(
                 pb.ClassifyDiabetesRequest(model=MODEL, records=[RECORD] * 3), timeout=60)
         assert len(reply.predictions) == 3
