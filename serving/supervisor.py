@@ -5,7 +5,8 @@ A server process runs every RPC's Python work (gRPC's handler plumbing, decoding
 one event loop, so one process tops out near one core's worth of requests (docs/performance.md: single
 images at 64 calls in flight saturate its event loop while the second core stays half idle). Workers
 are whole servers, each with its own models, batchers and decoding processes; the kernel spreads new
-connections over them (``SO_REUSEPORT``), and a connection stays with the worker that accepted it.
+connections over them (``SO_REUSEPORT``), and a connection stays with the worker that accepted it, so a
+client reaches them all only over several connections (``CourseZooClient(connections=N)``).
 
 The supervisor (the process ``coursezoo serve`` starts as) holds the port from before the workers bind
 it until the end, prints one banner once every worker serves, passes SIGTERM/SIGINT on (each worker
