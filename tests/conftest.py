@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import pytest
 
 from serving.process import ServerProcess
 
-__all__ = ["DATA_MIRROR", "EXPORTED", "REPO_ROOT", "ServerProcess", "digits_models", "require_tool"]
+__all__ = ["DATA_MIRROR", "EXPORTED", "REPO_ROOT", "ServerProcess", "digits_models", "require_tool", "wait_for"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXPORTED = Path(os.environ.get("COURSEZOO_TEST_REPO", REPO_ROOT / "exported"))
@@ -41,6 +42,15 @@ def require_tool(found: object, what: str, install: str) -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(f"{message}: CI must install it")
     pytest.skip(message)
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    """Poll ``condition`` every 0.1 s until it holds; AssertionError naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ import json
 import shutil
 import signal
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from serving.client import CourseZooClient
+from tests.conftest import wait_for
 
 if TYPE_CHECKING:
     from tests.conftest import ServerProcess
@@ -39,14 +39,6 @@ def add_version(repo: Path, source: Path, version: str, *, break_sha: bool = Fal
         card["files"]["model.onnx"]["sha256"] = "0" * 64
     (staging / "model.json").write_text(json.dumps(card))
     staging.rename(repo / MODEL / version)
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
