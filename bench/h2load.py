@@ -16,6 +16,7 @@ seconds.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import resource
@@ -35,8 +36,9 @@ _RATE = re.compile(r"finished in ([\d.]+)(m?s), ([\d.]+) req/s")
 _DATA = re.compile(r"traffic: .*\((\d+)\) data")
 
 
+@functools.cache
 def find() -> tuple[str | None, str]:
-    """The ``h2load`` executable and its version, or None and why its rows are skipped."""
+    """The ``h2load`` executable and its version, or None and why its rows are skipped (looked up once)."""
     path = shutil.which("h2load")
     if path is None:
         return None, "h2load rows skipped: no h2load on PATH (apt-get install nghttp2-client)"

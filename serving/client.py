@@ -77,7 +77,7 @@ def to_image(item: ImageLike) -> pb.Image:
 class CourseZooClient:
     """Blocking client, safe to share between threads.
 
-    ``credentials`` (see ``tls_credentials``) makes the channel TLS; ``token`` sends
+    ``credentials`` (see ``tls_credentials``) makes the channels TLS; ``token`` sends
     ``authorization: Bearer <token>`` with every call, as a server started with ``--auth-token`` requires.
     ``connections`` > 1 opens that many TCP connections and sends each call on the next one in turn: a
     server of several worker processes (``coursezoo serve --workers N``) spreads connections over its
@@ -96,7 +96,6 @@ class CourseZooClient:
                    ("grpc.use_local_subchannel_pool", int(connections > 1))]
         self.channels = [grpc.secure_channel(target, credentials, options) if credentials is not None
                          else grpc.insecure_channel(target, options) for _ in range(connections)]
-        self.channel = self.channels[0]
         self._stubs = [classifier_pb2_grpc.ClassifierStub(channel) for channel in self.channels]
         self._turn = itertools.count()
         self.target = target
