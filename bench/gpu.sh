@@ -5,14 +5,15 @@
 #   bash bench/gpu.sh pack          # here, where PyPI is reachable: writes .ortgpu/ (onnxruntime-gpu in
 #                                   # parts, by ../shared/tools/ort-gpu-parts.sh), .bench-wheels/ (the serving
 #                                   # dependencies as cp312 wheels, pinned as in pyproject.toml) and .bench-data/
-#                                   # (the held-out splits the benchmark and the tests read, ~1.7 MB)
+#                                   # (the held-out splits the benchmark and the tests read, ~1.7 MB) and, where
+#                                   # this machine has h2load, .bench-tools/ (it and the libraries it needs, ~7 MB)
 #   bash bench/gpu.sh run [ARGS]    # on the GPU host, in the repository root: unpacks onnxruntime-gpu to
 #                                   # /tmp/ortgpu and the wheels to /tmp/benchdeps (once), then runs
 #                                   # `coursezoo bench --device cuda ARGS` (JSON to $OUT/gpu.json when $OUT is set)
 #   bash bench/gpu.sh test [ARGS]   # the same set-up, then pytest tests/serving/test_gpu.py ARGS
 #
 # Transfers: the .ortgpu parts are ~45 MB each; bring them over a few at a time into /tmp/parts (or
-# .ortgpu/) and `run` finds them. onnxruntime.preload_dlls() (called by serving/runtime.py and by the
+# .ortgpu/) and `run` finds them; .bench-tools/ may come earlier the same way, copied to /tmp/benchtools. onnxruntime.preload_dlls() (called by serving/runtime.py and by the
 # in-process CUDA baselines) loads cuBLAS/cuDNN from the host's nvidia wheels. The Triton peer needs its
 # own 3.12 venv (bench/peer-venv.sh) and is skipped with a note where that is missing.
 set -euo pipefail
@@ -44,7 +45,19 @@ PY
     cp "$mirror"/mnist/t10k-*.gz .bench-data/mnist/
     cp "$mirror"/diabetes/diabetes.csv.gz .bench-data/diabetes/
     cp "$mirror"/names/names_test.csv.gz .bench-data/names/
-    du -sh .ortgpu .bench-wheels .bench-data
+    # h2load for the external-client rows: the GPU host has no apt, so the binary travels with the libraries it
+    # needs beyond glibc and libstdc++; a wrapper points the loader at them for h2load alone
+    grep -qx '/.bench-tools/' .git/info/exclude 2>/dev/null || echo '/.bench-tools/' >> .git/info/exclude
+    rm -rf .bench-tools
+    if h2=$(command -v h2load); then
+        mkdir -p .bench-tools/lib
+        cp "$h2" .bench-tools/lib/
+        ldd "$h2" | awk '$3 ~ /lib(nghttp2|jemalloc|ev|ssl|crypto)\./ {print $3}' | xargs -I{} cp -L {} .bench-tools/lib/
+        printf '%s\n' '#!/bin/sh' 'lib=$(dirname "$(readlink -f "$0")")/lib' \
+            'LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" exec "$lib/h2load" "$@"' > .bench-tools/h2load
+        chmod +x .bench-tools/h2load
+    fi
+    du -sh .ortgpu .bench-wheels .bench-data .bench-tools 2>/dev/null
 }
 
 setup() {
@@ -58,6 +71,10 @@ setup() {
         [ -d .bench-wheels ] || { echo "gpu.sh: serving dependencies missing and no .bench-wheels/ (run 'pack')"; exit 1; }
         "$PY" -m pip install -q --no-index --no-deps --target /tmp/benchdeps .bench-wheels/*.whl
     fi
+    if ! command -v h2load >/dev/null && [ -d .bench-tools ]; then
+        mkdir -p /tmp/benchtools && cp -r .bench-tools/. /tmp/benchtools/
+    fi
+    if [ -x /tmp/benchtools/h2load ]; then export PATH="/tmp/benchtools:$PATH"; fi
     export PYTHONPATH="/tmp/ortgpu:/tmp/benchdeps:$root${PYTHONPATH:+:$PYTHONPATH}"
     [ -d .bench-data ] && export COURSEZOO_DATA_MIRROR=${COURSEZOO_DATA_MIRROR:-$root/.bench-data}
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true

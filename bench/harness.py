@@ -34,7 +34,7 @@ from serving.batch.cli import at_least
 
 log = logging.getLogger("coursezoo.bench")
 
-VARIANTS = tuple(server_load.VARIANTS)  # the server restarted with one setting changed
+VARIANTS = server_load.VARIANT_NAMES  # the server restarted with one setting changed
 CASES = ("inprocess", "server", *VARIANTS, "oip", "batch-cli", "peer")
 QUICK_CASES = tuple(c for c in CASES if c != "peer")  # the peer is optional in --quick
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
@@ -80,6 +80,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", nargs="+", type=at_least(1), default=list(inprocess.BATCH_SIZES), metavar="N",
                    help="batch sizes of the in-process baselines (default: %(default)s); on a GPU add larger ones "
                         "to find the best batch size")
+    p.add_argument("--workers", type=at_least(2), default=server_load.DEFAULT_WORKERS, metavar="N",
+                   help="server processes of the 'workers' case (default: %(default)s, for 2 cores; more on a "
+                        "many-core host)")
     p.add_argument("--repo", type=Path, default=Path("exported"),
                    help="model repository with the exports (default: exported)")
     p.add_argument("--json", type=Path, default=DEFAULT_JSON,
@@ -100,6 +103,7 @@ class Run:
         self.errors: list[str] = []
         self.server_settings: dict[str, Any] = {}
         self.groups: list[dict[str, Any]] = []
+        self.variants = server_load.variants(args.workers)
 
     def group(self, name: str, fn: Callable[[], None]) -> None:
         """Run one group; a failure is recorded and the remaining groups still run.
@@ -171,11 +175,12 @@ class Run:
         if not digits:
             return
         rounds: dict[str, list[dict[str, Any]]] = {}
+        variant = self.variants[name]
         with Server(tmp_repo, *self.server_args()) as base, \
-                Server(tmp_repo, *self.server_args(), *server_load.VARIANTS[name].flags) as changed:
+                Server(tmp_repo, *self.server_args(), *variant.flags) as changed:
             for _ in range(self.plan.ab_rounds):
-                for srv, baseline in ((base, True), (changed, False)):
-                    cases = server_load.variant_cases(name, digits, self.plan.timing, baseline,
+                for srv, measured in ((base, variant.baseline), (changed, variant)):
+                    cases = server_load.variant_cases(name, measured, digits, self.plan.timing,
                                                       h2load=self.h2load_available())
                     for row in load(srv.target, cases, srv.pgid):
                         rounds.setdefault(row["key"], []).append(row)
@@ -231,6 +236,7 @@ class Run:
                                      f"inproc/ort-cpu/{e.name}/b{bs}"))
         if digits := self.by_task.get("digits"):
             m, ort = digits.name, "ort-cuda" if self.cuda else "ort-cpu"
+            v, w = self.variants, self.args.workers
             n, c = self.plan.batch_images, server_load.CLIENTS
             out += [
                 Ratio(f"ModelInfer raw b1024 vs in-process {ort} b1024 ({m})",
@@ -241,17 +247,17 @@ class Run:
                       f"oip/coursezoo/tritonclient-aio/{m}/c{c}", f"oip/triton/tritonclient-aio/{m}/c{c}",
                       by_cpu=True),
                 Ratio(f"{c} clients ClassifyDigits 1 PNG: batching on vs off",
-                      *_in_turn("batching-off", f"classify-png/{m}/b1/c{c}")),
+                      *_in_turn(v["batching-off"], f"classify-png/{m}/b1/c{c}")),
                 Ratio(f"{c} clients ModelInfer raw 1 image: batching on vs off",
-                      *_in_turn("batching-off", f"modelinfer-raw/{m}/b1/c{c}")),
+                      *_in_turn(v["batching-off"], f"modelinfer-raw/{m}/b1/c{c}")),
                 Ratio("unary ClassifyDigits 1 PNG: short runs inline vs every run in a thread",
-                      *_in_turn("inline-off", f"classify-png/{m}/b1/c1")),
+                      *_in_turn(v["inline-off"], f"classify-png/{m}/b1/c1")),
                 Ratio(f"{c} clients ClassifyDigits 1 PNG: short runs inline vs every run in a thread",
-                      *_in_turn("inline-off", f"classify-png/{m}/b1/c{c}")),
+                      *_in_turn(v["inline-off"], f"classify-png/{m}/b1/c{c}")),
                 Ratio("ModelInfer raw b1024: short runs inline vs every run in a thread",
-                      *_in_turn("inline-off", f"modelinfer-raw/{m}/b{server_load.RAW_BATCH}/c1")),
+                      *_in_turn(v["inline-off"], f"modelinfer-raw/{m}/b{server_load.RAW_BATCH}/c1")),
                 Ratio(f"ClassifyDigits PNG batches of {server_load.PNG_BATCH}: decoding processes vs in-process",
-                      *_in_turn("decode-in-process",
+                      *_in_turn(v["decode-in-process"],
                                 f"classify-png/{m}/b{server_load.PNG_BATCH}/c{server_load.IN_FLIGHT}")),
                 Ratio(f"{c} clients tritonclient-aio: CourseZoo vs Triton peer",
                       f"oip/coursezoo/tritonclient-aio/{m}/c{c}", f"oip/triton/tritonclient-aio/{m}/c{c}", 2.0),
@@ -262,15 +268,15 @@ class Run:
                 Ratio(f"{c} clients h2load: CourseZoo vs Triton peer, CPU per item",
                       f"h2load/coursezoo/modelinfer-raw/{m}/c{c}", f"h2load/triton/modelinfer-raw/{m}/c{c}",
                       by_cpu=True),
-                Ratio(f"{c} clients h2load: CourseZoo --workers 2 vs Triton peer",
-                      f"{server_load.VARIANTS['workers'].prefix}/h2load/modelinfer-raw/{m}/c{c}",
+                Ratio(f"{c} clients h2load: CourseZoo --workers {w} vs Triton peer",
+                      f"{v['workers'].prefix}/h2load/modelinfer-raw/{m}/c{c}",
                       f"h2load/triton/modelinfer-raw/{m}/c{c}", 2.0),
-                Ratio(f"{c} clients h2load ModelInfer: --workers 2 vs one process",
-                      *_in_turn_reversed("workers", f"h2load/modelinfer-raw/{m}/c{c}")),
-                Ratio(f"{c} clients h2load ClassifyDigits 1 PNG: --workers 2 vs one process",
-                      *_in_turn_reversed("workers", f"h2load/classify-png/{m}/c{c}")),
-                Ratio(f"{c} clients ModelInfer raw 1 image (grpc.aio client): --workers 2 vs one process",
-                      *_in_turn_reversed("workers", f"modelinfer-raw/{m}/b1/c{c}")),
+                Ratio(f"{c} clients h2load ModelInfer: --workers {w} vs one process",
+                      *_in_turn_reversed(v["workers"], f"h2load/modelinfer-raw/{m}/c{c}")),
+                Ratio(f"{c} clients h2load ClassifyDigits 1 PNG: --workers {w} vs one process",
+                      *_in_turn_reversed(v["workers"], f"h2load/classify-png/{m}/c{c}")),
+                Ratio(f"{c} clients ModelInfer raw 1 image (grpc.aio client): --workers {w} vs one process",
+                      *_in_turn_reversed(v["workers"], f"modelinfer-raw/{m}/b1/c{c}")),
                 Ratio(f"batch --local vs in-process ORT on decoded tensors ({n} PNGs)",
                       f"batchcli/local/{m}/n{n}", f"batchcli/ort-decoded/{m}/n{n}", 0.7),
                 Ratio(f"batch --server vs in-process ORT on decoded tensors ({n} PNGs)",
@@ -301,14 +307,13 @@ class Run:
         ]
 
 
-def _in_turn(variant: str, row: str) -> tuple[str, str]:
+def _in_turn(variant: server_load.Variant, row: str) -> tuple[str, str]:
     """The keys of one row as measured in turn: on the default server (the ratio's numerator), then on
     ``variant``."""
-    changed = server_load.VARIANTS[variant]
-    return f"{changed.baseline.prefix}/{row}", f"{changed.prefix}/{row}"
+    return f"{variant.baseline.prefix}/{row}", f"{variant.prefix}/{row}"
 
 
-def _in_turn_reversed(variant: str, row: str) -> tuple[str, str]:
+def _in_turn_reversed(variant: server_load.Variant, row: str) -> tuple[str, str]:
     """``_in_turn`` with the variant as the numerator: for a setting that is meant to add speed."""
     default, changed = _in_turn(variant, row)
     return changed, default

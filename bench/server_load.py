@@ -47,14 +47,25 @@ class Variant:
 
 
 DEFAULT = Variant("server", "", ())
-VARIANTS = {
-    "batching-off": Variant("server-off", "batching off (--max-batch-size 1)", ("--max-batch-size", "1")),
-    "inline-off": Variant("server-thread", "every model run in a worker thread (--inline-run-ms 0)",
-                          ("--inline-run-ms", "0")),
-    "decode-in-process": Variant("server-nopool", "images decoded in the server process (--decode-processes 0)",
-                                 ("--decode-processes", "0")),
-    "workers": Variant("server-workers2", "2 server processes sharing the port (--workers 2)", ("--workers", "2")),
-}
+#: The ``--workers`` count of the ``workers`` variant unless ``coursezoo bench --workers`` says otherwise.
+DEFAULT_WORKERS = 2
+
+
+def variants(workers: int = DEFAULT_WORKERS) -> dict[str, Variant]:
+    """The variants by name; ``workers`` is the process count of the ``workers`` one (2 suits 2 cores, a
+    16-core GPU host wants more), and its rows' keys name it."""
+    return {
+        "batching-off": Variant("server-off", "batching off (--max-batch-size 1)", ("--max-batch-size", "1")),
+        "inline-off": Variant("server-thread", "every model run in a worker thread (--inline-run-ms 0)",
+                              ("--inline-run-ms", "0")),
+        "decode-in-process": Variant("server-nopool", "images decoded in the server process (--decode-processes 0)",
+                                     ("--decode-processes", "0")),
+        "workers": Variant(f"server-workers{workers}", f"{workers} server processes sharing the port "
+                           f"(--workers {workers})", ("--workers", str(workers))),
+    }
+
+
+VARIANT_NAMES = tuple(variants())
 
 
 def unary(digits: Export, timing: dict[str, float], variant: Variant = DEFAULT) -> dict[str, Any]:
@@ -85,12 +96,12 @@ def raw_batches(digits: Export, timing: dict[str, float], variant: Variant = DEF
                  digits, "model_infer", RAW_BATCH, 1, timing, note=variant.note, **_digits_extra(digits))
 
 
-def variant_cases(name: str, digits: Export, timing: dict[str, float], baseline: bool = False,
+def variant_cases(name: str, variant: Variant, digits: Export, timing: dict[str, float],
                   h2load: bool = False) -> list[dict[str, Any]]:
-    """The rows each variant changes (for the variant, or for its ``baseline``): batching the many-clients
-    rows, inline runs the single-image and raw ones, the decoding pool the PNG batches, worker processes
-    the many-clients rows (from h2load too, when ``h2load``: the client that leaves the server the cores)."""
-    variant = VARIANTS[name].baseline if baseline else VARIANTS[name]
+    """The rows variant ``name`` changes, measured on ``variant`` (it, or its baseline): batching the
+    many-clients rows, inline runs the single-image and raw ones, the decoding pool the PNG batches, worker
+    processes the many-clients rows (from h2load too, when ``h2load``: the client that leaves the server the
+    cores)."""
     if name == "decode-in-process":
         return [png_batches(digits, timing, variant)]
     if name == "workers":
