@@ -13,7 +13,9 @@
 #   bash bench/gpu.sh test [ARGS]   # the same set-up, then pytest tests/serving/test_gpu.py ARGS
 #
 # Transfers: the .ortgpu parts are ~45 MB each; bring them over a few at a time into /tmp/parts (or
-# .ortgpu/) and `run` finds them; .bench-tools/ may come earlier the same way, copied to /tmp/benchtools. onnxruntime.preload_dlls() (called by serving/runtime.py and by the
+# .ortgpu/) and `run` finds them. .bench-tools/ may come with an earlier part, copied to /tmp/benchtools;
+# set-up keeps everything under /tmp (ortgpu, benchdeps, benchtools, benchdata), so later calls on the same
+# machine need none of it carried again. onnxruntime.preload_dlls() (called by serving/runtime.py and by the
 # in-process CUDA baselines) loads cuBLAS/cuDNN from the host's nvidia wheels. The Triton peer needs its
 # own 3.12 venv (bench/peer-venv.sh) and is skipped with a note where that is missing.
 set -euo pipefail
@@ -53,8 +55,11 @@ PY
         mkdir -p .bench-tools/lib
         cp "$h2" .bench-tools/lib/
         ldd "$h2" | awk '$3 ~ /lib(nghttp2|jemalloc|ev|ssl|crypto)\./ {print $3}' | xargs -I{} cp -L {} .bench-tools/lib/
-        printf '%s\n' '#!/bin/sh' 'lib=$(dirname "$(readlink -f "$0")")/lib' \
-            'LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" exec "$lib/h2load" "$@"' > .bench-tools/h2load
+        cat > .bench-tools/h2load <<'SH'
+#!/bin/sh
+lib=$(dirname "$(readlink -f "$0")")/lib
+LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" exec "$lib/h2load" "$@"
+SH
         chmod +x .bench-tools/h2load
     fi
     du -sh .ortgpu .bench-wheels .bench-data .bench-tools 2>/dev/null
@@ -76,7 +81,9 @@ setup() {
     fi
     if [ -x /tmp/benchtools/h2load ]; then export PATH="/tmp/benchtools:$PATH"; fi
     export PYTHONPATH="/tmp/ortgpu:/tmp/benchdeps:$root${PYTHONPATH:+:$PYTHONPATH}"
-    [ -d .bench-data ] && export COURSEZOO_DATA_MIRROR=${COURSEZOO_DATA_MIRROR:-$root/.bench-data}
+    # kept in /tmp like the rest: on the lent machine a carried folder is gone by the next call
+    if [ -d .bench-data ]; then mkdir -p /tmp/benchdata && cp -r .bench-data/. /tmp/benchdata/; fi
+    if [ -d /tmp/benchdata ]; then export COURSEZOO_DATA_MIRROR=${COURSEZOO_DATA_MIRROR:-/tmp/benchdata}; fi
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
     "$PY" -c "import onnxruntime as o; o.preload_dlls(); print('onnxruntime', o.__version__, o.get_available_providers())"
 }

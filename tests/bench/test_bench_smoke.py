@@ -24,8 +24,8 @@ def test_quick_run_writes_the_promised_json(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     env = {**os.environ, "COURSEZOO_DATA_MIRROR": str(DATA_MIRROR)}
     proc = subprocess.run([sys.executable, "-m", "coursezoo", "bench", "--quick", "--repo", str(EXPORTED),
-                           "--json", str(out)], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
-                          check=False)
+                           "--workers", "3", "--json", str(out)], cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "items/s" in proc.stdout  # the printed table
     report = json.loads(out.read_text())
@@ -55,7 +55,7 @@ def test_quick_run_writes_the_promised_json(tmp_path: Path) -> None:
     expected = {"in-process", "server"} | ({"oip", "batch-cli"} if digits_models(EXPORTED) else set())
     assert expected <= groups, f"groups measured: {sorted(groups)}"
     if digits_models(EXPORTED):  # each server variant (one setting changed) has its rows beside the default's
-        variants = {"server-off", "server-thread", "server-nopool", "server-workers2"}
+        variants = {"server-off", "server-thread", "server-nopool", "server-workers3"}  # --workers 3
         assert variants | {f"{v}-baseline" for v in variants} <= {key.split("/")[0] for key in keys}
 
     for ratio in report["ratios"]:

@@ -68,11 +68,14 @@ def test_dockerfile_passes_hadolint() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_entry_scripts_pass_shellcheck() -> None:
+def test_shell_scripts_pass_shellcheck() -> None:
+    """The images' entry scripts, and the benchmark's (bench/gpu.sh runs on a GPU host with no second try)."""
     shellcheck = require(tool_binary("shellcheck"), "shellcheck")
     scripts = sorted((REPO_ROOT / "docker").glob("*.sh"))
-    assert scripts
-    result = subprocess.run([shellcheck, "--severity=style", *map(str, scripts)], capture_output=True, text=True)
+    bench_scripts = sorted((REPO_ROOT / "bench").glob("*.sh"))
+    assert scripts and bench_scripts
+    result = subprocess.run([shellcheck, "--severity=style", *map(str, scripts + bench_scripts)],
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     for script in scripts:
         assert os.access(script, os.X_OK), f"{script} must be executable (the image runs it directly)"
