@@ -19,6 +19,7 @@ one answers, for ``seconds`` after ``warmup`` seconds of the same load.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -26,7 +27,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,8 @@ MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 CALLERS_PER_CHANNEL = 16
 #: distinct requests cycled through, so no two consecutive requests are byte-identical
 DISTINCT = 16
+#: The region name a shared memory case registers its input block under.
+SHM_REGION = "coursezoo-bench"
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20),
                    ("grpc.use_local_subchannel_pool", 1)]
 
@@ -141,15 +144,21 @@ def digit_batches(case: dict[str, Any]) -> list[np.ndarray]:
 
 
 def _model_infer_requests(case: dict[str, Any]) -> tuple[str, list[bytes], Callable[[bytes], None]]:
-    """KServe v2 ModelInfer with the tensor in ``raw_input_contents`` (the fast, documented form)."""
+    """KServe v2 ModelInfer with the tensor in ``raw_input_contents`` (the fast, documented form), or, for a
+    ``shared_memory`` case, in the region ``_shared_inputs`` registered (batch i at offset i * its size)."""
     from tritonclient.grpc import service_pb2 as v2
 
     requests = []
-    for x in digit_batches(case):
+    for i, x in enumerate(digit_batches(case)):
         req = v2.ModelInferRequest(model_name=case["model"])
         tensor = req.inputs.add(name=case["input"], datatype="FP32")
         tensor.shape.extend(x.shape)
-        req.raw_input_contents.append(x.tobytes())
+        if case.get("shared_memory"):
+            tensor.parameters["shared_memory_region"].string_param = SHM_REGION
+            tensor.parameters["shared_memory_byte_size"].int64_param = x.nbytes
+            tensor.parameters["shared_memory_offset"].int64_param = i * x.nbytes
+        else:
+            req.raw_input_contents.append(x.tobytes())
         requests.append(req.SerializeToString())
     expected = case["batch"] * 10 * 4
 
@@ -159,6 +168,35 @@ def _model_infer_requests(case: dict[str, Any]) -> tuple[str, list[bytes], Calla
             raise RuntimeError(f"ModelInfer answered {got} output bytes, expected {expected}")
 
     return MODEL_INFER, requests, check
+
+
+@contextlib.contextmanager
+def _shared_inputs(target: str, case: dict[str, Any]) -> Iterator[None]:
+    """The case's ``DISTINCT`` batches in one POSIX shared memory block, registered with the server as
+    ``SHM_REGION`` for the length of the case (Triton's system shared memory extension)."""
+    from multiprocessing import shared_memory
+
+    import grpc
+    from tritonclient.grpc import service_pb2 as v2
+
+    batches = digit_batches(case)
+    size = sum(x.nbytes for x in batches)
+    block = shared_memory.SharedMemory(create=True, size=size)
+    try:
+        for i, x in enumerate(batches):
+            block.buf[i * x.nbytes:(i + 1) * x.nbytes] = x.tobytes()
+        with grpc.insecure_channel(target) as channel:
+            call = "/inference.GRPCInferenceService/SystemSharedMemory"
+            channel.unary_unary(call + "Register")(v2.SystemSharedMemoryRegisterRequest(
+                name=SHM_REGION, key="/" + block.name, byte_size=size).SerializeToString(), timeout=60)
+            try:
+                yield
+            finally:
+                channel.unary_unary(call + "Unregister")(
+                    v2.SystemSharedMemoryUnregisterRequest(name=SHM_REGION).SerializeToString(), timeout=60)
+    finally:
+        block.close()
+        block.unlink()
 
 
 REQUESTS = {"digits": _digits_requests, "diabetes": _diabetes_requests, "names": _names_requests,
@@ -357,7 +395,8 @@ def run_case(target: str, case: dict[str, Any], server_pgid: int | None) -> dict
     elif case["kind"] == "stream":
         latencies, wall = asyncio.run(_raw_stream(target, case, meter))
     else:
-        latencies, wall = asyncio.run(_raw_unary(target, case, meter))
+        with _shared_inputs(target, case) if case.get("shared_memory") else contextlib.nullcontext():
+            latencies, wall = asyncio.run(_raw_unary(target, case, meter))
     result = summarize(case["key"], case["group"], case["case"], case["model"], batch=case["batch"],
                        concurrency=case["concurrency"], items=len(latencies) * case["batch"], seconds=wall,
                        latencies_s=latencies, note=case.get("note", ""))

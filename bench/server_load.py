@@ -96,6 +96,14 @@ def raw_batches(digits: Export, timing: dict[str, float], variant: Variant = DEF
                  digits, "model_infer", RAW_BATCH, 1, timing, note=variant.note, **_digits_extra(digits))
 
 
+def shared_memory_batches(digits: Export, timing: dict[str, float]) -> dict[str, Any]:
+    """The raw 1024-image ModelInfer with its input in a registered shared memory region instead of the
+    message (the reply still carries the 40 KB of logits): what a client on the same host can send."""
+    return _case(f"server/modelinfer-shm/{digits.name}/b{RAW_BATCH}/c1", "server", "ModelInfer FP32 in shared memory",
+                 digits, "model_infer", RAW_BATCH, 1, timing, shared_memory=True,
+                 note="input in a system shared memory region, logits in the reply", **_digits_extra(digits))
+
+
 def variant_cases(name: str, variant: Variant, digits: Export, timing: dict[str, float],
                   h2load: bool = False) -> list[dict[str, Any]]:
     """The rows variant ``name`` changes, measured on ``variant`` (it, or its baseline): batching the
@@ -125,6 +133,7 @@ def domain_cases(exports: dict[str, Export], timing: dict[str, float]) -> list[d
             _case(f"server/stream-png/{m}/b{PNG_BATCH}/w{IN_FLIGHT}", "server", "StreamClassifyDigits PNG", digits,
                   "stream", PNG_BATCH, IN_FLIGHT, timing, note=f"one stream, {IN_FLIGHT} messages in flight"),
             raw_batches(digits, timing),
+            shared_memory_batches(digits, timing),
             *concurrent(digits, timing),
         ]
     for task, kind, rpc in (("diabetes", "diabetes", "ClassifyDiabetes"), ("names", "names", "ClassifySequences")):

@@ -38,7 +38,8 @@ HEALTH_METHODS = frozenset({
     "/inference.GRPCInferenceService/ServerReady",
 })
 
-MODEL_CONTROL_MODES = ("auto", "on", "off")
+#: Modes of the options that open state-changing RPCs (model control, shared memory).
+CONTROL_MODES = ("auto", "on", "off")
 
 
 class ConfigError(ValueError):
@@ -47,6 +48,10 @@ class ConfigError(ValueError):
 
 class ModelControlOff(RuntimeError):
     """RepositoryModelLoad/Unload on a server started without model control (maps to UNIMPLEMENTED)."""
+
+
+class SharedMemoryOff(RuntimeError):
+    """A system shared memory RPC on a server started without it (maps to UNIMPLEMENTED)."""
 
 
 class SecuritySettings(Protocol):
@@ -60,6 +65,7 @@ class SecuritySettings(Protocol):
     auth_token_file: str
     auth_health: bool
     model_control: str
+    shared_memory: str
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,7 @@ class Security:
     mutual_tls: bool = False
     protect_health: bool = False
     model_control: bool = True
+    shared_memory: bool = True
 
     @classmethod
     def from_settings(cls, settings: SecuritySettings) -> Security:
@@ -78,7 +85,8 @@ class Security:
         return cls(token=token,
                    credentials=server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca),
                    mutual_tls=bool(settings.tls_client_ca), protect_health=bool(settings.auth_health),
-                   model_control=model_control_enabled(settings.model_control, settings.host, token))
+                   model_control=control_enabled("--model-control", settings.model_control, settings.host, token),
+                   shared_memory=control_enabled("--shared-memory", settings.shared_memory, settings.host, token))
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         """Interceptors to run before any other: a refused call must not reach logging or metrics code."""
@@ -91,7 +99,8 @@ class Security:
             auth = "no authentication"
         else:
             auth = "bearer token required" + ("" if self.protect_health else " (health checks open)")
-        return f"security: {tls}; {auth}; model control {'on' if self.model_control else 'off'}"
+        return (f"security: {tls}; {auth}; model control {'on' if self.model_control else 'off'}; "
+                f"shared memory {'on' if self.shared_memory else 'off'}")
 
 
 def load_token(token: str, token_file: str) -> str:
@@ -126,11 +135,13 @@ def is_loopback(host: str) -> bool:
         return False  # a host name other than localhost: assume it is reachable from elsewhere
 
 
-def model_control_enabled(mode: str, host: str, token: str) -> bool:
-    """Whether RepositoryModelLoad/Unload are allowed. ``auto``: only when a token guards them or the port
-    is reachable from this machine alone, so an open port never lets strangers unload models."""
-    if mode not in MODEL_CONTROL_MODES:
-        raise ConfigError(f"--model-control {mode!r}: expected one of {', '.join(MODEL_CONTROL_MODES)}")
+def control_enabled(flag: str, mode: str, host: str, token: str) -> bool:
+    """Whether the RPCs behind ``flag`` are allowed: RepositoryModelLoad/Unload (``--model-control``), or
+    mapping the host's shared memory objects (``--shared-memory``). ``auto``: only when a token guards
+    them or the port is reachable from this machine alone, so an open port never lets strangers unload
+    models or read and write this host's shared memory."""
+    if mode not in CONTROL_MODES:
+        raise ConfigError(f"{flag} {mode!r}: expected one of {', '.join(CONTROL_MODES)}")
     if mode == "auto":
         return bool(token) or is_loopback(host)
     return mode == "on"

@@ -45,7 +45,7 @@ from serving.metrics import Metrics
 from serving.preprocess import DEFAULT_MAX_IMAGE_PIXELS, set_max_image_pixels
 from serving.protos import classifier_pb2, classifier_pb2_grpc, inference_pb2, inference_pb2_grpc
 from serving.repository import ModelRepository
-from serving.security import MODEL_CONTROL_MODES, ConfigError, Security
+from serving.security import CONTROL_MODES, ConfigError, Security
 from serving.services.base import RequestDecodeGuard
 from serving.services.classifier import ClassifierService
 from serving.services.health import HealthService
@@ -97,10 +97,13 @@ class ServerSettings:
     auth_token_file: str = _option("", "file holding the bearer token (e.g. a mounted secret)")
     auth_health: bool = _option(False, "require the token on health checks too (grpc.health.v1, ServerLive/Ready)")
     model_control: str = _option("auto", "RepositoryModelLoad/Unload: auto = on when a token is set or the host is "
-                                 "loopback, off otherwise", choices=MODEL_CONTROL_MODES)
+                                 "loopback, off otherwise", choices=CONTROL_MODES)
+    shared_memory: str = _option("auto", "Triton's system shared memory extension (tensors in the host's POSIX "
+                                 "shared memory): auto = on when a token is set or the host is loopback, off "
+                                 "otherwise", choices=CONTROL_MODES)
     workers: int = _option(1, "server processes sharing the port (SO_REUSEPORT), each with every model: one "
                            "process answers from one event loop, about one core's worth of requests; with more "
-                           "than 1, model control is off (serving/supervisor.py)")
+                           "than 1, model control and shared memory are off (serving/supervisor.py)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServerSettings:
@@ -261,7 +264,8 @@ class CourseZooServer:
         self.decoder = ImageDecoder(settings.decode_processes, settings.max_image_pixels)
         self.classifier = ClassifierService(self.repository, self.metrics, settings, self.decoder)
         self.inference = InferenceService(self.repository, self.metrics, settings, self.health,
-                                          model_control=self.security.model_control)
+                                          model_control=self.security.model_control,
+                                          shared_memory=self.security.shared_memory)
         self._interceptors = interceptors
         self._gate: DrainGate | None = None
         self._grpc: grpc.aio.Server | None = None
@@ -304,6 +308,7 @@ class CourseZooServer:
             await self._grpc.stop(max(0.0, deadline - asyncio.get_running_loop().time()))
         await self.repository.stop()
         self.decoder.close()
+        self.inference.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()

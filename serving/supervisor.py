@@ -48,12 +48,12 @@ METRICS_LINE = "metrics on "
 
 
 def worker_settings(settings: ServerSettings, port: int, index: int) -> ServerSettings:
-    """The settings of worker ``index``: the reserved port, its own metrics port, model control off and,
-    unless given, ONNX Runtime threads and decoding processes shared out, so N workers do not each start
-    pools as large as the machine."""
+    """The settings of worker ``index``: the reserved port, its own metrics port, model control and shared
+    memory off (state one worker would hold and the others not) and, unless given, ONNX Runtime threads
+    and decoding processes shared out, so N workers do not each start pools as large as the machine."""
     share = max(1, cores() // settings.workers)
     return dataclasses.replace(
-        settings, port=port, model_control="off", workers=1,
+        settings, port=port, model_control="off", shared_memory="off", workers=1,
         metrics_port=settings.metrics_port + index if settings.metrics_port > 0 else settings.metrics_port,
         intra_op_threads=settings.intra_op_threads or share,
         decode_processes=min(MAX_AUTO_PROCESSES, share) if settings.decode_processes < 0 else settings.decode_processes)
@@ -81,6 +81,9 @@ def supervise(settings: ServerSettings) -> int:
     if settings.model_control == "on":
         raise ConfigError(f"--model-control on needs --workers 1: with {settings.workers} workers a "
                           "RepositoryModelLoad/Unload would reach only the worker that received it")
+    if settings.shared_memory == "on":
+        raise ConfigError(f"--shared-memory on needs --workers 1: with {settings.workers} workers a region "
+                          "registered through one worker would be unknown to the others")
     held = reserve_port(settings.host, settings.port)
     port = held.getsockname()[1]
     stop = _StopSignal()

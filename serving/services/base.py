@@ -23,8 +23,9 @@ from serving.batching import BatcherClosed, QueueFull
 from serving.metrics import Metrics
 from serving.preprocess import InputError, InputTooLarge
 from serving.repository import ModelNotFound, ModelNotReady, ModelRepository, ServedModel
-from serving.security import ModelControlOff
+from serving.security import ModelControlOff, SharedMemoryOff
 from serving.services.plumbing import kind_of
+from serving.shared_memory import RegionExists, RegionNotFound, TooManyRegions
 
 log = logging.getLogger("coursezoo.serve")
 
@@ -37,6 +38,10 @@ ERROR_STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (ModelNotReady, grpc.StatusCode.UNAVAILABLE),
     (BatcherClosed, grpc.StatusCode.UNAVAILABLE),  # the model is unloading or the server stopping
     (ModelControlOff, grpc.StatusCode.UNIMPLEMENTED),  # "not enabled in this service", in gRPC's words
+    (SharedMemoryOff, grpc.StatusCode.UNIMPLEMENTED),
+    (RegionNotFound, grpc.StatusCode.NOT_FOUND),
+    (RegionExists, grpc.StatusCode.ALREADY_EXISTS),
+    (TooManyRegions, grpc.StatusCode.RESOURCE_EXHAUSTED),
 )
 
 

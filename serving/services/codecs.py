@@ -2,19 +2,23 @@
 
 Requests may carry each input either as typed ``contents`` (``fp32_contents``, ``int64_contents``,
 ...) or, as ``tritonclient`` does, as one little-endian buffer per input in ``raw_input_contents``;
-raw buffers become zero-copy ``np.frombuffer`` views. Replies always use ``raw_output_contents``
-(what Triton does, and what clients decode fastest).
+raw buffers become zero-copy ``np.frombuffer`` views; or, through Triton's system shared memory
+extension, in a registered region (``serving.shared_memory``), read in place. Replies use
+``raw_output_contents`` (what Triton does, and what clients decode fastest), or write an output into the
+region its request named.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from serving.card import DATATYPES
 from serving.preprocess import InputError
+from serving.shared_memory import BYTE_SIZE, OFFSET, REGION, SharedMemoryRegistry
 
 #: KServe v2 datatype -> little-endian numpy dtype and the ``InferTensorContents`` field that carries it.
 DTYPES = {name: np.dtype(numpy_name).newbyteorder("<") for name, numpy_name in DATATYPES.items()}
@@ -25,17 +29,23 @@ CONTENTS_FIELD = {"FP32": "fp32_contents", "FP64": "fp64_contents", "INT64": "in
 DATATYPE_OF = {np.dtype(numpy_name): name for name, numpy_name in DATATYPES.items()}
 
 
-def decode_inputs(tensors: Sequence, raw: Sequence[bytes]) -> dict[str, np.ndarray]:
+def decode_inputs(tensors: Sequence, raw: Sequence[bytes],
+                  shared_memory: SharedMemoryRegistry | None = None) -> dict[str, np.ndarray]:
     """``ModelInferRequest.inputs`` (+ ``raw_input_contents``) -> arrays by tensor name.
 
-    Checks what the transport alone can check (datatype known, shape non-negative, element count
-    matches); names, dtypes and shapes against the model card are the runtime's ``validate``.
+    An input whose parameters name a shared memory region is read from it in place; the raw buffers
+    belong, in order, to the other inputs (what tritonclient sends). Checks what the transport alone can
+    check (datatype known, shape non-negative, element count matches); names, dtypes and shapes against
+    the model card are the runtime's ``validate``.
     """
-    if raw and len(raw) != len(tensors):
-        raise InputError(f"{len(raw)} raw_input_contents for {len(tensors)} inputs: expected one buffer per input, "
-                         "or none and typed contents")
+    placements = [shared_placement(t) for t in tensors]
+    unplaced = placements.count(None)
+    if raw and len(raw) != unplaced:
+        raise InputError(f"{len(raw)} raw_input_contents for {unplaced} inputs not in shared memory: "
+                         "expected one buffer per such input, or none and typed contents")
+    buffers = iter(raw)
     arrays: dict[str, np.ndarray] = {}
-    for i, tensor in enumerate(tensors):
+    for tensor, placement in zip(tensors, placements, strict=True):
         dtype = DTYPES.get(tensor.datatype)
         if dtype is None:
             raise InputError(f"input {tensor.name!r} has datatype {tensor.datatype!r}: expected one of "
@@ -46,11 +56,14 @@ def decode_inputs(tensors: Sequence, raw: Sequence[bytes]) -> dict[str, np.ndarr
         if len(shape) > MAX_DIMS:
             raise InputError(f"input {tensor.name!r} has {len(shape)} dimensions: at most {MAX_DIMS} are accepted")
         count = math.prod(shape)  # Python ints: a product of huge dimensions must not wrap around to a small one
-        if raw:
-            buffer = raw[i]  # once: each read of a protobuf bytes field is a copy
+        if placement or raw:
+            # in place from shared memory; a raw buffer read once (each read of a protobuf bytes field is a copy)
+            buffer = _shared_input(tensor.name, placement, shared_memory) if placement else next(buffers)
             if len(buffer) != count * dtype.itemsize:
-                raise InputError(f"input {tensor.name!r}: raw buffer of {len(buffer)} bytes, expected "
-                                 f"{count * dtype.itemsize} for {tensor.datatype} {list(shape)}")
+                source = (f"shared memory byte size {len(buffer)}" if placement
+                          else f"raw buffer of {len(buffer)} bytes")
+                raise InputError(f"input {tensor.name!r}: {source}, expected {count * dtype.itemsize} for "
+                                 f"{tensor.datatype} {list(shape)}")
             array = np.frombuffer(buffer, dtype=dtype)
         else:
             values = getattr(tensor.contents, CONTENTS_FIELD[tensor.datatype])
@@ -65,6 +78,35 @@ def decode_inputs(tensors: Sequence, raw: Sequence[bytes]) -> dict[str, np.ndarr
             raise InputError(f"input {tensor.name!r} is given twice: expected each input once")
         arrays[tensor.name] = array.reshape(shape)
     return arrays
+
+
+def shared_placement(tensor: Any) -> tuple[str, int, int] | None:
+    """The (region, byte size, offset) a tensor's parameters name, or None when it is not in shared memory."""
+    params = tensor.parameters
+    if REGION not in params:
+        return None
+    if BYTE_SIZE not in params:
+        raise InputError(f"{tensor.name!r} names shared memory region {params[REGION].string_param!r} "
+                         f"without {BYTE_SIZE}: expected both (and optionally {OFFSET})")
+    return (params[REGION].string_param, _int_param(params[BYTE_SIZE]),
+            _int_param(params[OFFSET]) if OFFSET in params else 0)
+
+
+def _int_param(param: Any) -> int:
+    """An InferParameter holding a whole number (tritonclient sends int64_param; uint64_param is accepted)."""
+    kind = param.WhichOneof("parameter_choice")
+    if kind not in ("int64_param", "uint64_param"):
+        raise InputError(f"shared memory sizes and offsets are whole numbers: got a {kind or 'empty'} parameter")
+    return getattr(param, kind)
+
+
+def _shared_input(name: str, placement: tuple[str, int, int], shared_memory: SharedMemoryRegistry | None) \
+        -> memoryview:
+    if shared_memory is None:
+        raise InputError(f"input {name!r} names a shared memory region, but shared memory is off on this server "
+                         "(--shared-memory): send the data in raw_input_contents")
+    region, byte_size, offset = placement
+    return shared_memory.view(region, offset, byte_size, f"input {name}")
 
 
 def select_outputs(outputs: Mapping[str, np.ndarray], requested: Sequence[str]) -> list[tuple[str, np.ndarray]]:

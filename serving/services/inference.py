@@ -2,7 +2,8 @@
 
 Every model in the repository, the two regression models included, is served here under its
 catalogue name with its card's tensor names, datatypes and shapes, so ``tritonclient[grpc]`` and any
-other v2 client work unmodified. Tensors travel as typed ``contents`` or raw buffers (see codecs).
+other v2 client work unmodified. Tensors travel as typed ``contents``, raw buffers, or in system shared
+memory regions the client registered (see codecs and ``serving.shared_memory``).
 """
 
 from __future__ import annotations
@@ -10,16 +11,18 @@ from __future__ import annotations
 from importlib import metadata
 
 from serving.metrics import Metrics
+from serving.preprocess import InputError
 from serving.protos import inference_pb2 as pb
 from serving.protos import inference_pb2_grpc
 from serving.repository import ModelNotFound, ModelNotReady, ModelRepository
-from serving.security import ModelControlOff
+from serving.security import ModelControlOff, SharedMemoryOff
 from serving.services.base import Answer, Handler, Settings, rpc
-from serving.services.codecs import decode_inputs, encode_output, select_outputs
+from serving.services.codecs import decode_inputs, encode_output, select_outputs, shared_placement
 from serving.services.health import HealthService
+from serving.shared_memory import BYTE_SIZE, OFFSET, REGION, SharedMemoryRegistry
 
 PLATFORM = "onnxruntime_onnx"  # Triton's name for the ONNX Runtime backend
-EXTENSIONS = ("model_repository",)
+EXTENSIONS = ("model_repository", "system_shared_memory")
 
 
 def _server_version() -> str:
@@ -33,15 +36,17 @@ class InferenceService(Handler, inference_pb2_grpc.GRPCInferenceServiceServicer)
     """KServe v2 handlers; repository changes are pushed to the health service as they happen.
 
     ``model_control=False`` refuses RepositoryModelLoad/Unload (see ``serving.security``); the index
-    stays readable.
+    stays readable. ``shared_memory=False`` refuses the system shared memory RPCs the same way.
     """
 
     def __init__(self, repository: ModelRepository, metrics: Metrics, settings: Settings,
-                 health: HealthService, *, model_control: bool = True) -> None:
+                 health: HealthService, *, model_control: bool = True, shared_memory: bool = True) -> None:
         super().__init__(repository, metrics, settings)
         self.health = health
         self.model_control = model_control
-        self.metadata = pb.ServerMetadataResponse(name="coursezoo", version=_server_version(), extensions=EXTENSIONS)
+        self.shared_memory = SharedMemoryRegistry() if shared_memory else None
+        extensions = EXTENSIONS if shared_memory else tuple(e for e in EXTENSIONS if e != "system_shared_memory")
+        self.metadata = pb.ServerMetadataResponse(name="coursezoo", version=_server_version(), extensions=extensions)
 
     @rpc("ServerLive")
     async def ServerLive(self, request: pb.ServerLiveRequest) -> Answer:
@@ -80,17 +85,68 @@ class InferenceService(Handler, inference_pb2_grpc.GRPCInferenceServiceServicer)
     @rpc("ModelInfer", model_field="model_name")
     async def ModelInfer(self, request: pb.ModelInferRequest) -> Answer:
         model = self.repository.get(request.model_name, request.model_version or None)
-        inputs = decode_inputs(request.inputs, request.raw_input_contents)
+        inputs = decode_inputs(request.inputs, request.raw_input_contents, self.shared_memory)
         model.validate(inputs)
         rows = len(next(iter(inputs.values())))
         self.check_count(rows, "rows (batch items)")
+        placements = {o.name: shared_placement(o) for o in request.outputs}
+        if any(placements.values()) and self.shared_memory is None:
+            raise InputError("an output names a shared memory region, but shared memory is off on this server "
+                             "(--shared-memory): leave the output's parameters out")
         outputs = await model.infer(inputs)
         reply = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
         for name, array in select_outputs(outputs, [o.name for o in request.outputs]):
             datatype, shape, data = encode_output(array)
-            reply.outputs.add(name=name, datatype=datatype, shape=shape)
+            tensor = reply.outputs.add(name=name, datatype=datatype, shape=shape)
+            if placement := placements.get(name):
+                self._write_shared(tensor, placement, data)
+                data = b""  # an empty buffer keeps raw_output_contents in step with outputs, as clients index it
             reply.raw_output_contents.append(data)
         return Answer(reply, model.name, rows)
+
+    def _write_shared(self, tensor: pb.ModelInferResponse.InferOutputTensor, placement: tuple[str, int, int],
+                      data: bytes) -> None:
+        """Put an output's bytes into the region its request named, and say where in the reply (as Triton does)."""
+        assert self.shared_memory is not None  # ModelInfer refused the request before running it otherwise
+        region, byte_size, offset = placement
+        if byte_size < len(data):
+            raise InputError(f"output {tensor.name!r} needs {len(data)} bytes, but its shared memory byte size is "
+                             f"{byte_size}: expected at least {len(data)}")
+        self.shared_memory.view(region, offset, len(data), f"output {tensor.name}")[:] = data
+        tensor.parameters[REGION].string_param = region
+        tensor.parameters[BYTE_SIZE].int64_param = len(data)
+        if offset:
+            tensor.parameters[OFFSET].int64_param = offset
+
+    @rpc("SystemSharedMemoryStatus")
+    async def SystemSharedMemoryStatus(self, request: pb.SystemSharedMemoryStatusRequest) -> Answer:
+        reply = pb.SystemSharedMemoryStatusResponse()
+        for region in self._registry().status(request.name):
+            status = reply.regions[region.name]
+            status.name, status.key, status.offset, status.byte_size = (region.name, region.key, region.offset,
+                                                                        region.byte_size)
+        return Answer(reply, "", 0)
+
+    @rpc("SystemSharedMemoryRegister")
+    async def SystemSharedMemoryRegister(self, request: pb.SystemSharedMemoryRegisterRequest) -> Answer:
+        self._registry().register(request.name, request.key, request.offset, request.byte_size)
+        return Answer(pb.SystemSharedMemoryRegisterResponse(), "", 0)
+
+    @rpc("SystemSharedMemoryUnregister")
+    async def SystemSharedMemoryUnregister(self, request: pb.SystemSharedMemoryUnregisterRequest) -> Answer:
+        self._registry().unregister(request.name)
+        return Answer(pb.SystemSharedMemoryUnregisterResponse(), "", 0)
+
+    def _registry(self) -> SharedMemoryRegistry:
+        if self.shared_memory is None:
+            raise SharedMemoryOff("system shared memory is off on this server (it is on for a loopback host or "
+                                  "with a token; --shared-memory on to allow it): send tensors in the request")
+        return self.shared_memory
+
+    def close(self) -> None:
+        """Unmap every shared memory region (the server is stopping)."""
+        if self.shared_memory is not None:
+            self.shared_memory.close()
 
     @rpc("RepositoryIndex", model_field="repository_name")
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest) -> Answer:

@@ -29,7 +29,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from serving.client import CourseZooClient, tls_credentials
-from serving.security import ConfigError, is_loopback, load_token, model_control_enabled
+from serving.security import ConfigError, control_enabled, is_loopback, load_token
 from tests.conftest import REPO_ROOT
 
 if TYPE_CHECKING:
@@ -261,7 +261,7 @@ def test_load_token(token: str, problem: str | None) -> None:
     ("auto", "0.0.0.0", TOKEN, True), ("on", "0.0.0.0", "", True), ("off", "127.0.0.1", TOKEN, False),
 ])
 def test_model_control_modes(mode: str, host: str, token: str, enabled: bool) -> None:
-    assert model_control_enabled(mode, host, token) is enabled
+    assert control_enabled("--model-control", mode, host, token) is enabled
     assert is_loopback(host) is (host in ("127.0.0.1", "::1", "localhost"))
 
 

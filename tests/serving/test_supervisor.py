@@ -93,7 +93,7 @@ def test_two_workers_share_the_port_and_stop_cleanly(repo: Path) -> None:
     server = ServerProcess(repo, "--workers", "2", "--poll-interval-s", "0").start()
     try:
         assert "2 worker processes share the port" in server.output
-        assert "model control off" in server.output
+        assert "model control off" in server.output and "shared memory off" in server.output
         assert len(server.metrics_urls) == 2, server.output  # one /metrics per worker
         workers = workers_of(server)
         assert len(workers) == 2, server.output
@@ -148,10 +148,12 @@ def serve(*args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
 
 
-def test_model_control_needs_one_worker(repo: Path) -> None:
-    done = serve("--repo", str(repo), "--port", "0", "--workers", "2", "--model-control", "on")
+@pytest.mark.parametrize("flag", ["--model-control", "--shared-memory"])
+def test_per_process_state_needs_one_worker(repo: Path, flag: str) -> None:
+    """Model control and shared memory regions live in one process: with workers they cannot be asked for."""
+    done = serve("--repo", str(repo), "--port", "0", "--workers", "2", flag, "on")
     assert done.returncode == 1
-    assert "--model-control on needs --workers 1" in done.stderr
+    assert f"{flag} on needs --workers 1" in done.stderr
 
 
 def test_a_busy_port_fails_as_for_one_process(repo: Path) -> None:
@@ -177,6 +179,7 @@ class _Settings:
     port: int = 0
     metrics_port: int = 8002
     model_control: str = "auto"
+    shared_memory: str = "auto"
     intra_op_threads: int = 0
     decode_processes: int = -1
 
@@ -185,7 +188,7 @@ def test_workers_share_out_the_cores_unless_told() -> None:
     share = max(1, cores() // 2)
     first, second = (worker_settings(_Settings(), 50051, i) for i in range(2))  # type: ignore[arg-type]
     assert (first.port, first.metrics_port, second.metrics_port) == (50051, 8002, 8003)
-    assert first.workers == 1 and first.model_control == "off"
+    assert first.workers == 1 and first.model_control == "off" and first.shared_memory == "off"
     assert first.intra_op_threads == share and first.decode_processes == min(MAX_AUTO_PROCESSES, share)
     told = worker_settings(_Settings(metrics_port=0, intra_op_threads=3, decode_processes=0), 50051, 1)  # type: ignore[arg-type]
     assert (told.metrics_port, told.intra_op_threads, told.decode_processes) == (0, 3, 0)

@@ -1,0 +1,177 @@
+"""Triton's system shared memory extension through the stock ``tritonclient[grpc]`` client.
+
+Regions are made with Python's ``multiprocessing.shared_memory`` (POSIX ``shm_open``, as tritonclient's
+own ``utils.shared_memory`` does; that module needs ``pkg_resources``, which current setuptools no longer
+has). The server reads inputs from them and writes outputs into them; answers are compared with
+onnxruntime on the exported file. Like test_tritonclient.py, this process never imports the server's
+generated ``inference`` module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from multiprocessing import shared_memory
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from tritonclient.utils import InferenceServerException
+
+from serving.card import ModelCard
+from serving.preprocess import encode_names
+from serving.shared_memory import SharedMemoryRegistry
+from tests.serving.test_tritonclient import onnx_outputs, triton_inputs
+
+if TYPE_CHECKING:
+    from tests.conftest import ServerProcess
+
+
+@pytest.fixture()
+def triton_client(server: ServerProcess) -> Iterator[triton.InferenceServerClient]:
+    client = triton.InferenceServerClient(server.target)
+    yield client
+    client.unregister_system_shared_memory()  # every region, so a failed test leaves none behind
+
+
+@pytest.fixture()
+def block() -> Iterator[shared_memory.SharedMemory]:
+    """A 1 MiB POSIX shared memory object; its key is ``/`` + its name."""
+    shm = shared_memory.SharedMemory(create=True, size=1 << 20)
+    yield shm
+    shm.close()
+    shm.unlink()
+
+
+def _card(repo: Path, name: str) -> ModelCard:
+    return ModelCard.load(repo / name / "1")
+
+
+def _status(client: triton.InferenceServerClient, name: str = "") -> dict:
+    return client.get_system_shared_memory_status(region_name=name, as_json=True).get("regions", {})
+
+
+def test_batch_in_and_out_of_shared_memory(triton_client: triton.InferenceServerClient, block, digits_model: str,
+                                           exported_repo: Path, mnist_test) -> None:
+    card = _card(exported_repo, digits_model)
+    mean, std = card.preprocessing["mean"], card.preprocessing["std"]
+    images = ((mnist_test[0][:128].astype(np.float32) / 255 - mean) / std).reshape(128, 1, 28, 28)
+    expected = onnx_outputs(exported_repo, card, {"image": images})["logits"]
+    in_bytes, out_bytes = images.nbytes, expected.nbytes
+    block.buf[:in_bytes] = images.tobytes()
+    triton_client.register_system_shared_memory("batch", "/" + block.name, in_bytes + out_bytes + 64)
+    assert _status(triton_client, "batch")["batch"]["key"] == "/" + block.name
+
+    tensor = triton.InferInput("image", list(images.shape), "FP32").set_shared_memory("batch", in_bytes)
+    output = triton.InferRequestedOutput("logits")
+    output.set_shared_memory("batch", out_bytes + 64, offset=in_bytes)
+    result = triton_client.infer(digits_model, [tensor], outputs=[output])
+
+    placed = result.get_output("logits").parameters  # (its as_json=True returns None in tritonclient 2.41)
+    assert placed["shared_memory_region"].string_param == "batch"
+    assert placed["shared_memory_byte_size"].int64_param == out_bytes
+    logits = np.frombuffer(bytes(block.buf[in_bytes : in_bytes + out_bytes]), dtype=np.float32).reshape(expected.shape)
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+    assert (logits.argmax(1) == mnist_test[1][:128]).mean() > 0.9
+
+
+def test_one_input_in_shared_memory_and_one_raw(triton_client: triton.InferenceServerClient, block,
+                                                exported_repo: Path) -> None:
+    """tritonclient sends raw buffers only for the inputs not in shared memory: they must still line up."""
+    chars, lengths = encode_names(["Smith", "Tanaka", "Rossi"])
+    expected = onnx_outputs(exported_repo, _card(exported_repo, "names_gru"), {"chars": chars, "lengths": lengths})
+    block.buf[: chars.nbytes] = chars.tobytes()
+    triton_client.register_system_shared_memory("chars", "/" + block.name, chars.nbytes)
+    shared = triton.InferInput("chars", list(chars.shape), "INT64").set_shared_memory("chars", chars.nbytes)
+    (raw,) = triton_inputs({"lengths": lengths})
+    result = triton_client.infer("names_gru", [shared, raw])  # the output comes back in the reply
+    np.testing.assert_allclose(result.as_numpy("logits"), expected["logits"], rtol=1e-4, atol=1e-4)
+
+
+def test_status_and_unregister(triton_client: triton.InferenceServerClient, block) -> None:
+    key = "/" + block.name
+    triton_client.register_system_shared_memory("a", key, 4096)
+    triton_client.register_system_shared_memory("b", key, 4096, offset=4096)
+    assert {n: (r["key"], int(r.get("offset", 0)), int(r["byte_size"])) for n, r in _status(triton_client).items()} \
+        == {"a": (key, 0, 4096), "b": (key, 4096, 4096)}
+    triton_client.unregister_system_shared_memory("a")
+    assert set(_status(triton_client)) == {"b"}
+    triton_client.unregister_system_shared_memory("a")  # again: not an error, as in Triton
+    triton_client.unregister_system_shared_memory()
+    assert _status(triton_client) == {}
+
+
+def _register(name: str, key: str, size: int, offset: int = 0):
+    return lambda client, block: client.register_system_shared_memory(name, key.replace("BLOCK", block.name), size,
+                                                                      offset)
+
+
+def _infer_from(region: str, byte_size: int, register: int = 0, output_size: int = 0):
+    """A digits ModelInfer of one image from ``region`` (``register`` > 0: register the block as it first)."""
+    def call(client: triton.InferenceServerClient, block) -> object:
+        if register:
+            client.register_system_shared_memory(region, "/" + block.name, register)
+        tensor = triton.InferInput("image", [1, 1, 28, 28], "FP32").set_shared_memory(region, byte_size)
+        outputs = None
+        if output_size:
+            outputs = [triton.InferRequestedOutput("logits")]
+            outputs[0].set_shared_memory(region, output_size, offset=3136)
+        return client.infer("mnist_cnn", [tensor], outputs=outputs)
+    return call
+
+
+SHM_ERRORS = [
+    ("no such object", _register("x", "/coursezoo-test-missing", 64), "NOT_FOUND", "coursezoo-test-missing"),
+    ("key with a path", _register("x", "/../etc/passwd", 64), "INVALID_ARGUMENT", "POSIX shared memory name"),
+    ("larger than the object", _register("x", "/BLOCK", 2 << 20), "INVALID_ARGUMENT", "do not fit"),
+    ("empty name", _register("", "/BLOCK", 64), "INVALID_ARGUMENT", "name"),
+    ("unregistered region", _infer_from("nowhere", 3136), "NOT_FOUND", "nowhere"),
+    ("byte size not the tensor's", _infer_from("r", 3000, register=4096), "INVALID_ARGUMENT", "3136"),
+    ("beyond the region", _infer_from("r", 3136, register=1024), "INVALID_ARGUMENT", "do not fit"),
+    ("output region too small", _infer_from("r", 3136, register=8192, output_size=8), "INVALID_ARGUMENT", "40"),
+    ("status of an unknown region", lambda c, b: c.get_system_shared_memory_status("nowhere"), "NOT_FOUND",
+     "nowhere"),
+]
+
+
+@pytest.mark.parametrize(("case", "call", "code", "fragment"), SHM_ERRORS, ids=[e[0] for e in SHM_ERRORS])
+def test_shared_memory_errors(triton_client: triton.InferenceServerClient, block, case: str, call, code: str,
+                              fragment: str) -> None:
+    with pytest.raises(InferenceServerException) as info:
+        call(triton_client, block)
+    assert info.value.status() == f"StatusCode.{code}", info.value.message()
+    assert fragment in info.value.message()
+    assert triton_client.is_server_ready()
+
+
+def test_registering_a_name_twice_is_refused(triton_client: triton.InferenceServerClient, block) -> None:
+    triton_client.register_system_shared_memory("twice", "/" + block.name, 64)
+    with pytest.raises(InferenceServerException) as info:
+        triton_client.register_system_shared_memory("twice", "/" + block.name, 64)
+    assert info.value.status() == "StatusCode.ALREADY_EXISTS"
+
+
+def test_off_when_asked(start_server, exported_repo: Path, block) -> None:
+    server = start_server(exported_repo, "--shared-memory", "off", "--poll-interval-s", "0")
+    client = triton.InferenceServerClient(server.target)
+    assert "system_shared_memory" not in client.get_server_metadata(as_json=True)["extensions"]
+    with pytest.raises(InferenceServerException) as info:
+        client.register_system_shared_memory("x", "/" + block.name, 64)
+    assert info.value.status() == "StatusCode.UNIMPLEMENTED" and "--shared-memory" in info.value.message()
+    tensor = triton.InferInput("image", [1, 1, 28, 28], "FP32").set_shared_memory("x", 3136)
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("mnist_cnn", [tensor])
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT" and "shared memory is off" in info.value.message()
+
+
+def test_unregistering_while_a_request_reads_the_region(block) -> None:
+    """A view handed to a request in flight keeps its mapping alive; unregistering does not fail on it."""
+    registry = SharedMemoryRegistry()
+    registry.register("r", "/" + block.name, 0, 4096)
+    block.buf[:4] = b"\x01\x02\x03\x04"
+    view = registry.view("r", 0, 4, "input x")
+    registry.unregister("r")
+    assert bytes(view) == b"\x01\x02\x03\x04"
+    view.release()
+    assert registry.status() == []
