@@ -46,13 +46,22 @@ class TooManyRegions(RuntimeError):
 
 @dataclass(frozen=True)
 class Region:
-    """One registered region: ``byte_size`` bytes at ``offset`` in the object ``key``, mapped once."""
+    """One registered region: ``byte_size`` bytes at ``offset`` in the object ``key``, mapped once; ``fd``
+    stays open so each use can check the object still holds the region."""
 
     name: str
     key: str
     offset: int
     byte_size: int
+    fd: int
     mapping: mmap.mmap
+
+    def release(self) -> None:
+        os.close(self.fd)
+        try:
+            self.mapping.close()
+        except BufferError:
+            pass  # a request still holds a view; the mapping goes with the last view
 
 
 class SharedMemoryRegistry:
@@ -76,7 +85,7 @@ class SharedMemoryRegistry:
                 raise RegionExists(f"shared memory region {name!r} is already registered: unregister it first")
             if len(self._regions) >= MAX_REGIONS:
                 raise TooManyRegions(f"{MAX_REGIONS} shared memory regions are registered: unregister some first")
-            self._regions[name] = Region(name, key, offset, byte_size, _map(name, key, offset, byte_size))
+            self._regions[name] = Region(name, key, offset, byte_size, *_map(name, key, offset, byte_size))
 
     def unregister(self, name: str = "") -> None:
         """Forget region ``name`` ("" = all). Unknown names are not an error (Triton answers OK too). A
@@ -85,10 +94,7 @@ class SharedMemoryRegistry:
             names = [name] if name else list(self._regions)
             released = [self._regions.pop(n) for n in names if n in self._regions]
         for region in released:
-            try:
-                region.mapping.close()
-            except BufferError:
-                pass  # a request still holds a view; the mapping goes with the last view
+            region.release()
 
     def status(self, name: str = "") -> list[Region]:
         """Region ``name``, or every region when ``name`` is empty."""
@@ -109,6 +115,11 @@ class SharedMemoryRegistry:
         if offset < 0 or byte_size < 0 or offset + byte_size > region.byte_size:
             raise InputError(f"{tensor!r}: {byte_size} bytes at offset {offset} do not fit shared memory region "
                              f"{name!r} of {region.byte_size} bytes")
+        # Touching a mapped page past the object's end kills the process (SIGBUS): refuse an object that was
+        # shrunk since it was registered. (One shrunk between this check and the read is not caught.)
+        if os.fstat(region.fd).st_size < region.offset + region.byte_size:
+            raise InputError(f"shared memory region {name!r}: its object {region.key!r} was shrunk below the "
+                             "registered size: register it again")
         start = region.offset + offset
         return memoryview(region.mapping)[start : start + byte_size]
 
@@ -116,8 +127,9 @@ class SharedMemoryRegistry:
         self.unregister()
 
 
-def _map(name: str, key: str, offset: int, byte_size: int) -> mmap.mmap:
-    """Map the object ``key`` from its start to the region's end (mmap offsets must be page-aligned)."""
+def _map(name: str, key: str, offset: int, byte_size: int) -> tuple[int, mmap.mmap]:
+    """Open the object ``key`` and map it from its start to the region's end (mmap offsets must be
+    page-aligned); the descriptor is returned open."""
     path = SHM_DIR / key.lstrip("/")
     try:
         fd = os.open(path, os.O_RDWR)
@@ -131,6 +143,7 @@ def _map(name: str, key: str, offset: int, byte_size: int) -> mmap.mmap:
         if offset < 0 or offset + byte_size > size:
             raise InputError(f"shared memory region {name!r}: {byte_size} bytes at offset {offset} do not fit "
                              f"object {key!r} of {size} bytes")
-        return mmap.mmap(fd, offset + byte_size)
-    finally:
+        return fd, mmap.mmap(fd, offset + byte_size)
+    except BaseException:
         os.close(fd)
+        raise

@@ -9,6 +9,7 @@ generated ``inference`` module.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from multiprocessing import shared_memory
 from pathlib import Path
@@ -163,6 +164,24 @@ def test_off_when_asked(start_server, exported_repo: Path, block) -> None:
     with pytest.raises(InferenceServerException) as info:
         client.infer("mnist_cnn", [tensor])
     assert info.value.status() == "StatusCode.INVALID_ARGUMENT" and "shared memory is off" in info.value.message()
+
+
+def test_a_shrunk_object_is_refused_not_a_crash(triton_client: triton.InferenceServerClient) -> None:
+    """Reading a mapped page past an object's end is SIGBUS; a region whose object shrank is refused."""
+    path = Path("/dev/shm/coursezoo-test-shrink")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.ftruncate(fd, 8192)
+        triton_client.register_system_shared_memory("shrink", "/" + path.name, 8192)
+        os.ftruncate(fd, 1024)  # this process never maps it, so only the server could touch the lost pages
+        tensor = triton.InferInput("image", [1, 1, 28, 28], "FP32").set_shared_memory("shrink", 3136)
+        with pytest.raises(InferenceServerException) as info:
+            triton_client.infer("mnist_cnn", [tensor])
+        assert info.value.status() == "StatusCode.INVALID_ARGUMENT" and "shrunk" in info.value.message()
+        assert triton_client.is_server_ready()
+    finally:
+        os.close(fd)
+        path.unlink()
 
 
 def test_unregistering_while_a_request_reads_the_region(block) -> None:
