@@ -16,7 +16,6 @@ from __future__ import annotations
 import mmap
 import os
 import re
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,12 +64,11 @@ class Region:
 
 
 class SharedMemoryRegistry:
-    """The regions of one server, by name. Registration happens in RPC handlers on the event loop; the
-    lock keeps it consistent should a handler ever run in a thread."""
+    """The regions of one server, by name. Only RPC handlers use it, all on the server's event loop, so it
+    needs no lock."""
 
     def __init__(self) -> None:
         self._regions: dict[str, Region] = {}
-        self._lock = threading.Lock()
 
     def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
         if not name:
@@ -80,35 +78,30 @@ class SharedMemoryRegistry:
                              "'/input0' (one path component, as shm_open takes it)")
         if byte_size <= 0:
             raise InputError(f"shared memory region {name!r}: byte_size {byte_size}, expected > 0")
-        with self._lock:
-            if name in self._regions:
-                raise RegionExists(f"shared memory region {name!r} is already registered: unregister it first")
-            if len(self._regions) >= MAX_REGIONS:
-                raise TooManyRegions(f"{MAX_REGIONS} shared memory regions are registered: unregister some first")
-            self._regions[name] = Region(name, key, offset, byte_size, *_map(name, key, offset, byte_size))
+        if name in self._regions:
+            raise RegionExists(f"shared memory region {name!r} is already registered: unregister it first")
+        if len(self._regions) >= MAX_REGIONS:
+            raise TooManyRegions(f"{MAX_REGIONS} shared memory regions are registered: unregister some first")
+        self._regions[name] = Region(name, key, offset, byte_size, *_map(name, key, offset, byte_size))
 
     def unregister(self, name: str = "") -> None:
         """Forget region ``name`` ("" = all). Unknown names are not an error (Triton answers OK too). A
         mapping still read by a request in flight is unmapped when that request lets go of it."""
-        with self._lock:
-            names = [name] if name else list(self._regions)
-            released = [self._regions.pop(n) for n in names if n in self._regions]
-        for region in released:
-            region.release()
+        for n in [name] if name else list(self._regions):
+            if (region := self._regions.pop(n, None)) is not None:
+                region.release()
 
     def status(self, name: str = "") -> list[Region]:
         """Region ``name``, or every region when ``name`` is empty."""
-        with self._lock:
-            if not name:
-                return list(self._regions.values())
-            if name not in self._regions:
-                raise RegionNotFound(f"no shared memory region {name!r} is registered")
-            return [self._regions[name]]
+        if not name:
+            return list(self._regions.values())
+        if name not in self._regions:
+            raise RegionNotFound(f"no shared memory region {name!r} is registered")
+        return [self._regions[name]]
 
     def view(self, name: str, offset: int, byte_size: int, tensor: str) -> memoryview:
         """``byte_size`` bytes at ``offset`` in region ``name``, for the input or output ``tensor``."""
-        with self._lock:
-            region = self._regions.get(name)
+        region = self._regions.get(name)
         if region is None:
             raise RegionNotFound(f"{tensor!r} names shared memory region {name!r}, which is not registered: "
                                  "register it with SystemSharedMemoryRegister first")

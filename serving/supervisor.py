@@ -78,12 +78,13 @@ def reserve_port(host: str, port: int) -> socket.socket:
 
 def supervise(settings: ServerSettings) -> int:
     """Run ``settings.workers`` servers on one port until SIGTERM/SIGINT; the exit code of ``coursezoo serve``."""
-    if settings.model_control == "on":
-        raise ConfigError(f"--model-control on needs --workers 1: with {settings.workers} workers a "
-                          "RepositoryModelLoad/Unload would reach only the worker that received it")
-    if settings.shared_memory == "on":
-        raise ConfigError(f"--shared-memory on needs --workers 1: with {settings.workers} workers a region "
-                          "registered through one worker would be unknown to the others")
+    per_process = (("--model-control", settings.model_control, "a RepositoryModelLoad/Unload would reach only the "
+                                                                "worker that received it"),
+                   ("--shared-memory", settings.shared_memory, "a region registered through one worker would be "
+                                                                "unknown to the others"))
+    for flag, mode, why in per_process:
+        if mode == "on":
+            raise ConfigError(f"{flag} on needs --workers 1: with {settings.workers} workers {why}")
     held = reserve_port(settings.host, settings.port)
     port = held.getsockname()[1]
     stop = _StopSignal()
