@@ -11,13 +11,17 @@
 #                                   # /tmp/ortgpu and the wheels to /tmp/benchdeps (once), then runs
 #                                   # `coursezoo bench --device cuda ARGS` (JSON to $OUT/gpu.json when $OUT is set)
 #   bash bench/gpu.sh test [ARGS]   # the same set-up, then pytest tests/serving/test_gpu.py ARGS
+#   bash bench/gpu.sh pack-peer     # here: .bench-peer/ (the Triton peer's packages, nvidia-pytriton and its
+#                                   # dependencies for cp312, unpacked and xz-compressed in parts, ~65 MB)
 #
 # Transfers: the .ortgpu parts are ~45 MB each; bring them over a few at a time into /tmp/parts (or
 # .ortgpu/) and `run` finds them. .bench-tools/ may come with an earlier part, copied to /tmp/benchtools;
 # set-up keeps everything under /tmp (ortgpu, benchdeps, benchtools, benchdata), so later calls on the same
 # machine need none of it carried again. onnxruntime.preload_dlls() (called by serving/runtime.py and by the
-# in-process CUDA baselines) loads cuBLAS/cuDNN from the host's nvidia wheels. The Triton peer needs its
-# own 3.12 venv (bench/peer-venv.sh) and is skipped with a note where that is missing.
+# in-process CUDA baselines) loads cuBLAS/cuDNN from the host's nvidia wheels. The Triton peer comes as
+# .bench-peer/ parts (gathered in /tmp/peerparts like the others); set-up unpacks them to /tmp/peerdeps and
+# points COURSEZOO_BENCH_PEER_PYTHON at a wrapper of the host's python3 with them (and onnxruntime-gpu) on
+# its path. Without them the peer is skipped with a note.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -65,6 +69,43 @@ SH
     du -sh .ortgpu .bench-wheels .bench-data .bench-tools 2>/dev/null
 }
 
+pack_peer() {
+    # the same packages bench/peer-venv.sh installs, minus onnxruntime (the GPU host gets onnxruntime-gpu):
+    # wheels unzipped (an unzipped wheel imports from PYTHONPATH) and xz-compressed, 65 MB instead of 98
+    local pin tmp
+    pin=$(grep -oP 'nvidia-pytriton==[0-9.]+' bench/peer-venv.sh)
+    tmp=$(mktemp -d)
+    "$root/.venv/bin/python" -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_35_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$tmp/wheels" "$pin"
+    mkdir "$tmp/tree"
+    for wheel in "$tmp"/wheels/*.whl; do unzip -q -o "$wheel" -d "$tmp/tree"; done
+    grep -qx '/.bench-peer/' .git/info/exclude 2>/dev/null || echo '/.bench-peer/' >> .git/info/exclude
+    rm -rf .bench-peer && mkdir .bench-peer
+    tar -C "$tmp/tree" -cf - . | xz -T0 -9 | split -b 45M -d - .bench-peer/part-
+    rm -rf "$tmp"
+    du -sh .bench-peer/part-*
+}
+
+setup_peer() {
+    mkdir -p /tmp/peerparts
+    if [ -d .bench-peer ]; then cp -n .bench-peer/part-* /tmp/peerparts/ 2>/dev/null || true; fi
+    if [ ! -d /tmp/peerdeps/pytriton ] && compgen -G '/tmp/peerparts/part-*' >/dev/null; then
+        mkdir -p /tmp/peerdeps
+        cat /tmp/peerparts/part-* | xz -T0 -dc | tar -C /tmp/peerdeps -xf -
+    fi
+    [ -d /tmp/peerdeps/pytriton ] || return 0
+    local python
+    python=$(command -v "$PY")
+    mkdir -p /tmp/peerpython/bin
+    cat > /tmp/peerpython/bin/python <<SH
+#!/bin/sh
+PYTHONPATH=/tmp/peerdeps:/tmp/ortgpu exec $python "\$@"
+SH
+    chmod +x /tmp/peerpython/bin/python
+    export COURSEZOO_BENCH_PEER_PYTHON=${COURSEZOO_BENCH_PEER_PYTHON:-/tmp/peerpython/bin/python}
+}
+
 setup() {
     if ! PYTHONPATH=/tmp/ortgpu "$PY" -c "import onnxruntime as o, sys; \
             sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" 2>/dev/null; then
@@ -84,6 +125,7 @@ setup() {
     # kept in /tmp like the rest: on the lent machine a carried folder is gone by the next call
     if [ -d .bench-data ]; then mkdir -p /tmp/benchdata && cp -r .bench-data/. /tmp/benchdata/; fi
     if [ -d /tmp/benchdata ]; then export COURSEZOO_DATA_MIRROR=${COURSEZOO_DATA_MIRROR:-/tmp/benchdata}; fi
+    setup_peer
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
     "$PY" -c "import onnxruntime as o; o.preload_dlls(); print('onnxruntime', o.__version__, o.get_available_providers())"
 }
@@ -97,7 +139,8 @@ run() {
 
 case "${1:-}" in
     pack) pack ;;
+    pack-peer) pack_peer ;;
     run) shift; run "$@" ;;
     test) shift; setup; exec "$PY" -m pytest -p no:cacheprovider tests/serving/test_gpu.py "$@" ;;
-    *) sed -n '2,19p' "$0"; exit 2 ;;
+    *) sed -n '2,25p' "$0"; exit 2 ;;
 esac

@@ -80,6 +80,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", nargs="+", type=at_least(1), default=list(inprocess.BATCH_SIZES), metavar="N",
                    help="batch sizes of the in-process baselines (default: %(default)s); on a GPU add larger ones "
                         "to find the best batch size")
+    p.add_argument("--concurrency", nargs="+", type=at_least(1), metavar="N",
+                   help=f"concurrencies of the tritonclient sweep of the oip and peer groups (default: "
+                        f"{' '.join(map(str, FULL.oip_concurrency))}; with --quick "
+                        f"{' '.join(map(str, QUICK.oip_concurrency))}); fewer keep a device run short")
     p.add_argument("--workers", type=at_least(2), default=server_load.DEFAULT_WORKERS, metavar="N",
                    help="server processes of the 'workers' case (default: %(default)s, for 2 cores; more on a "
                         "many-core host)")
@@ -260,6 +264,12 @@ class Run:
                       *_in_turn(v["inline-off"], f"classify-png/{m}/b1/c{c}")),
                 Ratio("ModelInfer raw b1024: short runs inline vs every run in a thread",
                       *_in_turn(v["inline-off"], f"modelinfer-raw/{m}/b{server_load.RAW_BATCH}/c1")),
+                Ratio(f"{c} clients h2load ModelInfer: every short run inline vs the default",
+                      *_in_turn_reversed(v["inline-all"], f"h2load/modelinfer-raw/{m}/c{c}")),
+                Ratio(f"{c} clients ModelInfer raw 1 image (grpc.aio client): every short run inline vs the default",
+                      *_in_turn_reversed(v["inline-all"], f"modelinfer-raw/{m}/b1/c{c}")),
+                Ratio(f"{c} clients ClassifyDigits 1 PNG: every short run inline vs the default",
+                      *_in_turn_reversed(v["inline-all"], f"classify-png/{m}/b1/c{c}")),
                 Ratio(f"ClassifyDigits PNG batches of {server_load.PNG_BATCH}: decoding processes vs in-process",
                       *_in_turn(v["decode-in-process"],
                                 f"classify-png/{m}/b{server_load.PNG_BATCH}/c{server_load.IN_FLIGHT}")),
@@ -347,6 +357,8 @@ def _server_defaults() -> dict[str, Any]:
 def main(args: argparse.Namespace) -> int:
     started = datetime.now(UTC)
     plan = QUICK if args.quick else FULL
+    if args.concurrency:
+        plan = dataclasses.replace(plan, oip_concurrency=tuple(sorted(set(args.concurrency))))
     cases = set(args.cases or (QUICK_CASES if args.quick else CASES))
     names = args.models or list(exports.QUICK_MODELS if args.quick else exports.FULL_MODELS)
     selected, missing = exports.select(args.repo, names)

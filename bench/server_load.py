@@ -58,6 +58,10 @@ def variants(workers: int = DEFAULT_WORKERS) -> dict[str, Variant]:
         "batching-off": Variant("server-off", "batching off (--max-batch-size 1)", ("--max-batch-size", "1")),
         "inline-off": Variant("server-thread", "every model run in a worker thread (--inline-run-ms 0)",
                               ("--inline-run-ms", "0")),
+        # Every run under 100 ms on the event loop: whether the default's thread timing keeps short runs in
+        # a worker thread (that wall time includes waiting for the busy loop to hand back the GIL).
+        "inline-all": Variant("server-inline", "every model run under 100 ms on the event loop (--inline-run-ms 100)",
+                              ("--inline-run-ms", "100")),
         "decode-in-process": Variant("server-nopool", "images decoded in the server process (--decode-processes 0)",
                                      ("--decode-processes", "0")),
         "workers": Variant(f"server-workers{workers}", f"{workers} server processes sharing the port "
@@ -107,14 +111,16 @@ def shared_memory_batches(digits: Export, timing: dict[str, float]) -> dict[str,
 def variant_cases(name: str, variant: Variant, digits: Export, timing: dict[str, float],
                   h2load: bool = False) -> list[dict[str, Any]]:
     """The rows variant ``name`` changes, measured on ``variant`` (it, or its baseline): batching the
-    many-clients rows, inline runs the single-image and raw ones, the decoding pool the PNG batches, worker
-    processes the many-clients rows (from h2load too, when ``h2load``: the client that leaves the server the
-    cores)."""
+    many-clients rows, inline runs the single-image and raw ones (and, for ``inline-all``, the many-clients
+    ones), the decoding pool the PNG batches, worker processes the many-clients rows (the ``workers`` and
+    ``inline-all`` rows from h2load too, when ``h2load``: the client that leaves the server the cores)."""
     if name == "decode-in-process":
         return [png_batches(digits, timing, variant)]
+    many = h2load_cases(digits, "coursezoo", timing, (CLIENTS,), variant) if h2load else []
     if name == "workers":
-        return concurrent(digits, timing, variant) + (h2load_cases(digits, "coursezoo", timing, (CLIENTS,), variant)
-                                                      if h2load else [])
+        return concurrent(digits, timing, variant) + many
+    if name == "inline-all":
+        return [unary(digits, timing, variant), *concurrent(digits, timing, variant), *many]
     rows = [unary(digits, timing, variant), *concurrent(digits, timing, variant)]
     return rows + [raw_batches(digits, timing, variant)] if name == "inline-off" else rows
 
