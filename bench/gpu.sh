@@ -19,9 +19,9 @@
 # set-up keeps everything under /tmp (ortgpu, benchdeps, benchtools, benchdata), so later calls on the same
 # machine need none of it carried again. onnxruntime.preload_dlls() (called by serving/runtime.py and by the
 # in-process CUDA baselines) loads cuBLAS/cuDNN from the host's nvidia wheels. The Triton peer comes as
-# .bench-peer/ parts (gathered in /tmp/peerparts like the others); set-up unpacks them to /tmp/peerdeps and
-# points COURSEZOO_BENCH_PEER_PYTHON at a wrapper of the host's python3 with them (and onnxruntime-gpu) on
-# its path. Without them the peer is skipped with a note.
+# .bench-peer/ parts (gathered in /tmp/peerparts like the others); set-up unpacks them into a venv of the
+# host's python3 at /tmp/peervenv and points COURSEZOO_BENCH_PEER_PYTHON at it. Without them the peer is
+# skipped with a note.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -88,22 +88,21 @@ pack_peer() {
 }
 
 setup_peer() {
+    # a venv of the host's python3 (its nvidia wheels stay visible) with the peer's packages in its
+    # site-packages: PyTriton finds Triton's libraries beside itself there, and Triton's Python backend stub
+    # imports from there; a .pth puts onnxruntime-gpu ahead of the host's CPU build
     mkdir -p /tmp/peerparts
     if [ -d .bench-peer ]; then cp -n .bench-peer/part-* /tmp/peerparts/ 2>/dev/null || true; fi
-    if [ ! -d /tmp/peerdeps/pytriton ] && compgen -G '/tmp/peerparts/part-*' >/dev/null; then
-        mkdir -p /tmp/peerdeps
-        cat /tmp/peerparts/part-* | xz -T0 -dc | tar -C /tmp/peerdeps -xf -
+    if [ ! -x /tmp/peervenv/bin/python ] && compgen -G '/tmp/peerparts/part-*' >/dev/null; then
+        local site
+        "$PY" -m venv --without-pip --system-site-packages /tmp/peervenv
+        site=$(/tmp/peervenv/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+        cat /tmp/peerparts/part-* | xz -T0 -dc | tar -C "$site" -xf -
+        echo /tmp/ortgpu > "$site/onnxruntime-gpu.pth"
     fi
-    [ -d /tmp/peerdeps/pytriton ] || return 0
-    local python
-    python=$(command -v "$PY")
-    mkdir -p /tmp/peerpython/bin
-    cat > /tmp/peerpython/bin/python <<SH
-#!/bin/sh
-PYTHONPATH=/tmp/peerdeps:/tmp/ortgpu exec $python "\$@"
-SH
-    chmod +x /tmp/peerpython/bin/python
-    export COURSEZOO_BENCH_PEER_PYTHON=${COURSEZOO_BENCH_PEER_PYTHON:-/tmp/peerpython/bin/python}
+    if [ -x /tmp/peervenv/bin/python ]; then
+        export COURSEZOO_BENCH_PEER_PYTHON=${COURSEZOO_BENCH_PEER_PYTHON:-/tmp/peervenv/bin/python}
+    fi
 }
 
 setup() {
