@@ -98,7 +98,9 @@ setup_peer() {
         "$PY" -m venv --without-pip --system-site-packages /tmp/peervenv
         site=$(/tmp/peervenv/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
         cat /tmp/peerparts/part-* | xz -T0 -dc | tar -C "$site" -xf -
-        echo /tmp/ortgpu > "$site/onnxruntime-gpu.pth"
+        # a venv made from a venv sees the base install's packages, not that venv's: name them too
+        printf '%s\n' /tmp/ortgpu "$("$PY" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" \
+            > "$site/gpu-host.pth"
     fi
     if [ -x /tmp/peervenv/bin/python ]; then
         export COURSEZOO_BENCH_PEER_PYTHON=${COURSEZOO_BENCH_PEER_PYTHON:-/tmp/peervenv/bin/python}

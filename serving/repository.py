@@ -23,7 +23,7 @@ import numpy as np
 
 from serving.batching import BatcherClosed, BatchObserver, DynamicBatcher
 from serving.card import CARD_FILE, ONNX_FILE, CardError, ModelCard, preference
-from serving.runtime import OnnxModel, ProviderError
+from serving.runtime import CPU, OnnxModel, ProviderError
 
 log = logging.getLogger("coursezoo.repository")
 
@@ -303,7 +303,8 @@ class ModelRepository:
         batcher = DynamicBatcher(
             session.run, max_batch_size=settings.max_batch_size, max_delay_ms=settings.max_queue_delay_ms,
             max_queue_items=settings.max_queue_items, name=name, observer=self._metrics,
-            inline_budget_ms=settings.inline_run_ms, chunk_size=settings.max_items_per_request,
+            inline_budget_ms=settings.inline_run_ms, inline_batches=session.provider == CPU,
+            chunk_size=settings.max_items_per_request,
         )
         versions[version] = _Version(fingerprint, ServedModel(card, session, batcher, settings), READY)
         if self._metrics is not None:

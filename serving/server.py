@@ -87,7 +87,8 @@ class ServerSettings:
     poll_interval_s: float = _option(5.0, "how often the repository looks for new versions; 0 = never")
     intra_op_threads: int = _option(0, "ONNX Runtime threads per session; 0 = its default")
     inline_run_ms: float = _option(1.0, "model runs measured to take less than this execute on the event loop, "
-                                   "saving a thread hop; 0 = every run in a worker thread")
+                                   "saving a thread hop (on a GPU, only a lone request's run; batches formed "
+                                   "under load run in a thread); 0 = every run in a worker thread")
     grace_s: float = _option(10.0, "on SIGTERM/SIGINT, how long in-flight RPCs may take to finish")
     tls_cert: str = _option("", "PEM certificate (chain) the port presents; with --tls-key the port speaks TLS only")
     tls_key: str = _option("", "PEM private key of --tls-cert")

@@ -337,6 +337,28 @@ def test_fast_runs_move_onto_the_event_loop_once_measured(delay_ms: float) -> No
     assert [size for _, size, _ in recorder.calls] == [1, 1, 1, 40, 40]  # every run is in the metrics
 
 
+@pytest.mark.parametrize("inline_batches", [True, False])
+def test_inline_batches_decides_where_a_measured_worker_batch_runs(inline_batches: bool) -> None:
+    """A GPU session's batcher (``inline_batches=False``) keeps the worker's batches in threads even when
+    measured fast; a lone request on an idle model still runs on the loop either way."""
+    model = ThreadRecorder(seconds=0.05)  # well within the 1 s budget: every size counts as fast
+
+    async def main() -> int:
+        batcher = DynamicBatcher(model, max_batch_size=64, max_delay_ms=0, max_queue_items=1000,
+                                 inline_budget_ms=1000, inline_batches=inline_batches)
+        for request in (x(1), x(1), x(*range(5))):  # sizes 1 and 5 measured; 1 then runs inline
+            await batcher.submit(request)
+        # a new size (3) runs in a thread; five singles arrive meanwhile and run next as one batch of 5
+        first = asyncio.create_task(batcher.submit(x(0, 1, 2)))
+        await asyncio.sleep(0.01)
+        await asyncio.gather(first, *(batcher.submit(x(i)) for i in range(5)))
+        return threading.get_ident()
+
+    loop_thread = run(main())
+    assert [(size, thread == loop_thread) for size, thread in model.threads] == [
+        (1, False), (1, True), (5, False), (3, False), (5, inline_batches)]
+
+
 def test_slow_runs_and_a_zero_budget_stay_in_worker_threads() -> None:
     for model, budget in ((ThreadRecorder(seconds=0.02), 5.0), (ThreadRecorder(), 0.0)):
         async def main(model: ThreadRecorder = model, budget: float = budget) -> int:
