@@ -71,7 +71,7 @@ SH
 
 pack_peer() {
     # the same packages bench/peer-venv.sh installs, minus onnxruntime (the GPU host gets onnxruntime-gpu):
-    # wheels unzipped (an unzipped wheel imports from PYTHONPATH) and xz-compressed, 65 MB instead of 98
+    # wheels unzipped (what pip's install would put in site-packages) and xz-compressed, 65 MB instead of 98
     local pin tmp
     pin=$(grep -oP 'nvidia-pytriton==[0-9.]+' bench/peer-venv.sh)
     tmp=$(mktemp -d)

@@ -58,8 +58,8 @@ def variants(workers: int = DEFAULT_WORKERS) -> dict[str, Variant]:
         "batching-off": Variant("server-off", "batching off (--max-batch-size 1)", ("--max-batch-size", "1")),
         "inline-off": Variant("server-thread", "every model run in a worker thread (--inline-run-ms 0)",
                               ("--inline-run-ms", "0")),
-        # Every run under 100 ms on the event loop: whether the default's thread timing keeps short runs in
-        # a worker thread (that wall time includes waiting for the busy loop to hand back the GIL).
+        # Every run under 100 ms on the event loop (on a GPU: every lone request's): asks whether runs the
+        # default times in a thread, GIL wait included, are kept off the loop for nothing (docs/performance.md).
         "inline-all": Variant("server-inline", "every model run under 100 ms on the event loop (--inline-run-ms 100)",
                               ("--inline-run-ms", "100")),
         "decode-in-process": Variant("server-nopool", "images decoded in the server process (--decode-processes 0)",
