@@ -27,6 +27,15 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 PY=${PYTHON:-python3}
 
+download_cp312() {
+    # wheels for the GPU host's CPython 3.12 (Ubuntu 24.04, glibc 2.39; nvidia-pytriton's are manylinux_2_35)
+    local dest=$1
+    shift
+    "$root/.venv/bin/python" -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_35_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$dest" "$@"
+}
+
 pack() {
     bash "$root/../shared/tools/ort-gpu-parts.sh"
     grep -qx '/.bench-wheels/' .git/info/exclude 2>/dev/null || echo '/.bench-wheels/' >> .git/info/exclude
@@ -40,9 +49,7 @@ deps += [d for d in p["optional-dependencies"]["test"] if d.startswith("tritoncl
 print("\n".join(deps))
 PY
 )
-    "$root/.venv/bin/python" -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        --platform manylinux1_x86_64 -d .bench-wheels "${pins[@]}"
+    download_cp312 .bench-wheels "${pins[@]}"
     rm -f .bench-wheels/numpy-*.whl
     # the test splits only: the GPU host has no data mirror, and nothing there trains
     local mirror=${COURSEZOO_DATA_MIRROR:-$root/../shared/data}
@@ -75,9 +82,7 @@ pack_peer() {
     local pin tmp
     pin=$(grep -oP 'nvidia-pytriton==[0-9.]+' bench/peer-venv.sh)
     tmp=$(mktemp -d)
-    "$root/.venv/bin/python" -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux_2_35_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-        --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$tmp/wheels" "$pin"
+    download_cp312 "$tmp/wheels" "$pin"
     mkdir "$tmp/tree"
     for wheel in "$tmp"/wheels/*.whl; do unzip -q -o "$wheel" -d "$tmp/tree"; done
     grep -qx '/.bench-peer/' .git/info/exclude 2>/dev/null || echo '/.bench-peer/' >> .git/info/exclude

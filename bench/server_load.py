@@ -116,13 +116,13 @@ def variant_cases(name: str, variant: Variant, digits: Export, timing: dict[str,
     ``inline-all`` rows from h2load too, when ``h2load``: the client that leaves the server the cores)."""
     if name == "decode-in-process":
         return [png_batches(digits, timing, variant)]
-    many = h2load_cases(digits, "coursezoo", timing, (CLIENTS,), variant) if h2load else []
-    if name == "workers":
-        return concurrent(digits, timing, variant) + many
-    if name == "inline-all":
-        return [unary(digits, timing, variant), *concurrent(digits, timing, variant), *many]
-    rows = [unary(digits, timing, variant), *concurrent(digits, timing, variant)]
-    return rows + [raw_batches(digits, timing, variant)] if name == "inline-off" else rows
+    rows = [] if name == "workers" else [unary(digits, timing, variant)]
+    rows += concurrent(digits, timing, variant)
+    if name in ("workers", "inline-all") and h2load:
+        rows += h2load_cases(digits, "coursezoo", timing, (CLIENTS,), variant)
+    if name == "inline-off":
+        rows.append(raw_batches(digits, timing, variant))
+    return rows
 
 
 def domain_cases(exports: dict[str, Export], timing: dict[str, float]) -> list[dict[str, Any]]:
