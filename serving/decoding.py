@@ -1,7 +1,7 @@
 """Where the server decodes request images: on the event loop, in a thread, or in a pool of processes.
 
-Decoding a digit is Pillow plus a few numpy calls, ~50 µs per image of mostly Python work that holds the
-GIL. One image decodes faster than a hand-over to any other thread, so it stays on the event loop. A
+Decoding a digit is Pillow plus a few numpy calls, ~30-40 µs per image of mostly Python work that holds
+the GIL. One image decodes faster than a hand-over to any other thread, so it stays on the event loop. A
 batch decoded in a thread competes with the event loop (gRPC, batching, replies) for that one GIL; in
 worker processes a request's images decode on every core at once while the server process keeps
 serving: on 2 cores, batches of 256 PNGs went from ~8,500 to ~18,000 images/s (docs/performance.md).

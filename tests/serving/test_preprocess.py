@@ -322,6 +322,17 @@ def test_decode_digits_equals_decode_digit_per_image_and_reports_failures_by_pos
     np.testing.assert_array_equal(digits, np.stack([decode_digit(f, PREP) for f in good]))
 
 
+def test_decode_digits_decides_polarity_per_image_within_one_batch(mnist: np.ndarray) -> None:
+    """Images of the model's size get polarity in whole-batch numpy calls: each image's own border and grey
+    range decide it, whatever its neighbours are; a blank one fails alone, at its own position."""
+    flipped = np.random.default_rng(7).random(len(mnist)) < 0.5
+    files = [encode(255 - a if f else a) for a, f in zip(mnist, flipped, strict=True)]
+    files.insert(5, encode(np.full((28, 28), 200, np.uint8)))
+    digits, errors = preprocess.decode_digits(files, PREP)
+    assert list(errors) == [5] and "no digit found: grey levels only span 200..200" in str(errors[5])
+    np.testing.assert_array_equal(digits[:, 0], training_normalization(mnist))
+
+
 def test_decode_digits_keeps_the_error_type_of_an_image_over_the_limit(pixel_limit: Callable[[int], None]) -> None:
     pixel_limit(100 * 100)
     digits, errors = preprocess.decode_digits([encode(np.zeros((200, 200), np.uint8))], PREP)
