@@ -35,7 +35,9 @@ class PreparedBatch:
     """
 
     outcomes: list[Failure | None]
-    inputs: Any  # the ready items' inputs, collated for one model call (None when no item is ready)
+    # the ready items' inputs, collated for one model call, or the model's output for them when the worker
+    # ran it (``Preparer.model``); None when no item is ready
+    inputs: Any
 
     @property
     def ready(self) -> int:
@@ -49,6 +51,9 @@ class Preparer:
     kind: str
     preprocessing: dict[str, Any] | None = None  # a model card's; None: leave it to the server
     max_image_pixels: int = preprocess.DEFAULT_MAX_IMAGE_PIXELS
+    # run on the collated inputs in the worker too (the local engine's CPU model, which keeps the tensors
+    # from crossing the process boundary); None: the engine runs the model
+    model: Callable[[Any], Any] | None = None
 
     def __call__(self, items: list[Item]) -> PreparedBatch:
         if self.kind == "digits":  # a process-wide Pillow setting: set where the decoding happens
@@ -59,7 +64,10 @@ class Preparer:
             values = [item.failure or prepare(item) for item in items]
         outcomes: list[Failure | None] = [v if isinstance(v, Failure) else None for v in values]
         inputs = [v for v in values if not isinstance(v, Failure)]
-        return PreparedBatch(outcomes, self._collate(inputs) if inputs else None)
+        if not inputs:
+            return PreparedBatch(outcomes, None)
+        collated = self._collate(inputs)
+        return PreparedBatch(outcomes, self.model(collated) if self.model else collated)
 
     def _collate(self, inputs: list[Any]) -> Any:
         """Tensors are stacked into one array, which crosses the process boundary as a single buffer."""

@@ -45,6 +45,18 @@ def test_digits_folder_accurate_and_every_file_once(batch: Batch, digits_dir: Pa
     assert "classified    200" in run.out and "image too large  1" in run.out
 
 
+def test_workers_that_run_the_model_answer_as_this_process_does(batch: Batch, digits_dir: Path,
+                                                                best_digits_repo: Path, tmp_path: Path) -> None:
+    """On the CPU the decoding workers run the model too; every row, error rows included, is what the
+    in-process run (--workers 0) writes."""
+    args = (digits_dir, "--recursive", "--repo", best_digits_repo, "--top-k", "2", "--batch-size", "32")
+    in_workers = batch(*args, "--workers", "2", out=tmp_path / "workers.csv")
+    in_process = batch(*args, "--workers", "0", out=tmp_path / "process.csv")
+    assert "CPUExecutionProvider in 2 worker processes" in in_workers.out
+    assert "worker processes" not in in_process.out
+    assert in_workers.rows == in_process.rows and len(in_workers.rows) == 200 + len(BROKEN_DIGITS)
+
+
 def test_kind_inferred_model_named_and_jsonl(batch: Batch, digits_dir: Path, best_digits_repo: Path,
                                              tmp_path: Path) -> None:
     """Without --recursive only the top-level files count; --kind is needed there, as they mix text and images."""
