@@ -8,7 +8,7 @@ On the CPU, digits go further in the workers: each runs the model itself, one ON
 worker, right after decoding a batch (``WorkerModel``). The model's output (10 floats an image) then
 crosses the process boundary instead of the tensor (784), and this process, which also reads the file
 list and writes every row, is no longer the bottleneck. Measured on 2 cores, 20,000 MNIST PNGs:
-17,500 -> 24,000 images/s (docs/performance.md). On a GPU this process keeps the one CUDA session.
+17,500 -> 20,400 images/s (docs/performance.md). On a GPU this process keeps the one CUDA session.
 """
 
 from __future__ import annotations
