@@ -131,6 +131,8 @@ _FORMATS_TEXT = "a PNG, JPEG, BMP, GIF, TIFF or WebP file"
 #: the limit needs ~72 MB; a server decodes many images at once).
 DEFAULT_MAX_IMAGE_PIXELS = 24_000_000
 
+#: From this many images of the model's size in one batch, their polarity is decided in whole-batch numpy calls.
+STACK_MIN_IMAGES = 16
 #: Below this spread of grey levels (of 255) an image has no digit to find.
 MIN_CONTRAST = 32
 #: Pixels brighter than background + this fraction of the ink's range count for the ink's bounding box.
@@ -176,9 +178,9 @@ def decode_digits(images: Sequence[bytes], prep: Mapping[str, Any]) -> tuple[np.
     """Image files -> float32 [k, 1, height, width] for the k that decode (in input order), and the error
     of each one that does not, by its position in ``images``.
 
-    ``decode_digit`` for many images at once, with bit-identical results. Images of the model's own size
-    (every MNIST-like file) get their polarity and normalization in whole-batch numpy calls: per image,
-    numpy's call overhead is most of the cost of those steps on a 28x28 image.
+    ``decode_digit`` for many images at once, with bit-identical results; the normalization runs once over
+    the whole batch, and so does the polarity step when ``STACK_MIN_IMAGES`` or more images are of the
+    model's size (per image, numpy's call overhead is most of the cost of those steps on a 28x28 image).
     """
     height, width = int(prep["height"]), int(prep["width"])
     digits = np.empty((len(images), 1, height, width), dtype=np.float32)
@@ -190,13 +192,19 @@ def decode_digits(images: Sequence[bytes], prep: Mapping[str, Any]) -> tuple[np.
             if gray.shape == (height, width):
                 placed[i] = gray
             else:
-                digits[i, 0] = _place(*_single_light_on_dark(gray), height, width, int(prep["fit_box"]))
+                digits[i, 0] = _place(*_light_on_dark(gray), height, width, int(prep["fit_box"]))
         except InputError as e:
             errors[i] = e
-    if placed:
-        light, _, refused = _light_on_dark(np.stack(list(placed.values())))
-        digits[list(placed)] = light[:, None]
+    if len(placed) >= STACK_MIN_IMAGES:
+        light, refused = _light_on_dark_stack(np.stack(list(placed.values())))
+        digits[list(placed), 0] = light
         errors |= {i: refused[j] for j, i in enumerate(placed) if j in refused}
+    else:
+        for i, gray in placed.items():
+            try:
+                digits[i, 0] = _light_on_dark(gray)[0]
+            except InputError as e:
+                errors[i] = e
     if errors:
         digits = digits[[i for i in range(len(images)) if i not in errors]]
     return _normalize(digits, prep), errors
@@ -310,34 +318,43 @@ def _flatten_alpha(la: np.ndarray) -> np.ndarray:
     return np.rint(luma * alpha + background * (1 - alpha)).astype(np.uint8)
 
 
-def _light_on_dark(grays: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[int, InputError]]:
-    """uint8 [n, h, w] -> each image as a light digit on a dark background, each background's grey level,
-    and the error of each image without a digit (by position; its row is left as it was).
+def _background(gray: np.ndarray) -> float:
+    """The (upper) median grey level of the border: np.partition, as np.median costs more than the decode."""
+    border = np.concatenate((gray[0], gray[-1], gray[1:-1, 0], gray[1:-1, -1]))
+    middle = border.size // 2
+    return float(np.partition(border, middle)[middle])
 
-    The background is the (upper) median of the border, a digit rarely filling the edges (np.partition:
-    np.median costs more than the decode). An image is inverted when its background is nearer its
-    brightest pixel than its darkest, i.e. dark ink on light paper.
+
+def _light_on_dark(gray: np.ndarray) -> tuple[np.ndarray, float]:
+    """Return the image as a light digit on a dark background, and that background's grey level.
+
+    The background is the median of the border (a digit rarely fills the edges); the image is inverted
+    when that background is nearer the brightest pixel than the darkest, i.e. dark ink on light paper.
     """
+    lo, hi = int(gray.min()), int(gray.max())
+    if hi - lo < MIN_CONTRAST:
+        raise InputError(_no_digit(lo, hi))
+    background = _background(gray)
+    if background - lo > hi - background:
+        return 255 - gray, 255 - background
+    return gray, background
+
+
+def _light_on_dark_stack(grays: np.ndarray) -> tuple[np.ndarray, dict[int, InputError]]:
+    """``_light_on_dark`` of a stack of same-size images [n, h, w] in whole-stack numpy calls: the images
+    (an image without a digit is left as it was) and each such image's error by its position. A few
+    calls for the stack cost ~45 µs, the per-image step ~6 µs an image: see ``STACK_MIN_IMAGES``."""
     lo, hi = grays.min(axis=(1, 2)), grays.max(axis=(1, 2))
     border = np.concatenate((grays[:, 0], grays[:, -1], grays[:, 1:-1, 0], grays[:, 1:-1, -1]), axis=1)
     middle = border.shape[1] // 2
     background = np.partition(border, middle, axis=1)[:, middle].astype(np.float64)
-    invert = background - lo > hi - background
-    light = np.where(invert[:, None, None], 255 - grays, grays)
-    errors = {
-        int(j): InputError(f"no digit found: grey levels only span {lo[j]}..{hi[j]}; expected a digit that "
-                           "stands out from its background")
-        for j in np.flatnonzero(hi.astype(np.int16) - lo < MIN_CONTRAST)
-    }
-    return light, np.where(invert, 255 - background, background), errors
+    light = np.where((background - lo > hi - background)[:, None, None], 255 - grays, grays)
+    blank = np.flatnonzero(hi.astype(np.int16) - lo < MIN_CONTRAST)
+    return light, {int(j): InputError(_no_digit(int(lo[j]), int(hi[j]))) for j in blank}
 
 
-def _single_light_on_dark(gray: np.ndarray) -> tuple[np.ndarray, float]:
-    """``_light_on_dark`` of one image of any size: (the light-on-dark image, its background), or InputError."""
-    light, background, errors = _light_on_dark(gray[None])
-    if errors:
-        raise errors[0]
-    return light[0], float(background[0])
+def _no_digit(lo: int, hi: int) -> str:
+    return f"no digit found: grey levels only span {lo}..{hi}; expected a digit that stands out from its background"
 
 
 def _place(gray: np.ndarray, background: float, height: int, width: int, fit_box: int) -> np.ndarray:

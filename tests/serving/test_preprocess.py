@@ -309,17 +309,21 @@ def test_hello_round_trip_cuts_each_text_to_its_length() -> None:
 
 # --- many images at once ----------------------------------------------------------------------------------
 
-def test_decode_digits_equals_decode_digit_per_image_and_reports_failures_by_position(mnist: np.ndarray) -> None:
+@pytest.mark.parametrize("copies", [1, 4])  # 4 copies: enough images of the model's size for the stacked step
+def test_decode_digits_equals_decode_digit_per_image_and_reports_failures_by_position(mnist: np.ndarray,
+                                                                                      copies: int) -> None:
     """The batch form gives the same bits as one image at a time, for placed and unplaced images alike, and
     a bad image costs only its own place (the others keep their order)."""
     good = [encode(mnist[0]), encode(255 - mnist[1]), encode(pad(mnist[2:3])[0]), encode(mnist[3], "JPEG")]
-    files = [good[0], b"", good[1], encode(np.full((28, 28), 9, np.uint8)), good[2], b"junk", good[3]]
+    files = [good[0], b"", good[1], encode(np.full((28, 28), 9, np.uint8)), good[2], b"junk", good[3]] * copies
+    assert (copies * 4 >= preprocess.STACK_MIN_IMAGES) == (copies > 1)
     digits, errors = preprocess.decode_digits(files, PREP)
-    assert sorted(errors) == [1, 3, 5]
-    assert "empty image" in str(errors[1]) and "no digit found" in str(errors[3])
-    assert "not a recognised" in str(errors[5])
-    assert digits.shape == (4, 1, 28, 28) and digits.dtype == np.float32
-    np.testing.assert_array_equal(digits, np.stack([decode_digit(f, PREP) for f in good]))
+    assert sorted(errors) == [k * 7 + i for k in range(copies) for i in (1, 3, 5)]
+    assert "empty image" in str(errors[1]) and "not a recognised" in str(errors[5])
+    assert str(errors[3]) == str(errors[7 * copies - 4]) == "no digit found: grey levels only span 9..9; expected " \
+        "a digit that stands out from its background"
+    assert digits.shape == (4 * copies, 1, 28, 28) and digits.dtype == np.float32
+    np.testing.assert_array_equal(digits, np.stack([decode_digit(f, PREP) for f in good * copies]))
 
 
 def test_decode_digits_decides_polarity_per_image_within_one_batch(mnist: np.ndarray) -> None:
