@@ -14,9 +14,13 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from serving.batch.engines import EngineError
+from serving.batch.engines.local import LocalEngine
 from serving.batch.output import BASE_COLUMNS, partial_path
+from serving.preprocess import DEFAULT_MAX_IMAGE_PIXELS
 from tests.batch.conftest import BROKEN_DIGITS, Run, digit_label, read_rows
 from tests.conftest import EXPORTED, REPO_ROOT
 
@@ -195,3 +199,23 @@ def test_runs_without_pyarrow_and_says_what_a_uri_needs(names_rows: list[tuple[s
     uri = batch("s3://bucket/names.txt", out=tmp_path / "uri.csv")
     assert uri.returncode == 1 and "needs pyarrow" in uri.stderr, uri.stderr
     assert "Traceback" not in uri.stderr
+
+
+def test_workers_check_the_model_file_they_load(tmp_path: Path) -> None:
+    """A worker loads the model itself, so it checks the file against the card as the main process did: a
+    file replaced after the run started stops the run with an error instead of answering from another model."""
+    for folder in ("good", "replaced"):
+        shutil.copytree(EXPORTED / "mnist_cnn" / "1", tmp_path / folder / "mnist_cnn" / "1")
+    digits = np.random.default_rng(0).normal(size=(3, 1, 28, 28)).astype(np.float32)
+    for folder in ("good", "replaced"):
+        engine = LocalEngine.open(tmp_path / folder, "mnist_cnn", None, device="cpu", top_k=0,
+                                  max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS, decode_workers=2)
+        worker_model = engine.preparer.model
+        assert worker_model is not None
+        if folder == "good":
+            np.testing.assert_allclose(worker_model(digits), engine.model.run({"image": digits})["logits"],
+                                       rtol=1e-5, atol=1e-5)
+        else:
+            shutil.copy(EXPORTED / "mnist_softmax" / "1" / "model.onnx", tmp_path / folder / "mnist_cnn" / "1")
+            with pytest.raises(EngineError, match="does not match the card"):
+                worker_model(digits)

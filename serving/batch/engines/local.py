@@ -42,8 +42,7 @@ class LocalEngine:
         """``decode_workers``: the processes that prepare digits batches (0: none), which on the CPU also run
         the model, with ``threads`` (default 1) each."""
         try:
-            path = card.verify_file(directory)
-            self.model = OnnxModel(path, card, device=device, intra_op_threads=threads)
+            self.model = OnnxModel(card.verify_file(directory), card, device=device, intra_op_threads=threads)
         except (CardError, ProviderError) as e:
             raise EngineError(str(e)) from e
         self.card = card
@@ -53,7 +52,7 @@ class LocalEngine:
         self.preparer = Preparer(card.task, card.preprocessing, max_image_pixels)
         self.description = f"{card.name} v{card.version}, local ONNX Runtime, {self.model.provider}"
         if card.task == "digits" and decode_workers and self.model.provider == CPU:
-            self.preparer = replace(self.preparer, model=WorkerModel(str(path), card, threads or 1))
+            self.preparer = replace(self.preparer, model=WorkerModel(str(directory), card, threads or 1))
             self.description += f" in {decode_workers} worker processes"
 
     @classmethod
@@ -101,17 +100,21 @@ class LocalEngine:
 class WorkerModel:
     """A digits model that a worker process loads once and runs on the batches it has just decoded."""
 
-    path: str
+    directory: str
     card: ModelCard
     threads: int
 
     def __call__(self, digits: np.ndarray) -> np.ndarray:
-        model = _worker_models.get(self.path)
+        model = _worker_models.get(self.directory)
         if model is None:
-            model = _worker_models[self.path] = OnnxModel(Path(self.path), self.card, device="cpu",
-                                                          intra_op_threads=self.threads)
+            try:  # checked again here: the file may have been replaced since this run's main process loaded it
+                path = self.card.verify_file(Path(self.directory))
+            except CardError as e:
+                raise EngineError(str(e)) from e
+            model = _worker_models[self.directory] = OnnxModel(path, self.card, device="cpu",
+                                                               intra_op_threads=self.threads)
         return model.run({self.card.inputs[0].name: digits})[self.card.outputs[0].name]
 
 
-#: the models loaded in this (worker) process, by file
+#: the models loaded in this (worker) process, by folder
 _worker_models: dict[str, OnnxModel] = {}
