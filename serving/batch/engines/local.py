@@ -95,7 +95,6 @@ class LocalEngine:
         """Nothing to release: the session goes with the process."""
 
 
-
 @dataclass(frozen=True)
 class WorkerModel:
     """A digits model that a worker process loads once and runs on the batches it has just decoded."""
