@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from serving.batch.cli import default_workers
 from serving.batch.output import partial_path
+from serving.workers import cores
 from tests.batch.conftest import BROKEN_DIGITS, Run, digit_label, read_rows
 from tests.conftest import EXPORTED, REPO_ROOT, ServerProcess
 
@@ -29,11 +31,13 @@ def _same_answers(a: Run, b: Run) -> None:
             assert float(x["confidence"]) == pytest.approx(float(y["confidence"]), abs=1e-5)
 
 
+@pytest.mark.parametrize("workers", [(), ("--workers", "2")], ids=["read-here", "read-in-workers"])
 def test_digits_through_the_server_match_local(batch: Batch, server: ServerProcess, digits_dir: Path,
-                                               best_digits_repo: Path, tmp_path: Path) -> None:
-    """Same files, same answers and the same failure reasons; the server's refusals of a whole request are
-    narrowed down to the one bad file."""
-    remote = batch(digits_dir, "-r", "--server", server.target, "--batch-size", "50", "--top-k", "2",
+                                               best_digits_repo: Path, tmp_path: Path,
+                                               workers: tuple[str, ...]) -> None:
+    """Same files, same answers and the same failure reasons, whichever process reads the files; the server's
+    refusals of a whole request are narrowed down to the one bad file."""
+    remote = batch(digits_dir, "-r", "--server", server.target, "--batch-size", "50", "--top-k", "2", *workers,
                    out=tmp_path / "remote.csv")
     local = batch(digits_dir, "-r", "--repo", best_digits_repo, "--batch-size", "50", "--top-k", "2",
                   out=tmp_path / "local.csv")
@@ -108,3 +112,10 @@ def test_server_restart_mid_run_loses_nothing(diabetes_rows: list[list[str]], tm
     assert [r["path"] for r in rows] == [f"{records}:{n}" for n in range(1, 8 * len(diabetes_rows) + 1)]
     assert all(r["prediction"] in ("0", "1") and not r["error"] for r in rows)
     assert "server unavailable, retrying" in stderr
+
+
+def test_local_files_sent_to_a_server_are_read_in_this_process_by_default() -> None:
+    """The server decodes, so worker processes would only read local files; objects in a bucket keep them."""
+    assert default_workers("localhost:8001", ["scans", "more/*.png"]) == 0
+    assert default_workers("localhost:8001", ["scans", "s3://bucket/scans"]) == cores() > 0
+    assert default_workers(None, ["scans"]) == cores()
