@@ -9,6 +9,8 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import struct
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -223,6 +225,43 @@ def _save(img: Image.Image, fmt: str = "PNG") -> bytes:
     buf = io.BytesIO()
     img.save(buf, fmt)
     return buf.getvalue()
+
+
+# --- the plain greyscale PNG decoder -------------------------------------------------------------------------
+
+def _with_chunks(png: bytes, *chunks: tuple[bytes, bytes]) -> bytes:
+    """The PNG with extra chunks (type, data) right after its IHDR."""
+    extra = b"".join(struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d)) for t, d in chunks)
+    return png[:33] + extra + png[33:]
+
+
+def test_plain_greyscale_pngs_decode_to_pillows_pixels(mnist: np.ndarray) -> None:
+    """libspng takes the 8-bit greyscale PNGs, whatever their size, IDAT layout and ancillary chunks, and gives
+    Pillow's array for each; so plain MNIST files stay exact (the tests above)."""
+    noise = np.random.default_rng(3).integers(0, 256, (600, 450), dtype=np.uint8)
+    files = [encode(a) for a in mnist[:50]] + [
+        encode(noise),  # several IDAT chunks
+        encode(mnist[0], optimize=True),
+        _with_chunks(encode(mnist[1]), (b"gAMA", struct.pack(">I", 50_000)), (b"sBIT", b"\x05"), (b"tEXt", b"k\0v")),
+    ]
+    for data in files:
+        fast = preprocess._plain_gray_png(data)
+        assert fast is not None
+        np.testing.assert_array_equal(fast, np.asarray(Image.open(io.BytesIO(data))))
+
+
+def test_every_other_png_is_left_to_pillow(mnist: np.ndarray, pixel_limit: Callable[[int], None]) -> None:
+    plain = encode(mnist[0])
+    interlaced = plain[:28] + b"\x01" + plain[29:]
+    others = [
+        _save(Image.fromarray(mnist[0]).convert("RGB")), _save(Image.fromarray(mnist[0]).convert("P")),
+        encode(mnist[0].astype(np.uint16) * 257), encode(mnist[0], transparency=0),
+        _with_chunks(plain, (b"eXIf", b"MM\0*\0\0\0\x08\0\0")), interlaced, plain[: len(plain) // 2],
+        memoryview(plain),
+    ]
+    assert [preprocess._plain_gray_png(data) for data in others] == [None] * len(others)
+    pixel_limit(27 * 28)
+    assert preprocess._plain_gray_png(plain) is None  # over the limit: Pillow refuses it, in its words
 
 
 # --- errors ------------------------------------------------------------------------------------------------
