@@ -1,10 +1,12 @@
 """Where the server decodes request images: on the event loop, in a thread, or in a pool of processes.
 
-Decoding a digit is Pillow plus a few numpy calls, ~30-40 µs per image of mostly Python work that holds
-the GIL. One image decodes faster than a hand-over to any other thread, so it stays on the event loop. A
-batch decoded in a thread competes with the event loop (gRPC, batching, replies) for that one GIL; in
-worker processes a request's images decode on every core at once while the server process keeps
-serving: on 2 cores, batches of 256 PNGs went from ~8,500 to ~18,000 images/s (docs/performance.md).
+Decoding a digit is a PNG decoder (libspng for plain greyscale PNGs, else Pillow) plus a few numpy calls,
+~12-20 µs for an MNIST-style PNG and ~40 µs for other files, mostly Python work that holds the GIL. One
+image decodes faster than a hand-over to any other thread, so it stays on the event loop. A batch decoded
+in a thread competes with the event loop (gRPC, batching, replies) for that one GIL; in worker processes
+a request's images decode on every core at once while the server process keeps serving: on 2 cores,
+batches of 256 PNGs went from ~8,500 to ~18,000 images/s with Pillow decoding every file, and since
+libspng took the MNIST-style ones, from ~25,000 to ~27,500 (docs/performance.md).
 Requests of fewer than ``POOL_MIN_IMAGES`` images are not worth the inter-process hand-over (~0.3 ms)
 and decode in a thread.
 
