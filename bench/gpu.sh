@@ -118,7 +118,7 @@ setup() {
         [ -x .ortgpu/unpack.sh ] || { echo "gpu.sh: no onnxruntime-gpu at /tmp/ortgpu and no .ortgpu/ (run 'pack')"; exit 1; }
         bash .ortgpu/unpack.sh
     fi
-    if ! PYTHONPATH=/tmp/benchdeps "$PY" -c "import grpc, grpc_tools, grpc_health, grpc_reflection, PIL, tqdm, \
+    if ! PYTHONPATH=/tmp/benchdeps "$PY" -c "import grpc, grpc_tools, grpc_health, grpc_reflection, PIL, pyspng, tqdm, \
             prometheus_client, tritonclient.grpc" 2>/dev/null; then
         [ -d .bench-wheels ] || { echo "gpu.sh: serving dependencies missing and no .bench-wheels/ (run 'pack')"; exit 1; }
         "$PY" -m pip install -q --no-index --no-deps --target /tmp/benchdeps .bench-wheels/*.whl
