@@ -280,6 +280,9 @@ def _decode_gray(data: bytes) -> np.ndarray:
 
 #: A PNG file's first 16 bytes: the signature, then the length and type of its IHDR chunk.
 _PNG_IHDR = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"
+#: Chunks that change the pixels for Pillow (transparency, EXIF orientation) or hold compressed data of
+#: their own (text, ICC profile: libspng inflates up to ~32 MB of it before giving up, Pillow stops at 1 MB).
+_LEFT_TO_PILLOW = (b"tRNS", b"eXIf", b"zTXt", b"iTXt", b"iCCP")
 
 
 def _plain_gray_png(data: bytes) -> np.ndarray | None:
@@ -294,11 +297,11 @@ def _plain_gray_png(data: bytes) -> np.ndarray | None:
     limit = Image.MAX_IMAGE_PIXELS
     if (depth, colour, interlace) != (8, 0, 0) or (limit is not None and width * height > limit):
         return None
-    if b"tRNS" in data or b"eXIf" in data:  # a match inside compressed data only costs the Pillow path
+    if any(chunk in data for chunk in _LEFT_TO_PILLOW):  # a match inside compressed data only costs Pillow's path
         return None
     try:
         gray = pyspng.load(data)
-    except RuntimeError:
+    except Exception:  # noqa: BLE001 - any refusal goes to Pillow, whose error the client then gets
         return None
     return gray if gray.shape == (height, width) and gray.dtype == np.uint8 else None
 

@@ -257,6 +257,7 @@ def test_every_other_png_is_left_to_pillow(mnist: np.ndarray, pixel_limit: Calla
         _save(Image.fromarray(mnist[0]).convert("RGB")), _save(Image.fromarray(mnist[0]).convert("P")),
         encode(mnist[0].astype(np.uint16) * 257), encode(mnist[0], transparency=0),
         _with_chunks(plain, (b"eXIf", b"MM\0*\0\0\0\x08\0\0")), interlaced, plain[: len(plain) // 2],
+        _with_chunks(plain, (b"zTXt", b"k\0\0" + zlib.compress(bytes(1 << 20)))),  # text that inflates to 1 MB
         memoryview(plain),
     ]
     assert [preprocess._plain_gray_png(data) for data in others] == [None] * len(others)
