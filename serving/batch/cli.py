@@ -87,7 +87,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="ONNX Runtime device (default: auto)")
     local.add_argument("--threads", type=_non_negative, default=0, metavar="N",
                        help="ONNX Runtime threads; for images on the CPU the --workers processes run the model, "
-                       "with N threads each (default: 1 each there, else one per physical core)")
+                       "with N threads each (default: 1 when workers decode images, else one per physical core)")
     local.add_argument("--max-image-pixels", type=_positive, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
                        help="larger images (width * height) are refused, as the server does (default: %(default)s)")
     local.add_argument("--engine", choices=("local", "ray"), default="local",

@@ -41,6 +41,10 @@ class LocalEngine:
                  threads: int | None = None, decode_workers: int = 0) -> None:
         """``decode_workers``: the processes that prepare digits batches (0: none), which on the CPU also run
         the model, with ``threads`` (default 1) each."""
+        if card.task == "digits" and decode_workers:
+            # On the CPU the workers run the model and this session only checks the file and picks the
+            # device: one thread spares it ORT's second, single-threaded session for small batches.
+            threads = threads or 1
         try:
             self.model = OnnxModel(card.verify_file(directory), card, device=device, intra_op_threads=threads)
         except (CardError, ProviderError) as e:
@@ -52,7 +56,7 @@ class LocalEngine:
         self.preparer = Preparer(card.task, card.preprocessing, max_image_pixels)
         self.description = f"{card.name} v{card.version}, local ONNX Runtime, {self.model.provider}"
         if card.task == "digits" and decode_workers and self.model.provider == CPU:
-            self.preparer = replace(self.preparer, model=WorkerModel(str(directory), card, threads or 1))
+            self.preparer = replace(self.preparer, model=WorkerModel(str(directory), card, threads))
             self.description += f" in {decode_workers} worker processes"
 
     @classmethod
