@@ -294,8 +294,7 @@ def _plain_gray_png(data: bytes) -> np.ndarray | None:
     if not isinstance(data, bytes) or not data.startswith(_PNG_IHDR) or len(data) < 29:
         return None
     width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
-    limit = Image.MAX_IMAGE_PIXELS
-    if (depth, colour, interlace) != (8, 0, 0) or (limit is not None and width * height > limit):
+    if (depth, colour, interlace) != (8, 0, 0) or _over_pixel_limit(width, height):
         return None
     if any(chunk in data for chunk in _LEFT_TO_PILLOW):  # a match inside compressed data only costs Pillow's path
         return None
@@ -307,11 +306,14 @@ def _plain_gray_png(data: bytes) -> np.ndarray | None:
 
 
 def _check_pixels(img: Image.Image) -> None:
+    if _over_pixel_limit(img.width, img.height):
+        raise InputTooLarge(f"image of {img.width}x{img.height} = {img.width * img.height} pixels: at most "
+                            f"{Image.MAX_IMAGE_PIXELS} are accepted")
+
+
+def _over_pixel_limit(width: int, height: int) -> bool:
     limit = Image.MAX_IMAGE_PIXELS
-    if limit is not None and img.width * img.height > limit:
-        raise InputTooLarge(
-            f"image of {img.width}x{img.height} = {img.width * img.height} pixels: at most {limit} are accepted"
-        )
+    return limit is not None and width * height > limit
 
 
 def _to_gray(img: Image.Image) -> np.ndarray:
