@@ -270,6 +270,11 @@ class Run:
                       *_in_turn_reversed(v["inline-all"], f"modelinfer-raw/{m}/b1/c{c}")),
                 Ratio(f"{c} clients ClassifyDigits 1 PNG: every short run inline vs the default",
                       *_in_turn_reversed(v["inline-all"], f"classify-png/{m}/b1/c{c}")),
+                Ratio("ModelInfer raw b1024: freed memory kept vs glibc's defaults",
+                      *_in_turn(v["heap-default"], f"modelinfer-raw/{m}/b{server_load.RAW_BATCH}/c1")),
+                Ratio(f"ClassifyDigits PNG batches of {server_load.PNG_BATCH}: freed memory kept vs glibc's defaults",
+                      *_in_turn(v["heap-default"],
+                                f"classify-png/{m}/b{server_load.PNG_BATCH}/c{server_load.IN_FLIGHT}")),
                 Ratio(f"ClassifyDigits PNG batches of {server_load.PNG_BATCH}: decoding processes vs in-process",
                       *_in_turn(v["decode-in-process"],
                                 f"classify-png/{m}/b{server_load.PNG_BATCH}/c{server_load.IN_FLIGHT}")),
@@ -343,7 +348,8 @@ def _median_round(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 #: The server settings that shape a benchmark: recorded in the JSON and passed to every server explicitly.
-SPELLED_OUT = ("max_batch_size", "max_queue_delay_ms", "inline_run_ms", "decode_processes", "workers")
+SPELLED_OUT = ("max_batch_size", "max_queue_delay_ms", "inline_run_ms", "decode_processes", "workers",
+               "keep_heap")
 
 
 def _server_defaults() -> dict[str, Any]:

@@ -62,6 +62,8 @@ def variants(workers: int = DEFAULT_WORKERS) -> dict[str, Variant]:
         # default times in a thread, GIL wait included, are kept off the loop for nothing (docs/performance.md).
         "inline-all": Variant("server-inline", "every model run under 100 ms on the event loop (--inline-run-ms 100)",
                               ("--inline-run-ms", "100")),
+        "heap-default": Variant("server-glibcheap", "glibc's malloc defaults: freed memory given back to the kernel "
+                                "(--keep-heap false)", ("--keep-heap", "false")),
         "decode-in-process": Variant("server-nopool", "images decoded in the server process (--decode-processes 0)",
                                      ("--decode-processes", "0")),
         "workers": Variant(f"server-workers{workers}", f"{workers} server processes sharing the port "
@@ -112,10 +114,13 @@ def variant_cases(name: str, variant: Variant, digits: Export, timing: dict[str,
                   h2load: bool = False) -> list[dict[str, Any]]:
     """The rows variant ``name`` changes, measured on ``variant`` (it, or its baseline): batching the
     many-clients rows, inline runs the single-image and raw ones (and, for ``inline-all``, the many-clients
-    ones), the decoding pool the PNG batches, worker processes the many-clients rows (the ``workers`` and
-    ``inline-all`` rows from h2load too, when ``h2load``: the client that leaves the server the cores)."""
+    ones), the decoding pool the PNG batches, the kept heap the large requests (raw and PNG batches), worker
+    processes the many-clients rows (the ``workers`` and ``inline-all`` rows from h2load too, when
+    ``h2load``: the client that leaves the server the cores)."""
     if name == "decode-in-process":
         return [png_batches(digits, timing, variant)]
+    if name == "heap-default":
+        return [raw_batches(digits, timing, variant), png_batches(digits, timing, variant)]
     rows = [] if name == "workers" else [unary(digits, timing, variant)]
     rows += concurrent(digits, timing, variant)
     if name in ("workers", "inline-all") and h2load:
