@@ -5,9 +5,10 @@
     coursezoo bench --cases server oip --models mnist_resnet --json /tmp/r.json
 
 Groups, in the order they run: ``inprocess`` (PyTorch eager, TorchScript, ONNX Runtime), ``server``
-(the domain API and raw ModelInfer over loopback), ``batching-off`` (the same server restarted with
-``--max-batch-size 1``), ``oip`` (ModelInfer from the real tritonclient at rising concurrency, and from
-h2load, an external C client: bench/h2load.py),
+(the domain API and raw ModelInfer over loopback), ``raw-in-turn`` (raw ModelInfer of 1024 images and
+in-process ONNX Runtime on the same batch size, measured in turn), ``batching-off`` and the other variants
+(a server restarted with one setting changed, measured in turn with a default one), ``oip`` (ModelInfer
+from the real tritonclient at rising concurrency, and from h2load, an external C client: bench/h2load.py),
 ``batch-cli`` (``coursezoo batch`` on a folder of PNGs), ``peer`` (Triton via PyTriton under the same
 load client). Everything compared is measured in the same run; each ratio is printed with its parts.
 """
@@ -35,7 +36,7 @@ from serving.batch.cli import at_least
 log = logging.getLogger("coursezoo.bench")
 
 VARIANTS = server_load.VARIANT_NAMES  # the server restarted with one setting changed
-CASES = ("inprocess", "server", *VARIANTS, "oip", "batch-cli", "peer")
+CASES = ("inprocess", "server", "raw-in-turn", *VARIANTS, "oip", "batch-cli", "peer")
 QUICK_CASES = tuple(c for c in CASES if c != "peer")  # the peer is optional in --quick
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
 
@@ -171,6 +172,29 @@ class Run:
             if "batch-cli" in cases and digits:
                 self.batch_cli(digits, srv.target)
 
+    def raw_in_turn(self, tmp_repo: Path) -> None:
+        """The raw 1024-image ``ModelInfer`` row and in-process ONNX Runtime on batches of the same size, measured
+        in turn ``ab_rounds`` times with the server up (and idle while ORT runs here): the parts of the
+        transport target. Its two rows from their own groups, minutes apart, moved the ratio between 0.70x and
+        0.96x across runs on a shared machine; each row here is its median round."""
+        digits = self.by_task.get("digits")
+        if not digits:
+            return
+        path = "ORT CUDA" if self.cuda else "ORT CPU"
+        bind = inprocess.ort_paths(digits, self.cuda)[path]
+        feeds = inprocess.inputs(digits, server_load.RAW_BATCH)
+        p, variant = self.plan, server_load.IN_TURN
+        rounds: dict[str, list[dict[str, Any]]] = {}
+        with Server(tmp_repo, *self.server_args()) as srv:
+            for _ in range(p.ab_rounds):
+                row = inprocess.measure(digits, path, bind, feeds, seconds=p.inproc_seconds, warmup=p.inproc_warmup,
+                                        min_calls=p.inproc_min_calls, note=variant.note,
+                                        prefix=f"{variant.prefix}/inproc", case=f"{path}, in turn with the server")
+                rounds.setdefault(row.key, []).append(row.to_json())
+                for r in load(srv.target, [server_load.raw_batches(digits, p.timing, variant)], srv.pgid):
+                    rounds.setdefault(r["key"], []).append(r)
+        self._add_loaded([_median_round(rows) for rows in rounds.values()])
+
     def variant(self, name: str, tmp_repo: Path) -> None:
         """A server with one setting changed (its flag given last wins) and a default one, both up, measured
         in turn on the rows that setting is for, ``ab_rounds`` times: on a shared machine conditions drift
@@ -242,9 +266,12 @@ class Run:
             m, ort = digits.name, "ort-cuda" if self.cuda else "ort-cpu"
             v, w = self.variants, self.args.workers
             n, c = self.plan.batch_images, server_load.CLIENTS
+            raw, t = f"modelinfer-raw/{m}/b{server_load.RAW_BATCH}/c1", server_load.IN_TURN.prefix
             out += [
-                Ratio(f"ModelInfer raw b1024 vs in-process {ort} b1024 ({m})",
-                      f"server/modelinfer-raw/{m}/b1024/c1", f"inproc/{ort}/{m}/b1024", 0.8),
+                Ratio(f"ModelInfer raw b1024 vs in-process {ort} b1024 ({m}), measured in turn",
+                      f"{t}/{raw}", f"{t}/inproc/{ort}/{m}/b{server_load.RAW_BATCH}", 0.8),
+                Ratio(f"ModelInfer raw b1024 vs in-process {ort} b1024 ({m}), rows of separate groups",
+                      f"server/modelinfer-raw/{m}/b1024/c1", f"inproc/{ort}/{m}/b1024"),
                 Ratio(f"ModelInfer raw b1024 vs in-process {ort} b1024 ({m}), CPU per item",
                       f"server/modelinfer-raw/{m}/b1024/c1", f"inproc/{ort}/{m}/b1024", by_cpu=True),
                 Ratio(f"ModelInfer b1024 in shared memory vs in-process {ort} b1024 ({m})",
@@ -384,10 +411,12 @@ def main(args: argparse.Namespace) -> int:
         run.notes.append("no digits model selected: the server's digits, OIP, batch-CLI and peer cases are skipped")
     if "inprocess" in cases:
         run.group("in-process baselines", run.inprocess)
-    if cases & {"server", "oip", "batch-cli", *VARIANTS}:
+    if cases & {"server", "raw-in-turn", "oip", "batch-cli", *VARIANTS}:
         with exports.server_repository(run.server_models) as tmp_repo:
             if cases & {"server", "oip", "batch-cli"}:
                 run.group("server (default settings)", lambda: run.server(cases, Path(tmp_repo)))
+            if "raw-in-turn" in cases:
+                run.group("server (raw ModelInfer and in-process ORT in turn)", lambda: run.raw_in_turn(Path(tmp_repo)))
             for name in VARIANTS:
                 if name in cases:
                     run.group(f"server ({name})", lambda name=name: run.variant(name, Path(tmp_repo)))

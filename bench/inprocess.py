@@ -165,16 +165,27 @@ def run(exports: list[Export], *, seconds: float, warmup: int, min_calls: int, c
                 if f"{path} {export.name}" in failed:
                     continue
                 try:
-                    t = time_calls(bind(feeds), seconds=seconds, warmup=warmup, min_calls=min_calls)
+                    results.append(measure(export, path, bind, feeds, seconds=seconds, warmup=warmup,
+                                           min_calls=min_calls, note=note if path.startswith("PyTorch") else ""))
                 except RuntimeError as e:  # one broken runtime (a CUDA library mismatch, say) must not hide the rest
                     failed[f"{path} {export.name}"] = f"batch {bs}: {str(e).splitlines()[0]}"
                     log.warning("in-process %s on %s failed at batch %d: %s", path, export.name, bs, e)
-                    continue
-                key = f"inproc/{path.lower().replace(' ', '-')}/{export.name}/b{bs}"
-                results.append(summarize(key, "in-process", path, export.name, batch=bs, concurrency=1,
-                                         items=bs * len(t.latencies), seconds=t.wall, latencies_s=t.latencies,
-                                         model_cpu_s=t.cpu, note=note if path.startswith("PyTorch") else ""))
     return results, [f"in-process {what} failed at {why}" for what, why in failed.items()]
+
+
+def measure(export: Export, path: str, bind: Bind, feeds: dict[str, np.ndarray], *, seconds: float, warmup: int,
+            min_calls: int, note: str = "", prefix: str = "inproc", case: str | None = None) -> Result:
+    """One path on one batch, called back to back: the row keyed ``<prefix>/<path>/<model>/b<batch>``."""
+    bs = len(next(iter(feeds.values())))
+    t = time_calls(bind(feeds), seconds=seconds, warmup=warmup, min_calls=min_calls)
+    return summarize(f"{prefix}/{path_key(path)}/{export.name}/b{bs}", "in-process", case or path, export.name,
+                     batch=bs, concurrency=1, items=bs * len(t.latencies), seconds=t.wall, latencies_s=t.latencies,
+                     model_cpu_s=t.cpu, note=note)
+
+
+def path_key(path: str) -> str:
+    """A path's name as it appears in row keys: "ORT CUDA IO binding" -> "ort-cuda-io-binding"."""
+    return path.lower().replace(" ", "-")
 
 
 def decode_cost(export: Export, *, seconds: float) -> Result:

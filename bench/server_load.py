@@ -47,6 +47,8 @@ class Variant:
 
 
 DEFAULT = Variant("server", "", ())
+#: The default server's raw 1024 row measured in turn with in-process ONNX Runtime (the transport target's parts)
+IN_TURN = Variant("inturn", "measured in turn with in-process ONNX Runtime on batches of the same size", ())
 #: The ``--workers`` count of the ``workers`` variant unless ``coursezoo bench --workers`` says otherwise.
 DEFAULT_WORKERS = 2
 

@@ -55,8 +55,12 @@ def test_quick_run_writes_the_promised_json(tmp_path: Path) -> None:
     expected = {"in-process", "server"} | ({"oip", "batch-cli"} if digits_models(EXPORTED) else set())
     assert expected <= groups, f"groups measured: {sorted(groups)}"
     if digits_models(EXPORTED):  # each server variant (one setting changed) has its rows beside the default's
-        variants = {"server-off", "server-thread", "server-inline", "server-nopool", "server-workers3"}  # --workers 3
+        variants = {"server-off", "server-thread", "server-inline", "server-glibcheap", "server-nopool",
+                    "server-workers3"}  # --workers 3
         assert variants | {f"{v}-baseline" for v in variants} <= {key.split("/")[0] for key in keys}
+        # the transport target's two parts, measured in turn
+        for part in ("inturn/inproc/ort-cpu/", "inturn/modelinfer-raw/"):
+            assert any(key.startswith(part) for key in keys), part
 
     for ratio in report["ratios"]:
         assert {"name", "value", "unit", "target", "met", "numerator", "denominator"} <= ratio.keys()
