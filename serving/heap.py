@@ -11,10 +11,11 @@ the parse alone 1.3-1.6 ms against 0.2 ms (docs/performance.md).
 
 The settings are glibc's own (``mallopt``), the same an operator could give as ``MALLOC_MMAP_THRESHOLD_`` and
 ``MALLOC_TRIM_THRESHOLD_``: blocks up to 32 MiB (glibc's largest allowed threshold) always come from the
-heap, and up to 256 MiB of free heap (the copies of one largest request, 64 MiB by default) stay with the
-process. The cost is that the process keeps the memory its busiest moment needed, as servers with their own
-allocators (jemalloc, tcmalloc) do. An operator's own glibc malloc variables win: the process then keeps them.
-Other C libraries (musl) have no such settings, and nothing is changed there.
+heap, and up to 256 MiB of free heap (about the copies of one largest request: messages are at most 64 MiB
+by default) stay with the process. The cost is that the process keeps the memory its busiest moment
+needed, as servers with their own allocators (jemalloc, tcmalloc) do. An operator's own glibc malloc
+variables win: the process then keeps them. Other C libraries (musl) have no such settings, and nothing is
+changed there.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from serving.card import ModelCard
+from serving.heap import OPERATOR_VARIABLES
 from tests.conftest import REPO_ROOT, ServerProcess, digits_models
 
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or not Path("/proc/self/stat").exists(),
@@ -46,8 +47,10 @@ print(json.dumps({"kept": kept, "faults": resource.getrusage(resource.RUSAGE_SEL
 
 
 def workload(mode: str, env: dict[str, str] | None = None) -> dict:
+    """The workload's page faults in a fresh process, with glibc's defaults unless ``env`` says otherwise."""
+    clean = {k: v for k, v in os.environ.items() if k not in OPERATOR_VARIABLES and k != "GLIBC_TUNABLES"}
     done = subprocess.run([sys.executable, "-c", WORKLOAD, mode], capture_output=True, text=True, check=True,
-                          cwd=REPO_ROOT, env={**os.environ, **(env or {})})
+                          cwd=REPO_ROOT, env={**clean, **(env or {})})
     return json.loads(done.stdout)
 
 
