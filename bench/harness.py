@@ -270,14 +270,16 @@ class Run:
             m, ort = digits.name, "ort-cuda" if self.cuda else "ort-cpu"
             v, w = self.variants, self.args.workers
             n, c = self.plan.batch_images, server_load.CLIENTS
-            raw, t = f"modelinfer-raw/{m}/b{server_load.RAW_BATCH}/c1", server_load.IN_TURN.prefix
+            # the transport target's two parts, measured in turn (raw_in_turn), by key
+            turn = server_load.IN_TURN.prefix
+            in_turn = (f"{turn}/modelinfer-raw/{m}/b{server_load.RAW_BATCH}/c1",
+                       f"{turn}/inproc/{ort}/{m}/b{server_load.RAW_BATCH}")
             out += [
-                Ratio(f"ModelInfer raw b1024 vs in-process {ort} b1024 ({m}), measured in turn",
-                      f"{t}/{raw}", f"{t}/inproc/{ort}/{m}/b{server_load.RAW_BATCH}", 0.8),
+                Ratio(f"ModelInfer raw b1024 vs in-process {ort} b1024 ({m}), measured in turn", *in_turn, 0.8),
                 Ratio(f"ModelInfer raw b1024 vs in-process {ort} b1024 ({m}), rows of separate groups",
                       f"server/modelinfer-raw/{m}/b1024/c1", f"inproc/{ort}/{m}/b1024"),
-                Ratio(f"ModelInfer raw b1024 vs in-process {ort} b1024 ({m}), CPU per item",
-                      f"server/modelinfer-raw/{m}/b1024/c1", f"inproc/{ort}/{m}/b1024", by_cpu=True),
+                Ratio(f"ModelInfer raw b1024 vs in-process {ort} b1024 ({m}), measured in turn, CPU per item",
+                      *in_turn, by_cpu=True),
                 Ratio(f"ModelInfer b1024 in shared memory vs in-process {ort} b1024 ({m})",
                       f"server/modelinfer-shm/{m}/b1024/c1", f"inproc/{ort}/{m}/b1024"),
                 Ratio(f"ModelInfer b1024 in shared memory vs raw in the message ({m})",
