@@ -5,11 +5,11 @@
     coursezoo bench --cases server oip --models mnist_resnet --json /tmp/r.json
 
 Groups, in the order they run: ``inprocess`` (PyTorch eager, TorchScript, ONNX Runtime), ``server``
-(the domain API and raw ModelInfer over loopback), ``raw-in-turn`` (raw ModelInfer of 1024 images and
-in-process ONNX Runtime on the same batch size, measured in turn), ``batching-off`` and the other variants
-(a server restarted with one setting changed, measured in turn with a default one), ``oip`` (ModelInfer
-from the real tritonclient at rising concurrency, and from h2load, an external C client: bench/h2load.py),
-``batch-cli`` (``coursezoo batch`` on a folder of PNGs), ``peer`` (Triton via PyTriton under the same
+(the domain API and raw ModelInfer over loopback), ``raw-in-turn`` (ModelInfer of 1024 images, raw and in
+shared memory, and in-process ONNX Runtime on the same batch size, measured in turn), ``batching-off`` and
+the other variants (a server restarted with one setting changed, measured in turn with a default one),
+``oip`` (ModelInfer from the real tritonclient at rising concurrency, and from h2load, an external C client:
+bench/h2load.py), ``batch-cli`` (``coursezoo batch`` on a folder of PNGs), ``peer`` (Triton via PyTriton under the same
 load client). Everything compared is measured in the same run; each ratio is printed with its parts.
 """
 
@@ -175,12 +175,13 @@ class Run:
                 self.batch_cli(digits, srv.target)
 
     def raw_in_turn(self, tmp_repo: Path) -> None:
-        """The raw 1024-image ``ModelInfer`` row and in-process ONNX Runtime on batches of the same size, measured
-        in turn ``transport_rounds`` times with the server up (and idle while ORT runs here): the parts of the
-        transport target. On the shared 2-core host both flip, within seconds, between a fast phase and one
-        where every call costs ~1.4x the CPU (in-process ORT 1024: 93-98k vs 62-68k images/s), which moved
-        the ratio of the two rows from their own groups between 0.70x and 0.97x across runs; a median round
-        can land in either phase, so each row here is its fastest round (noise only ever slows a call)."""
+        """The raw 1024-image ``ModelInfer`` row (and its shared-memory twin) and in-process ONNX Runtime on
+        batches of the same size, measured in turn ``transport_rounds`` times with the server up (and idle while
+        ORT runs here): the parts of the transport target. On the shared 2-core host both flip, within seconds,
+        between a fast phase and one where every call costs ~1.4x the CPU (in-process ORT 1024: 93-98k vs
+        62-68k images/s), which moved the ratio of the two rows from their own groups between 0.70x and 0.97x
+        across runs; a median round can land in either phase, so each row here is its fastest round (noise
+        only ever slows a call)."""
         digits = self.by_task.get("digits")
         if not digits:
             return
@@ -195,7 +196,9 @@ class Run:
                                         min_calls=p.inproc_min_calls, note=variant.note,
                                         prefix=f"{variant.prefix}/inproc", case=f"{path}, in turn with the server")
                 rounds.setdefault(row.key, []).append(row.to_json())
-                for r in load(srv.target, [server_load.raw_batches(digits, p.timing, variant)], srv.pgid):
+                cases = [server_load.raw_batches(digits, p.timing, variant),
+                         server_load.shared_memory_batches(digits, p.timing, variant)]
+                for r in load(srv.target, cases, srv.pgid):
                     rounds.setdefault(r["key"], []).append(r)
         self._add_loaded([_one_round(rows, fastest=True) for rows in rounds.values()])
 
@@ -270,20 +273,19 @@ class Run:
             m, ort = digits.name, "ort-cuda" if self.cuda else "ort-cpu"
             v, w = self.variants, self.args.workers
             n, c = self.plan.batch_images, server_load.CLIENTS
-            # the transport target's two parts, measured in turn (raw_in_turn), by key
-            turn = server_load.IN_TURN.prefix
-            in_turn = (f"{turn}/modelinfer-raw/{m}/b{server_load.RAW_BATCH}/c1",
-                       f"{turn}/inproc/{ort}/{m}/b{server_load.RAW_BATCH}")
+            # the transport target's parts, measured in turn (raw_in_turn), by key
+            turn, b = server_load.IN_TURN.prefix, server_load.RAW_BATCH
+            raw, shm, inproc = (f"{turn}/modelinfer-raw/{m}/b{b}/c1", f"{turn}/modelinfer-shm/{m}/b{b}/c1",
+                                f"{turn}/inproc/{ort}/{m}/b{b}")
             out += [
-                Ratio(f"ModelInfer raw b1024 vs in-process {ort} b1024 ({m}), measured in turn", *in_turn, 0.8),
+                Ratio(f"ModelInfer raw b1024 vs in-process {ort} b1024 ({m}), measured in turn", raw, inproc, 0.8),
                 Ratio(f"ModelInfer raw b1024 vs in-process {ort} b1024 ({m}), rows of separate groups",
                       f"server/modelinfer-raw/{m}/b1024/c1", f"inproc/{ort}/{m}/b1024"),
                 Ratio(f"ModelInfer raw b1024 vs in-process {ort} b1024 ({m}), measured in turn, CPU per item",
-                      *in_turn, by_cpu=True),
-                Ratio(f"ModelInfer b1024 in shared memory vs in-process {ort} b1024 ({m})",
-                      f"server/modelinfer-shm/{m}/b1024/c1", f"inproc/{ort}/{m}/b1024"),
-                Ratio(f"ModelInfer b1024 in shared memory vs raw in the message ({m})",
-                      f"server/modelinfer-shm/{m}/b1024/c1", f"server/modelinfer-raw/{m}/b1024/c1"),
+                      raw, inproc, by_cpu=True),
+                Ratio(f"ModelInfer b1024 in shared memory vs in-process {ort} b1024 ({m}), measured in turn",
+                      shm, inproc),
+                Ratio(f"ModelInfer b1024 in shared memory vs raw in the message ({m}), measured in turn", shm, raw),
                 Ratio(f"{c} clients tritonclient-aio: CourseZoo vs Triton peer, CPU per item",
                       f"oip/coursezoo/tritonclient-aio/{m}/c{c}", f"oip/triton/tritonclient-aio/{m}/c{c}",
                       by_cpu=True),
@@ -423,7 +425,8 @@ def main(args: argparse.Namespace) -> int:
             if cases & {"server", "oip", "batch-cli"}:
                 run.group("server (default settings)", lambda: run.server(cases, Path(tmp_repo)))
             if "raw-in-turn" in cases:
-                run.group("server (raw ModelInfer and in-process ORT in turn)", lambda: run.raw_in_turn(Path(tmp_repo)))
+                run.group("server (raw and shared-memory ModelInfer, in-process ORT, in turn)",
+                          lambda: run.raw_in_turn(Path(tmp_repo)))
             for name in VARIANTS:
                 if name in cases:
                     run.group(f"server ({name})", lambda name=name: run.variant(name, Path(tmp_repo)))

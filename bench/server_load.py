@@ -47,7 +47,8 @@ class Variant:
 
 
 DEFAULT = Variant("server", "", ())
-#: The default server's raw 1024 row measured in turn with in-process ONNX Runtime (the transport target's parts)
+#: The default server's raw and shared-memory 1024 rows measured in turn with in-process ONNX Runtime (the
+#: transport target's parts)
 IN_TURN = Variant("inturn", "measured in turn with in-process ONNX Runtime on batches of the same size", ())
 #: The ``--workers`` count of the ``workers`` variant unless ``coursezoo bench --workers`` says otherwise.
 DEFAULT_WORKERS = 2
@@ -104,12 +105,13 @@ def raw_batches(digits: Export, timing: dict[str, float], variant: Variant = DEF
                  digits, "model_infer", RAW_BATCH, 1, timing, note=variant.note, **_digits_extra(digits))
 
 
-def shared_memory_batches(digits: Export, timing: dict[str, float]) -> dict[str, Any]:
+def shared_memory_batches(digits: Export, timing: dict[str, float], variant: Variant = DEFAULT) -> dict[str, Any]:
     """The raw 1024-image ModelInfer with its input in a registered shared memory region instead of the
     message (the reply still carries the 40 KB of logits): what a client on the same host can send."""
-    return _case(f"server/modelinfer-shm/{digits.name}/b{RAW_BATCH}/c1", "server", "ModelInfer FP32 in shared memory",
-                 digits, "model_infer", RAW_BATCH, 1, timing, shared_memory=True,
-                 note="input in a system shared memory region, logits in the reply", **_digits_extra(digits))
+    note = "; ".join(filter(None, ("input in a system shared memory region, logits in the reply", variant.note)))
+    return _case(f"{variant.prefix}/modelinfer-shm/{digits.name}/b{RAW_BATCH}/c1", "server",
+                 "ModelInfer FP32 in shared memory", digits, "model_infer", RAW_BATCH, 1, timing, shared_memory=True,
+                 note=note, **_digits_extra(digits))
 
 
 def variant_cases(name: str, variant: Variant, digits: Export, timing: dict[str, float],
@@ -146,7 +148,6 @@ def domain_cases(exports: dict[str, Export], timing: dict[str, float]) -> list[d
             _case(f"server/stream-png/{m}/b{PNG_BATCH}/w{IN_FLIGHT}", "server", "StreamClassifyDigits PNG", digits,
                   "stream", PNG_BATCH, IN_FLIGHT, timing, note=f"one stream, {IN_FLIGHT} messages in flight"),
             raw_batches(digits, timing),
-            shared_memory_batches(digits, timing),
             *concurrent(digits, timing),
         ]
     for task, kind, rpc in (("diabetes", "diabetes", "ClassifyDiabetes"), ("names", "names", "ClassifySequences")):

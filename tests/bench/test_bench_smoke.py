@@ -58,8 +58,8 @@ def test_quick_run_writes_the_promised_json(tmp_path: Path) -> None:
         variants = {"server-off", "server-thread", "server-inline", "server-glibcheap", "server-nopool",
                     "server-workers3"}  # --workers 3
         assert variants | {f"{v}-baseline" for v in variants} <= {key.split("/")[0] for key in keys}
-        # the transport target's two parts, measured in turn
-        for part in ("inturn/inproc/ort-cpu/", "inturn/modelinfer-raw/"):
+        # the transport target's parts, measured in turn
+        for part in ("inturn/inproc/ort-cpu/", "inturn/modelinfer-raw/", "inturn/modelinfer-shm/"):
             assert any(key.startswith(part) for key in keys), part
 
     for ratio in report["ratios"]:
