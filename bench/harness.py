@@ -189,6 +189,8 @@ class Run:
         bind = inprocess.ort_paths(digits, self.cuda)[path]
         feeds = inprocess.inputs(digits, server_load.RAW_BATCH)
         p, variant = self.plan, server_load.IN_TURN
+        cases = [server_load.raw_batches(digits, p.timing, variant),
+                 server_load.shared_memory_batches(digits, p.timing, variant)]
         rounds: dict[str, list[dict[str, Any]]] = {}
         with Server(tmp_repo, *self.server_args()) as srv:
             for _ in range(p.transport_rounds):
@@ -196,8 +198,6 @@ class Run:
                                         min_calls=p.inproc_min_calls, note=variant.note,
                                         prefix=f"{variant.prefix}/inproc", case=f"{path}, in turn with the server")
                 rounds.setdefault(row.key, []).append(row.to_json())
-                cases = [server_load.raw_batches(digits, p.timing, variant),
-                         server_load.shared_memory_batches(digits, p.timing, variant)]
                 for r in load(srv.target, cases, srv.pgid):
                     rounds.setdefault(r["key"], []).append(r)
         self._add_loaded([_one_round(rows, fastest=True) for rows in rounds.values()])
@@ -280,7 +280,7 @@ class Run:
             out += [
                 Ratio(f"ModelInfer raw b1024 vs in-process {ort} b1024 ({m}), measured in turn", raw, inproc, 0.8),
                 Ratio(f"ModelInfer raw b1024 vs in-process {ort} b1024 ({m}), rows of separate groups",
-                      f"server/modelinfer-raw/{m}/b1024/c1", f"inproc/{ort}/{m}/b1024"),
+                      f"server/modelinfer-raw/{m}/b{b}/c1", f"inproc/{ort}/{m}/b{b}"),
                 Ratio(f"ModelInfer raw b1024 vs in-process {ort} b1024 ({m}), measured in turn, CPU per item",
                       raw, inproc, by_cpu=True),
                 Ratio(f"ModelInfer b1024 in shared memory vs in-process {ort} b1024 ({m}), measured in turn",
