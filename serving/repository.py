@@ -59,7 +59,7 @@ class ServingSettings:
     max_batch_size: int = 64
     max_queue_delay_ms: float = 1.0
     max_queue_items: int = 4096
-    intra_op_threads: int | None = None  # None or 0: ONNX Runtime's default (one per physical core)
+    intra_op_threads: int | None = None  # CPU threads one run may use (runtime.OnnxModel); None or 0: one per core
     inline_run_ms: float = 0.0  # batches expected to run faster than this run on the event loop (see batching)
     max_items_per_request: int = 1024  # the largest client batch, which runs as one execution (see batching)
     poll_interval_s: float = 0.0  # 0: no polling; RepositoryModelLoad still loads new versions

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from serving.card import DATATYPES, CardError, ModelCard, TensorSpec
 from serving.preprocess import InputError
+from serving.workers import cores
 
 log = logging.getLogger("coursezoo.runtime")
 
@@ -40,10 +42,14 @@ CUDA_PROVIDER_OPTIONS = {
 
 _NUMPY_TO_DATATYPE = {np.dtype(v): k for k, v in DATATYPES.items()}
 
-#: On the CPU, batches of up to this many items run on a second, single-threaded session of the same model.
-#: ONNX Runtime's intra-op pool pays for big batches, but for a few items waking its threads (spinning is
-#: off) costs more than they save. Measured on 2 cores, mnist_cnn: batch 1 takes 25 us on one thread and
-#: 35-70 us on the pool; batch 8 takes the same wall time either way, with a third less CPU on one thread.
+#: On the CPU every run is single-threaded, and a batch of more than this many items is cut into one slice
+#: per thread, the slices run side by side on the same session. ONNX Runtime's own intra-op pool splits
+#: every operator instead and waits for all its threads at each one: on a small machine, where the event
+#: loop and the decoders take a core now and then, one preempted thread stalls the others at every layer.
+#: Slices meet once per batch. Measured on 2 cores, mnist_cnn, raw ModelInfer of 1024 images, in turn with
+#: in-process ORT: server CPU per request 28-31 -> 23-26 ms, 53-57k -> 61-70k images/s (docs/performance.md).
+#: Up to this size one thread is as fast as two (batch 1: 25 us on one thread, 35-70 us on a pool; batch
+#: 8: the same wall time, a third less CPU) and a slice would not pay for its thread hop.
 SMALL_BATCH = 8
 
 
@@ -52,21 +58,27 @@ class ProviderError(RuntimeError):
 
 
 class OnnxModel:
-    """A loaded ``model.onnx``; ``run`` is synchronous and thread-safe (ORT sessions are)."""
+    """A loaded ``model.onnx``; ``run`` is synchronous and thread-safe (ORT sessions are).
+
+    ``intra_op_threads`` is how many CPU threads one run may use (None or 0: one per core this process may
+    use): on the CPU, the slices of a batch (see SMALL_BATCH); on the GPU, ONNX Runtime's pool for the
+    operators left on the CPU.
+    """
 
     def __init__(self, path: Path, card: ModelCard, device: str = "auto", intra_op_threads: int | None = None):
         if device not in DEVICES:
             raise ValueError(f"device {device!r}: expected one of {', '.join(DEVICES)}")
         self.card = card
         self.path = Path(path)
-        self._session = _create_session(self.path, device, _session_options(intra_op_threads))
-        self._small_session = self._session
-        if self._session.get_providers()[0] == CPU and intra_op_threads != 1:
-            self._small_session = ort.InferenceSession(str(self.path), _session_options(1), providers=[CPU])
+        self._session = _create_session(self.path, device, intra_op_threads)
+        self.provider: str = self._session.get_providers()[0]
+        threads = (intra_op_threads or cores()) if self.provider == CPU else 1
+        # Idle lanes cost nothing: the executor's threads start on first use and end with the model.
+        self._lanes = ThreadPoolExecutor(threads, f"ort-{card.name}") if threads > 1 else None
+        self._lane_count = threads
         # Kernel errors caused by client values come back as InputError; ORT need not log them as well.
         self._run_options = ort.RunOptions()
         self._run_options.log_severity_level = 4
-        self.provider: str = self._session.get_providers()[0]
         self._inputs = {t.name: t for t in card.inputs}
         self._output_names = [t.name for t in card.outputs]
         self._check_against_card()
@@ -100,9 +112,14 @@ class OnnxModel:
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Outputs by the card's names. Values the model itself refuses (an index out of range, say)
         become InputError too: they came from the client."""
-        session = self._small_session if len(next(iter(inputs.values()))) <= SMALL_BATCH else self._session
+        feeds = dict(inputs)
+        n = len(next(iter(feeds.values())))
         try:
-            outputs = session.run(self._output_names, dict(inputs), self._run_options)
+            if self._lanes is None or n <= SMALL_BATCH:
+                outputs = self._session.run(self._output_names, feeds, self._run_options)
+            else:
+                outputs = _run_in_slices(self._session, self._lanes, self._lane_count, self._output_names, feeds,
+                                         self._run_options)
         except InvalidArgument as e:
             # Keep ORT's reason ("indices element out of data bounds, idx=4 must be within ...") without its
             # node names and error-code preamble.
@@ -112,11 +129,28 @@ class OnnxModel:
         return dict(zip(self._output_names, outputs, strict=True))
 
     def warmup(self) -> dict[str, np.ndarray]:
-        """Run one tiny real-shaped batch on each session, so the first client does not pay for lazy
-        initialization and a model that cannot run is found before it serves."""
-        if self._small_session is not self._session:
+        """Start every lane thread and run one tiny real-shaped batch, and one in slices, so the first client
+        does not pay for lazy initialization, a model that cannot run is found before it serves, and the
+        process's thread count is settled before it serves (the executor starts a thread only when none is
+        idle: all of them wait at one barrier here, so all are started)."""
+        if self._lanes is not None:
+            started = threading.Barrier(self._lane_count)
+            for waiting in [self._lanes.submit(started.wait) for _ in range(self._lane_count)]:
+                waiting.result()
             self.run(sample_inputs(self.card, SMALL_BATCH + 1))
         return self.run(sample_inputs(self.card))
+
+
+def _run_in_slices(session: ort.InferenceSession, lanes: ThreadPoolExecutor, count: int, output_names: list[str],
+                   feeds: dict[str, np.ndarray], run_options: ort.RunOptions) -> list[np.ndarray]:
+    """The batch cut along its first axis into at most ``count`` near-even slices of about SMALL_BATCH items
+    or more, run side by side on ``lanes``, outputs joined."""
+    n = len(next(iter(feeds.values())))
+    step = -(-n // min(count, -(-n // SMALL_BATCH)))
+    runs = [lanes.submit(session.run, output_names, {k: v[i : i + step] for k, v in feeds.items()}, run_options)
+            for i in range(0, n, step)]
+    parts = [r.result() for r in runs]
+    return [np.concatenate(column) for column in zip(*parts, strict=True)]
 
 
 def sample_inputs(card: ModelCard, batch_size: int = 1) -> dict[str, np.ndarray]:
@@ -148,7 +182,7 @@ def _check_tensor(spec: TensorSpec, array: np.ndarray) -> None:
 
 def _session_options(intra_op_threads: int | None) -> ort.SessionOptions:
     """All graph optimizations; ``intra_op_threads`` None lets ORT use one thread per physical core,
-    a number bounds it (several models in one process each get their own pool).
+    a number bounds it.
 
     Spinning is off: an idle ORT worker thread otherwise busy-waits for the next run, which on a small
     machine takes the CPU the gRPC event loop and the image decoders need. Profiled on 2 cores (bench/):
@@ -163,10 +197,11 @@ def _session_options(intra_op_threads: int | None) -> ort.SessionOptions:
     return so
 
 
-def _create_session(path: Path, device: str, so: ort.SessionOptions) -> ort.InferenceSession:
-    """``cuda``: CUDA or ProviderError; ``auto``: CUDA when it can be created, else CPU; ``cpu``: CPU."""
+def _create_session(path: Path, device: str, intra_op_threads: int | None) -> ort.InferenceSession:
+    """``cuda``: CUDA or ProviderError; ``auto``: CUDA when it can be created, else CPU; ``cpu``: CPU,
+    single-threaded (``OnnxModel`` runs large batches in slices)."""
     if device == "cuda" or (device == "auto" and _cuda["usable"]):
-        session, reason = _try_cuda(path, so, quiet=device == "auto")
+        session, reason = _try_cuda(path, _session_options(intra_op_threads), quiet=device == "auto")
         if session is not None:
             return session
         if device == "cuda":
@@ -174,7 +209,7 @@ def _create_session(path: Path, device: str, so: ort.SessionOptions) -> ort.Infe
                 f"device 'cuda': {CUDA} cannot be used for {path}: {reason} (onnxruntime's error above says which)"
             )
         _fall_back_once(reason)
-    return ort.InferenceSession(str(path), so, providers=[CPU])
+    return ort.InferenceSession(str(path), _session_options(1), providers=[CPU])
 
 
 # ``auto`` gives up on CUDA for the whole process after one failure: if it cannot be created for one model

@@ -86,7 +86,8 @@ class ServerSettings:
                                     "server process")
     max_message_mb: int = _option(64, "largest gRPC message, both directions, in MiB")
     poll_interval_s: float = _option(5.0, "how often the repository looks for new versions; 0 = never")
-    intra_op_threads: int = _option(0, "ONNX Runtime threads per session; 0 = its default")
+    intra_op_threads: int = _option(0, "CPU threads one model run may use (a large batch is split "
+                                   "across them); 0 = one per core")
     inline_run_ms: float = _option(1.0, "model runs measured to take less than this execute on the event loop, "
                                    "saving a thread hop (on a GPU, only a lone request's run; batches formed "
                                    "under load run in a thread); 0 = every run in a worker thread")

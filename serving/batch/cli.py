@@ -86,8 +86,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     local.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                        help="ONNX Runtime device (default: auto)")
     local.add_argument("--threads", type=_non_negative, default=0, metavar="N",
-                       help="ONNX Runtime threads; for images on the CPU the --workers processes run the model, "
-                       "with N threads each (default: 1 when workers decode images, else one per physical core)")
+                       help="CPU threads one model run may use; for images on the CPU the --workers processes run the "
+                       "model, with N threads each (default: 1 when workers decode images, else one per core)")
     local.add_argument("--max-image-pixels", type=_positive, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
                        help="larger images (width * height) are refused, as the server does (default: %(default)s)")
     local.add_argument("--engine", choices=("local", "ray"), default="local",

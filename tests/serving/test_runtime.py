@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -161,15 +162,42 @@ def test_gpu_matches_cpu_within_fp32_tolerance() -> None:
             np.testing.assert_allclose(got[k], want[k], atol=1e-4, rtol=1e-4, err_msg=name)
 
 
-def test_small_batches_run_single_threaded_with_the_same_answers() -> None:
-    """Up to SMALL_BATCH items go to a one-thread session, more to ONNX Runtime's pool; both answer alike."""
-    model = OnnxModel(*export("mnist_cnn"), device="cpu")
-    assert model._small_session is not model._session
-    assert model._small_session.get_session_options().intra_op_num_threads == 1
-    x = np.random.default_rng(0).normal(size=(runtime.SMALL_BATCH + 1, 1, 28, 28)).astype(np.float32)
+def test_large_batches_run_in_slices_on_the_lanes_with_the_same_answers() -> None:
+    """On the CPU one single-threaded session: a batch above SMALL_BATCH is cut into slices that run on the
+    model's lane threads, and its rows are the rows of the same items run one at a time."""
+    model = OnnxModel(*export("mnist_cnn"), device="cpu", intra_op_threads=3)
+    assert model._session.get_session_options().intra_op_num_threads == 1
+    n = runtime.SMALL_BATCH * 3 + 1  # three uneven slices
+    x = np.random.default_rng(0).normal(size=(n, 1, 28, 28)).astype(np.float32)
     name = model.card.inputs[0].name
-    small = model.run({name: x[: runtime.SMALL_BATCH]})["logits"]
-    pooled = model.run({name: x})["logits"]
-    np.testing.assert_allclose(small, pooled[: runtime.SMALL_BATCH], rtol=1e-5, atol=1e-5)
-    single = OnnxModel(*export("mnist_cnn"), device="cpu", intra_op_threads=1)
-    assert single._small_session is single._session  # already one thread: no second session
+    before = set(threading.enumerate())
+    sliced = model.run({name: x})["logits"]
+    lanes = [t for t in set(threading.enumerate()) - before if t.name.startswith("ort-mnist_cnn")]
+    assert 1 <= len(lanes) <= 3
+    one_by_one = np.concatenate([model.run({name: x[i : i + 1]})["logits"] for i in range(n)])
+    assert sliced.shape == (n, 10)
+    np.testing.assert_allclose(sliced, one_by_one, rtol=1e-5, atol=1e-5)
+    assert OnnxModel(*export("mnist_cnn"), device="cpu", intra_op_threads=1)._lanes is None  # one thread: no lanes
+
+
+def test_warmup_starts_every_lane_so_the_thread_count_is_settled_before_serving() -> None:
+    before = set(threading.enumerate())
+    OnnxModel(*export("diabetes_mlp"), device="cpu", intra_op_threads=3).warmup()
+    lanes = [t for t in set(threading.enumerate()) - before if t.name.startswith("ort-diabetes_mlp")]
+    assert len(lanes) == 3
+
+
+def test_sliced_runs_keep_every_input_aligned_and_refuse_bad_values_in_any_slice() -> None:
+    """A two-input model (names and their lengths) cut into slices: each name keeps its own length, and an
+    out-of-range character in the last slice is the client's InputError, as in a batch run whole."""
+    model = OnnxModel(*export("names_gru"), device="cpu", intra_op_threads=2)
+    people = ["Nakamura", "Schmidt", "O'Neill", "Rossi", "Dvorak", "Kowalski", "Nguyen", "Tanaka", "Ivanov",
+              "Garcia", "Murphy"]
+    chars, lengths = encode_names(people)
+    whole = model.run({"chars": chars, "lengths": lengths})["logits"]
+    single = [model.run({"chars": c[None, : int(n)], "lengths": n[None]})["logits"][0]
+              for c, n in zip(chars, lengths, strict=True)]
+    np.testing.assert_allclose(whole, np.stack(single), rtol=1e-5, atol=1e-5)
+    chars[-1, 0] = 500  # outside the 128-character embedding
+    with pytest.raises(InputError, match="refused the input"):
+        model.run({"chars": chars, "lengths": lengths})

@@ -42,8 +42,8 @@ class LocalEngine:
         """``decode_workers``: the processes that prepare digits batches (0: none), which on the CPU also run
         the model, with ``threads`` (default 1) each."""
         if card.task == "digits" and decode_workers:
-            # On the CPU the workers run the model and this session only checks the file and picks the
-            # device: one thread spares it ORT's second, single-threaded session for small batches.
+            # On the CPU the workers run the model, one thread each (as many workers as cores), and this
+            # session only checks the file and picks the device.
             threads = threads or 1
         try:
             self.model = OnnxModel(card.verify_file(directory), card, device=device, intra_op_threads=threads)
