@@ -46,8 +46,8 @@ _NUMPY_TO_DATATYPE = {np.dtype(v): k for k, v in DATATYPES.items()}
 #: per thread, the slices run side by side on the same session. ONNX Runtime's own intra-op pool splits
 #: every operator instead and waits for all its threads at each one: on a small machine, where the event
 #: loop and the decoders take a core now and then, one preempted thread stalls the others at every layer.
-#: Slices meet once per batch. Measured on 2 cores, mnist_cnn, raw ModelInfer of 1024 images, in turn with
-#: in-process ORT: server CPU per request 28-31 -> 23-26 ms, 53-57k -> 61-70k images/s (docs/performance.md).
+#: Slices meet once per batch. Measured on 2 cores, mnist_cnn, old and new code in turn: raw ModelInfer of
+#: 1024 images +10% by median, server CPU per request 26.8-30.1 -> 25.1-26.1 ms (docs/performance.md).
 #: Up to this size one thread is as fast as two (batch 1: 25 us on one thread, 35-70 us on a pool; batch
 #: 8: the same wall time, a third less CPU) and a slice would not pay for its thread hop.
 SMALL_BATCH = 8
@@ -73,7 +73,7 @@ class OnnxModel:
         self._session = _create_session(self.path, device, intra_op_threads)
         self.provider: str = self._session.get_providers()[0]
         threads = (intra_op_threads or cores()) if self.provider == CPU else 1
-        # Idle lanes cost nothing: the executor's threads start on first use and end with the model.
+        # The lane threads start at warm-up (or first use), wait idle between batches and end with the model.
         self._lanes = ThreadPoolExecutor(threads, f"ort-{card.name}") if threads > 1 else None
         self._lane_count = threads
         # Kernel errors caused by client values come back as InputError; ORT need not log them as well.
