@@ -10,7 +10,9 @@
 # Usage: bash bench/peer-venv.sh [PYTHON3.12]   (default: python3.12 on PATH, else pyenv's 3.12.1)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-py=${1:-$(command -v python3.12 || echo /root/.pyenv/versions/3.12.1/bin/python3.12)}
+# A pyenv shim named python3.12 is on PATH even where it refuses to run, so the default must run.
+py=${1:-python3.12}
+if [[ $# -eq 0 ]] && ! python3.12 -c "" 2>/dev/null; then py=/root/.pyenv/versions/3.12.1/bin/python3.12; fi
 ort=$(grep -oP '"onnxruntime-gpu==\K[0-9.]+' "$root/pyproject.toml")
 "$py" -m venv "$root/.bench-venv312"
 "$root/.bench-venv312/bin/python" -m pip install -q --upgrade pip
