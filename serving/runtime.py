@@ -42,15 +42,24 @@ CUDA_PROVIDER_OPTIONS = {
 
 _NUMPY_TO_DATATYPE = {np.dtype(v): k for k, v in DATATYPES.items()}
 
-#: On the CPU every run is single-threaded, and a batch of more than this many items is cut into one slice
-#: per thread, the slices run side by side on the same session. ONNX Runtime's own intra-op pool splits
-#: every operator instead and waits for all its threads at each one: on a small machine, where the event
-#: loop and the decoders take a core now and then, one preempted thread stalls the others at every layer.
-#: Slices meet once per batch. Measured on 2 cores, mnist_cnn, old and new code in turn: raw ModelInfer of
-#: 1024 images +10% by median, server CPU per request 26.8-30.1 -> 25.1-26.1 ms (docs/performance.md).
-#: Up to this size one thread is as fast as two (batch 1: 25 us on one thread, 35-70 us on a pool; batch
-#: 8: the same wall time, a third less CPU) and a slice would not pay for its thread hop.
+#: On the CPU every run is single-threaded, and a batch of more than this many items is cut into slices, at
+#: least one per thread, the slices run side by side on the same session. ONNX Runtime's own intra-op pool
+#: splits every operator instead and waits for all its threads at each one: on a small machine, where the
+#: event loop and the decoders take a core now and then, one preempted thread stalls the others at every
+#: layer. Slices meet once per batch. Measured on 2 cores, mnist_cnn, old and new code in turn: raw
+#: ModelInfer of 1024 images +10% by median, server CPU per request 26.8-30.1 -> 25.1-26.1 ms
+#: (docs/performance.md). Up to this size one thread is as fast as two (batch 1: 25 us on one thread,
+#: 35-70 us on a pool; batch 8: the same wall time, a third less CPU) and a slice would not pay for its
+#: thread hop.
 SMALL_BATCH = 8
+
+#: No CPU run holds more than this many items: a larger batch is cut into more slices than threads, which
+#: the lanes take in turn (one thread alone runs them one after another). A layer's activations for 64
+#: 28x28 images fit a core's L2 cache (conv1 of mnist_cnn: 64 x 10 x 24 x 24 floats = 1.5 MB), and for
+#: 512 they do not. In-process, 1024 items on 2 lanes, slices of 64 vs 512 (the old one per thread):
+#: mnist_cnn 184k vs 122k items/s, names_gru 49k vs 22k, mnist_resnet 78k vs 65k, mnist_inception 17.1k vs
+#: 13.9k; ORT's own 2-thread pool on the whole batch 155k, 17k, 74k, 15.0k (docs/performance.md).
+SLICE_ITEMS = 64
 
 
 class ProviderError(RuntimeError):
@@ -113,12 +122,12 @@ class OnnxModel:
         """Outputs by the card's names. Values the model itself refuses (an index out of range, say)
         become InputError too: they came from the client."""
         feeds = dict(inputs)
-        n = len(next(iter(feeds.values())))
+        slices = self._slice_count(len(next(iter(feeds.values()))))
         try:
-            if self._lanes is None or n <= SMALL_BATCH:
+            if slices == 1:
                 outputs = self._session.run(self._output_names, feeds, self._run_options)
             else:
-                outputs = _run_in_slices(self._session, self._lanes, self._lane_count, self._output_names, feeds,
+                outputs = _run_in_slices(self._session, self._lanes, slices, self._output_names, feeds,
                                          self._run_options)
         except InvalidArgument as e:
             # Keep ORT's reason ("indices element out of data bounds, idx=4 must be within ...") without its
@@ -127,6 +136,13 @@ class OnnxModel:
             raise InputError(f"{self.card.name}/{self.card.version} refused the input values ({reason}): expected "
                              f"values in the ranges the model was trained on (see its card)") from e
         return dict(zip(self._output_names, outputs, strict=True))
+
+    def _slice_count(self, n: int) -> int:
+        """How many slices a CPU batch of ``n`` items runs in: one per lane (each of SMALL_BATCH items or
+        more), or more where that would put over SLICE_ITEMS items in one run. The GPU runs a batch whole."""
+        if self.provider != CPU or n <= SMALL_BATCH:
+            return 1
+        return max(min(self._lane_count, -(-n // SMALL_BATCH)), -(-n // SLICE_ITEMS))
 
     def warmup(self) -> dict[str, np.ndarray]:
         """Start every lane thread and run one tiny real-shaped batch, and one in slices, so the first client
@@ -141,16 +157,19 @@ class OnnxModel:
         return self.run(sample_inputs(self.card))
 
 
-def _run_in_slices(session: ort.InferenceSession, lanes: ThreadPoolExecutor, count: int, output_names: list[str],
-                   feeds: dict[str, np.ndarray], run_options: ort.RunOptions) -> list[np.ndarray]:
-    """The batch cut along its first axis into at most ``count`` near-even slices of about SMALL_BATCH items
-    or more, run side by side on ``lanes``, outputs joined."""
+def _run_in_slices(session: ort.InferenceSession, lanes: ThreadPoolExecutor | None, slices: int,
+                   output_names: list[str], feeds: dict[str, np.ndarray], run_options: ort.RunOptions
+                   ) -> list[np.ndarray]:
+    """The batch cut along its first axis into ``slices`` near-even slices, run side by side on ``lanes``
+    (or one after another in this thread when there are none), outputs joined."""
     n = len(next(iter(feeds.values())))
-    step = -(-n // min(count, -(-n // SMALL_BATCH)))
-    runs = [lanes.submit(session.run, output_names, {k: v[i : i + step] for k, v in feeds.items()}, run_options)
-            for i in range(0, n, step)]
-    parts = [r.result() for r in runs]
-    return [np.concatenate(column) for column in zip(*parts, strict=True)]
+    step = -(-n // slices)
+    parts = ({k: v[i : i + step] for k, v in feeds.items()} for i in range(0, n, step))
+    if lanes is None:
+        results = [session.run(output_names, part, run_options) for part in parts]
+    else:
+        results = [r.result() for r in [lanes.submit(session.run, output_names, part, run_options) for part in parts]]
+    return [np.concatenate(column) for column in zip(*results, strict=True)]
 
 
 def sample_inputs(card: ModelCard, batch_size: int = 1) -> dict[str, np.ndarray]:

@@ -162,22 +162,31 @@ def test_gpu_matches_cpu_within_fp32_tolerance() -> None:
             np.testing.assert_allclose(got[k], want[k], atol=1e-4, rtol=1e-4, err_msg=name)
 
 
-def test_large_batches_run_in_slices_on_the_lanes_with_the_same_answers() -> None:
+@pytest.mark.parametrize(("threads", "n"), [(3, runtime.SMALL_BATCH * 3 + 1), (3, runtime.SLICE_ITEMS * 3 + 5),
+                                         (1, runtime.SLICE_ITEMS * 2 + 5)])
+def test_large_batches_run_in_slices_with_the_same_answers(threads: int, n: int) -> None:
     """On the CPU one single-threaded session: a batch above SMALL_BATCH is cut into slices that run on the
-    model's lane threads, and its rows are the rows of the same items run one at a time."""
-    model = OnnxModel(*export("mnist_cnn"), device="cpu", intra_op_threads=3)
+    model's lane threads (or one after another without lanes), and its rows are the rows of the same items
+    run one at a time."""
+    model = OnnxModel(*export("mnist_cnn"), device="cpu", intra_op_threads=threads)
     assert model._session.get_session_options().intra_op_num_threads == 1
-    n = runtime.SMALL_BATCH * 3 + 1  # three uneven slices
     x = np.random.default_rng(0).normal(size=(n, 1, 28, 28)).astype(np.float32)
     name = model.card.inputs[0].name
     before = set(threading.enumerate())
     sliced = model.run({name: x})["logits"]
     lanes = [t for t in set(threading.enumerate()) - before if t.name.startswith("ort-mnist_cnn")]
-    assert 1 <= len(lanes) <= 3
+    assert 1 <= len(lanes) <= 3 if threads > 1 else not lanes and model._lanes is None
     one_by_one = np.concatenate([model.run({name: x[i : i + 1]})["logits"] for i in range(n)])
     assert sliced.shape == (n, 10)
     np.testing.assert_allclose(sliced, one_by_one, rtol=1e-5, atol=1e-5)
-    assert OnnxModel(*export("mnist_cnn"), device="cpu", intra_op_threads=1)._lanes is None  # one thread: no lanes
+
+
+def test_slices_are_one_per_lane_and_never_over_slice_items() -> None:
+    lanes = OnnxModel(*export("mnist_cnn"), device="cpu", intra_op_threads=2)
+    alone = OnnxModel(*export("mnist_cnn"), device="cpu", intra_op_threads=1)
+    small, large = runtime.SMALL_BATCH, runtime.SLICE_ITEMS
+    assert [lanes._slice_count(n) for n in (1, small, small + 1, large * 2, large * 2 + 1, 1024)] == [1, 1, 2, 2, 3, 16]
+    assert [alone._slice_count(n) for n in (small + 1, large, large + 1, 1024)] == [1, 1, 2, 16]
 
 
 def test_warmup_starts_every_lane_so_the_thread_count_is_settled_before_serving() -> None:
