@@ -185,8 +185,9 @@ class Run:
         digits = self.by_task.get("digits")
         if not digits:
             return
-        path = "ORT CUDA" if self.cuda else "ORT CPU"
-        bind = inprocess.ort_paths(digits, self.cuda)[path]
+        # On the CPU the server's own runtime too: the server's ratio to it is the transport's share alone.
+        paths = ["ORT CUDA"] if self.cuda else ["ORT CPU", inprocess.RUNTIME_CPU]
+        binds = inprocess.ort_paths(digits, self.cuda)
         feeds = inprocess.inputs(digits, server_load.RAW_BATCH)
         p, variant = self.plan, server_load.IN_TURN
         cases = [server_load.raw_batches(digits, p.timing, variant),
@@ -194,10 +195,11 @@ class Run:
         rounds: dict[str, list[dict[str, Any]]] = {}
         with Server(tmp_repo, *self.server_args()) as srv:
             for _ in range(p.transport_rounds):
-                row = inprocess.measure(digits, path, bind, feeds, seconds=p.inproc_seconds, warmup=p.inproc_warmup,
-                                        min_calls=p.inproc_min_calls, note=variant.note,
-                                        prefix=f"{variant.prefix}/inproc", case=f"{path}, in turn with the server")
-                rounds.setdefault(row.key, []).append(row.to_json())
+                for path in paths:
+                    row = inprocess.measure(digits, path, binds[path], feeds, seconds=p.inproc_seconds,
+                                            warmup=p.inproc_warmup, min_calls=p.inproc_min_calls, note=variant.note,
+                                            prefix=f"{variant.prefix}/inproc", case=f"{path}, in turn with the server")
+                    rounds.setdefault(row.key, []).append(row.to_json())
                 for r in load(srv.target, cases, srv.pgid):
                     rounds.setdefault(r["key"], []).append(r)
         self._add_loaded([_one_round(rows, fastest=True) for rows in rounds.values()])
@@ -266,7 +268,7 @@ class Run:
         out: list[Ratio] = []
         for e in self.selected:
             for bs in self.args.batch_sizes:
-                for path in ("ort-cuda", "ort-cuda-io-binding"):
+                for path in (inprocess.path_key(inprocess.RUNTIME_CPU), "ort-cuda", "ort-cuda-io-binding"):
                     out.append(Ratio(f"{e.name} b{bs}: {path} vs ORT CPU", f"inproc/{path}/{e.name}/b{bs}",
                                      f"inproc/ort-cpu/{e.name}/b{bs}"))
         if digits := self.by_task.get("digits"):
@@ -277,12 +279,15 @@ class Run:
             turn, b = server_load.IN_TURN.prefix, server_load.RAW_BATCH
             raw, shm, inproc = (f"{turn}/modelinfer-raw/{m}/b{b}/c1", f"{turn}/modelinfer-shm/{m}/b{b}/c1",
                                 f"{turn}/inproc/{ort}/{m}/b{b}")
+            runtime = f"{turn}/inproc/{inprocess.path_key(inprocess.RUNTIME_CPU)}/{m}/b{b}"
             out += [
                 Ratio(f"ModelInfer raw b1024 vs in-process {ort} b1024 ({m}), measured in turn", raw, inproc, 0.8),
                 Ratio(f"ModelInfer raw b1024 vs in-process {ort} b1024 ({m}), rows of separate groups",
                       f"server/modelinfer-raw/{m}/b{b}/c1", f"inproc/{ort}/{m}/b{b}"),
                 Ratio(f"ModelInfer raw b1024 vs in-process {ort} b1024 ({m}), measured in turn, CPU per item",
                       raw, inproc, by_cpu=True),
+                Ratio(f"ModelInfer raw b1024 vs the server's runtime in-process b1024 ({m}), measured in turn: "
+                      "the transport alone", raw, runtime),
                 Ratio(f"ModelInfer b1024 in shared memory vs in-process {ort} b1024 ({m}), measured in turn",
                       shm, inproc),
                 Ratio(f"ModelInfer b1024 in shared memory vs raw in the message ({m}), measured in turn", shm, raw),

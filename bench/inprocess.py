@@ -27,6 +27,8 @@ from serving.preprocess import decode_digit, encode_names
 log = logging.getLogger("coursezoo.bench")
 
 BATCH_SIZES = (1, 64, 1024)
+#: the path name of the server's own runtime (``serving.runtime.OnnxModel``) on the CPU
+RUNTIME_CPU = "CourseZoo runtime CPU"
 #: binds one batch of inputs and returns the call that is timed
 Bind = Callable[[dict[str, np.ndarray]], Callable[[], object]]
 RUNS_DIR = Path(__file__).resolve().parents[1] / "runs"
@@ -71,10 +73,18 @@ def cuda_available(export: Export) -> bool:
 
 
 def ort_paths(export: Export, cuda: bool) -> dict[str, Bind]:
-    """Path name -> a factory that binds a batch and returns the call to time."""
+    """Path name -> a factory that binds a batch and returns the call to time.
+
+    Beside plain ORT, the server's own runtime on the CPU (``serving.runtime.OnnxModel``: single-threaded
+    runs, large batches in cache-sized slices on one lane per core): its rows tell how much of a server row's
+    ratio to plain ORT comes from how the model runs rather than from the transport."""
+    from serving.runtime import OnnxModel
+
     cpu = ort_session(export, "CPUExecutionProvider")
+    runtime = OnnxModel(export.onnx, export.card, device="cpu")
     paths: dict[str, Bind] = {
         "ORT CPU": lambda feeds: lambda: cpu.run(None, feeds),
+        RUNTIME_CPU: lambda feeds: lambda: runtime.run(feeds),
     }
     if cuda:
         gpu = ort_session(export, "CUDAExecutionProvider")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -61,6 +62,13 @@ SMALL_BATCH = 8
 #: 13.9k; ORT's own 2-thread pool on the whole batch 155k, 17k, 74k, 15.0k (docs/performance.md).
 SLICE_ITEMS = 64
 
+#: Slices pay only for a model whose run of SLICE_ITEMS items takes at least this long on one thread (timed
+#: once per model, at warm-up or its first batch above SMALL_BATCH); any other runs every batch whole. The
+#: regressions, the diabetes MLP and the hello RNNs take 3-15 us for 64 items, less than handing a slice to
+#: a lane and back (in-process, diabetes_mlp 1024: 80M items/s whole, 3.3M in 16 slices); the digit models and
+#: the GRU take 0.3-7 ms.
+SLICE_WORTH_S = 100e-6
+
 
 class ProviderError(RuntimeError):
     """``device="cuda"`` was asked for and the CUDA execution provider cannot be used."""
@@ -90,6 +98,7 @@ class OnnxModel:
         self._run_options.log_severity_level = 4
         self._inputs = {t.name: t for t in card.inputs}
         self._output_names = [t.name for t in card.outputs]
+        self._slices_pay: bool | None = None  # see SLICE_WORTH_S
         self._check_against_card()
 
     def _check_against_card(self) -> None:
@@ -139,16 +148,35 @@ class OnnxModel:
 
     def _slice_count(self, n: int) -> int:
         """How many slices a CPU batch of ``n`` items runs in: one per lane (each of SMALL_BATCH items or
-        more), or more where that would put over SLICE_ITEMS items in one run. The GPU runs a batch whole."""
-        if self.provider != CPU or n <= SMALL_BATCH:
+        more), or more where that would put over SLICE_ITEMS items in one run; one for a model too cheap for
+        slices to pay (SLICE_WORTH_S). The GPU runs a batch whole."""
+        if self.provider != CPU or n <= SMALL_BATCH or not self._slicing_pays():
             return 1
         return max(min(self._lane_count, -(-n // SMALL_BATCH)), -(-n // SLICE_ITEMS))
 
+    def _slicing_pays(self) -> bool:
+        """Time one run of SLICE_ITEMS sample items on this thread, once (the fastest of three: the first pays
+        for lazy initialization); two threads racing here both time it, and either answer will do."""
+        if self._slices_pay is None:
+            feeds = sample_inputs(self.card, SLICE_ITEMS)
+            fastest = float("inf")
+            for _ in range(3):
+                start = time.perf_counter()
+                self._session.run(self._output_names, feeds, self._run_options)
+                fastest = min(fastest, time.perf_counter() - start)
+            self._slices_pay = fastest >= SLICE_WORTH_S
+            log.debug("%s: %d items in %.0f us on one thread; slices %s", self.card.name, SLICE_ITEMS, fastest * 1e6,
+                      "pay" if self._slices_pay else "do not pay")
+        return self._slices_pay
+
     def warmup(self) -> dict[str, np.ndarray]:
-        """Start every lane thread and run one tiny real-shaped batch, and one in slices, so the first client
-        does not pay for lazy initialization, a model that cannot run is found before it serves, and the
-        process's thread count is settled before it serves (the executor starts a thread only when none is
-        idle: all of them wait at one barrier here, so all are started)."""
+        """Start every lane thread and run one tiny real-shaped batch, and one in slices (where they pay), so
+        the first client does not pay for lazy initialization, a model that cannot run is found before it
+        serves, and the process's thread count is settled before it serves (the executor starts a thread only
+        when none is idle: all of them wait at one barrier here, so all are started). On the CPU, whether
+        slices pay for this model is timed here too, not at its first large batch."""
+        if self.provider == CPU:
+            self._slicing_pays()
         if self._lanes is not None:
             started = threading.Barrier(self._lane_count)
             for waiting in [self._lanes.submit(started.wait) for _ in range(self._lane_count)]:

@@ -59,7 +59,8 @@ def test_quick_run_writes_the_promised_json(tmp_path: Path) -> None:
                     "server-workers3"}  # --workers 3
         assert variants | {f"{v}-baseline" for v in variants} <= {key.split("/")[0] for key in keys}
         # the transport target's parts, measured in turn
-        for part in ("inturn/inproc/ort-cpu/", "inturn/modelinfer-raw/", "inturn/modelinfer-shm/"):
+        for part in ("inturn/inproc/ort-cpu/", "inturn/inproc/coursezoo-runtime-cpu/", "inturn/modelinfer-raw/",
+                     "inturn/modelinfer-shm/"):
             assert any(key.startswith(part) for key in keys), part
 
     for ratio in report["ratios"]:

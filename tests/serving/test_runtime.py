@@ -164,10 +164,12 @@ def test_gpu_matches_cpu_within_fp32_tolerance() -> None:
 
 @pytest.mark.parametrize(("threads", "n"), [(3, runtime.SMALL_BATCH * 3 + 1), (3, runtime.SLICE_ITEMS * 3 + 5),
                                          (1, runtime.SLICE_ITEMS * 2 + 5)])
-def test_large_batches_run_in_slices_with_the_same_answers(threads: int, n: int) -> None:
+def test_large_batches_run_in_slices_with_the_same_answers(threads: int, n: int,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """On the CPU one single-threaded session: a batch above SMALL_BATCH is cut into slices that run on the
     model's lane threads (or one after another without lanes), and its rows are the rows of the same items
     run one at a time."""
+    monkeypatch.setattr(runtime, "SLICE_WORTH_S", 0.0)  # slicing pays, whatever this machine's speed
     model = OnnxModel(*export("mnist_cnn"), device="cpu", intra_op_threads=threads)
     assert model._session.get_session_options().intra_op_num_threads == 1
     x = np.random.default_rng(0).normal(size=(n, 1, 28, 28)).astype(np.float32)
@@ -181,12 +183,27 @@ def test_large_batches_run_in_slices_with_the_same_answers(threads: int, n: int)
     np.testing.assert_allclose(sliced, one_by_one, rtol=1e-5, atol=1e-5)
 
 
-def test_slices_are_one_per_lane_and_never_over_slice_items() -> None:
+def test_slices_are_one_per_lane_and_never_over_slice_items(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runtime, "SLICE_WORTH_S", 0.0)
     lanes = OnnxModel(*export("mnist_cnn"), device="cpu", intra_op_threads=2)
     alone = OnnxModel(*export("mnist_cnn"), device="cpu", intra_op_threads=1)
     small, large = runtime.SMALL_BATCH, runtime.SLICE_ITEMS
     assert [lanes._slice_count(n) for n in (1, small, small + 1, large * 2, large * 2 + 1, 1024)] == [1, 1, 2, 2, 3, 16]
     assert [alone._slice_count(n) for n in (small + 1, large, large + 1, 1024)] == [1, 1, 2, 16]
+
+
+def test_a_model_too_cheap_for_slices_runs_every_batch_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whether slices pay is timed once per model (SLICE_WORTH_S); a threshold no run reaches keeps every
+    batch whole, with the same answers."""
+    monkeypatch.setattr(runtime, "SLICE_WORTH_S", float("inf"))
+    model = OnnxModel(*export("diabetes_mlp"), device="cpu", intra_op_threads=2)
+    model.warmup()
+    assert [model._slice_count(n) for n in (runtime.SMALL_BATCH + 1, 1024)] == [1, 1]
+    x = np.random.default_rng(0).uniform(-1, 1, size=(100, 8)).astype(np.float32)
+    name = model.card.inputs[0].name
+    whole = next(iter(model.run({name: x}).values()))
+    one_by_one = np.concatenate([next(iter(model.run({name: x[i : i + 1]}).values())) for i in range(100)])
+    np.testing.assert_allclose(whole, one_by_one, rtol=1e-5, atol=1e-6)
 
 
 def test_warmup_starts_every_lane_so_the_thread_count_is_settled_before_serving() -> None:
@@ -196,9 +213,11 @@ def test_warmup_starts_every_lane_so_the_thread_count_is_settled_before_serving(
     assert len(lanes) == 3
 
 
-def test_sliced_runs_keep_every_input_aligned_and_refuse_bad_values_in_any_slice() -> None:
+def test_sliced_runs_keep_every_input_aligned_and_refuse_bad_values_in_any_slice(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """A two-input model (names and their lengths) cut into slices: each name keeps its own length, and an
     out-of-range character in the last slice is the client's InputError, as in a batch run whole."""
+    monkeypatch.setattr(runtime, "SLICE_WORTH_S", 0.0)
     model = OnnxModel(*export("names_gru"), device="cpu", intra_op_threads=2)
     people = ["Nakamura", "Schmidt", "O'Neill", "Rossi", "Dvorak", "Kowalski", "Nguyen", "Tanaka", "Ivanov",
               "Garcia", "Murphy"]
