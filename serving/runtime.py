@@ -55,11 +55,11 @@ _NUMPY_TO_DATATYPE = {np.dtype(v): k for k, v in DATATYPES.items()}
 SMALL_BATCH = 8
 
 #: No CPU run holds more than this many items: a larger batch is cut into more slices than threads, which
-#: the lanes take in turn (one thread alone runs them one after another). A layer's activations for 64
-#: 28x28 images fit a core's L2 cache (conv1 of mnist_cnn: 64 x 10 x 24 x 24 floats = 1.5 MB), and for
-#: 512 they do not. In-process, 1024 items on 2 lanes, slices of 64 vs 512 (the old one per thread):
-#: mnist_cnn 184k vs 122k items/s, names_gru 49k vs 22k, mnist_resnet 78k vs 65k, mnist_inception 17.1k vs
-#: 13.9k; ORT's own 2-thread pool on the whole batch 155k, 17k, 74k, 15.0k (docs/performance.md).
+#: the lanes take in turn (one thread alone runs them one after another). A run's working set then stays
+#: near the core's caches (conv1 of mnist_cnn writes 1.5 MB of activations for 64 images, 11.8 MB for 512).
+#: In-process on 2 cores (1 MB of L2 each), 1024 items on 2 lanes, slices of 64 vs 512 (the old one per
+#: thread): mnist_cnn 184k vs 122k items/s, names_gru 49k vs 22k, mnist_resnet 78k vs 65k, mnist_inception
+#: 17.1k vs 13.9k; ORT's own 2-thread pool on the whole batch 155k, 17k, 74k, 15.0k (docs/performance.md).
 SLICE_ITEMS = 64
 
 #: Slices pay only for a model whose run of SLICE_ITEMS items takes at least this long on one thread (timed
