@@ -274,6 +274,7 @@ class Run:
         if digits := self.by_task.get("digits"):
             m, ort = digits.name, "ort-cuda" if self.cuda else "ort-cpu"
             v, w = self.variants, self.args.workers
+            delay = f"{server_load.QUEUE_DELAY_MS:g} ms queue delay"
             n, c = self.plan.batch_images, server_load.CLIENTS
             # the transport target's parts, measured in turn (raw_in_turn), by key
             turn, b = server_load.IN_TURN.prefix, server_load.RAW_BATCH
@@ -336,6 +337,14 @@ class Run:
                       *_in_turn_reversed(v["workers"], f"h2load/classify-png/{m}/c{c}")),
                 Ratio(f"{c} clients ModelInfer raw 1 image (grpc.aio client): --workers {w} vs one process",
                       *_in_turn_reversed(v["workers"], f"modelinfer-raw/{m}/b1/c{c}")),
+                Ratio(f"{c} clients ClassifyDigits 1 PNG: {delay} vs none",
+                      *_in_turn_reversed(v["queue-delay"], f"classify-png/{m}/b1/c{c}")),
+                Ratio(f"{c} clients ModelInfer raw 1 image (grpc.aio client): {delay} vs none",
+                      *_in_turn_reversed(v["queue-delay"], f"modelinfer-raw/{m}/b1/c{c}")),
+                Ratio(f"{c} clients h2load ModelInfer: {delay} vs none",
+                      *_in_turn_reversed(v["queue-delay"], f"h2load/modelinfer-raw/{m}/c{c}")),
+                Ratio(f"unary ClassifyDigits 1 PNG: {delay} vs none (a lone caller waits it out)",
+                      *_in_turn_reversed(v["queue-delay"], f"classify-png/{m}/b1/c1")),
                 Ratio(f"batch --local vs in-process ORT on decoded tensors ({n} PNGs)",
                       f"batchcli/local/{m}/n{n}", f"batchcli/ort-decoded/{m}/n{n}", 0.7),
                 Ratio(f"batch --server vs in-process ORT on decoded tensors ({n} PNGs)",

@@ -52,6 +52,8 @@ DEFAULT = Variant("server", "", ())
 IN_TURN = Variant("inturn", "measured in turn with in-process ONNX Runtime on batches of the same size", ())
 #: The ``--workers`` count of the ``workers`` variant unless ``coursezoo bench --workers`` says otherwise.
 DEFAULT_WORKERS = 2
+#: The ``queue-delay`` variant's ``--max-queue-delay-ms`` (the server's default is 0)
+QUEUE_DELAY_MS = 1.0
 
 
 def variants(workers: int = DEFAULT_WORKERS) -> dict[str, Variant]:
@@ -71,6 +73,11 @@ def variants(workers: int = DEFAULT_WORKERS) -> dict[str, Variant]:
                                      ("--decode-processes", "0")),
         "workers": Variant(f"server-workers{workers}", f"{workers} server processes sharing the port "
                            f"(--workers {workers})", ("--workers", str(workers))),
+        # Triton's max_queue_delay: a lone caller waits it out, many callers' replies leave together, so a
+        # client on the same host is woken once for several of them (docs/performance.md).
+        "queue-delay": Variant(f"server-delay{QUEUE_DELAY_MS:g}", f"requests wait up to {QUEUE_DELAY_MS:g} ms for "
+                               f"others to join a batch (--max-queue-delay-ms {QUEUE_DELAY_MS:g})",
+                               ("--max-queue-delay-ms", f"{QUEUE_DELAY_MS:g}")),
     }
 
 
@@ -119,15 +126,16 @@ def variant_cases(name: str, variant: Variant, digits: Export, timing: dict[str,
     """The rows variant ``name`` changes, measured on ``variant`` (it, or its baseline): batching the
     many-clients rows, inline runs the single-image and raw ones (and, for ``inline-all``, the many-clients
     ones), the decoding pool the PNG batches, the kept heap the large requests (raw and PNG batches), worker
-    processes the many-clients rows (the ``workers`` and ``inline-all`` rows from h2load too, when
-    ``h2load``: the client that leaves the server the cores)."""
+    processes the many-clients rows, a queue delay the single-image and many-clients ones (the ``workers``,
+    ``inline-all`` and ``queue-delay`` rows from h2load too, when ``h2load``: the client that leaves the
+    server the cores)."""
     if name == "decode-in-process":
         return [png_batches(digits, timing, variant)]
     if name == "heap-default":
         return [raw_batches(digits, timing, variant), png_batches(digits, timing, variant)]
     rows = [] if name == "workers" else [unary(digits, timing, variant)]
     rows += concurrent(digits, timing, variant)
-    if name in ("workers", "inline-all") and h2load:
+    if name in ("workers", "inline-all", "queue-delay") and h2load:
         rows += h2load_cases(digits, "coursezoo", timing, (CLIENTS,), variant)
     if name == "inline-off":
         rows.append(raw_batches(digits, timing, variant))
