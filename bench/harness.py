@@ -245,7 +245,8 @@ class Run:
         batching = {k: self.server_settings[k] for k in ("max_batch_size", "max_queue_delay_ms")}
         with triton_peer.TritonPeer(python, digits, device="cuda" if self.cuda else "cpu", **batching) as peer:
             self.notes.append(f"Triton peer: {info} ({python.parent.parent.name}) on {peer.provider}; Triton's "
-                              "dynamic batcher with CourseZoo's batching limits")
+                              "dynamic batcher with CourseZoo's batching limits (its queue delay always waited out, as "
+                              "Triton does)")
             oip = server_load.oip_cases(digits, "triton", self.plan.oip_concurrency, OIP_CLIENTS, self.plan.timing)
             self._add_loaded(load(peer.target, oip + self.h2load_cases(digits, "triton"), peer.pgid))
 
@@ -274,7 +275,7 @@ class Run:
         if digits := self.by_task.get("digits"):
             m, ort = digits.name, "ort-cuda" if self.cuda else "ort-cpu"
             v, w = self.variants, self.args.workers
-            delay = f"{server_load.QUEUE_DELAY_MS:g} ms queue delay"
+            delay = f"the default {self.server_settings['max_queue_delay_ms']:g} ms adaptive queue delay"
             n, c = self.plan.batch_images, server_load.CLIENTS
             # the transport target's parts, measured in turn (raw_in_turn), by key
             turn, b = server_load.IN_TURN.prefix, server_load.RAW_BATCH
@@ -338,13 +339,13 @@ class Run:
                 Ratio(f"{c} clients ModelInfer raw 1 image (grpc.aio client): --workers {w} vs one process",
                       *_in_turn_reversed(v["workers"], f"modelinfer-raw/{m}/b1/c{c}")),
                 Ratio(f"{c} clients ClassifyDigits 1 PNG: {delay} vs none",
-                      *_in_turn_reversed(v["queue-delay"], f"classify-png/{m}/b1/c{c}")),
+                      *_in_turn(v["queue-delay"], f"classify-png/{m}/b1/c{c}")),
                 Ratio(f"{c} clients ModelInfer raw 1 image (grpc.aio client): {delay} vs none",
-                      *_in_turn_reversed(v["queue-delay"], f"modelinfer-raw/{m}/b1/c{c}")),
+                      *_in_turn(v["queue-delay"], f"modelinfer-raw/{m}/b1/c{c}")),
                 Ratio(f"{c} clients h2load ModelInfer: {delay} vs none",
-                      *_in_turn_reversed(v["queue-delay"], f"h2load/modelinfer-raw/{m}/c{c}")),
-                Ratio(f"unary ClassifyDigits 1 PNG: {delay} vs none (a lone caller waits it out)",
-                      *_in_turn_reversed(v["queue-delay"], f"classify-png/{m}/b1/c1")),
+                      *_in_turn(v["queue-delay"], f"h2load/modelinfer-raw/{m}/c{c}")),
+                Ratio(f"unary ClassifyDigits 1 PNG: {delay} vs none (a lone caller should not wait)",
+                      *_in_turn(v["queue-delay"], f"classify-png/{m}/b1/c1")),
                 Ratio(f"batch --local vs in-process ORT on decoded tensors ({n} PNGs)",
                       f"batchcli/local/{m}/n{n}", f"batchcli/ort-decoded/{m}/n{n}", 0.7),
                 Ratio(f"batch --server vs in-process ORT on decoded tensors ({n} PNGs)",
@@ -398,8 +399,8 @@ def _one_round(rows: list[dict[str, Any]], fastest: bool = False) -> dict[str, A
 
 
 #: The server settings that shape a benchmark: recorded in the JSON and passed to every server explicitly.
-SPELLED_OUT = ("max_batch_size", "max_queue_delay_ms", "inline_run_ms", "decode_processes", "workers",
-               "keep_heap")
+SPELLED_OUT = ("max_batch_size", "max_queue_delay_ms", "adaptive_queue_delay", "inline_run_ms", "decode_processes",
+               "workers", "keep_heap")
 
 
 def _server_defaults() -> dict[str, Any]:

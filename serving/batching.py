@@ -6,6 +6,14 @@ to ``max_batch_size`` items, waiting at most ``max_delay_ms`` for more, runs the
 event loop keeps serving) and hands each request its own rows back, in order. One execution per model
 is in flight at a time: while it runs the next batch fills up, which is where batching pays.
 
+A fixed delay costs a lone caller its whole length, and under load it is what pays: on a CPU shared with
+the clients, replies that leave together wake a client once for several. An adaptive delay
+(``adaptive``, the server's default) is like a preferred batch size that follows the load: a batch
+waits, up to the delay, only until it holds as many requests as the last batch did, and once every
+``PROBE_S`` one batch waits the whole delay to see how many come. A lone caller's batches hold one
+request, so it waits only in a probe; 64 callers' hold several, and their batches wait for about as
+many. ``adaptive=False`` always waits the delay out, as Triton's ``max_queue_delay_microseconds`` does.
+
 ``max_batch_size`` bounds what is merged; a client batch runs in chunks of ``chunk_size`` items (at least,
 and by default, ``max_batch_size``), and a chunk larger than ``max_batch_size`` runs alone. The server chunks at its
 request limit: one large request is one execution, which measured best on both devices (docs/performance.md).
@@ -30,6 +38,12 @@ log = logging.getLogger("coursezoo.batching")
 
 Arrays = dict[str, np.ndarray]
 RunFn = Callable[[Arrays], Mapping[str, np.ndarray]]
+
+#: With an adaptive delay, how often one batch waits the whole delay to learn how many requests come in it.
+PROBE_S = 1.0
+#: With an adaptive delay, the fewest requests worth waiting for: on 2 cores shared with the clients,
+#: waiting for a second or third caller cost throughput (docs/performance.md), for 8 or more it paid.
+MIN_EXPECTED = 4
 
 
 class QueueFull(RuntimeError):
@@ -66,7 +80,9 @@ class DynamicBatcher:
     runs every batch in a thread. ``inline_batches=False`` keeps the batches the worker forms (requests that
     arrived while another ran) in a thread whatever their size, and lets only a lone request on an idle
     model run inline: for a GPU session, whose run is mostly waiting on the device, time the event loop
-    spends better receiving the next requests (measured on an H100, docs/performance.md).
+    spends better receiving the next requests (measured on an H100, docs/performance.md). ``adaptive``
+    waits out ``max_delay_ms`` only until a batch holds as many requests as the last one (the module
+    docstring).
     """
 
     def __init__(
@@ -82,6 +98,7 @@ class DynamicBatcher:
         inline_budget_ms: float = 0.0,
         inline_batches: bool = True,
         chunk_size: int | None = None,
+        adaptive: bool = False,
     ):
         self.name = name
         self.max_batch_size = max(1, max_batch_size)
@@ -93,6 +110,11 @@ class DynamicBatcher:
         self._executor = executor  # None: the event loop's default thread pool
         self.inline_budget_s = max(0.0, inline_budget_ms) / 1000
         self.inline_batches = inline_batches
+        self.adaptive = adaptive
+        self._expected = 1  # requests the last batch held: with an adaptive delay, what a batch waits for
+        # time.monotonic() of the next batch that waits the whole delay: a new model serves its first
+        # second without waiting, and probes from then on
+        self._next_probe = time.monotonic() + PROBE_S
         # Measured seconds per item, smoothed, by batch-size class (1, 2-3, 4-7, ...): per-item cost falls
         # as batches grow, so one figure for all sizes would mislead both ends.
         self._seconds_per_item: dict[int, float] = {}
@@ -102,6 +124,7 @@ class DynamicBatcher:
         self._closing = False
         self._worker: asyncio.Task[None] | None = None
         self._running = False  # a batch is executing (in a thread, or on the loop)
+        self._collecting = False  # the worker is waiting for requests to join a batch
 
     @property
     def queue_depth(self) -> int:
@@ -134,11 +157,23 @@ class DynamicBatcher:
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def _idle_for(self, n: int) -> bool:
-        """Whether ``n`` items can run at once in the caller's task: nothing queued or running, no batching
-        delay to wait out, and a run this size known to fit the inline budget. That is the batch the worker
+        """Whether ``n`` items can run at once in the caller's task: nothing queued, forming or running, no
+        batching delay to wait out, and a run this size known to fit the inline budget. That is the batch the worker
         would form, without the hand-over to it and back (two turns of the event loop)."""
-        return (not self._queue and not self._running and self.max_delay_s == 0 and n <= self.chunk_size
-                and self._runs_inline(n))
+        return (not self._queue and not self._running and not self._collecting and n <= self.chunk_size
+                and not self._waits(1) and self._runs_inline(n))
+
+    def _waits(self, requests: int) -> bool:
+        """Whether a batch of ``requests`` would wait for more: a delay is set and, if it adapts, the last
+        batch held more requests (at least ``MIN_EXPECTED``) or a probe is due."""
+        return self.max_delay_s > 0 and (not self.adaptive or self._expects_more(requests) or self._probe_due())
+
+    def _expects_more(self, requests: int) -> bool:
+        """Whether the last batch held more than ``requests`` requests, and enough to be worth waiting for."""
+        return MIN_EXPECTED <= self._expected and requests < self._expected
+
+    def _probe_due(self) -> bool:
+        return time.monotonic() >= self._next_probe
 
     def _run_now(self, inputs: Mapping[str, np.ndarray], n: int) -> Arrays:
         self._running = True
@@ -190,7 +225,11 @@ class DynamicBatcher:
                     self._arrived.clear()
                     await self._arrived.wait()
                 batch = []
-                await self._collect(batch)
+                self._collecting = True
+                try:
+                    await self._collect(batch)
+                finally:
+                    self._collecting = False
                 if batch:
                     await self._execute(batch)
         except BaseException as e:  # cancelled, or a bug: nobody may wait forever on a worker that is gone
@@ -202,13 +241,20 @@ class DynamicBatcher:
 
     async def _collect(self, batch: list[_Request]) -> None:
         """Fill ``batch`` with the oldest live request plus compatible queued ones, waiting up to max_delay
-        for more."""
+        for more while more are expected (a probe: until the delay is over)."""
         size = 0
         deadline = asyncio.get_running_loop().time() + self.max_delay_s
+        probe = self.adaptive and self.max_delay_s > 0 and self._probe_due()
+        if probe:
+            self._next_probe = time.monotonic() + PROBE_S
         while True:
             size = self._take(batch, size)
             remaining = deadline - asyncio.get_running_loop().time()
-            if not batch or size >= self.max_batch_size or self._closing or remaining <= 0:
+            if (not batch or size >= self.max_batch_size or self._closing or remaining <= 0
+                    or (self.adaptive and not probe and not self._expects_more(len(batch)))):
+                # A batch cut short by the delay lowers the expectation by one request at a time: one lull
+                # under load (a batch of one) does not send every batch after it out alone until the next probe.
+                self._expected = max(1, len(batch), self._expected - 1)
                 return
             self._arrived.clear()
             try:

@@ -58,6 +58,7 @@ class ServingSettings:
     device: str = "auto"  # auto | cuda | cpu
     max_batch_size: int = 64
     max_queue_delay_ms: float = 1.0
+    adaptive_queue_delay: bool = True  # wait for as many requests as the last batch held, not the whole delay
     max_queue_items: int = 4096
     intra_op_threads: int | None = None  # CPU threads one run may use (runtime.OnnxModel); None or 0: one per core
     inline_run_ms: float = 0.0  # batches expected to run faster than this run on the event loop (see batching)
@@ -65,9 +66,16 @@ class ServingSettings:
     poll_interval_s: float = 0.0  # 0: no polling; RepositoryModelLoad still loads new versions
 
 
+def _true_or_false(value: Any) -> bool:
+    """A card's JSON boolean; ``bool()`` would take the string "false" for true."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{value!r} is not true or false")
+    return value
+
+
 #: Fields a card's ``serving`` dict may set, with their types.
-CARD_OVERRIDES = {"max_batch_size": int, "max_queue_delay_ms": float, "max_queue_items": int, "intra_op_threads": int,
-                  "inline_run_ms": float}
+CARD_OVERRIDES = {"max_batch_size": int, "max_queue_delay_ms": float, "adaptive_queue_delay": _true_or_false,
+                  "max_queue_items": int, "intra_op_threads": int, "inline_run_ms": float}
 
 
 def settings_for(settings: Any, card: ModelCard) -> ServingSettings:
@@ -304,7 +312,7 @@ class ModelRepository:
             session.run, max_batch_size=settings.max_batch_size, max_delay_ms=settings.max_queue_delay_ms,
             max_queue_items=settings.max_queue_items, name=name, observer=self._metrics,
             inline_budget_ms=settings.inline_run_ms, inline_batches=session.provider == CPU,
-            chunk_size=settings.max_items_per_request,
+            chunk_size=settings.max_items_per_request, adaptive=settings.adaptive_queue_delay,
         )
         versions[version] = _Version(fingerprint, ServedModel(card, session, batcher, settings), READY)
         if self._metrics is not None:

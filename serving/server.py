@@ -76,8 +76,12 @@ class ServerSettings:
     metrics_port: int = _option(8002, "Prometheus /metrics port; 0 = ephemeral (printed), -1 = off")
     max_batch_size: int = _option(64, "dynamic batching: most items merged from concurrent requests into one model "
                                       "execution (1 = no coalescing); one request runs whole")
-    max_queue_delay_ms: float = _option(0.0, "dynamic batching: longest wait for more items to join a batch; 0 "
+    max_queue_delay_ms: float = _option(1.0, "dynamic batching: longest wait for more items to join a batch; 0 "
                                         "= no waiting, but requests queued behind a running batch still join")
+    adaptive_queue_delay: bool = _option(True, "wait --max-queue-delay-ms out only until a batch holds as many "
+                                         "requests as the last one (once a second, the whole delay, to see how "
+                                         "many come): a lone caller does not wait; false = always, as Triton "
+                                         "does")
     max_queue_items: int = _option(4096, "items a model's queue holds before RESOURCE_EXHAUSTED")
     max_items_per_request: int = _option(1024, "items (images, records, texts, rows) one request may carry")
     max_image_pixels: int = _option(DEFAULT_MAX_IMAGE_PIXELS, "largest image (width*height) before RESOURCE_EXHAUSTED")

@@ -56,7 +56,7 @@ def test_quick_run_writes_the_promised_json(tmp_path: Path) -> None:
     assert expected <= groups, f"groups measured: {sorted(groups)}"
     if digits_models(EXPORTED):  # each server variant (one setting changed) has its rows beside the default's
         variants = {"server-off", "server-thread", "server-inline", "server-glibcheap", "server-nopool",
-                    "server-workers3", "server-delay1"}  # --workers 3, --max-queue-delay-ms 1
+                    "server-workers3", "server-delay0"}  # --workers 3, --max-queue-delay-ms 0
         assert variants | {f"{v}-baseline" for v in variants} <= {key.split("/")[0] for key in keys}
         # the transport target's parts, measured in turn
         for part in ("inturn/inproc/ort-cpu/", "inturn/inproc/coursezoo-runtime-cpu/", "inturn/modelinfer-raw/",

@@ -39,10 +39,11 @@ PIXELS = pb.Image(pixels=bytes(range(256)) * 3 + bytes(16))
 
 @pytest.fixture(scope="module")
 def repo(scratch_repo: Path) -> Path:
-    """The scratch repository with a long batching delay for SLOW, set the supported way: its card's hints."""
+    """The scratch repository with a long batching delay for SLOW, waited out by every batch (not adaptive),
+    set the supported way: its card's hints."""
     for card_path in (scratch_repo / SLOW).glob("*/model.json"):
         card = json.loads(card_path.read_text())
-        card["serving"] = {"max_queue_delay_ms": SLOW_DELAY_MS}
+        card["serving"] = {"max_queue_delay_ms": SLOW_DELAY_MS, "adaptive_queue_delay": False}
         card_path.write_text(json.dumps(card))
     return scratch_repo
 

@@ -14,10 +14,12 @@ from typing import Any
 import numpy as np
 import pytest
 
+from serving import batching
 from serving.batching import BatcherClosed, DynamicBatcher, QueueFull
 from serving.preprocess import InputError
 
 WAIT_S = 30.0  # generous bound on waiting for the worker; only reached when something hangs
+LONG_DELAY_MS = 1000 * WAIT_S * 2  # a queue delay no test outlives: waiting it out fails the test
 
 
 class GatedModel:
@@ -370,3 +372,49 @@ def test_slow_runs_and_a_zero_budget_stay_in_worker_threads() -> None:
 
         loop_thread = run(main())
         assert len(model.threads) == 4 and all(thread != loop_thread for _, thread in model.threads)
+
+
+def test_an_adaptive_delay_lets_a_lone_caller_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last batch held one request, so no batch waits for company (no probe is due): with a delay
+    longer than the test may take, every lone request still runs, on the loop once its size is measured."""
+    monkeypatch.setattr(batching, "PROBE_S", 3600.0)
+    model, recorder = ThreadRecorder(), Recorder()
+
+    async def main() -> int:
+        batcher = DynamicBatcher(model, max_batch_size=64, max_delay_ms=LONG_DELAY_MS, max_queue_items=100,
+                                 inline_budget_ms=1000, observer=recorder, adaptive=True)
+        for i in range(4):
+            np.testing.assert_array_equal((await batcher.submit(x(i)))["y"], x(i)["x"] * 2)
+        return threading.get_ident()
+
+    loop_thread = run(main())
+    assert [(size, thread == loop_thread) for size, thread in model.threads] == [
+        (1, False), (1, True), (1, True), (1, True)]
+
+
+def test_a_probe_waits_the_whole_delay_and_later_batches_wait_for_as_many(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A probe waits until the delay is over or the batch is full (five requests of two items); the next
+    batch then waits, however long the delay, until it holds five requests too (five items), no longer."""
+    model = GatedModel()
+
+    async def main() -> None:
+        monkeypatch.setattr(batching, "PROBE_S", 0.0)  # a probe is due from the start...
+        batcher = DynamicBatcher(model, max_batch_size=10, max_delay_ms=LONG_DELAY_MS, max_queue_items=100,
+                                 adaptive=True)
+        monkeypatch.setattr(batching, "PROBE_S", 3600.0)  # ...and, once taken, not again in this test
+        probe = [asyncio.create_task(batcher.submit(x(i, i))) for i in range(4)]
+        await asyncio.sleep(0.05)  # time for the worker to take them (were it not to wait, to run them)
+        assert model.started == 0
+        probe.append(asyncio.create_task(batcher.submit(x(4, 4))))  # 10 items: the batch is full
+        await asyncio.gather(*probe)
+
+        later = [asyncio.create_task(batcher.submit(x(i))) for i in range(4)]
+        await asyncio.sleep(0.05)
+        assert model.started == 1  # four requests wait for a fifth
+        later.append(asyncio.create_task(batcher.submit(x(4))))
+        for i, result in enumerate(await asyncio.gather(*later)):
+            np.testing.assert_array_equal(result["y"], x(i)["x"] * 2)
+        await batcher.close()
+
+    run(main())
+    assert [shape[0] for shape in model.batches] == [10, 5]
