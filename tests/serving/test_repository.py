@@ -295,12 +295,18 @@ def test_card_serving_hints_override_the_settings(repo: Path) -> None:
     async def main() -> None:
         add_version(repo, "diabetes_mlp", "2", edit=lambda c: dataclasses.replace(c, serving={"max_batch_size": 4}))
         add_version(repo, "diabetes_mlp", "3", edit=lambda c: dataclasses.replace(c, serving={"batch": 4}))
+        add_version(repo, "diabetes_mlp", "4",
+                    edit=lambda c: dataclasses.replace(c, serving={"adaptive_queue_delay": False}))
+        add_version(repo, "diabetes_mlp", "5",  # a string: bool() would have taken "false" for true
+                    edit=lambda c: dataclasses.replace(c, serving={"adaptive_queue_delay": "false"}))
         r = ModelRepository(repo, CPU_SETTINGS)
         await r.start()
         assert r.get("diabetes_mlp", "2").settings.max_batch_size == 4
         assert r.get("diabetes_mlp", "1").settings.max_batch_size == CPU_SETTINGS.max_batch_size
-        (entry,) = [e for e in r.index() if e.version == "3"]
-        assert entry.state == UNAVAILABLE and "unknown serving keys ['batch']" in entry.reason
+        assert r.get("diabetes_mlp", "1").batcher.adaptive and not r.get("diabetes_mlp", "4").batcher.adaptive
+        reasons = {e.version: e.reason for e in r.index() if e.state == UNAVAILABLE}
+        assert "unknown serving keys ['batch']" in reasons["3"]
+        assert "bad serving value: 'false' is not true or false" in reasons["5"]
         await r.stop()
 
     run(main())
