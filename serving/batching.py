@@ -158,8 +158,8 @@ class DynamicBatcher:
 
     def _idle_for(self, n: int) -> bool:
         """Whether ``n`` items can run at once in the caller's task: nothing queued, forming or running, no
-        batching delay to wait out, and a run this size known to fit the inline budget. That is the batch the worker
-        would form, without the hand-over to it and back (two turns of the event loop)."""
+        batching delay to wait out, and a run this size known to fit the inline budget. That is the batch the
+        worker would form, without the hand-over to it and back (two turns of the event loop)."""
         return (not self._queue and not self._running and not self._collecting and n <= self.chunk_size
                 and not self._waits(1) and self._runs_inline(n))
 
@@ -252,8 +252,8 @@ class DynamicBatcher:
             remaining = deadline - asyncio.get_running_loop().time()
             if (not batch or size >= self.max_batch_size or self._closing or remaining <= 0
                     or (self.adaptive and not probe and not self._expects_more(len(batch)))):
-                # A batch cut short by the delay lowers the expectation by one request at a time: one lull
-                # under load (a batch of one) does not send every batch after it out alone until the next probe.
+                # A batch that ends short of the expectation (the delay is over) lowers it by one request at
+                # a time: one lull under load does not send every batch after it out alone until the next probe.
                 self._expected = max(1, len(batch), self._expected - 1)
                 return
             self._arrived.clear()
