@@ -232,6 +232,8 @@ class DynamicBatcher:
                     self._collecting = False
                 if batch:
                     await self._execute(batch)
+                else:  # every queued request was cancelled, and _take dropped them before _forget could say so
+                    self._report_depth()
         except BaseException as e:  # cancelled, or a bug: nobody may wait forever on a worker that is gone
             for request in self._queue:
                 self._unqueue(request)
