@@ -75,7 +75,8 @@ def start_server() -> Iterator[Callable[..., ServerProcess]]:
 
 @pytest.fixture(scope="session")
 def server() -> Iterator[ServerProcess]:
-    """The shared server on the shipped exports; small queue delay so concurrent tests form batches."""
+    """The shared server on the shipped exports; a small (adaptive) queue delay, so that concurrent calls, once
+    a probe has seen them come together, share batches."""
     with ServerProcess(EXPORTED, "--max-queue-delay-ms", "2", "--poll-interval-s", "0") as proc:
         yield proc
 
