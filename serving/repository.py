@@ -168,6 +168,7 @@ class ModelRepository:
         self._unloaded: set[str] = set()  # names RepositoryModelUnload took out; polling leaves them out
         self._scan_lock = asyncio.Lock()
         self._poller: asyncio.Task[None] | None = None
+        self._loads: set[asyncio.Task[None]] = set()  # RepositoryModelLoad calls' loads, until they end
 
     # --- lifecycle ------------------------------------------------------------------------------------
 
@@ -194,11 +195,17 @@ class ModelRepository:
             await asyncio.gather(*(self._retire(v) for v in versions))
 
     async def load(self, name: str) -> None:
-        """(Re)load a model's new or changed versions now (RepositoryModelLoad); it is polled again too."""
+        """(Re)load a model's new or changed versions now (RepositoryModelLoad); it is polled again too.
+
+        The load runs to its end even if the caller is cancelled (its deadline passed, it went away), as
+        Triton's does: a load cut off half way would leave the version neither loaded nor retried.
+        """
         _check_name(name)
         self._unloaded.discard(name)
-        async with self._scan_lock:
-            await self._scan_model(name)
+        task = asyncio.get_running_loop().create_task(self._scan_locked(name), name=f"load-{name}")
+        self._loads.add(task)  # the loop keeps only weak references to tasks; a shielded one may outlive its caller
+        task.add_done_callback(self._loads.discard)
+        await asyncio.shield(task)
         versions = self._models.get(name)
         if not versions:
             raise ModelNotFound(f"no model {name!r} in {self.root}: expected {self.root}/{name}/<version>/")
@@ -278,6 +285,10 @@ class ModelRepository:
             names = (found | set(self._models)) - self._unloaded
             await asyncio.gather(*(self._scan_model(name) for name in sorted(names)))
 
+    async def _scan_locked(self, name: str) -> None:
+        async with self._scan_lock:
+            await self._scan_model(name)
+
     async def _scan_model(self, name: str) -> None:
         """Bring one model in line with its directory: load new or changed versions, retire removed ones."""
         found = await asyncio.to_thread(_version_dirs, self.root / name)
@@ -295,11 +306,14 @@ class ModelRepository:
     async def _load_version(self, name: str, version: str, fingerprint: tuple) -> None:
         versions = self._models[name]
         old = versions.get(version)
+        placeholder = _Version(fingerprint)
         if old is None:
-            versions[version] = _Version(fingerprint)
+            versions[version] = placeholder
         try:
             card, session, settings = await asyncio.to_thread(self._prepare, name, version)
-        except ProviderError:
+        except (ProviderError, asyncio.CancelledError):
+            if versions.get(version) is placeholder:  # left LOADING with this fingerprint, no scan would retry it
+                del versions[version]
             raise
         except Exception as e:  # noqa: BLE001 - whatever is wrong with the files, this version just does not serve
             reason = f"{type(e).__name__}: {e}" if not isinstance(e, CardError) else str(e)

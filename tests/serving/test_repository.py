@@ -19,6 +19,7 @@ import pytest
 
 from serving.card import ONNX_FILE, ModelCard, sha256_file
 from serving.repository import (
+    LOADING,
     READY,
     UNAVAILABLE,
     IndexEntry,
@@ -252,6 +253,27 @@ def test_unload_takes_a_model_out_until_it_is_loaded_again(repo: Path) -> None:
             await r.unload("no_such_model")
         with pytest.raises(ModelNotFound):
             await r.load("no_such_model")
+        await r.stop()
+
+    run(main())
+
+
+def test_a_cancelled_load_still_loads_the_model(repo: Path) -> None:
+    """A RepositoryModelLoad whose client gives up (deadline, disconnect) half way through the load: the
+    load finishes anyway, rather than leaving the version LOADING with nothing to retry it."""
+    async def main() -> None:
+        r = ModelRepository(repo, CPU_SETTINGS)
+        await r.start()
+        await r.unload("names_gru")
+        call = asyncio.create_task(r.load("names_gru"))
+        while IndexEntry("names_gru", "1", LOADING, "") not in r.index():
+            await asyncio.sleep(0.001)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await r.load("names_gru")
+        assert IndexEntry("names_gru", "1", READY, "") in r.index()
+        assert r.get("names_gru").version == "1"
         await r.stop()
 
     run(main())
