@@ -245,6 +245,10 @@ class ModelRepository:
             raise ModelNotReady(f"{name}/{version} is {entry.state.lower()}: {entry.reason or 'loading'}")
         return entry.served
 
+    def knows(self, name: str) -> bool:
+        """Whether ``name`` is a model of this repository, loaded or unloaded (a bounded set of names)."""
+        return name in self._models or name in self._unloaded
+
     def models(self) -> list[ServedModel]:
         """Every serving version, by name then version."""
         return [v.served for name in sorted(self._models) for _, v in reversed(_newest_first(self._models[name]))

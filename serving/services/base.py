@@ -99,25 +99,32 @@ async def answer(handler: Handler, rpc_name: str, method: UnaryMethod, request: 
         -> Answer:
     """Run ``method(handler, request)`` and record it in the metrics; exceptions propagate unchanged.
 
-    A failure is labelled with the requested model name, except NOT_FOUND (an unknown name would
-    otherwise become a new metrics series per typo).
+    A failure is labelled with the requested model name only if the repository knows that name: any
+    other name a client sends (a typo, or a flood of random ones) would become a metrics series of its own
+    for the life of the process.
     """
     start = time.perf_counter()
     try:
         result = await method(handler, request)
     except asyncio.CancelledError:  # the client cancelled or its deadline passed: counted, not logged
-        handler.metrics.observe_request(getattr(request, model_field, ""), rpc_name, time.perf_counter() - start, 0,
-                                        grpc.StatusCode.CANCELLED.name)
+        handler.metrics.observe_request(_known(handler, request, model_field), rpc_name, time.perf_counter() - start,
+                                        0, grpc.StatusCode.CANCELLED.name)
         raise
     except Exception as exc:
         code = status_of(exc)
-        model = "" if code is grpc.StatusCode.NOT_FOUND else getattr(request, model_field, "")
+        model = _known(handler, request, model_field)
         handler.metrics.observe_request(model, rpc_name, time.perf_counter() - start, 0, code.name)
         if code is grpc.StatusCode.INTERNAL:
             log.exception("internal error", extra={"rpc": rpc_name, "model": model})
         raise
     handler.metrics.observe_request(result.model, rpc_name, time.perf_counter() - start, result.items)
     return result
+
+
+def _known(handler: Handler, request: Any, model_field: str) -> str:
+    """The request's model name if the repository knows it, else ""."""
+    name = getattr(request, model_field, "")
+    return name if handler.repository.knows(name) else ""
 
 
 async def abort(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:

@@ -275,6 +275,11 @@ def test_without_model_control_the_repository_cannot_be_changed(small_repo: Path
         with pytest.raises(InferenceServerException) as info:
             change(MODEL)
         assert "UNIMPLEMENTED" in str(info.value.status()) and "model control is off" in info.value.message()
+    with pytest.raises(InferenceServerException, match="model control is off"):
+        kserve.load_model("client_made_name")
+    failures = [line for line in proc.metrics().splitlines() if line.startswith("coursezoo_request_failures_total{")]
+    assert any('model=""' in line and "RepositoryModelLoad" in line for line in failures)
+    assert not any("client_made_name" in line for line in failures)  # no series per name a client invents
     assert kserve.is_model_ready(MODEL)
     assert kserve.get_model_repository_index(as_json=True)["models"]  # reading stays allowed
 
