@@ -115,9 +115,10 @@ class DynamicBatcher:
         # time.monotonic() of the next batch that waits the whole delay: a new model serves its first
         # second without waiting, and probes from then on
         self._next_probe = time.monotonic() + PROBE_S
-        # Measured seconds per item, smoothed, by batch-size class (1, 2-3, 4-7, ...): per-item cost falls
-        # as batches grow, so one figure for all sizes would mislead both ends.
-        self._seconds_per_item: dict[int, float] = {}
+        # Measured seconds per item, smoothed, by size class (``_size_class``): per-item cost falls as
+        # batches grow, so one figure for all sizes would mislead both ends; and an item of a sequence model
+        # costs with its length, so a long one must not run inline on the strength of short ones.
+        self._seconds_per_item: dict[tuple[int, int], float] = {}
         self._queue: deque[_Request] = deque()
         self._queued_items = 0
         self._arrived = asyncio.Event()
@@ -145,7 +146,7 @@ class DynamicBatcher:
                 f"model {self.name}: {self._queued_items} items are queued and {n} more do not fit "
                 f"(limit {self.max_queue_items}); retry later or send fewer items"
             )
-        if self._idle_for(n):
+        if self._idle_for(inputs, n):
             return self._run_now(inputs, n)
         if self._worker is None or self._worker.done():
             self._worker = asyncio.get_running_loop().create_task(self._work(), name=f"batcher-{self.name}")
@@ -156,12 +157,12 @@ class DynamicBatcher:
         parts = await asyncio.gather(*chunks)  # cancelling submit cancels the chunks not yet run
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-    def _idle_for(self, n: int) -> bool:
+    def _idle_for(self, inputs: Mapping[str, np.ndarray], n: int) -> bool:
         """Whether ``n`` items can run at once in the caller's task: nothing queued, forming or running, no
         batching delay to wait out, and a run this size known to fit the inline budget. That is the batch the
         worker would form, without the hand-over to it and back (two turns of the event loop)."""
         return (not self._queue and not self._running and not self._collecting and n <= self.chunk_size
-                and not self._waits(1) and self._runs_inline(n))
+                and not self._waits(1) and self._runs_inline(inputs, n))
 
     def _waits(self, requests: int) -> bool:
         """Whether a batch of ``requests`` would wait for more: a delay is set and, if it adapts, the last
@@ -298,7 +299,7 @@ class DynamicBatcher:
             }
             self._running = True
             try:
-                if self.inline_batches and self._runs_inline(size):
+                if self.inline_batches and self._runs_inline(inputs, size):
                     outputs = self._timed_run(inputs, size)
                 else:
                     outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self._timed_run,
@@ -311,10 +312,10 @@ class DynamicBatcher:
         self._observe(size)
         await asyncio.sleep(0)  # after an inline run: let the calls that arrived meanwhile in
 
-    def _runs_inline(self, size: int) -> bool:
+    def _runs_inline(self, inputs: Mapping[str, np.ndarray], size: int) -> bool:
         """Whether ``size`` items are expected to run within the inline budget; a size class not yet
         measured runs in a thread."""
-        per_item = self._seconds_per_item.get(size.bit_length())
+        per_item = self._seconds_per_item.get(_size_class(inputs, size))
         return per_item is not None and per_item * size <= self.inline_budget_s
 
     def _timed_run(self, inputs: Arrays, size: int) -> Mapping[str, np.ndarray]:
@@ -322,8 +323,9 @@ class DynamicBatcher:
         start = time.perf_counter()
         outputs = self._run(inputs)
         sample = (time.perf_counter() - start) / size
-        previous = self._seconds_per_item.get(size.bit_length(), sample)
-        self._seconds_per_item[size.bit_length()] = previous + 0.2 * (sample - previous)
+        size_class = _size_class(inputs, size)
+        previous = self._seconds_per_item.get(size_class, sample)
+        self._seconds_per_item[size_class] = previous + 0.2 * (sample - previous)
         return outputs
 
     @staticmethod
@@ -364,6 +366,11 @@ def _fail(requests: list[_Request], error: BaseException) -> None:
             r.future.cancel()
         else:
             r.future.set_exception(error)
+
+
+def _size_class(inputs: Mapping[str, np.ndarray], n: int) -> tuple[int, int]:
+    """(elements per item, items) each rounded down to a power of two: 1, 2-3, 4-7, ..."""
+    return (sum(v.size for v in inputs.values()) // n).bit_length(), n.bit_length()
 
 
 def _batch_size(inputs: Mapping[str, np.ndarray]) -> int:

@@ -19,7 +19,7 @@ import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from serving.card import DATATYPES, CardError, ModelCard, TensorSpec
-from serving.preprocess import InputError
+from serving.preprocess import MAX_TEXT_LENGTH, InputError
 from serving.workers import cores
 
 log = logging.getLogger("coursezoo.runtime")
@@ -222,6 +222,15 @@ def _check_tensor(spec: TensorSpec, array: np.ndarray) -> None:
         raise InputError(f"input {spec.name!r} has shape {list(array.shape)}: {expected}")
     if array.shape[0] == 0:
         raise InputError(f"input {spec.name!r} has an empty batch: expected at least one item")
+    if 0 in array.shape[1:]:
+        raise InputError(f"input {spec.name!r} has shape {list(array.shape)}: expected at least one element on every "
+                         f"axis after the batch axis ({spec.datatype} {list(spec.shape)})")
+    longest = max((n for d, n in zip(spec.shape[1:], array.shape[1:], strict=True) if d < 0), default=0)
+    if longest > MAX_TEXT_LENGTH:
+        # The free axes of the course models are sequence lengths, held to the domain API's text limit: a
+        # recurrent model's run grows with them, and one unbounded sequence would hold the model for minutes.
+        raise InputError(f"input {spec.name!r} has shape {list(array.shape)}: a sequence axis is at most "
+                         f"{MAX_TEXT_LENGTH} long")
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         # A NaN would flow through the model into a confident-looking answer; the domain API refuses it too.
         raise InputError(f"input {spec.name!r} has NaN or infinite values: expected finite numbers")

@@ -76,7 +76,11 @@ def decode_inputs(tensors: Sequence, raw: Sequence[bytes],
                 raise InputError(f"input {tensor.name!r}: a value does not fit {tensor.datatype}: {e}") from e
         if tensor.name in arrays:
             raise InputError(f"input {tensor.name!r} is given twice: expected each input once")
-        arrays[tensor.name] = array.reshape(shape)
+        try:
+            arrays[tensor.name] = array.reshape(shape)
+        except ValueError as e:  # numpy's own limit, reached by an empty tensor with huge other dimensions
+            raise InputError(f"input {tensor.name!r} has shape {list(shape)}: too large an array; expected dimensions "
+                             "whose product is below 2**63") from e
     return arrays
 
 

@@ -118,9 +118,10 @@ def infer_requests(draw: st.DrawFn, cards: list[ModelCard]) -> tuple[str, kserve
         name = draw(st.sampled_from((spec.name, spec.name, "x", "")))
         datatype = draw(st.sampled_from((spec.datatype, spec.datatype, "FP32", "INT64", "UINT8", "FP64", "BYTES",
                                          "BOOL", "")))
-        shape = [rows, *(draw(st.integers(1, 8)) if d < 0 else d for d in spec.shape[1:])]
+        # free axes: a usual length, none, or one over the sequence limit
+        shape = [rows, *(draw(st.integers(1, 8) | st.sampled_from((0, 257))) if d < 0 else d for d in spec.shape[1:])]
         shape = draw(st.sampled_from((shape, shape, shape[1:], [*shape, 1], [2**31, 2**31, 2**31, 2**31],
-                                      [0, 2**40], [1] * 70)))
+                                      [0, 2**40], [0, 2**62, 2**62], [1] * 70)))
         tensor = request.inputs.add(name=name, datatype=datatype, shape=shape)
         count = int(np.prod(shape)) if len(shape) < 10 and max(shape, default=0) < 2**20 else 3
         count += draw(st.sampled_from((0, 0, 0, 1, -1))) if count else 0

@@ -146,6 +146,24 @@ def test_fuzzed_model_infer(channel: grpc.Channel, scratch_repo: Path, count_cas
     check()
 
 
+@pytest.mark.parametrize("model,shapes,expected", [
+    ("hello_rnn", {"chars": [0, 2**62, 2**62]}, (INVALID, "too large an array")),  # numpy's own limit
+    ("names_gru", {"chars": [1, 0], "lengths": [1]}, (INVALID, "at least one element on every axis")),
+    ("names_gru", {"chars": [1, 100_000], "lengths": [1]}, (INVALID, "at most 256 long")),
+])
+def test_model_infer_shapes_at_the_edges(channel: grpc.Channel, model: str, shapes: dict[str, list[int]],
+                                         expected: tuple[grpc.StatusCode, str]) -> None:
+    """Shapes found by review, not by the fuzzer: each is a clear refusal, not INTERNAL."""
+    request = kserve.ModelInferRequest(model_name=model)
+    for name, shape in shapes.items():
+        request.inputs.add(name=name, datatype="INT64", shape=shape)
+        count = 0 if 0 in shape else shape[0] * (shape[1] if len(shape) > 1 else 1)
+        request.raw_input_contents.append(bytes(8 * count))
+    code, reply = status(lambda: kserve_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=TIMEOUT))
+    assert (code, expected[1] in str(reply)) == (expected[0], True), reply
+    assert_documented(code, reply, (INVALID, EXHAUSTED))
+
+
 #: Methods that change nothing; garbage is not sent to RepositoryModelLoad/Unload (it would only be NOT_FOUND).
 READ_ONLY = ("/coursezoo.v1.Classifier/ListModels", "/coursezoo.v1.Classifier/ClassifyDigits",
              "/coursezoo.v1.Classifier/ClassifyDiabetes", "/coursezoo.v1.Classifier/ClassifySequences",

@@ -339,6 +339,24 @@ def test_fast_runs_move_onto_the_event_loop_once_measured(delay_ms: float) -> No
     assert [size for _, size, _ in recorder.calls] == [1, 1, 1, 40, 40]  # every run is in the metrics
 
 
+def test_longer_items_are_measured_in_a_thread_before_they_run_inline() -> None:
+    """An item of a sequence model costs with its length: one 100 times longer than those measured is a
+    new size class, timed in a thread first, as a new batch size is (else one long sequence would hold
+    the event loop, and every call on it, for as long as it runs)."""
+    model = ThreadRecorder()
+
+    async def main() -> int:
+        batcher = DynamicBatcher(model, max_batch_size=64, max_delay_ms=0, max_queue_items=1000,
+                                 inline_budget_ms=1000)
+        for request in (x(1), x(1), x(1, width=300), x(1, width=300), x(1, width=2)):
+            np.testing.assert_array_equal((await batcher.submit(request))["y"], request["x"] * 2)
+        return threading.get_ident()
+
+    loop_thread = run(main())
+    # width 2 is in width 3's class (2-3 elements): measured already
+    assert [thread == loop_thread for _, thread in model.threads] == [False, True, False, True, True]
+
+
 @pytest.mark.parametrize("inline_batches", [True, False])
 def test_inline_batches_decides_where_a_measured_worker_batch_runs(inline_batches: bool) -> None:
     """A GPU session's batcher (``inline_batches=False``) keeps the worker's batches in threads even when

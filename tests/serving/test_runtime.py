@@ -14,7 +14,7 @@ import pytest
 from serving import runtime
 from serving.card import CardError, ModelCard, TensorSpec
 from serving.postprocess import hello_predictions, names_predictions
-from serving.preprocess import InputError, encode_hello, encode_names
+from serving.preprocess import MAX_TEXT_LENGTH, InputError, encode_hello, encode_names
 from serving.runtime import CPU, CUDA, OnnxModel, ProviderError, sample_inputs
 
 EXPORTED = Path(__file__).resolve().parents[2] / "exported"
@@ -80,12 +80,23 @@ def test_sample_inputs_follow_the_card() -> None:
         ({"chars": np.ones((2, 4, 1), np.int64), "lengths": np.ones(2, np.int64)},
          r"input 'chars' has shape \[2, 4, 1\]: expected INT64 \[-1, -1\]"),
         ({"chars": np.ones((0, 4), np.int64), "lengths": np.ones(0, np.int64)}, "empty batch"),
+        ({"chars": np.ones((1, 0), np.int64), "lengths": np.zeros(1, np.int64)},
+         r"input 'chars' has shape \[1, 0\]: expected at least one element on every axis after the batch axis"),
+        ({"chars": np.ones((1, 257), np.int64), "lengths": np.full(1, 257, np.int64)},
+         r"input 'chars' has shape \[1, 257\]: a sequence axis is at most 256 long"),
         ({"chars": np.ones((2, 4), np.int64), "lengths": np.ones(3, np.int64)}, "disagree on the batch size"),
     ],
 )
 def test_validate_names_the_tensor_and_what_is_expected(names: OnnxModel, inputs: dict, message: str) -> None:
     with pytest.raises(InputError, match=message):
         names.validate(inputs)
+
+
+def test_a_sequence_of_the_longest_length_is_served(names: OnnxModel) -> None:
+    chars = np.full((1, MAX_TEXT_LENGTH), ord("a"), dtype=np.int64)
+    inputs = {"chars": chars, "lengths": np.array([MAX_TEXT_LENGTH], dtype=np.int64)}
+    names.validate(inputs)
+    assert names.run(inputs)["logits"].shape[0] == 1
 
 
 def test_validate_checks_fixed_axes() -> None:
