@@ -32,7 +32,7 @@ from typing import Protocol
 
 import numpy as np
 
-from serving.preprocess import InputError
+from serving.preprocess import InputError, InputTooLarge
 
 log = logging.getLogger("coursezoo.batching")
 
@@ -47,7 +47,8 @@ MIN_EXPECTED = 4
 
 
 class QueueFull(RuntimeError):
-    """The model's queue holds ``max_queue_items`` items already (maps to RESOURCE_EXHAUSTED)."""
+    """The model's queue is too full for this request now; later it will fit (maps to UNAVAILABLE, which
+    clients retry, as Triton answers "exceeds maximum queue size")."""
 
 
 class BatcherClosed(RuntimeError):
@@ -55,12 +56,13 @@ class BatcherClosed(RuntimeError):
 
 
 class BatchObserver(Protocol):
-    """Metrics hooks, called on the event loop: after every model execution, and when cancelled requests
-    leave the queue (so the queue-depth gauge falls back even if no batch runs after them)."""
+    """Metrics hooks, called on the event loop: after every model execution, and whenever items enter or
+    leave the queue (as changes, so that the batchers of one model's versions, or of a version and the
+    re-export replacing it, add up in one gauge)."""
 
-    def observe_batch(self, model: str, size: int, queue_depth: int) -> None: ...
+    def observe_batch(self, model: str, size: int) -> None: ...
 
-    def set_queue_depth(self, model: str, queue_depth: int) -> None: ...
+    def queue_changed(self, model: str, items: int) -> None: ...
 
 
 @dataclass(eq=False)
@@ -135,12 +137,15 @@ class DynamicBatcher:
     async def submit(self, inputs: Mapping[str, np.ndarray]) -> Arrays:
         """Run ``inputs`` (n >= 1 items along axis 0) as part of some batch; return its n rows of outputs.
 
-        Raises QueueFull when the queue cannot take n more items, BatcherClosed after close(), and whatever
-        ``run`` raised for the batch this request was part of.
+        Raises QueueFull when the queue cannot take n more items now, InputTooLarge when it never could,
+        BatcherClosed after close(), and whatever ``run`` raised for the batch this request was part of.
         """
         if self._closing:
             raise BatcherClosed(f"model {self.name} is shutting down")
         n = _batch_size(inputs)
+        if n > self.max_queue_items:
+            raise InputTooLarge(f"{n} items in one request: model {self.name}'s queue holds at most "
+                                f"{self.max_queue_items}; send fewer per request")
         if self._queued_items + n > self.max_queue_items:
             raise QueueFull(
                 f"model {self.name}: {self._queued_items} items are queued and {n} more do not fit "
@@ -200,6 +205,7 @@ class DynamicBatcher:
         request.future.add_done_callback(lambda _: self._forget(request))
         self._queue.append(request)
         self._queued_items += n
+        self._notify("queue_changed", n)
         self._arrived.set()
         return request.future
 
@@ -207,6 +213,7 @@ class DynamicBatcher:
         if request.queued:
             request.queued = False
             self._queued_items -= request.n
+            self._notify("queue_changed", -request.n)
 
     def _forget(self, request: _Request) -> None:
         """A request cancelled while it waited (its client went away or its deadline passed) gives its queue
@@ -214,7 +221,6 @@ class DynamicBatcher:
         if request.queued:
             self._unqueue(request)
             self._queue.remove(request)  # O(queue length), bounded by max_queue_items
-            self._report_depth()
 
     async def _work(self) -> None:
         batch: list[_Request] = []
@@ -233,8 +239,6 @@ class DynamicBatcher:
                     self._collecting = False
                 if batch:
                     await self._execute(batch)
-                else:  # every queued request was cancelled, and _take dropped them before _forget could say so
-                    self._report_depth()
         except BaseException as e:  # cancelled, or a bug: nobody may wait forever on a worker that is gone
             for request in self._queue:
                 self._unqueue(request)
@@ -290,7 +294,6 @@ class DynamicBatcher:
         """
         batch[:] = [r for r in batch if not r.future.done()]
         if not batch:
-            self._report_depth()
             return
         size = sum(r.n for r in batch)
         try:
@@ -338,10 +341,7 @@ class DynamicBatcher:
             offset += r.n
 
     def _observe(self, size: int) -> None:
-        self._notify("observe_batch", size, self._queued_items)
-
-    def _report_depth(self) -> None:
-        self._notify("set_queue_depth", self._queued_items)
+        self._notify("observe_batch", size)
 
     def _notify(self, hook: str, *args: int) -> None:
         if self._observer is None:

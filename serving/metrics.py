@@ -37,8 +37,8 @@ class Metrics:
                                  ["model", "rpc"], buckets=LATENCY_BUCKETS, registry=reg)
         self.batch_size = Histogram("coursezoo_batch_size", "Items per model execution (dynamic batching)",
                                     ["model"], buckets=BATCH_BUCKETS, registry=reg)
-        self.queue_depth = Gauge("coursezoo_queue_depth", "Items waiting in a model's batching queue", ["model"],
-                                 registry=reg)
+        self.queue_depth = Gauge("coursezoo_queue_depth", "Items waiting in a model's batching queues (all its "
+                                 "versions)", ["model"], registry=reg)
         self.model_ready = Gauge("coursezoo_model_ready", "1 while a model version serves", ["model", "version"],
                                  registry=reg)
         self._children: dict[tuple[str, str], tuple[Callable[[], None], Callable[[float], None],
@@ -61,21 +61,19 @@ class Metrics:
         else:
             self.failures.labels(model, rpc, code).inc()
 
-    def observe_batch(self, model: str, size: int, queue_depth: int) -> None:
-        """Batcher hook: one model execution of ``size`` items, ``queue_depth`` items still waiting."""
-        observe_size, set_depth = self._batch_hooks(model)
-        observe_size(size)
-        set_depth(queue_depth)
+    def observe_batch(self, model: str, size: int) -> None:
+        """Batcher hook: one model execution of ``size`` items."""
+        self._batch_hooks(model)[0](size)
 
-    def set_queue_depth(self, model: str, queue_depth: int) -> None:
-        """Batcher hook: cancelled requests left the queue without a batch running."""
-        self._batch_hooks(model)[1](queue_depth)
+    def queue_changed(self, model: str, items: int) -> None:
+        """Batcher hook: ``items`` entered (> 0) or left (< 0) one of the model's queues."""
+        self._batch_hooks(model)[1](items)
 
     def _batch_hooks(self, model: str) -> tuple[Callable[[float], None], Callable[[float], None]]:
         children = self._batch_children.get(model)
         if children is None:
             with self._lock:
-                children = (self.batch_size.labels(model).observe, self.queue_depth.labels(model).set)
+                children = (self.batch_size.labels(model).observe, self.queue_depth.labels(model).inc)
                 self._batch_children[model] = children
         return children
 

@@ -82,7 +82,7 @@ class ServerSettings:
                                          "requests as the last one (once a second, the whole delay, to see how "
                                          "many come): a lone caller does not wait; false = always, as Triton "
                                          "does")
-    max_queue_items: int = _option(4096, "items a model's queue holds before RESOURCE_EXHAUSTED")
+    max_queue_items: int = _option(4096, "items a model's queue holds; beyond, UNAVAILABLE (retry later)")
     max_items_per_request: int = _option(1024, "items (images, records, texts, rows) one request may carry")
     max_image_pixels: int = _option(DEFAULT_MAX_IMAGE_PIXELS, "largest image (width*height) before RESOURCE_EXHAUSTED")
     decode_processes: int = _option(-1, f"processes decoding the images of requests with {POOL_MIN_IMAGES} or more; "

@@ -32,11 +32,11 @@ log = logging.getLogger("coursezoo.serve")
 #: First match wins, so subclasses come before their bases (InputTooLarge is an InputError).
 ERROR_STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (InputTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (InputError, grpc.StatusCode.INVALID_ARGUMENT),
     (ModelNotFound, grpc.StatusCode.NOT_FOUND),
     (ModelNotReady, grpc.StatusCode.UNAVAILABLE),
     (BatcherClosed, grpc.StatusCode.UNAVAILABLE),  # the model is unloading or the server stopping
+    (QueueFull, grpc.StatusCode.UNAVAILABLE),  # overloaded for now: retry later (Triton's answer too)
     (ModelControlOff, grpc.StatusCode.UNIMPLEMENTED),  # "not enabled in this service", in gRPC's words
     (SharedMemoryOff, grpc.StatusCode.UNIMPLEMENTED),
     (RegionNotFound, grpc.StatusCode.NOT_FOUND),

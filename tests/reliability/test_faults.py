@@ -112,6 +112,37 @@ def test_cancelled_unary_calls_are_freed(server: ServerProcess, channel: grpc.Ch
     assert healthy(channel)
 
 
+def test_a_full_queue_is_temporary_and_a_request_larger_than_the_queue_is_not(
+        repo: Path, start_server: Callable[..., ServerProcess]) -> None:
+    """A queue that is full now answers UNAVAILABLE, which clients retry (CourseZooClient, the batch CLI,
+    Triton's clients); RESOURCE_EXHAUSTED is kept for what can never fit, which a client must split."""
+    server = start_server(repo, "--max-queue-items", "4", "--max-batch-size", "2", "--poll-interval-s", "0")
+    with grpc.insecure_channel(server.target) as channel:
+        stub = classifier_pb2_grpc.ClassifierStub(channel)
+
+        def records(n: int) -> pb.ClassifyDiabetesRequest:
+            return pb.ClassifyDiabetesRequest(model=SLOW, records=[RECORD] * n)
+
+        def classify(n: int) -> pb.ClassifyDiabetesResponse:
+            return stub.ClassifyDiabetes(records(n), timeout=30)
+
+        classify(1)  # the metrics series exist from here on
+        # SLOW's batch waits 2 s for more; one record forms it, and 2 more cannot join it (batches of at most 2)
+        futures = [stub.ClassifyDiabetes.future(records(n), timeout=60) for n in (1, 2)]
+        wait_for(lambda: metric(server, "coursezoo_queue_depth", model=SLOW) == 2, "the 2 records to queue")
+        futures.append(stub.ClassifyDiabetes.future(records(2), timeout=60))
+        wait_for(lambda: metric(server, "coursezoo_queue_depth", model=SLOW) == 4, "4 records to queue")
+        with pytest.raises(grpc.RpcError) as full:
+            classify(1)
+        assert full.value.code() == grpc.StatusCode.UNAVAILABLE and "retry later" in full.value.details()
+        with pytest.raises(grpc.RpcError) as never:
+            classify(5)
+        assert never.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "at most 4" in never.value.details()
+        assert [len(f.result().predictions) for f in futures] == [1, 2, 2]
+        assert metric(server, "coursezoo_queue_depth", model=SLOW) == 0
+        assert len(classify(1).predictions) == 1
+
+
 def digit_requests(model: str, n: int | None) -> Iterator[pb.ClassifyDigitsRequest]:
     """``n`` requests (forever when None), each one image, numbered by ``id``."""
     i = 0

@@ -16,7 +16,7 @@ import pytest
 
 from serving import batching
 from serving.batching import BatcherClosed, DynamicBatcher, QueueFull
-from serving.preprocess import InputError
+from serving.preprocess import InputError, InputTooLarge
 
 WAIT_S = 30.0  # generous bound on waiting for the worker; only reached when something hangs
 LONG_DELAY_MS = 1000 * WAIT_S * 2  # a queue delay no test outlives: waiting it out fails the test
@@ -43,11 +43,17 @@ class GatedModel:
 
 
 class Recorder:
+    """The observer hooks: each batch with the queue depth when it ended (the sum of the changes so far)."""
+
     def __init__(self) -> None:
         self.calls: list[tuple[str, int, int]] = []
+        self.depth = 0
 
-    def observe_batch(self, model: str, size: int, queue_depth: int) -> None:
-        self.calls.append((model, size, queue_depth))
+    def observe_batch(self, model: str, size: int) -> None:
+        self.calls.append((model, size, self.depth))
+
+    def queue_changed(self, model: str, items: int) -> None:
+        self.depth += items
 
 
 def run(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -172,8 +178,8 @@ def test_a_full_queue_pushes_back() -> None:
             await batcher.submit(x(9))
         model.gate.set()
         await asyncio.gather(first, *queued)
-        with pytest.raises(QueueFull):
-            await batcher.submit(x(*range(5)))  # can never fit
+        with pytest.raises(InputTooLarge, match="5 items in one request: model tiny's queue holds at most 4"):
+            await batcher.submit(x(*range(5)))  # can never fit: not a QueueFull, which clients retry
         await batcher.submit(x(3))  # room again
 
     run(main())
@@ -256,16 +262,21 @@ def test_observer_sees_every_batch_and_the_queue_depth() -> None:
         tasks = [await hold_first(batcher, model, x(0))]
         tasks += [asyncio.create_task(batcher.submit(x(i))) for i in range(1, 7)]
         await until(lambda: batcher.queue_depth == 6)
+        assert recorder.depth == 6  # reported as they queue, not only when a batch ends
         model.gate.set()
         await asyncio.gather(*tasks)
 
     run(main())
     assert recorder.calls == [("digits", 1, 6), ("digits", 3, 3), ("digits", 3, 0)]
+    assert recorder.depth == 0
 
 
 def test_a_failing_observer_does_not_fail_requests() -> None:
     class Broken:
-        def observe_batch(self, model: str, size: int, queue_depth: int) -> None:
+        def observe_batch(self, model: str, size: int) -> None:
+            raise ValueError("metrics down")
+
+        def queue_changed(self, model: str, items: int) -> None:
             raise ValueError("metrics down")
 
     async def main() -> dict[str, np.ndarray]:

@@ -39,11 +39,14 @@ class Metrics:
     """Records the repository's metrics hooks."""
 
     def __init__(self) -> None:
-        self.batches: list[tuple[str, int, int]] = []
+        self.batches: list[tuple[str, int]] = []
         self.ready: list[tuple[str, str, bool]] = []
 
-    def observe_batch(self, model: str, size: int, queue_depth: int) -> None:
-        self.batches.append((model, size, queue_depth))
+    def observe_batch(self, model: str, size: int) -> None:
+        self.batches.append((model, size))
+
+    def queue_changed(self, model: str, items: int) -> None:
+        pass
 
     def set_model_ready(self, model: str, version: str, ready: bool) -> None:
         self.ready.append((model, version, ready))
@@ -119,7 +122,7 @@ def test_concurrent_requests_are_batched_and_answered_in_order(repo: Path) -> No
         await r.stop()
 
     run(main())
-    sizes = [size for model, size, _ in metrics.batches if model == "diabetes_mlp"]
+    sizes = [size for model, size in metrics.batches if model == "diabetes_mlp"]
     assert max(sizes) > 1 and sum(sizes) == 64
 
 

@@ -67,7 +67,7 @@ def test_settings_come_from_flags_then_environment(scratch: tuple[Path, ServerPr
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "at most 16" in info.value.details()
         with pytest.raises(grpc.RpcError) as info:  # fits a request, not the model's queue of 8
             client.classify_diabetes([RECORD] * 9)
-        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit 8" in info.value.details()
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue holds at most 8" in info.value.details()
 
 
 def test_hot_reload_new_version_and_broken_version(scratch: tuple[Path, ServerProcess], source: Path) -> None:
