@@ -172,6 +172,9 @@ class DrainGate(grpc.aio.ServerInterceptor):
     """
 
     QUIET_S = 0.1
+    #: Calls that last as long as their client wants (a health watch, told NOT_SERVING when the drain
+    #: starts): not waited for, or every stop would take the whole grace period while a prober watches.
+    UNBOUNDED = frozenset({"/grpc.health.v1.Health/Watch"})
 
     def __init__(self) -> None:
         self.draining = False
@@ -190,6 +193,8 @@ class DrainGate(grpc.aio.ServerInterceptor):
         self._last_call = asyncio.get_running_loop().time()
         if self.draining:
             return refusal(handler, grpc.StatusCode.UNAVAILABLE, "the server is shutting down: retry the call")
+        if handler_call_details.method in self.UNBOUNDED:
+            return handler
         return around(handler, self._in_flight)
 
     @contextlib.asynccontextmanager
@@ -314,8 +319,11 @@ class CourseZooServer:
         await self.health.stop()
         if self._gate is not None:
             await self._gate.drain(grace)
-        if self._grpc is not None:  # what is still running after the grace period is cancelled here
-            await self._grpc.stop(max(0.0, deadline - asyncio.get_running_loop().time()))
+        if self._grpc is not None:
+            # Once drained, only calls the gate does not wait for are left (health watches): they end here,
+            # as does whatever still runs when the grace period is over.
+            remaining = deadline - asyncio.get_running_loop().time()
+            await self._grpc.stop(max(0.0, min(remaining, DrainGate.QUIET_S)))
         await self.repository.stop()
         self.decoder.close()
         self.inference.close()

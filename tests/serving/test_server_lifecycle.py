@@ -67,7 +67,8 @@ def test_settings_come_from_flags_then_environment(scratch: tuple[Path, ServerPr
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "at most 16" in info.value.details()
         with pytest.raises(grpc.RpcError) as info:  # fits a request, not the model's queue of 8
             client.classify_diabetes([RECORD] * 9)
-        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue holds at most 8" in info.value.details()
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "queue holds at most 8" in info.value.details()
 
 
 def test_hot_reload_new_version_and_broken_version(scratch: tuple[Path, ServerProcess], source: Path) -> None:
@@ -148,3 +149,20 @@ def test_sigterm_finishes_in_flight_work_and_exits_zero(start_server: Callable[.
     assert outcomes[0] == 1000
     assert set(outcomes) <= {1000, grpc.StatusCode.UNAVAILABLE}
     assert "coursezoo stopped" in proc.output
+
+
+def test_a_health_watch_hears_not_serving_and_does_not_hold_up_a_stop(start_server: Callable[..., ServerProcess],
+                                                                      source: Path, tmp_path: Path) -> None:
+    """A prober watching health (grpc.health.v1 Watch, as Kubernetes and load balancers do) is told
+    NOT_SERVING when the drain starts, and its endless stream does not keep the server for the whole
+    grace period: the stop below would time out (30 s) and kill it, with a grace of 120 s."""
+    add_version(tmp_path, source, "1")
+    proc = start_server(tmp_path, "--grace-s", "120")
+    with grpc.insecure_channel(proc.target) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=300)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        assert proc.stop(signal.SIGTERM, timeout=30) == 0
+        heard = []
+        with pytest.raises(grpc.RpcError):  # the stream ends with the server
+            heard.extend(reply.status for reply in watch)
+        assert heard == [health_pb2.HealthCheckResponse.NOT_SERVING]
