@@ -2,7 +2,9 @@
 
 Decoding a digit is a PNG decoder (libspng for plain greyscale PNGs, else Pillow) plus a few numpy calls,
 ~12-20 µs for an MNIST-style PNG and ~40 µs for other files, mostly Python work that holds the GIL. One
-image decodes faster than a hand-over to any other thread, so it stays on the event loop. A batch decoded
+image of a digit's size decodes faster than a hand-over to any other thread, so it stays on the event loop
+(a large one, a photo say, goes to a thread: it takes milliseconds, during which the loop would serve no
+one else). A batch decoded
 in a thread competes with the event loop (gRPC, batching, replies) for that one GIL; in worker processes
 a request's images decode on every core at once while the server process keeps serving: on 2 cores,
 batches of 256 PNGs went from ~8,500 to ~18,000 images/s with Pillow decoding every file, and since
@@ -26,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from serving.preprocess import InputError, decode_digits
+from serving.preprocess import InputError, decode_digits, header_pixels
 from serving.workers import cores, spawn_pool
 
 log = logging.getLogger("coursezoo.decoding")
@@ -37,6 +39,9 @@ POOL_MIN_IMAGES = 16
 MIN_PART_IMAGES = 32
 #: ``processes=-1`` (auto) uses one worker per core, at most this many.
 MAX_AUTO_PROCESSES = 8
+#: A lone image of at most this many pixels decodes on the event loop: 512x512 takes ~0.7-0.8 ms here,
+#: about the batcher's default inline budget (``--inline-run-ms``); a 28x28 digit ~15-50 µs.
+INLINE_MAX_PIXELS = 512 * 512
 
 
 class ImageDecoder:
@@ -59,7 +64,7 @@ class ImageDecoder:
 
     async def decode(self, images: Sequence[bytes], prep: Mapping[str, Any]) -> np.ndarray:
         """Image files -> float32 [n, 1, height, width]; InputError naming the first image that fails."""
-        if len(images) == 1:
+        if len(images) == 1 and header_pixels(images[0]) <= INLINE_MAX_PIXELS:
             digits, errors = decode_digits(images, prep)
         elif self._pool is None or len(images) < POOL_MIN_IMAGES:
             digits, errors = await asyncio.to_thread(decode_digits, images, prep)

@@ -305,6 +305,20 @@ def _plain_gray_png(data: bytes) -> np.ndarray | None:
     return gray if gray.shape == (height, width) and gray.dtype == np.uint8 else None
 
 
+def header_pixels(data: bytes) -> int:
+    """Width x height as the file's header states it, without decoding any pixel: read directly from a
+    PNG's IHDR chunk (~1 µs), else by Pillow, which parses only the header until the pixels are asked for
+    (~10-40 µs). 0 for bytes that are no image of the accepted formats: decoding them then says why."""
+    if data.startswith(_PNG_IHDR) and len(data) >= 24:
+        width, height = struct.unpack(">II", data[16:24])
+        return width * height
+    try:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
+            return img.width * img.height
+    except Exception:  # noqa: BLE001 - what is wrong with the file is for decode_digits to say
+        return 0
+
+
 def _check_pixels(img: Image.Image) -> None:
     if _over_pixel_limit(img.width, img.height):
         raise InputTooLarge(f"image of {img.width}x{img.height} = {img.width * img.height} pixels: at most "

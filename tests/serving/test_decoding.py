@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from serving import decoding
 from serving.decoding import MIN_PART_IMAGES, POOL_MIN_IMAGES, ImageDecoder
 from serving.preprocess import DEFAULT_MAX_IMAGE_PIXELS, InputError, InputTooLarge, decode_digits
 from training.catalog import DIGITS_PREPROCESSING as PREP
@@ -64,6 +66,30 @@ def test_the_pool_gives_the_same_bits_in_the_same_order(decoder: ImageDecoder, f
 def test_small_requests_decode_in_process_with_the_same_result(decoder: ImageDecoder, files: list[bytes]) -> None:
     for n in (1, POOL_MIN_IMAGES - 1):
         np.testing.assert_array_equal(asyncio.run(decoder.decode(files[:n], PREP)), decode_digits(files[:n], PREP)[0])
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_a_lone_large_image_decodes_off_the_event_loop(monkeypatch: pytest.MonkeyPatch, files: list[bytes],
+                                                       fmt: str) -> None:
+    """A digit decodes on the loop (a hand-over would cost more); a lone photo-sized image, whose decoding
+    takes milliseconds, in a thread, so the loop goes on serving meanwhile. The decoding is the real one,
+    only noted on its way."""
+    threads: list[bool] = []
+
+    def noting(images: list[bytes], prep: dict) -> tuple[np.ndarray, dict]:
+        threads.append(threading.get_ident() == loop_thread)
+        return decode_digits(images, prep)
+
+    monkeypatch.setattr(decoding, "decode_digits", noting)
+    stroke = np.zeros((600, 600), np.uint8)
+    stroke[100:500, 250:350] = 255  # a "1"
+    large = io.BytesIO()
+    Image.fromarray(stroke).save(large, fmt)
+    decoder = ImageDecoder(processes=0, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS)
+    loop_thread = threading.get_ident()  # asyncio.run runs the loop in this thread
+    for image in (files[0], large.getvalue()):
+        assert asyncio.run(decoder.decode([image], PREP)).shape == (1, 1, 28, 28)
+    assert threads == [True, False]
 
 
 def test_the_first_bad_image_is_named_by_its_position_in_the_request(decoder: ImageDecoder, files: list[bytes]) -> None:
