@@ -25,7 +25,7 @@ from tqdm import tqdm
 from serving.batch import pipeline, sources
 from serving.batch.discover import check_inputs, infer_kind, iter_files
 from serving.batch.engines import Engine
-from serving.batch.items import iter_items
+from serving.batch.items import LABELLED_KINDS, iter_items
 from serving.batch.output import FORMATS, ResultWriter, check_target, columns, make_row, partial_path
 from serving.batch.summary import Summary
 from serving.batch.types import KINDS, BatchError, Failure, Item, Prediction
@@ -153,7 +153,7 @@ def main(args: argparse.Namespace) -> int:
         if args.workers and kind in ("digits", None) and args.engine == "local":  # Ray decodes in its own tasks
             workers = pipeline.Workers(args.workers)  # their start-up overlaps the model's loading
         engine = _open_engine(args, kind)
-        cols = columns(args.top_k, with_label=engine.kind == "diabetes")
+        cols = columns(args.top_k, with_label=engine.kind in LABELLED_KINDS)
         writer = ResultWriter(args.out, fmt, cols, overwrite=args.overwrite, resume=args.resume)
         summary = Summary(str(writer.out), engine.description, engine.labels, resumed=len(writer.done),
                           resumed_failed=writer.done_failed)
@@ -229,9 +229,10 @@ def _inferred_or_none(args: argparse.Namespace) -> str | None:
         return None
 
 
-def _todo(args: argparse.Namespace, kind: str, writer: ResultWriter) -> Iterator[Item]:
-    """The inputs this run classifies: every item not already in the output, up to ``--limit``."""
-    files = iter_files(args.inputs, args.recursive, _own_files(args))
+def _todo(args: argparse.Namespace, kind: str, writer: ResultWriter, *, warn_skipped: bool = False) -> Iterator[Item]:
+    """The inputs this run classifies: every item not already in the output, up to ``--limit``; only the
+    listing that feeds the work warns about skipped subfolders (``iter_files``)."""
+    files = iter_files(args.inputs, args.recursive, _own_files(args), warn_skipped=warn_skipped)
     items = (item for item in iter_items(files, kind) if item.id not in writer.done)
     return itertools.islice(items, args.limit)
 
@@ -253,12 +254,12 @@ def _classify(args: argparse.Namespace, engine: Engine | RayEngine, workers: pip
             summary.add(item, outcome)
         bar.update(len(pairs))
 
+    todo = _todo(args, engine.kind, writer, warn_skipped=True)
     with bar:
         if args.engine == "ray":
-            engine.run(_todo(args, engine.kind, writer), batch_size=args.batch_size, on_batch=on_batch)
+            engine.run(todo, batch_size=args.batch_size, on_batch=on_batch)
         else:
-            pipeline.run(_todo(args, engine.kind, writer), engine, batch_size=args.batch_size, workers=workers,
-                         on_batch=on_batch)
+            pipeline.run(todo, engine, batch_size=args.batch_size, workers=workers, on_batch=on_batch)
     summary.finish()
     writer.commit()
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
-from serving.batch import sources
+from serving.batch import records, sources
 from serving.batch.types import BatchError, Failure
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 SNIFF_FILES = 32
 #: bytes read from a file to tell CSV from text, and text from binary
 SNIFF_BYTES = 8192
+#: data rows (after a header) of those bytes that vote on CSV or text; a few bad rows are outvoted
+SNIFF_ROWS = 20
 #: a file's content category (what ``sniff`` says) -> the kind that reads it
 CATEGORY_KIND = {"image": "digits", "csv": "diabetes", "text": "names"}
 
@@ -61,51 +63,69 @@ def check_inputs(inputs: Sequence[str]) -> None:
             raise InputNotFound(f"{arg}: no such file, folder or glob match")
 
 
-def iter_files(inputs: Sequence[str], recursive: bool, exclude: Collection[str] = ()) -> Iterator[FileEntry]:
+def iter_files(inputs: Sequence[str], recursive: bool, exclude: Collection[str] = (), *,
+               warn_skipped: bool = False) -> Iterator[FileEntry]:
     """Every file the INPUT arguments name, in argument order, folders in name order, each file once per argument.
 
     A glob pattern is expanded (``**`` matches across folders) and sorted; a folder matched by a
     pattern is listed like a folder argument. Hidden entries (``.name``) inside folders are skipped, and
     so are the ``exclude`` files (absolute paths: the run's own output, which may sit among its inputs).
+    ``warn_skipped`` logs the subfolders left out without ``recursive`` once the listing ends: a run
+    lists its inputs several times (checks, kind inference, the work, the progress bar's count) and
+    asks for the warning on one of them only.
     """
-    for entry in _files(inputs, recursive):
+    for entry in _files(inputs, recursive, warn_skipped):
         if not exclude or os.path.abspath(entry.path) not in exclude:
             yield entry
 
 
-def _files(inputs: Sequence[str], recursive: bool) -> Iterator[FileEntry]:
+def _files(inputs: Sequence[str], recursive: bool, warn_skipped: bool) -> Iterator[FileEntry]:
     skipped_dirs = 0
     for arg in inputs:
-        if sources.is_uri(arg):
-            for entry in _list(arg, recursive):
-                if entry is None:
-                    skipped_dirs += 1
-                else:
-                    yield entry
-            continue
-        paths = [arg] if os.path.exists(arg) else sorted(glob.iglob(arg, recursive=True))
-        for path in map(os.path.normpath, paths):
-            if os.path.isdir(path):
-                for entry in _walk(path, recursive, frozenset()):
-                    if entry is None:
-                        skipped_dirs += 1
-                    else:
-                        yield entry
+        for entry in _list(arg, recursive) if sources.is_uri(arg) else _expand(arg, recursive):
+            if entry is None:
+                skipped_dirs += 1
             else:
-                yield FileEntry(path)
-    if skipped_dirs:
+                yield entry
+    if skipped_dirs and warn_skipped:
         log.warning("skipped %d subfolders; pass --recursive to read them", skipped_dirs)
 
 
-def _walk(folder: str, recursive: bool, above: frozenset[str]) -> Iterator[FileEntry | None]:
-    """Files under ``folder`` in name order; ``None`` marks a subfolder left out without ``--recursive``.
+def _expand(arg: str, recursive: bool) -> Iterator[FileEntry | None]:
+    """A local INPUT's files, each once; ``None`` marks a subfolder left out without ``--recursive``.
 
-    Linked folders are followed, except a link back to a folder being walked (``above``), which would loop.
+    A glob's matches can overlap (``scans/**`` matches ``scans``, its subfolders and all their files):
+    a matched file that a walked folder already gave is not given again, and a subfolder left out of
+    a walk but matched itself is walked in its turn, so it is not reported as skipped.
     """
-    real = os.path.realpath(folder)
-    if real in above:
-        return
+    paths = [arg] if os.path.exists(arg) else sorted(glob.iglob(arg, recursive=True))
+    matched = set(map(os.path.normpath, paths))
+    given: set[str] = set()  # the matched files given so far (bounded by the glob's own list)
+    walked: set[tuple[int, int]] = set()
+    for path in map(os.path.normpath, paths):
+        for entry in _walk(path, recursive, walked) if os.path.isdir(path) else (FileEntry(path),):
+            if isinstance(entry, str):
+                if entry not in matched:
+                    yield None
+            elif entry.path not in matched:
+                yield entry
+            elif entry.path not in given:
+                given.add(entry.path)
+                yield entry
+
+
+def _walk(folder: str, recursive: bool, walked: set[tuple[int, int]]) -> Iterator[FileEntry | str]:
+    """Files under ``folder`` in name order, and the paths of the subfolders left out without ``--recursive``.
+
+    Linked folders are followed, but a real folder (``st_dev``, ``st_ino``) already in ``walked`` is
+    not listed again: a link back up would loop, and links between sibling folders would list their
+    files once per link (7 folders linking to each other: 13,699 entries for 7 files).
+    """
     try:
+        stat = os.stat(folder)
+        if (stat.st_dev, stat.st_ino) in walked:
+            return
+        walked.add((stat.st_dev, stat.st_ino))
         with os.scandir(folder) as it:
             entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
     except OSError as e:
@@ -114,9 +134,9 @@ def _walk(folder: str, recursive: bool, above: frozenset[str]) -> Iterator[FileE
     for e in entries:
         if e.is_dir():
             if recursive:
-                yield from _walk(e.path, recursive, above | {real})
+                yield from _walk(e.path, recursive, walked)
             else:
-                yield None
+                yield e.path
         else:
             yield FileEntry(e.path)
 
@@ -136,7 +156,12 @@ def _list(uri: str, recursive: bool) -> Iterator[FileEntry | None]:
 
 def sniff(path: str) -> str:
     """A file's content category: "image" (anything Pillow opens), "csv" (rows of 8 or 9 numbers,
-    header allowed), "text", "binary" or "empty"/"unreadable"."""
+    header allowed), "text", "unclear" (rows of numbers, but not most of the rows), "binary" or
+    "empty"/"unreadable".
+
+    A CSV is told by most of its first rows, not all: one bad row near the top of a diabetes file
+    must become its own error row, not send every record to the names model as a "name".
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -157,19 +182,14 @@ def sniff(path: str) -> str:
         return "empty"
     if b"\0" in head:
         return "binary"
-    lines = head.decode("utf-8", errors="replace").splitlines()
-    rows = [r for r in csv.reader(lines[:-1] if len(lines) > 1 else lines) if r][:5]
-    if rows and all(len(r) in (8, 9) for r in rows) and all(map(_is_numeric_row, rows[1:] or rows)):
+    rows = list(itertools.islice(csv.reader(records.sample_lines(head)), SNIFF_ROWS + 1))
+    if rows and records.is_header(rows[0]):
+        rows = rows[1:]
+    rows = rows[:SNIFF_ROWS]
+    found = sum(map(records.is_record, rows))
+    if 2 * found > len(rows):
         return "csv"
-    return "text"
-
-
-def _is_numeric_row(row: list[str]) -> bool:
-    try:
-        [float(x) for x in row]
-    except ValueError:
-        return False
-    return True
+    return "unclear" if found else "text"
 
 
 def infer_kind(inputs: Sequence[str], recursive: bool, exclude: Collection[str] = ()) -> str:
@@ -180,10 +200,16 @@ def infer_kind(inputs: Sequence[str], recursive: bool, exclude: Collection[str] 
     """
     files = iter_files(inputs, recursive, exclude)
     sample = [e.path for e in itertools.islice(files, SNIFF_FILES) if e.failure is None]
-    categories = Counter(sniff(p) for p in sample)
+    sniffed = {p: sniff(p) for p in sample}
+    categories = Counter(sniffed.values())
     kinds = {CATEGORY_KIND[c] for c in categories if c in CATEGORY_KIND}
-    if len(kinds) == 1:
+    unclear = next((p for p, c in sniffed.items() if c == "unclear"), None)
+    if len(kinds) == 1 and unclear is None:
         return kinds.pop()
     seen = ", ".join(f"{n} {c}" for c, n in categories.most_common()) or "no files"
-    why = "they mix kinds" if kinds else "none is an image, a CSV of 8 features or a text file"
+    if unclear is not None:
+        why = (f"the first rows of {unclear} are partly 8 or 9 numbers, partly not (a diabetes CSV with bad "
+               "rows, or text?)")
+    else:
+        why = "they mix kinds" if kinds else "none is an image, a CSV of 8 features or a text file"
     raise BatchError(f"cannot infer --kind from the first {len(sample)} files ({seen}): {why}; pass --kind")

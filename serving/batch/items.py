@@ -1,4 +1,5 @@
-"""Files -> items: one per image file, per CSV record, per line of text; reading problems become failed items.
+"""Files -> items: one per image file, per CSV record or names row, per line of text; reading problems become
+failed items.
 
 Only what can be said without a model is checked here (a CSV row's shape and numbers, an empty or
 undecodable line); what a model's card decides (pixel limits, vocabularies, feature counts) is left to
@@ -9,21 +10,21 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterable, Iterator
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 
-from serving.batch import sources
+from serving.batch import records, sources
 from serving.batch.discover import SNIFF_BYTES, FileEntry
+from serving.batch.records import NUM_FEATURES
 from serving.batch.types import Failure, Item
 
-#: header names taken for the truth-label column of a CSV (case-insensitive)
-LABEL_COLUMNS = {"label", "labels", "outcome", "class", "target", "y", "diabetes"}
-#: feature columns of a diabetes record, as in the course file
-NUM_FEATURES = 8
+#: kinds whose inputs may carry the expected class (a CSV's label column), which the output then shows
+LABELLED_KINDS = ("diabetes", "names")
 
 
 def iter_items(files: Iterable[FileEntry], kind: str) -> Iterator[Item]:
     """The items of every file, in file order then row/line order."""
-    read = _read_image if kind == "digits" else _read_records if kind == "diabetes" else _read_lines
+    read = {"digits": _read_image, "diabetes": _read_records, "names": _read_names}.get(kind, _read_lines)
     for entry in files:
         if entry.failure is not None:
             yield Item(entry.path, failure=entry.failure)
@@ -50,12 +51,40 @@ def _open_text(path: str) -> tuple[bytes | None, Failure | None]:
     return head, None
 
 
+def _read_names(path: str) -> Iterator[Item]:
+    """The course's names CSV (``"Abl","Czech"``) by rows: the name, and the country as the expected label
+    (so a run over the course's test file reports its accuracy); any other text by lines."""
+    head, failure = _open_text(path)
+    if failure:
+        yield Item(path, failure=failure)
+    elif records.is_names_csv(path, head or b""):
+        yield from _read_csv(path, _name_rows)
+    else:
+        yield from _lines(path)
+
+
+def _name_rows(rows: Iterator[tuple[str, list[str]]]) -> Iterator[Item]:
+    for item_id, row in rows:
+        if len(row) != 2:
+            yield Item(item_id, failure=Failure("bad row", f"{len(row)} fields: expected 2, a name and its country"))
+            continue
+        name, country = (x.strip() for x in row)
+        if name:
+            yield Item(item_id, data=name, label=country or None)
+        else:
+            yield Item(item_id, failure=Failure("bad row", "the name (column 1) is empty"))
+
+
 def _read_lines(path: str) -> Iterator[Item]:
     """One item per line; empty and non-UTF-8 lines are failed items, a final newline adds none."""
     _, failure = _open_text(path)
     if failure:
         yield Item(path, failure=failure)
-        return
+    else:
+        yield from _lines(path)
+
+
+def _lines(path: str) -> Iterator[Item]:
     try:
         with sources.open_file(path) as f:
             for number, raw in enumerate(f, 1):
@@ -74,56 +103,59 @@ def _read_lines(path: str) -> Iterator[Item]:
 
 
 def _read_records(path: str) -> Iterator[Item]:
-    """One item per CSV record with ``NUM_FEATURES`` numbers, plus an optional label column.
-
-    A header is recognised by a first row that is not all numbers; its label column is the one named
-    like ``Outcome`` or ``label``. Without a header a ninth column is the label, as in the course file.
-    Blank lines are not records and are skipped.
-    """
+    """One item per CSV record with ``NUM_FEATURES`` numbers, plus an optional label column."""
     _, failure = _open_text(path)
     if failure:
         yield Item(path, failure=failure)
-        return
+    else:
+        yield from _read_csv(path, _records)
+
+
+def _read_csv(path: str, read: Callable[[Iterator[tuple[str, list[str]]]], Iterator[Item]]) -> Iterator[Item]:
+    """``read`` turns the file's rows, as (item id, fields), into items; blank lines are not rows and are
+    skipped. A file that breaks off (an I/O error, a NUL byte) ends with an error item."""
     try:
         with io.TextIOWrapper(sources.open_file(path), encoding="utf-8-sig", errors="replace", newline="") as f:
             reader = csv.reader(f)
-            layout: tuple[int, int | None] | None = None  # (columns, label column)
-            for row in reader:
-                if not row or not any(x.strip() for x in row):
-                    continue
-                if layout is None:
-                    columns, label, is_header = _layout(row)
-                    layout = (columns, label)
-                    if is_header:
-                        continue
-                yield _record(f"{path}:{reader.line_num}", row, *layout)
+            yield from read((f"{path}:{reader.line_num}", row) for row in reader if any(x.strip() for x in row))
     except (OSError, csv.Error) as e:
         yield Item(path, failure=Failure("unreadable file", str(e)))
 
 
-def _layout(first: list[str]) -> tuple[int, int | None, bool]:
-    """(columns, label column, whether the row is a header) from a file's first row."""
-    is_header = _floats(first) is None
-    names = [x.strip().lower() for x in first] if is_header else []
-    label = next((i for i, n in enumerate(names) if n in LABEL_COLUMNS), None)
-    if label is None and len(first) == NUM_FEATURES + 1:
-        label = NUM_FEATURES
-    return len(first), label, is_header
+def _records(rows: Iterator[tuple[str, list[str]]]) -> Iterator[Item]:
+    """Diabetes records; a first row that names a label column or holds no number is a header
+    (``records.is_header``), any other first row is data, and fails alone if bad.
+
+    The label column is the one a header names like ``Outcome`` or ``label``, else a ninth column, as
+    in the course file. How many fields a row must have comes from the model (``NUM_FEATURES``, one more
+    with a label), never from the first row, so one bad first row cannot fail every good row after it.
+    """
+    first = next(rows, None)
+    if first is None:
+        return
+    if not records.is_header(first[1]):
+        for item_id, row in itertools.chain([first], rows):
+            label = NUM_FEATURES if len(row) == NUM_FEATURES + 1 else None
+            yield _record(item_id, row, label, f"{NUM_FEATURES} numbers, or {NUM_FEATURES + 1} with a label last")
+        return
+    names = [x.strip().lower() for x in first[1]]
+    label = next((i for i, n in enumerate(names) if n in records.LABEL_COLUMNS),
+                 NUM_FEATURES if len(names) == NUM_FEATURES + 1 else None)
+    expected = (f"{NUM_FEATURES + 1}, as the header has a label column" if label is not None
+                else f"{NUM_FEATURES}, as the header has no label column")
+    for item_id, row in rows:
+        yield _record(item_id, row, label, expected)
 
 
-def _record(item_id: str, row: list[str], columns: int, label: int | None) -> Item:
-    if len(row) != columns:
-        return Item(item_id, failure=Failure("bad row", f"{len(row)} fields where the file's rows have {columns}"))
-    label_text = row[label].strip() if label is not None else None
+def _record(item_id: str, row: list[str], label: int | None, expected: str) -> Item:
+    if len(row) != NUM_FEATURES + (label is not None):
+        return Item(item_id, failure=Failure("bad row", f"{len(row)} fields: expected {expected}"))
     fields = [x for i, x in enumerate(row) if i != label]
-    if len(fields) != NUM_FEATURES:
-        return Item(item_id, failure=Failure(
-            "bad row", f"{len(fields)} feature columns: expected {NUM_FEATURES} (and optionally a label column)"))
     values = _floats(fields)
     if values is None:
-        bad = next(x for x in fields if _floats([x]) is None)
+        bad = next(x for x in fields if not records.is_number(x))
         return Item(item_id, failure=Failure("bad row", f"{bad!r} is not a number"))
-    return Item(item_id, data=values, label=_normalize_label(label_text))
+    return Item(item_id, data=values, label=_normalize_label(row[label].strip() if label is not None else None))
 
 
 def _floats(fields: list[str]) -> list[float] | None:

@@ -13,7 +13,7 @@ import csv
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -24,11 +24,13 @@ FORMATS = ("csv", "jsonl")
 
 
 class OutputError(BatchError):
-    """The output cannot be written as asked (exists without ``--overwrite``, other columns on ``--resume``)."""
+    """The output cannot be written as asked (exists without ``--overwrite``, other columns on ``--resume``, a
+    folder that cannot be made or written, a file to resume that this CLI did not write)."""
 
 
 def columns(top_k: int, with_label: bool) -> list[str]:
-    """The output's columns: the base ones, the input's truth ``label`` for CSV records, then top-k pairs."""
+    """The output's columns: the base ones, the input's truth ``label`` (a CSV's label column, for the kinds
+    whose inputs may have one), then top-k pairs."""
     cols = list(BASE_COLUMNS) + (["label"] if with_label else [])
     for k in range(1, top_k + 1):
         cols += [f"top{k}", f"top{k}_score"]
@@ -81,15 +83,20 @@ class ResultWriter:
         self.done_failed = 0
         self._written = 0
         check_target(self.out, overwrite=overwrite, resume=resume)
-        if resume and self.partial.exists():
-            _drop_torn_tail(self.partial)
-            self._read_done(self.partial)
-        elif resume and self.out.exists():
-            self._read_done(self.out)  # checked before copying, so a refused resume leaves no partial file
-            shutil.copyfile(self.out, self.partial)
-        fresh = not (resume and self.partial.exists() and self.partial.stat().st_size)
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self._file: IO[str] = open(self.partial, "w" if fresh else "a", newline="", encoding="utf-8")
+        try:
+            if resume and self.partial.exists():
+                _drop_torn_tail(self.partial)
+                self._read_done(self.partial)
+            elif resume and self.out.exists():
+                self._read_done(self.out)  # checked before copying, so a refused resume leaves no partial file
+                shutil.copyfile(self.out, self.partial)
+            fresh = not (resume and self.partial.exists() and self.partial.stat().st_size)
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self._file: IO[str] = open(self.partial, "w" if fresh else "a", newline="", encoding="utf-8")
+        except OSError as e:  # a file where a folder should be, a read-only or pseudo file system
+            where = f"{e.filename}: " if e.filename and str(e.filename) != str(self.partial) else ""
+            raise OutputError(f"cannot write the results to {self.partial} ({where}{e.strerror or e}): expected a "
+                              "path in a folder that exists or can be made, writable by this user") from e
         self._csv = csv.DictWriter(self._file, self.cols) if fmt == "csv" else None
         if fresh and self._csv:
             self._csv.writeheader()
@@ -97,17 +104,43 @@ class ResultWriter:
 
     def _read_done(self, path: Path) -> None:
         with open(path, newline="", encoding="utf-8") as f:
-            if self.fmt == "csv":
-                reader = csv.DictReader(f)
-                if reader.fieldnames is not None and reader.fieldnames != self.cols:
-                    raise OutputError(f"{path} has the columns {','.join(reader.fieldnames)}, this run "
-                                      f"writes {','.join(self.cols)}: resume with the same options, or --overwrite")
-                rows: Any = reader
-            else:
-                rows = (json.loads(line) for line in f if line.strip())
-            for row in rows:
-                self.done.add(row["path"])
-                self.done_failed += bool(row.get("error"))
+            try:
+                for row in self._csv_rows(path, f) if self.fmt == "csv" else self._json_rows(path, f):
+                    self.done.add(row["path"])
+                    self.done_failed += bool(row.get("error"))
+            except UnicodeDecodeError as e:
+                raise OutputError(f"{path} is not UTF-8 text ({e.reason}): expected the results this command "
+                                  "writes; resume only its own output, or --overwrite") from e
+
+    def _csv_rows(self, path: Path, f: IO[str]) -> Iterator[dict[str, Any]]:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is not None:
+            self._check_columns(path, reader.fieldnames)
+        yield from reader
+
+    def _json_rows(self, path: Path, f: IO[str]) -> Iterator[dict[str, Any]]:
+        """The rows of a JSON Lines file; the first one's keys must be this run's columns, as a CSV's header."""
+        first = True
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise OutputError(f"{path}:{number} is not JSON ({e.msg}): expected one results row per line, "
+                                  "as this command writes; resume only its own output, or --overwrite") from e
+            if not isinstance(row, dict) or "path" not in row:
+                raise OutputError(f"{path}:{number} is not a results row: expected a JSON object with a \"path\" "
+                                  "key, as this command writes; resume only its own output, or --overwrite")
+            if first:
+                self._check_columns(path, list(row))
+                first = False
+            yield row
+
+    def _check_columns(self, path: Path, found: Sequence[str]) -> None:
+        if list(found) != self.cols:
+            raise OutputError(f"{path} has the columns {','.join(found)}, this run writes {','.join(self.cols)}: "
+                              "resume with the same options, or --overwrite")
 
     @property
     def rows(self) -> int:

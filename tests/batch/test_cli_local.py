@@ -3,6 +3,7 @@ overwrite refusal, resume after a kill, CSV and text inputs."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -219,3 +220,38 @@ def test_workers_check_the_model_file_they_load(tmp_path: Path) -> None:
             shutil.copy(EXPORTED / "mnist_softmax" / "1" / "model.onnx", tmp_path / folder / "mnist_cnn" / "1")
             with pytest.raises(EngineError, match="does not match the card"):
                 worker_model(digits)
+
+
+def test_the_course_names_file_reports_accuracy(batch: Batch, names_rows: list[tuple[str, str]],
+                                                tmp_path: Path) -> None:
+    """The course's own test file, quoted ``"Abl","Czech"`` rows with CRLF endings: the names are classified and
+    the countries are the expected labels (it was read as whole lines: 4% "accuracy", exit 0)."""
+    with open(tmp_path / "names_test.csv", "w", newline="") as f:
+        csv.writer(f, quoting=csv.QUOTE_ALL, lineterminator="\r\n").writerows(names_rows)
+    run = batch(tmp_path / "names_test.csv", "--repo", EXPORTED, out=tmp_path / "n.csv")
+    assert run.code == 0, run.err
+    assert [(r["path"], r["label"]) for r in run.rows] == [(f"{tmp_path}/names_test.csv:{n}", country)
+                                                          for n, (_, country) in enumerate(names_rows, 1)]
+    accuracy = sum(r["prediction"] == r["label"] for r in run.rows) / len(names_rows)
+    assert accuracy >= 0.8  # the card's test accuracy is 0.845
+    assert f"accuracy      {accuracy:.4f}" in run.out
+
+
+def test_a_diabetes_file_with_a_bad_first_row_goes_to_the_diabetes_model(batch: Batch, diabetes_rows: list[list[str]],
+                                                                         tmp_path: Path) -> None:
+    """A short first row neither makes the file "text" (every record a "name" for names_gru) nor fails the
+    good rows after it: it is the one error row."""
+    (tmp_path / "patients.csv").write_text("0.1,0.2,0.3\n" + "".join(",".join(r) + "\n" for r in diabetes_rows))
+    run = batch(tmp_path / "patients.csv", "--repo", EXPORTED, out=tmp_path / "d.csv")
+    assert run.code == 2, run.err
+    assert [_reason(r) for r in run.rows if r["error"]] == ["bad row"] and run.rows[0]["error"]
+    assert {r["model"] for r in run.rows[1:]} == {"diabetes_mlp"} and len(run.rows) == len(diabetes_rows) + 1
+
+
+def test_skipped_subfolders_are_reported_once(batch: Batch, tmp_path: Path) -> None:
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    (tmp_path / "in" / "names.txt").write_text("Nakamura\n")
+    (tmp_path / "in" / "sub" / "more.txt").write_text("Smith\n")
+    run = batch(tmp_path / "in", "--repo", EXPORTED, out=tmp_path / "n.csv")
+    assert run.code == 0 and len(run.rows) == 1
+    assert run.err.count("skipped 1 subfolders; pass --recursive") == 1, run.err

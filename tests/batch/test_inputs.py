@@ -83,7 +83,7 @@ def test_csv_records_with_or_without_header_and_label(tmp_path: Path) -> None:
     assert items["plain.csv:1"].data == [0.5] * 8 and items["plain.csv:1"].label is None
     assert [items["labelled.csv:1"].label, items["labelled.csv:3"].label] == ["1", "0"]
     assert items["header.csv:2"].data == [0.5] * 8 and items["header.csv:2"].label == "1"
-    assert str(items["broken.csv:2"].failure) == "bad row: 2 fields where the file's rows have 8"
+    assert str(items["broken.csv:2"].failure) == "bad row: 2 fields: expected 8 numbers, or 9 with a label last"
     assert str(items["broken.csv:3"].failure) == "bad row: 'x' is not a number"
     assert items["broken.csv:4"].failure is None  # NaN is a number; the model's rule refuses it (prepare)
 
@@ -121,3 +121,78 @@ def test_every_line_is_one_item(tmp_path_factory: pytest.TempPathFactory, lines:
     for item, line in zip(items, lines, strict=True):
         text = line.removeprefix("\ufeff").strip()
         assert (item.data, item.failure is None) == ((text, True) if text else (None, False))
+
+
+def test_a_glob_that_matches_folders_and_their_files_lists_each_file_once(tmp_path: Path) -> None:
+    """``gl/**`` matches ``gl``, ``gl/sub`` and every file: a matched folder walked and its files matched too
+    must not list them again, and ``gl/sub``, matched itself, is not a skipped subfolder."""
+    for name in ("a.png", "b.png", "c.png", "sub/x.png", "sub/y.png"):
+        _png(tmp_path / "gl" / name)
+    every = [str(tmp_path / "gl" / name) for name in ("a.png", "b.png", "c.png", "sub/x.png", "sub/y.png")]
+    for pattern in ("**", "**/*", "**/"):
+        for recursive in (True, False):
+            assert _paths([f"{tmp_path}/gl/{pattern}"], recursive) == every, (pattern, recursive)
+
+
+def test_linked_folders_are_listed_once(tmp_path: Path) -> None:
+    """Seven folders that each link to the other six: seven files, each once (it was 13,699 entries)."""
+    for i in range(7):
+        (tmp_path / f"f{i}").mkdir()
+        (tmp_path / f"f{i}" / f"n{i}.txt").write_text("Smith\n")
+    for i in range(7):
+        for j in range(7):
+            if i != j:
+                (tmp_path / f"f{i}" / f"l{j}").symlink_to(tmp_path / f"f{j}", target_is_directory=True)
+    paths = _paths([str(tmp_path)], recursive=True)
+    assert sorted(Path(p).name for p in paths) == [f"n{i}.txt" for i in range(7)]
+    assert paths == _paths([str(tmp_path)], recursive=True)  # the same order every run
+
+
+def test_a_diabetes_csv_with_a_bad_row_near_the_top_is_still_a_csv(tmp_path: Path) -> None:
+    """The rows vote: one short row among the first ones is outvoted (and fails alone when read); a file
+    whose rows are half records, half not, is refused with a request for --kind rather than guessed."""
+    record = ",".join(["0.5"] * 8) + ",1\n"
+    (tmp_path / "one_bad.csv").write_text(record + "0.5,0.5,1\n" + record * 4)
+    assert sniff(str(tmp_path / "one_bad.csv")) == "csv"
+    assert infer_kind([str(tmp_path / "one_bad.csv")], False) == "diabetes"
+    items = list(iter_items(iter_files([str(tmp_path / "one_bad.csv")], False), "diabetes"))
+    assert [i.failure is None for i in items] == [True, False, True, True, True, True]
+    (tmp_path / "half.txt").write_text(record * 2 + "Smith\nNakamura\n")
+    assert sniff(str(tmp_path / "half.txt")) == "unclear"
+    with pytest.raises(BatchError, match=r"half\.txt.*pass --kind"):
+        infer_kind([str(tmp_path / "half.txt")], False)
+
+
+def test_a_bad_first_row_of_a_headerless_csv_fails_alone(tmp_path: Path) -> None:
+    """Row 1 is a header only if it names a label column or holds no number; the field count comes from the
+    model (8, or 9 with a label), so a bad first row neither vanishes as a header nor fails the good rows."""
+    good = ",".join(["0.5"] * 8) + ",1"
+    (tmp_path / "na.csv").write_text(f"NA,{good.split(',', 1)[1]}\n{good}\n{good}\n")
+    (tmp_path / "short.csv").write_text(f"{','.join(['0.5'] * 7)}\n{good}\n{good}\n")
+    (tmp_path / "named.csv").write_text(f"{','.join('abcdefgh')},outcome\n{good}\n")
+    items = {i.id.rsplit("/", 1)[1]: i for i in iter_items(iter_files([str(tmp_path)], False), "diabetes")}
+    assert sorted(items) == ["na.csv:1", "na.csv:2", "na.csv:3", "named.csv:2", "short.csv:1", "short.csv:2",
+                             "short.csv:3"]
+    assert str(items["na.csv:1"].failure) == "bad row: 'NA' is not a number"
+    assert str(items["short.csv:1"].failure) == "bad row: 7 fields: expected 8 numbers, or 9 with a label last"
+    assert all(items[f"{name}:{n}"].failure is None and items[f"{name}:{n}"].label == "1"
+               for name in ("na.csv", "short.csv") for n in (2, 3))
+    assert items["named.csv:2"].data == [0.5] * 8 and items["named.csv:2"].label == "1"
+
+
+def test_the_course_names_csv_is_read_as_name_and_country(tmp_path: Path) -> None:
+    """``"Abl","Czech"`` rows (the course's file, CRLF endings): the name is the input, the country its expected
+    label. A list of names whose lines hold a comma stays one name per line."""
+    (tmp_path / "course.csv").write_bytes(b'"Abl","Czech"\r\n"O\'Neill, Jr","Irish"\r\n"Smith"\r\n"","English"\r\n')
+    (tmp_path / "names.csv").write_text("Nakamura\nO'Neill, Jr\n")
+    items = [(Path(i.id).name, i.data, i.label, str(i.failure or "")) for i in
+             iter_items(iter_files([str(tmp_path)], False), "names")]
+    assert items == [
+        ("course.csv:1", "Abl", "Czech", ""),
+        ("course.csv:2", "O'Neill, Jr", "Irish", ""),
+        ("course.csv:3", None, None, "bad row: 1 fields: expected 2, a name and its country"),
+        ("course.csv:4", None, None, "bad row: the name (column 1) is empty"),
+        ("names.csv:1", "Nakamura", None, ""),
+        ("names.csv:2", "O'Neill, Jr", None, ""),
+    ]
+    assert infer_kind([str(tmp_path / "course.csv")], False) == "names"

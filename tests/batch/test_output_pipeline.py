@@ -116,3 +116,35 @@ def test_pipeline_answers_every_item_once_in_order(workers: int) -> None:
             assert outcome == Failure("refused", "x")
         else:
             assert isinstance(outcome, Prediction) and outcome.label == item.data
+
+
+def test_resume_of_jsonl_refuses_other_columns(tmp_path: Path) -> None:
+    """As for CSV: a run with --top-k 2 must not append rows with other keys to a file written without it."""
+    out = tmp_path / "results.jsonl"
+    writer = ResultWriter(out, "jsonl", COLS, overwrite=False, resume=False)
+    writer.write(_rows("a"))
+    writer.commit()
+    before = out.read_bytes()
+    with pytest.raises(OutputError, match=f"{out} has the columns .*top1_score, this run writes .*top2_score"):
+        ResultWriter(out, "jsonl", columns(top_k=2, with_label=False), overwrite=False, resume=True)
+    assert out.read_bytes() == before and not partial_path(out).exists()
+
+
+def test_output_that_cannot_be_written_or_resumed_is_an_output_error(tmp_path: Path) -> None:
+    """Not a traceback: a file where the output's folder should be, and a results file with a line that is
+    not JSON, are refused with the file (and line) named."""
+    (tmp_path / "d.csv").write_text("a file, not a folder\n")
+    with pytest.raises(OutputError, match=r"d\.csv/x\.csv\.partial \(.*d\.csv: "):
+        ResultWriter(tmp_path / "d.csv" / "x.csv", "csv", COLS, overwrite=False, resume=False)
+    out = tmp_path / "results.jsonl"
+    writer = ResultWriter(out, "jsonl", COLS, overwrite=False, resume=False)
+    writer.write(_rows("a"))
+    writer.commit()
+    good = out.read_bytes()
+    for line, error in ((b"not json\n", "is not JSON"), (b"[1]\n", "is not a results row")):
+        out.write_bytes(good + line)
+        with pytest.raises(OutputError, match=rf"{out}:2 {error}"):
+            ResultWriter(out, "jsonl", COLS, overwrite=False, resume=True)
+    (tmp_path / "binary.csv").write_bytes(b"\xff\xfe\x00path\n")
+    with pytest.raises(OutputError, match="binary.csv is not UTF-8 text"):
+        ResultWriter(tmp_path / "binary.csv", "csv", COLS, overwrite=False, resume=True)
