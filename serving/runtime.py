@@ -231,6 +231,10 @@ def _check_tensor(spec: TensorSpec, array: np.ndarray) -> None:
         # recurrent model's run grows with them, and one unbounded sequence would hold the model for minutes.
         raise InputError(f"input {spec.name!r} has shape {list(array.shape)}: a sequence axis is at most "
                          f"{MAX_TEXT_LENGTH} long")
+    if array.dtype.kind == "i" and array.min() < 0:
+        # The integer inputs of the course models are character indices and lengths; ONNX's Gather reads a
+        # negative index from the end, so -1 would answer for the last character instead of being refused.
+        raise InputError(f"input {spec.name!r} has negative values: expected indices and lengths >= 0")
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         # A NaN would flow through the model into a confident-looking answer; the domain API refuses it too.
         raise InputError(f"input {spec.name!r} has NaN or infinite values: expected finite numbers")

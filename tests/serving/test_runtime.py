@@ -82,6 +82,8 @@ def test_sample_inputs_follow_the_card() -> None:
         ({"chars": np.ones((0, 4), np.int64), "lengths": np.ones(0, np.int64)}, "empty batch"),
         ({"chars": np.ones((1, 0), np.int64), "lengths": np.zeros(1, np.int64)},
          r"input 'chars' has shape \[1, 0\]: expected at least one element on every axis after the batch axis"),
+        ({"chars": np.full((1, 3), -1, np.int64), "lengths": np.full(1, 3, np.int64)},
+         "input 'chars' has negative values: expected indices and lengths >= 0"),
         ({"chars": np.ones((1, 257), np.int64), "lengths": np.full(1, 257, np.int64)},
          r"input 'chars' has shape \[1, 257\]: a sequence axis is at most 256 long"),
         ({"chars": np.ones((2, 4), np.int64), "lengths": np.ones(3, np.int64)}, "disagree on the batch size"),
