@@ -31,7 +31,7 @@ from bench.exports import Export
 from bench.processes import Server, load
 from bench.report import Ratio, Target
 from bench.stats import Result
-from serving.batch.cli import at_least
+from coursezoo.args import at_least
 
 log = logging.getLogger("coursezoo.bench")
 

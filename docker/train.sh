@@ -10,8 +10,9 @@
 #   COURSEZOO_EXPORT_DIR   the model repository (./exported, mounted read-write)     [/models]
 #   COURSEZOO_DATA_ROOT / COURSEZOO_DATA_MIRROR   where the data sets are / come from
 #
-# A model that misses its quality bar makes `coursezoo train` exit non-zero, and then nothing is
-# exported: a worse model must not reach the server unnoticed.
+# A model that misses its quality bar makes `coursezoo train` exit non-zero (unless its settings were
+# overridden), and `coursezoo export` refuses it in any case: a worse model must not reach the server
+# unnoticed.
 set -eu
 
 models=${COURSEZOO_MODELS:-all}

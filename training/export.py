@@ -29,7 +29,7 @@ from serving.preprocess import encode_hello
 from training import data, evaluate
 from training.catalog import HELLO_VOCAB, Entry, resolve
 from training.models import build
-from training.train import DEFAULT_RUNS
+from training.train import CHECKPOINT, DEFAULT_RUNS, REPORT
 
 PARITY_ATOL = 1e-4
 
@@ -69,15 +69,14 @@ def _check_close(what: str, got: np.ndarray, want: np.ndarray) -> float:
 
 
 def export_one(entry: Entry, cfg: data.DataConfig, runs_dir: Path = DEFAULT_RUNS,
-               out_root: Path = Path("exported")) -> Path:
-    run_dir = runs_dir / entry.name
-    ckpt = run_dir / "model.pt"
-    if not ckpt.exists():
-        raise ExportError(f"{entry.name}: no checkpoint at {ckpt}; run `coursezoo train {entry.name}` first")
-    report = json.loads((run_dir / "metrics.json").read_text())
-    model = build(entry)
-    model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
-    model.eval()
+               out_root: Path = Path("exported"), *, allow_below_bar: bool = False) -> Path:
+    """Export the checkpoint ``coursezoo train`` left for ``entry`` as the next version under ``out_root``.
+
+    Nothing is written unless every check passes, the ONNX file's accuracy on the test split meeting the
+    model's bar included: the server serves the newest version, so a smoke run (``--epochs 1``) must not
+    become it by accident; ``allow_below_bar`` publishes such a model on purpose.
+    """
+    model, report = _load_run(entry, runs_dir / entry.name)
 
     batches = parity_inputs(entry, cfg)
     in_names = [t.name for t in entry.inputs]
@@ -115,6 +114,9 @@ def export_one(entry: Entry, cfg: data.DataConfig, runs_dir: Path = DEFAULT_RUNS
 
         metrics = evaluate.measure(entry, evaluate.onnx_predictor(str(onnx_path)), cfg)
         ok, verdict = evaluate.meets_bar(entry, metrics)
+        if not ok and not allow_below_bar:
+            raise ExportError(f"{entry.name}: {verdict} on the test split, below its bar: not exported (train with "
+                              "the recipe's settings, or pass --allow-below-bar to publish it anyway)")
         card = ModelCard(
             name=entry.name, version=next_version(out_root / entry.name), task=entry.task,
             lecture=entry.lecture, description=entry.description, inputs=entry.inputs,
@@ -134,13 +136,42 @@ def export_one(entry: Entry, cfg: data.DataConfig, runs_dir: Path = DEFAULT_RUNS
         card.save(tmp_dir)
         dest = out_root / entry.name / card.version
         dest.parent.mkdir(parents=True, exist_ok=True)
-        # Write into a hidden sibling, then rename: the server never sees a half-written version.
-        staging = dest.parent / f".{card.version}.staging"
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(tmp_dir, staging)
-        staging.chmod(0o755)  # TemporaryDirectory is 0700: a server running as another user must read it
-        staging.rename(dest)
+        # Write into a hidden sibling of its own, then rename: the server never sees a half-written version,
+        # and two exports at once never write into one folder.
+        staging = Path(tempfile.mkdtemp(prefix=f".{card.version}.", suffix=".staging", dir=dest.parent))
+        shutil.copytree(tmp_dir, staging, dirs_exist_ok=True)
+        staging.chmod(0o755)  # mkdtemp's folders are 0700: a server running as another user must read it
+        try:
+            staging.rename(dest)  # refused if another export wrote this version meanwhile
+        except OSError as e:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise ExportError(f"{entry.name}: version {card.version} appeared while exporting (another export?): "
+                              "export again for the next free version") from e
     return dest
+
+
+def _load_run(entry: Entry, run_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The trained model and its training report, checked to belong together."""
+    ckpt, report_path = run_dir / CHECKPOINT, run_dir / REPORT
+    again = f"run `coursezoo train {entry.name}`"
+    if not ckpt.exists():
+        raise ExportError(f"{entry.name}: no checkpoint at {ckpt}; {again} first")
+    try:
+        report = json.loads(report_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{entry.name}: no readable training report at {report_path} ({e}); {again} again") from e
+    # Runs from before the report named its checkpoint carry no sha256; any later pair must match.
+    expected = report.get("checkpoint_sha256")
+    if expected is not None and expected != sha256_file(ckpt):
+        raise ExportError(f"{entry.name}: {ckpt} is not the checkpoint {report_path} describes (an interrupted "
+                          f"or concurrent run?); {again} again")
+    model = build(entry)
+    try:
+        model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
+    except (RuntimeError, OSError, ValueError) as e:  # torch's words for a truncated or foreign file
+        raise ExportError(f"{entry.name}: cannot load {ckpt} ({e}); {again} again") from e
+    model.eval()
+    return model, report
 
 
 def _versions() -> dict[str, Any]:
@@ -153,6 +184,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("names", nargs="+", help="model names from the catalogue, or 'all'")
     p.add_argument("--out", type=Path, default=Path("exported"), help="model repository to write into")
     p.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="where `coursezoo train` left checkpoints")
+    p.add_argument("--allow-below-bar", action="store_true",
+                   help="export a model whose test accuracy misses its bar (refused by default: the server "
+                        "serves the newest version)")
     data.DataConfig.add_arguments(p)
     return p
 
@@ -161,7 +195,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = data.DataConfig.from_args(args)
     for entry in resolve(args.names):
         try:
-            dest = export_one(entry, cfg, args.runs, args.out)
+            dest = export_one(entry, cfg, args.runs, args.out, allow_below_bar=args.allow_below_bar)
         except (ExportError, data.DataError) as e:
             raise SystemExit(f"export failed: {e}") from None
         card = ModelCard.load(dest)

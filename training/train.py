@@ -22,12 +22,16 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from coursezoo.args import at_least
+from serving.card import sha256_file
 from training import data, evaluate
 from training.catalog import Entry, resolve
 from training.models import build
 
 log = logging.getLogger("coursezoo.train")
 DEFAULT_RUNS = Path("runs")
+#: what a run leaves in ``<runs>/<model>/`` for ``coursezoo export``
+CHECKPOINT, REPORT = "model.pt", "metrics.json"
 
 LOSSES = {"regression": nn.MSELoss, "logistic": nn.BCELoss, "diabetes": nn.BCELoss,
           "digits": nn.CrossEntropyLoss, "names": nn.CrossEntropyLoss, "hello": nn.CrossEntropyLoss}
@@ -52,7 +56,8 @@ def train_batches(entry: Entry, cfg: data.DataConfig, generator: torch.Generator
                   limit: int | None) -> Sized | Iterable[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
     """The (inputs, target) batches of one epoch of the entry's data set, re-iterable, with a length.
 
-    ``limit`` keeps only the first N training examples (the tests' short runs).
+    ``limit`` keeps N training examples drawn at random with ``generator`` (the tests' short runs): the
+    first N of a file sorted by class (the names file is, by country) would hold a few classes only.
     """
     if entry.dataset in ("linear_points", "logistic_points", "hello"):
         x, y = {"linear_points": data.linear_points, "logistic_points": data.logistic_points,
@@ -65,8 +70,8 @@ def train_batches(entry: Entry, cfg: data.DataConfig, generator: torch.Generator
         ds, collate = data.diabetes_splits(cfg)[0], None
     else:
         ds, collate = data.NamesDataset(train=True, cfg=cfg), data.names_collate
-    if limit:
-        ds = Subset(ds, range(min(limit, len(ds))))
+    if limit is not None:
+        ds = Subset(ds, torch.randperm(len(ds), generator=generator)[:limit].tolist())
     return _LoaderBatches(DataLoader(ds, batch_size=entry.recipe.batch_size, shuffle=True,
                                      generator=generator, collate_fn=collate))
 
@@ -103,7 +108,7 @@ def train_one(entry: Entry, cfg: data.DataConfig, *, epochs: int | None = None, 
     progress = sys.stderr.isatty() if progress is None else progress  # quiet in CI and logs
     seed = entry.recipe.seed if seed is None else seed
     generator = seed_everything(seed)
-    epochs = epochs or entry.recipe.epochs
+    epochs = entry.recipe.epochs if epochs is None else epochs
     model = build(entry).to(device)
     loss_fn = LOSSES[entry.task]()
 
@@ -152,20 +157,31 @@ def train_one(entry: Entry, cfg: data.DataConfig, *, epochs: int | None = None, 
         "recipe": entry.recipe.as_dict(),
         "data_sha256": data.data_sha256(entry.dataset, cfg), "torch": torch.__version__,
     }
-    out_dir = runs_dir / entry.name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(model.cpu().state_dict(), out_dir / "model.pt")
-    (out_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    save_run(runs_dir / entry.name, model, report)
     return report
+
+
+def save_run(out_dir: Path, model: nn.Module, report: dict[str, Any]) -> None:
+    """Checkpoint, then the report naming its sha256, each written aside and renamed in: an interrupted run
+    leaves the previous pair whole, and ``export`` refuses a checkpoint its report does not name."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staged = out_dir / f"{CHECKPOINT}.partial"
+    torch.save(model.cpu().state_dict(), staged)
+    report["checkpoint_sha256"] = sha256_file(staged)
+    staged.replace(out_dir / CHECKPOINT)
+    staged_report = out_dir / f"{REPORT}.partial"
+    staged_report.write_text(json.dumps(report, indent=2) + "\n")
+    staged_report.replace(out_dir / REPORT)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train course models on their real data sets.", add_help=add_help)
     p.add_argument("names", nargs="+", help="model names from the catalogue, or 'all'")
-    p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
+    p.add_argument("--epochs", type=at_least(1), default=None, help="override the recipe's epochs")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
-    p.add_argument("--limit", type=int, default=None, help="train on the first N examples only")
+    p.add_argument("--limit", type=at_least(1), default=None,
+                   help="train on N examples drawn at random (seeded) only")
     data.DataConfig.add_arguments(p)
     p.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="where checkpoints and reports go")
     return p

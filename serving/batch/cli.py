@@ -16,12 +16,13 @@ import itertools
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
+from coursezoo.args import at_least
 from serving.batch import pipeline, sources
 from serving.batch.discover import check_inputs, infer_kind, iter_files
 from serving.batch.engines import Engine
@@ -51,20 +52,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         self.print_usage(sys.stderr)
         self.exit(EXIT_FATAL, f"{self.prog}: error: {message}\n")
-
-
-def at_least(low: int) -> Callable[[str], int]:
-    """An argparse type: a whole number >= ``low``, refused with a message saying so (also used by the bench)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= {low}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{text}: expected a whole number >= {low}")
-        return value
-
-    return parse
 
 
 _positive, _non_negative = at_least(1), at_least(0)

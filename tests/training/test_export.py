@@ -22,7 +22,8 @@ FAMILIES = [("diabetes_mlp", None), ("mnist_cnn", 640), ("mnist_inception", 320)
 def test_export_writes_checked_files_and_card(name: str, limit, data_cfg: data.DataConfig, tmp_path: Path) -> None:
     entry = CATALOG[name]
     train_one(entry, data_cfg, epochs=1, limit=limit, runs_dir=tmp_path / "runs", progress=False)
-    dest = export_one(entry, data_cfg, tmp_path / "runs", tmp_path / "repo")
+    # one epoch on a subset: below the bar for most, published on purpose to check the files
+    dest = export_one(entry, data_cfg, tmp_path / "runs", tmp_path / "repo", allow_below_bar=True)
     assert dest == tmp_path / "repo" / name / "1"
     card = ModelCard.load(dest)
     assert [t.name for t in card.inputs] == [t.name for t in entry.inputs]
@@ -35,7 +36,8 @@ def test_export_writes_checked_files_and_card(name: str, limit, data_cfg: data.D
     assert card.data_sha256 == data.data_sha256(entry.dataset, data_cfg)
     assert json.loads((dest / "model.json").read_text())["labels"] == list(entry.labels)
     # the next export is a new version beside the first
-    assert export_one(entry, data_cfg, tmp_path / "runs", tmp_path / "repo").name == "2"
+    assert export_one(entry, data_cfg, tmp_path / "runs", tmp_path / "repo", allow_below_bar=True).name == "2"
+    assert not list((tmp_path / "repo" / name).glob(".*"))  # no staging folder left behind
 
 
 def test_parity_failure_is_loud() -> None:
@@ -48,3 +50,34 @@ def test_parity_failure_is_loud() -> None:
 def test_export_without_checkpoint_says_what_to_do(data_cfg: data.DataConfig, tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="coursezoo train mnist_cnn"):
         export_one(CATALOG["mnist_cnn"], data_cfg, tmp_path / "runs", tmp_path / "repo")
+
+
+def test_a_model_below_its_bar_is_not_exported(data_cfg: data.DataConfig, tmp_path: Path) -> None:
+    """A smoke run (one epoch, a few hundred names) must not become the version the server serves."""
+    entry = CATALOG["names_gru"]
+    train_one(entry, data_cfg, epochs=1, limit=256, runs_dir=tmp_path / "runs", progress=False)
+    with pytest.raises(ExportError, match=r"names_gru: accuracy .* below its bar: not exported .*--allow-below-bar"):
+        export_one(entry, data_cfg, tmp_path / "runs", tmp_path / "repo")
+    assert not (tmp_path / "repo" / "names_gru").exists() or not any((tmp_path / "repo" / "names_gru").iterdir())
+    dest = export_one(entry, data_cfg, tmp_path / "runs", tmp_path / "repo", allow_below_bar=True)
+    assert ModelCard.load(dest).metrics["meets_bar"] is False
+
+
+@pytest.mark.parametrize("damage", ["truncated", "replaced", "no report"])
+def test_a_checkpoint_that_is_not_its_reports_is_refused(damage: str, data_cfg: data.DataConfig,
+                                                         tmp_path: Path) -> None:
+    """What an interrupted run or a run of another seed leaves behind: refused with what to do, no traceback."""
+    entry = CATALOG["diabetes_mlp"]
+    run = tmp_path / "runs" / entry.name
+    train_one(entry, data_cfg, epochs=1, runs_dir=tmp_path / "runs", progress=False)
+    if damage == "truncated":
+        (run / "model.pt").write_bytes((run / "model.pt").read_bytes()[:100])
+    elif damage == "replaced":
+        report = (run / "metrics.json").read_text()
+        train_one(entry, data_cfg, epochs=1, seed=1, runs_dir=tmp_path / "runs", progress=False)
+        (run / "metrics.json").write_text(report)
+    else:
+        (run / "metrics.json").unlink()
+    with pytest.raises(ExportError, match="diabetes_mlp: .*run `coursezoo train diabetes_mlp` again"):
+        export_one(entry, data_cfg, tmp_path / "runs", tmp_path / "repo", allow_below_bar=True)
+    assert not (tmp_path / "repo").exists()

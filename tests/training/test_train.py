@@ -3,10 +3,11 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from training import data
 from training.catalog import CATALOG
-from training.train import train_one
+from training.train import get_args_parser, train_batches, train_one
 
 # (model, examples): a few optimizer steps of every family
 SHORT_RUNS = [
@@ -33,3 +34,19 @@ def test_training_is_repeatable(data_cfg: data.DataConfig, tmp_path: Path) -> No
     a = train_one(entry, data_cfg, epochs=2, runs_dir=tmp_path / "a", progress=False)
     b = train_one(entry, data_cfg, epochs=2, runs_dir=tmp_path / "b", progress=False)
     assert a["losses"] == b["losses"] and a["metrics"] == b["metrics"]
+
+
+def test_a_limited_run_draws_its_examples_from_every_class(data_cfg: data.DataConfig) -> None:
+    """The names file is sorted by country: its first 2,560 names hold 4 of the 18; a seeded draw holds all."""
+    generator = torch.Generator().manual_seed(0)
+    batches = train_batches(CATALOG["names_gru"], data_cfg, generator, limit=2560)
+    countries = {int(c) for _, target in batches for c in target}
+    assert len(countries) == len(CATALOG["names_gru"].labels)
+
+
+@pytest.mark.parametrize("flag", ["--epochs", "--limit"])
+@pytest.mark.parametrize("value", ["0", "-1", "x"])
+def test_counts_must_be_positive(flag: str, value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        get_args_parser().parse_args(["diabetes_mlp", flag, value])
+    assert "expected a whole number >= 1" in capsys.readouterr().err
