@@ -5,7 +5,7 @@
 #
 # Settings (environment, defaults from the trainer image):
 #   COURSEZOO_MODELS       catalogue names separated by spaces, or "all"            [all]
-#   COURSEZOO_TRAIN_ARGS   extra `coursezoo train` flags, e.g. "--epochs 1 --device cpu"  []
+#   COURSEZOO_TRAIN_ARGS   extra `coursezoo train` flags, e.g. "--seed 7 --device cpu"    []
 #   COURSEZOO_RUNS         checkpoints and training reports (a volume)               [/runs]
 #   COURSEZOO_EXPORT_DIR   the model repository (./exported, mounted read-write)     [/models]
 #   COURSEZOO_DATA_ROOT / COURSEZOO_DATA_MIRROR   where the data sets are / come from
