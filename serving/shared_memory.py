@@ -13,9 +13,11 @@ as a region registered through one worker would be unknown to the others.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,14 +127,22 @@ def _map(name: str, key: str, offset: int, byte_size: int) -> tuple[int, mmap.mm
     page-aligned); the descriptor is returned open."""
     path = SHM_DIR / key.lstrip("/")
     try:
-        fd = os.open(path, os.O_RDWR)
+        # No links: one planted in /dev/shm would make any file the server may write a region of a client.
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         raise RegionNotFound(f"shared memory region {name!r}: no shared memory object {key!r} on the server's "
                              "host: create it (shm_open) before registering it") from None
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise InputError(f"shared memory region {name!r}: {key!r} is a symbolic link: expected a shared memory "
+                             "object made with shm_open") from None
         raise InputError(f"shared memory region {name!r}: cannot open {key!r}: {e.strerror}") from None
     try:
-        size = os.fstat(fd).st_size
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise InputError(f"shared memory region {name!r}: {key!r} is not a shared memory object: expected one "
+                             "made with shm_open")
+        size = info.st_size
         if offset < 0 or offset + byte_size > size:
             raise InputError(f"shared memory region {name!r}: {byte_size} bytes at offset {offset} do not fit "
                              f"object {key!r} of {size} bytes")

@@ -64,13 +64,17 @@ def reserve_port(host: str, port: int) -> socket.socket:
     one) with ``SO_REUSEPORT`` so that the workers, binding it the same way, share it and nobody else can."""
     family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM,
                                                          flags=socket.AI_PASSIVE)[0]
+    # SO_REUSEADDR, as gRPC binds: connections of the previous run left in TIME_WAIT must not stop a
+    # restart on the same port (a listener still fails the probe).
     with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(address)
         except OSError as e:
             raise OSError(f"cannot bind {host}:{port}: {e.strerror}") from e
         address = (address[0], probe.getsockname()[1], *address[2:])
     held = socket.socket(family, kind, proto)
+    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     held.bind(address)
     return held

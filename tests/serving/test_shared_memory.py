@@ -21,7 +21,7 @@ import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
 from serving.card import ModelCard
-from serving.preprocess import encode_names
+from serving.preprocess import InputError, encode_names
 from serving.shared_memory import SharedMemoryRegistry
 from tests.serving.test_tritonclient import onnx_outputs, triton_inputs
 
@@ -182,6 +182,24 @@ def test_a_shrunk_object_is_refused_not_a_crash(triton_client: triton.InferenceS
     finally:
         os.close(fd)
         path.unlink()
+
+
+@pytest.mark.parametrize("planted", ["link", "folder"])
+def test_only_shared_memory_objects_can_be_regions(tmp_path: Path, planted: str) -> None:
+    """A link planted in /dev/shm would make any file the server may write a region a client reads and
+    writes through; a folder is no object either. Both are refused and the target is untouched."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"ORIGINAL-CONTENT")
+    path = Path(f"/dev/shm/coursezoo-test-{planted}-{os.getpid()}")
+    path.symlink_to(victim) if planted == "link" else path.mkdir()
+    registry = SharedMemoryRegistry()
+    try:
+        what = "is a symbolic link" if planted == "link" else "cannot open"  # a folder: "Is a directory"
+        with pytest.raises(InputError, match=what):
+            registry.register("r", "/" + path.name, 0, 16)
+        assert registry.status() == [] and victim.read_bytes() == b"ORIGINAL-CONTENT"
+    finally:
+        path.unlink() if planted == "link" else path.rmdir()
 
 
 def test_unregistering_while_a_request_reads_the_region(block) -> None:

@@ -107,6 +107,28 @@ def test_two_workers_share_the_port_and_stop_cleanly(repo: Path) -> None:
     assert server.output.rstrip().endswith("coursezoo stopped")
 
 
+def test_a_restart_binds_the_port_its_last_run_served_on(repo: Path) -> None:
+    """The stopped run closed its clients' connections, which wait out TIME_WAIT on its port for a minute:
+    a restart (a restart policy, a rolling update) must still bind it, as one process does."""
+    first = ServerProcess(repo, "--workers", "2", "--poll-interval-s", "0").start()
+    port = first.target.rsplit(":", 1)[1]
+    channels = [grpc.insecure_channel(first.target, OWN_CONNECTION) for _ in range(CONNECTIONS)]
+    try:
+        for channel in channels:  # connected when the server stops: the server's side closes them first
+            classifier_pb2_grpc.ClassifierStub(channel).ClassifyDiabetes(
+                pb.ClassifyDiabetesRequest(model=MODEL, records=[RECORD]), timeout=60)
+    finally:
+        assert first.stop(signal.SIGTERM, timeout=60) == 0, first.output
+        for channel in channels:
+            channel.close()
+    second = ServerProcess(repo, "--workers", "2", "--poll-interval-s", "0", "--port", port).start()
+    try:
+        assert second.target.endswith(f":{port}")
+        classify_over_fresh_connections(second.target)
+    finally:
+        second.stop()
+
+
 def test_one_client_reaches_every_worker_over_its_connections(repo: Path) -> None:
     """CourseZooClient(connections=N) sends call i on connection i mod N; with one connection (the default)
     a whole job would stay on one worker."""
