@@ -172,14 +172,27 @@ class CourseZooClient:
 
     def _merge(self, method: str, requests: list, reply: Reply) -> Reply:
         """Send the chunks ``max_in_flight`` at a time, each on the next connection, and concatenate their
-        predictions in order."""
+        predictions in order.
+
+        Each chunk names the model as the caller did ("" = the default, newest version), so a version that
+        comes into service mid-call answers only the later chunks: those answered by another model version
+        than the last chunk are asked again of that one, and the reply is one version's throughout.
+        """
+        parts = []
         for start in range(0, len(requests), self.max_in_flight):
             futures = [getattr(self.stub, method).future(r, timeout=self.timeout, metadata=self.metadata)
                        for r in requests[start:start + self.max_in_flight]]
-            for future in futures:
-                part = future.result()
-                reply.model, reply.model_version = part.model, part.model_version
-                reply.predictions.extend(part.predictions)
+            parts += [future.result() for future in futures]
+        final = parts[-1]
+        for i, part in enumerate(parts):
+            if (part.model, part.model_version) != (final.model, final.model_version):
+                pinned = type(requests[i])()
+                pinned.CopyFrom(requests[i])
+                pinned.model, pinned.version = final.model, final.model_version
+                parts[i] = getattr(self.stub, method)(pinned, timeout=self.timeout, metadata=self.metadata)
+        reply.model, reply.model_version = final.model, final.model_version
+        for part in parts:
+            reply.predictions.extend(part.predictions)
         return reply
 
 

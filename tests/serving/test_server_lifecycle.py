@@ -14,11 +14,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
+import onnx
+import onnx.numpy_helper
 import pytest
 import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from serving.card import sha256_file
 from serving.client import CourseZooClient
 from tests.conftest import wait_for
 
@@ -166,3 +169,48 @@ def test_a_health_watch_hears_not_serving_and_does_not_hold_up_a_stop(start_serv
         with pytest.raises(grpc.RpcError):  # the stream ends with the server
             heard.extend(reply.status for reply in watch)
         assert heard == [health_pb2.HealthCheckResponse.NOT_SERVING]
+
+
+def test_a_chunked_call_is_answered_by_one_version_when_a_new_one_arrives_midway(
+        start_server: Callable[..., ServerProcess], source: Path, tmp_path: Path) -> None:
+    """CourseZooClient splits a job into chunks, each asking for the newest version; version 2 is published
+    and loaded between the first chunk and the second (by a spy around the real stub). The chunk version 1
+    answered is asked again of version 2: the reply is version 2's throughout, as it says."""
+    add_version(tmp_path, source, "1")
+    retrained = tmp_path / "retrained"  # version 2: other weights, so that its answers differ
+    shutil.copytree(source, retrained)
+    model = onnx.load(retrained / "model.onnx")
+    weights = model.graph.initializer[0]
+    weights.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(weights) * 2, weights.name))
+    onnx.save(model, retrained / "model.onnx")
+    card = json.loads((retrained / "model.json").read_text())
+    card["files"]["model.onnx"] = {"sha256": sha256_file(retrained / "model.onnx"),
+                                   "bytes": (retrained / "model.onnx").stat().st_size}
+    (retrained / "model.json").write_text(json.dumps(card))
+    proc = start_server(tmp_path, "--poll-interval-s", "0")
+
+    class PublishingAfterTheFirstChunk:
+        def __init__(self, stub: object) -> None:
+            self.stub, self.calls = stub, 0
+
+        def __getattr__(self, method: str) -> object:
+            return self
+
+        def future(self, request: object, **kwargs: object) -> object:
+            self.calls += 1
+            if self.calls == 2:
+                add_version(tmp_path, retrained, "2")
+                triton.InferenceServerClient(proc.target).load_model(MODEL)
+            return self.stub.ClassifyDiabetes.future(request, **kwargs)
+
+        def __call__(self, request: object, **kwargs: object) -> object:
+            return self.stub.ClassifyDiabetes(request, **kwargs)
+
+    with CourseZooClient(proc.target, chunk_size=2, max_in_flight=1) as client:
+        client._stubs = [PublishingAfterTheFirstChunk(stub) for stub in client._stubs]
+        reply = client.classify_diabetes([RECORD] * 4, model=MODEL)
+        assert (reply.model, reply.model_version, len(reply.predictions)) == (MODEL, "2", 4)
+        again = client.classify_diabetes([RECORD] * 4, model=MODEL, version="2")
+        assert [p.probability for p in reply.predictions] == [p.probability for p in again.predictions]
+        first = client.classify_diabetes([RECORD], model=MODEL, version="1").predictions[0].probability
+        assert first != again.predictions[0].probability  # the versions do answer differently
