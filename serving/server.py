@@ -301,16 +301,23 @@ class CourseZooServer:
             self._grpc, self.port = build_grpc_server(self.settings, self.classifier, self.inference, self.health,
                                                       [self._gate, *self._interceptors], self.security,
                                                       self.reuse_port)
+            if self.settings.metrics_port >= 0:  # before serving: a taken metrics port fails the start cleanly
+                self._metrics_http = self._serve_metrics()
+                self.metrics_port = self._metrics_http.server_port
         except OSError:
             await self.repository.stop()
             self.decoder.close()
             raise
         await self._grpc.start()
         await self.health.start()
-        if self.settings.metrics_port >= 0:
-            self._metrics_http, _ = self.metrics.serve(self.settings.metrics_port, self.settings.host)
-            self.metrics_port = self._metrics_http.server_port
         log.info("serving", extra={"host": self.settings.host, "port": self.port, "metrics_port": self.metrics_port})
+
+    def _serve_metrics(self) -> Any:
+        host, port = self.settings.host, self.settings.metrics_port
+        try:
+            return self.metrics.serve(port, host)[0]
+        except OSError as e:
+            raise OSError(f"cannot serve metrics on {host}:{port} (--metrics-port): {e.strerror or e}") from e
 
     async def stop(self, grace: float | None = None) -> None:
         """Refuse new RPCs, let in-flight ones finish within ``grace`` seconds, then drain the batchers."""

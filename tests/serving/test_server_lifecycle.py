@@ -8,6 +8,9 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -214,3 +217,18 @@ def test_a_chunked_call_is_answered_by_one_version_when_a_new_one_arrives_midway
         assert [p.probability for p in reply.predictions] == [p.probability for p in again.predictions]
         first = client.classify_diabetes([RECORD], model=MODEL, version="1").predictions[0].probability
         assert first != again.predictions[0].probability  # the versions do answer differently
+
+
+def test_a_taken_metrics_port_fails_the_start_cleanly(source: Path, tmp_path: Path) -> None:
+    """Found before serving, named in one line; not a traceback of a half-started server."""
+    add_version(tmp_path, source, "1")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "coursezoo", "serve", "--repo", str(tmp_path), "--host",
+                               "127.0.0.1", "--port", "0", "--metrics-port", str(port)],
+                              capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert f"cannot serve metrics on 127.0.0.1:{port} (--metrics-port): Address already in use" in done.stderr
+    assert "Traceback" not in done.stderr
