@@ -124,6 +124,7 @@ class DynamicBatcher:
         self._queue: deque[_Request] = deque()
         self._queued_items = 0
         self._arrived = asyncio.Event()
+        self._room = asyncio.Event()  # set whenever items leave the queue, for submits waiting for room
         self._closing = False
         self._worker: asyncio.Task[None] | None = None
         self._running = False  # a batch is executing (in a thread, or on the loop)
@@ -134,18 +135,22 @@ class DynamicBatcher:
         """Items waiting to run (a gauge for metrics)."""
         return self._queued_items
 
-    async def submit(self, inputs: Mapping[str, np.ndarray]) -> Arrays:
+    async def submit(self, inputs: Mapping[str, np.ndarray], *, wait_for_room: bool = False) -> Arrays:
         """Run ``inputs`` (n >= 1 items along axis 0) as part of some batch; return its n rows of outputs.
 
-        Raises QueueFull when the queue cannot take n more items now, InputTooLarge when it never could,
-        BatcherClosed after close(), and whatever ``run`` raised for the batch this request was part of.
+        Raises QueueFull when the queue cannot take n more items now (``wait_for_room``: waits until it
+        can, for callers that are flow-controlled anyway, such as a stream), InputTooLarge when it never
+        could, BatcherClosed after close(), and whatever ``run`` raised for the batch this request was part of.
         """
-        if self._closing:
-            raise BatcherClosed(f"model {self.name} is shutting down")
         n = _batch_size(inputs)
         if n > self.max_queue_items:
             raise InputTooLarge(f"{n} items in one request: model {self.name}'s queue holds at most "
                                 f"{self.max_queue_items}; send fewer per request")
+        while self._queued_items + n > self.max_queue_items and wait_for_room and not self._closing:
+            self._room.clear()
+            await self._room.wait()
+        if self._closing:
+            raise BatcherClosed(f"model {self.name} is shutting down")
         if self._queued_items + n > self.max_queue_items:
             raise QueueFull(
                 f"model {self.name}: {self._queued_items} items are queued and {n} more do not fit "
@@ -195,6 +200,7 @@ class DynamicBatcher:
         """Refuse new requests, run the queued ones, then stop the worker."""
         self._closing = True
         self._arrived.set()
+        self._room.set()
         if self._worker is not None:
             await self._worker
 
@@ -214,6 +220,7 @@ class DynamicBatcher:
             request.queued = False
             self._queued_items -= request.n
             self._notify("queue_changed", -request.n)
+            self._room.set()
 
     def _forget(self, request: _Request) -> None:
         """A request cancelled while it waited (its client went away or its deadline passed) gives its queue

@@ -132,12 +132,13 @@ class ServedModel:
         """InputError unless the tensors match the card's names, datatypes and shapes (for ModelInfer)."""
         self.session.validate(inputs)
 
-    async def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Outputs by the card's names, computed as part of a dynamic batch."""
+    async def infer(self, inputs: Mapping[str, np.ndarray], *, wait_for_room: bool = False) -> dict[str, np.ndarray]:
+        """Outputs by the card's names, computed as part of a dynamic batch (``wait_for_room``: see
+        ``DynamicBatcher.submit``)."""
         if not self.ready:
             raise ModelNotReady(f"{self.name}/{self.version} is no longer served")
         try:
-            return await self.batcher.submit(inputs)
+            return await self.batcher.submit(inputs, wait_for_room=wait_for_room)
         except BatcherClosed as e:
             raise ModelNotReady(f"{self.name}/{self.version} is no longer served") from e
 

@@ -75,7 +75,9 @@ class ClassifierService(Handler, classifier_pb2_grpc.ClassifierServicer):
 
         A failing request ends the stream with its status (the messages carry no error field) after
         the answers to the requests before it; so does a message that cannot be read (it fails in order,
-        as a stand-in for its answer). A client that half-closes gets every answer, then OK.
+        as a stand-in for its answer). A client that half-closes gets every answer, then OK. A stream is
+        flow-controlled, so its requests wait for room in a full model queue rather than end it (a window
+        of 1024-image requests alone is twice the default queue).
         """
         window: asyncio.Queue[asyncio.Future[Answer] | None] = asyncio.Queue(STREAM_WINDOW)
 
@@ -83,7 +85,7 @@ class ClassifierService(Handler, classifier_pb2_grpc.ClassifierServicer):
             try:
                 async for request in requests:
                     await window.put(asyncio.ensure_future(
-                        answer(self, "StreamClassifyDigits", type(self)._classify_digits, request)))
+                        answer(self, "StreamClassifyDigits", type(self)._stream_digits, request)))
             except Exception as exc:  # noqa: BLE001 - e.g. an undecodable message: reported in its place
                 failed: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
                 failed.set_exception(exc)
@@ -104,11 +106,11 @@ class ClassifierService(Handler, classifier_pb2_grpc.ClassifierServicer):
                 if (task := window.get_nowait()) is not None:
                     task.cancel()
 
-    async def _classify_digits(self, request: pb.ClassifyDigitsRequest) -> Answer:
+    async def _classify_digits(self, request: pb.ClassifyDigitsRequest, *, wait_for_room: bool = False) -> Answer:
         model = self.model(request.model, request.version, ("digits",), "ClassifyDigits")
         self.check_count(len(request.images), "images")
         x = await self._digit_tensor(request.images, model.card.preprocessing)
-        outputs = await model.infer({model.card.inputs[0].name: x})
+        outputs = await model.infer({model.card.inputs[0].name: x}, wait_for_room=wait_for_room)
         predictions = [pb.DigitPrediction(digit=p.digit, confidence=p.confidence, probabilities=p.probabilities)
                        for p in postprocess.digit_predictions(outputs[model.card.outputs[0].name])]
         reply = pb.ClassifyDigitsResponse(model=model.name, model_version=model.version, predictions=predictions,
@@ -116,6 +118,9 @@ class ClassifierService(Handler, classifier_pb2_grpc.ClassifierServicer):
         return Answer(reply, model.name, len(predictions))
 
     ClassifyDigits = rpc("ClassifyDigits")(_classify_digits)
+
+    async def _stream_digits(self, request: pb.ClassifyDigitsRequest) -> Answer:
+        return await self._classify_digits(request, wait_for_room=True)
 
     async def _digit_tensor(self, images: Sequence[pb.Image], prep: dict) -> np.ndarray:
         """Images -> the model's float32 [n, 1, h, w]; encoded files go to the decoder, which picks where

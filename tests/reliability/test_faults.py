@@ -143,6 +143,27 @@ def test_a_full_queue_is_temporary_and_a_request_larger_than_the_queue_is_not(
         assert len(classify(1).predictions) == 1
 
 
+def test_a_stream_waits_for_room_in_a_full_queue(repo: Path, digits_name: str, tmp_path: Path,
+                                                start_server: Callable[..., ServerProcess]) -> None:
+    """A stream is flow-controlled: its pipelined requests wait for room in a full queue instead of ending
+    it with UNAVAILABLE after the answers before them. Here the digits model's batches wait 2 s for more
+    and hold at most 2 images, and its queue 4: the first request (1 image) forms a batch, the next two
+    (2 images each) fill the queue, and the three after them must wait."""
+    own = tmp_path / "repo"
+    shutil.copytree(repo / digits_name, own / digits_name)
+    for card_path in (own / digits_name).glob("*/model.json"):
+        card = json.loads(card_path.read_text())
+        card["serving"] = {"max_queue_delay_ms": SLOW_DELAY_MS, "adaptive_queue_delay": False}
+        card_path.write_text(json.dumps(card))
+    server = start_server(own, "--max-queue-items", "4", "--max-batch-size", "2", "--poll-interval-s", "0")
+    sizes = [1, 2, 2, 2, 2, 2]
+    requests = [pb.ClassifyDigitsRequest(model=digits_name, images=[PIXELS] * n, id=str(i))
+                for i, n in enumerate(sizes)]
+    with grpc.insecure_channel(server.target) as channel:
+        replies = list(classifier_pb2_grpc.ClassifierStub(channel).StreamClassifyDigits(iter(requests), timeout=60))
+    assert [(r.id, len(r.predictions)) for r in replies] == [(str(i), n) for i, n in enumerate(sizes)]
+
+
 def digit_requests(model: str, n: int | None) -> Iterator[pb.ClassifyDigitsRequest]:
     """``n`` requests (forever when None), each one image, numbered by ``id``."""
     i = 0

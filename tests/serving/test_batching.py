@@ -151,6 +151,34 @@ def test_a_chunk_larger_than_the_batch_limit_runs_whole_and_alone() -> None:
     assert [s[0] for s in model.batches] == [1, 8, 4]  # the 2-item tail chunk merges with the two singles
 
 
+@pytest.mark.parametrize("then", ["room", "close"])
+def test_a_flow_controlled_submit_waits_for_room(then: str) -> None:
+    """``wait_for_room`` (a stream's requests): a full queue makes it wait, not fail, until items leave the
+    queue (it then runs) or the batcher closes (BatcherClosed)."""
+    model = GatedModel(gated=True)
+
+    async def main() -> None:
+        batcher = DynamicBatcher(model, max_batch_size=2, max_delay_ms=0, max_queue_items=4, name="tiny")
+        first = await hold_first(batcher, model, x(0))
+        queued = [asyncio.create_task(batcher.submit(x(i, i))) for i in (1, 2)]
+        await until(lambda: batcher.queue_depth == 4)
+        waiting = asyncio.create_task(batcher.submit(x(9), wait_for_room=True))
+        await asyncio.sleep(0.01)
+        assert not waiting.done() and batcher.queue_depth == 4  # neither refused nor queued beyond the limit
+        if then == "room":
+            model.gate.set()
+            np.testing.assert_array_equal((await waiting)["y"], x(9)["x"] * 2)
+            await asyncio.gather(first, *queued)
+        else:
+            closing = asyncio.create_task(batcher.close())
+            with pytest.raises(BatcherClosed):
+                await waiting
+            model.gate.set()
+            await asyncio.gather(first, *queued, closing)
+
+    run(main())
+
+
 def test_batch_size_one_turns_coalescing_off() -> None:
     model = GatedModel(gated=True)
 
