@@ -162,8 +162,9 @@ def train_one(entry: Entry, cfg: data.DataConfig, *, epochs: int | None = None, 
 
 
 def save_run(out_dir: Path, model: nn.Module, report: dict[str, Any]) -> None:
-    """Checkpoint, then the report naming its sha256, each written aside and renamed in: an interrupted run
-    leaves the previous pair whole, and ``export`` refuses a checkpoint its report does not name."""
+    """Checkpoint, then the report naming its sha256, each written aside and renamed in: a run interrupted
+    here leaves no torn file, and a new checkpoint beside the previous report is one ``export`` refuses
+    (the report does not name it)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     staged = out_dir / f"{CHECKPOINT}.partial"
     torch.save(model.cpu().state_dict(), staged)
