@@ -151,6 +151,15 @@ def test_a_chunk_larger_than_the_batch_limit_runs_whole_and_alone() -> None:
     assert [s[0] for s in model.batches] == [1, 8, 4]  # the 2-item tail chunk merges with the two singles
 
 
+async def full_queue(model: GatedModel) -> tuple[DynamicBatcher, asyncio.Task, list[asyncio.Task]]:
+    """A batcher "tiny" whose queue of 4 items is full behind a first request held at the gate."""
+    batcher = DynamicBatcher(model, max_batch_size=2, max_delay_ms=0, max_queue_items=4, name="tiny")
+    first = await hold_first(batcher, model, x(0))
+    queued = [asyncio.create_task(batcher.submit(x(i, i))) for i in (1, 2)]
+    await until(lambda: batcher.queue_depth == 4)
+    return batcher, first, queued
+
+
 @pytest.mark.parametrize("then", ["room", "close"])
 def test_a_flow_controlled_submit_waits_for_room(then: str) -> None:
     """``wait_for_room`` (a stream's requests): a full queue makes it wait, not fail, until items leave the
@@ -158,10 +167,7 @@ def test_a_flow_controlled_submit_waits_for_room(then: str) -> None:
     model = GatedModel(gated=True)
 
     async def main() -> None:
-        batcher = DynamicBatcher(model, max_batch_size=2, max_delay_ms=0, max_queue_items=4, name="tiny")
-        first = await hold_first(batcher, model, x(0))
-        queued = [asyncio.create_task(batcher.submit(x(i, i))) for i in (1, 2)]
-        await until(lambda: batcher.queue_depth == 4)
+        batcher, first, queued = await full_queue(model)
         waiting = asyncio.create_task(batcher.submit(x(9), wait_for_room=True))
         await asyncio.sleep(0.01)
         assert not waiting.done() and batcher.queue_depth == 4  # neither refused nor queued beyond the limit
@@ -198,10 +204,7 @@ def test_a_full_queue_pushes_back() -> None:
     model = GatedModel(gated=True)
 
     async def main() -> None:
-        batcher = DynamicBatcher(model, max_batch_size=2, max_delay_ms=0, max_queue_items=4, name="tiny")
-        first = await hold_first(batcher, model, x(0))
-        queued = [asyncio.create_task(batcher.submit(x(i, i))) for i in (1, 2)]
-        await until(lambda: batcher.queue_depth == 4)
+        batcher, first, queued = await full_queue(model)
         with pytest.raises(QueueFull, match="model tiny: 4 items are queued"):
             await batcher.submit(x(9))
         model.gate.set()
