@@ -156,8 +156,10 @@ class DynamicBatcher:
                 f"model {self.name}: {self._queued_items} items are queued and {n} more do not fit "
                 f"(limit {self.max_queue_items}); retry later or send fewer items"
             )
-        if self._idle_for(inputs, n):
-            return self._run_now(inputs, n)
+        if self._idle_for(n):
+            size_class = _size_class(inputs, n)
+            if self._runs_inline(size_class, n):
+                return self._run_now(inputs, n, size_class)
         if self._worker is None or self._worker.done():
             self._worker = asyncio.get_running_loop().create_task(self._work(), name=f"batcher-{self.name}")
         chunks = [self._enqueue({k: v[i : i + self.chunk_size] for k, v in inputs.items()})
@@ -167,12 +169,12 @@ class DynamicBatcher:
         parts = await asyncio.gather(*chunks)  # cancelling submit cancels the chunks not yet run
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-    def _idle_for(self, inputs: Mapping[str, np.ndarray], n: int) -> bool:
-        """Whether ``n`` items can run at once in the caller's task: nothing queued, forming or running, no
-        batching delay to wait out, and a run this size known to fit the inline budget. That is the batch the
-        worker would form, without the hand-over to it and back (two turns of the event loop)."""
+    def _idle_for(self, n: int) -> bool:
+        """Whether ``n`` items may run at once in the caller's task, if the run fits the inline budget: nothing
+        queued, forming or running, and no batching delay to wait out. That is the batch the worker would
+        form, without the hand-over to it and back (two turns of the event loop)."""
         return (not self._queue and not self._running and not self._collecting and n <= self.chunk_size
-                and not self._waits(1) and self._runs_inline(inputs, n))
+                and not self._waits(1))
 
     def _waits(self, requests: int) -> bool:
         """Whether a batch of ``requests`` would wait for more: a delay is set and, if it adapts, the last
@@ -186,10 +188,10 @@ class DynamicBatcher:
     def _probe_due(self) -> bool:
         return time.monotonic() >= self._next_probe
 
-    def _run_now(self, inputs: Mapping[str, np.ndarray], n: int) -> Arrays:
+    def _run_now(self, inputs: Mapping[str, np.ndarray], n: int, size_class: tuple[int, int]) -> Arrays:
         self._running = True
         try:
-            outputs = dict(self._timed_run(dict(inputs), n))
+            outputs = dict(self._timed_run(dict(inputs), n, size_class))
         finally:
             self._running = False
         _check_rows(outputs, n)
@@ -307,13 +309,14 @@ class DynamicBatcher:
             inputs = batch[0].inputs if len(batch) == 1 else {
                 k: np.concatenate([r.inputs[k] for r in batch]) for k in batch[0].inputs
             }
+            size_class = _size_class(inputs, size)
             self._running = True
             try:
-                if self.inline_batches and self._runs_inline(inputs, size):
-                    outputs = self._timed_run(inputs, size)
+                if self.inline_batches and self._runs_inline(size_class, size):
+                    outputs = self._timed_run(inputs, size, size_class)
                 else:
                     outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self._timed_run,
-                                                                               inputs, size)
+                                                                               inputs, size, size_class)
             finally:
                 self._running = False
             self._deliver(batch, outputs)
@@ -322,18 +325,17 @@ class DynamicBatcher:
         self._observe(size)
         await asyncio.sleep(0)  # after an inline run: let the calls that arrived meanwhile in
 
-    def _runs_inline(self, inputs: Mapping[str, np.ndarray], size: int) -> bool:
-        """Whether ``size`` items are expected to run within the inline budget; a size class not yet
-        measured runs in a thread."""
-        per_item = self._seconds_per_item.get(_size_class(inputs, size))
+    def _runs_inline(self, size_class: tuple[int, int], size: int) -> bool:
+        """Whether ``size`` items of ``size_class`` are expected to run within the inline budget; a size class
+        not yet measured runs in a thread."""
+        per_item = self._seconds_per_item.get(size_class)
         return per_item is not None and per_item * size <= self.inline_budget_s
 
-    def _timed_run(self, inputs: Arrays, size: int) -> Mapping[str, np.ndarray]:
-        """``run``, learning its time per item for this size class (one slow run moves it a fifth of the way)."""
+    def _timed_run(self, inputs: Arrays, size: int, size_class: tuple[int, int]) -> Mapping[str, np.ndarray]:
+        """``run``, learning its time per item for its size class (one slow run moves it a fifth of the way)."""
         start = time.perf_counter()
         outputs = self._run(inputs)
         sample = (time.perf_counter() - start) / size
-        size_class = _size_class(inputs, size)
         previous = self._seconds_per_item.get(size_class, sample)
         self._seconds_per_item[size_class] = previous + 0.2 * (sample - previous)
         return outputs
