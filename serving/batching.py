@@ -33,6 +33,7 @@ from typing import Protocol
 import numpy as np
 
 from serving.preprocess import InputError, InputTooLarge
+from serving.statistics import InferenceStatistics
 
 log = logging.getLogger("coursezoo.batching")
 
@@ -72,6 +73,7 @@ class _Request:
     key: tuple
     future: asyncio.Future[Arrays] = field(repr=False)
     queued: bool = True  # counted in queue_depth: waiting, neither taken into a batch nor dropped
+    arrived_ns: int = field(default_factory=time.perf_counter_ns)
 
 
 class DynamicBatcher:
@@ -109,6 +111,7 @@ class DynamicBatcher:
         self.max_queue_items = max_queue_items
         self._run = run
         self._observer = observer
+        self.statistics = InferenceStatistics()  # its executions; the served model adds its requests
         self._executor = executor  # None: the event loop's default thread pool
         self.inline_budget_s = max(0.0, inline_budget_ms) / 1000
         self.inline_batches = inline_batches
@@ -191,12 +194,13 @@ class DynamicBatcher:
     def _run_now(self, inputs: Mapping[str, np.ndarray], n: int, size_class: tuple[int, int]) -> Arrays:
         self._running = True
         try:
-            outputs = dict(self._timed_run(dict(inputs), n, size_class))
+            outputs, infer_ns = self._timed_run(dict(inputs), n, size_class)
         finally:
             self._running = False
         _check_rows(outputs, n)
+        self.statistics.executed(n, 1, 0, 0, infer_ns, 0)
         self._observe(n)
-        return outputs
+        return dict(outputs)
 
     async def close(self) -> None:
         """Refuse new requests, run the queued ones, then stop the worker."""
@@ -305,21 +309,26 @@ class DynamicBatcher:
         if not batch:
             return
         size = sum(r.n for r in batch)
+        started = time.perf_counter_ns()
         try:
             inputs = batch[0].inputs if len(batch) == 1 else {
                 k: np.concatenate([r.inputs[k] for r in batch]) for k in batch[0].inputs
             }
+            assembled = time.perf_counter_ns()
             size_class = _size_class(inputs, size)
             self._running = True
             try:
                 if self.inline_batches and self._runs_inline(size_class, size):
-                    outputs = self._timed_run(inputs, size, size_class)
+                    outputs, infer_ns = self._timed_run(inputs, size, size_class)
                 else:
-                    outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self._timed_run,
-                                                                               inputs, size, size_class)
+                    outputs, infer_ns = await asyncio.get_running_loop().run_in_executor(
+                        self._executor, self._timed_run, inputs, size, size_class)
             finally:
                 self._running = False
+            ran = time.perf_counter_ns()
             self._deliver(batch, outputs)
+            self.statistics.executed(size, len(batch), sum(started - r.arrived_ns for r in batch),
+                                     assembled - started, infer_ns, time.perf_counter_ns() - ran)
         except Exception as e:
             _fail(batch, e)
         self._observe(size)
@@ -331,14 +340,17 @@ class DynamicBatcher:
         per_item = self._seconds_per_item.get(size_class)
         return per_item is not None and per_item * size <= self.inline_budget_s
 
-    def _timed_run(self, inputs: Arrays, size: int, size_class: tuple[int, int]) -> Mapping[str, np.ndarray]:
-        """``run``, learning its time per item for its size class (one slow run moves it a fifth of the way)."""
-        start = time.perf_counter()
+    def _timed_run(self, inputs: Arrays, size: int, size_class: tuple[int, int]) \
+            -> tuple[Mapping[str, np.ndarray], int]:
+        """``run`` and its nanoseconds, learning its time per item for its size class (one slow run moves it a
+        fifth of the way)."""
+        start = time.perf_counter_ns()
         outputs = self._run(inputs)
-        sample = (time.perf_counter() - start) / size
+        elapsed = time.perf_counter_ns() - start
+        sample = elapsed / size / 1e9
         previous = self._seconds_per_item.get(size_class, sample)
         self._seconds_per_item[size_class] = previous + 0.2 * (sample - previous)
-        return outputs
+        return outputs, elapsed
 
     @staticmethod
     def _deliver(batch: list[_Request], outputs: Mapping[str, np.ndarray]) -> None:

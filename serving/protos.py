@@ -36,6 +36,7 @@ MODULES = {
     "classifier_pb2_grpc": "coursezoo.v1.classifier_pb2_grpc",
     "inference_pb2": "inference.grpc_service_pb2",
     "inference_pb2_grpc": "inference.grpc_service_pb2_grpc",
+    "model_config_pb2": "inference.model_config_pb2",
 }
 __all__ = ["generate", "ensure_generated", *MODULES]
 

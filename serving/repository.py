@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import logging
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ import numpy as np
 from serving.batching import BatcherClosed, BatchObserver, DynamicBatcher
 from serving.card import CARD_FILE, ONNX_FILE, CardError, ModelCard, preference
 from serving.runtime import CPU, OnnxModel, ProviderError
+from serving.statistics import InferenceStatistics
 
 log = logging.getLogger("coursezoo.repository")
 
@@ -128,6 +130,10 @@ class ServedModel:
     def queue_depth(self) -> int:
         return self.batcher.queue_depth
 
+    @property
+    def statistics(self) -> InferenceStatistics:
+        return self.batcher.statistics
+
     def validate(self, inputs: Mapping[str, np.ndarray]) -> None:
         """InputError unless the tensors match the card's names, datatypes and shapes (for ModelInfer)."""
         self.session.validate(inputs)
@@ -137,10 +143,16 @@ class ServedModel:
         ``DynamicBatcher.submit``)."""
         if not self.ready:
             raise ModelNotReady(f"{self.name}/{self.version} is no longer served")
+        start = time.perf_counter_ns()
         try:
-            return await self.batcher.submit(inputs, wait_for_room=wait_for_room)
-        except BatcherClosed as e:
-            raise ModelNotReady(f"{self.name}/{self.version} is no longer served") from e
+            outputs = await self.batcher.submit(inputs, wait_for_room=wait_for_room)
+        except BaseException as e:  # cancelled too: Triton counts a cancelled request as failed
+            self.statistics.failed(start)
+            if isinstance(e, BatcherClosed):
+                raise ModelNotReady(f"{self.name}/{self.version} is no longer served") from e
+            raise
+        self.statistics.answered(len(next(iter(outputs.values()))), start)
+        return outputs
 
     async def retire(self) -> None:
         """Stop taking requests and finish the queued ones."""

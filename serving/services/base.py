@@ -14,7 +14,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, NamedTuple, NoReturn, Protocol
+from typing import Any, NamedTuple, NoReturn, Protocol, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -28,6 +28,7 @@ from serving.services.plumbing import kind_of
 from serving.shared_memory import RegionExists, RegionNotFound, TooManyRegions
 
 log = logging.getLogger("coursezoo.serve")
+T = TypeVar("T")
 
 #: First match wins, so subclasses come before their bases (InputTooLarge is an InputError).
 ERROR_STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
@@ -127,12 +128,54 @@ def _known(handler: Handler, request: Any, model_field: str) -> str:
     return name if handler.repository.knows(name) else ""
 
 
+def message_of(exc: BaseException) -> str:
+    """What a client is told about ``exc``: its message, except that internal errors do not leak their details."""
+    if status_of(exc) is grpc.StatusCode.INTERNAL:
+        return f"internal error ({type(exc).__name__}); the server log has the details"
+    return str(exc)
+
+
 async def abort(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
-    """End the RPC with the status ``exc`` maps to; internal errors do not leak their details."""
-    code = status_of(exc)
-    if code is grpc.StatusCode.INTERNAL:
-        await context.abort(code, f"internal error ({type(exc).__name__}); the server log has the details")
-    await context.abort(code, str(exc))
+    """End the RPC with the status ``exc`` maps to."""
+    await context.abort(status_of(exc), message_of(exc))
+
+
+#: Requests of one stream handled at once: enough to keep a model's batcher fed while replies travel back.
+STREAM_WINDOW = 8
+
+
+async def in_order(requests: AsyncIterator[Any], handle: Callable[[Any], Awaitable[T]],
+                   window: int = STREAM_WINDOW) -> AsyncIterator[asyncio.Future[T]]:
+    """Pipeline a stream: ``handle`` up to ``window`` requests concurrently, and yield their finished tasks
+    in request order (the caller takes the answer, or the exception, from each).
+
+    A failure reading the requests (an undecodable message) is raised in its place, after the tasks of
+    the requests before it. Whatever ends the iteration early (the client cancelled, the caller stopped)
+    cancels the reader and the tasks still running.
+    """
+    started: asyncio.Queue[asyncio.Future[T] | Exception | None] = asyncio.Queue(window)
+
+    async def read() -> None:
+        try:
+            async for request in requests:
+                await started.put(asyncio.ensure_future(handle(request)))
+        except Exception as exc:  # noqa: BLE001 - raised in its place, after the answers before it
+            await started.put(exc)
+        else:
+            await started.put(None)
+
+    reader = asyncio.create_task(read())
+    try:
+        while (item := await started.get()) is not None:
+            if isinstance(item, Exception):
+                raise item
+            await asyncio.wait([item])
+            yield item
+    finally:
+        reader.cancel()
+        while not started.empty():
+            if isinstance(item := started.get_nowait(), asyncio.Future):
+                item.cancel()
 
 
 def rpc(name: str, model_field: str = "model") -> Callable[[UnaryMethod], Callable[..., Awaitable[Message]]]:

@@ -9,6 +9,7 @@ The preprocessing and postprocessing rules are not here: the batch CLI shares th
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
@@ -22,10 +23,8 @@ from serving.preprocess import InputError, decode_digit, model_inputs, pixels_to
 from serving.protos import classifier_pb2 as pb
 from serving.protos import classifier_pb2_grpc
 from serving.repository import ModelNotFound, ModelNotReady, ModelRepository, ServedModel
-from serving.services.base import Answer, Handler, Settings, abort, answer, rpc
+from serving.services.base import Answer, Handler, Settings, abort, answer, in_order, rpc
 
-#: How many stream requests may be in flight at once before the stream stops reading more.
-STREAM_WINDOW = 8
 #: Raw-pixel batches up to this size convert on the event loop (~0.27 ms for 512 images, about what a
 #: hand-over to a worker thread costs); larger ones in a thread, where numpy releases the GIL.
 INLINE_PIXEL_IMAGES = 512
@@ -71,7 +70,7 @@ class ClassifierService(Handler, classifier_pb2_grpc.ClassifierServicer):
 
     async def StreamClassifyDigits(self, requests: AsyncIterator[pb.ClassifyDigitsRequest],
                                    context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ClassifyDigitsResponse]:
-        """Pipelined: up to ``STREAM_WINDOW`` requests are classified concurrently, answered in order.
+        """Pipelined (``in_order``): several requests are classified concurrently, answered in order.
 
         A failing request ends the stream with its status (the messages carry no error field) after
         the answers to the requests before it; so does a message that cannot be read (it fails in order,
@@ -79,32 +78,12 @@ class ClassifierService(Handler, classifier_pb2_grpc.ClassifierServicer):
         flow-controlled, so its requests wait for room in a full model queue rather than end it (a window
         of 1024-image requests alone is twice the default queue).
         """
-        window: asyncio.Queue[asyncio.Future[Answer] | None] = asyncio.Queue(STREAM_WINDOW)
-
-        async def read() -> None:
-            try:
-                async for request in requests:
-                    await window.put(asyncio.ensure_future(
-                        answer(self, "StreamClassifyDigits", type(self)._stream_digits, request)))
-            except Exception as exc:  # noqa: BLE001 - e.g. an undecodable message: reported in its place
-                failed: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
-                failed.set_exception(exc)
-                await window.put(failed)
-            else:
-                await window.put(None)
-
-        reader = asyncio.create_task(read())
         try:
-            while (task := await window.get()) is not None:
-                yield (await task).message
-            await reader
+            async for answered in in_order(requests, functools.partial(
+                    answer, self, "StreamClassifyDigits", type(self)._stream_digits)):
+                yield answered.result().message
         except Exception as exc:
             await abort(context, exc)
-        finally:
-            reader.cancel()
-            while not window.empty():
-                if (task := window.get_nowait()) is not None:
-                    task.cancel()
 
     async def _classify_digits(self, request: pb.ClassifyDigitsRequest, *, wait_for_room: bool = False) -> Answer:
         model = self.model(request.model, request.version, ("digits",), "ClassifyDigits")

@@ -3,12 +3,18 @@
 Every model in the repository, the two regression models included, is served here under its
 catalogue name with its card's tensor names, datatypes and shapes, so ``tritonclient[grpc]`` and any
 other v2 client work unmodified. Tensors travel as typed ``contents``, raw buffers, or in system shared
-memory regions the client registered (see codecs and ``serving.shared_memory``).
+memory regions the client registered (see codecs and ``serving.shared_memory``). Triton's extensions
+that clients lean on are here too: the stream (``ModelStreamInfer``), the model configuration and the
+statistics (see ``descriptions``).
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import AsyncIterator
 from importlib import metadata
+
+import grpc
 
 from serving.metrics import Metrics
 from serving.preprocess import InputError
@@ -16,13 +22,14 @@ from serving.protos import inference_pb2 as pb
 from serving.protos import inference_pb2_grpc
 from serving.repository import ModelNotFound, ModelNotReady, ModelRepository
 from serving.security import ModelControlOff, SharedMemoryOff
-from serving.services.base import Answer, Handler, Settings, rpc
+from serving.services.base import Answer, Handler, Settings, abort, answer, in_order, message_of, rpc
 from serving.services.codecs import decode_inputs, encode_output, select_outputs, shared_placement
+from serving.services.descriptions import PLATFORM, model_config, model_statistics
 from serving.services.health import HealthService
 from serving.shared_memory import BYTE_SIZE, OFFSET, REGION, SharedMemoryRegistry
 
-PLATFORM = "onnxruntime_onnx"  # Triton's name for the ONNX Runtime backend
-EXTENSIONS = ("model_repository", "system_shared_memory")
+#: Triton's names for the extensions served here (ServerMetadata)
+EXTENSIONS = ("model_repository", "model_configuration", "statistics", "system_shared_memory")
 
 
 def _server_version() -> str:
@@ -82,8 +89,7 @@ class InferenceService(Handler, inference_pb2_grpc.GRPCInferenceServiceServicer)
         )
         return Answer(reply, model.name, 0)
 
-    @rpc("ModelInfer", model_field="model_name")
-    async def ModelInfer(self, request: pb.ModelInferRequest) -> Answer:
+    async def _infer(self, request: pb.ModelInferRequest, *, wait_for_room: bool = False) -> Answer:
         model = self.repository.get(request.model_name, request.model_version or None)
         inputs = decode_inputs(request.inputs, request.raw_input_contents, self.shared_memory)
         model.validate(inputs)
@@ -93,7 +99,7 @@ class InferenceService(Handler, inference_pb2_grpc.GRPCInferenceServiceServicer)
         if any(placements.values()) and self.shared_memory is None:
             raise InputError("an output names a shared memory region, but shared memory is off on this server "
                              "(--shared-memory): leave the output's parameters out")
-        outputs = await model.infer(inputs)
+        outputs = await model.infer(inputs, wait_for_room=wait_for_room)
         reply = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
         for name, array in select_outputs(outputs, [o.name for o in request.outputs]):
             datatype, shape, data = encode_output(array)
@@ -103,6 +109,51 @@ class InferenceService(Handler, inference_pb2_grpc.GRPCInferenceServiceServicer)
                 data = b""  # an empty buffer keeps raw_output_contents in step with outputs, as clients index it
             reply.raw_output_contents.append(data)
         return Answer(reply, model.name, rows)
+
+    ModelInfer = rpc("ModelInfer", model_field="model_name")(_infer)
+
+    async def ModelStreamInfer(self, requests: AsyncIterator[pb.ModelInferRequest],
+                               context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Triton's stream: each request is answered on the stream, in order, pipelined (``in_order``).
+
+        A request that fails is answered with its ``error_message`` and the stream goes on, as Triton's
+        does (tritonclient hands it to the stream's callback as that request's error); the reply's
+        ``infer_response`` carries the request's id, so a client can tell which failed. Only a message that
+        cannot be read ends the stream, with INVALID_ARGUMENT. Like every stream here, its requests wait
+        for room in a full model queue rather than fail.
+        """
+        try:
+            async for answered in in_order(requests, self._stream_reply):
+                yield answered.result()
+        except Exception as exc:
+            await abort(context, exc)
+
+    async def _stream_reply(self, request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+        try:
+            result = await answer(self, "ModelStreamInfer", functools.partial(type(self)._infer, wait_for_room=True),
+                                  request, "model_name")
+        except Exception as exc:  # noqa: BLE001 - answered in the stream; answer() counted and logged it
+            failed = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
+                                           id=request.id)
+            return pb.ModelStreamInferResponse(error_message=message_of(exc), infer_response=failed)
+        return pb.ModelStreamInferResponse(infer_response=result.message)
+
+    @rpc("ModelConfig", model_field="name")
+    async def ModelConfig(self, request: pb.ModelConfigRequest) -> Answer:
+        model = self.repository.get(request.name, request.version or None)
+        return Answer(pb.ModelConfigResponse(config=model_config(model)), model.name, 0)
+
+    @rpc("ModelStatistics", model_field="name")
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest) -> Answer:
+        """Every ready version of every model (``name`` ""), of one model (``version`` ""), or one version."""
+        if request.version:
+            models = [self.repository.get(request.name, request.version)]
+        else:
+            models = [m for m in self.repository.models() if not request.name or m.name == request.name]
+            if request.name and not models:
+                self.repository.get(request.name)  # raises NOT_FOUND or UNAVAILABLE, saying why
+        reply = pb.ModelStatisticsResponse(model_stats=[model_statistics(m) for m in models])
+        return Answer(reply, request.name, len(models))
 
     def _write_shared(self, tensor: pb.ModelInferResponse.InferOutputTensor, placement: tuple[str, int, int],
                       data: bytes) -> None:

@@ -169,6 +169,7 @@ READ_ONLY = ("/coursezoo.v1.Classifier/ListModels", "/coursezoo.v1.Classifier/Cl
              "/coursezoo.v1.Classifier/ClassifyDiabetes", "/coursezoo.v1.Classifier/ClassifySequences",
              "/inference.GRPCInferenceService/ModelInfer", "/inference.GRPCInferenceService/ModelMetadata",
              "/inference.GRPCInferenceService/ModelReady", "/inference.GRPCInferenceService/RepositoryIndex",
+             "/inference.GRPCInferenceService/ModelConfig", "/inference.GRPCInferenceService/ModelStatistics",
              "/grpc.health.v1.Health/Check")
 
 
@@ -183,10 +184,18 @@ def test_bytes_that_are_no_message(channel: grpc.Channel, method: str, body: byt
     assert code in (OK, INVALID, EXHAUSTED, grpc.StatusCode.NOT_FOUND), f"{code}: {reply}"
 
 
-def test_a_garbled_stream_message_ends_the_stream_cleanly(channel: grpc.Channel, digits_name: str) -> None:
-    image = pb.Image(encoded=strip(28, 28))
-    good = pb.ClassifyDigitsRequest(model=digits_name, images=[image]).SerializeToString()
-    stream = channel.stream_stream("/coursezoo.v1.Classifier/StreamClassifyDigits")
+@pytest.mark.parametrize("method", ["/coursezoo.v1.Classifier/StreamClassifyDigits",
+                                    "/inference.GRPCInferenceService/ModelStreamInfer"])
+def test_a_garbled_stream_message_ends_the_stream_cleanly(channel: grpc.Channel, digits_name: str, method: str) -> None:
+    """Both streams answer the requests before it, then end with INVALID_ARGUMENT (a failed request that could be
+    read is answered in place instead: see test_tritonclient)."""
+    if method.endswith("StreamClassifyDigits"):
+        good = pb.ClassifyDigitsRequest(model=digits_name, images=[pb.Image(encoded=strip(28, 28))]).SerializeToString()
+    else:
+        request = kserve.ModelInferRequest(model_name=digits_name, raw_input_contents=[bytes(4 * 784)])
+        request.inputs.add(name="image", datatype="FP32", shape=[1, 1, 28, 28])
+        good = request.SerializeToString()
+    stream = channel.stream_stream(method)
     replies = stream(iter([good, good, b"\xff\xff\xff", good]), timeout=TIMEOUT)
     received = []
     with pytest.raises(grpc.RpcError) as info:

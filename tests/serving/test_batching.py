@@ -478,3 +478,33 @@ def test_a_probe_waits_the_whole_delay_and_later_batches_wait_for_as_many(monkey
 
     run(main())
     assert [shape[0] for shape in model.batches] == [10, 5]
+
+
+def test_statistics_count_executions_and_charge_each_request_its_batch() -> None:
+    """Triton's statistics: a request waits in the queue for its own time and is charged its whole batch's
+    run; per batch size the executions are counted once. A lone request on an idle model (inline) did not wait."""
+    model = GatedModel(gated=True)
+
+    async def main() -> DynamicBatcher:
+        batcher = DynamicBatcher(model, max_batch_size=16, max_delay_ms=0, max_queue_items=100,
+                                 inline_budget_ms=1000)
+        first = await hold_first(batcher, model, x(0))
+        queued = [asyncio.create_task(batcher.submit(x(i, i))) for i in range(1, 4)]
+        await until(lambda: batcher.queue_depth == 6)
+        await asyncio.sleep(0.05)  # the three queued requests wait at least this long
+        model.gate.set()
+        await asyncio.gather(first, *queued)
+        await batcher.submit(x(9))  # idle, and a measured size class: runs inline in this task
+        return batcher
+
+    stats = run(main()).statistics
+    assert model.batches == [(1, 3), (6, 3), (1, 3)]
+    assert stats.execution_count == 3
+    assert sorted(stats.batches) == [1, 6]
+    assert (stats.batches[1].compute_infer.count, stats.batches[6].compute_infer.count) == (2, 1)
+    assert stats.queue.count == stats.compute_infer.count == stats.compute_input.count == 1 + 3 + 1
+    assert stats.queue.ns >= 3 * 50_000_000  # the three that waited behind the first run
+    # the batch of 6 ran once, and each of its three requests is charged that run
+    sixes = stats.batches[6].compute_infer.ns
+    assert stats.compute_infer.ns == stats.batches[1].compute_infer.ns + 3 * sixes
+    assert stats.inference_count == 0  # requests answered are the served model's count (serving.repository)

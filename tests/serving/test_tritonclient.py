@@ -2,14 +2,19 @@
 
 Every exported model is inferred through ``tritonclient.grpc`` (raw tensors) and compared with
 onnxruntime on the exported file; typed ``contents`` go through tritonclient's own protobuf stubs;
-``tritonclient.grpc.aio`` is used once. This process must not import the server's generated
-``inference`` module (see serving/protos.py), so it only ever sees tritonclient's.
+``tritonclient.grpc.aio`` is used once. Triton's extensions a client leans on are checked the same way:
+the stream, the model configuration and the statistics. This process must not import the server's
+generated ``inference`` module (see serving/protos.py), so it only ever sees tritonclient's.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import queue
+import re
+import shutil
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,7 +24,7 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
-from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from serving.card import ModelCard
@@ -184,3 +189,133 @@ def test_repository_index_lists_every_version(triton_client: triton.InferenceSer
     index = triton_client.get_model_repository_index(as_json=True)["models"]
     assert {(m["name"], m["version"]) for m in index if m["state"] == "READY"} >= \
         {(name, card.version) for name, card in cards.items()}
+
+
+def provider_kind(server: ServerProcess, name: str) -> str:
+    """The instance kind a model's configuration must state: where the server's banner says it runs."""
+    provider = re.search(rf"^{name}\s+\S+\s+\S+\s+(\S+)", server.output, re.MULTILINE)
+    assert provider, server.output
+    return "KIND_CPU" if provider.group(1) == "CPUExecutionProvider" else "KIND_GPU"
+
+
+def test_model_config_describes_every_model(server: ServerProcess, triton_client: triton.InferenceServerClient,
+                                            cards: dict[str, ModelCard]) -> None:
+    """What a Triton client reads from get_model_config: the batch limit, and the tensors without the batch axis."""
+    for name, card in cards.items():
+        config = triton_client.get_model_config(name).config
+        assert (config.name, config.platform, config.backend) == (name, "onnxruntime_onnx", "onnxruntime")
+        assert config.max_batch_size == 1024  # --max-items-per-request: more rows are refused
+        assert [(t.name, t.data_type, list(t.dims)) for t in config.input] == \
+            [(t.name, model_config_pb2.DataType.Value(f"TYPE_{t.datatype}"), list(t.shape[1:])) for t in card.inputs]
+        assert [(t.name, t.data_type, list(t.dims)) for t in config.output] == \
+            [(t.name, model_config_pb2.DataType.Value(f"TYPE_{t.datatype}"), list(t.shape[1:])) for t in card.outputs]
+        assert config.WhichOneof("scheduling_choice") == "dynamic_batching"
+        assert config.dynamic_batching.max_queue_delay_microseconds == 2000  # the shared server's 2 ms
+        assert list(config.dynamic_batching.preferred_batch_size) == [64]  # --max-batch-size
+        assert config.version_policy.WhichOneof("policy_choice") == "all"
+        (group,) = config.instance_group
+        kind = model_config_pb2.ModelInstanceGroup.Kind.Value(provider_kind(server, name))
+        assert (group.kind, group.count) == (kind, 1)
+        assert triton_client.get_model_config(name, card.version).config == config
+    with pytest.raises(InferenceServerException) as info:
+        triton_client.get_model_config("no_such_model")
+    assert info.value.status() == "StatusCode.NOT_FOUND" and "no_such_model" in info.value.message()
+
+
+def features(n: int) -> list[triton.InferInput]:
+    return triton_inputs({"features": np.linspace(-1, 1, 8 * n, dtype=np.float32).reshape(n, 8)})
+
+
+def test_statistics_count_what_each_version_served(start_server: Callable[..., ServerProcess], exported_repo: Path,
+                                                  cards: dict[str, ModelCard], tmp_path: Path) -> None:
+    """A server of its own, so every count is known: requests answered and failed at the model, items, runs,
+    and the per batch size runs; a request refused before the model (a wrong shape) is not the model's."""
+    card = cards["diabetes_mlp"]
+    shutil.copytree(exported_repo / card.name / card.version, tmp_path / card.name / card.version)
+    server = start_server(tmp_path, "--max-queue-items", "4", "--max-queue-delay-ms", "0", "--poll-interval-s", "0")
+    client = triton.InferenceServerClient(server.target)
+    (fresh,) = client.get_inference_statistics(card.name).model_stats
+    assert (fresh.inference_count, fresh.execution_count, fresh.last_inference) == (0, 0, 0)
+    started_ms = time.time() * 1000
+    for n in (1, 3, 3):
+        client.infer(card.name, features(n))
+    for inputs, code in ((features(5), "RESOURCE_EXHAUSTED"),  # more rows than the queue holds: failed at the model
+                         (triton_inputs({"features": np.ones((2, 7), "float32")}), "INVALID_ARGUMENT")):
+        with pytest.raises(InferenceServerException) as info:
+            client.infer(card.name, inputs)
+        assert info.value.status() == f"StatusCode.{code}"
+
+    (stats,) = client.get_inference_statistics(card.name).model_stats
+    assert (stats.name, stats.version) == (card.name, card.version)
+    assert (stats.inference_count, stats.execution_count) == (7, 3)
+    assert started_ms - 1000 <= stats.last_inference <= time.time() * 1000 + 1000
+    infer = stats.inference_stats
+    assert (infer.success.count, infer.fail.count) == (3, 1)
+    assert {infer.queue.count, infer.compute_input.count, infer.compute_infer.count, infer.compute_output.count} == {3}
+    assert infer.success.ns >= infer.compute_infer.ns > 0
+    assert [(b.batch_size, b.compute_infer.count) for b in stats.batch_stats] == [(1, 1), (3, 2)]
+    assert sum(b.compute_infer.ns for b in stats.batch_stats) == infer.compute_infer.ns  # one request per run here
+
+    assert client.get_inference_statistics().model_stats == [stats]  # "" = every model
+    assert client.get_inference_statistics(card.name, card.version).model_stats == [stats]
+    for name, version in (("no_such_model", ""), (card.name, "42")):
+        with pytest.raises(InferenceServerException) as info:
+            client.get_inference_statistics(name, version)
+        assert info.value.status() == "StatusCode.NOT_FOUND", info.value.message()
+
+
+def test_stream_answers_in_order_and_reports_a_failure_in_its_place(
+        triton_client: triton.InferenceServerClient, exported_repo: Path, cards: dict[str, ModelCard]) -> None:
+    """tritonclient's stream: a failed request reaches the callback as that request's error, and the stream goes on."""
+    answers: queue.Queue[tuple[triton.InferResult | None, InferenceServerException | None]] = queue.Queue()
+    sent = [sample(cards["diabetes_mlp"], n) for n in (1, 2, 3, 1, 2, 3, 1, 2, 3, 1)]
+    triton_client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        for i, inputs in enumerate(sent):
+            triton_client.async_stream_infer("diabetes_mlp", triton_inputs(inputs), request_id=f"r{i}")
+            if i == 4:
+                wrong_shape = triton_inputs({"features": np.ones((2, 7), "float32")})
+                triton_client.async_stream_infer("diabetes_mlp", wrong_shape, request_id="bad")
+    finally:
+        triton_client.stop_stream()  # half-closes, then waits for every answer
+    received = [answers.get_nowait() for _ in range(answers.qsize())]
+    assert len(received) == len(sent) + 1
+    failed_result, error = received.pop(5)
+    assert failed_result is None and error is not None and "shape" in error.message()
+    for i, ((result, error), inputs) in enumerate(zip(received, sent, strict=True)):
+        assert error is None and result is not None
+        assert result.get_response().id == f"r{i}"
+        np.testing.assert_allclose(result.as_numpy("probability"),
+                                   onnx_outputs(exported_repo, cards["diabetes_mlp"], inputs)["probability"], atol=1e-6)
+
+
+def test_stream_error_replies_carry_the_request_id(server: ServerProcess) -> None:
+    """The id of a failed request comes back with its error (tritonclient's callback does not show it)."""
+    bad = service_pb2.ModelInferRequest(model_name="no_such_model", id="lost")
+    good = service_pb2.ModelInferRequest(model_name="linear_regression", id="found")
+    good.inputs.add(name="x", datatype="FP32", shape=[1, 1])
+    good.raw_input_contents.append(np.array([[4.0]], np.float32).tobytes())
+    with grpc.insecure_channel(server.target) as channel:
+        replies = list(service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(iter([bad, good]),
+                                                                                            timeout=30))
+    assert [(r.infer_response.id, bool(r.error_message)) for r in replies] == [("lost", True), ("found", False)]
+    assert "no_such_model" in replies[0].error_message
+
+
+def test_aio_stream(server: ServerProcess, cards: dict[str, ModelCard]) -> None:
+    async def requests() -> AsyncIterator[dict]:
+        for hours in (1.0, 4.0):
+            tensor = triton_aio.InferInput("hours", [1, 1], "FP32")
+            tensor.set_data_from_numpy(np.array([[hours]], dtype=np.float32))
+            yield {"model_name": "logistic_regression", "inputs": [tensor], "request_id": str(hours)}
+
+    async def stream() -> list[float]:
+        client = triton_aio.InferenceServerClient(server.target)
+        try:
+            return [float(result.as_numpy("probability")[0, 0]) async for result, error in
+                    client.stream_infer(requests()) if error is None]
+        finally:
+            await client.close()
+
+    low, high = asyncio.run(stream())
+    assert low < 0.5 < high
