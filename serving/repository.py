@@ -24,6 +24,7 @@ import numpy as np
 
 from serving.batching import BatcherClosed, BatchObserver, DynamicBatcher
 from serving.card import CARD_FILE, ONNX_FILE, CardError, ModelCard, preference
+from serving.preprocess import InputError
 from serving.runtime import CPU, OnnxModel, ProviderError
 from serving.statistics import InferenceStatistics
 
@@ -251,7 +252,7 @@ class ModelRepository:
             if not ready:
                 raise ModelNotReady(f"model {name!r} has no ready version: {_reasons(versions)}")
             return ready[0]
-        entry = versions.get(str(version))
+        entry = versions.get(str(version)) or _by_number(versions, version)
         if entry is None:
             raise ModelNotFound(f"model {name!r} has no version {version!r}; versions: {', '.join(_sorted(versions))}")
         if entry.served is None:
@@ -376,6 +377,19 @@ def _check_name(name: str) -> None:
     """Refuse anything that is not a plain model name before it gets near the file system."""
     if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
         raise ModelNotFound(f"invalid model name {name!r}: expected letters, digits, '_', '.' and '-' only")
+
+
+def _by_number(versions: dict[str, _Version], version: str) -> _Version | None:
+    """The version numbered ``version`` written another way ("01" is version 1, as in Triton); InputError unless
+    it is a whole number > 0."""
+    try:
+        number = int(version)
+    except ValueError:
+        number = 0
+    if number <= 0:
+        raise InputError(f"model version {version!r} is not a whole number > 0: expected a version such as \"1\", "
+                         "or none for the newest")
+    return next((entry for name, entry in versions.items() if int(name) == number), None)
 
 
 def _model_dirs(root: Path) -> set[str]:

@@ -30,6 +30,10 @@ from serving.shared_memory import RegionExists, RegionNotFound, TooManyRegions
 log = logging.getLogger("coursezoo.serve")
 T = TypeVar("T")
 
+class Unsupported(Exception):
+    """The request asks for a feature of the protocol that this server does not have (maps to UNIMPLEMENTED)."""
+
+
 #: First match wins, so subclasses come before their bases (InputTooLarge is an InputError).
 ERROR_STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (InputTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
@@ -40,6 +44,7 @@ ERROR_STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (QueueFull, grpc.StatusCode.UNAVAILABLE),  # overloaded for now: retry later (Triton's answer too)
     (ModelControlOff, grpc.StatusCode.UNIMPLEMENTED),  # "not enabled in this service", in gRPC's words
     (SharedMemoryOff, grpc.StatusCode.UNIMPLEMENTED),
+    (Unsupported, grpc.StatusCode.UNIMPLEMENTED),
     (RegionNotFound, grpc.StatusCode.NOT_FOUND),
     (RegionExists, grpc.StatusCode.ALREADY_EXISTS),
     (TooManyRegions, grpc.StatusCode.RESOURCE_EXHAUSTED),

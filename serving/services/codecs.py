@@ -11,12 +11,13 @@ region its request named.
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from serving.card import DATATYPES
+from serving.card import DATATYPES, TensorSpec
 from serving.preprocess import InputError
 from serving.shared_memory import BYTE_SIZE, OFFSET, REGION, SharedMemoryRegistry
 
@@ -27,6 +28,8 @@ MAX_DIMS = 8
 CONTENTS_FIELD = {"FP32": "fp32_contents", "FP64": "fp64_contents", "INT64": "int64_contents",
                   "INT32": "int_contents", "UINT8": "uint_contents"}
 DATATYPE_OF = {np.dtype(numpy_name): name for name, numpy_name in DATATYPES.items()}
+#: The requested output parameter of Triton's classification extension
+CLASSIFICATION = "classification"
 
 
 def decode_inputs(tensors: Sequence, raw: Sequence[bytes],
@@ -39,6 +42,11 @@ def decode_inputs(tensors: Sequence, raw: Sequence[bytes],
     the model card are the runtime's ``validate``.
     """
     placements = [shared_placement(t) for t in tensors]
+    for tensor, placement in zip(tensors, placements, strict=True):
+        if tensor.HasField("contents") and (placement or raw):  # which one would count? Triton refuses it too
+            where = "in shared memory" if placement else "with raw_input_contents in the request"
+            raise InputError(f"input {tensor.name!r} has typed contents and is also {where}: expected its data in "
+                             "one place; leave contents empty when sending raw_input_contents or shared memory")
     unplaced = placements.count(None)
     if raw and len(raw) != unplaced:
         raise InputError(f"{len(raw)} raw_input_contents for {unplaced} inputs not in shared memory: "
@@ -114,13 +122,53 @@ def _shared_input(name: str, placement: tuple[str, int, int], shared_memory: Sha
 
 
 def select_outputs(outputs: Mapping[str, np.ndarray], requested: Sequence[str]) -> list[tuple[str, np.ndarray]]:
-    """The outputs the client asked for (all when it named none), in its order."""
+    """The outputs the client asked for (all when it named none), in its order, each once (as Triton answers a
+    name asked for twice)."""
     if not requested:
         return list(outputs.items())
     unknown = [name for name in requested if name not in outputs]
     if unknown:
         raise InputError(f"unknown output {unknown[0]!r}: the model's outputs are {', '.join(outputs)}")
-    return [(name, outputs[name]) for name in requested]
+    return [(name, outputs[name]) for name in dict.fromkeys(requested)]
+
+
+def class_count(tensor: Any) -> int:
+    """The ``classification`` parameter of a requested output: how many top classes to answer (0: the tensor)."""
+    if CLASSIFICATION not in tensor.parameters:
+        return 0
+    param = tensor.parameters[CLASSIFICATION]
+    if param.WhichOneof("parameter_choice") not in ("int64_param", "uint64_param") or _int_param(param) < 0:
+        raise InputError(f"output {tensor.name!r}: the {CLASSIFICATION} parameter is a class count, a whole number "
+                         ">= 0 (tritonclient's InferRequestedOutput(name, class_count=k))")
+    return _int_param(param)
+
+
+def encode_classes(array: np.ndarray, count: int, labels: Sequence[str]) -> tuple[str, list[int], bytes]:
+    """Triton's classification extension: per batch row, the ``count`` largest values (fewer if the row has
+    fewer), largest first, as BYTES ``"value:index"`` strings, with ``":label"`` when the card's labels name
+    the row's values (as many labels as values per row)."""
+    rows = array.reshape(len(array), -1)
+    count = min(count, rows.shape[1])
+    top = np.argsort(-rows, axis=1, kind="stable")[:, :count]
+    named = len(labels) == rows.shape[1]
+    items = []
+    for row, indices in zip(rows.tolist(), top.tolist(), strict=True):
+        for i in indices:
+            text = f"{row[i]:f}:{i}:{labels[i]}" if named else f"{row[i]:f}:{i}"
+            data = text.encode()
+            items.append(struct.pack("<I", len(data)) + data)  # BYTES on the wire: 4-byte length, then the bytes
+    return "BYTES", [len(rows), count], b"".join(items)
+
+
+def squeeze_item_scalars(inputs: dict[str, np.ndarray], specs: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
+    """Inputs of one value per item (card shape ``[-1]``) sent as ``[n, 1]`` become ``[n]``: the model
+    configuration describes them as Triton must, ``dims [1]`` reshaped to ``[]`` (serving.services.descriptions),
+    so a client that follows it sends ``[n, 1]``."""
+    for spec in specs:
+        array = inputs.get(spec.name)
+        if len(spec.shape) == 1 and array is not None and array.ndim == 2 and array.shape[1] == 1:
+            inputs[spec.name] = array.reshape(len(array))
+    return inputs
 
 
 def encode_output(array: np.ndarray) -> tuple[str, list[int], bytes]:

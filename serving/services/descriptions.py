@@ -5,7 +5,10 @@ tensors without the batch axis, perf_analyzer and dashboards ``get_inference_sta
 configuration is derived from the card and the settings the model runs with (one place per fact), as
 Triton's own auto-completed configuration of an ONNX model would say it:
 - ``max_batch_size`` is the most rows one request may carry (``--max-items-per-request``), which is what
-  Triton refuses beyond; the cards' tensors all have the batch axis first, which ``dims`` leave out;
+  Triton refuses beyond; the cards' tensors all have the batch axis first, which ``dims`` leave out. An
+  input of one value per item (``names_gru``'s ``lengths``, card shape ``[-1]``) is ``dims [1]`` reshaped
+  to ``[]``, as Triton requires (empty dims are invalid there, and clients such as PyTriton's refuse
+  them); ModelInfer takes it as ``[n, 1]`` or ``[n]``;
 - ``dynamic_batching`` is present while batching is on: its delay is ``--max-queue-delay-ms`` and its
   preferred batch size the most items a merged batch holds (``--max-batch-size``);
 - ``version_policy`` is ``all``: every version directory is served, the newest by default;
@@ -14,6 +17,7 @@ Triton's own auto-completed configuration of an ONNX model would say it:
 
 from __future__ import annotations
 
+from serving.card import TensorSpec
 from serving.protos import inference_pb2 as pb
 from serving.protos import model_config_pb2 as mc
 from serving.repository import ServedModel
@@ -30,8 +34,7 @@ def model_config(model: ServedModel) -> mc.ModelConfig:
     config = mc.ModelConfig(
         name=model.name, platform=PLATFORM, backend=BACKEND, max_batch_size=settings.max_items_per_request,
         version_policy=mc.ModelVersionPolicy(all=mc.ModelVersionPolicy.All()),
-        input=[mc.ModelInput(name=t.name, data_type=_data_type(t.datatype), dims=t.shape[1:])
-               for t in model.card.inputs],
+        input=[_model_input(t) for t in model.card.inputs],
         output=[mc.ModelOutput(name=t.name, data_type=_data_type(t.datatype), dims=t.shape[1:])
                 for t in model.card.outputs],
         instance_group=[_instance_group(model)], default_model_filename="model.onnx",
@@ -41,6 +44,13 @@ def model_config(model: ServedModel) -> mc.ModelConfig:
             preferred_batch_size=[settings.max_batch_size],
             max_queue_delay_microseconds=round(settings.max_queue_delay_ms * 1000)))
     return config
+
+
+def _model_input(spec: TensorSpec) -> mc.ModelInput:
+    if len(spec.shape) == 1:  # one value per item: see the module docstring
+        return mc.ModelInput(name=spec.name, data_type=_data_type(spec.datatype), dims=[1],
+                             reshape=mc.ModelTensorReshape(shape=[]))
+    return mc.ModelInput(name=spec.name, data_type=_data_type(spec.datatype), dims=spec.shape[1:])
 
 
 def _data_type(datatype: str) -> int:

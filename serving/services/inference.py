@@ -22,14 +22,24 @@ from serving.protos import inference_pb2 as pb
 from serving.protos import inference_pb2_grpc
 from serving.repository import ModelNotFound, ModelNotReady, ModelRepository
 from serving.security import ModelControlOff, SharedMemoryOff
-from serving.services.base import Answer, Handler, Settings, abort, answer, in_order, message_of, rpc
-from serving.services.codecs import decode_inputs, encode_output, select_outputs, shared_placement
+from serving.services.base import Answer, Handler, Settings, Unsupported, abort, answer, in_order, message_of, rpc
+from serving.services.codecs import (
+    class_count,
+    decode_inputs,
+    encode_classes,
+    encode_output,
+    select_outputs,
+    shared_placement,
+    squeeze_item_scalars,
+)
 from serving.services.descriptions import PLATFORM, model_config, model_statistics
 from serving.services.health import HealthService
 from serving.shared_memory import BYTE_SIZE, OFFSET, REGION, SharedMemoryRegistry
 
+#: The stream reply parameter that marks a request's last reply
+FINAL_RESPONSE = "triton_final_response"
 #: Triton's names for the extensions served here (ServerMetadata)
-EXTENSIONS = ("model_repository", "model_configuration", "statistics", "system_shared_memory")
+EXTENSIONS = ("classification", "model_repository", "model_configuration", "statistics", "system_shared_memory")
 
 
 def _server_version() -> str:
@@ -91,7 +101,8 @@ class InferenceService(Handler, inference_pb2_grpc.GRPCInferenceServiceServicer)
 
     async def _infer(self, request: pb.ModelInferRequest, *, wait_for_room: bool = False) -> Answer:
         model = self.repository.get(request.model_name, request.model_version or None)
-        inputs = decode_inputs(request.inputs, request.raw_input_contents, self.shared_memory)
+        inputs = squeeze_item_scalars(decode_inputs(request.inputs, request.raw_input_contents, self.shared_memory),
+                                      model.card.inputs)
         model.validate(inputs)
         rows = len(next(iter(inputs.values())))
         self.check_count(rows, "rows (batch items)")
@@ -99,10 +110,17 @@ class InferenceService(Handler, inference_pb2_grpc.GRPCInferenceServiceServicer)
         if any(placements.values()) and self.shared_memory is None:
             raise InputError("an output names a shared memory region, but shared memory is off on this server "
                              "(--shared-memory): leave the output's parameters out")
+        classes = {o.name: class_count(o) for o in request.outputs}
+        if any(classes[name] and placement for name, placement in placements.items()):
+            raise InputError("an output asks for classification and shared memory at once: classes are answered in "
+                             "the reply; leave out one of the two parameters (as Triton requires)")
         outputs = await model.infer(inputs, wait_for_room=wait_for_room)
         reply = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
         for name, array in select_outputs(outputs, [o.name for o in request.outputs]):
-            datatype, shape, data = encode_output(array)
+            if classes.get(name):
+                datatype, shape, data = encode_classes(array, classes[name], model.card.labels)
+            else:
+                datatype, shape, data = encode_output(array)
             tensor = reply.outputs.add(name=name, datatype=datatype, shape=shape)
             if placement := placements.get(name):
                 self._write_shared(tensor, placement, data)
@@ -120,7 +138,9 @@ class InferenceService(Handler, inference_pb2_grpc.GRPCInferenceServiceServicer)
         does (tritonclient hands it to the stream's callback as that request's error); the reply's
         ``infer_response`` carries the request's id, so a client can tell which failed. Only a message that
         cannot be read ends the stream, with INVALID_ARGUMENT. Like every stream here, its requests wait
-        for room in a full model queue rather than fail.
+        for room in a full model queue rather than fail. Every reply is its request's last (one reply per
+        request) and says so with Triton's ``triton_final_response`` parameter, which stream clients such as
+        PyTriton's wait for.
         """
         try:
             async for answered in in_order(requests, self._stream_reply):
@@ -135,7 +155,9 @@ class InferenceService(Handler, inference_pb2_grpc.GRPCInferenceServiceServicer)
         except Exception as exc:  # noqa: BLE001 - answered in the stream; answer() counted and logged it
             failed = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
                                            id=request.id)
+            failed.parameters[FINAL_RESPONSE].bool_param = True
             return pb.ModelStreamInferResponse(error_message=message_of(exc), infer_response=failed)
+        result.message.parameters[FINAL_RESPONSE].bool_param = True
         return pb.ModelStreamInferResponse(infer_response=result.message)
 
     @rpc("ModelConfig", model_field="name")
@@ -209,6 +231,9 @@ class InferenceService(Handler, inference_pb2_grpc.GRPCInferenceServiceServicer)
     @rpc("RepositoryModelLoad", model_field="model_name")
     async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest) -> Answer:
         self._check_model_control()
+        if request.parameters:
+            raise Unsupported(f"load parameters ({', '.join(sorted(request.parameters))}) are not supported: a model "
+                              "loads as its card and ONNX file in the repository say; send the load without them")
         try:
             await self.repository.load(request.model_name)
         finally:

@@ -105,10 +105,65 @@ def test_infer_every_model_like_onnxruntime(triton_client: triton.InferenceServe
 def test_requested_outputs_and_version(triton_client: triton.InferenceServerClient,
                                        cards: dict[str, ModelCard]) -> None:
     card = cards["logistic_regression"]
-    result = triton_client.infer("logistic_regression", triton_inputs({"hours": np.array([[1.0], [4.0]], "float32")}),
-                                 model_version=card.version, outputs=[triton.InferRequestedOutput("probability")])
+    hours = triton_inputs({"hours": np.array([[1.0], [4.0]], "float32")})
+    result = triton_client.infer("logistic_regression", hours, model_version=card.version,
+                                 outputs=[triton.InferRequestedOutput("probability")])
     p = result.as_numpy("probability").reshape(-1)
     assert p[0] < 0.5 < p[1]  # the course's bar: 1 hour fails, 4 hours pass
+    # a version written with a leading zero is the same version, and an output asked for twice comes once (as Triton)
+    again = triton_client.infer("logistic_regression", hours, model_version=f"0{card.version}",
+                                outputs=[triton.InferRequestedOutput("probability")] * 2)
+    assert len(again.get_response().outputs) == 1
+    np.testing.assert_array_equal(again.as_numpy("probability"), result.as_numpy("probability"))
+
+
+def test_classification_answers_the_top_classes(triton_client: triton.InferenceServerClient,
+                                                mnist_test: tuple[np.ndarray, np.ndarray], cards: dict[str, ModelCard],
+                                                exported_repo: Path) -> None:
+    """Triton's classification extension (``class_count``): per item, the k largest values as "value:index:label",
+    largest first; asking for more classes than there are answers them all."""
+    images, _ = mnist_test
+    x = (images[:4].astype(np.float32) / 255.0 - 0.1307) / 0.3081  # any valid input: compared with ORT's own logits
+    x = x.reshape(4, 1, 28, 28)
+    logits = onnx_outputs(exported_repo, cards["mnist_cnn"], {"image": x})["logits"]
+    for k, expected in ((3, 3), (25, 10)):
+        result = triton_client.infer("mnist_cnn", triton_inputs({"image": x}),
+                                     outputs=[triton.InferRequestedOutput("logits", class_count=k)])
+        classes = result.as_numpy("logits")
+        assert classes.shape == (4, expected) and classes.dtype == object
+        for row, answer in zip(logits, classes, strict=True):
+            entries = [item.decode().split(":") for item in answer]
+            indices = [int(index) for _, index, _ in entries]
+            assert indices == list(np.argsort(-row, kind="stable")[:expected])
+            assert [label for _, _, label in entries] == [cards["mnist_cnn"].labels[i] for i in indices]
+            np.testing.assert_allclose([float(v) for v, _, _ in entries], row[indices], atol=1e-6)
+
+
+def test_one_value_per_item_inputs_take_the_configured_shape(triton_client: triton.InferenceServerClient,
+                                                              cards: dict[str, ModelCard]) -> None:
+    """names_gru's lengths: [n] (ModelMetadata's shape) or [n, 1] (ModelConfig's dims [1]) answer the same."""
+    inputs = sample(cards["names_gru"])
+    as_configured = dict(inputs, lengths=inputs["lengths"].reshape(-1, 1))
+    np.testing.assert_array_equal(triton_client.infer("names_gru", triton_inputs(as_configured)).as_numpy("logits"),
+                                  triton_client.infer("names_gru", triton_inputs(inputs)).as_numpy("logits"))
+
+
+def test_data_in_two_places_is_refused(server: ServerProcess) -> None:
+    """Typed contents and a raw buffer for one input: which would count? Triton refuses it too."""
+    request = service_pb2.ModelInferRequest(model_name="linear_regression")
+    request.inputs.add(name="x", datatype="FP32", shape=[1, 1]).contents.fp32_contents.append(100.0)
+    request.raw_input_contents.append(np.array([[4.0]], np.float32).tobytes())
+    with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError) as info:
+        service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "one place" in info.value.details()
+
+
+def test_load_parameters_are_refused_not_ignored(triton_client: triton.InferenceServerClient) -> None:
+    """A configuration override would be silently dropped: the client is told instead."""
+    with pytest.raises(InferenceServerException) as info:
+        triton_client.load_model("linear_regression", config='{"max_batch_size": 8}')
+    assert info.value.status() == "StatusCode.UNIMPLEMENTED" and "config" in info.value.message()
+    assert triton_client.is_model_ready("linear_regression")
 
 
 def test_typed_contents_equal_raw_contents(server: ServerProcess, triton_client: triton.InferenceServerClient,
@@ -171,6 +226,13 @@ INFER_ERRORS = [
                                          outputs=[triton.InferRequestedOutput("nope")]), "INVALID_ARGUMENT", "nope"),
     ("too many rows", lambda c: c.infer("linear_regression", triton_inputs({"x": np.ones((1025, 1), "float32")})),
      "RESOURCE_EXHAUSTED", "1024"),
+    ("version not a number", lambda c: c.infer("linear_regression", triton_inputs({"x": np.ones((1, 1), "float32")}),
+                                               model_version="latest"), "INVALID_ARGUMENT", "whole number > 0"),
+    ("version not positive", lambda c: c.infer("linear_regression", triton_inputs({"x": np.ones((1, 1), "float32")}),
+                                               model_version="-1"), "INVALID_ARGUMENT", "whole number > 0"),
+    ("negative class count", lambda c: c.infer("linear_regression", triton_inputs({"x": np.ones((1, 1), "float32")}),
+                                               outputs=[triton.InferRequestedOutput("y", class_count=-1)]),
+     "INVALID_ARGUMENT", "class count"),
 ]
 
 
@@ -205,8 +267,11 @@ def test_model_config_describes_every_model(server: ServerProcess, triton_client
         config = triton_client.get_model_config(name).config
         assert (config.name, config.platform, config.backend) == (name, "onnxruntime_onnx", "onnxruntime")
         assert config.max_batch_size == 1024  # --max-items-per-request: more rows are refused
-        assert [(t.name, t.data_type, list(t.dims)) for t in config.input] == \
-            [(t.name, model_config_pb2.DataType.Value(f"TYPE_{t.datatype}"), list(t.shape[1:])) for t in card.inputs]
+        # one value per item (names_gru's lengths) is dims [1] reshaped to []: Triton refuses empty dims
+        assert [(t.name, t.data_type, list(t.dims), t.HasField("reshape") and list(t.reshape.shape))
+                for t in config.input] == \
+            [(t.name, model_config_pb2.DataType.Value(f"TYPE_{t.datatype}"), list(t.shape[1:]) or [1],
+              len(t.shape) == 1 and []) for t in card.inputs]
         assert [(t.name, t.data_type, list(t.dims)) for t in config.output] == \
             [(t.name, model_config_pb2.DataType.Value(f"TYPE_{t.datatype}"), list(t.shape[1:])) for t in card.outputs]
         assert config.WhichOneof("scheduling_choice") == "dynamic_batching"
@@ -300,6 +365,8 @@ def test_stream_error_replies_carry_the_request_id(server: ServerProcess) -> Non
                                                                                             timeout=30))
     assert [(r.infer_response.id, bool(r.error_message)) for r in replies] == [("lost", True), ("found", False)]
     assert "no_such_model" in replies[0].error_message
+    # one reply per request, each marked final: what stream clients such as PyTriton's wait for
+    assert all(r.infer_response.parameters["triton_final_response"].bool_param for r in replies)
 
 
 def test_aio_stream(server: ServerProcess, cards: dict[str, ModelCard]) -> None:
