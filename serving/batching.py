@@ -303,36 +303,58 @@ class DynamicBatcher:
         """Run one batch and settle every request in it: its rows, or the exception the run raised.
 
         Requests cancelled while the batch was collecting (a deadline shorter than ``max_delay_ms``) are
-        left out, and a batch left empty is not run: a client that gave up costs no model time.
+        left out, and a batch left empty is not run: a client that gave up costs no model time. When the
+        model refuses a merged batch's values (InputError: an index out of its range, say), that is one
+        request's doing, so each request runs again on its own and only the culprit fails.
         """
         batch[:] = [r for r in batch if not r.future.done()]
         if not batch:
             return
         size = sum(r.n for r in batch)
-        started = time.perf_counter_ns()
         try:
-            inputs = batch[0].inputs if len(batch) == 1 else {
-                k: np.concatenate([r.inputs[k] for r in batch]) for k in batch[0].inputs
-            }
-            assembled = time.perf_counter_ns()
-            size_class = _size_class(inputs, size)
-            self._running = True
-            try:
-                if self.inline_batches and self._runs_inline(size_class, size):
-                    outputs, infer_ns = self._timed_run(inputs, size, size_class)
-                else:
-                    outputs, infer_ns = await asyncio.get_running_loop().run_in_executor(
-                        self._executor, self._timed_run, inputs, size, size_class)
-            finally:
-                self._running = False
-            ran = time.perf_counter_ns()
-            self._deliver(batch, outputs)
-            self.statistics.executed(size, len(batch), sum(started - r.arrived_ns for r in batch),
-                                     assembled - started, infer_ns, time.perf_counter_ns() - ran)
+            await self._run_batch(batch, size)
+        except InputError as e:
+            if len(batch) == 1:
+                _fail(batch, e)
+            else:
+                await self._run_each(batch)
         except Exception as e:
             _fail(batch, e)
         self._observe(size)
         await asyncio.sleep(0)  # after an inline run: let the calls that arrived meanwhile in
+
+    async def _run_each(self, batch: list[_Request]) -> None:
+        """Run every request of ``batch`` on its own, each settled with its own rows or its own failure."""
+        for request in batch:
+            if request.future.done():
+                continue
+            try:
+                await self._run_batch([request], request.n)
+            except Exception as e:  # noqa: BLE001 - this request's own failure, for it alone
+                _fail([request], e)
+
+    async def _run_batch(self, batch: list[_Request], size: int) -> None:
+        """Run the requests of ``batch`` (``size`` items) as one execution and hand each its rows; raises what
+        the run raised."""
+        started = time.perf_counter_ns()
+        inputs = batch[0].inputs if len(batch) == 1 else {
+            k: np.concatenate([r.inputs[k] for r in batch]) for k in batch[0].inputs
+        }
+        assembled = time.perf_counter_ns()
+        size_class = _size_class(inputs, size)
+        self._running = True
+        try:
+            if self.inline_batches and self._runs_inline(size_class, size):
+                outputs, infer_ns = self._timed_run(inputs, size, size_class)
+            else:
+                outputs, infer_ns = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self._timed_run, inputs, size, size_class)
+        finally:
+            self._running = False
+        ran = time.perf_counter_ns()
+        self._deliver(batch, outputs)
+        self.statistics.executed(size, len(batch), sum(started - r.arrived_ns for r in batch),
+                                 assembled - started, infer_ns, time.perf_counter_ns() - ran)
 
     def _runs_inline(self, size_class: tuple[int, int], size: int) -> bool:
         """Whether ``size`` items of ``size_class`` are expected to run within the inline budget; a size class

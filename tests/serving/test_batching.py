@@ -508,3 +508,28 @@ def test_statistics_count_executions_and_charge_each_request_its_batch() -> None
     sixes = stats.batches[6].compute_infer.ns
     assert stats.compute_infer.ns == stats.batches[1].compute_infer.ns + 3 * sixes
     assert stats.inference_count == 0  # requests answered are the served model's count (serving.repository)
+
+
+def test_values_the_model_refuses_fail_only_the_request_that_sent_them() -> None:
+    """A merged batch refused for one request's values (the runtime's InputError: an index out of the model's
+    range) is run again request by request: the others get their answers."""
+    model = GatedModel(gated=True)
+
+    def refuses_negatives(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if (inputs["x"] < 0).any():
+            raise InputError("index out of range")
+        return model(inputs)
+
+    async def main() -> list[Any]:
+        batcher = DynamicBatcher(refuses_negatives, max_batch_size=16, max_delay_ms=0, max_queue_items=100)
+        first = await hold_first(batcher, model, x(0))
+        queued = [asyncio.create_task(batcher.submit(x(v))) for v in (1, -2, 3)]
+        await until(lambda: batcher.queue_depth == 3)
+        model.gate.set()
+        return await asyncio.gather(first, *queued, return_exceptions=True)
+
+    first, one, refused, three = run(main())
+    assert isinstance(refused, InputError)
+    for result, value in ((first, 0), (one, 1), (three, 3)):
+        np.testing.assert_array_equal(result["y"], x(value)["x"] * 2)
+    assert [shape[0] for shape in model.batches] == [1, 1, 1]  # the merged batch of 3 never reached the model
