@@ -144,6 +144,20 @@ def _boolean(text: str | bool) -> bool:
     return value in ("1", "true", "yes", "on")
 
 
+def _one_of(kind: Callable[[str], Any], choices: Sequence[Any], env: str) -> Callable[[str], Any]:
+    """``kind``, refusing values outside ``choices``: a mistyped variable (``COURSEZOO_DEVICE=gpu``) must stop the
+    start as the same flag would, not leave a server running with every model failing to load."""
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value not in choices:
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(map(str, choices))} "
+                                             f"(from the flag, or else {env})")
+        return value
+
+    parse.__name__ = getattr(kind, "__name__", "value")
+    return parse
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     """One flag per ``ServerSettings`` field; its default comes from ``COURSEZOO_<FIELD>`` when set."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter)
@@ -153,6 +167,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         extra = {k: v for k, v in f.metadata.items() if k not in ("help", "secret")}
         if kind is bool:  # a bare flag means true
             kind, extra = _boolean, {"nargs": "?", "const": True, **extra}
+        if "choices" in extra:  # argparse checks choices on flags only, never on a default (the variable)
+            kind = _one_of(kind, extra["choices"], env)
         # argparse runs `type` on string defaults, so an environment value is parsed like the flag.
         parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=os.environ.get(env, f.default),
                             help=f"{f.metadata['help']} [env {env}]", **extra)

@@ -6,6 +6,7 @@ whose length decides the outcome.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -75,6 +76,16 @@ def test_settings_come_from_flags_then_environment(scratch: tuple[Path, ServerPr
             client.classify_diabetes([RECORD] * 9)
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "queue holds at most 8" in info.value.details()
+
+
+@pytest.mark.parametrize("variable,value,flag", [("COURSEZOO_DEVICE", "gpu", "--device"),
+                                                ("COURSEZOO_MODEL_CONTROL", "yes", "--model-control")])
+def test_a_variable_outside_its_choices_stops_the_start(tmp_path: Path, variable: str, value: str, flag: str) -> None:
+    """As the flag would: a mistyped COURSEZOO_DEVICE must not leave a server running with no model loaded."""
+    done = subprocess.run([sys.executable, "-m", "coursezoo", "serve", "--repo", str(tmp_path), "--port", "0"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, variable: value})
+    assert done.returncode == 2
+    assert f"argument {flag}: {value!r} is not one of auto" in done.stderr and variable in done.stderr
 
 
 def test_hot_reload_new_version_and_broken_version(scratch: tuple[Path, ServerProcess], source: Path) -> None:
