@@ -58,8 +58,11 @@ class ImageDecoder:
             self._pool = spawn_pool(self.processes, self.max_image_pixels)
 
     def close(self) -> None:
+        """Stop the workers and wait for them to exit. Waiting matters in a ``--workers`` worker process:
+        multiprocessing ends one by closing its queues before it joins its children, so a decoding process
+        whose stop message was still queued would wait forever, and the worker with it."""
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
     async def decode(self, images: Sequence[bytes], prep: Mapping[str, Any]) -> np.ndarray:

@@ -4,15 +4,24 @@ One ``Metrics`` object per server owns its own registry, so tests can run severa
 one twice) in a process without prometheus-client's duplicate-name errors. Label children are cached
 per (model, rpc): ``Counter.labels`` takes a lock and builds a tuple on every call, and this sits on
 the per-request path.
+
+With ``--workers N`` the server is N processes, and a scrape of one would see a share of the traffic.
+``WorkerMetrics`` (the supervisor's) uses prometheus-client's multiprocess mode, as gunicorn setups do:
+each worker, started with ``PROMETHEUS_MULTIPROC_DIR`` in its environment, keeps its values in files of
+that directory (prometheus-client chooses where values live when it is imported), and the supervisor's
+one ``/metrics`` sums them. One process (``--workers 1``) keeps its values in memory.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import threading
 from collections.abc import Callable
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
 
 #: Request latency buckets (seconds): sub-millisecond unary calls up to multi-second bulk batches.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
@@ -37,10 +46,15 @@ class Metrics:
                                  ["model", "rpc"], buckets=LATENCY_BUCKETS, registry=reg)
         self.batch_size = Histogram("coursezoo_batch_size", "Items per model execution (dynamic batching)",
                                     ["model"], buckets=BATCH_BUCKETS, registry=reg)
+        # multiprocess_mode applies only with --workers N (values in files, summed by WorkerMetrics); "live":
+        # a worker that has ended no longer counts. Queue depth: the items waiting in all workers.
         self.queue_depth = Gauge("coursezoo_queue_depth", "Items waiting in a model's batching queues (all its "
-                                 "versions)", ["model"], registry=reg)
+                                 "versions)", ["model"], registry=reg, multiprocess_mode="livesum")
+        # Model ready: the smallest over the workers, so it stays 0 or 1 as for one process and turns 0 as soon
+        # as one worker has retired the version (the calls that reach that worker fail), not once all have. A
+        # worker that could not load a version sets nothing for it: 1 = every worker that loaded it serves it.
         self.model_ready = Gauge("coursezoo_model_ready", "1 while a model version serves", ["model", "version"],
-                                 registry=reg)
+                                 registry=reg, multiprocess_mode="livemin")
         self._children: dict[tuple[str, str], tuple[Callable[[], None], Callable[[float], None],
                                                       Callable[[float], None]]] = {}
         self._batch_children: dict[str, tuple[Callable[[float], None], Callable[[float], None]]] = {}
@@ -80,6 +94,50 @@ class Metrics:
     def set_model_ready(self, model: str, version: str, ready: bool) -> None:
         self.model_ready.labels(model, version).set(1 if ready else 0)
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> tuple[WSGIServer, threading.Thread]:
+    def serve(self, port: int, host: str = "0.0.0.0") -> WSGIServer:
         """Start the ``/metrics`` HTTP endpoint in a daemon thread; port 0 binds an ephemeral port."""
-        return start_http_server(port, addr=host, registry=self.registry)
+        return serve_registry(self.registry, port, host)
+
+
+def serve_registry(registry: CollectorRegistry, port: int, host: str) -> WSGIServer:
+    """``registry`` on ``http://host:port/metrics``; a port that cannot be bound is an OSError that says so in
+    one line (the server and the supervisor check it before serving)."""
+    try:
+        return start_http_server(port, addr=host, registry=registry)[0]
+    except OSError as e:
+        raise OSError(f"cannot serve metrics on {host}:{port} (--metrics-port): {e.strerror or e}") from e
+
+
+class WorkerMetrics:
+    """One ``/metrics`` for the worker processes of ``--workers N``, summed over them (counters, histograms,
+    queue depth) by prometheus-client's ``MultiProcessCollector``.
+
+    Created before the workers start: it binds ``host:port`` (OSError if taken, before any worker loads a
+    model) and puts a fresh private directory in ``PROMETHEUS_MULTIPROC_DIR``, which the workers inherit.
+    Fresh, because values left by an earlier run would be summed in. ``close`` (once every worker has
+    stopped) stops the endpoint and removes the directory.
+    """
+
+    ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+    def __init__(self, port: int, host: str = "0.0.0.0") -> None:
+        self.directory = tempfile.mkdtemp(prefix="coursezoo-metrics-")
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=self.directory)
+        try:
+            self._http = serve_registry(registry, port, host)
+        except BaseException:
+            shutil.rmtree(self.directory)
+            raise
+        self.port = self._http.server_port
+        os.environ[self.ENV] = self.directory
+
+    def worker_ended(self, pid: int) -> None:
+        """Drop the gauges of a worker that has ended (the "live" modes); its counts stay in the sums."""
+        multiprocess.mark_process_dead(pid, self.directory)
+
+    def close(self) -> None:
+        self._http.shutdown()
+        self._http.server_close()
+        os.environ.pop(self.ENV, None)
+        shutil.rmtree(self.directory, ignore_errors=True)

@@ -38,8 +38,8 @@ class ChildServer:
         self.new_session = new_session
         self.lines: list[str] = []
         self.target = ""
-        self.metrics_url = ""  # the first; a server of several workers (--workers) lists one per worker
-        self.metrics_urls: list[str] = []
+        self.metrics_url = ""  # the first
+        self.metrics_urls: list[str] = []  # every one the banner names: one, with --workers N too
         self.proc: subprocess.Popen[str] | None = None
         self._banner = threading.Event()
 

@@ -318,7 +318,7 @@ class CourseZooServer:
                                                       [self._gate, *self._interceptors], self.security,
                                                       self.reuse_port)
             if self.settings.metrics_port >= 0:  # before serving: a taken metrics port fails the start cleanly
-                self._metrics_http = self._serve_metrics()
+                self._metrics_http = self.metrics.serve(self.settings.metrics_port, self.settings.host)
                 self.metrics_port = self._metrics_http.server_port
         except OSError:
             await self.repository.stop()
@@ -327,13 +327,6 @@ class CourseZooServer:
         await self._grpc.start()
         await self.health.start()
         log.info("serving", extra={"host": self.settings.host, "port": self.port, "metrics_port": self.metrics_port})
-
-    def _serve_metrics(self) -> Any:
-        host, port = self.settings.host, self.settings.metrics_port
-        try:
-            return self.metrics.serve(port, host)[0]
-        except OSError as e:
-            raise OSError(f"cannot serve metrics on {host}:{port} (--metrics-port): {e.strerror or e}") from e
 
     async def stop(self, grace: float | None = None) -> None:
         """Refuse new RPCs, let in-flight ones finish within ``grace`` seconds, then drain the batchers."""
@@ -348,7 +341,7 @@ class CourseZooServer:
             remaining = deadline - asyncio.get_running_loop().time()
             await self._grpc.stop(max(0.0, min(remaining, DrainGate.QUIET_S)))
         await self.repository.stop()
-        self.decoder.close()
+        await asyncio.to_thread(self.decoder.close)  # waits for its processes to exit
         self.inference.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()

@@ -14,8 +14,12 @@ drains as a single server does) and exits 0 once all have stopped. A worker that
 and the supervisor exits 1: a restart policy (compose, Kubernetes) brings the whole server back, rather
 than one that quietly serves with fewer workers.
 
-What differs from one process: each worker has its own ``/metrics`` port (``--metrics-port`` + its
-index; 0 gives each an ephemeral one; the banner lists them), its own health state, and model control
+The supervisor also serves the one ``/metrics`` on ``--metrics-port``, summed over the workers, so a
+scrape sees the whole server's traffic as for one process (``WorkerMetrics``: prometheus-client's
+multiprocess mode, the workers' values in files of a private directory); the workers serve none. It binds
+that port before any worker starts, so a taken one fails the start as for one process.
+
+What differs from one process: each worker has its own health state, and model control
 (RepositoryModelLoad/Unload) is off, since a load or unload would only reach the worker that received it.
 """
 
@@ -33,6 +37,7 @@ import time
 from typing import TYPE_CHECKING
 
 from serving.decoding import MAX_AUTO_PROCESSES
+from serving.metrics import WorkerMetrics
 from serving.security import ConfigError
 from serving.workers import cores
 
@@ -48,13 +53,13 @@ METRICS_LINE = "metrics on "
 
 
 def worker_settings(settings: ServerSettings, port: int, index: int) -> ServerSettings:
-    """The settings of worker ``index``: the reserved port, its own metrics port, model control and shared
-    memory off (state one worker would hold and the others not) and, unless given, ONNX Runtime threads
-    and decoding processes shared out, so N workers do not each start pools as large as the machine."""
+    """The settings of worker ``index``: the reserved port, no metrics port (the supervisor serves the
+    workers' metrics together), model control and shared memory off (state one worker would hold and the
+    others not) and, unless given, ONNX Runtime threads and decoding processes shared out, so N workers do
+    not each start pools as large as the machine."""
     share = max(1, cores() // settings.workers)
     return dataclasses.replace(
-        settings, port=port, model_control="off", shared_memory="off", workers=1,
-        metrics_port=settings.metrics_port + index if settings.metrics_port > 0 else settings.metrics_port,
+        settings, port=port, model_control="off", shared_memory="off", workers=1, metrics_port=-1,
         intra_op_threads=settings.intra_op_threads or share,
         decode_processes=min(MAX_AUTO_PROCESSES, share) if settings.decode_processes < 0 else settings.decode_processes)
 
@@ -89,32 +94,34 @@ def supervise(settings: ServerSettings) -> int:
     for flag, mode, why in per_process:
         if mode == "on":
             raise ConfigError(f"{flag} on needs --workers 1: with {settings.workers} workers {why}")
-    held = reserve_port(settings.host, settings.port)
-    port = held.getsockname()[1]
-    stop = _StopSignal()
-    ctx = multiprocessing.get_context("spawn")
-    workers: list[tuple[multiprocessing.process.BaseProcess, multiprocessing.connection.Connection]] = []
-    try:
-        for index in range(settings.workers):
-            reports, child_end = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_worker, args=(worker_settings(settings, port, index), child_end),
-                               name=f"coursezoo-worker-{index}")
-            proc.start()
-            child_end.close()
-            workers.append((proc, reports))
-        banners = [_await_report(proc, reports, index, stop) for index, (proc, reports) in enumerate(workers)]
-        if stop.signum is None:
-            print(_banner(banners, settings), flush=True)
-            failed = _wait(workers, stop)
-        else:
-            failed = None
-    except _WorkerFailed as e:
-        print(f"coursezoo serve: {e}", file=sys.stderr, flush=True)
-        failed = e
-    finally:
-        print(f"coursezoo shutting down (grace {settings.grace_s:g} s)", flush=True)
-        _stop_all(workers, settings.grace_s + STOP_MARGIN_S)
-        held.close()
+    with contextlib.ExitStack() as held:  # the port and the metrics, released once every worker has stopped
+        port = held.enter_context(reserve_port(settings.host, settings.port)).getsockname()[1]
+        metrics: WorkerMetrics | None = None
+        if settings.metrics_port >= 0:
+            metrics = held.enter_context(contextlib.closing(WorkerMetrics(settings.metrics_port, settings.host)))
+        stop = _StopSignal()
+        ctx = multiprocessing.get_context("spawn")
+        workers: list[tuple[multiprocessing.process.BaseProcess, multiprocessing.connection.Connection]] = []
+        try:
+            for index in range(settings.workers):
+                reports, child_end = ctx.Pipe(duplex=False)
+                proc = ctx.Process(target=_worker, args=(worker_settings(settings, port, index), child_end),
+                                   name=f"coursezoo-worker-{index}")
+                proc.start()
+                child_end.close()
+                workers.append((proc, reports))
+            banners = [_await_report(proc, reports, index, stop) for index, (proc, reports) in enumerate(workers)]
+            if stop.signum is None:
+                print(_banner(banners[0], settings, metrics), flush=True)
+                failed = _wait(workers, stop)
+            else:
+                failed = None
+        except _WorkerFailed as e:
+            print(f"coursezoo serve: {e}", file=sys.stderr, flush=True)
+            failed = e
+        finally:
+            print(f"coursezoo shutting down (grace {settings.grace_s:g} s)", flush=True)
+            _stop_all(workers, settings.grace_s + STOP_MARGIN_S, metrics)
     print("coursezoo stopped", flush=True)
     return 1 if failed is not None or any(proc.exitcode for proc, _ in workers) else 0
 
@@ -171,8 +178,9 @@ def _wait(workers: list[tuple[multiprocessing.process.BaseProcess, multiprocessi
 
 
 def _stop_all(workers: list[tuple[multiprocessing.process.BaseProcess, multiprocessing.connection.Connection]],
-              timeout: float) -> None:
-    """SIGTERM every live worker (each drains its calls), SIGKILL those still alive after ``timeout``."""
+              timeout: float, metrics: WorkerMetrics | None) -> None:
+    """SIGTERM every live worker (each drains its calls), SIGKILL those still alive after ``timeout``; the
+    gauges of each that has ended leave ``metrics``."""
     for proc, _ in workers:
         if proc.is_alive() and proc.pid is not None:
             with contextlib.suppress(ProcessLookupError):
@@ -183,15 +191,17 @@ def _stop_all(workers: list[tuple[multiprocessing.process.BaseProcess, multiproc
         if proc.is_alive():
             proc.kill()
             proc.join()
+        if metrics is not None and proc.pid is not None:
+            metrics.worker_ended(proc.pid)
 
 
-def _banner(banners: list[str], settings: ServerSettings) -> str:
-    """Worker 0's banner (address, security, models), a line on the workers and each one's metrics URL."""
-    first, *rest = (line for line in banners[0].splitlines() if not line.startswith(METRICS_LINE))
-    metrics = [f"{line} (worker {index})" for index, banner in enumerate(banners)
-               for line in banner.splitlines() if line.startswith(METRICS_LINE)]
-    workers = f"{settings.workers} worker processes share the port; model control off"
-    return "\n".join([first, workers, *metrics, *rest])
+def _banner(banner: str, settings: ServerSettings, metrics: WorkerMetrics | None) -> str:
+    """Worker 0's banner (address, security, models) with a line on the workers and one on the metrics."""
+    first, *rest = banner.splitlines()
+    lines = [first, f"{settings.workers} worker processes share the port; model control off"]
+    if metrics is not None:
+        lines.append(f"{METRICS_LINE}http://{settings.host}:{metrics.port}/metrics (summed over the workers)")
+    return "\n".join([*lines, *rest])
 
 
 def _worker(settings: ServerSettings, reports: multiprocessing.connection.Connection) -> None:

@@ -1,12 +1,15 @@
 """``coursezoo serve --workers N`` (serving/supervisor.py): several server processes on one port.
 
 Each test starts its own supervisor on a one-model scratch repository and looks at the real processes
-in /proc: the workers it spawned, which answered (each worker's own /metrics), and what is left after
-a stop, a crash or a lost supervisor. Waits are bounded polls, never sleeps that decide the outcome.
+in /proc: the workers it spawned, which answered (the connections each holds: a call is answered by the
+process that holds its connection's socket), and what is left after a stop, a crash or a lost supervisor.
+The supervisor's one /metrics must count every call, whichever worker answered it. Waits are bounded
+polls, never sleeps that decide the outcome.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -15,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -76,12 +80,41 @@ def alive(pid: int) -> bool:
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 
 
-def classify_over_fresh_connections(target: str) -> None:
-    for _ in range(CONNECTIONS):
-        with grpc.insecure_channel(target, OWN_CONNECTION) as channel:
-            reply = classifier_pb2_grpc.ClassifierStub(channel).ClassifyDiabetes(
-                pb.ClassifyDiabetesRequest(model=MODEL, records=[RECORD] * 3), timeout=60)
+@contextlib.contextmanager
+def fresh_connections(target: str) -> Iterator[list[grpc.Channel]]:
+    """CONNECTIONS channels to ``target``, each with a connection of its own, open until the block ends."""
+    channels = [grpc.insecure_channel(target, OWN_CONNECTION) for _ in range(CONNECTIONS)]
+    try:
+        yield channels
+    finally:
+        for channel in channels:
+            channel.close()
+
+
+def classify_on(channels: list[grpc.Channel]) -> None:
+    for channel in channels:
+        reply = classifier_pb2_grpc.ClassifierStub(channel).ClassifyDiabetes(
+            pb.ClassifyDiabetesRequest(model=MODEL, records=[RECORD] * 3), timeout=60)
         assert len(reply.predictions) == 3
+
+
+def connections_held(pid: int, port: int) -> int:
+    """Established TCP connections on local ``port`` whose socket process ``pid`` holds (from /proc)."""
+    sockets = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):  # closed meanwhile
+            sockets.add(os.readlink(fd))
+    # the columns: sl, local address:port (hex), remote one, state (01: established), ..., inode (the 10th)
+    rows = [row.split() for table in ("tcp", "tcp6")
+            for row in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]]
+    return sum(int(r[1].rsplit(":", 1)[1], 16) == port and r[3] == "01" and f"socket:[{r[9]}]" in sockets for r in rows)
+
+
+def answered_by(workers: list[int], target: str) -> list[int]:
+    """The connections to ``target`` that each worker holds: only the process holding a connection's socket can
+    answer the calls on it."""
+    port = int(target.rsplit(":", 1)[1])
+    return [connections_held(pid, port) for pid in workers]
 
 
 def requests_counted(metrics: str) -> float:
@@ -89,21 +122,29 @@ def requests_counted(metrics: str) -> float:
                                             r"(\S+)$", metrics, re.MULTILINE))
 
 
-def test_two_workers_share_the_port_and_stop_cleanly(repo: Path) -> None:
-    server = ServerProcess(repo, "--workers", "2", "--poll-interval-s", "0").start()
+def test_two_workers_share_the_port_and_stop_cleanly(repo: Path, tmp_path: Path) -> None:
+    """Both workers answer, the one /metrics counts every call, and a stop leaves no process and no files."""
+    server = ServerProcess(repo, "--workers", "2", "--poll-interval-s", "0", env={"TMPDIR": str(tmp_path)}).start()
     try:
         assert "2 worker processes share the port" in server.output
         assert "model control off" in server.output and "shared memory off" in server.output
-        assert len(server.metrics_urls) == 2, server.output  # one /metrics per worker
+        assert server.metrics_urls == [server.metrics_url], server.output  # one /metrics for the whole server
+        (metrics_dir,) = tmp_path.glob("coursezoo-metrics-*")  # the workers' values, summed by the supervisor
         workers = workers_of(server)
         assert len(workers) == 2, server.output
-        classify_over_fresh_connections(server.target)
-        counts = [requests_counted(server.metrics(url)) for url in server.metrics_urls]
-        assert sum(counts) == CONNECTIONS and all(counts), counts  # both workers answered
+        with fresh_connections(server.target) as channels:
+            classify_on(channels)
+            held = answered_by(workers, server.target)
+        assert sum(held) == CONNECTIONS and all(held), held  # both workers answered
+        metrics = server.metrics()
+        assert requests_counted(metrics) == CONNECTIONS
+        ready = r'^coursezoo_model_ready\{model="diabetes_mlp",version="\d+"\} 1\.0$'  # one series, not one per worker
+        assert len(re.findall(ready, metrics, re.MULTILINE)) == 1, metrics
     finally:
         code = server.stop(signal.SIGTERM, timeout=60)
     assert code == 0, server.output
     assert not any(alive(pid) for pid in workers)
+    assert not metrics_dir.exists()
     assert server.output.rstrip().endswith("coursezoo stopped")
 
 
@@ -112,19 +153,16 @@ def test_a_restart_binds_the_port_its_last_run_served_on(repo: Path) -> None:
     a restart (a restart policy, a rolling update) must still bind it, as one process does."""
     first = ServerProcess(repo, "--workers", "2", "--poll-interval-s", "0").start()
     port = first.target.rsplit(":", 1)[1]
-    channels = [grpc.insecure_channel(first.target, OWN_CONNECTION) for _ in range(CONNECTIONS)]
-    try:
-        for channel in channels:  # connected when the server stops: the server's side closes them first
-            classifier_pb2_grpc.ClassifierStub(channel).ClassifyDiabetes(
-                pb.ClassifyDiabetesRequest(model=MODEL, records=[RECORD]), timeout=60)
-    finally:
-        assert first.stop(signal.SIGTERM, timeout=60) == 0, first.output
-        for channel in channels:
-            channel.close()
+    with fresh_connections(first.target) as channels:  # connected when the server stops: its side closes first
+        try:
+            classify_on(channels)
+        finally:
+            assert first.stop(signal.SIGTERM, timeout=60) == 0, first.output
     second = ServerProcess(repo, "--workers", "2", "--poll-interval-s", "0", "--port", port).start()
     try:
         assert second.target.endswith(f":{port}")
-        classify_over_fresh_connections(second.target)
+        with fresh_connections(second.target) as channels:
+            classify_on(channels)
     finally:
         second.stop()
 
@@ -137,8 +175,9 @@ def test_one_client_reaches_every_worker_over_its_connections(repo: Path) -> Non
         with CourseZooClient(server.target, timeout=60, connections=CONNECTIONS) as client:
             for _ in range(CONNECTIONS):
                 assert len(client.classify_diabetes([list(RECORD.features)] * 2, MODEL).predictions) == 2
-        counts = [requests_counted(server.metrics(url)) for url in server.metrics_urls]
-        assert sum(counts) == CONNECTIONS and all(counts), counts
+            held = answered_by(workers_of(server), server.target)
+        assert sum(held) == CONNECTIONS and all(held), held
+        assert requests_counted(server.metrics()) == CONNECTIONS
     finally:
         server.stop()
 
@@ -158,16 +197,18 @@ def test_a_worker_that_dies_stops_the_server(repo: Path) -> None:
     wait_for(lambda: not alive(second), "the other worker to stop")
 
 
-def test_workers_leave_when_the_supervisor_is_killed(repo: Path) -> None:
-    server = ServerProcess(repo, "--workers", "2", "--poll-interval-s", "0").start()
+def test_workers_leave_when_the_supervisor_is_killed(repo: Path, tmp_path: Path) -> None:
+    """TMPDIR is the test's: a killed supervisor cannot remove its metrics directory (the next run makes a fresh
+    one)."""
+    server = ServerProcess(repo, "--workers", "2", "--poll-interval-s", "0", env={"TMPDIR": str(tmp_path)}).start()
     workers = workers_of(server)
     server.stop(signal.SIGKILL)
     wait_for(lambda: not any(alive(pid) for pid in workers), "the workers to exit after their supervisor")
 
 
-def serve(*args: str) -> subprocess.CompletedProcess[str]:
+def serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "coursezoo", "serve", "--host", "127.0.0.1", *args],
-                          capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+                          capture_output=True, text=True, timeout=120, cwd=REPO_ROOT, env={**os.environ, **(env or {})})
 
 
 @pytest.mark.parametrize("flag", ["--model-control", "--shared-memory"])
@@ -186,6 +227,22 @@ def test_a_busy_port_fails_as_for_one_process(repo: Path) -> None:
         done = serve("--repo", str(repo), "--port", str(port), "--workers", "2")
     assert done.returncode == 1
     assert f"cannot bind 127.0.0.1:{port}" in done.stderr
+
+
+def test_a_busy_metrics_port_fails_before_any_worker_starts(repo: Path, tmp_path: Path) -> None:
+    """The supervisor serves the workers' /metrics: a taken port is named in one line, as for one process,
+    before a worker loads a model, and leaves no files."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = serve("--repo", str(repo), "--port", "0", "--workers", "2", "--metrics-port", str(port),
+                     env={"TMPDIR": str(tmp_path)})
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [f"coursezoo serve: cannot serve metrics on 127.0.0.1:{port} (--metrics-port): "
+                                        "Address already in use"]
+    assert done.stdout == ""  # no worker started, so none stopped
+    assert not list(tmp_path.glob("coursezoo-metrics-*"))
 
 
 def test_workers_must_be_positive(repo: Path) -> None:
@@ -209,8 +266,8 @@ class _Settings:
 def test_workers_share_out_the_cores_unless_told() -> None:
     share = max(1, cores() // 2)
     first, second = (worker_settings(_Settings(), 50051, i) for i in range(2))  # type: ignore[arg-type]
-    assert (first.port, first.metrics_port, second.metrics_port) == (50051, 8002, 8003)
+    assert (first.port, first.metrics_port, second.metrics_port) == (50051, -1, -1)  # the supervisor serves /metrics
     assert first.workers == 1 and first.model_control == "off" and first.shared_memory == "off"
     assert first.intra_op_threads == share and first.decode_processes == min(MAX_AUTO_PROCESSES, share)
-    told = worker_settings(_Settings(metrics_port=0, intra_op_threads=3, decode_processes=0), 50051, 1)  # type: ignore[arg-type]
-    assert (told.metrics_port, told.intra_op_threads, told.decode_processes) == (0, 3, 0)
+    told = worker_settings(_Settings(intra_op_threads=3, decode_processes=0), 50051, 1)  # type: ignore[arg-type]
+    assert (told.intra_op_threads, told.decode_processes) == (3, 0)
