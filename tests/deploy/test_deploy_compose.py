@@ -144,15 +144,30 @@ def test_unset_tunables_keep_the_server_defaults(gpu: dict[str, Any]) -> None:
     assert env["COURSEZOO_MAX_BATCH_SIZE"] is None and env["COURSEZOO_MAX_QUEUE_DELAY_MS"] is None
 
 
-def test_server_variables_are_serve_flags(gpu: dict[str, Any]) -> None:
-    """Every COURSEZOO_* the server service sets is one `coursezoo serve` reads (a typo is ignored silently)."""
+def serve_variables() -> set[str]:
     result = subprocess.run([sys.executable, "-m", "coursezoo", "serve", "--help"], capture_output=True, text=True,
                             cwd=REPO_ROOT, env={**os.environ, "COLUMNS": "200"})
     if result.returncode != 0:
         pytest.skip(f"`coursezoo serve --help` does not run yet: {result.stderr.strip()[-300:]}")
-    known = set(re.findall(r"env\s+(COURSEZOO_\w+)", result.stdout))
+    return set(re.findall(r"env\s+(COURSEZOO_\w+)", result.stdout))
+
+
+#: What the server container reads besides `coursezoo serve`'s settings: the log level, and the health probe's.
+OTHER_READERS = (REPO_ROOT / "coursezoo" / "logs.py", REPO_ROOT / "docker" / "healthcheck.py")
+
+
+def test_server_variables_are_read_by_the_server_or_its_probe(gpu: dict[str, Any]) -> None:
+    """Every COURSEZOO_* the server service sets is one the container reads (a typo is ignored silently)."""
+    known = serve_variables() | {v for path in OTHER_READERS for v in re.findall(r"COURSEZOO_\w+", path.read_text())}
     used = {k for k in gpu["services"]["server"]["environment"] if k.startswith("COURSEZOO_")}
-    assert used <= known, f"not `coursezoo serve` settings: {sorted(used - known)}"
+    assert used <= known, f"read by nothing in the server container: {sorted(used - known)}"
+
+
+def test_every_serve_setting_reaches_the_container(gpu: dict[str, Any]) -> None:
+    """docs/deploy.md: every setting can be given from the shell or .env. One missing from the service's list
+    would be dropped without a word (COURSEZOO_AUTH_TOKEN was: the container served without a token)."""
+    used = set(gpu["services"]["server"]["environment"])
+    assert serve_variables() <= used, f"not passed to the container: {sorted(serve_variables() - used)}"
 
 
 def test_trainer(model: dict[str, Any]) -> None:
