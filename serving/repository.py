@@ -380,8 +380,13 @@ def _check_name(name: str) -> None:
 
 
 def _by_number(versions: dict[str, _Version], version: str) -> _Version | None:
-    """The version numbered ``version`` written another way ("01" is version 1, as in Triton); InputError unless
-    it is a whole number > 0."""
+    """The version numbered ``version`` written another way ("01" is version 1, as in Triton)."""
+    number = version_number(version)
+    return next((entry for name, entry in versions.items() if int(name) == number), None)
+
+
+def version_number(version: str) -> int:
+    """A requested version as its number; InputError unless it is a whole number > 0."""
     try:
         number = int(version)
     except ValueError:
@@ -389,7 +394,7 @@ def _by_number(versions: dict[str, _Version], version: str) -> _Version | None:
     if number <= 0:
         raise InputError(f"model version {version!r} is not a whole number > 0: expected a version such as \"1\", "
                          "or none for the newest")
-    return next((entry for name, entry in versions.items() if int(name) == number), None)
+    return number
 
 
 def _model_dirs(root: Path) -> set[str]:

@@ -20,7 +20,7 @@ from serving.metrics import Metrics
 from serving.preprocess import InputError
 from serving.protos import inference_pb2 as pb
 from serving.protos import inference_pb2_grpc
-from serving.repository import ModelNotFound, ModelNotReady, ModelRepository
+from serving.repository import ModelNotFound, ModelNotReady, ModelRepository, version_number
 from serving.security import ModelControlOff, SharedMemoryOff
 from serving.services.base import Answer, Handler, Settings, Unsupported, abort, answer, in_order, message_of, rpc
 from serving.services.codecs import (
@@ -167,13 +167,12 @@ class InferenceService(Handler, inference_pb2_grpc.GRPCInferenceServiceServicer)
 
     @rpc("ModelStatistics", model_field="name")
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest) -> Answer:
-        """Every ready version of every model (``name`` ""), of one model (``version`` ""), or one version."""
-        if request.version:
-            models = [self.repository.get(request.name, request.version)]
-        else:
-            models = [m for m in self.repository.models() if not request.name or m.name == request.name]
-            if request.name and not models:
-                self.repository.get(request.name)  # raises NOT_FOUND or UNAVAILABLE, saying why
+        """The ready versions asked for: ``name`` "" = every model's, ``version`` "" = every version's."""
+        number = version_number(request.version) if request.version else None
+        if request.name:
+            self.repository.get(request.name, request.version or None)  # NOT_FOUND, UNAVAILABLE: says why not
+        models = [m for m in self.repository.models()
+                  if request.name in ("", m.name) and number in (None, int(m.version))]
         reply = pb.ModelStatisticsResponse(model_stats=[model_statistics(m) for m in models])
         return Answer(reply, request.name, len(models))
 

@@ -323,10 +323,13 @@ def test_statistics_count_what_each_version_served(start_server: Callable[..., S
 
     assert client.get_inference_statistics().model_stats == [stats]  # "" = every model
     assert client.get_inference_statistics(card.name, card.version).model_stats == [stats]
-    for name, version in (("no_such_model", ""), (card.name, "42")):
+    assert client.get_inference_statistics("", card.version).model_stats == [stats]  # that version of every model
+    assert client.get_inference_statistics("", "42").model_stats == []
+    for name, version, code in (("no_such_model", "", "NOT_FOUND"), (card.name, "42", "NOT_FOUND"),
+                                ("", "latest", "INVALID_ARGUMENT")):
         with pytest.raises(InferenceServerException) as info:
             client.get_inference_statistics(name, version)
-        assert info.value.status() == "StatusCode.NOT_FOUND", info.value.message()
+        assert info.value.status() == f"StatusCode.{code}", info.value.message()
 
 
 def test_stream_answers_in_order_and_reports_a_failure_in_its_place(
