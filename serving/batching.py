@@ -320,7 +320,6 @@ class DynamicBatcher:
                 await self._run_each(batch)
         except Exception as e:
             _fail(batch, e)
-        self._observe(size)
         await asyncio.sleep(0)  # after an inline run: let the calls that arrived meanwhile in
 
     async def _run_each(self, batch: list[_Request]) -> None:
@@ -351,6 +350,7 @@ class DynamicBatcher:
                     self._executor, self._timed_run, inputs, size, size_class)
         finally:
             self._running = False
+            self._observe(size)  # every run, at its size: a merged batch run again request by request too
         ran = time.perf_counter_ns()
         self._deliver(batch, outputs)
         self.statistics.executed(size, len(batch), sum(started - r.arrived_ns for r in batch),

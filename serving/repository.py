@@ -386,11 +386,9 @@ def _by_number(versions: dict[str, _Version], version: str) -> _Version | None:
 
 
 def version_number(version: str) -> int:
-    """A requested version as its number; InputError unless it is a whole number > 0."""
-    try:
-        number = int(version)
-    except ValueError:
-        number = 0
+    """A requested version as its number; InputError unless it is a whole number > 0 in ASCII digits (``int``
+    alone would take "1_0" for 10 and other scripts' digits)."""
+    number = int(version) if _VERSION.fullmatch(version) else 0
     if number <= 0:
         raise InputError(f"model version {version!r} is not a whole number > 0: expected a version such as \"1\", "
                          "or none for the newest")

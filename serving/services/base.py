@@ -156,18 +156,23 @@ async def in_order(requests: AsyncIterator[Any], handle: Callable[[Any], Awaitab
 
     A failure reading the requests (an undecodable message) is raised in its place, after the tasks of
     the requests before it. Whatever ends the iteration early (the client cancelled, the caller stopped)
-    cancels the reader and the tasks still running.
+    cancels the reader and every task started: a stream that is gone costs no more model time.
     """
-    started: asyncio.Queue[asyncio.Future[T] | Exception | None] = asyncio.Queue(window)
+    slots = asyncio.Semaphore(window)  # a slot per request handled and not yet taken by the caller
+    started: asyncio.Queue[asyncio.Future[T] | Exception | None] = asyncio.Queue()
+    running: set[asyncio.Future[T]] = set()
 
     async def read() -> None:
         try:
             async for request in requests:
-                await started.put(asyncio.ensure_future(handle(request)))
+                await slots.acquire()
+                task = asyncio.ensure_future(handle(request))
+                running.add(task)
+                started.put_nowait(task)
         except Exception as exc:  # noqa: BLE001 - raised in its place, after the answers before it
-            await started.put(exc)
+            started.put_nowait(exc)
         else:
-            await started.put(None)
+            started.put_nowait(None)
 
     reader = asyncio.create_task(read())
     try:
@@ -176,11 +181,14 @@ async def in_order(requests: AsyncIterator[Any], handle: Callable[[Any], Awaitab
                 raise item
             await asyncio.wait([item])
             yield item
+            running.discard(item)
+            slots.release()
     finally:
         reader.cancel()
-        while not started.empty():
-            if isinstance(item := started.get_nowait(), asyncio.Future):
-                item.cancel()
+        for task in running:
+            task.cancel()
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: asyncio would log an answer nobody takes as "never retrieved"
 
 
 def rpc(name: str, model_field: str = "model") -> Callable[[UnaryMethod], Callable[..., Awaitable[Message]]]:

@@ -167,12 +167,17 @@ class InferenceService(Handler, inference_pb2_grpc.GRPCInferenceServiceServicer)
 
     @rpc("ModelStatistics", model_field="name")
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest) -> Answer:
-        """The ready versions asked for: ``name`` "" = every model's, ``version`` "" = every version's."""
-        number = version_number(request.version) if request.version else None
-        if request.name:
-            self.repository.get(request.name, request.version or None)  # NOT_FOUND, UNAVAILABLE: says why not
-        models = [m for m in self.repository.models()
-                  if request.name in ("", m.name) and number in (None, int(m.version))]
+        """Every ready version of every model (``name`` ""; a version is then ignored, as by Triton), of one
+        model (``version`` ""), or one version."""
+        if not request.name:
+            if request.version:
+                version_number(request.version)  # still a well-formed request
+            models = self.repository.models()
+        elif request.version:
+            models = [self.repository.get(request.name, request.version)]
+        else:
+            self.repository.get(request.name)  # NOT_FOUND or UNAVAILABLE, saying why
+            models = [m for m in self.repository.models() if m.name == request.name]
         reply = pb.ModelStatisticsResponse(model_stats=[model_statistics(m) for m in models])
         return Answer(reply, request.name, len(models))
 

@@ -520,8 +520,11 @@ def test_values_the_model_refuses_fail_only_the_request_that_sent_them() -> None
             raise InputError("index out of range")
         return model(inputs)
 
+    recorder = Recorder()
+    batcher = DynamicBatcher(refuses_negatives, max_batch_size=16, max_delay_ms=0, max_queue_items=100,
+                             observer=recorder)
+
     async def main() -> list[Any]:
-        batcher = DynamicBatcher(refuses_negatives, max_batch_size=16, max_delay_ms=0, max_queue_items=100)
         first = await hold_first(batcher, model, x(0))
         queued = [asyncio.create_task(batcher.submit(x(v))) for v in (1, -2, 3)]
         await until(lambda: batcher.queue_depth == 3)
@@ -533,3 +536,6 @@ def test_values_the_model_refuses_fail_only_the_request_that_sent_them() -> None
     for result, value in ((first, 0), (one, 1), (three, 3)):
         np.testing.assert_array_equal(result["y"], x(value)["x"] * 2)
     assert [shape[0] for shape in model.batches] == [1, 1, 1]  # the merged batch of 3 never reached the model
+    # every run observed at its size, the refused one too; statistics count the runs that answered
+    assert [size for _, size, _ in recorder.calls] == [1, 3, 1, 1, 1]
+    assert batcher.statistics.execution_count == 3
