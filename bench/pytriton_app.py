@@ -3,7 +3,9 @@
 Run by ``bench.triton_peer`` under the separate Python 3.12 interpreter that has ``nvidia-pytriton``;
 it imports only numpy, onnxruntime and pytriton (never this project), as a user deploying the same
 ``model.onnx`` on Triton would write it. Triton's dynamic batcher is given the same limits as
-CourseZoo's (most items per run, longest wait), so the two servers differ in their serving stack only.
+CourseZoo's (most items per run, longest wait), and ONNX Runtime the same session configuration entries
+(spinning off) and CUDA options, passed in by ``bench.triton_peer`` from ``serving.runtime``, so the two
+servers differ in their serving stack only (each keeps its own threading: ORT's default pool here).
 Writes the execution provider to ``--ready-file`` once the model is loaded (a file, not stdout: Triton's
 own log shares stdout and can split a marker line).
 """
@@ -11,6 +13,7 @@ own log shares stdout and can split a marker line).
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -35,13 +38,18 @@ def main() -> None:
     p.add_argument("--http-port", type=int, required=True)
     p.add_argument("--metrics-port", type=int, required=True)
     p.add_argument("--ready-file", type=Path, required=True)
+    p.add_argument("--session-config", type=json.loads, default={}, help="ORT session config entries (JSON)")
+    p.add_argument("--cuda-options", type=json.loads, default={}, help="CUDA execution provider options (JSON)")
     args = p.parse_args()
 
-    providers = ["CPUExecutionProvider"]
+    options = ort.SessionOptions()
+    for key, value in args.session_config.items():
+        options.add_session_config_entry(key, value)
+    providers: list[str | tuple[str, dict]] = ["CPUExecutionProvider"]
     if args.device == "cuda":
         ort.preload_dlls()
-        providers.insert(0, "CUDAExecutionProvider")
-    session = ort.InferenceSession(args.onnx, providers=providers)
+        providers.insert(0, ("CUDAExecutionProvider", args.cuda_options))
+    session = ort.InferenceSession(args.onnx, options, providers=providers)
 
     @batch
     def infer(**inputs: np.ndarray) -> dict[str, np.ndarray]:

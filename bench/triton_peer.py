@@ -8,6 +8,7 @@ interpreter or the package is missing, ``find_python`` says why and the harness 
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -19,6 +20,7 @@ from pathlib import Path
 from bench.data import REPO_ROOT
 from bench.exports import Export
 from bench.processes import stop_group
+from serving.runtime import CUDA_PROVIDER_OPTIONS, SESSION_CONFIG
 
 DEFAULT_PYTHON = REPO_ROOT / ".bench-venv312" / "bin" / "python"
 APP = Path(__file__).resolve().parent / "pytriton_app.py"
@@ -59,7 +61,11 @@ class TritonPeer:
                      "--max-batch-size", str(max_batch_size),
                      "--max-queue-delay-us", str(int(max_queue_delay_ms * 1000)), "--device", device,
                      "--grpc-port", str(self.ports[0]), "--http-port", str(self.ports[1]),
-                     "--metrics-port", str(self.ports[2]), "--ready-file", str(self.ready_file)]
+                     "--metrics-port", str(self.ports[2]), "--ready-file", str(self.ready_file),
+                     # ONNX Runtime configured as CourseZoo's server configures it: the comparison is of the
+                     # serving stacks, not of an ORT setting (spinning threads cost the peer ~20% on 2 cores)
+                     "--session-config", json.dumps(SESSION_CONFIG),
+                     "--cuda-options", json.dumps(CUDA_PROVIDER_OPTIONS)]
         libdir = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"],
                                 capture_output=True, text=True, check=True).stdout.strip()
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1",

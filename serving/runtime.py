@@ -41,6 +41,9 @@ CUDA_PROVIDER_OPTIONS = {
     "arena_extend_strategy": "kSameAsRequested",
 }
 
+#: Session configuration entries (see ``_session_options``); the benchmark's Triton peer gets the same.
+SESSION_CONFIG = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
+
 _NUMPY_TO_DATATYPE = {np.dtype(v): k for k, v in DATATYPES.items()}
 
 #: On the CPU every run is single-threaded, and a batch of more than this many items is cut into slices, at
@@ -251,8 +254,8 @@ def _session_options(intra_op_threads: int | None) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = intra_op_threads or 0
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    for key, value in SESSION_CONFIG.items():
+        so.add_session_config_entry(key, value)
     so.log_severity_level = 3  # errors only: quiet by default
     return so
 
