@@ -1,6 +1,6 @@
 """``coursezoo bench``: every inference path measured side by side, in one run, on this machine.
 
-    coursezoo bench --quick                      # about a minute or two on 2 cores; what CI runs
+    coursezoo bench --quick                      # about 80-90 s on 2 cores (CI allows 3 minutes); what CI runs
     coursezoo bench                              # the full run (20,000 PNGs, concurrency 1..64, the Triton peer)
     coursezoo bench --cases server oip --models mnist_resnet --json /tmp/r.json
 
@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
+import signal
 import sys
 import time
 import traceback
@@ -60,8 +62,9 @@ class Plan:
         return {"seconds": self.load_seconds, "warmup": self.load_warmup}
 
 
-QUICK = Plan(inproc_seconds=0.4, inproc_warmup=1, inproc_min_calls=2, load_seconds=1.0, load_warmup=0.3,
-             oip_concurrency=(1, 16, 64), batch_images=2_000, ab_rounds=1, transport_rounds=1)
+#: CI gives --quick 3 minutes on 2 cores; about 80 cases of load make up most of it, so their seconds count most
+QUICK = Plan(inproc_seconds=0.2, inproc_warmup=1, inproc_min_calls=2, load_seconds=0.5, load_warmup=0.2,
+             oip_concurrency=(1, 64), batch_images=2_000, ab_rounds=1, transport_rounds=1)
 FULL = Plan(inproc_seconds=2.0, inproc_warmup=3, inproc_min_calls=5, load_seconds=5.0, load_warmup=1.0,
             oip_concurrency=(1, 2, 4, 8, 16, 32, 64), batch_images=20_000, ab_rounds=3,
             transport_rounds=5)
@@ -90,11 +93,41 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=at_least(2), default=server_load.DEFAULT_WORKERS, metavar="N",
                    help="server processes of the 'workers' case (default: %(default)s, for 2 cores; more on a "
                         "many-core host)")
-    p.add_argument("--repo", type=Path, default=Path("exported"),
+    p.add_argument("--repo", type=_absolute, default="exported",
                    help="model repository with the exports (default: exported)")
     p.add_argument("--json", type=Path, default=DEFAULT_JSON,
-                   help="results file, with a Markdown copy beside it (default: bench/results/latest.json)")
+                   help="results file, with a Markdown copy beside it: the same name ending in .md "
+                        "(default: bench/results/latest.json)")
     return p
+
+
+def _absolute(path: str) -> Path:
+    """A path as the user meant it, relative to where they ran the command: the harness's subprocesses (the
+    batch CLI among them) run in the repository root."""
+    return Path(path).resolve()
+
+
+def markdown_path(json_path: Path) -> Path:
+    """Where the Markdown copy of ``json_path`` goes: beside it, ending in .md (``x.md.md`` for a JSON file
+    named ``x.md``, which the copy would otherwise overwrite)."""
+    md = json_path.with_suffix(".md")
+    return md if md != json_path else json_path.with_name(json_path.name + ".md")
+
+
+def unwritable(path: Path) -> str | None:
+    """Why the results cannot be written to ``path`` (or None), asked before the run: at its end, the
+    measurements would be lost. Its folder is made now if missing, as writing would make it."""
+    if path.is_dir():
+        return f"{path} is a directory"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"cannot make the folder {path.parent}: {e.strerror}"
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        return f"the folder {path.parent} is not writable"
+    if path.exists() and not os.access(path, os.W_OK):
+        return f"{path} is not writable"
+    return None
 
 
 class Run:
@@ -329,7 +362,7 @@ class Run:
                 Ratio(f"{c} clients h2load: CourseZoo vs Triton peer, CPU per item",
                       f"h2load/coursezoo/modelinfer-raw/{m}/c{c}", f"h2load/triton/modelinfer-raw/{m}/c{c}",
                       by_cpu=True),
-                Ratio(f"{c} clients h2load: CourseZoo --workers {w} vs Triton peer",
+                Ratio(f"{c} clients h2load: CourseZoo --workers {w} vs Triton peer, rows of separate groups",
                       f"{v['workers'].prefix}/h2load/modelinfer-raw/{m}/c{c}",
                       f"h2load/triton/modelinfer-raw/{m}/c{c}", 2.0),
                 Ratio(f"{c} clients h2load ModelInfer: --workers {w} vs one process",
@@ -411,8 +444,46 @@ def _server_defaults() -> dict[str, Any]:
     return {f.name: f.default for f in dataclasses.fields(ServerSettings) if f.name in keep}
 
 
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM (``timeout``, ``kill``, a cancelled CI job) unwinds the run as Ctrl-C does, so every ``with``
+    block stops what it started: the servers and the peer run in sessions of their own, which no signal to
+    this process reaches. Raised once: a second SIGTERM (``timeout`` also signals the whole process group)
+    must not cut the clean-up short."""
+    signal.signal(signum, signal.SIG_IGN)
+    raise SystemExit(128 + signum)
+
+
+def _ort_threads(intra_op_threads: int | None) -> dict[str, str]:
+    """How ONNX Runtime runs in each kind of row: the paths differ in this on purpose, and a reader of the
+    numbers must know how (read from ``serving.runtime``, which the servers and the peer's options come from)."""
+    from serving import runtime
+    from serving.workers import cores
+
+    config = ", ".join(f"{key}={value}" for key, value in runtime.SESSION_CONFIG.items())
+    lanes = intra_op_threads or f"one per core, {cores()} here"
+    pool = f"of {intra_op_threads} threads" if intra_op_threads else "of one thread per physical core"
+    return {
+        "in-process ORT rows, batch CLI baseline": "onnxruntime's defaults (an intra-op pool of one thread per "
+                                                   "physical core, spinning on); on CUDA serving.runtime's CUDA "
+                                                   "options",
+        "CourseZoo servers, in-process CourseZoo runtime rows": (
+            f"serving.runtime: on the CPU single-threaded sessions, batches of more than {runtime.SMALL_BATCH} "
+            f"items cut into slices of at most {runtime.SLICE_ITEMS} that run side by side on lane threads "
+            f"({lanes}; per process with --workers) where slicing pays for the model; on CUDA an intra-op pool "
+            f"{pool} for the operators left on the CPU, and serving.runtime's CUDA options; both with {config}"),
+        "coursezoo batch --local": "serving.runtime as in the servers, with the batch CLI's own thread count",
+        "Triton peer": f"onnxruntime's default intra-op pool (one thread per physical core) with serving.runtime's "
+                       f"session config entries ({config}) and CUDA options",
+    }
+
+
 def main(args: argparse.Namespace) -> int:
     started = datetime.now(UTC)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    for path in (args.json, markdown_path(args.json)):
+        if why := unwritable(path):
+            print(f"coursezoo bench: cannot write the results: {why} (--json)", file=sys.stderr)
+            return 1
     plan = QUICK if args.quick else FULL
     if args.concurrency:
         plan = dataclasses.replace(plan, oip_concurrency=tuple(sorted(set(args.concurrency))))
@@ -463,7 +534,7 @@ def main(args: argparse.Namespace) -> int:
             "models": [f"{e.name}/{e.version}" for e in selected], "plan": dataclasses.asdict(plan),
             "server": {**run.server_settings, "flags": run.server_args()},
             "load_client": "separate process; grpc.aio with pre-serialized requests (raw), tritonclient, or h2load",
-            "ort_threads": "onnxruntime defaults (intra-op = physical cores) in-process and in the servers",
+            "ort_threads": _ort_threads(run.server_settings["intra_op_threads"]),
         },
         "groups": run.groups,
         "results": [r.to_json() for r in run.results],
@@ -475,6 +546,6 @@ def main(args: argparse.Namespace) -> int:
     }
     print(report.render_text(run.results, ratios, targets, run.notes + [f"ERROR {e}" for e in run.errors], best))
     report.write_json(args.json, result)
-    args.json.with_suffix(".md").write_text(report.render_markdown(run.results, result), encoding="utf-8")
-    print(f"\nwrote {args.json} and {args.json.with_suffix('.md')}")
+    markdown_path(args.json).write_text(report.render_markdown(run.results, result), encoding="utf-8")
+    print(f"\nwrote {args.json} and {markdown_path(args.json)}")
     return 1 if run.errors else 0

@@ -158,11 +158,20 @@ def _torch_call(module: Any, names: list[str], device: str) -> Bind:
 def run(exports: list[Export], *, seconds: float, warmup: int, min_calls: int, cuda: bool,
         batch_sizes: tuple[int, ...] = BATCH_SIZES) -> tuple[list[Result], list[str]]:
     """Every path x model x batch size, and a note for each path that failed (its other rows still count);
-    without torch installed only the ONNX Runtime rows are measured."""
+    without torch installed only the ONNX Runtime rows are measured.
+
+    Failures are caught as ``Exception``: onnxruntime's own (``Fail``, ``EPFail``, ``InvalidArgument``, ... from
+    ``onnxruntime.capi.onnxruntime_pybind11_state``, e.g. CUDA out of memory at a large batch size) are not
+    RuntimeErrors."""
     results: list[Result] = []
     failed: dict[str, str] = {}  # "path model" -> why
     for export in exports:
-        paths = ort_paths(export, cuda)
+        try:
+            paths = ort_paths(export, cuda)
+        except Exception as e:  # noqa: BLE001 - the other models' rows still count
+            failed[f"ONNX Runtime {export.name}"] = f"session creation: {_first_line(e)}"
+            log.warning("in-process ONNX Runtime sessions of %s failed: %s", export.name, e)
+            continue
         note = ""
         try:
             torch_rows, note = torch_paths(export, cuda)
@@ -177,10 +186,16 @@ def run(exports: list[Export], *, seconds: float, warmup: int, min_calls: int, c
                 try:
                     results.append(measure(export, path, bind, feeds, seconds=seconds, warmup=warmup,
                                            min_calls=min_calls, note=note if path.startswith("PyTorch") else ""))
-                except RuntimeError as e:  # one broken runtime (a CUDA library mismatch, say) must not hide the rest
-                    failed[f"{path} {export.name}"] = f"batch {bs}: {str(e).splitlines()[0]}"
+                except Exception as e:  # noqa: BLE001 - one broken runtime (a CUDA library mismatch, memory
+                    # running out at a large batch) must not hide the rest
+                    failed[f"{path} {export.name}"] = f"batch {bs}: {_first_line(e)}"
                     log.warning("in-process %s on %s failed at batch %d: %s", path, export.name, bs, e)
     return results, [f"in-process {what} failed at {why}" for what, why in failed.items()]
+
+
+def _first_line(e: Exception) -> str:
+    """An exception's first line (onnxruntime's carry the whole stack of the failed call), or its type's name."""
+    return next(iter(str(e).splitlines()), type(e).__name__)
 
 
 def measure(export: Export, path: str, bind: Bind, feeds: dict[str, np.ndarray], *, seconds: float, warmup: int,

@@ -28,12 +28,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bench import data
+from bench.processes import group_members
 from bench.stats import summarize
 
 CLASSIFIER = "/coursezoo.v1.Classifier/"
@@ -62,15 +62,8 @@ class CpuMeter:
         self._client_start = 0.0
 
     def _group_cpu(self) -> float:
-        total = 0
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == self.pgid:  # pgrp
-                total += int(fields[11]) + int(fields[12])  # utime + stime
-        return total / os.sysconf("SC_CLK_TCK")
+        assert self.pgid is not None
+        return sum(m.cpu_ticks for m in group_members(self.pgid)) / os.sysconf("SC_CLK_TCK")
 
     def start(self) -> None:
         self._client_start = time.process_time()
@@ -318,23 +311,30 @@ async def _triton_aio(target: str, case: dict[str, Any], meter: CpuMeter) -> tup
 
 
 def _triton_threads(target: str, case: dict[str, Any], meter: CpuMeter) -> tuple[list[float], float]:
-    """The blocking tritonclient.grpc client, one thread per concurrent caller (how it is used in practice)."""
+    """The blocking tritonclient.grpc client, one thread per concurrent caller (how it is used in practice).
+
+    A call that fails ends every caller and fails the case, as in the asyncio loops: a thread's exception
+    would otherwise end only that thread, and the row would pass for a slower one."""
     import tritonclient.grpc as tc
 
     clients = [tc.InferenceServerClient(target) for _ in range(math.ceil(case["concurrency"] / CALLERS_PER_CHANNEL))]
     inputs = _triton_inputs(case, tc)
     clients[0].infer(case["model"], inputs[0])
     latencies: list[float] = []
+    failures: list[Exception] = []
     lock = threading.Lock()
 
     def loop(i: int, seconds: float, record: bool) -> None:
         deadline = time.perf_counter() + seconds
         mine = []
-        while time.perf_counter() < deadline:
-            t0 = time.perf_counter()
-            clients[i % len(clients)].infer(case["model"], inputs[i % len(inputs)])
-            mine.append(time.perf_counter() - t0)
-            i += case["concurrency"]
+        try:
+            while time.perf_counter() < deadline and not failures:
+                t0 = time.perf_counter()
+                clients[i % len(clients)].infer(case["model"], inputs[i % len(inputs)])
+                mine.append(time.perf_counter() - t0)
+                i += case["concurrency"]
+        except Exception as e:  # noqa: BLE001 - raised again in the caller, after the join
+            failures.append(e)
         if record:
             with lock:
                 latencies.extend(mine)
@@ -350,6 +350,8 @@ def _triton_threads(target: str, case: dict[str, Any], meter: CpuMeter) -> tuple
         for t in threads:
             t.join()
         wall = time.perf_counter() - start
+        if failures:
+            raise failures[0]
     meter.stop()
     for c in clients:
         c.close()

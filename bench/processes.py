@@ -7,6 +7,7 @@ and anything it starts are stopped together; the bound port is read from its ban
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -47,31 +48,66 @@ class Server(ServerProcess):
             stop_group(self.proc, grace=30.0)
 
 
+#: How long a group may take to go after SIGKILL before ``stop_group`` gives up on it (a process in
+#: uninterruptible sleep, on a hung device say, dies only once its I/O returns).
+KILL_WAIT_S = 10.0
+
+
 def stop_group(proc: subprocess.Popen, grace: float) -> None:
-    """SIGTERM ``proc``'s process group, wait until every member is gone (SIGKILL after ``grace`` seconds).
+    """SIGTERM ``proc``'s process group, wait until every member is gone (SIGKILL after ``grace`` seconds, then
+    at most ``KILL_WAIT_S`` more: a group that outlasts that is reported on stderr and left behind).
 
     Waiting for the whole group, not just the leader, keeps a server that is still shutting down from
     stealing CPU from the next measurement.
     """
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while _group_alive(proc):
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, KILL_WAIT_S)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        if _gone(proc, wait):
+            proc.wait()  # the leader has exited, so this returns at once
+            return
+    left = ", ".join(f"{m.pid} ({m.state})" for m in group_members(proc.pid) if m.state != "Z")
+    print(f"[bench] process group {proc.pid} still has members {KILL_WAIT_S:g} s after SIGKILL: {left}",
+          file=sys.stderr, flush=True)
+
+
+def _gone(proc: subprocess.Popen, seconds: float) -> bool:
+    """Whether every member of ``proc``'s group has exited within ``seconds``.
+
+    A zombie counts as gone: it has exited, and only its parent's ``wait`` removes it. Members orphaned by
+    the leader's exit belong to PID 1 (or a subreaper) then, and in a container whose PID 1 is no init they
+    stay zombies, still in the group, for good: ``killpg(pgid, 0)`` would call the group alive for ever.
+    """
+    deadline = time.monotonic() + seconds
+    while True:
+        proc.poll()  # reap the leader, our child
+        if all(m.state == "Z" for m in group_members(proc.pid)):
+            return True
         if time.monotonic() > deadline:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            deadline = float("inf")
+            return False
         time.sleep(0.1)
-    proc.wait()
 
 
-def _group_alive(proc: subprocess.Popen) -> bool:
-    proc.poll()  # reap the leader, so that a finished leader does not count as a live member
-    try:
-        os.killpg(proc.pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+@dataclasses.dataclass(frozen=True)
+class Member:
+    """One process of a process group, as ``/proc/<pid>/stat`` describes it (Linux)."""
+
+    pid: int
+    state: str  # R running, S sleeping, D uninterruptible, Z zombie (exited, not yet reaped), ... (proc(5))
+    cpu_ticks: int  # user + system CPU time, in clock ticks
+
+
+def group_members(pgid: int) -> list[Member]:
+    """Every process whose process group is ``pgid``: there is no system call that lists them."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:  # the command name may hold spaces and parentheses: the fields start after its last ")"
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited since the listing
+            continue
+        if int(fields[2]) == pgid:  # fields from proc(5)'s 3rd: state, ppid, pgrp, ..., utime (14th), stime (15th)
+            members.append(Member(int(stat.parent.name), fields[0], int(fields[11]) + int(fields[12])))
+    return members
 
 
 def load(target: str, cases: list[dict[str, Any]], server_pgid: int | None = None,

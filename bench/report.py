@@ -24,8 +24,9 @@ GROUP_TITLES = {
 
 @dataclass(frozen=True)
 class Ratio:
-    """``numerator``'s throughput over ``denominator``'s; with ``by_cpu``, the denominator's model-side CPU
-    per item over the numerator's (CPU efficiency: less sensitive to other load on a shared machine)."""
+    """``numerator``'s throughput over ``denominator``'s; with ``by_cpu``, its items per model-side CPU second
+    over the denominator's (CPU efficiency: less sensitive to other load on a shared machine). Either way the
+    value is the first part over the second, as printed."""
 
     name: str
     numerator: str  # result keys
@@ -58,15 +59,18 @@ def _rows_in_order(results: list[Result]) -> dict[str, list[Result]]:
     return {g: rows for g, rows in sections.items() if rows}
 
 
-HEADER = ("case", "model", "batch", "conc", "items/s", "p50 ms", "p90 ms", "p99 ms", "model-side CPU ms/call",
-          "client CPU ms/call", "note")
-NUMERIC = range(2, 10)  # right-aligned columns
-CPU_COLUMNS = (8, 9)  # left out of sections where nothing was measured (in-process rows have no client)
+HEADER = ("case", "model", "batch", "conc", "calls", "items/s", "p50 ms", "p90 ms", "p99 ms",
+          "model-side CPU ms/call", "client CPU ms/call", "note")
+NUMERIC = range(2, 11)  # right-aligned columns
+CPU_COLUMNS = (9, 10)  # left out of sections where nothing was measured (in-process rows have no client)
 
 
 def _cells(r: Result) -> tuple[str, ...]:
-    return (r.case, r.model, str(r.batch), str(r.concurrency), _fmt(r.throughput, 0), _fmt(r.p50_ms),
-            _fmt(r.p90_ms), _fmt(r.p99_ms), _fmt(r.model_cpu_ms), _fmt(r.client_cpu_ms), r.note)
+    """A row's cells; "calls" are the timed ones the percentiles come from (too few leave p90 and p99 out,
+    bench.stats.PERCENTILE_MIN_CALLS), none for a row timed as a whole (the batch CLI's)."""
+    return (r.case, r.model, str(r.batch), str(r.concurrency), str(r.calls) if r.calls else "-",
+            _fmt(r.throughput, 0), _fmt(r.p50_ms), _fmt(r.p90_ms), _fmt(r.p99_ms), _fmt(r.model_cpu_ms),
+            _fmt(r.client_cpu_ms), r.note)
 
 
 def _section(rows: list[Result]) -> tuple[list[int], list[tuple[str, ...]]]:
@@ -87,13 +91,14 @@ def compute_ratios(results: list[Result], ratios: list[Ratio]) -> list[dict[str,
         if ratio.by_cpu:
             if not num.model_cpu_ms or not den.model_cpu_ms:
                 continue
-            parts = [r.model_cpu_ms / r.batch for r in (num, den)]  # CPU ms per item
-            value, unit = parts[1] / parts[0], "CPU ms/item"
+            parts = [r.batch * 1e3 / r.model_cpu_ms for r in (num, den)]
+            unit = "items/CPU-s"
         else:
             if not den.throughput:
                 continue
             parts = [num.throughput, den.throughput]
-            value, unit = parts[0] / parts[1], "items/s"
+            unit = "items/s"
+        value = parts[0] / parts[1]
         out.append({"name": ratio.name, "value": round(value, 3), "target": ratio.target,
                     "met": None if ratio.target is None else value >= ratio.target, "unit": unit,
                     "numerator": {"key": num.key, "value": parts[0]},
@@ -102,7 +107,7 @@ def compute_ratios(results: list[Result], ratios: list[Ratio]) -> list[dict[str,
 
 
 def _part(ratio: dict[str, Any], side: str) -> str:
-    return _fmt(ratio[side]["value"], 0 if ratio["unit"] == "items/s" else 4)
+    return _fmt(ratio[side]["value"], 0)
 
 
 def check_targets(results: list[Result], targets: list[Target]) -> list[dict[str, Any]]:

@@ -25,6 +25,7 @@ class Result:
     batch: int  # items per call or request
     concurrency: int  # calls in flight at once
     items: int  # items completed in the timed window
+    calls: int  # timed calls (or requests), the percentiles' sample
     seconds: float
     throughput: float  # items per second
     p50_ms: float | None
@@ -40,14 +41,20 @@ class Result:
         return asdict(self)
 
 
+#: The fewest calls each latency percentile is reported from: some calls must lie beyond it, or p99 is just the
+#: slowest call (--quick times a slow in-process path 2-3 times).
+PERCENTILE_MIN_CALLS = {50: 1, 90: 10, 99: 100}
+
+
 def summarize(key: str, group: str, case: str, model: str, *, batch: int, concurrency: int, items: int,
               seconds: float, latencies_s: list[float] | np.ndarray, note: str = "",
               model_cpu_s: float | None = None) -> Result:
-    """A row from raw measurements: per-call latencies in seconds, items finished in ``seconds`` of wall time."""
+    """A row from raw measurements: per-call latencies in seconds, items finished in ``seconds`` of wall time;
+    each percentile left out (None) below its ``PERCENTILE_MIN_CALLS``."""
     lat = np.asarray(latencies_s, dtype=np.float64) * 1e3
-    p50, p90, p99 = (float(v) for v in np.percentile(lat, (50, 90, 99))) if lat.size else (None, None, None)
+    p50, p90, p99 = (float(np.percentile(lat, q)) if lat.size >= n else None for q, n in PERCENTILE_MIN_CALLS.items())
     return Result(key=key, group=group, case=case, model=model, batch=batch, concurrency=concurrency, items=items,
-                  seconds=round(seconds, 4), throughput=items / seconds if seconds > 0 else 0.0,
+                  calls=lat.size, seconds=round(seconds, 4), throughput=items / seconds if seconds > 0 else 0.0,
                   p50_ms=p50, p90_ms=p90, p99_ms=p99, note=note,
                   model_cpu_ms=model_cpu_s * 1e3 / lat.size if model_cpu_s is not None and lat.size else None)
 

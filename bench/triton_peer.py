@@ -77,16 +77,26 @@ class TritonPeer:
         self.proc: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> TritonPeer:
+        """Start the peer and wait for its ready file; stop it again if that never comes, also when the wait
+        is interrupted (Ctrl-C, or an exception from a SIGTERM handler): its own session would outlive us."""
         self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env=self.env, start_new_session=True)
-        threading.Thread(target=self._drain, daemon=True).start()
-        deadline = time.monotonic() + self.timeout
-        while not self.ready_file.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
+        ready = False
+        try:
+            threading.Thread(target=self._drain, daemon=True).start()
+            deadline = time.monotonic() + self.timeout
+            while not self.ready_file.exists():
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            else:
+                self.provider = self.ready_file.read_text(encoding="utf-8")
+                ready = True
+        finally:
+            if not ready:
                 self.stop()
-                raise RuntimeError(f"the Triton peer did not start:\n{''.join(self.lines)[-4000:]}")
-            time.sleep(0.2)
-        self.provider = self.ready_file.read_text(encoding="utf-8")
+        if not ready:
+            raise RuntimeError(f"the Triton peer did not start:\n{''.join(self.lines)[-4000:]}")
         return self
 
     @property

@@ -44,14 +44,23 @@ class ChildServer:
         self._banner = threading.Event()
 
     def start(self) -> ChildServer:
+        """Start the command and wait for its banner. Without one it is stopped again, also when the wait is
+        interrupted (Ctrl-C, or an exception from a SIGTERM handler): a child in its own session would
+        outlive its caller."""
         self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env=self.env, cwd=self.cwd, start_new_session=self.new_session)
-        threading.Thread(target=self._drain, daemon=True).start()
-        deadline = time.monotonic() + self.timeout
-        while not self._banner.wait(0.1):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
+        ready = False
+        try:
+            threading.Thread(target=self._drain, daemon=True).start()
+            deadline = time.monotonic() + self.timeout
+            while not (ready := self._banner.wait(0.1)):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    break
+        finally:
+            if not ready:
                 self.stop()
-                raise RuntimeError(f"server did not start (exit {self.proc.returncode}):\n{self.output[-4000:]}")
+        if not ready:
+            raise RuntimeError(f"server did not start (exit {self.proc.returncode}):\n{self.output[-4000:]}")
         return self
 
     def _drain(self) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from tests.conftest import DATA_MIRROR, EXPORTED, REPO_ROOT, digits_models
 
 RESULT_FIELDS = {"key": str, "group": str, "case": str, "model": str, "batch": int, "concurrency": int, "items": int,
-                 "seconds": float, "throughput": float, "note": str}
+                 "calls": int, "seconds": float, "throughput": float, "note": str}
 OPTIONAL_FLOATS = ("p50_ms", "p90_ms", "p99_ms", "model_cpu_ms", "client_cpu_ms")
 GROUPS = {"in-process", "server", "oip", "batch-cli", "peer"}
 

@@ -1,0 +1,77 @@
+"""How the harness turns measurements into rows, ratios and files: what a failure, a rounded print or a
+careless path would otherwise get wrong without a word."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import batch_cli, exports, harness, inprocess, report
+from bench.stats import PERCENTILE_MIN_CALLS, summarize
+from serving.batch.summary import Summary
+from tests.conftest import DATA_MIRROR, EXPORTED, REPO_ROOT
+
+
+def test_an_onnxruntime_failure_fails_its_row_only(digits_model: str) -> None:
+    """onnxruntime's exceptions (here Fail, from a batch of none) are no RuntimeErrors: one such failure must
+    not lose the rows measured before it."""
+    selected, _ = exports.select(EXPORTED, [digits_model])
+    results, failures = inprocess.run(selected, seconds=0.0, warmup=0, min_calls=1, cuda=False, batch_sizes=(1, 0))
+    assert {r.case for r in results if r.batch == 1} >= {"ORT CPU", inprocess.RUNTIME_CPU}
+    expected = f"in-process ORT CPU {digits_model} failed at batch 0: [ONNXRuntimeError]"
+    assert any(f.startswith(expected) for f in failures), failures
+
+
+def test_batch_cli_throughput_comes_from_its_rate() -> None:
+    """2,000 items in 0.095 s print as "0.10 s" (20,000 items/s): the rate line says 21,052.6."""
+    summary = Summary(out="out.csv", engine="local", classified=2000, started=0.0, finished=0.095)
+    items, seconds = batch_cli.throughput(summary.render()) or (0, 0.0)
+    assert items == 2000
+    assert items / seconds == pytest.approx(2000 / 0.095, rel=1e-5)
+    assert batch_cli.throughput("no summary") is None
+
+
+def test_percentiles_need_calls_beyond_them() -> None:
+    row = summarize("k", "in-process", "c", "m", batch=1, concurrency=1, items=3, seconds=0.3,
+                    latencies_s=[0.1, 0.1, 0.1])
+    assert (row.calls, row.p90_ms, row.p99_ms) == (3, None, None) and row.p50_ms == pytest.approx(100.0)
+    enough = PERCENTILE_MIN_CALLS[99]
+    row = summarize("k", "in-process", "c", "m", batch=1, concurrency=1, items=enough, seconds=1.0,
+                    latencies_s=[0.01] * enough)
+    assert row.calls == enough and row.p99_ms == pytest.approx(10.0)
+
+
+def test_a_cpu_ratio_prints_the_division_it_is() -> None:
+    """The numerator costs 1 CPU ms per item, the denominator 2: the first is twice as efficient, and the
+    printed parts divide to the printed value."""
+    lean, costly = (summarize(key, "server", "c", "m", batch=1, concurrency=1, items=100, seconds=1.0,
+                              latencies_s=[0.01] * 100, model_cpu_s=cpu)
+                    for key, cpu in (("lean", 0.1), ("costly", 0.2)))
+    ratios = report.compute_ratios([lean, costly], [report.Ratio("lean vs costly", "lean", "costly", by_cpu=True)])
+    assert ratios[0]["value"] == pytest.approx(2.0)
+    assert "lean vs costly: 1,000 vs 500 items/CPU-s = 2.00x" in report.render_text([], ratios, [], [])
+
+
+def test_a_relative_repo_is_the_one_under_the_current_directory(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the batch CLI runs in the repository root: it must get the path meant here
+    assert harness.get_args_parser().parse_args(["--repo", "models"]).repo == tmp_path / "models"
+
+
+def test_the_markdown_copy_never_overwrites_the_json() -> None:
+    assert harness.markdown_path(Path("r/latest.json")) == Path("r/latest.md")
+    assert harness.markdown_path(Path("r/x.md")) == Path("r/x.md.md")
+
+
+def test_an_unwritable_json_path_is_refused_before_measuring(tmp_path: Path) -> None:
+    env = {**os.environ, "COURSEZOO_DATA_MIRROR": str(DATA_MIRROR)}
+    done = subprocess.run([sys.executable, "-m", "coursezoo", "bench", "--quick", "--repo", str(EXPORTED),
+                           "--json", str(tmp_path)], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 1
+    assert f"cannot write the results: {tmp_path} is a directory" in done.stderr
+    assert "[bench]" not in done.stderr  # nothing was measured
