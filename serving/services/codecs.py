@@ -132,6 +132,27 @@ def select_outputs(outputs: Mapping[str, np.ndarray], requested: Sequence[str]) 
     return [(name, outputs[name]) for name in dict.fromkeys(requested)]
 
 
+#: Request parameters with a meaning in Triton's protocol: integers (accepted; every request here has one
+#: priority, and it waits at most until its deadline), and a sequence's correlation (refused below).
+INTEGER_PARAMETERS = ("priority", "timeout")
+SEQUENCE_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")
+
+
+def check_request_parameters(parameters: Mapping[str, Any]) -> None:
+    """InputError for request parameters that would otherwise be ignored while the client counts on them: keys
+    Triton reserves (``triton_*``), a priority or timeout that is not a whole number, and a sequence (stateful
+    inference: every course model here answers each request on its own, so a correlation id would be dropped)."""
+    for key, param in parameters.items():
+        kind = param.WhichOneof("parameter_choice")
+        if key.startswith("triton_"):
+            raise InputError(f"request parameter {key!r}: keys starting with 'triton_' are reserved; leave it out")
+        if key in INTEGER_PARAMETERS and kind not in ("int64_param", "uint64_param"):
+            raise InputError(f"request parameter {key!r} is a whole number: got a {kind or 'empty'} parameter")
+        if key in SEQUENCE_PARAMETERS and getattr(param, kind or "bool_param"):
+            raise InputError(f"request parameter {key!r}: no model here is a sequence (stateful) model, each request "
+                             "is answered on its own; send the whole sequence in one request, without sequence_*")
+
+
 def class_count(tensor: Any) -> int:
     """The ``classification`` parameter of a requested output: how many top classes to answer (0: the tensor)."""
     if CLASSIFICATION not in tensor.parameters:

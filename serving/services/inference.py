@@ -24,6 +24,7 @@ from serving.repository import ModelNotFound, ModelNotReady, ModelRepository, ve
 from serving.security import ModelControlOff, SharedMemoryOff
 from serving.services.base import Answer, Handler, Settings, Unsupported, abort, answer, in_order, message_of, rpc
 from serving.services.codecs import (
+    check_request_parameters,
     class_count,
     decode_inputs,
     encode_classes,
@@ -101,6 +102,7 @@ class InferenceService(Handler, inference_pb2_grpc.GRPCInferenceServiceServicer)
 
     async def _infer(self, request: pb.ModelInferRequest, *, wait_for_room: bool = False) -> Answer:
         model = self.repository.get(request.model_name, request.model_version or None)
+        check_request_parameters(request.parameters)
         inputs = squeeze_item_scalars(decode_inputs(request.inputs, request.raw_input_contents, self.shared_memory),
                                       model.card.inputs)
         model.validate(inputs)

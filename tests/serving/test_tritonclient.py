@@ -158,6 +158,16 @@ def test_data_in_two_places_is_refused(server: ServerProcess) -> None:
     assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "one place" in info.value.details()
 
 
+def test_a_priority_must_be_a_number(server: ServerProcess) -> None:
+    request = service_pb2.ModelInferRequest(model_name="linear_regression", raw_input_contents=[bytes(4)])
+    request.inputs.add(name="x", datatype="FP32", shape=[1, 1])
+    request.parameters["priority"].string_param = "high"
+    with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError) as info:
+        service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "'priority' is a whole number" in info.value.details()
+
+
 def test_load_parameters_are_refused_not_ignored(triton_client: triton.InferenceServerClient) -> None:
     """A configuration override would be silently dropped: the client is told instead."""
     with pytest.raises(InferenceServerException) as info:
@@ -232,6 +242,10 @@ INFER_ERRORS = [
                                                   model_version="1_0"), "INVALID_ARGUMENT", "whole number > 0"),
     ("version not positive", lambda c: c.infer("linear_regression", triton_inputs({"x": np.ones((1, 1), "float32")}),
                                                model_version="-1"), "INVALID_ARGUMENT", "whole number > 0"),
+    ("reserved parameter", lambda c: c.infer("linear_regression", triton_inputs({"x": np.ones((1, 1), "float32")}),
+                                             parameters={"triton_x": 1}), "INVALID_ARGUMENT", "reserved"),
+    ("a sequence", lambda c: c.infer("linear_regression", triton_inputs({"x": np.ones((1, 1), "float32")}),
+                                     sequence_id=7, sequence_start=True), "INVALID_ARGUMENT", "sequence"),
     ("negative class count", lambda c: c.infer("linear_regression", triton_inputs({"x": np.ones((1, 1), "float32")}),
                                                outputs=[triton.InferRequestedOutput("y", class_count=-1)]),
      "INVALID_ARGUMENT", "class count"),
