@@ -44,6 +44,26 @@ def require_tool(found: object, what: str, install: str) -> None:
     pytest.skip(message)
 
 
+def _stat(pid_dir: Path) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` from the state on (the command name before them may hold spaces and
+    parentheses), or None for a process gone meanwhile."""
+    try:
+        return (pid_dir / "stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (from /proc), zombies included."""
+    return [int(d.name) for d in Path("/proc").glob("[0-9]*") if (fields := _stat(d)) and int(fields[1]) == pid]
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` still runs: one that has exited and waits to be reaped (a zombie) does not."""
+    fields = _stat(Path(f"/proc/{pid}"))
+    return fields is not None and fields[0] != "Z"
+
+
 def wait_for(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
     """Poll ``condition`` every 0.1 s until it holds; AssertionError naming ``what`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

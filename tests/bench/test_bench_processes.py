@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bench import exports, server_load
 from bench.processes import Server, group_members, load
-from tests.conftest import DATA_MIRROR, EXPORTED, REPO_ROOT, wait_for
+from tests.conftest import DATA_MIRROR, EXPORTED, REPO_ROOT, alive, children, wait_for
 
 #: a stand-in server: it starts a child in its group and never prints a banner
 SILENT_SERVER = "import subprocess, time; subprocess.Popen(['sleep', '600']); time.sleep(600)"
@@ -29,14 +29,6 @@ def live(pgid: int) -> list[int]:
     return [m.pid for m in group_members(pgid) if m.state != "Z"]
 
 
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 def cmdline(pid: int) -> str:
     with contextlib.suppress(OSError):
         return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
@@ -45,14 +37,9 @@ def cmdline(pid: int) -> str:
 
 def descendants(pid: int) -> list[int]:
     """Every live process below ``pid`` by parent pid, whatever its session."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            children.setdefault(parent, []).append(int(stat.parent.name))
     found, todo = [], [pid]
     while todo:
-        below = children.get(todo.pop(), [])
+        below = children(todo.pop())
         found += below
         todo += below
     return [p for p in found if alive(p)]

@@ -31,7 +31,7 @@ from serving.protos import classifier_pb2 as pb
 from serving.protos import classifier_pb2_grpc
 from serving.supervisor import worker_settings
 from serving.workers import cores
-from tests.conftest import REPO_ROOT, wait_for
+from tests.conftest import REPO_ROOT, alive, children, wait_for
 
 MODEL = "diabetes_mlp"
 RECORD = pb.DiabetesRecord(features=[0.1, -0.2, 0.3, -0.4, 0.5, -0.6, 0.7, -0.8])
@@ -46,33 +46,12 @@ def repo(tmp_path_factory: pytest.TempPathFactory, exported_repo: Path) -> Path:
     return root
 
 
-def children(pid: int) -> list[int]:
-    """Processes whose parent is ``pid`` (from /proc)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
-
-
 def workers_of(server: ServerProcess) -> list[int]:
     """The supervisor's worker processes (its other children are multiprocessing's resource tracker)."""
     assert server.proc is not None
     return [pid for pid in children(server.proc.pid)
             if "coursezoo" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
             or b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 #: a channel of its own connection: gRPC otherwise hands a new channel the connection of an earlier one to the
