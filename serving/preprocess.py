@@ -457,3 +457,37 @@ def model_inputs(card: ModelCard, items: Sequence[Any]) -> dict[str, np.ndarray]
     if card.task == "hello":
         return {names[0]: encode_hello(items, prep["vocabulary"])}
     raise InputError(f"{card.name} is a {card.task} model: it takes no records or texts")
+
+
+def check_task_inputs(card: ModelCard, inputs: Mapping[str, np.ndarray]) -> None:
+    """InputError for tensor values the task's encoder above never produces and the card's shapes cannot
+    rule out; ``ModelInfer`` clients build these tensors themselves (datatypes and shapes are checked already).
+
+    Without it a names length of 0 is answered as if for an empty name, a character 0 inside a name is read
+    as padding, and an index beyond the vocabulary fails inside ONNX Runtime in its own words, after failing
+    the merged batch it came in (which then runs again request by request).
+    """
+    prep, names = card.preprocessing, [t.name for t in card.inputs]
+    if card.task == "names":
+        chars, lengths = inputs[names[0]], inputs[names[1]]
+        _check_indices(names[0], chars, prep["vocab_size"], "character codes (ASCII)")
+        longest = chars.shape[1]
+        bad = np.flatnonzero((lengths < 1) | (lengths > longest))
+        if bad.size:
+            i = int(bad[0])
+            raise InputError(f"input {names[1]!r} item {i} is {int(lengths[i])}: expected a name's length, "
+                             f"1..{longest} (the width of {names[0]!r})")
+        padding = (chars == 0) & (np.arange(longest) < lengths[:, None])
+        if padding.any():
+            i, t = (int(x) for x in np.argwhere(padding)[0])
+            raise InputError(f"input {names[0]!r} row {i} has code 0 at position {t}, inside its length "
+                             f"{int(lengths[i])}: 0 is padding, expected codes 1..{prep['vocab_size'] - 1} there")
+    elif card.task == "hello":
+        vocabulary = prep["vocabulary"]
+        _check_indices(names[0], inputs[names[0]], len(vocabulary), f"indices into {''.join(vocabulary)!r}")
+
+
+def _check_indices(name: str, array: np.ndarray, size: int, what: str) -> None:
+    """Negative values are refused with the tensor's shape check; this refuses those past the end."""
+    if array.max() >= size:
+        raise InputError(f"input {name!r} has value {int(array.max())}: expected {what}, 0..{size - 1}")

@@ -19,7 +19,7 @@ import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from serving.card import DATATYPES, CardError, ModelCard, TensorSpec
-from serving.preprocess import MAX_TEXT_LENGTH, InputError
+from serving.preprocess import MAX_TEXT_LENGTH, InputError, check_task_inputs
 from serving.workers import cores
 
 log = logging.getLogger("coursezoo.runtime")
@@ -115,20 +115,20 @@ class OnnxModel:
             )
 
     def validate(self, inputs: Mapping[str, np.ndarray]) -> None:
-        """Raise InputError naming the first tensor whose name, datatype or shape the card does not allow."""
+        """Raise InputError naming the first tensor whose name, datatype, shape or values the card does not allow."""
         unknown = sorted(set(inputs) - set(self._inputs))
         if unknown:
             raise InputError(f"unknown input tensor {unknown[0]!r}: expected {_describe(self.card.inputs)}")
         missing = sorted(set(self._inputs) - set(inputs))
         if missing:
             raise InputError(f"missing input tensor {missing[0]!r}: expected {_describe(self.card.inputs)}")
-        batch = {}
-        for name, value in inputs.items():
-            array = np.asarray(value)
+        arrays = {name: np.asarray(value) for name, value in inputs.items()}
+        for name, array in arrays.items():
             _check_tensor(self._inputs[name], array)
-            batch[name] = array.shape[0]
+        batch = {name: array.shape[0] for name, array in arrays.items()}
         if len(set(batch.values())) > 1:
             raise InputError(f"input tensors disagree on the batch size (first axis): {batch}; expected one size")
+        check_task_inputs(self.card, arrays)
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Outputs by the card's names. Values the model itself refuses (an index out of range, say)

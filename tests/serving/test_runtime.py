@@ -87,6 +87,16 @@ def test_sample_inputs_follow_the_card() -> None:
         ({"chars": np.ones((1, 257), np.int64), "lengths": np.full(1, 257, np.int64)},
          r"input 'chars' has shape \[1, 257\]: a sequence axis is at most 256 long"),
         ({"chars": np.ones((2, 4), np.int64), "lengths": np.ones(3, np.int64)}, "disagree on the batch size"),
+        # values a names encoder never produces: the model would answer them (length 0, padding inside a name)
+        # or fail inside ONNX Runtime (codes past the embedding, lengths past the width)
+        ({"chars": np.ones((2, 4), np.int64), "lengths": np.array([4, 0], np.int64)},
+         r"input 'lengths' item 1 is 0: expected a name's length, 1..4 \(the width of 'chars'\)"),
+        ({"chars": np.ones((2, 4), np.int64), "lengths": np.array([5, 4], np.int64)},
+         r"input 'lengths' item 0 is 5: expected a name's length, 1..4"),
+        ({"chars": np.array([[65, 66, 0, 0], [65, 0, 66, 0]], np.int64), "lengths": np.array([2, 3], np.int64)},
+         "input 'chars' row 1 has code 0 at position 1, inside its length 3: 0 is padding"),
+        ({"chars": np.full((1, 3), 128, np.int64), "lengths": np.full(1, 3, np.int64)},
+         r"input 'chars' has value 128: expected character codes \(ASCII\), 0..127"),
     ],
 )
 def test_validate_names_the_tensor_and_what_is_expected(names: OnnxModel, inputs: dict, message: str) -> None:
@@ -112,6 +122,18 @@ def test_values_the_model_refuses_are_input_errors(names: OnnxModel) -> None:
     chars = np.full((1, 3), 500, dtype=np.int64)  # outside the 128-character embedding
     with pytest.raises(InputError, match="refused the input"):
         names.run({"chars": chars, "lengths": np.array([3], dtype=np.int64)})
+
+
+def test_a_padded_name_is_valid(names: OnnxModel) -> None:
+    """Codes after a name's length are never read: padding may hold anything the embedding has."""
+    names.validate({"chars": np.array([[65, 66, 0], [65, 66, 67]], np.int64), "lengths": np.array([2, 3], np.int64)})
+
+
+def test_hello_indices_must_be_in_the_vocabulary() -> None:
+    model = OnnxModel(*export("hello_embedding"), device="cpu")
+    model.validate({"chars": np.array([[1, 0, 2, 2, 3]], np.int64)})
+    with pytest.raises(InputError, match=r"input 'chars' has value 4: expected indices into 'ehlo', 0..3"):
+        model.validate({"chars": np.array([[1, 0, 2, 2, 4]], np.int64)})
 
 
 def test_a_card_that_does_not_describe_its_file_is_refused() -> None:
