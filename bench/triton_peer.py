@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 from bench.data import REPO_ROOT
 from bench.exports import Export
 from bench.processes import stop_group
+from serving.process import ChildServer
 from serving.runtime import CUDA_PROVIDER_OPTIONS, SESSION_CONFIG
 
 DEFAULT_PYTHON = REPO_ROOT / ".bench-venv312" / "bin" / "python"
@@ -45,8 +46,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class TritonPeer:
-    """``with TritonPeer(python, export, ...) as peer: peer.target`` is Triton's gRPC address."""
+class TritonPeer(ChildServer):
+    """``with TritonPeer(python, export, ...) as peer: peer.target`` is Triton's gRPC address.
+
+    Started as CourseZoo's own server is, in its own session, but ready once its ready file is written:
+    Triton's log shares stdout, and the app writes the file once the model is loaded.
+    """
+
+    what = "the Triton peer"
 
     def __init__(self, python: Path, export: Export, *, max_batch_size: int, max_queue_delay_ms: float,
                  device: str = "cpu", timeout: float = 180.0) -> None:
@@ -54,50 +61,36 @@ class TritonPeer:
         self._tmp = tempfile.TemporaryDirectory(prefix="coursezoo-bench-peer-")
         self.ready_file = Path(self._tmp.name) / "ready"
         card = export.card
-        self.args = [str(python), str(APP), "--onnx", str(export.onnx), "--name", export.name,
-                     "--input", card.inputs[0].name, "--input-shape", ",".join(map(str, card.inputs[0].shape[1:])),
-                     "--output", card.outputs[0].name,
-                     "--output-shape", ",".join(map(str, card.outputs[0].shape[1:])),
-                     "--max-batch-size", str(max_batch_size),
-                     "--max-queue-delay-us", str(int(max_queue_delay_ms * 1000)), "--device", device,
-                     "--grpc-port", str(self.ports[0]), "--http-port", str(self.ports[1]),
-                     "--metrics-port", str(self.ports[2]), "--ready-file", str(self.ready_file),
-                     # ONNX Runtime configured as CourseZoo's server configures it: the comparison is of the
-                     # serving stacks, not of an ORT setting (spinning threads cost the peer ~20% on 2 cores)
-                     "--session-config", json.dumps(SESSION_CONFIG),
-                     "--cuda-options", json.dumps(CUDA_PROVIDER_OPTIONS)]
+        args = [str(python), str(APP), "--onnx", str(export.onnx), "--name", export.name,
+                "--input", card.inputs[0].name, "--input-shape", ",".join(map(str, card.inputs[0].shape[1:])),
+                "--output", card.outputs[0].name,
+                "--output-shape", ",".join(map(str, card.outputs[0].shape[1:])),
+                "--max-batch-size", str(max_batch_size),
+                "--max-queue-delay-us", str(int(max_queue_delay_ms * 1000)), "--device", device,
+                "--grpc-port", str(self.ports[0]), "--http-port", str(self.ports[1]),
+                "--metrics-port", str(self.ports[2]), "--ready-file", str(self.ready_file),
+                # ONNX Runtime configured as CourseZoo's server configures it: the comparison is of the
+                # serving stacks, not of an ORT setting (spinning threads cost the peer ~20% on 2 cores)
+                "--session-config", json.dumps(SESSION_CONFIG),
+                "--cuda-options", json.dumps(CUDA_PROVIDER_OPTIONS)]
         libdir = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"],
                                 capture_output=True, text=True, check=True).stdout.strip()
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1",
-                    "LD_LIBRARY_PATH": os.pathsep.join(p for p in (libdir, os.environ.get("LD_LIBRARY_PATH")) if p)}
-        self.timeout = timeout
+        env = {**os.environ,
+               "LD_LIBRARY_PATH": os.pathsep.join(p for p in (libdir, os.environ.get("LD_LIBRARY_PATH")) if p)}
+        super().__init__(args, env=env, cwd=REPO_ROOT, timeout=timeout, new_session=True)
         self.target = f"127.0.0.1:{self.ports[0]}"
         self.provider = ""
-        self.lines: list[str] = []
-        self.proc: subprocess.Popen[str] | None = None
 
-    def __enter__(self) -> TritonPeer:
-        """Start the peer and wait for its ready file; stop it again if that never comes, also when the wait
-        is interrupted (Ctrl-C, or an exception from a SIGTERM handler): its own session would outlive us."""
-        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env=self.env, start_new_session=True)
-        ready = False
-        try:
-            threading.Thread(target=self._drain, daemon=True).start()
-            deadline = time.monotonic() + self.timeout
-            while not self.ready_file.exists():
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    break
-                time.sleep(0.2)
-            else:
-                self.provider = self.ready_file.read_text(encoding="utf-8")
-                ready = True
-        finally:
-            if not ready:
-                self.stop()
-        if not ready:
-            raise RuntimeError(f"the Triton peer did not start:\n{''.join(self.lines)[-4000:]}")
+    def start(self) -> TritonPeer:
+        super().start()
+        self.provider = self.ready_file.read_text(encoding="utf-8")
         return self
+
+    def _ready(self, wait: float) -> bool:
+        if self.ready_file.exists():
+            return True
+        time.sleep(wait)
+        return False
 
     @property
     def pgid(self) -> int:
@@ -105,16 +98,10 @@ class TritonPeer:
         assert self.proc is not None
         return self.proc.pid
 
-    def _drain(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:  # kept for the error message if it does not start
-            self.lines.append(line)
-
-    def stop(self) -> None:
-        """Stop the whole group: PyTriton's proxy, tritonserver and its Python backend stubs."""
-        if self.proc is not None:
-            stop_group(self.proc, grace=60.0)
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        """Stop the whole group, PyTriton's proxy, tritonserver and its Python backend stubs: SIGTERM, then
+        SIGKILL after ``timeout`` (``stop_group``; ``sig`` is not used)."""
+        assert self.proc is not None
+        stop_group(self.proc, grace=timeout)
         self._tmp.cleanup()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        return self.proc.returncode

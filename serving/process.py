@@ -29,6 +29,8 @@ class ChildServer:
     together with anything it starts.
     """
 
+    what = "server"  # in the error when it does not start
+
     def __init__(self, argv: list[str], *, env: dict[str, str], cwd: Path = REPO_ROOT, timeout: float = 120.0,
                  new_session: bool = False) -> None:
         self.args = argv
@@ -53,15 +55,19 @@ class ChildServer:
         try:
             threading.Thread(target=self._drain, daemon=True).start()
             deadline = time.monotonic() + self.timeout
-            while not (ready := self._banner.wait(0.1)):
+            while not (ready := self._ready(0.1)):
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     break
         finally:
             if not ready:
                 self.stop()
         if not ready:
-            raise RuntimeError(f"server did not start (exit {self.proc.returncode}):\n{self.output[-4000:]}")
+            raise RuntimeError(f"{self.what} did not start (exit {self.proc.returncode}):\n{self.output[-4000:]}")
         return self
+
+    def _ready(self, wait: float) -> bool:
+        """Whether the server is up, waiting up to ``wait`` seconds: here once its banner is out."""
+        return self._banner.wait(wait)
 
     def _drain(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
