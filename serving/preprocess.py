@@ -39,7 +39,8 @@ MAX_TEXT_LENGTH = 256
 QUOTE_LENGTH = 40
 
 
-def _quote(text: str) -> str:
+def quote(text: str) -> str:
+    """``text`` for an error message: a status message travels in a header, so a long one is cut."""
     return repr(text) if len(text) <= QUOTE_LENGTH else f"{text[:QUOTE_LENGTH]!r}... ({len(text)} characters)"
 
 
@@ -48,11 +49,11 @@ def _ascii_name(text: str, vocab_size: int) -> str:
         raise InputError(f"name of {len(text)} characters: at most {MAX_TEXT_LENGTH} are accepted")
     name = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii") if text else ""
     if not name.strip():
-        raise InputError(f"empty name {_quote(text)}: expected a non-empty name in Latin letters")
+        raise InputError(f"empty name {quote(text)}: expected a non-empty name in Latin letters")
     if len(name) > MAX_TEXT_LENGTH:
         raise InputError(f"name of {len(name)} characters: at most {MAX_TEXT_LENGTH} are accepted")
     if any(ord(c) >= vocab_size or ord(c) == 0 for c in name):
-        raise InputError(f"name {_quote(text)} has characters outside ASCII 1..{vocab_size - 1}: expected a name "
+        raise InputError(f"name {quote(text)} has characters outside ASCII 1..{vocab_size - 1}: expected a name "
                          "in Latin letters")
     return name
 
@@ -90,7 +91,7 @@ def encode_hello(texts: Sequence[str], vocabulary: Sequence[str]) -> np.ndarray:
             raise InputError(f"text of {len(t)} characters: at most {MAX_TEXT_LENGTH} are accepted")
         bad = sorted({c for c in t if c not in index})
         if bad:
-            raise InputError(f"text {_quote(t)} has letters {_quote(''.join(bad))}: expected only {allowed!r}")
+            raise InputError(f"text {quote(t)} has letters {quote(''.join(bad))}: expected only {allowed!r}")
         rows.append([index[c] for c in t])
     out = np.zeros((len(rows), max(map(len, rows))), dtype=np.int64)
     for i, r in enumerate(rows):

@@ -24,14 +24,16 @@ import numpy as np
 
 from serving.batching import BatcherClosed, BatchObserver, DynamicBatcher
 from serving.card import CARD_FILE, ONNX_FILE, CardError, ModelCard, preference
-from serving.preprocess import InputError
+from serving.preprocess import InputError, quote
 from serving.runtime import CPU, OnnxModel, ProviderError
 from serving.statistics import InferenceStatistics
 
 log = logging.getLogger("coursezoo.repository")
 
-_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}")  # a directory name: at most 255 characters
 _VERSION = re.compile(r"[0-9]+")  # as training/export.py numbers them; hidden staging dirs do not match
+#: Triton's versions are 64-bit numbers; a longer one names no version (and ``int`` refuses over 4,300 digits).
+_VERSION_DIGITS = 18
 
 READY, UNAVAILABLE, LOADING = "READY", "UNAVAILABLE", "LOADING"  # KServe RepositoryIndex states
 
@@ -254,7 +256,8 @@ class ModelRepository:
             return ready[0]
         entry = versions.get(str(version)) or _by_number(versions, version)
         if entry is None:
-            raise ModelNotFound(f"model {name!r} has no version {version!r}; versions: {', '.join(_sorted(versions))}")
+            raise ModelNotFound(f"model {name!r} has no version {quote(version)}; versions: "
+                                f"{', '.join(_sorted(versions))}")
         if entry.served is None:
             raise ModelNotReady(f"{name}/{version} is {entry.state.lower()}: {entry.reason or 'loading'}")
         return entry.served
@@ -376,7 +379,8 @@ class ModelRepository:
 def _check_name(name: str) -> None:
     """Refuse anything that is not a plain model name before it gets near the file system."""
     if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
-        raise ModelNotFound(f"invalid model name {name!r}: expected letters, digits, '_', '.' and '-' only")
+        raise ModelNotFound(f"invalid model name {quote(str(name))}: expected letters, digits, '_', '.' and '-' "
+                            "only, at most 255")
 
 
 def _by_number(versions: dict[str, _Version], version: str) -> _Version | None:
@@ -388,11 +392,11 @@ def _by_number(versions: dict[str, _Version], version: str) -> _Version | None:
 def version_number(version: str) -> int:
     """A requested version as its number; InputError unless it is a whole number > 0 in ASCII digits (``int``
     alone would take "1_0" for 10 and other scripts' digits)."""
-    number = int(version) if _VERSION.fullmatch(version) else 0
-    if number <= 0:
-        raise InputError(f"model version {version!r} is not a whole number > 0: expected a version such as \"1\", "
-                         "or none for the newest")
-    return number
+    digits = version.lstrip("0") if _VERSION.fullmatch(version) else ""
+    if not digits or len(digits) > _VERSION_DIGITS:
+        raise InputError(f"model version {quote(version)} is not a whole number > 0 of at most {_VERSION_DIGITS} "
+                         "digits: expected a version such as \"1\", or none for the newest")
+    return int(digits)
 
 
 def _model_dirs(root: Path) -> set[str]:

@@ -19,7 +19,7 @@ import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from serving.card import DATATYPES, CardError, ModelCard, TensorSpec
-from serving.preprocess import MAX_TEXT_LENGTH, InputError, check_task_inputs
+from serving.preprocess import MAX_TEXT_LENGTH, InputError, check_task_inputs, quote
 from serving.workers import cores
 
 log = logging.getLogger("coursezoo.runtime")
@@ -118,7 +118,7 @@ class OnnxModel:
         """Raise InputError naming the first tensor whose name, datatype, shape or values the card does not allow."""
         unknown = sorted(set(inputs) - set(self._inputs))
         if unknown:
-            raise InputError(f"unknown input tensor {unknown[0]!r}: expected {_describe(self.card.inputs)}")
+            raise InputError(f"unknown input tensor {quote(unknown[0])}: expected {_describe(self.card.inputs)}")
         missing = sorted(set(self._inputs) - set(inputs))
         if missing:
             raise InputError(f"missing input tensor {missing[0]!r}: expected {_describe(self.card.inputs)}")

@@ -29,8 +29,9 @@ AUTH_HEADER = "authorization"
 SCHEME = "bearer"
 
 #: RPCs a probe must reach without credentials: gRPC health and the KServe liveness/readiness calls
-#: (they say nothing but "up"). ``--auth-health`` puts them behind the token too. Everything else, server
-#: reflection included (it lists the whole API surface), needs the token when one is set.
+#: (they say "up", and a per-model check whether that model exists). ``--auth-health`` puts them behind the
+#: token too. Everything else, server reflection included (it lists the whole API surface), needs the token
+#: when one is set.
 HEALTH_METHODS = frozenset({
     "/grpc.health.v1.Health/Check",
     "/grpc.health.v1.Health/Watch",

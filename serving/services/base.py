@@ -133,11 +133,19 @@ def _known(handler: Handler, request: Any, model_field: str) -> str:
     return name if handler.repository.knows(name) else ""
 
 
+#: The longest status message sent. It travels in a trailer, and gRPC clients refuse metadata over 16 KiB by
+#: default: a message that echoed a huge field the client sent would reach it as RESOURCE_EXHAUSTED instead.
+MAX_MESSAGE_CHARS = 2000
+
+
 def message_of(exc: BaseException) -> str:
     """What a client is told about ``exc``: its message, except that internal errors do not leak their details."""
     if status_of(exc) is grpc.StatusCode.INTERNAL:
         return f"internal error ({type(exc).__name__}); the server log has the details"
-    return str(exc)
+    message = str(exc)
+    if len(message) > MAX_MESSAGE_CHARS:
+        return f"{message[:MAX_MESSAGE_CHARS]}... (cut from {len(message)} characters)"
+    return message
 
 
 async def abort(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:

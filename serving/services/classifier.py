@@ -17,9 +17,10 @@ import numpy as np
 from google.protobuf import struct_pb2
 
 from serving import postprocess
+from serving.card import TASKS
 from serving.decoding import ImageDecoder
 from serving.metrics import Metrics
-from serving.preprocess import InputError, decode_digit, model_inputs, pixels_to_digit, pixels_to_digits
+from serving.preprocess import InputError, decode_digit, model_inputs, pixels_to_digit, pixels_to_digits, quote
 from serving.protos import classifier_pb2 as pb
 from serving.protos import classifier_pb2_grpc
 from serving.repository import ModelNotFound, ModelNotReady, ModelRepository, ServedModel
@@ -40,6 +41,8 @@ class ClassifierService(Handler, classifier_pb2_grpc.ClassifierServicer):
 
     @rpc("ListModels", model_field="task")
     async def ListModels(self, request: pb.ListModelsRequest) -> Answer:
+        if request.task and request.task not in TASKS:  # a misspelt filter would look like "no such models"
+            raise InputError(f"unknown task {quote(request.task)}: expected one of {', '.join(TASKS)}, or none for all")
         by_name: dict[str, list[ServedModel]] = {}
         for served in self.repository.models():
             if not request.task or served.card.task == request.task:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from serving.card import DATATYPES, TensorSpec
-from serving.preprocess import InputError
+from serving.preprocess import InputError, quote
 from serving.shared_memory import BYTE_SIZE, OFFSET, REGION, SharedMemoryRegistry
 
 #: KServe v2 datatype -> little-endian numpy dtype and the ``InferTensorContents`` field that carries it.
@@ -128,7 +128,7 @@ def select_outputs(outputs: Mapping[str, np.ndarray], requested: Sequence[str]) 
         return list(outputs.items())
     unknown = [name for name in requested if name not in outputs]
     if unknown:
-        raise InputError(f"unknown output {unknown[0]!r}: the model's outputs are {', '.join(outputs)}")
+        raise InputError(f"unknown output {quote(unknown[0])}: the model's outputs are {', '.join(outputs)}")
     return [(name, outputs[name]) for name in dict.fromkeys(requested)]
 
 

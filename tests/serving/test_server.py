@@ -26,8 +26,9 @@ from PIL import Image, ImageOps
 from serving.card import ModelCard
 from serving.client import CourseZooClient
 from serving.postprocess import softmax
-from serving.preprocess import encode_names
+from serving.preprocess import InputError, encode_names
 from serving.protos import classifier_pb2 as pb
+from serving.services.base import MAX_MESSAGE_CHARS, message_of
 
 if TYPE_CHECKING:
     from tests.conftest import ServerProcess
@@ -252,7 +253,22 @@ ERRORS = [
     Case("diabetes model for sequences", lambda c, m: c.classify_sequences(["x"], model="diabetes_mlp"), INVALID,
          "names or hello model"),
     Case("negative top_k", lambda c, m: c.classify_sequences(["Smith"], top_k=-1), INVALID, "top_k"),
+    # echoed whole, these went past the client's 16 KiB metadata limit (RESOURCE_EXHAUSTED); int() refuses
+    # over 4,300 digits (INTERNAL)
+    Case("a version of 5,000 digits", lambda c, m: c.classify_sequences(["Smith"], model="names_gru",
+                                                                         version="1" * 5000),
+         INVALID, "(5000 characters) is not a whole number > 0 of at most 18 digits"),
+    Case("a model name of 20,000 characters", lambda c, m: c.classify_sequences(["Smith"], model="x" * 20000),
+         NOT_FOUND, "(20000 characters): expected letters, digits, '_', '.' and '-' only, at most 255"),
+    Case("an unknown task filter", lambda c, m: c.list_models(task="Digits"), INVALID,
+         "unknown task 'Digits': expected one of digits, diabetes"),
 ]
+
+
+def test_status_messages_are_cut_to_fit_a_trailer() -> None:
+    assert message_of(InputError("x" * 50)) == "x" * 50
+    cut = message_of(InputError("x" * 100_000))
+    assert cut == "x" * MAX_MESSAGE_CHARS + "... (cut from 100000 characters)"
 
 
 @pytest.mark.parametrize("case", ERRORS, ids=[e.name for e in ERRORS])
