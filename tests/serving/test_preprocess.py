@@ -345,6 +345,25 @@ def test_hello_round_trip_cuts_each_text_to_its_length() -> None:
     assert decode_hello(logits, ["hello", "he"], vocab) == ["hello", "he"]
     with pytest.raises(InputError, match="letters 'x'"):
         encode_hello(["hex"], vocab)
+    with pytest.raises(InputError, match="^text 1: text 'hex' has letters 'x'"):
+        encode_hello(["he", "hex"], vocab)
+
+
+@pytest.mark.parametrize(("name", "bad"), [
+    ("Rossi\r\n", r"'\\n\\r'"), ("Rossi\t", r"'\\t'"), ("Rossi\x7f", r"'\\x7f'"),  # never in the training data
+    ("Ivanov Иванов", "'Иавно'"), ("Straße", "'ß'"), ("Łukasz", "'Ł'"), ("中村", "'中村'"),  # used to be dropped
+])
+def test_names_the_model_cannot_read_are_refused_not_cut(name: str, bad: str) -> None:
+    with pytest.raises(InputError, match=f"has {bad}, which the model cannot read: expected printable ASCII"):
+        encode_names([name])
+
+
+def test_a_name_error_says_which_name() -> None:
+    assert encode_names(["Park ", "ﬁeld"])[1].tolist() == [5, 5]  # spaces are in the data; NFKD unfolds ligatures
+    with pytest.raises(InputError, match="^name 2: empty name ''"):
+        encode_names(["Rossi", "Li", ""])
+    with pytest.raises(InputError, match="^empty name ''"):  # one name needs no index (the batch CLI's rows)
+        encode_names([""])
 
 
 # --- many images at once ----------------------------------------------------------------------------------
