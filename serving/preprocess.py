@@ -369,7 +369,11 @@ def _to_gray(img: Image.Image) -> np.ndarray:
 def _to_uint8_range(x: np.ndarray) -> np.ndarray:
     """32-bit integer or float pixels have no fixed range: keep grey levels that are already 0..255,
     otherwise stretch the image's own range onto 0..255."""
+    if not np.isfinite(x).all():
+        raise InputError("the image has NaN or infinite pixel values: expected finite grey levels")
     lo, hi = float(x.min()), float(x.max())
+    if lo == hi:  # one grey level, beyond 0..255 or not: nothing to stretch, and no digit
+        raise InputError(_no_digit(lo, hi))
     if lo < 0 or hi > 255:
         x = (x - lo) * (255 / (hi - lo))
     return np.rint(x).astype(np.uint8)
@@ -425,8 +429,8 @@ def _light_on_dark_stack(grays: np.ndarray) -> tuple[np.ndarray, dict[int, Input
     return light, {int(j): InputError(_no_digit(int(lo[j]), int(hi[j]))) for j in blank}
 
 
-def _no_digit(lo: int, hi: int) -> str:
-    return f"no digit found: grey levels only span {lo}..{hi}; expected a digit that stands out from its background"
+def _no_digit(lo: float, hi: float) -> str:
+    return f"no digit found: grey levels only span {lo:g}..{hi:g}; expected a digit that stands out from its background"
 
 
 def _place(gray: np.ndarray, background: float, height: int, width: int, fit_box: int) -> np.ndarray:

@@ -105,6 +105,16 @@ def in_mode(image: np.ndarray, mode: str) -> bytes:
     return _save(Image.fromarray(image).convert(mode))
 
 
+@pytest.mark.parametrize(("pixels", "message"), [
+    (np.full((28, 28), 1000, np.int32), "no digit found: grey levels only span 1000..1000"),  # was "damaged"
+    (np.full((28, 28), -3.5, np.float32), "no digit found: grey levels only span -3.5..-3.5"),
+    (np.where(np.eye(28, dtype=bool), np.float32("nan"), np.float32(0)), "NaN or infinite pixel values"),
+])
+def test_32_bit_images_without_a_range_say_so(pixels: np.ndarray, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        decode_digit(encode(pixels, "TIFF"), PREP)
+
+
 def test_inverted_plain_mnist_image_is_exact(mnist: np.ndarray) -> None:
     np.testing.assert_array_equal(decode_all([encode(255 - a) for a in mnist]), training_normalization(mnist))
 
