@@ -129,8 +129,10 @@ def decode_hello(logits: np.ndarray, texts: Sequence[str], vocabulary: Sequence[
 
 # --- Records: diabetes (lectures 7-8) --------------------------------------------------------------
 
-def encode_features(records: Sequence[Sequence[float]], num_features: int) -> np.ndarray:
-    """Feature rows -> float32 [N, num_features]; wrong counts, NaN and infinities are refused."""
+def encode_features(records: Sequence[Sequence[float]], num_features: int,
+                    feature_range: Sequence[float] | None = None) -> np.ndarray:
+    """Feature rows -> float32 [N, num_features]; wrong counts, NaN, infinities and (given the card's
+    ``feature_range``) values far outside the scaled range are refused."""
     if not records:
         raise InputError("no records given: expected at least one")
     for i, r in enumerate(records):
@@ -142,7 +144,25 @@ def encode_features(records: Sequence[Sequence[float]], num_features: int) -> np
     if bad.size:
         raise InputError(f"record {int(bad[0])} has NaN or infinite values (or beyond float32's range): expected "
                          "finite numbers, |x| < 3.4e38")
+    if feature_range is not None:
+        check_feature_range(x, feature_range, "record")
     return x
+
+
+#: How far beyond the card's ``feature_range`` a feature may lie, in widths of that range. The course's diabetes
+#: CSV is min-max scaled over its own rows, so a new patient may lie a little outside it; an unscaled record (a
+#: glucose of 148 where the CSV has 0.49) lies far outside and would be answered with a confident nonsense.
+RANGE_SLACK = 0.5
+
+
+def check_feature_range(x: np.ndarray, feature_range: Sequence[float], row: str) -> None:
+    lo, hi = feature_range
+    slack = (hi - lo) * RANGE_SLACK
+    outside = (x < lo - slack) | (x > hi + slack)
+    if outside.any():
+        i, j = (int(k) for k in np.argwhere(outside)[0])
+        raise InputError(f"{row} {i} feature {j} is {float(x[i, j]):g}: expected features scaled as in the course "
+                         f"CSV, {lo:g}..{hi:g} (accepted: {lo - slack:g}..{hi + slack:g})")
 
 
 # --- Images: digits (lectures 9-11) ----------------------------------------------------------------
@@ -477,7 +497,7 @@ def model_inputs(card: ModelCard, items: Sequence[Any]) -> dict[str, np.ndarray]
     """
     prep, names = card.preprocessing, [t.name for t in card.inputs]
     if card.task == "diabetes":
-        return {names[0]: encode_features(items, prep["num_features"])}
+        return {names[0]: encode_features(items, prep["num_features"], prep.get("feature_range"))}
     if card.task == "names":
         chars, lengths = encode_names(items, prep["vocab_size"])
         return {names[0]: chars, names[1]: lengths}
@@ -495,7 +515,9 @@ def check_task_inputs(card: ModelCard, inputs: Mapping[str, np.ndarray]) -> None
     the merged batch it came in (which then runs again request by request).
     """
     prep, names = card.preprocessing, [t.name for t in card.inputs]
-    if card.task == "names":
+    if card.task == "diabetes" and "feature_range" in prep:
+        check_feature_range(inputs[names[0]], prep["feature_range"], f"input {names[0]!r} row")
+    elif card.task == "names":
         chars, lengths = inputs[names[0]], inputs[names[1]]
         _check_indices(names[0], chars, prep["vocab_size"], "character codes (ASCII)")
         longest = chars.shape[1]

@@ -92,7 +92,8 @@ class Preparer:
 
     def _diabetes(self, item: Item) -> list[float] | Failure:
         prep = self.preprocessing
-        return _validated(item.data, prep and (lambda r: preprocess.encode_features([r], prep["num_features"])),
+        return _validated(item.data, prep and (lambda r: preprocess.encode_features([r], prep["num_features"],
+                                                                                    prep.get("feature_range"))),
                           INVALID["diabetes"])
 
     def _names(self, item: Item) -> str | Failure:

@@ -76,14 +76,16 @@ def test_diabetes_csv_with_bad_rows(batch: Batch, diabetes_rows: list[list[str]]
     """The course file with a header and its label column, plus rows a spreadsheet export really produces."""
     lines = ["Pregnancies,Glucose,BloodPressure,SkinThickness,Insulin,BMI,Pedigree,Age,Outcome"]
     lines += [",".join(row) for row in diabetes_rows]
-    lines += ["0.1,0.2,0.3", "0.1,x,0,0,0,0,0,0,1", "nan,0,0,0,0,0,0,0,1", "", "0,0,0,0,0,0,0,0,1"]
+    lines += ["0.1,0.2,0.3", "0.1,x,0,0,0,0,0,0,1", "nan,0,0,0,0,0,0,0,1", "6,148,72,35,0,33.6,0.627,50,1", "",
+              "0,0,0,0,0,0,0,0,1"]
     (tmp_path / "patients.dat").write_text("\n".join(lines) + "\n")
     run = batch(tmp_path / "patients.dat", "--repo", EXPORTED, "--top-k", "2", out=tmp_path / "d.csv")
     assert run.code == 2, run.err
-    assert len(run.rows) == len(diabetes_rows) + 4  # the blank line is not a record
+    assert len(run.rows) == len(diabetes_rows) + 5  # the blank line is not a record
     assert [r["path"] for r in run.rows[:2]] == [f"{tmp_path}/patients.dat:2", f"{tmp_path}/patients.dat:3"]
     errors = [r for r in run.rows if r["error"]]
-    assert [_reason(r) for r in errors] == ["bad row"] * 3
+    assert [_reason(r) for r in errors] == ["bad row"] * 4
+    assert "feature 0 is 6: expected features scaled as in the course CSV" in errors[-1]["error"]  # unscaled
     good = [r for r in run.rows if not r["error"]]
     accuracy = sum(r["prediction"] == r["label"] for r in good[:-1]) / len(diabetes_rows)
     assert accuracy >= 0.7  # the model's test-split accuracy is 0.757; the file is mostly training rows

@@ -337,6 +337,17 @@ def test_features_are_float32_rows_and_bad_records_are_refused() -> None:
         encode_features([], 8)
 
 
+def test_features_far_outside_the_cards_range_are_refused() -> None:
+    """Half the range's width of slack either side: a new patient may lie a little beyond the course CSV's
+    own min-max scaling; an unscaled record lies far beyond it."""
+    inside = [[-2.0] * 8, [2.0] * 8, [1.3, -1.4] * 4]
+    assert encode_features(inside, 8, (-1.0, 1.0)).tolist() == np.float32(inside).tolist()
+    with pytest.raises(InputError, match=r"record 1 feature 2 is -2.1: expected features scaled as in the course "
+                                         r"CSV, -1..1 \(accepted: -2..2\)"):
+        encode_features([[0.0] * 8, [0.0, 0.0, -2.1, 0.0, 0.0, 0.0, 0.0, 0.0]], 8, (-1.0, 1.0))
+    assert encode_features([[148.0] * 8], 8).shape == (1, 8)  # no range on the card, no check
+
+
 def test_names_are_ascii_code_points_with_lengths() -> None:
     chars, lengths = encode_names(["Müller", "Li"])
     assert lengths.tolist() == [6, 2]

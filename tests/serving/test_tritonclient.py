@@ -58,7 +58,8 @@ def sample(card: ModelCard, n: int = 3) -> dict[str, np.ndarray]:
         return {names[0]: encode_hello(["hello", "ohl", "lol", "eh"][:n], card.preprocessing["vocabulary"])}
     (spec,) = card.inputs
     shape = [n, *spec.shape[1:]]
-    return {spec.name: rng.uniform(-1, 4, size=shape).astype(spec.numpy_dtype)}
+    low, high = card.preprocessing.get("feature_range", (-1, 4))  # diabetes records: scaled as in the course CSV
+    return {spec.name: rng.uniform(low, high, size=shape).astype(spec.numpy_dtype)}
 
 
 def onnx_outputs(repo: Path, card: ModelCard, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -249,6 +250,9 @@ INFER_ERRORS = [
     ("an input name of 20,000 characters",
      lambda c: c.infer("linear_regression", triton_inputs({"z" * 20000: np.ones((1, 1), "float32")})),
      "INVALID_ARGUMENT", "(20000 characters): expected x FP32"),
+    ("an unscaled diabetes record",
+     lambda c: c.infer("diabetes_mlp", triton_inputs({"features": np.array([[0, 148, 0, 0, 0, 0, 0, 0]], "float32")})),
+     "INVALID_ARGUMENT", "input 'features' row 0 feature 1 is 148: expected features scaled"),
     ("a names length of 0", lambda c: c.infer("names_gru", triton_inputs({"chars": np.full((1, 3), 65, "int64"),
                                                                         "lengths": np.zeros(1, "int64")})),
      "INVALID_ARGUMENT", "'lengths' item 0 is 0"),
