@@ -120,11 +120,35 @@ def latest_version(repo: Path, name: str) -> Path:
     return versions[-1]
 
 
+def contract_differences(entry: Entry, card: ModelCard) -> list[str]:
+    """The card fields serving acts on (and the bar) where the card disagrees with the catalogue.
+
+    The server labels, encodes and shapes requests by the card alone: a card whose labels were reordered
+    would have every answer named wrong while its accuracy, measured by index, still matched. The
+    preprocessing's ``note`` is prose for people and may be reworded without a new export.
+    """
+    def plain(value: Any) -> Any:  # tuples and lists alike, as the card's JSON holds them
+        return json.loads(json.dumps(value, default=lambda spec: spec.to_json()))
+
+    def settings(preprocessing: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in preprocessing.items() if k != "note"}
+
+    pairs = {"task": (card.task, entry.task), "inputs": (card.inputs, entry.inputs),
+             "outputs": (card.outputs, entry.outputs), "labels": (card.labels, entry.labels),
+             "preprocessing": (settings(card.preprocessing), settings(dict(entry.preprocessing))),
+             "bar": (card.metrics.get("bar"), entry.bar)}
+    return [field for field, (on_card, in_catalogue) in pairs.items() if plain(on_card) != plain(in_catalogue)]
+
+
 def evaluate_export(entry: Entry, version_dir: Path, cfg: data.DataConfig) -> dict[str, Any]:
-    """Fresh held-out metrics of an exported ONNX file, compared with its card and its bar."""
+    """Fresh held-out metrics of an exported ONNX file, compared with its card and its bar, and the card's
+    contract compared with the catalogue."""
     card = ModelCard.load(version_dir)
     onnx_path = card.verify_file(version_dir, ONNX_FILE)
     metrics = measure(entry, onnx_predictor(str(onnx_path)), cfg)
+    missing = sorted(set(metrics) - set(card.metrics))
+    if missing:
+        raise CardError(f"{version_dir / 'model.json'}: its metrics lack {', '.join(missing)}")
     ok, verdict = meets_bar(entry, metrics)
     if "accuracy" in metrics:
         delta = abs(metrics["accuracy"] - card.metrics["accuracy"])
@@ -133,7 +157,8 @@ def evaluate_export(entry: Entry, version_dir: Path, cfg: data.DataConfig) -> di
         delta, matches = 0.0, all(metrics[k] == card.metrics[k] if isinstance(metrics[k], str)
                                   else abs(metrics[k] - card.metrics[k]) <= 1e-4 for k in metrics)
     return {"name": entry.name, "version": card.version, "metrics": metrics, "meets_bar": ok,
-            "verdict": verdict, "card_delta": delta, "matches_card": matches}
+            "verdict": verdict, "card_delta": delta, "matches_card": matches,
+            "differs_from_catalogue": contract_differences(entry, card)}
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -157,10 +182,13 @@ def main(args: argparse.Namespace) -> int:
             bad += 1
             continue
         results.append(r)
-        good = r["meets_bar"] and r["matches_card"]
+        good = r["meets_bar"] and r["matches_card"] and not r["differs_from_catalogue"]
         bad += not good
+        notes = ([] if r["matches_card"] else ["differs from its card"]) + \
+            ([f"card and catalogue differ: {', '.join(r['differs_from_catalogue'])}"]
+             if r["differs_from_catalogue"] else [])
         print(f"[{'ok ' if good else 'BAD'}] {r['name']} v{r['version']}: {r['verdict']}"
-              f"{'' if r['matches_card'] else ' (differs from its card)'}")
+              + "".join(f" ({note})" for note in notes))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 1 if bad else 0
