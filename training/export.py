@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import json
 import platform
 import shutil
@@ -25,7 +26,7 @@ import torch
 import torchvision
 
 from serving.card import ONNX_FILE, TORCHSCRIPT_FILE, ModelCard, sha256_file
-from serving.preprocess import encode_hello
+from serving.preprocess import encode_hello, encode_names
 from training import data, evaluate
 from training.catalog import HELLO_VOCAB, Entry, resolve
 from training.models import build
@@ -43,11 +44,24 @@ def next_version(model_dir: Path) -> str:
     return str(max(versions, default=0) + 1)
 
 
+#: Names beside the held-out sample in the parity batch: the edges of a packed sequence (one step, and a long
+#: name that pads every other row by far more than the test set's longest does).
+EDGE_NAMES = ("A", "Wolfeschlegelsteinhausenbergerdorff")
+
+
 def parity_inputs(entry: Entry, cfg: data.DataConfig) -> list[dict[str, np.ndarray]]:
-    """Real held-out inputs at batch size 1 and at a larger batch."""
+    """Real held-out inputs at batch size 1 and at a larger batch that reaches the edges of the model's
+    dynamic axes: sequence lengths from 1 to well past the data's, and for names, every country."""
     chunk = evaluate.held_out(entry, cfg)[0][0]
-    if entry.task == "hello":  # one held-out word: add the other course words for a real batch
-        chunk = {"chars": encode_hello(["hello", "ohlol", "hell", "lol"], HELLO_VOCAB)}
+    if entry.task == "hello":  # one held-out word: add the other course words, one letter and a long text
+        chunk = {"chars": encode_hello(["hello", "ohlol", "hell", "lol", "h", "hello" * 8], HELLO_VOCAB)}
+    elif entry.task == "names":  # the test file is sorted by country: take names from each in turn, then the edges
+        by_country: dict[int, list[str]] = {}
+        for name, country in data.NamesDataset(train=False, cfg=cfg).items:
+            by_country.setdefault(country, []).append(name)
+        in_turn = [name for names in itertools.zip_longest(*by_country.values()) for name in names if name]
+        chars, lengths = encode_names([*in_turn[: 64 - len(EDGE_NAMES)], *EDGE_NAMES])
+        chunk = {"chars": chars, "lengths": lengths}
     elif entry.task in ("regression", "logistic"):  # the three training points and the held-out ones
         name = entry.inputs[0].name
         chunk = {name: np.concatenate([chunk[name], np.array([[1.0], [2.0], [3.0]], dtype=np.float32)])}

@@ -10,7 +10,7 @@ import pytest
 from serving.card import ModelCard
 from training import data
 from training.catalog import CATALOG
-from training.export import PARITY_ATOL, ExportError, _check_close, export_one
+from training.export import PARITY_ATOL, ExportError, _check_close, export_one, parity_inputs
 from training.train import train_one
 
 # one model per family of exported graph: MLP, CNN, branches, RNN loop, packed bidirectional GRU
@@ -81,3 +81,18 @@ def test_a_checkpoint_that_is_not_its_reports_is_refused(damage: str, data_cfg: 
     with pytest.raises(ExportError, match="diabetes_mlp: .*run `coursezoo train diabetes_mlp` again"):
         export_one(entry, data_cfg, tmp_path / "runs", tmp_path / "repo", allow_below_bar=True)
     assert not (tmp_path / "repo").exists()
+
+
+def test_parity_batches_reach_the_edges_of_the_dynamic_axes(data_cfg: data.DataConfig) -> None:
+    """Names: every country, a one-letter name and one longer than any in the data; hello: 1 to 40 steps."""
+    one, big = parity_inputs(CATALOG["names_gru"], data_cfg)
+    assert len(one["lengths"]) == 1 and len(big["lengths"]) == 64
+    items = data.NamesDataset(train=False, cfg=data_cfg).items
+    longest = max(len(name) for name, _ in items)
+    assert big["lengths"].min() == 1 and big["lengths"].max() > longest == 18
+    assert big["chars"].shape[1] == big["lengths"].max()
+    codes = {tuple(row[:n]) for row, n in zip(big["chars"].tolist(), big["lengths"].tolist(), strict=True)}
+    countries = {country for name, country in items if tuple(name.encode()) in codes}
+    assert countries == set(range(len(CATALOG["names_gru"].labels)))
+    _, hello = parity_inputs(CATALOG["hello_rnn"], data_cfg)
+    assert hello["chars"].shape == (6, 40)
