@@ -49,6 +49,14 @@ _RETRY_SERVICE_CONFIG = json.dumps({
 })
 
 
+#: A connection whose peer stopped answering (its host gone, the network path cut) shows no error by itself:
+#: a stream, or a call without a deadline, would wait for ever. gRPC pings the server every ``KEEPALIVE_S``
+#: while calls are open and drops the connection (UNAVAILABLE) when a ping goes unanswered for
+#: ``PING_TIMEOUT_S``. The server accepts pings this often (``serving.server.MIN_CLIENT_PING_INTERVAL_S``).
+KEEPALIVE_S = 30.0
+PING_TIMEOUT_S = 20.0
+
+
 def tls_credentials(ca: str | Path | None = None, cert: str | Path | None = None,
                     key: str | Path | None = None) -> grpc.ChannelCredentials:
     """Channel credentials from PEM files: ``ca`` to trust (None = the system roots), ``cert``/``key`` the
@@ -86,12 +94,18 @@ class CourseZooClient:
 
     def __init__(self, target: str, *, timeout: float = 30.0, chunk_size: int = 256, max_in_flight: int = 4,
                  credentials: grpc.ChannelCredentials | None = None, metadata: Sequence[tuple[str, str]] = (),
-                 token: str | None = None, max_message_mb: int = 64, connections: int = 1) -> None:
+                 token: str | None = None, max_message_mb: int = 64, connections: int = 1,
+                 keepalive_s: float = KEEPALIVE_S, ping_timeout_s: float = PING_TIMEOUT_S) -> None:
         if connections < 1:
             raise ValueError(f"connections={connections}: expected 1 or more")
+        ping_timeout_ms = int(ping_timeout_s * 1000)
         options = [("grpc.max_send_message_length", max_message_mb << 20),
                    ("grpc.max_receive_message_length", max_message_mb << 20),
                    ("grpc.enable_retries", 1), ("grpc.service_config", _RETRY_SERVICE_CONFIG),
+                   # gRPC 1.85 drops an unanswered keepalive ping after the ping timeout (60 s by default),
+                   # not after the keepalive timeout alone: both are set
+                   ("grpc.keepalive_time_ms", int(keepalive_s * 1000)), ("grpc.keepalive_timeout_ms", ping_timeout_ms),
+                   ("grpc.http2.ping_timeout_ms", ping_timeout_ms),
                    # Channels of one process otherwise share one connection per target and options.
                    ("grpc.use_local_subchannel_pool", int(connections > 1))]
         self.channels = [grpc.secure_channel(target, credentials, options) if credentials is not None

@@ -235,6 +235,13 @@ class DrainGate(grpc.aio.ServerInterceptor):
                 await asyncio.wait_for(asyncio.sleep(max(0.0, self.QUIET_S - quiet)), deadline - loop.time())
 
 
+#: See ``build_grpc_server``: the least time between a client's pings that is not abuse, and how often the
+#: server pings a connection with calls open and how long it waits for the answer.
+MIN_CLIENT_PING_INTERVAL_S = 10.0
+KEEPALIVE_S = 60.0
+PING_TIMEOUT_S = 20.0
+
+
 def build_grpc_server(settings: ServerSettings, classifier: ClassifierService, inference: InferenceService,
                       health: HealthService, interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
                       security: Security | None = None, reuse_port: bool = False) -> tuple[grpc.aio.Server, int]:
@@ -250,6 +257,13 @@ def build_grpc_server(settings: ServerSettings, classifier: ClassifierService, i
     options = [
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
+        # Clients' keepalive pings (serving.client pings every 30 s while calls are open) are welcome this
+        # often; gRPC's default, 5 minutes, counts faster pings on a quiet stream as abuse and ends the
+        # connection (GOAWAY "too_many_pings"). The server pings its clients too, so a stream whose client
+        # vanished without closing its connection is dropped in about a minute and a half, not two hours.
+        ("grpc.http2.min_ping_interval_without_data_ms", int(MIN_CLIENT_PING_INTERVAL_S * 1000)),
+        ("grpc.keepalive_time_ms", int(KEEPALIVE_S * 1000)), ("grpc.keepalive_timeout_ms", int(PING_TIMEOUT_S * 1000)),
+        ("grpc.http2.ping_timeout_ms", int(PING_TIMEOUT_S * 1000)),
         # A second server on a busy port must fail, not share it silently; workers share their supervisor's.
         ("grpc.so_reuseport", int(reuse_port)),
     ]

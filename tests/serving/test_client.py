@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import socket
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -10,7 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from serving import client as client_module
+from serving import server as server_module
 from serving.client import CourseZooClient, to_image
+from serving.process import ServerProcess
 from serving.protos import classifier_pb2 as pb
 
 
@@ -102,3 +110,73 @@ def test_a_refused_or_shutdown_cancelled_call_is_resent(code: grpc.StatusCode) -
     finally:
         server.stop(None)
     assert reply.model == "stub" and attempts == [1, 1]
+
+
+class SilentProxy:
+    """A TCP relay to ``target`` that can go silent: it then keeps both connections open and forwards nothing,
+    as a peer whose host died, or whose network path was cut, does."""
+
+    def __init__(self, target: str) -> None:
+        host, port = target.rsplit(":", 1)
+        self.upstream = (host, int(port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.target = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.silent = threading.Event()
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):  # the listener closed
+            while True:
+                downstream, _ = self.listener.accept()
+                upstream = socket.create_connection(self.upstream)
+                self.sockets += [downstream, upstream]
+                for source, sink in ((downstream, upstream), (upstream, downstream)):
+                    threading.Thread(target=self._relay, args=(source, sink), daemon=True).start()
+
+    def _relay(self, source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while (data := source.recv(65536)) and not self.silent.is_set():
+                sink.sendall(data)
+
+    def close(self) -> None:
+        for s in (self.listener, *self.sockets):
+            s.close()
+
+
+def test_a_stream_to_a_server_gone_silent_fails_instead_of_waiting_for_ever(server: ServerProcess) -> None:
+    """Keepalive pings find the dead connection: the stream ends UNAVAILABLE ("ping timeout"). Without them it
+    waited for ever, its requests still coming (a camera, say) and no reply."""
+    proxy = SilentProxy(server.target)
+    replies: list[pb.ClassifyDigitsResponse] = []
+    outcome: list[BaseException] = []
+
+    def images() -> Iterator[np.ndarray]:
+        yield np.zeros((28, 28), np.uint8)
+        while not replies:  # the first image is answered before the connection goes silent
+            time.sleep(0.01)
+        proxy.silent.set()
+        while True:
+            yield np.zeros((28, 28), np.uint8)
+            time.sleep(0.1)
+
+    def stream() -> None:
+        with CourseZooClient(proxy.target, chunk_size=1, keepalive_s=0.5, ping_timeout_s=0.5) as client:
+            try:
+                replies.extend(client.stream_classify_digits(images()))
+            except grpc.RpcError as e:
+                outcome.append(e)
+
+    try:
+        worker = threading.Thread(target=stream, daemon=True)
+        worker.start()
+        worker.join(60)  # a bound on the wait, not a measure: the pings give up after about a second
+        assert not worker.is_alive(), "the stream is still waiting on a silent connection"
+    finally:
+        proxy.close()
+    assert len(replies) == 1 and outcome[0].code() == grpc.StatusCode.UNAVAILABLE, outcome
+
+
+def test_the_server_accepts_the_clients_pings() -> None:
+    """gRPC ends a connection whose pings come faster than the server allows (GOAWAY "too_many_pings")."""
+    assert client_module.KEEPALIVE_S >= 2 * server_module.MIN_CLIENT_PING_INTERVAL_S
