@@ -4,19 +4,24 @@ Files live under a data root (default ``data/``) laid out like the read-only mir
 (``mnist/*.gz``, ``diabetes/diabetes.csv.gz``, ``names/names_{train,test}.csv.gz``). A missing file is
 copied from the mirror (``COURSEZOO_DATA_MIRROR`` / ``--data-mirror``), else downloaded (MNIST from
 torchvision's standard mirrors; the course CSVs from ``COURSEZOO_DATA_BASE_URL`` when set), else the
-loader stops with a message that names the files and where to put them.
+loader stops with a message that names the files and where to put them. A copy from a mirror that has a
+``SHA256SUMS`` is checked against it, and a corrupt file is reported with advice that can work: a bad
+file the mirror holds is named as the mirror's, to be fixed there (fetching it again copies the same bytes).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import filecmp
 import gzip
 import io
 import os
 import shutil
 import struct
+import time
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +48,7 @@ FILES: dict[str, tuple[str, ...]] = {
 }
 
 #: IDX header checks: file -> (magic, item count); a truncated or foreign file fails here, clearly.
+#: Images are 28x28, so the images' header goes on with (28, 28); see ``_idx_layout``.
 _IDX = {
     "train-images-idx3-ubyte": (2051, 60000), "train-labels-idx1-ubyte": (2049, 60000),
     "t10k-images-idx3-ubyte": (2051, 10000), "t10k-labels-idx1-ubyte": (2049, 10000),
@@ -94,14 +100,14 @@ def _download(rel: str, dest: Path) -> bool:
 
 def ensure_files(dataset: str, cfg: DataConfig) -> list[Path]:
     """Make the data set's files present under the root; return their paths."""
+    _refuse_mirror_root(cfg)
     paths, missing = [], []
     for rel in FILES[dataset]:
         dest = cfg.root / rel
         if not dest.exists():
             dest.parent.mkdir(parents=True, exist_ok=True)
-            src = cfg.mirror / rel if cfg.mirror else None
-            if src is not None and src.exists():
-                shutil.copyfile(src, dest)
+            if cfg.mirror is not None and (cfg.mirror / rel).exists():
+                _copy_from_mirror(cfg.mirror, rel, dest)
             elif not (dataset == "mnist" and _download_mnist(cfg)) and not _download(rel, dest):
                 missing.append(rel)
                 continue
@@ -114,6 +120,61 @@ def ensure_files(dataset: str, cfg: DataConfig) -> list[Path]:
             f"out the same way) and try again."
         )
     return paths
+
+
+def _refuse_mirror_root(cfg: DataConfig) -> None:
+    """Stop when the data root is a mirror: the configured one, or any folder holding a ``SHA256SUMS`` (which
+    a mirror has and a data root never gets).
+
+    The loader writes into its root: copies of missing files and the 53 MB raw MNIST cache torchvision reads
+    (``<root>/MNIST/raw``). A mirror is shared and meant to stay read-only, yet as root (or with write
+    access) those writes would land in it. Refused rather than cached elsewhere: another place would hold
+    53 MB nobody chose, while the fix here is one flag, which the message names.
+    """
+    if (cfg.root / "SHA256SUMS").exists():
+        why = "it holds a SHA256SUMS"
+    elif (cfg.mirror is not None and cfg.root.exists() and cfg.mirror.exists()
+          and os.path.samefile(cfg.root, cfg.mirror)):
+        why = "it is the configured mirror"
+    else:
+        return
+    raise DataError(
+        f"the data root {cfg.root} is a data mirror ({why}); the loader writes into its data root (copies, the "
+        f"MNIST cache) and must not write into a mirror. Use it as the mirror (--data-mirror {cfg.root} or "
+        f"COURSEZOO_DATA_MIRROR) with a data root of your own (--data-root or COURSEZOO_DATA_ROOT, default data/)."
+    )
+
+
+def _copy_from_mirror(mirror: Path, rel: str, dest: Path) -> None:
+    """Copy the mirror's ``rel`` to ``dest``, checked against the mirror's SHA256SUMS when it has one.
+
+    The copy is hashed once as it arrives, so what lands in the root is what was checked, at one read per
+    file and process. A mismatch names the mirror's file: deleting the local copy would only fetch the same
+    bytes again. A partial or rejected copy never takes the file's name.
+    """
+    src, tmp = mirror / rel, dest.with_suffix(dest.suffix + ".part")
+    shutil.copyfile(src, tmp)
+    expected = _listed_sha256(mirror, rel)
+    if expected is not None and (actual := sha256_file(tmp)) != expected:
+        tmp.unlink()
+        raise DataError(
+            f"the mirror's copy {src} does not match its SHA256SUMS (sha256 {actual[:12]}…, listed "
+            f"{expected[:12]}…): fix or replace it in the mirror (`sha256sum -c SHA256SUMS` there checks all)"
+        )
+    tmp.replace(dest)
+
+
+def _listed_sha256(mirror: Path, rel: str) -> str | None:
+    """The sha256 the mirror's SHA256SUMS lists for ``rel`` (``sha256sum`` lines, ``./`` or ``*`` before the
+    name allowed); None without a SHA256SUMS or an entry: such a file goes unchecked, as before."""
+    sums = mirror / "SHA256SUMS"
+    if not sums.is_file():
+        return None
+    for line in sums.read_text(encoding="utf-8", errors="replace").splitlines():
+        digest, _, name = line.partition(" ")
+        if name.strip().lstrip("*").removeprefix("./") == rel:
+            return digest.lower()
+    return None
 
 
 def _download_mnist(cfg: DataConfig) -> bool:
@@ -134,12 +195,28 @@ def data_sha256(dataset: str, cfg: DataConfig) -> dict[str, str]:
     return {rel: sha256_file(cfg.root / rel) for rel in FILES[dataset]}
 
 
-def _gunzip(path: Path) -> bytes:
+def _clip(text: str, limit: int = 200) -> str:
+    """``text`` cut to ``limit`` characters: a wrong file's "bad value" can be the whole file (a 10 KB field)."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
+def _corrupt(path: Path, problem: str, cfg: DataConfig) -> DataError:
+    """The error for a corrupt file under the root, with advice that can work: when the mirror holds the same
+    bytes, deleting the file would only copy them again, so the mirror's file is named as the one to fix."""
+    src = cfg.mirror / path.relative_to(cfg.root) if cfg.mirror else None
+    if src is not None and src.is_file() and filecmp.cmp(path, src, shallow=False):
+        advice = f"it is the mirror's copy {src}, which is corrupt too: fix or replace it in the mirror"
+    else:
+        advice = "delete it and run again to fetch a fresh copy"
+    return DataError(f"{path} is corrupt: {problem}; {advice}")
+
+
+def _gunzip(path: Path, cfg: DataConfig) -> bytes:
     try:
         with gzip.open(path, "rb") as f:
             return f.read()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise DataError(f"{path} is corrupt ({e}); delete it and run again to fetch a fresh copy") from e
+    except (OSError, EOFError, zlib.error) as e:  # a damaged deflate stream is a zlib.error, not an OSError
+        raise _corrupt(path, f"not a readable gzip ({e})", cfg) from e
 
 
 # --- MNIST (lectures 9-11) -------------------------------------------------------------------------
@@ -148,32 +225,61 @@ MNIST_TRANSFORM = transforms.Compose([transforms.ToTensor(), transforms.Normaliz
 
 
 def mnist(train: bool, cfg: DataConfig) -> Dataset:
-    """torchvision's MNIST with the course transform, read from ``<root>/MNIST/raw``."""
+    """torchvision's MNIST with the course transform, read from ``<root>/MNIST/raw`` (the checked .gz files,
+    extracted again whenever the raw copy is not current; see ``_raw_is_current``)."""
+    paths = ensure_files("mnist", cfg)
     raw_dir = cfg.root / "MNIST" / "raw"
     raw_dir.mkdir(parents=True, exist_ok=True)
-    for gz in ensure_files("mnist", cfg):
+    for gz in paths:
         raw = raw_dir / gz.stem
-        if not raw.exists() or raw.stat().st_mtime < gz.stat().st_mtime:
-            data = _gunzip(gz)
-            _check_idx(gz, data)
+        if not _raw_is_current(raw, gz):
+            data = _gunzip(gz, cfg)
+            _check_idx(gz, data, cfg)
             tmp = raw.with_suffix(".part")
             tmp.write_bytes(data)
+            os.utime(tmp, ns=(time.time_ns(), gz.stat().st_mtime_ns))  # the mark _raw_is_current looks for
             tmp.replace(raw)
     return datasets.MNIST(str(cfg.root), train=train, download=False, transform=MNIST_TRANSFORM)
 
 
-def _check_idx(path: Path, data: bytes) -> None:
-    magic, count = _IDX[path.stem]
-    if len(data) < 8:
-        raise DataError(f"{path} is corrupt: {len(data)} bytes, too short for an IDX header")
-    got_magic, got_count = struct.unpack(">II", data[:8])
-    item = 28 * 28 if magic == 2051 else 1
-    header = 16 if magic == 2051 else 8
-    if (got_magic, got_count) != (magic, count) or len(data) != header + count * item:
-        raise DataError(
-            f"{path} is corrupt: IDX magic {got_magic}, {got_count} items, {len(data)} bytes; expected magic "
-            f"{magic} and {count} items ({header + count * item} bytes). Delete it and run again."
-        )
+def _idx_layout(name: str) -> tuple[tuple[int, ...], int]:
+    """The header fields an intact IDX file starts with (magic, items, then rows and columns for images) and
+    its size in bytes."""
+    magic, count = _IDX[name]
+    header = (magic, count, 28, 28) if magic == 2051 else (magic, count)
+    return header, 4 * len(header) + count * (28 * 28 if magic == 2051 else 1)
+
+
+def _idx_header(data: bytes, fields: int) -> tuple[int, ...]:
+    """The first ``fields`` big-endian uint32 of ``data``; () when it is too short to hold them."""
+    return struct.unpack(f">{fields}I", data[: 4 * fields]) if len(data) >= 4 * fields else ()
+
+
+def _raw_is_current(raw: Path, gz: Path) -> bool:
+    """Whether the extracted ``raw`` can be read as it is: it still carries its .gz's exact mtime (given to it
+    when extracted), and the IDX size and header.
+
+    A write to either file since breaks the mtime match, so the cache is extracted again: before, a cache
+    newer than its .gz was trusted, and truncated it reached torchvision as a shape error, rewritten with
+    shuffled labels it was read as the data. Hashing 53 MB per run would cost more than a stat and 16 bytes.
+    """
+    try:
+        st = raw.stat()
+        with open(raw, "rb") as f:
+            head = f.read(16)
+    except FileNotFoundError:
+        return False
+    header, size = _idx_layout(raw.name)
+    return (st.st_mtime_ns == gz.stat().st_mtime_ns and st.st_size == size
+            and _idx_header(head, len(header)) == header)
+
+
+def _check_idx(path: Path, data: bytes, cfg: DataConfig) -> None:
+    header, size = _idx_layout(path.stem)
+    got = _idx_header(data, len(header))
+    if got != header or len(data) != size:
+        raise _corrupt(path, f"IDX header {got or 'missing'} and {len(data)} bytes; expected IDX header {header} "
+                             f"(magic, items[, rows, columns]) and {size} bytes", cfg)
 
 
 def mnist_arrays(train: bool, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -190,21 +296,31 @@ DIABETES_SPLIT_SEED = 2024
 DIABETES_TEST_FRACTION = 0.2
 
 
-def _read_csv_gz(path: Path) -> list[list[str]]:
-    text = _gunzip(path).decode("utf-8", errors="strict")
-    return [row for row in csv.reader(io.StringIO(text)) if row]
+def _read_csv_gz(path: Path, cfg: DataConfig) -> list[list[str]]:
+    """The non-empty CSV rows of a gzipped UTF-8 file; a file that is not one (binary, a field over the csv
+    module's limit, nothing in it) is a DataError by name."""
+    data = _gunzip(path, cfg)
+    try:
+        rows = [row for row in csv.reader(io.StringIO(data.decode("utf-8", errors="strict"))) if row]
+    except UnicodeDecodeError as e:
+        raise _corrupt(path, f"not UTF-8 text ({e.reason} at byte {e.start})", cfg) from e
+    except csv.Error as e:
+        raise _corrupt(path, f"not CSV ({e})", cfg) from e
+    if not rows:
+        raise _corrupt(path, "no CSV rows", cfg)
+    return rows
 
 
 def diabetes_arrays(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
     """All rows: float32 features [N,8] and float32 labels [N,1]."""
     (path,) = ensure_files("diabetes", cfg)
-    rows = _read_csv_gz(path)
+    rows = _read_csv_gz(path, cfg)
     try:
         table = np.array([[float(v) for v in row] for row in rows], dtype=np.float32)
     except ValueError as e:
-        raise DataError(f"{path} is corrupt: {e}; expected 9 numbers per row") from e
+        raise _corrupt(path, f"{_clip(str(e))}; expected 9 numbers per row", cfg) from e
     if table.ndim != 2 or table.shape[1] != 9 or not np.isfinite(table).all():
-        raise DataError(f"{path} is corrupt: expected rows of 8 features and a label, got shape {table.shape}")
+        raise _corrupt(path, f"expected rows of 8 features and a label, got shape {table.shape}", cfg)
     return table[:, :-1], table[:, -1:]
 
 
@@ -225,12 +341,12 @@ class NamesDataset(Dataset):
 
     def __init__(self, train: bool, cfg: DataConfig) -> None:
         path = ensure_files("names", cfg)[0 if train else 1]
-        rows = _read_csv_gz(path)
+        rows = _read_csv_gz(path, cfg)
         index = {c: i for i, c in enumerate(NAMES_COUNTRIES)}
         try:
             self.items = [(name, index[country]) for name, country in rows]
         except (KeyError, ValueError) as e:
-            raise DataError(f"{path} is corrupt: bad row {e}; expected \"name\",\"country\" lines") from e
+            raise _corrupt(path, f"bad row {_clip(str(e))}; expected \"name\",\"country\" lines", cfg) from e
 
     def __len__(self) -> int:
         return len(self.items)

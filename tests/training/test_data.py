@@ -1,6 +1,7 @@
 """Real data sets load with the course's conventions; missing and corrupt files fail clearly."""
 
 import gzip
+import os
 import shutil
 from pathlib import Path
 
@@ -84,3 +85,116 @@ def test_truncated_idx_is_a_clear_error(tmp_path: Path, data_cfg: data.DataConfi
     src.write_bytes(gzip.compress(payload[: len(payload) // 2]))
     with pytest.raises(data.DataError, match="t10k-images-idx3-ubyte.gz is corrupt"):
         data.mnist(train=False, cfg=data.DataConfig(root=root))
+
+
+def _copy_files(src: Path, dest: Path, rels: tuple[str, ...]) -> None:
+    """Private copies of real data files (from the read-only mirror) laid out under ``dest``."""
+    for rel in rels:
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / rel, dest / rel)
+
+
+@pytest.mark.parametrize("payload", [bytes(range(256)) * 40, b'"' + b"x" * 200_000, b""],
+                         ids=["binary", "field-over-csv-limit", "empty"])
+@pytest.mark.parametrize("rel", ["diabetes/diabetes.csv.gz", "names/names_test.csv.gz"])
+def test_a_file_that_is_not_csv_text_is_a_clear_error(rel: str, payload: bytes, tmp_path: Path,
+                                                      data_cfg: data.DataConfig) -> None:
+    """Binary content (e.g. an MNIST file under the CSV's name) was a UnicodeDecodeError, a huge field a
+    csv.Error, an empty names file an empty data set."""
+    _copy_files(data_cfg.mirror, tmp_path, ("names/names_train.csv.gz",))
+    (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / rel).write_bytes(gzip.compress(payload))
+    cfg = data.DataConfig(root=tmp_path)
+    with pytest.raises(data.DataError, match="is corrupt") as e:
+        data.diabetes_arrays(cfg) if rel.startswith("diabetes") else data.NamesDataset(False, cfg)
+    assert str(tmp_path / rel) in str(e.value) and len(str(e.value)) < 600
+
+
+@pytest.mark.parametrize("rel, text", [
+    ("diabetes/diabetes.csv.gz", "x" * 10_000),
+    ("names/names_test.csv.gz", '"Abl","' + "M" * 10_000 + '"'),
+])
+def test_a_long_bad_value_is_cut_in_the_message(rel: str, text: str, tmp_path: Path,
+                                                data_cfg: data.DataConfig) -> None:
+    _copy_files(data_cfg.mirror, tmp_path, ("names/names_train.csv.gz",))
+    (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / rel).write_bytes(gzip.compress(text.encode()))
+    cfg = data.DataConfig(root=tmp_path)
+    with pytest.raises(data.DataError, match="characters\\)") as e:
+        data.diabetes_arrays(cfg) if rel.startswith("diabetes") else data.NamesDataset(False, cfg)
+    assert len(str(e.value)) < 600
+
+
+def test_a_damaged_deflate_stream_is_a_clear_error(tmp_path: Path, data_cfg: data.DataConfig) -> None:
+    """A valid gzip header over damaged compressed data raises zlib.error, which is not an OSError."""
+    rel = "diabetes/diabetes.csv.gz"
+    _copy_files(data_cfg.mirror, tmp_path, (rel,))
+    blob = bytearray((tmp_path / rel).read_bytes())
+    blob[100:400] = bytes(b ^ 0x5A for b in blob[100:400])
+    (tmp_path / rel).write_bytes(bytes(blob))
+    with pytest.raises(data.DataError, match="diabetes.csv.gz is corrupt: not a readable gzip"):
+        data.diabetes_arrays(data.DataConfig(root=tmp_path))
+
+
+def test_a_bad_raw_mnist_cache_is_extracted_again(tmp_path: Path, data_cfg: data.DataConfig) -> None:
+    """The raw cache newer than its .gz was trusted: truncated, it ended as torchvision's shape error; rewritten
+    with shuffled labels (the .gz touched older), it was read as the data."""
+    _copy_files(data_cfg.mirror, tmp_path, data.FILES["mnist"])
+    cfg = data.DataConfig(root=tmp_path)
+    expected = data.mnist(train=False, cfg=cfg).targets.clone()
+    raw = tmp_path / "MNIST" / "raw"
+    labels, images = raw / "t10k-labels-idx1-ubyte", raw / "t10k-images-idx3-ubyte"
+    labels.write_bytes(labels.read_bytes()[:5000])  # truncated, as by a full disk
+    blob = bytearray(images.read_bytes())
+    blob[4:8] = (9999).to_bytes(4, "big")  # same size, header off
+    images.write_bytes(bytes(blob))
+    ds = data.mnist(train=False, cfg=cfg)
+    assert len(ds) == 10000 and bool((ds.targets == expected).all())
+    assert images.read_bytes()[4:8] == (10000).to_bytes(4, "big")
+
+    blob = bytearray(labels.read_bytes())
+    blob[8:] = bytes(np.random.default_rng(0).permutation(np.frombuffer(bytes(blob[8:]), np.uint8)))
+    labels.write_bytes(bytes(blob))  # same size, valid header, wrong labels
+    os.utime(tmp_path / "mnist" / "t10k-labels-idx1-ubyte.gz", (978307200, 978307200))  # the .gz now older
+    assert bool((data.mnist(train=False, cfg=cfg).targets == expected).all())
+
+
+def test_a_mirror_file_that_does_not_match_its_sha256sums_is_named(tmp_path: Path,
+                                                                    data_cfg: data.DataConfig) -> None:
+    """A mirror file that parses fine but differs from SHA256SUMS (here: one label flipped) is not copied, and the
+    message names the mirror's file, since deleting the local copy would fetch the same bytes again."""
+    rel, mirror, root = "diabetes/diabetes.csv.gz", tmp_path / "mirror", tmp_path / "root"
+    _copy_files(data_cfg.mirror, mirror, (rel, "SHA256SUMS"))
+    text = gzip.decompress((mirror / rel).read_bytes()).decode()
+    first, rest = text.split("\n", 1)
+    flipped = first[:-1] + ("0" if first.endswith("1") else "1")
+    (mirror / rel).write_bytes(gzip.compress(f"{flipped}\n{rest}".encode()))
+    with pytest.raises(data.DataError) as e:
+        data.diabetes_arrays(data.DataConfig(root=root, mirror=mirror))
+    msg = str(e.value)
+    assert f"the mirror's copy {mirror / rel} does not match its SHA256SUMS" in msg and "in the mirror" in msg
+    assert not list((root / "diabetes").iterdir())  # neither the file nor a .part left behind
+
+
+def test_a_corrupt_file_the_mirror_holds_is_reported_as_the_mirrors(tmp_path: Path) -> None:
+    """Without SHA256SUMS the copy is not checked, but the advice must still work: not "delete it and run again"
+    (that copies the same bad file), but fix it in the mirror."""
+    mirror, root = tmp_path / "mirror", tmp_path / "root"
+    (mirror / "diabetes").mkdir(parents=True)
+    (mirror / "diabetes" / "diabetes.csv.gz").write_bytes(b"not gzip\n")
+    with pytest.raises(data.DataError) as e:
+        data.diabetes_arrays(data.DataConfig(root=root, mirror=mirror))
+    msg = str(e.value)
+    assert f"the mirror's copy {mirror / 'diabetes' / 'diabetes.csv.gz'}" in msg
+    assert "fix or replace it in the mirror" in msg and "delete it" not in msg
+
+
+@pytest.mark.parametrize("how", ["holds SHA256SUMS", "is the configured mirror"])
+def test_a_data_root_that_is_a_mirror_is_refused(how: str, tmp_path: Path, data_cfg: data.DataConfig) -> None:
+    """Nothing is written into a mirror: the MNIST raw cache alone is 53 MB."""
+    mirror = tmp_path / "mirror"
+    _copy_files(data_cfg.mirror, mirror, data.FILES["mnist"] + (("SHA256SUMS",) if how == "holds SHA256SUMS" else ()))
+    cfg = data.DataConfig(root=mirror, mirror=mirror if how == "is the configured mirror" else None)
+    with pytest.raises(data.DataError, match="is a data mirror .*--data-mirror"):
+        data.mnist(train=False, cfg=cfg)
+    assert not (mirror / "MNIST").exists()
