@@ -5,7 +5,8 @@ image, a ``.csv`` of names is still text). Folders are listed one at a time, in 
 of millions of files streams with constant memory and every run sees the same order and the same
 (normalized) paths, which ``--resume`` relies on. Paths stay strings: a ``Path`` per file costs more
 than everything else the main process does for an image. ``s3://`` and ``gs://`` prefixes are listed like
-folders (``serving.batch.sources``); their files keep their URIs.
+folders (``serving.batch.sources``); their files keep their URIs. What is not a regular file (a named
+pipe, a device, a socket, a link to one) is an error entry and is never opened.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import glob
 import itertools
 import logging
 import os
+import re
 import warnings
 from collections import Counter
 from collections.abc import Collection, Iterator, Sequence
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from PIL import Image, UnidentifiedImageError
 
 from serving.batch import records, sources
+from serving.batch.records import NUM_FEATURES
 from serving.batch.types import BatchError, Failure
 
 log = logging.getLogger(__name__)
@@ -35,6 +38,9 @@ SNIFF_BYTES = 8192
 SNIFF_ROWS = 20
 #: a file's content category (what ``sniff`` says) -> the kind that reads it
 CATEGORY_KIND = {"image": "digits", "csv": "diabetes", "text": "names"}
+#: what may separate the numbers of a row that is data, not a name: a comma, the semicolon of spreadsheets
+#: written where the decimal mark is a comma, tabs, spaces, a bar; quotes around a number
+_NUMBER_SEPARATORS = re.compile(r'[\s,;|"]+')
 
 
 class InputNotFound(BatchError):
@@ -65,11 +71,13 @@ def check_inputs(inputs: Sequence[str]) -> None:
 
 def iter_files(inputs: Sequence[str], recursive: bool, exclude: Collection[str] = (), *,
                warn_skipped: bool = False) -> Iterator[FileEntry]:
-    """Every file the INPUT arguments name, in argument order, folders in name order, each file once per argument.
+    """Every file the INPUT arguments name, in argument order, folders in name order, each file once.
 
     A glob pattern is expanded (``**`` matches across folders) and sorted; a folder matched by a
-    pattern is listed like a folder argument. Hidden entries (``.name``) inside folders are skipped, and
-    so are the ``exclude`` files (absolute paths: the run's own output, which may sit among its inputs).
+    pattern is listed like a folder argument. A file that several arguments name (``digits digits/d0.png``,
+    a link and its target) is given by the first of them only (``_files``). Hidden entries (``.name``)
+    inside folders are skipped, and so are the ``exclude`` files (absolute paths: the run's own output,
+    which may sit among its inputs).
     ``warn_skipped`` logs the subfolders left out without ``recursive`` once the listing ends: a run
     lists its inputs several times (checks, kind inference, the work, the progress bar's count) and
     asks for the warning on one of them only.
@@ -80,15 +88,43 @@ def iter_files(inputs: Sequence[str], recursive: bool, exclude: Collection[str] 
 
 
 def _files(inputs: Sequence[str], recursive: bool, warn_skipped: bool) -> Iterator[FileEntry]:
+    """The arguments' files, less those an earlier argument already gave (``digits digits/d0.png``: once).
+
+    One argument gives each of its paths once by itself (``_expand``); across arguments files are told
+    apart by what they are (``_identity``), which means remembering the files of every argument but the
+    last: a lone folder argument, however large, still streams in constant memory.
+    """
     skipped_dirs = 0
-    for arg in inputs:
+    earlier: set[tuple[int, int] | str] = set()  # the files the arguments before this one gave
+    for n, arg in enumerate(inputs, 1):
+        this: set[tuple[int, int] | str] = set()
         for entry in _list(arg, recursive) if sources.is_uri(arg) else _expand(arg, recursive):
             if entry is None:
                 skipped_dirs += 1
-            else:
-                yield entry
+                continue
+            if len(inputs) > 1:
+                key = _identity(entry.path)
+                if key in earlier:
+                    continue
+                if n < len(inputs):
+                    this.add(key)
+            yield entry
+        earlier |= this
     if skipped_dirs and warn_skipped:
         log.warning("skipped %d subfolders; pass --recursive to read them", skipped_dirs)
+
+
+def _identity(path: str) -> tuple[int, int] | str:
+    """What a path names, to tell whether two arguments give the same file: a local file's device and inode,
+    as ``_walk`` tells folders apart (the same for a link and its target, ``./a.png`` and ``a.png``, and hard
+    links); a URI, or a path that cannot be looked at, as written (normalized)."""
+    if sources.is_uri(path):
+        return path
+    try:
+        st = os.stat(path)
+    except OSError:
+        return os.path.abspath(path)
+    return st.st_dev, st.st_ino
 
 
 def _expand(arg: str, recursive: bool) -> Iterator[FileEntry | None]:
@@ -103,7 +139,7 @@ def _expand(arg: str, recursive: bool) -> Iterator[FileEntry | None]:
     given: set[str] = set()  # the matched files given so far (bounded by the glob's own list)
     walked: set[tuple[int, int]] = set()
     for path in map(os.path.normpath, paths):
-        for entry in _walk(path, recursive, walked) if os.path.isdir(path) else (FileEntry(path),):
+        for entry in _walk(path, recursive, walked) if os.path.isdir(path) else (_file(path),):
             if isinstance(entry, str):
                 if entry not in matched:
                     yield None
@@ -138,7 +174,20 @@ def _walk(folder: str, recursive: bool, walked: set[tuple[int, int]]) -> Iterato
             else:
                 yield e.path
         else:
-            yield FileEntry(e.path)
+            yield FileEntry(e.path) if e.is_file() else _file(e.path)  # is_file: no system call for a plain file
+
+
+def _file(path: str) -> FileEntry:
+    """A local file, or an error entry for one that is not a regular file (after links): never opened
+    (``sources.special`` says why). A path that cannot be looked at (a dangling link) is left to its
+    reader, which reports why it cannot be read, as for any unreadable file."""
+    try:
+        what = sources.special(os.stat(path).st_mode)
+    except OSError:
+        return FileEntry(path)
+    if what is None:
+        return FileEntry(path)
+    return FileEntry(path, Failure("not a regular file", f"{what}; only regular files are read"))
 
 
 def _list(uri: str, recursive: bool) -> Iterator[FileEntry | None]:
@@ -154,13 +203,27 @@ def _list(uri: str, recursive: bool) -> Iterator[FileEntry | None]:
     yield from (None if found is None else FileEntry(found) for found in listing)
 
 
+def csv_row(line: str) -> list[str]:
+    """One line's CSV fields (none for a blank line); raises ``csv.Error`` when the line is not a CSV row.
+
+    Each line is a row of its own, for kind inference and reading alike: a quoted field cannot span lines
+    (no diabetes record or names row needs one), so a stray quote is one bad row rather than the start of a
+    field that swallows every line after it. Strict parsing makes a quote left open, or text after a closing
+    quote (``"a"b``), an error instead of a guess.
+    """
+    return next(csv.reader((line,), strict=True), [])
+
+
 def sniff(path: str) -> str:
     """A file's content category: "image" (anything Pillow opens), "csv" (rows of 8 or 9 numbers,
-    header allowed), "text", "unclear" (rows of numbers, but not most of the rows), "binary" or
-    "empty"/"unreadable".
+    header allowed, or a header of that width alone), "text", "unclear" (rows of numbers, but not most of
+    them records), "binary" or "empty"/"unreadable".
 
     A CSV is told by most of its first rows, not all: one bad row near the top of a diabetes file
-    must become its own error row, not send every record to the names model as a "name".
+    must become its own error row, not send every record to the names model as a "name". Rows of numbers
+    are never names, but when they are not records (an index column as pandas writes, ``;`` separators,
+    another data set) the file is "unclear" rather than diabetes with every row bad: the model could not
+    classify one of them, and asking for ``--kind`` says so once, naming the file, instead of once per row.
     """
     try:
         with warnings.catch_warnings():
@@ -182,14 +245,33 @@ def sniff(path: str) -> str:
         return "empty"
     if b"\0" in head:
         return "binary"
-    rows = list(itertools.islice(csv.reader(records.sample_lines(head)), SNIFF_ROWS + 1))
-    if rows and records.is_header(rows[0]):
-        rows = rows[1:]
-    rows = rows[:SNIFF_ROWS]
-    found = sum(map(records.is_record, rows))
+    lines = records.sample_lines(head)[:SNIFF_ROWS + 1]
+    rows = list(map(_row_or_none, lines))
+    header = rows[0] if rows and rows[0] is not None and records.is_header(rows[0]) else None
+    if header is not None:
+        if len(lines) == 1:  # a header alone: a diabetes file without records when it is that wide
+            return "csv" if len(header) in (NUM_FEATURES, NUM_FEATURES + 1) else "text"
+        lines, rows = lines[1:], rows[1:]
+    lines, rows = lines[:SNIFF_ROWS], rows[:SNIFF_ROWS]
+    found = sum(row is not None and records.is_record(row) for row in rows)
     if 2 * found > len(rows):
         return "csv"
-    return "unclear" if found else "text"
+    numbers = sum(map(_is_numbers, lines))
+    return "unclear" if found or 2 * numbers > len(rows) else "text"
+
+
+def _row_or_none(line: str) -> list[str] | None:
+    """A sampled line's fields; None for a line that is not a CSV row, which votes for no kind."""
+    try:
+        return csv_row(line)
+    except csv.Error:
+        return None
+
+
+def _is_numbers(line: str) -> bool:
+    """Whether a line holds numbers only, however many and however separated: data, never a name."""
+    fields = [x for x in _NUMBER_SEPARATORS.split(line) if x]
+    return bool(fields) and all(map(records.is_number, fields)) and any(map(str.isdigit, line))
 
 
 def infer_kind(inputs: Sequence[str], recursive: bool, exclude: Collection[str] = ()) -> str:
@@ -208,8 +290,9 @@ def infer_kind(inputs: Sequence[str], recursive: bool, exclude: Collection[str] 
         return kinds.pop()
     seen = ", ".join(f"{n} {c}" for c, n in categories.most_common()) or "no files"
     if unclear is not None:
-        why = (f"the first rows of {unclear} are partly 8 or 9 numbers, partly not (a diabetes CSV with bad "
-               "rows, or text?)")
+        why = (f"the first rows of {unclear} are numbers, all or some, but mostly not records of 8 numbers and "
+               "an optional label (a diabetes CSV with bad rows or an index column, separators other than commas, "
+               "or text?)")
     else:
         why = "they mix kinds" if kinds else "none is an image, a CSV of 8 features or a text file"
     raise BatchError(f"cannot infer --kind from the first {len(sample)} files ({seen}): {why}; pass --kind")

@@ -14,12 +14,15 @@ import itertools
 from collections.abc import Callable, Iterable, Iterator
 
 from serving.batch import records, sources
-from serving.batch.discover import SNIFF_BYTES, FileEntry
+from serving.batch.discover import SNIFF_BYTES, FileEntry, csv_row
 from serving.batch.records import NUM_FEATURES
 from serving.batch.types import Failure, Item
 
 #: kinds whose inputs may carry the expected class (a CSV's label column), which the output then shows
 LABELLED_KINDS = ("diabetes", "names")
+
+#: a CSV row as the readers get it: (item id, its fields, or why its line is not a CSV row)
+Row = tuple[str, list[str] | Failure]
 
 
 def iter_items(files: Iterable[FileEntry], kind: str) -> Iterator[Item]:
@@ -63,14 +66,14 @@ def _read_names(path: str) -> Iterator[Item]:
         yield from _lines(path)
 
 
-def _name_rows(rows: Iterator[tuple[str, list[str]]]) -> Iterator[Item]:
+def _name_rows(rows: Iterator[Row]) -> Iterator[Item]:
     for item_id, row in rows:
-        if len(row) != 2:
+        if isinstance(row, Failure):
+            yield Item(item_id, failure=row)
+        elif len(row) != 2:
             yield Item(item_id, failure=Failure("bad row", f"{len(row)} fields: expected 2, a name and its country"))
-            continue
-        name, country = (x.strip() for x in row)
-        if name:
-            yield Item(item_id, data=name, label=country or None)
+        elif name := row[0].strip():
+            yield Item(item_id, data=name, label=row[1].strip() or None)
         else:
             yield Item(item_id, failure=Failure("bad row", "the name (column 1) is empty"))
 
@@ -111,20 +114,46 @@ def _read_records(path: str) -> Iterator[Item]:
         yield from _read_csv(path, _records)
 
 
-def _read_csv(path: str, read: Callable[[Iterator[tuple[str, list[str]]]], Iterator[Item]]) -> Iterator[Item]:
-    """``read`` turns the file's rows, as (item id, fields), into items; blank lines are not rows and are
-    skipped. A file that breaks off (an I/O error, a NUL byte) ends with an error item."""
+def _read_csv(path: str, read: Callable[[Iterator[Row]], Iterator[Item]]) -> Iterator[Item]:
+    """``read`` turns the file's rows into items; blank lines are not rows and are skipped. A file without
+    items (a header alone, blank lines) is one "empty file" item, as an empty file is: it is an input too.
+    A file that breaks off (an I/O error) ends with an error item.
+
+    Lines are parsed one at a time (``discover.csv_row``): a line that is not a CSV row (a quote left open,
+    a field over the csv module's 131,072 characters) is one bad row numbered as editors number it, and
+    the lines after it are still read. A quoted field cannot span lines, as no diabetes record or names
+    row needs one: read as one, a single stray quote swallowed every row after it.
+    """
     try:
         with io.TextIOWrapper(sources.open_file(path), encoding="utf-8-sig", errors="replace", newline="") as f:
-            reader = csv.reader(f)
-            yield from read((f"{path}:{reader.line_num}", row) for row in reader if any(x.strip() for x in row))
-    except (OSError, csv.Error) as e:
+            empty = True
+            for item in read(_rows(path, f)):
+                empty = False
+                yield item
+            if empty:
+                yield Item(path, failure=Failure("empty file", "no rows, only a header or blank lines"))
+    except OSError as e:
         yield Item(path, failure=Failure("unreadable file", str(e)))
 
 
-def _records(rows: Iterator[tuple[str, list[str]]]) -> Iterator[Item]:
+def _rows(path: str, lines: Iterable[str]) -> Iterator[Row]:
+    """Each line's fields, or why it is not a CSV row, numbered as editors number lines; blank lines left out."""
+    for number, line in enumerate(lines, 1):
+        try:
+            row = csv_row(line)
+        except csv.Error as e:
+            # "unexpected end of data" is how the csv module says a quote was opened and not closed
+            why = "a quote is opened and not closed on the line" if str(e) == "unexpected end of data" else str(e)
+            yield f"{path}:{number}", Failure("bad row", f"not a CSV row: {why}")
+            continue
+        if any(x.strip() for x in row):
+            yield f"{path}:{number}", row
+
+
+def _records(rows: Iterator[Row]) -> Iterator[Item]:
     """Diabetes records; a first row that names a label column or holds no number is a header
-    (``records.is_header``), any other first row is data, and fails alone if bad.
+    (``records.is_header``), any other first row is data, and fails alone if bad (a line that is not a CSV
+    row too).
 
     The label column is the one a header names like ``Outcome`` or ``label``, else a ninth column, as
     in the course file. How many fields a row must have comes from the model (``NUM_FEATURES``, one more
@@ -133,9 +162,9 @@ def _records(rows: Iterator[tuple[str, list[str]]]) -> Iterator[Item]:
     first = next(rows, None)
     if first is None:
         return
-    if not records.is_header(first[1]):
+    if isinstance(first[1], Failure) or not records.is_header(first[1]):
         for item_id, row in itertools.chain([first], rows):
-            label = NUM_FEATURES if len(row) == NUM_FEATURES + 1 else None
+            label = NUM_FEATURES if isinstance(row, list) and len(row) == NUM_FEATURES + 1 else None
             yield _record(item_id, row, label, f"{NUM_FEATURES} numbers, or {NUM_FEATURES + 1} with a label last")
         return
     names = [x.strip().lower() for x in first[1]]
@@ -147,7 +176,9 @@ def _records(rows: Iterator[tuple[str, list[str]]]) -> Iterator[Item]:
         yield _record(item_id, row, label, expected)
 
 
-def _record(item_id: str, row: list[str], label: int | None, expected: str) -> Item:
+def _record(item_id: str, row: list[str] | Failure, label: int | None, expected: str) -> Item:
+    if isinstance(row, Failure):
+        return Item(item_id, failure=row)
     if len(row) != NUM_FEATURES + (label is not None):
         return Item(item_id, failure=Failure("bad row", f"{len(row)} fields: expected {expected}"))
     fields = [x for i, x in enumerate(row) if i != label]

@@ -11,6 +11,8 @@ engine ships the driver's to its tasks (pyarrow file systems pickle, without the
 from __future__ import annotations
 
 import io
+import os
+import stat
 from collections.abc import Iterator, Mapping
 from types import ModuleType
 from typing import TYPE_CHECKING, BinaryIO
@@ -28,10 +30,41 @@ def is_uri(path: str) -> bool:
     return path.startswith(SCHEMES)
 
 
+class NotRegularFile(OSError):
+    """A local path that is a named pipe, a device, a socket or a folder, which ``open_file`` refuses."""
+
+
+def special(mode: int) -> str | None:
+    """What a file that is not a regular file is ("a named pipe"...), from its ``st_mode``; None for a regular file.
+
+    Only regular files are inputs: opening a named pipe waits for a writer (forever, in a worker that Ctrl-C
+    cannot reach), a device such as ``/dev/zero`` reads without end, and opening some devices acts on them.
+    """
+    if stat.S_ISREG(mode):
+        return None
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((what for test, what in kinds if test(mode)), "a special file")
+
+
 def open_file(path: str) -> BinaryIO:
-    """A local file or a URI's object, as a buffered binary file (seekable; lines iterate)."""
+    """A local file or a URI's object, as a buffered binary file (seekable; lines iterate).
+
+    Discovery already turns what is not a regular file into an error row without opening it; this check
+    covers a path replaced after it was listed. The file is opened without blocking (a named pipe's open
+    would wait for a writer) and checked before anything is read; raises ``NotRegularFile`` if it is not one.
+    """
     if not is_uri(path):
-        return open(path, "rb")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            what = special(os.fstat(fd).st_mode)
+            if what:
+                raise NotRegularFile(f"not a regular file but {what}")
+            os.set_blocking(fd, True)  # the flag was for the open: reads stay ordinary blocking reads
+            return open(fd, "rb")
+        except BaseException:
+            os.close(fd)
+            raise
     filesystem, key = _resolve(path)
     return io.BufferedReader(filesystem.open_input_file(key))  # type: ignore[arg-type]
 

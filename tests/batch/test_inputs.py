@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ from PIL import Image
 from serving.batch.discover import check_inputs, infer_kind, iter_files, sniff
 from serving.batch.items import iter_items
 from serving.batch.types import BatchError
+from tests.batch.conftest import Run
+from tests.conftest import EXPORTED
 
 
 def _png(path: Path) -> Path:
@@ -196,3 +199,96 @@ def test_the_course_names_csv_is_read_as_name_and_country(tmp_path: Path) -> Non
         ("names.csv:2", "O'Neill, Jr", None, ""),
     ]
     assert infer_kind([str(tmp_path / "course.csv")], False) == "names"
+
+
+#: a diabetes record with its label, and the lines that broke CSV reading (a stray quote, a field over the csv
+#: module's 131,072-character limit)
+RECORD = ",".join(["0.5"] * 8) + ",1"
+STRAY_QUOTE = '-0.29,"0.48,0.18,-0.29,0,0.001,-0.53,-0.03,0'
+BIG_FIELD = "1," + "x" * 200_000 + ",3,4,5,6,7,8,0"
+
+
+def test_a_line_that_is_not_a_csv_row_fails_alone_and_the_rest_is_read(tmp_path: Path) -> None:
+    """A stray quote was read as a field running to the end of the file (rows 7-21 became one "2 fields" row
+    numbered 21) and an oversized field ended the file ("unreadable file"): now each is one bad row, numbered as
+    editors number lines, every line after it is still read, and kind inference sees one bad line, not one
+    merged row that outvotes the records (a stray quote in row 2 made the file "unclear")."""
+    lines = [RECORD] * 20
+    lines.insert(5, STRAY_QUOTE)
+    lines.insert(9, BIG_FIELD)
+    path = tmp_path / "records.csv"
+    path.write_text("\n".join(lines) + "\n")
+    items = list(iter_items(iter_files([str(path)], False), "diabetes"))
+    assert [i.id for i in items] == [f"{path}:{n}" for n in range(1, 23)]
+    assert {i.id: str(i.failure) for i in items if i.failure} == {
+        f"{path}:6": "bad row: not a CSV row: a quote is opened and not closed on the line",
+        f"{path}:10": "bad row: not a CSV row: field larger than field limit (131072)",
+    }
+    assert all(i.data == [0.5] * 8 and i.label == "1" for i in items if not i.failure)
+    (tmp_path / "early.csv").write_text("\n".join([RECORD, STRAY_QUOTE, *[RECORD] * 5]) + "\n")
+    assert sniff(str(tmp_path / "early.csv")) == "csv"
+    (tmp_path / "names.csv").write_bytes(b'"Abl","Czech"\r\n"Nakamura,Japanese\r\n"Smith","English"\r\n'
+                                         b'"O"Neill","Irish"\r\n"Jones","Welsh"\r\n')
+    names = [(Path(i.id).name, i.data, str(i.failure or "")) for i in
+             iter_items(iter_files([str(tmp_path / "names.csv")], False), "names")]
+    assert names == [
+        ("names.csv:1", "Abl", ""),
+        ("names.csv:2", None, "bad row: not a CSV row: a quote is opened and not closed on the line"),
+        ("names.csv:3", "Smith", ""),
+        ("names.csv:4", None, "bad row: not a CSV row: \',\' expected after \'\"\'"),
+        ("names.csv:5", "Jones", ""),
+    ]
+
+
+def test_bad_csv_lines_are_counted_once_each(batch: Callable[..., Run], diabetes_rows: list[list[str]],
+                                            tmp_path: Path) -> None:
+    """Through the CLI: 20 records and two bad lines are 22 rows, 20 classified and 2 failed (it was 5 and 1)."""
+    lines = [",".join(row) for row in diabetes_rows[:20]]
+    lines.insert(5, STRAY_QUOTE)
+    lines.insert(12, BIG_FIELD)
+    (tmp_path / "quote.csv").write_text("\n".join(lines) + "\n")
+    run = batch(tmp_path / "quote.csv", "--repo", EXPORTED, out=tmp_path / "out.csv")
+    assert run.code == 2, run.err
+    assert [r["path"] for r in run.rows] == [f"{tmp_path}/quote.csv:{n}" for n in range(1, 23)]
+    assert [r["path"] for r in run.rows if r["error"]] == [f"{tmp_path}/quote.csv:{n}" for n in (6, 13)]
+    assert "classified    20" in run.out and "failed        2" in run.out and "bad row  2" in run.out
+
+
+def test_rows_of_numbers_that_are_not_records_are_never_names(tmp_path: Path) -> None:
+    """A CSV pandas wrote with its index column (10 numbers a row), a ``;``-separated one (decimal commas too)
+    and a file of single numbers were read as names, every row and the header given a country. Rows of numbers
+    are not names: the kind is unclear and the run asks for --kind. A header alone of a diabetes file's width is
+    a diabetes file without records, which is one "empty file" row; a few numbers among names stay names."""
+    header = "Pregnancies,Glucose,BloodPressure,SkinThickness,Insulin,BMI,Pedigree,Age,Outcome"
+    rows = ["6,148,72,35,0,33.6,0.627,50,1", "1,85,66,29,0,26.6,0.351,31,0", "8,183,64,0,0,23.3,0.672,32,1"]
+    files = {
+        "pandas.csv": "\n".join(["," + header, *(f"{i},{row}" for i, row in enumerate(rows))]),
+        "semi.csv": "\n".join([header.replace(",", ";"), *(row.replace(",", ";") for row in rows)]),
+        "decimal_comma.csv": "\n".join(row.replace(",", ";").replace(".", ",") for row in rows),
+        "numbers.txt": "1\n2\n3",
+    }
+    for name, text in files.items():
+        (tmp_path / name).write_text(text + "\n")
+        assert sniff(str(tmp_path / name)) == "unclear", name
+        with pytest.raises(BatchError, match=rf"{name}.*index column.*pass --kind"):
+            infer_kind([str(tmp_path / name)], False)
+    (tmp_path / "header_only.csv").write_text(header + "\n")
+    assert infer_kind([str(tmp_path / "header_only.csv")], False) == "diabetes"
+    items = list(iter_items(iter_files([str(tmp_path / "header_only.csv")], False), "diabetes"))
+    assert [(Path(i.id).name, str(i.failure)) for i in items] == [
+        ("header_only.csv", "empty file: no rows, only a header or blank lines")]
+    (tmp_path / "names.txt").write_text("Smith\nNakamura\n42\nNan\nJones\n")
+    assert infer_kind([str(tmp_path / "names.txt")], False) == "names"
+
+
+def test_a_file_several_arguments_name_is_listed_once(tree: Path) -> None:
+    """``scans scans/b.png`` listed b.png twice (two rows, and --resume then disagreed with a fresh run): a file
+    an earlier argument gave, under any spelling or through a link, is left out; each argument keeps its order."""
+    a, b = str(tree / "a.scan"), str(tree / "b.png")
+    assert _paths([str(tree), b]) == [a, b]
+    assert _paths([str(tree), str(tree)]) == [a, b]
+    assert _paths([b, str(tree), f"{tree}/./b.png", f"{tree}/*.png"]) == [b, a]
+    (tree / "sub" / "link.png").symlink_to(tree / "b.png")
+    assert _paths([b, str(tree / "sub")]) == [b, str(tree / "sub" / "c.png")]
+    assert _paths([str(tree / "sub"), str(tree)], recursive=True) == [
+        str(tree / "sub" / p) for p in ("c.png", "deeper/d.png", "link.png")] + [a]
