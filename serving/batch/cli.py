@@ -3,6 +3,7 @@
     coursezoo batch scans/ --recursive --out digits.csv          # every image under scans/
     coursezoo batch patients.csv --top-k 2                       # diabetes records (+ label column)
     coursezoo batch names.txt --server localhost:50051 --resume  # through a running server
+    coursezoo batch scans/ --server models.example:50051 --tls-ca ca.pem --auth-token-file token  # TLS, token
     coursezoo batch scans/ -r --engine ray --ray-address auto    # as a Ray Data pipeline on a cluster
 
 Every input becomes one row of the results file, in a stable order; inputs that cannot be classified
@@ -33,16 +34,22 @@ from serving.batch.types import KINDS, BatchError, Failure, Item, Prediction
 from serving.preprocess import DEFAULT_MAX_IMAGE_PIXELS
 from serving.workers import cores
 
-if TYPE_CHECKING:  # Ray is an optional extra: imported only when --engine ray runs
+if TYPE_CHECKING:  # Ray is an optional extra, gRPC needed only with --server: imported when they run
+    import grpc
+
     from serving.batch.engines.ray import RayEngine
 
+#: the variables `coursezoo serve` reads its bearer token from (serving.server: COURSEZOO_ + the setting)
+TOKEN_ENV, TOKEN_FILE_ENV = "COURSEZOO_AUTH_TOKEN", "COURSEZOO_AUTH_TOKEN_FILE"
+#: the batch client's own TLS files: not the server's COURSEZOO_TLS_* (a server's certificate is not a client's)
+ENV_PREFIX = "COURSEZOO_BATCH_"
 #: kinds whose inputs are both plain text lines (names or hello words), which content cannot tell apart
 TEXT_KINDS = {"names", "hello"}
 EXIT_OK, EXIT_FATAL, EXIT_SOME_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_STATUS = """exit status:
   0    every input classified
   2    some inputs failed; each is a row of the output with its reason
-  1    nothing could run (bad arguments, no model, server unreachable after retries)
+  1    nothing could run (bad arguments, no model, server unreachable after retries or refusing the caller)
   130  interrupted; the results so far are kept for --resume"""
 
 
@@ -96,6 +103,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     remote.add_argument("--timeout", type=float, default=60.0, metavar="S", help="deadline of a request (default: 60)")
     remote.add_argument("--retry-for", type=float, default=60.0, metavar="S",
                         help="how long to retry an unavailable server before giving up (default: 60)")
+    # The client side of `coursezoo serve`'s security options (docs/operations.md). The token is the server's
+    # own secret, so it comes from the server's variables; never from a flag, which would show in `ps`.
+    remote.add_argument("--auth-token-file", default=os.environ.get(TOKEN_FILE_ENV, ""), metavar="FILE",
+                        help="file holding the bearer token of a server started with one [env "
+                        f"{TOKEN_FILE_ENV}]; or the token itself in {TOKEN_ENV}")
+    remote.add_argument("--tls-ca", default=os.environ.get(f"{ENV_PREFIX}TLS_CA", ""), metavar="PEM",
+                        help="speak TLS, trusting the server certificates this CA signed (or the server's own "
+                        f"self-signed certificate) [env {ENV_PREFIX}TLS_CA]")
+    remote.add_argument("--tls-cert", default=os.environ.get(f"{ENV_PREFIX}TLS_CERT", ""), metavar="PEM",
+                        help="certificate this client presents to a server that demands one (--tls-client-ca, "
+                        f"mutual TLS) [env {ENV_PREFIX}TLS_CERT]")
+    remote.add_argument("--tls-key", default=os.environ.get(f"{ENV_PREFIX}TLS_KEY", ""), metavar="PEM",
+                        help=f"private key of --tls-cert [env {ENV_PREFIX}TLS_KEY]")
 
     out = p.add_argument_group("output")
     out.add_argument("--out", type=Path, help="results file (default: results.csv, or results.jsonl)")
@@ -142,7 +162,7 @@ def main(args: argparse.Namespace) -> int:
         engine = _open_engine(args, kind)
         cols = columns(args.top_k, with_label=engine.kind in LABELLED_KINDS)
         writer = ResultWriter(args.out, fmt, cols, overwrite=args.overwrite, resume=args.resume)
-        summary = Summary(str(writer.out), engine.description, engine.labels, resumed=len(writer.done),
+        summary = Summary(str(writer.out), engine.description, engine.labels, resumed=writer.kept,
                           resumed_failed=writer.done_failed)
         _classify(args, engine, workers if engine.kind == "digits" else None, writer, summary, cols)
     except BatchError as e:
@@ -201,12 +221,39 @@ def _engine(args: argparse.Namespace, kind: str | None) -> Engine | RayEngine:
         from serving.batch.engines.remote import RemoteEngine
 
         return RemoteEngine.open(args.server, args.model, kind, top_k=args.top_k, in_flight=args.in_flight,
-                                 timeout=args.timeout, retry_for=args.retry_for)
+                                 timeout=args.timeout, retry_for=args.retry_for, token=_token(args),
+                                 credentials=_tls(args))
     from serving.batch.engines.local import LocalEngine
 
     return LocalEngine.open(args.repo, args.model, kind, device=args.device, top_k=args.top_k,
                             max_image_pixels=args.max_image_pixels, threads=args.threads or None,
                             decode_workers=args.workers)
+
+
+def _token(args: argparse.Namespace) -> str:
+    """The server's bearer token ("" = none), read and checked as `coursezoo serve` reads its own: from
+    ``--auth-token-file`` (default ``COURSEZOO_AUTH_TOKEN_FILE``) or ``COURSEZOO_AUTH_TOKEN``."""
+    from serving.security import ConfigError, load_token
+
+    try:
+        return load_token(os.environ.get(TOKEN_ENV, ""), args.auth_token_file)
+    except ConfigError as e:
+        raise BatchError(str(e)) from e
+
+
+def _tls(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    """TLS credentials from ``--tls-ca``/``--tls-cert``/``--tls-key``, or None for a plaintext connection."""
+    if not (args.tls_ca or args.tls_cert or args.tls_key):
+        return None
+    from serving.client import tls_credentials
+
+    try:
+        return tls_credentials(args.tls_ca or None, args.tls_cert or None, args.tls_key or None)
+    except ValueError as e:  # one of the pair
+        raise BatchError("--tls-cert and --tls-key go together: the certificate this client presents and its "
+                         "private key") from e
+    except OSError as e:
+        raise BatchError(f"cannot read the TLS file {e.filename}: {e.strerror or e}") from e
 
 
 def _inferred_or_none(args: argparse.Namespace) -> str | None:
@@ -220,7 +267,7 @@ def _todo(args: argparse.Namespace, kind: str, writer: ResultWriter, *, warn_ski
     """The inputs this run classifies: every item not already in the output, up to ``--limit``; only the
     listing that feeds the work warns about skipped subfolders (``iter_files``)."""
     files = iter_files(args.inputs, args.recursive, _own_files(args), warn_skipped=warn_skipped)
-    items = (item for item in iter_items(files, kind) if item.id not in writer.done)
+    items = (item for item in iter_items(files, kind) if not writer.has(item.id))
     return itertools.islice(items, args.limit)
 
 

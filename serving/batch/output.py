@@ -4,6 +4,11 @@ Rows go to ``<out>.partial`` and are flushed after every batch, so a crash or a 
 classified so far; only a finished run renames the partial file over ``<out>`` (``os.replace``), so
 ``<out>`` is never half written. ``--resume`` continues the partial file of an interrupted run (or a
 copy of a finished ``<out>``), skipping the ids already there.
+
+The file is UTF-8 text, but a Linux file name is any bytes: a name that is not UTF-8 reaches Python with
+its odd bytes as lone surrogates (``os.fsdecode``), which UTF-8 cannot hold. ``path_text`` writes each such
+byte as ``\\xNN`` (``caf\\xe9.png``), the way Python's ``backslashreplace`` shows it, and a backslash that
+would read as such an escape as ``\\x5c``: every path keeps its own row id and its bytes can be recovered.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import contextlib
 import csv
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -21,6 +27,10 @@ from serving.batch.types import BatchError, Failure, Item, Prediction
 
 BASE_COLUMNS = ("path", "prediction", "confidence", "error", "model", "model_version")
 FORMATS = ("csv", "jsonl")
+#: a byte of a file name that is not UTF-8, as ``os.fsdecode`` (surrogateescape) hands it over
+_UNDECODED_BYTE = re.compile("[\udc80-\udcff]")
+#: a backslash in a name that would otherwise read as the escape of such a byte
+_ESCAPE_LOOKALIKE = re.compile(r"\\(?=x[0-9a-fA-F]{2})")
 
 
 class OutputError(BatchError):
@@ -37,10 +47,20 @@ def columns(top_k: int, with_label: bool) -> list[str]:
     return cols
 
 
+def path_text(item_id: str) -> str:
+    """``item_id`` as the ``path`` column holds it, and as ``--resume`` matches it: unchanged, unless it has
+    bytes that are not UTF-8 (each becomes ``\\xNN``) or a backslash that would read as one (``\\x5c``).
+    Without this a name that is not UTF-8 stopped every run, ``--resume`` included, at that file."""
+    if "\\" not in item_id and not _UNDECODED_BYTE.search(item_id):
+        return item_id
+    escaped = _ESCAPE_LOOKALIKE.sub(r"\\x5c", item_id)
+    return _UNDECODED_BYTE.sub(lambda m: f"\\x{ord(m.group()) - 0xDC00:02x}", escaped)
+
+
 def make_row(item: Item, outcome: Prediction | Failure, cols: Sequence[str]) -> dict[str, Any]:
     """One output row; missing values are ``None`` (empty in CSV, null in JSON Lines)."""
     row: dict[str, Any] = dict.fromkeys(cols)
-    row["path"] = item.id
+    row["path"] = path_text(item.id)
     if "label" in row:
         row["label"] = item.label
     if isinstance(outcome, Failure):
@@ -59,7 +79,12 @@ def partial_path(out: Path) -> Path:
 
 
 def check_target(out: Path, *, overwrite: bool, resume: bool) -> None:
-    """Refuse to replace a results file, or an interrupted run's partial one, unless told how."""
+    """Refuse a folder as the results file, whatever the options (a run would classify everything, then fail
+    to rename its partial file over the folder, again on every ``--resume``), and refuse to replace a
+    results file, or an interrupted run's partial one, unless told how."""
+    if out.is_dir():
+        raise OutputError(f"--out {out} is a folder: expected the path of the results file, such as "
+                          f"{out / 'results.csv'}")
     if overwrite or resume:
         return
     for existing in (out, partial_path(out)):
@@ -72,14 +97,17 @@ def check_target(out: Path, *, overwrite: bool, resume: bool) -> None:
 class ResultWriter:
     """Appends rows to ``<out>.partial``; ``commit()`` renames it to ``<out>``.
 
-    After construction ``done`` holds the ids already in the output (``--resume``) and ``done_failed``
-    how many of those rows are failures, so the exit status covers the whole file.
+    After construction ``done`` holds the ids already in the output (``--resume``, as ``path_text`` wrote
+    them: ask ``has``), ``kept`` how many rows that output holds and ``done_failed`` how many of those are
+    failures, so the summary and the exit status cover the whole file. Rows, not ids: a file may hold an id
+    twice (written from overlapping arguments, or two files joined).
     """
 
     def __init__(self, out: Path, fmt: str, cols: Sequence[str], *, overwrite: bool, resume: bool) -> None:
         self.out, self.fmt, self.cols = Path(out), fmt, list(cols)
         self.partial = partial_path(self.out)
         self.done: set[str] = set()
+        self.kept = 0
         self.done_failed = 0
         self._written = 0
         check_target(self.out, overwrite=overwrite, resume=resume)
@@ -107,6 +135,7 @@ class ResultWriter:
             try:
                 for row in self._csv_rows(path, f) if self.fmt == "csv" else self._json_rows(path, f):
                     self.done.add(row["path"])
+                    self.kept += 1
                     self.done_failed += bool(row.get("error"))
             except UnicodeDecodeError as e:
                 raise OutputError(f"{path} is not UTF-8 text ({e.reason}): expected the results this command "
@@ -142,10 +171,14 @@ class ResultWriter:
             raise OutputError(f"{path} has the columns {','.join(found)}, this run writes {','.join(self.cols)}: "
                               "resume with the same options, or --overwrite")
 
+    def has(self, item_id: str) -> bool:
+        """Whether the output already holds a row for ``item_id`` (``--resume`` skips it)."""
+        return path_text(item_id) in self.done
+
     @property
     def rows(self) -> int:
         """Rows in the output so far: those found by ``--resume`` and those written since."""
-        return len(self.done) + self._written
+        return self.kept + self._written
 
     def write(self, rows: Sequence[dict[str, Any]]) -> None:
         """Append a batch of rows and flush them to the OS, so a crash after this call keeps them."""

@@ -19,7 +19,7 @@ class Summary:
     out: str
     engine: str
     labels: tuple[str, ...] = ()  # the model's classes, to list the histogram in their order
-    resumed: int = 0
+    resumed: int = 0  # rows the output held already (--resume): rows, so the first line counts the whole file
     resumed_failed: int = 0
     classified: int = 0
     failures: Counter[str] = field(default_factory=Counter)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from coursezoo import cli
 from serving.batch.engines import EngineError
 from serving.batch.engines.local import LocalEngine
 from serving.batch.output import BASE_COLUMNS, partial_path
@@ -257,3 +258,55 @@ def test_skipped_subfolders_are_reported_once(batch: Batch, tmp_path: Path) -> N
     run = batch(tmp_path / "in", "--repo", EXPORTED, out=tmp_path / "n.csv")
     assert run.code == 0 and len(run.rows) == 1
     assert run.err.count("skipped 1 subfolders; pass --recursive") == 1, run.err
+
+
+def test_a_file_name_that_is_not_utf8_gets_its_rows_and_resumes(batch: Batch, digits_dir: Path,
+                                                                 best_digits_repo: Path, tmp_path: Path) -> None:
+    """A name's bytes that are not UTF-8 are written as \\xNN (a backslash that would read as one as \\x5c), so
+    the run goes on and --resume knows those rows; it used to stop every run, --resume too, at that file."""
+    names = tmp_path / "names"
+    names.mkdir()
+    (names / os.fsdecode(b"caf\xe9.txt")).write_text("Nakamura\nRossi\n")  # Latin-1, as an old archive names it
+    (names / "plain\\x41.txt").write_text("Smith\n")  # a backslash that looks like an escape
+    expected = [f"{names}/caf\\xe9.txt:1", f"{names}/caf\\xe9.txt:2", f"{names}/plain\\x5cx41.txt:1"]
+    for fmt in ("csv", "jsonl"):
+        out = tmp_path / f"names.{fmt}"
+        first = batch(names, "--repo", EXPORTED, "--limit", "1", out=out)
+        assert first.code == 0 and [r["path"] for r in first.rows] == expected[:1], first.err
+        rest = batch(names, "--repo", EXPORTED, "--resume", out=out)
+        assert rest.code == 0 and "resumed       1 " in rest.out, rest.err
+        assert [r["path"] for r in rest.rows] == expected and all(r["prediction"] for r in rest.rows)
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(sorted((digits_dir / "png").iterdir())[0], images / os.fsdecode(b"\xff.png"))
+    digits = batch(images, "--repo", best_digits_repo, "--workers", "0", out=tmp_path / "digits.csv")
+    assert digits.code == 0 and [r["path"] for r in digits.rows] == [f"{images}/\\xff.png"], digits.err
+    assert digits.rows[0]["prediction"]  # the file was read under its real name
+
+
+def test_out_naming_a_folder_is_refused_before_any_work(names_rows: list[tuple[str, str]], tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """Whatever the options: --overwrite and --resume used to classify everything, then fail to rename the partial
+    file over the folder, and point to each other."""
+    (tmp_path / "names.txt").write_text("\n".join(name for name, _ in names_rows[:50]) + "\n")
+    folder = tmp_path / "results"
+    folder.mkdir()
+    for options in ((), ("--overwrite",), ("--resume",)):
+        code = cli.main(["batch", str(tmp_path / "names.txt"), "--repo", str(EXPORTED), "--out", str(folder),
+                         *options])
+        err = capsys.readouterr().err
+        assert code == 1 and f"--out {folder} is a folder" in err and "--resume" not in err, err
+    assert not any(folder.iterdir()) and not partial_path(folder).exists()
+
+
+def test_resumed_counts_the_rows_kept_from_the_earlier_run(batch: Batch, tmp_path: Path) -> None:
+    """A file may hold an id twice (written from overlapping arguments, or two files joined): the summary counts
+    its rows, so its first line is the size of the results file (it counted distinct ids)."""
+    (tmp_path / "names.txt").write_text("Nakamura\nRossi\nSmith\n")
+    out = tmp_path / "names.csv"
+    assert batch(tmp_path / "names.txt", "--repo", EXPORTED, "--limit", "2", out=out).code == 0
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join([*lines, lines[1]]))
+    rest = batch(tmp_path / "names.txt", "--repo", EXPORTED, "--resume", out=out)
+    assert rest.code == 0 and len(rest.rows) == 4, rest.err
+    assert rest.out.startswith(f"4 inputs -> {out}") and "resumed       3 already in the output" in rest.out

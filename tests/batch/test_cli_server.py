@@ -1,9 +1,11 @@
 """``coursezoo batch --server``: the same answers as ``--local``, bad inputs isolated to their own rows, a server
-restart mid-run loses nothing, an unreachable server is a clear exit 1."""
+restart mid-run loses nothing, an unreachable server is a clear exit 1, a server with a token and (mutual) TLS
+is reached with them, from the command line and from the compose batch job, and refuses clearly without."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -14,13 +16,17 @@ from pathlib import Path
 
 import pytest
 
-from serving.batch.cli import default_workers
+from serving.batch.cli import default_workers, get_args_parser
 from serving.batch.output import partial_path
 from serving.workers import cores
 from tests.batch.conftest import BROKEN_DIGITS, Run, digit_label, read_rows
 from tests.conftest import EXPORTED, REPO_ROOT, ServerProcess
+from tests.deploy.deploy_helpers import host_command, render, run
+from tests.reliability.test_security import Pki
 
 Batch = Callable[..., Run]
+TOKEN = "cz-batch-4e9d1a7c"  # distinctive, so a leak into the output is found by a plain search
+NAMES = ["Nakamura", "Rossi", "Schmidt"]
 
 
 def _same_answers(a: Run, b: Run) -> None:
@@ -119,3 +125,128 @@ def test_local_files_sent_to_a_server_are_read_in_this_process_by_default() -> N
     assert default_workers("localhost:8001", ["scans", "more/*.png"]) == 0
     assert default_workers("localhost:8001", ["scans", "s3://bucket/scans"]) == cores() > 0
     assert default_workers(None, ["scans"]) == cores()
+
+
+@pytest.fixture(scope="module")
+def names_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One small model, so the servers with security options start quickly."""
+    repo = tmp_path_factory.mktemp("names-repo")
+    (repo / "names_gru").symlink_to((EXPORTED / "names_gru").resolve())
+    return repo
+
+
+@pytest.fixture(scope="module")
+def secrets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pki]:
+    """The token file (with the newline `echo` leaves) and the certificates of a mutual-TLS server."""
+    folder = tmp_path_factory.mktemp("secrets")
+    (folder / "token").write_text(TOKEN + "\n")
+    return folder / "token", Pki(folder)
+
+
+@pytest.fixture(scope="module")
+def token_server(start_server: Callable[..., ServerProcess], names_repo: Path,
+                 secrets: tuple[Path, Pki]) -> ServerProcess:
+    return start_server(names_repo, "--auth-token-file", str(secrets[0]), "--poll-interval-s", "0")
+
+
+@pytest.fixture(scope="module")
+def mtls_server(start_server: Callable[..., ServerProcess], names_repo: Path,
+                secrets: tuple[Path, Pki]) -> ServerProcess:
+    """Mutual TLS and a token: everything a locked-down server asks of a client."""
+    token, pki = secrets
+    cert, key = pki.pair("server")
+    return start_server(names_repo, "--auth-token-file", str(token), "--tls-cert", str(cert), "--tls-key", str(key),
+                        "--tls-client-ca", str(pki.ca), "--poll-interval-s", "0")
+
+
+@pytest.fixture
+def names_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A names file, and no token or TLS setting from the developer's own environment."""
+    for variable in ("COURSEZOO_AUTH_TOKEN", "COURSEZOO_AUTH_TOKEN_FILE", "COURSEZOO_BATCH_TLS_CA",
+                     "COURSEZOO_BATCH_TLS_CERT", "COURSEZOO_BATCH_TLS_KEY"):
+        monkeypatch.delenv(variable, raising=False)
+    (tmp_path / "names.txt").write_text("\n".join(NAMES) + "\n")
+    return tmp_path / "names.txt"
+
+
+def test_a_server_with_a_token_is_reached_with_it_and_refused_clearly_without(
+        batch: Batch, token_server: ServerProcess, secrets: tuple[Path, Pki], names_file: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the token the run is one line naming UNAUTHENTICATED and where the token goes, exit 1 (it was a
+    gRPC traceback); with it, from --auth-token-file or the server's own variables, the run classifies. The token
+    is never printed, --help included."""
+    token_file = secrets[0]
+    target = ("--server", token_server.target)
+    missing = batch(names_file, *target, out=tmp_path / "missing.csv")
+    assert missing.code == 1 and not missing.rows, missing.err
+    assert "UNAUTHENTICATED (missing credentials" in missing.err and "--auth-token-file" in missing.err
+    monkeypatch.setenv("COURSEZOO_AUTH_TOKEN", "cz-not-the-token")
+    wrong = batch(names_file, *target, out=tmp_path / "wrong.csv")
+    assert wrong.code == 1 and "UNAUTHENTICATED (invalid token" in wrong.err and "cz-not-the-token" not in wrong.err
+    runs = []
+    monkeypatch.setenv("COURSEZOO_AUTH_TOKEN", TOKEN)
+    runs.append(batch(names_file, *target, out=tmp_path / "env.csv"))
+    monkeypatch.delenv("COURSEZOO_AUTH_TOKEN")
+    runs.append(batch(names_file, *target, "--auth-token-file", token_file, out=tmp_path / "flag.csv"))
+    monkeypatch.setenv("COURSEZOO_AUTH_TOKEN_FILE", str(token_file))
+    runs.append(batch(names_file, *target, out=tmp_path / "env_file.csv"))
+    for done in runs:
+        assert done.code == 0 and [r["model"] for r in done.rows] == ["names_gru"] * len(NAMES), done.err
+    monkeypatch.setenv("COURSEZOO_AUTH_TOKEN", TOKEN)  # and the file: given twice, refused as the server does
+    twice = batch(names_file, *target, out=tmp_path / "twice.csv")
+    assert twice.code == 1 and "give the token once" in twice.err
+    helped = batch("--help", out=tmp_path / "help")
+    assert "--auth-token-file" in helped.out and "--tls-ca" in helped.out
+    assert all(TOKEN not in done.out + done.err for done in [missing, wrong, *runs, twice, helped])
+
+
+def test_a_mutual_tls_server_is_reached_with_its_ca_and_a_client_certificate(
+        batch: Batch, mtls_server: ServerProcess, secrets: tuple[Path, Pki], names_file: Path,
+        tmp_path: Path) -> None:
+    """--tls-ca, --tls-cert and --tls-key reach a mutual-TLS server; TLS options that do not match it end in
+    one line that says which options to check, and files that cannot be used are named before any call."""
+    token, pki = secrets
+    cert, key = pki.pair("client")
+    common = (names_file, "--server", mtls_server.target, "--auth-token-file", token, "--retry-for", "1")
+    done = batch(*common, "--tls-ca", pki.ca, "--tls-cert", cert, "--tls-key", key, out=tmp_path / "mtls.csv")
+    assert done.code == 0 and len(done.rows) == len(NAMES), done.err
+    for mismatch in ((), ("--tls-ca", pki.ca)):  # plaintext to a TLS port; TLS without the client certificate
+        refused = batch(*common, *mismatch, out=tmp_path / "refused.csv")
+        assert refused.code == 1 and "unreachable" in refused.err and "--tls-cert/--tls-key" in refused.err
+        assert not refused.rows and "Traceback" not in refused.err
+    half = batch(*common, "--tls-ca", pki.ca, "--tls-cert", cert, out=tmp_path / "half.csv")
+    assert half.code == 1 and "--tls-cert and --tls-key go together" in half.err
+    missing = batch(*common, "--tls-ca", tmp_path / "no-ca.pem", out=tmp_path / "missing.csv")
+    assert missing.code == 1 and f"cannot read the TLS file {tmp_path / 'no-ca.pem'}" in missing.err
+
+
+def test_the_compose_batch_job_passes_the_servers_token_and_tls(mtls_server: ServerProcess,
+                                                                 secrets: tuple[Path, Pki], tmp_path: Path) -> None:
+    """The documented job (`docker compose --profile batch run --rm batch`), rendered by Compose and run against a
+    server with a token and mutual TLS, with the settings an operator puts in .env: it used to get no token.
+    Without its own CA setting it trusts what the health probe trusts; each variable it sets, `coursezoo batch`
+    reads."""
+    token, pki = secrets
+    cert, key = pki.pair("client")
+    inbox, outbox = tmp_path / "input", tmp_path / "output"
+    inbox.mkdir()
+    outbox.mkdir()
+    (inbox / "names.txt").write_text("\n".join(NAMES) + "\n")
+    settings = {"COURSEZOO_BATCH_INPUT": str(inbox), "COURSEZOO_BATCH_OUTPUT": str(outbox),
+                "COURSEZOO_AUTH_TOKEN_FILE": str(token), "COURSEZOO_BATCH_TLS_CA": str(pki.ca),
+                "COURSEZOO_BATCH_TLS_CERT": str(cert), "COURSEZOO_BATCH_TLS_KEY": str(key)}
+    job = render("cpu", settings)["services"]["batch"]
+    result = run(host_command(job, "server", addresses={"server:50051": mtls_server.target}, home=tmp_path),
+                 timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(read_rows(outbox / "results.csv")) == len(NAMES)
+    assert TOKEN not in result.stdout + result.stderr
+
+    def trusted(**env: str) -> str:
+        return render("cpu", env)["services"]["batch"]["environment"]["COURSEZOO_BATCH_TLS_CA"]
+
+    assert trusted(COURSEZOO_TLS_CERT="/run/secrets/server.pem") == "/run/secrets/server.pem"
+    assert trusted(COURSEZOO_TLS_CERT="/run/secrets/server.pem", COURSEZOO_HEALTHCHECK_CA="/ca.pem") == "/ca.pem"
+    assert trusted() == ""  # plaintext
+    read = set(re.findall(r"COURSEZOO_\w+", get_args_parser().format_help()))
+    assert {v for v in job["environment"] if v.startswith("COURSEZOO_")} <= read

@@ -3,6 +3,8 @@ bounded streaming of the pipeline."""
 
 from __future__ import annotations
 
+import os
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -139,3 +141,24 @@ def test_output_that_cannot_be_written_or_resumed_is_an_output_error(tmp_path: P
     (tmp_path / "binary.csv").write_bytes(b"\xff\xfe\x00path\n")
     with pytest.raises(OutputError, match="binary.csv is not UTF-8 text"):
         ResultWriter(tmp_path / "binary.csv", "csv", COLS, overwrite=False, resume=True)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_paths_that_are_not_utf8_are_written_losslessly_and_resumed(tmp_path: Path, fmt: str) -> None:
+    """The documented escape (output.py): undecodable bytes as \\xNN, a backslash that would read as one as
+    \\x5c. Reading the escapes back gives every path's bytes, and distinct paths stay distinct rows."""
+    odd, lookalike, accented = os.fsdecode(b"d/caf\xe9.png"), "d/caf\\xe9.png", "d/caf\u00e9 \\n.png"
+    out = tmp_path / f"results.{fmt}"
+    writer = ResultWriter(out, fmt, COLS, overwrite=False, resume=False)
+    writer.write(_rows(odd, lookalike, accented))
+    writer.commit()
+    paths = [r["path"] for r in read_rows(out)]
+    assert paths == ["d/caf\\xe9.png", "d/caf\\x5cxe9.png", "d/caf\u00e9 \\n.png"]
+
+    def unescape(text: str) -> bytes:
+        return re.sub(rb"\\x([0-9a-fA-F]{2})", lambda m: bytes([int(m[1], 16)]), text.encode())
+
+    assert [unescape(p) for p in paths] == [os.fsencode(p) for p in (odd, lookalike, accented)]
+    resumed = ResultWriter(out, fmt, COLS, overwrite=False, resume=True)
+    assert all(resumed.has(p) for p in (odd, lookalike, accented)) and not resumed.has("d/caf.png")
+    assert resumed.kept == 3

@@ -5,7 +5,9 @@ the next ones are already on the wire and it never waits for this client. A rest
 loses nothing: UNAVAILABLE and DEADLINE_EXCEEDED are retried with exponential backoff for up to
 ``retry_for`` seconds (then the run stops with exit status 1 and ``--resume`` finishes it later).
 A batch the server refuses as a whole because of one bad input (INVALID_ARGUMENT, RESOURCE_EXHAUSTED)
-is split in halves until the bad inputs stand alone, so each becomes its own error row.
+is split in halves until the bad inputs stand alone, so each becomes its own error row. Any other
+refusal (no or a wrong token, a call the server does not know) stops the run with its status and what
+to do about it, never a traceback.
 """
 
 from __future__ import annotations
@@ -35,6 +37,15 @@ MAX_REQUEST_BYTES = 16 << 20
 #: connections to the server, at least: its worker processes (--workers) each take whole connections, and
 #: with 8 the chance that all of them land on one of 2 workers is 1 in 128
 CONNECTIONS = 8
+#: what to do when the server refuses who is calling rather than what was sent
+HINTS = {
+    grpc.StatusCode.UNAUTHENTICATED: "it wants the bearer token it was started with: pass --auth-token-file FILE, "
+                                     "or set COURSEZOO_AUTH_TOKEN_FILE or COURSEZOO_AUTH_TOKEN",
+    grpc.StatusCode.PERMISSION_DENIED: "these credentials may not make the call; ask the server's operator for "
+                                       "a token or client certificate that may",
+    grpc.StatusCode.UNIMPLEMENTED: "it does not serve CourseZoo's domain API; expected the address of a "
+                                   "`coursezoo serve`",
+}
 
 
 class RemoteEngine:
@@ -53,14 +64,23 @@ class RemoteEngine:
 
     @classmethod
     def open(cls, target: str, spec: str | None, kind: str | None, *, top_k: int, in_flight: int, timeout: float,
-             retry_for: float) -> RemoteEngine:
-        """Connect and pick the model: ``spec`` (NAME[:VERSION]) or the server's default model of ``kind``."""
+             retry_for: float, token: str = "", credentials: grpc.ChannelCredentials | None = None) -> RemoteEngine:
+        """Connect and pick the model: ``spec`` (NAME[:VERSION]) or the server's default model of ``kind``.
+
+        ``token`` and ``credentials`` (TLS) are what a server started with ``--auth-token-file`` or
+        ``--tls-cert`` asks of its clients.
+        """
         # Several connections, so a server of several worker processes (--workers) gets the job on all of them.
-        client = CourseZooClient(target, timeout=timeout, max_in_flight=1, connections=max(in_flight, CONNECTIONS))
+        client = CourseZooClient(target, timeout=timeout, max_in_flight=1, connections=max(in_flight, CONNECTIONS),
+                                 token=token or None, credentials=credentials)
         retrying = Retrying(target, retry_for)
         name, _, version = (spec or "").partition(":")
         try:
-            info = _choose(retrying(client.list_models), target, name, version, kind)
+            try:
+                models = retrying(client.list_models)
+            except grpc.RpcError as e:
+                raise _failed(target, e) from e
+            info = _choose(models, target, name, version, kind)
         except EngineError:
             client.close()
             raise
@@ -77,7 +97,7 @@ class RemoteEngine:
             return self._answers(self.retrying(lambda: self._request(inputs)))
         except grpc.RpcError as e:
             if e.code() not in REFUSED:
-                raise EngineError(f"server {self.target} failed: {e.code().name}: {e.details()}") from e
+                raise _failed(self.target, e) from e
             if len(inputs) == 1:
                 too_large = self.kind == "digits" and e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                 return [Failure(TOO_LARGE if too_large else INVALID[self.kind], e.details() or e.code().name)]
@@ -110,6 +130,14 @@ class RemoteEngine:
         """Stop retrying and cancel calls still in flight (an aborted run must not wait for them)."""
         self.retrying.stop.set()
         self.client.close()
+
+
+def _failed(target: str, error: grpc.RpcError) -> EngineError:
+    """A call the server (or the connection) ended with a status that no retry or split can help: one line
+    with the status, the server's words and, for a refusal of the caller, what to do."""
+    message = f"server {target} answered {error.code().name} ({error.details()})"
+    hint = HINTS.get(error.code())
+    return EngineError(f"{message}: {hint}" if hint else message)
 
 
 def _choose(models: Sequence[pb.ModelInfo], target: str, name: str, version: str, kind: str | None) -> pb.ModelInfo:
@@ -152,7 +180,9 @@ class Retrying:
                 give_up = give_up or now + self.retry_for
                 if now >= give_up:
                     raise EngineError(f"server {self.target} unreachable for {self.retry_for:g} s "
-                                      f"({e.code().name}: {e.details()})") from e
+                                      f"({e.code().name}: {e.details()}): is it running there, and does this "
+                                      "run's TLS match the server's (none for plaintext, --tls-ca for TLS, and "
+                                      "--tls-cert/--tls-key for mutual TLS)?") from e
                 log.warning("server unavailable, retrying", extra={"target": self.target, "code": e.code().name,
                                                                    "backoff_s": backoff})
                 if self.stop.wait(min(backoff, give_up - now)):
