@@ -7,6 +7,7 @@ says what was wrong and what is expected; callers map it to ``INVALID_ARGUMENT``
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import struct
@@ -52,16 +53,26 @@ def _ascii_name(text: str, vocab_size: int) -> str:
     """
     if len(text) > MAX_TEXT_LENGTH * 4:  # NFKD at most quadruples; a megabyte of text is refused before it
         raise InputError(f"name of {len(text)} characters: at most {MAX_TEXT_LENGTH} are accepted")
-    name = "".join(c for c in unicodedata.normalize("NFKD", text) if unicodedata.category(c) != "Mn")
+    allowed = _printable_ascii(vocab_size)
+    if text.isascii() and allowed.issuperset(text):  # most names: spelled as the data spells them already
+        name = text
+    else:
+        name = "".join(c for c in unicodedata.normalize("NFKD", text) if unicodedata.category(c) != "Mn")
     if not name.strip():
         raise InputError(f"empty name {quote(text)}: expected a non-empty name in Latin letters")
     if len(name) > MAX_TEXT_LENGTH:
         raise InputError(f"name of {len(name)} characters: at most {MAX_TEXT_LENGTH} are accepted")
-    bad = "".join(sorted({c for c in name if not 32 <= ord(c) < min(vocab_size, 127)}))
+    bad = "".join(sorted(set(name) - allowed))
     if bad:
         raise InputError(f"name {quote(text)} has {quote(bad)}, which the model cannot read: expected printable "
                          "ASCII once accents are dropped (\"Müller\" is read as \"Muller\")")
     return name
+
+
+@functools.cache
+def _printable_ascii(vocab_size: int) -> frozenset[str]:
+    """The characters a name may hold: printable ASCII within the model's character codes."""
+    return frozenset(map(chr, range(32, min(vocab_size, 127))))
 
 
 def _each(kind: str, texts: Sequence[str], encode: Callable[[str], Any]) -> list[Any]:
