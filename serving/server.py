@@ -40,6 +40,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from serving.client import KEEPALIVE_S as CLIENT_KEEPALIVE_S
+from serving.client import PING_TIMEOUT_S
 from serving.decoding import MAX_AUTO_PROCESSES, POOL_MIN_IMAGES, ImageDecoder
 from serving.heap import keep_freed_memory
 from serving.metrics import Metrics
@@ -235,11 +237,11 @@ class DrainGate(grpc.aio.ServerInterceptor):
                 await asyncio.wait_for(asyncio.sleep(max(0.0, self.QUIET_S - quiet)), deadline - loop.time())
 
 
-#: See ``build_grpc_server``: the least time between a client's pings that is not abuse, and how often the
-#: server pings a connection with calls open and how long it waits for the answer.
-MIN_CLIENT_PING_INTERVAL_S = 10.0
+#: See ``build_grpc_server``: the least time between a client's pings that is not abuse (a third of
+#: ``serving.client``'s interval, so that late timers never make its pings look too frequent), and how often
+#: the server pings a connection with calls open and how long it waits for the answer.
+MIN_CLIENT_PING_INTERVAL_S = CLIENT_KEEPALIVE_S / 3
 KEEPALIVE_S = 60.0
-PING_TIMEOUT_S = 20.0
 
 
 def build_grpc_server(settings: ServerSettings, classifier: ClassifierService, inference: InferenceService,
