@@ -33,7 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(_usage(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    logs.setup()
+    try:
+        logs.setup()
+    except logs.LogLevelError as e:
+        print(f"coursezoo: {e}", file=sys.stderr)
+        return 2
     module = importlib.import_module(COMMANDS[argv[0]][0])
     parser = module.get_args_parser()
     parser.prog = f"coursezoo {argv[0]}"

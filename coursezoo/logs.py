@@ -21,9 +21,25 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+#: the names logging knows (WARN and FATAL too), least severe first
+LEVELS = tuple(sorted(logging.getLevelNamesMapping(), key=logging.getLevelNamesMapping().get))
+DEFAULT_LEVEL = "WARNING"
+
+
+class LogLevelError(ValueError):
+    """COURSEZOO_LOG_LEVEL names no level."""
+
+
 def setup(level: str | None = None) -> None:
+    """JSON lines on stderr at ``level``, else ``COURSEZOO_LOG_LEVEL``, else WARNING; an empty variable is unset
+    (compose passes one through empty). Raises LogLevelError for anything else but a level's name: before,
+    every command, ``--help`` too, stopped with a traceback, and a server so configured crash-looped."""
+    name = (level or os.environ.get("COURSEZOO_LOG_LEVEL", "").strip() or DEFAULT_LEVEL).upper()
+    if name not in LEVELS:
+        raise LogLevelError(f"COURSEZOO_LOG_LEVEL={name.lower()!r}: expected one of {', '.join(LEVELS)} "
+                            f"(any case), or unset for {DEFAULT_LEVEL}")
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel((level or os.environ.get("COURSEZOO_LOG_LEVEL", "WARNING")).upper())
+    root.setLevel(name)
