@@ -75,6 +75,15 @@ class Metrics:
         else:
             self.failures.labels(model, rpc, code).inc()
 
+    def observe_refusal(self, method: str, code: str) -> None:
+        """Count an RPC refused before its handler ran: no or a wrong token, bytes that are not its message, a
+        server shutting down. A failed request of no model (``model=""``) and no latency (nothing was served).
+        ``method`` is a served method's path (``/pkg.Service/Name``): a made-up one is UNIMPLEMENTED by gRPC
+        before this, so the ``rpc`` label stays bounded."""
+        rpc = method.rsplit("/", 1)[-1]
+        self.requests.labels("", rpc).inc()
+        self.failures.labels("", rpc, code).inc()
+
     def observe_batch(self, model: str, size: int) -> None:
         """Batcher hook: one model execution of ``size`` items."""
         self._batch_hooks(model)[0](size)

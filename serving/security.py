@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import grpc
 
-from serving.services.plumbing import refusal
+from serving.services.plumbing import Refused, refusal
 
 log = logging.getLogger("coursezoo.security")
 
@@ -89,9 +89,12 @@ class Security:
                    model_control=control_enabled("--model-control", settings.model_control, settings.host, token),
                    shared_memory=control_enabled("--shared-memory", settings.shared_memory, settings.host, token))
 
-    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        """Interceptors to run before any other: a refused call must not reach logging or metrics code."""
-        return [AuthInterceptor(self.token, protect_health=self.protect_health)] if self.token else []
+    def interceptors(self, on_refused: Refused | None = None) -> list[grpc.aio.ServerInterceptor]:
+        """Interceptors to run before any other: a refused call must not reach the handlers' code.
+        ``on_refused(method, code)`` counts each refusal (``Metrics.observe_refusal``)."""
+        if not self.token:
+            return []
+        return [AuthInterceptor(self.token, protect_health=self.protect_health, on_refused=on_refused)]
 
     def describe(self) -> str:
         """One banner line; says whether a token is required, never what it is."""
@@ -185,11 +188,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     how much of a guess was right.
     """
 
-    def __init__(self, token: str, *, protect_health: bool = False) -> None:
+    def __init__(self, token: str, *, protect_health: bool = False, on_refused: Refused | None = None) -> None:
         if not token:
             raise ValueError("AuthInterceptor needs a non-empty token")
         self._expected = token.encode("ascii")
         self._open = frozenset() if protect_health else HEALTH_METHODS
+        self._on_refused = on_refused
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
@@ -201,10 +205,14 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         problem = self._problem(handler_call_details.invocation_metadata or ())
         if problem is None:
             return await continuation(handler_call_details)
-        log.info("refused an unauthenticated call", extra={"rpc": method, "reason": problem})
         handler = await continuation(handler_call_details)
-        if handler is None:  # unknown method: gRPC answers UNIMPLEMENTED, as it would anyway
+        if handler is None:  # unknown method: gRPC answers UNIMPLEMENTED, as it would anyway, unlogged
             return None
+        # DEBUG: anyone who can reach the port can send refused calls, so each one must not cost a log line
+        # at the levels a deployment runs (it cost ~4 KB at INFO); the metric counts them
+        log.debug("refused an unauthenticated call", extra={"rpc": method, "reason": problem})
+        if self._on_refused is not None:
+            self._on_refused(method, grpc.StatusCode.UNAUTHENTICATED.name)
         return refusal(handler, grpc.StatusCode.UNAUTHENTICATED,
                        f"{problem}: send the metadata 'authorization: Bearer <token>'")
 

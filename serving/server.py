@@ -53,7 +53,7 @@ from serving.services.base import RequestDecodeGuard
 from serving.services.classifier import ClassifierService
 from serving.services.health import HealthService
 from serving.services.inference import InferenceService
-from serving.services.plumbing import around, refusal
+from serving.services.plumbing import Refused, around, refusal
 from serving.supervisor import supervise
 
 log = logging.getLogger("coursezoo.serve")
@@ -194,8 +194,9 @@ class DrainGate(grpc.aio.ServerInterceptor):
     #: starts): not waited for, or every stop would take the whole grace period while a prober watches.
     UNBOUNDED = frozenset({"/grpc.health.v1.Health/Watch"})
 
-    def __init__(self) -> None:
+    def __init__(self, on_refused: Refused | None = None) -> None:
         self.draining = False
+        self._on_refused = on_refused
         self._active = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -210,6 +211,8 @@ class DrainGate(grpc.aio.ServerInterceptor):
             return None
         self._last_call = asyncio.get_running_loop().time()
         if self.draining:
+            if self._on_refused is not None:
+                self._on_refused(handler_call_details.method, grpc.StatusCode.UNAVAILABLE.name)
             return refusal(handler, grpc.StatusCode.UNAVAILABLE, "the server is shutting down: retry the call")
         if handler_call_details.method in self.UNBOUNDED:
             return handler
@@ -269,7 +272,8 @@ def build_grpc_server(settings: ServerSettings, classifier: ClassifierService, i
         # A second server on a busy port must fail, not share it silently; workers share their supervisor's.
         ("grpc.so_reuseport", int(reuse_port)),
     ]
-    server = grpc.aio.server(interceptors=[*security.interceptors(), RequestDecodeGuard(), *interceptors],
+    refused = classifier.metrics.observe_refusal  # calls refused before a handler: counted, as handlers count theirs
+    server = grpc.aio.server(interceptors=[*security.interceptors(refused), RequestDecodeGuard(refused), *interceptors],
                              options=options)
     classifier_pb2_grpc.add_ClassifierServicer_to_server(classifier, server)
     inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)
@@ -328,7 +332,7 @@ class CourseZooServer:
         except BaseException:
             self.decoder.close()
             raise
-        self._gate = DrainGate()  # created on the running loop, which its event belongs to
+        self._gate = DrainGate(self.metrics.observe_refusal)  # created on the running loop, which its event belongs to
         try:
             self._grpc, self.port = build_grpc_server(self.settings, self.classifier, self.inference, self.health,
                                                       [self._gate, *self._interceptors], self.security,

@@ -24,7 +24,7 @@ from serving.metrics import Metrics
 from serving.preprocess import InputError, InputTooLarge
 from serving.repository import ModelNotFound, ModelNotReady, ModelRepository, ServedModel
 from serving.security import ModelControlOff, SharedMemoryOff
-from serving.services.plumbing import kind_of
+from serving.services.plumbing import Refused, kind_of
 from serving.shared_memory import RegionExists, RegionNotFound, TooManyRegions
 
 log = logging.getLogger("coursezoo.serve")
@@ -227,8 +227,12 @@ class RequestDecodeGuard(grpc.aio.ServerInterceptor):
     grpc.aio deserializes before the handler runs and reports a parse failure as UNKNOWN with protobuf's
     internals (and an ERROR traceback in the log per request, which a hostile client could use to flood
     it). This wraps each method's deserializer so the failure reaches the handler as a value, and the
-    handler's wrapper turns it into a status that says what was expected.
+    handler's wrapper turns it into a status that says what was expected. ``on_refused(method, code)``
+    counts each such call (the handler, which counts calls, never runs).
     """
+
+    def __init__(self, on_refused: Refused | None = None) -> None:
+        self._on_refused = on_refused
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
@@ -248,16 +252,21 @@ class RequestDecodeGuard(grpc.aio.ServerInterceptor):
                     f"the request is not a valid message for {method}: {reason}; expected the message of the "
                     f"RPC's .proto definition, serialized by a protobuf library"))
 
+        def refused() -> None:
+            if self._on_refused is not None:
+                self._on_refused(method, grpc.StatusCode.INVALID_ARGUMENT.name)
+
         kind = kind_of(handler)
         guard = _guard_stream if handler.request_streaming else _guard_unary
-        return handler._replace(request_deserializer=guarded, **{kind: guard(getattr(handler, kind))})
+        return handler._replace(request_deserializer=guarded, **{kind: guard(getattr(handler, kind), refused)})
 
 
-def _guard_unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
+def _guard_unary(behavior: Callable[..., Any], refused: Callable[[], None]) -> Callable[..., Any]:
     """The wrapper keeps the behavior's style: grpc.aio tells generator handlers from ``context.write`` ones."""
     if inspect.isasyncgenfunction(behavior):
         async def generator(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             if isinstance(request, _Undecodable):
+                refused()
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request.error))
             async for reply in behavior(request, context):
                 yield reply
@@ -266,18 +275,20 @@ def _guard_unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
 
     async def coroutine(request: Any, context: grpc.aio.ServicerContext) -> Any:
         if isinstance(request, _Undecodable):
+            refused()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request.error))
         return await behavior(request, context)
 
     return coroutine
 
 
-def _guard_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
+def _guard_stream(behavior: Callable[..., Any], refused: Callable[[], None]) -> Callable[..., Any]:
     """A client stream's bad message ends the call with INVALID_ARGUMENT, after the replies already sent."""
 
     async def checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         async for request in requests:
             if isinstance(request, _Undecodable):
+                refused()
                 raise request.error
             yield request
 

@@ -14,6 +14,9 @@ from typing import Any
 
 import grpc
 
+#: An interceptor's report of a call it refused: (method path, status code name); ``Metrics.observe_refusal``.
+Refused = Callable[[str, str], None]
+
 
 def kind_of(handler: grpc.RpcMethodHandler) -> str:
     """The handler's behavior attribute: ``unary_unary``, ``unary_stream``, ``stream_unary`` or ``stream_stream``."""

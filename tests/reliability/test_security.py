@@ -225,6 +225,26 @@ def test_tokens_never_appear_in_the_log(token_server: ServerProcess) -> None:
     assert TOKEN not in output and "wrong-token-5d2e" not in output  # ...without what was sent
 
 
+def test_refused_calls_are_counted_not_logged_at_info(small_repo: Path,
+                                                     start_server: Callable[..., ServerProcess]) -> None:
+    """Anyone who can reach the port can send refused calls: each cost a log line of ~4 KB at INFO (the level
+    deployments run), and none reached the metrics. A made-up method is UNIMPLEMENTED, uncounted, unlogged."""
+    proc = start_server(small_repo, env={"COURSEZOO_AUTH_TOKEN": TOKEN, "COURSEZOO_LOG_LEVEL": "INFO"})
+    for _ in range(3):
+        call_everything(proc.target, None)
+    with grpc.insecure_channel(proc.target) as channel:
+        made_up = channel.unary_unary("/coursezoo.v1.Classifier/" + "x" * 4000)
+        with pytest.raises(grpc.RpcError) as info:
+            made_up(b"", timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "refused an unauthenticated call" not in proc.output and "x" * 100 not in proc.output
+    failures = {line.rpartition(" ")[0]: float(line.rpartition(" ")[2]) for line in proc.metrics().splitlines()
+                if line.startswith("coursezoo_request_failures_total{")}
+    for rpc in ("ListModels", "ClassifyDiabetes", "StreamClassifyDigits", "ModelInfer", "ServerReflectionInfo"):
+        assert failures[f'coursezoo_request_failures_total{{code="UNAUTHENTICATED",model="",rpc="{rpc}"}}'] == 3
+    assert not any("x" * 100 in line for line in failures)
+
+
 def test_token_file_and_protected_health(small_repo: Path, tmp_path: Path,
                                          start_server: Callable[..., ServerProcess]) -> None:
     token_file = tmp_path / "token"

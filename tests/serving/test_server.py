@@ -319,6 +319,23 @@ def test_failures_are_counted_per_model_and_code(server: ServerProcess, client: 
                      r'rpc="ClassifyDiabetes"\} [1-9]', server.metrics())
 
 
+def test_requests_that_are_not_their_message_are_counted(server: ServerProcess) -> None:
+    """Refused before any handler runs (the handlers count calls), so they were in no metric."""
+    series = 'coursezoo_request_failures_total{code="INVALID_ARGUMENT",model="",rpc="ClassifyDigits"}'
+
+    def count() -> float:
+        return next((float(line.rpartition(" ")[2]) for line in server.metrics().splitlines()
+                     if line.startswith(series)), 0.0)
+
+    before = count()
+    with grpc.insecure_channel(server.target) as channel:
+        call = channel.unary_unary("/coursezoo.v1.Classifier/ClassifyDigits")
+        for _ in range(2):
+            error = _status(lambda: call(b"\xff\xff\xff", timeout=10))
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a valid message" in error.details()
+    assert count() == before + 2
+
+
 def test_health_overall_and_per_model(server: ServerProcess) -> None:
     with grpc.insecure_channel(server.target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
