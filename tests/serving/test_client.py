@@ -71,6 +71,45 @@ def test_to_image() -> None:
     assert to_image(pb.Image(pixels=b"x")).pixels == b"x"
     with pytest.raises(ValueError, match="28x28"):
         to_image(np.zeros((27, 28)))
+    assert to_image(np.arange(784) % 256).pixels == bytes(range(256)) * 3 + bytes(range(16))  # 784 integers
+
+
+@pytest.mark.parametrize(("pixels", "message"), [
+    (np.full((28, 28), 0.5, np.float32), "dtype float32 from 0.5 to 0.5: expected integer grey levels 0..255"),
+    (np.full((28, 28), 256), "from 256 to 256: expected integer grey levels 0..255"),
+    (np.full((28, 28), -1), "from -1 to -1"),
+    (np.zeros((2, 392), np.uint8), r"shape \(2, 392\): expected 28x28"),
+])
+def test_pixels_are_refused_rather_than_cast(pixels: np.ndarray, message: str) -> None:
+    """Floats of 0..1 (torchvision's ToTensor) cast to uint8 were a near-blank image, answered confidently."""
+    with pytest.raises(ValueError, match=message):
+        to_image(pixels)
+
+
+def test_a_lone_string_is_not_a_list_of_names(client: CourseZooClient) -> None:
+    """Iterated, "Rossi" was five one-letter names, each answered."""
+    with pytest.raises(TypeError, match="got a single str: wrap it in a list"):
+        client.classify_sequences("Rossi")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="got a single bytes"):
+        client.classify_digits(b"\x89PNG...")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("setting", ["chunk_size", "max_in_flight", "connections"])
+def test_settings_below_one_are_refused(setting: str) -> None:
+    with pytest.raises(ValueError, match=f"{setting}=0: expected 1 or more"):
+        CourseZooClient("localhost:1", **{setting: 0})
+
+
+def test_an_error_in_a_chunk_says_which_items_it_carried(client: CourseZooClient) -> None:
+    """The server counts positions within its request: the caller learns which of its items those are."""
+    names = ["Rossi"] * 9 + ["Straße"] + ["Li"] * 3
+    with CourseZooClient(client.target, chunk_size=4) as chunked, pytest.raises(grpc.RpcError) as info:
+        chunked.classify_sequences(names)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("items 8..11 of this call, sent as one request: name 1: name 'Straße'")
+    with pytest.raises(grpc.RpcError) as alone:  # one request: the server's own words
+        client.classify_sequences(names[8:11])
+    assert alone.value.details().startswith("name 1: name 'Straße'")
 
 
 def test_empty_job_gets_the_servers_answer(client: CourseZooClient) -> None:
