@@ -182,6 +182,7 @@ class ModelRepository:
         self._metrics = metrics
         self._models: dict[str, dict[str, _Version]] = {}
         self._unloaded: set[str] = set()  # names RepositoryModelUnload took out; polling leaves them out
+        self._root_missing = False  # whether the last scan found no repository directory (said once)
         self._scan_lock = asyncio.Lock()
         self._poller: asyncio.Task[None] | None = None
         self._loads: set[asyncio.Task[None]] = set()  # RepositoryModelLoad calls' loads, until they end
@@ -302,7 +303,18 @@ class ModelRepository:
 
     async def _scan_all(self) -> None:
         async with self._scan_lock:
-            found = await asyncio.to_thread(_model_dirs, self.root)
+            try:
+                found = await asyncio.to_thread(_model_dirs, self.root)
+            except (FileNotFoundError, NotADirectoryError):  # gone, or never there: no models
+                if not self._root_missing:  # said once, not at every poll
+                    log.warning("the model repository %s is not a directory", self.root, extra={"path": str(self.root)})
+                self._root_missing, found = True, set()
+            except OSError as e:  # there, but not listed (out of file descriptors, an NFS hiccup)
+                log.warning("cannot list the model repository %s (%s); the models loaded keep serving", self.root,
+                            e.strerror or e, extra={"path": str(self.root)})
+                return
+            else:
+                self._root_missing = False
             names = (found | set(self._models)) - self._unloaded
             await asyncio.gather(*(self._scan_model(name) for name in sorted(names)))
 
@@ -311,8 +323,14 @@ class ModelRepository:
             await self._scan_model(name)
 
     async def _scan_model(self, name: str) -> None:
-        """Bring one model in line with its directory: load new or changed versions, retire removed ones."""
-        found = await asyncio.to_thread(_version_dirs, self.root / name)
+        """Bring one model in line with its directory: load new or changed versions, retire removed ones.
+        A directory that cannot be listed changes nothing (only one that is gone retires its versions)."""
+        try:
+            found = await asyncio.to_thread(_version_dirs, self.root / name)
+        except OSError as e:
+            log.warning("cannot list %s (%s); its versions stay as they are", self.root / name, e.strerror or e,
+                        extra={"model": name})
+            return
         versions = self._models.setdefault(name, {})
         for version in set(versions) - set(found):
             await self._retire(versions.pop(version))
@@ -400,18 +418,18 @@ def version_number(version: str) -> int:
 
 
 def _model_dirs(root: Path) -> set[str]:
-    try:
-        return {p.name for p in root.iterdir() if p.is_dir() and _NAME.fullmatch(p.name) and ".." not in p.name}
-    except OSError as e:
-        log.warning("cannot list the model repository %s: %s", root, e)
-        return set()
+    """The model directories' names. OSError when the repository cannot be listed: the caller tells one that
+    is gone (FileNotFoundError, NotADirectoryError: no models) from one that is there but failed to list
+    (out of file descriptors, an NFS hiccup), where "no models" would retire every one of them."""
+    return {p.name for p in root.iterdir() if p.is_dir() and _NAME.fullmatch(p.name) and ".." not in p.name}
 
 
 def _version_dirs(model_dir: Path) -> dict[str, tuple]:
-    """Version directory name -> fingerprint of its files (None for a missing file)."""
+    """Version directory name -> fingerprint of its files (None for a missing file); none when the model's
+    directory is gone, and an OSError when it cannot be listed (see ``_model_dirs``)."""
     try:
         dirs = [p for p in model_dir.iterdir() if p.is_dir() and _VERSION.fullmatch(p.name)]
-    except OSError:
+    except (FileNotFoundError, NotADirectoryError):
         return {}
     return {p.name: tuple(_stat(p / f) for f in (CARD_FILE, ONNX_FILE)) for p in dirs}
 

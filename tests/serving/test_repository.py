@@ -238,6 +238,43 @@ def test_polling_picks_up_new_versions_and_retires_removed_ones(repo: Path) -> N
     run(main())
 
 
+def test_a_listing_that_fails_changes_nothing(tmp_path: Path, repo: Path) -> None:
+    """A repository (or model directory) that is there but cannot be listed (out of file descriptors, an NFS
+    hiccup; here a symbolic link loop, ELOOP) keeps every model serving: it read as empty, and the next poll
+    retired every model. Only a directory that is gone retires what it held."""
+    root, model_link = tmp_path / "root", repo / "linked"
+    root.symlink_to(repo)
+
+    def loop(link: Path) -> None:  # the path now fails to list, with an OSError other than "not found"
+        link.unlink()
+        link.symlink_to(link)
+
+    async def polls(r: ModelRepository) -> None:
+        for _ in range(5):
+            await r._scan_all()
+
+    async def main() -> None:
+        add_version(tmp_path / "elsewhere", "linked", "1")
+        model_link.symlink_to(tmp_path / "elsewhere" / "linked")
+        r = ModelRepository(root, CPU_SETTINGS)
+        await r.start()
+        assert {m.name for m in r.models()} == {"diabetes_mlp", "names_gru", "linked"}
+        loop(root)
+        await polls(r)
+        loop(model_link)
+        root.unlink()
+        root.symlink_to(repo)
+        await polls(r)
+        assert {m.name for m in r.models()} == {"diabetes_mlp", "names_gru", "linked"}
+        assert (await r.get("diabetes_mlp").infer(features(1)))["probability"].shape == (1, 1)
+        shutil.rmtree(repo / "diabetes_mlp")  # gone: retired
+        await polls(r)
+        assert {m.name for m in r.models()} == {"names_gru", "linked"}
+        await r.stop()
+
+    run(main())
+
+
 def test_unload_takes_a_model_out_until_it_is_loaded_again(repo: Path) -> None:
     async def main() -> None:
         r = ModelRepository(repo, CPU_SETTINGS)
