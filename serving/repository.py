@@ -218,16 +218,28 @@ class ModelRepository:
         Triton's does: a load cut off half way would leave the version neither loaded nor retried.
         """
         _check_name(name)
-        self._unloaded.discard(name)
-        task = asyncio.get_running_loop().create_task(self._scan_locked(name), name=f"load-{name}")
+        task = asyncio.get_running_loop().create_task(self._load(name), name=f"load-{name}")
         self._loads.add(task)  # the loop keeps only weak references to tasks; a shielded one may outlive its caller
-        task.add_done_callback(self._loads.discard)
+        task.add_done_callback(self._load_done)
         await asyncio.shield(task)
-        versions = self._models.get(name)
-        if not versions:
-            raise ModelNotFound(f"no model {name!r} in {self.root}: expected {self.root}/{name}/<version>/")
-        if not any(v.state == READY for v in versions.values()):
-            raise ModelNotReady(f"model {name!r} has no loadable version: {_reasons(versions)}")
+
+    async def _load(self, name: str) -> None:
+        """The load and its outcome in one hold of the scan lock, as ``unload`` runs: Load, Unload and Load
+        again, each answered OK, ended unloaded (the name left the unloaded set before the lock, and the
+        unload put it back after), with the versions loaded behind it and a SERVING health check."""
+        async with self._scan_lock:
+            self._unloaded.discard(name)
+            await self._scan_model(name)
+            versions = self._models.get(name)
+            if not versions:
+                raise ModelNotFound(f"no model {name!r} in {self.root}: expected {self.root}/{name}/<version>/")
+            if not any(v.state == READY for v in versions.values()):
+                raise ModelNotReady(f"model {name!r} has no loadable version: {_reasons(versions)}")
+
+    def _load_done(self, task: asyncio.Task[None]) -> None:
+        self._loads.discard(task)
+        if not task.cancelled():
+            task.exception()  # a caller that went away has no use for it: not "never retrieved"
 
     async def unload(self, name: str) -> None:
         """Take every version of a model out of service (RepositoryModelUnload) until ``load(name)``."""
@@ -317,10 +329,6 @@ class ModelRepository:
                 self._root_missing = False
             names = (found | set(self._models)) - self._unloaded
             await asyncio.gather(*(self._scan_model(name) for name in sorted(names)))
-
-    async def _scan_locked(self, name: str) -> None:
-        async with self._scan_lock:
-            await self._scan_model(name)
 
     async def _scan_model(self, name: str) -> None:
         """Bring one model in line with its directory: load new or changed versions, retire removed ones.

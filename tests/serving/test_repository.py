@@ -298,6 +298,25 @@ def test_unload_takes_a_model_out_until_it_is_loaded_again(repo: Path) -> None:
     run(main())
 
 
+def test_load_unload_load_ends_loaded_whatever_their_overlap(repo: Path) -> None:
+    """Each call is answered as of its own turn at the repository: three calls in quick succession (a
+    deployment script, two operators) all succeed and leave the state of the last, loaded and serving."""
+    async def main() -> None:
+        r = ModelRepository(repo, CPU_SETTINGS)
+        await r.start()
+        calls = [r.load, r.unload, r.load]
+        tasks = []
+        for call in calls:
+            tasks.append(asyncio.create_task(call("diabetes_mlp")))
+            await asyncio.sleep(0)  # each call under way before the next
+        assert await asyncio.gather(*tasks, return_exceptions=True) == [None, None, None]
+        assert (await r.get("diabetes_mlp").infer(features(1)))["probability"].shape == (1, 1)
+        assert all(e.state == READY for e in r.index() if e.name == "diabetes_mlp")
+        await r.stop()
+
+    run(main())
+
+
 def test_a_cancelled_load_still_loads_the_model(repo: Path) -> None:
     """A RepositoryModelLoad whose client gives up (deadline, disconnect) half way through the load: the
     load finishes anyway, rather than leaving the version LOADING with nothing to retry it."""
