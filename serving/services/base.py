@@ -13,10 +13,11 @@ import functools
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, NamedTuple, NoReturn, Protocol, TypeVar
 
 import grpc
+import numpy as np
 from google.protobuf.message import Message
 
 from serving.batching import BatcherClosed, QueueFull
@@ -89,6 +90,23 @@ class Handler:
             raise InputError(f"model {served.name!r} is a {served.card.task} model; {rpc} needs a "
                              f"{' or '.join(tasks)} model")
         return served
+
+    async def infer(self, served: ServedModel, inputs: Mapping[str, np.ndarray], *, pinned: bool,
+                    wait_for_room: bool = False) -> tuple[ServedModel, dict[str, np.ndarray]]:
+        """``served.infer``, and the version that answered. When ``served`` was retired after the call chose it
+        (a new version swapped in, a rollback) an unpinned call is answered by the version serving now, if that
+        takes the same inputs: before, a call that chose a version and then waited (its images decoding, room
+        in the queue) failed UNAVAILABLE, and a stream with it, where the docs promise a swap without loss."""
+        try:
+            return served, await served.infer(inputs, wait_for_room=wait_for_room)
+        except ModelNotReady:
+            if pinned or served.ready:
+                raise
+            now = self.repository.get(served.name)  # NOT_FOUND or UNAVAILABLE when none serves any more
+            if now is served or (now.card.inputs, now.card.preprocessing) != (served.card.inputs,
+                                                                             served.card.preprocessing):
+                raise
+            return now, await now.infer(inputs, wait_for_room=wait_for_room)
 
     def check_count(self, n: int, what: str) -> None:
         if n == 0:

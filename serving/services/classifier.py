@@ -92,7 +92,8 @@ class ClassifierService(Handler, classifier_pb2_grpc.ClassifierServicer):
         model = self.model(request.model, request.version, ("digits",), "ClassifyDigits")
         self.check_count(len(request.images), "images")
         x = await self._digit_tensor(request.images, model.card.preprocessing)
-        outputs = await model.infer({model.card.inputs[0].name: x}, wait_for_room=wait_for_room)
+        model, outputs = await self.infer(model, {model.card.inputs[0].name: x}, pinned=bool(request.version),
+                                          wait_for_room=wait_for_room)
         predictions = [pb.DigitPrediction(digit=p.digit, confidence=p.confidence, probabilities=p.probabilities)
                        for p in postprocess.digit_predictions(outputs[model.card.outputs[0].name])]
         reply = pb.ClassifyDigitsResponse(model=model.name, model_version=model.version, predictions=predictions,

@@ -116,7 +116,8 @@ class InferenceService(Handler, inference_pb2_grpc.GRPCInferenceServiceServicer)
         if any(classes[name] and placement for name, placement in placements.items()):
             raise InputError("an output asks for classification and shared memory at once: classes are answered in "
                              "the reply; leave out one of the two parameters (as Triton requires)")
-        outputs = await model.infer(inputs, wait_for_room=wait_for_room)
+        model, outputs = await self.infer(model, inputs, pinned=bool(request.model_version),
+                                          wait_for_room=wait_for_room)
         reply = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
         for name, array in select_outputs(outputs, [o.name for o in request.outputs]):
             if classes.get(name):
