@@ -30,6 +30,19 @@ class CardError(ValueError):
     """A model card is missing, unreadable or inconsistent with its files."""
 
 
+#: The preprocessing keys ``serving/preprocess.py`` reads for each task (see ``ModelCard``).
+PREPROCESSING_KEYS = {"digits": ("height", "width", "fit_box", "mean", "std", "polarity"),
+                      "diabetes": ("num_features",), "names": ("vocab_size",), "hello": ("vocabulary",),
+                      "regression": (), "logistic": ()}
+#: Card fields and the JSON type each must have: a card that is valid JSON but of other types was loaded, then
+#: failed every request it served (``"metrics": []`` made every default-model choice INTERNAL).
+FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "name": str, "version": (str, int), "task": str, "lecture": str, "description": str, "inputs": list,
+    "outputs": list, "labels": list, "preprocessing": dict, "metrics": dict, "training": dict, "export": dict,
+    "data_sha256": dict, "files": dict, "serving": dict, "created": str}
+_JSON_TYPES = {str: "string", int: "number", dict: "object", list: "list"}
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """One named input or output; ``-1`` marks a dynamic axis (the batch axis is always first)."""
@@ -96,14 +109,39 @@ class ModelCard:
                 raise CardError(f"schema_version {d.get('schema_version')!r}, expected {SCHEMA_VERSION}")
             if d["task"] not in TASKS:
                 raise CardError(f"unknown task {d['task']!r}; expected one of {', '.join(TASKS)}")
+            for key, kinds in FIELD_TYPES.items():
+                if key in d and (not isinstance(d[key], kinds) or isinstance(d[key], bool)):
+                    expected = " or ".join(_JSON_TYPES[k] for k in (kinds if isinstance(kinds, tuple) else (kinds,)))
+                    raise CardError(f"{key!r} is {json.dumps(d[key])[:40]}: expected a JSON {expected}")
             kwargs = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
             kwargs["inputs"] = tuple(TensorSpec.from_json(t) for t in d["inputs"])
             kwargs["outputs"] = tuple(TensorSpec.from_json(t) for t in d["outputs"])
             kwargs["labels"] = tuple(d["labels"])
             kwargs["version"] = str(d["version"])
-            return cls(**kwargs)
-        except (KeyError, TypeError) as e:
+            card = cls(**kwargs)
+        except CardError:
+            raise
+        except (KeyError, TypeError, ValueError) as e:
             raise CardError(f"malformed model card: {e!r}") from e
+        card.check()
+        return card
+
+    def check(self) -> None:
+        """CardError where the card contradicts itself in what serving reads: labels that do not name the
+        output's values (17 labels for names_gru's 18 logits answered INTERNAL for some names), a preprocessing
+        setting its task needs missing, labels that are not strings."""
+        missing = [key for key in PREPROCESSING_KEYS[self.task] if key not in self.preprocessing]
+        if missing:
+            raise CardError(f"a {self.task} card's preprocessing needs {', '.join(missing)}")
+        if not all(isinstance(label, str) for label in self.labels):
+            raise CardError("labels must be strings")
+        if self.labels and self.outputs:
+            output = self.outputs[0]
+            width = output.shape[-1]
+            expected = 2 if width == 1 else width  # one probability names both classes
+            if width > 0 and len(self.labels) != expected:
+                raise CardError(f"{len(self.labels)} labels for output {output.name!r} of {width} values per item: "
+                                f"expected {expected}")
 
     @classmethod
     def load(cls, directory: Path) -> ModelCard:
