@@ -5,7 +5,7 @@ The serving loop in plain view:
   setup    ``ModelRepository.start()`` loads, verifies and warms up every export in ``--repo``;
   listen   ``build_grpc_server()`` binds the port and registers the services and interceptors;
   serve    handlers decode -> ``ServedModel.infer`` (dynamic batcher -> ONNX Runtime) -> encode;
-  stop     SIGTERM/SIGINT: health goes NOT_SERVING, new RPCs are refused, in-flight ones finish within
+  stop     SIGTERM/SIGINT/SIGHUP: health goes NOT_SERVING, new RPCs are refused, in-flight ones finish within
            ``--grace-s``, the batchers drain, the process exits 0.
 
 Every flag can also be set by an environment variable named ``COURSEZOO_`` + the flag in upper snake
@@ -26,7 +26,6 @@ import gc
 import logging
 import multiprocessing
 import os
-import signal
 import sys
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -54,7 +53,7 @@ from serving.services.classifier import ClassifierService
 from serving.services.health import HealthService
 from serving.services.inference import InferenceService
 from serving.services.plumbing import Refused, around, refusal
-from serving.supervisor import supervise
+from serving.supervisor import STOP_SIGNALS, supervise
 
 log = logging.getLogger("coursezoo.serve")
 
@@ -97,7 +96,7 @@ class ServerSettings:
     inline_run_ms: float = _option(1.0, "model runs measured to take less than this execute on the event loop, "
                                    "saving a thread hop (on a GPU, only a lone request's run; batches formed "
                                    "under load run in a thread); 0 = every run in a worker thread")
-    grace_s: float = _option(10.0, "on SIGTERM/SIGINT, how long in-flight RPCs may take to finish")
+    grace_s: float = _option(10.0, "on SIGTERM/SIGINT/SIGHUP, how long in-flight RPCs may take to finish")
     tls_cert: str = _option("", "PEM certificate (chain) the port presents; with --tls-key the port speaks TLS only")
     tls_key: str = _option("", "PEM private key of --tls-cert")
     tls_client_ca: str = _option("", "PEM CA bundle: clients must present a certificate it signed (mutual TLS)")
@@ -410,7 +409,7 @@ def int_or_str(version: str) -> tuple[int, str]:
 
 async def serve(settings: ServerSettings, stop: asyncio.Event | None = None,
                 ready: Callable[[str], None] | None = None, reuse_port: bool = False) -> None:
-    """Run until ``stop`` is set or SIGTERM/SIGINT arrives, then shut down gracefully.
+    """Run until ``stop`` is set or a stop signal (SIGTERM/SIGINT/SIGHUP) arrives, then shut down gracefully.
 
     The banner goes to ``ready`` when given (a worker reporting to its supervisor), else to stdout with
     the shutdown messages.
@@ -423,7 +422,7 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None,
     # Model runs and image decoding go to the loop's default executor; started at full size, its thread count
     # is fixed from the first request on (no thread start-up in the first burst, and nothing that grows).
     loop.set_default_executor(_started_executor(min(32, (os.cpu_count() or 1) + 4)))
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
     async with CourseZooServer(settings, reuse_port=reuse_port) as server:
         # Everything alive now (modules, protobuf descriptors, cards, sessions) lives as long as the process;

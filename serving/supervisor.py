@@ -9,7 +9,7 @@ connections over them (``SO_REUSEPORT``), and a connection stays with the worker
 client reaches them all only over several connections (``CourseZooClient(connections=N)``).
 
 The supervisor (the process ``coursezoo serve`` starts as) holds the port from before the workers bind
-it until the end, prints one banner once every worker serves, passes SIGTERM/SIGINT on (each worker
+it until the end, prints one banner once every worker serves, passes SIGTERM/SIGINT/SIGHUP on (each worker
 drains as a single server does) and exits 0 once all have stopped. A worker that dies stops the others
 and the supervisor exits 1: a restart policy (compose, Kubernetes) brings the whole server back, rather
 than one that quietly serves with fewer workers.
@@ -86,7 +86,7 @@ def reserve_port(host: str, port: int) -> socket.socket:
 
 
 def supervise(settings: ServerSettings) -> int:
-    """Run ``settings.workers`` servers on one port until SIGTERM/SIGINT; the exit code of ``coursezoo serve``."""
+    """Run ``settings.workers`` servers on one port until a stop signal; the exit code of ``coursezoo serve``."""
     per_process = (("--model-control", settings.model_control, "a RepositoryModelLoad/Unload would reach only the "
                                                                 "worker that received it"),
                    ("--shared-memory", settings.shared_memory, "a region registered through one worker would be "
@@ -123,7 +123,16 @@ def supervise(settings: ServerSettings) -> int:
             print(f"coursezoo shutting down (grace {settings.grace_s:g} s)", flush=True)
             _stop_all(workers, settings.grace_s + STOP_MARGIN_S, metrics)
     print("coursezoo stopped", flush=True)
-    return 1 if failed is not None or any(proc.exitcode for proc, _ in workers) else 0
+    # A stop signal sent to the whole process group (Ctrl-C, systemd's KillMode=control-group) reaches the
+    # workers too: one that had not yet installed its handlers ends by that signal, and that is a clean stop.
+    stopped = {0} | ({-signal.SIGTERM, -signal.SIGINT, -signal.SIGHUP} if stop.signum is not None else set())
+    return 1 if failed is not None or any(proc.exitcode not in stopped for proc, _ in workers) else 0
+
+
+#: What stops a server (one process or a supervisor) gracefully: SIGTERM (orchestrators), SIGINT (Ctrl-C) and
+#: SIGHUP (its terminal closed, ``systemctl reload`` without a reload command), which killed it at once, calls
+#: in flight with it, and left a supervisor's metrics directory behind.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class _WorkerFailed(RuntimeError):
@@ -131,11 +140,11 @@ class _WorkerFailed(RuntimeError):
 
 
 class _StopSignal:
-    """SIGTERM/SIGINT noted (not raised) while the supervisor waits on its workers."""
+    """A stop signal (``STOP_SIGNALS``) noted (not raised) while the supervisor waits on its workers."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._note)
 
     def _note(self, signum: int, _frame: object) -> None:
@@ -168,6 +177,8 @@ def _wait(workers: list[tuple[multiprocessing.process.BaseProcess, multiprocessi
     sentinels = {proc.sentinel: (index, proc) for index, (proc, _) in enumerate(workers)}
     while stop.signum is None:
         for ready in multiprocessing.connection.wait(list(sentinels), timeout=0.5):
+            if stop.signum is not None:  # the group was signalled: a worker ending now is the stop, not a failure
+                return None
             index, proc = sentinels[ready]  # type: ignore[index]
             proc.join()
             failure = _WorkerFailed(f"worker {index} (pid {proc.pid}) exited with code {proc.exitcode}; "

@@ -127,6 +127,20 @@ def test_two_workers_share_the_port_and_stop_cleanly(repo: Path, tmp_path: Path)
     assert server.output.rstrip().endswith("coursezoo stopped")
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_stop_signal_to_the_whole_group_is_a_clean_stop(repo: Path, sig: signal.Signals) -> None:
+    """Ctrl-C and systemd (KillMode=control-group) signal every process of the group at once: the workers
+    drain and end before the supervisor looks, which it took for a failure (exit 1, "worker 0 exited with
+    code 0"); SIGHUP killed every process at once."""
+    server = ServerProcess(repo, "--workers", "2", "--poll-interval-s", "0", new_session=True).start()
+    workers = workers_of(server)
+    assert server.proc is not None
+    os.killpg(server.proc.pid, sig)
+    assert server.proc.wait(timeout=60) == 0, server.output
+    assert "exited with code" not in server.output and server.output.rstrip().endswith("coursezoo stopped")
+    assert not any(alive(pid) for pid in workers)
+
+
 def test_a_restart_binds_the_port_its_last_run_served_on(repo: Path) -> None:
     """The stopped run closed its clients' connections, which wait out TIME_WAIT on its port for a minute:
     a restart (a restart policy, a rolling update) must still bind it, as one process does."""
