@@ -14,6 +14,7 @@ one ``/metrics`` sums them. One process (``--workers 1``) keeps its values in me
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -100,8 +101,16 @@ class Metrics:
                 self._batch_children[model] = children
         return children
 
-    def set_model_ready(self, model: str, version: str, ready: bool) -> None:
-        self.model_ready.labels(model, version).set(1 if ready else 0)
+    def set_model_ready(self, model: str, version: str, ready: bool | None) -> None:
+        """1 while the version serves, 0 while it does not (unloaded, failed to load); ``None``: the version
+        is gone from the repository, and its series with it. Left at 0, every version ever retired fired an
+        alert on ``coursezoo_model_ready == 0`` for good. With ``--workers N`` a series stays at its last
+        value until the server restarts: prometheus-client's multiprocess files keep what a worker removes."""
+        if ready is None:
+            with contextlib.suppress(KeyError):  # never set: it failed to load, or the version was unloaded
+                self.model_ready.remove(model, version)
+        else:
+            self.model_ready.labels(model, version).set(1 if ready else 0)
 
     def serve(self, port: int, host: str = "0.0.0.0") -> WSGIServer:
         """Start the ``/metrics`` HTTP endpoint in a daemon thread; port 0 binds an ephemeral port."""

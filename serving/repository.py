@@ -49,7 +49,8 @@ class ModelNotReady(RuntimeError):
 class ServingObserver(BatchObserver, Protocol):
     """Metrics hooks: every batch (from the batchers) and every version going in or out of service."""
 
-    def set_model_ready(self, model: str, version: str, ready: bool) -> None: ...
+    def set_model_ready(self, model: str, version: str, ready: bool | None) -> None:
+        """True: the version serves; False: it does not (unloaded, or it failed to load); None: it is gone."""
 
 
 @dataclass(frozen=True)
@@ -342,6 +343,8 @@ class ModelRepository:
         versions = self._models.setdefault(name, {})
         for version in set(versions) - set(found):
             await self._retire(versions.pop(version))
+            if self._metrics is not None:  # its ready series goes with it, whether it served or failed to load
+                self._metrics.set_model_ready(name, version, None)
             log.info("retired %s/%s: its directory is gone", name, version, extra={"model": name, "version": version})
         for version, fingerprint in found.items():
             entry = versions.get(version)
@@ -368,6 +371,8 @@ class ModelRepository:
                         extra={"model": name, "version": version, "reason": reason})
             keep = old.served if old is not None else None  # a re-export that fails leaves the old one serving
             versions[version] = _Version(fingerprint, keep, READY if keep else UNAVAILABLE, reason)
+            if keep is None and self._metrics is not None:  # a failed deploy shows: model_ready 0, not no series
+                self._metrics.set_model_ready(name, version, False)
             return
         batcher = DynamicBatcher(
             session.run, max_batch_size=settings.max_batch_size, max_delay_ms=settings.max_queue_delay_ms,

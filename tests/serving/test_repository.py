@@ -48,7 +48,7 @@ class Metrics:
     def queue_changed(self, model: str, items: int) -> None:
         pass
 
-    def set_model_ready(self, model: str, version: str, ready: bool) -> None:
+    def set_model_ready(self, model: str, version: str, ready: bool | None) -> None:
         self.ready.append((model, version, ready))
 
 
@@ -180,6 +180,27 @@ def test_a_broken_new_version_is_rejected_and_the_old_one_keeps_serving(
         with pytest.raises(ModelNotReady, match="diabetes_mlp/2 is unavailable"):
             r.get("diabetes_mlp", "2")
         np.testing.assert_equal((await r.get("diabetes_mlp").infer(features(2)))["probability"].shape, (2, 1))
+        await r.stop()
+
+    run(main())
+
+
+def test_the_ready_series_follows_the_versions(repo: Path) -> None:
+    """1 while a version serves, 0 for one that failed to load (a failed deploy shows), and no series once its
+    directory is gone: left at 0, every retired version alerted on model_ready == 0 for good."""
+    async def main() -> None:
+        metrics = Metrics()
+        r = ModelRepository(repo, CPU_SETTINGS, metrics=metrics)
+        await r.start()
+        corrupt_bytes(add_version(repo, "diabetes_mlp", "2"))
+        add_version(repo, "diabetes_mlp", "3")
+        await r.load("diabetes_mlp")
+        shutil.rmtree(repo / "diabetes_mlp" / "1")
+        shutil.rmtree(repo / "diabetes_mlp" / "2")
+        await r._scan_all()
+        events = [(v, ready) for m, v, ready in metrics.ready if m == "diabetes_mlp"]
+        assert sorted(events[:3]) == [("1", True), ("2", False), ("3", True)]  # versions load in listing order
+        assert sorted(events[3:], key=str) == [("1", False), ("1", None), ("2", None)]
         await r.stop()
 
     run(main())
