@@ -22,7 +22,17 @@ import threading
 from collections.abc import Callable
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    multiprocess,
+    start_http_server,
+)
 
 #: Request latency buckets (seconds): sub-millisecond unary calls up to multi-second bulk batches.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
@@ -37,10 +47,17 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         reg = self.registry
-        self.requests = Counter("coursezoo_requests", "RPCs received, per model and RPC", ["model", "rpc"],
+        # The process's memory, CPU, open files and start time (restarts), and Python's collections: what an
+        # operator watches for leaks and restarts (the soak test measures RSS and descriptors the same way).
+        # (Not under --workers N: the supervisor's /metrics sums the workers' value files, which hold none.)
+        for collector in (ProcessCollector, GCCollector, PlatformCollector):
+            collector(registry=reg)
+        # A stream's messages count one by one: each is a request with its own answer or error.
+        self.requests = Counter("coursezoo_requests", "Requests (unary calls, and each message of a stream), per "
+                                "model and RPC", ["model", "rpc"], registry=reg)
+        self.failures = Counter("coursezoo_request_failures", "Requests answered with an error status (a stream's "
+                                "failed message too, in place or ending the stream)", ["model", "rpc", "code"],
                                 registry=reg)
-        self.failures = Counter("coursezoo_request_failures", "RPCs that ended with an error status",
-                                ["model", "rpc", "code"], registry=reg)
         self.items = Counter("coursezoo_items", "Items (images, records, texts, batch rows) answered",
                              ["model", "rpc"], registry=reg)
         self.latency = Histogram("coursezoo_request_latency_seconds", "Time from request to response",
