@@ -79,7 +79,7 @@ def _name_rows(rows: Iterator[Row]) -> Iterator[Item]:
 
 
 def _read_lines(path: str) -> Iterator[Item]:
-    """One item per line; empty and non-UTF-8 lines are failed items, a final newline adds none."""
+    """One item per line that holds one; non-UTF-8 lines are failed items (see ``_lines``)."""
     _, failure = _open_text(path)
     if failure:
         yield Item(path, failure=failure)
@@ -88,6 +88,10 @@ def _read_lines(path: str) -> Iterator[Item]:
 
 
 def _lines(path: str) -> Iterator[Item]:
+    """Items numbered by their line. Blank lines are not inputs, as in a CSV: a blank line at the end of a
+    list (or between its parts) was an error row that made the whole run exit 2. A file of blank lines
+    only is one "empty file" row, as an empty file is."""
+    empty = True
     try:
         with sources.open_file(path) as f:
             for number, raw in enumerate(f, 1):
@@ -95,14 +99,17 @@ def _lines(path: str) -> Iterator[Item]:
                 try:
                     text = raw.decode("utf-8").removeprefix("\ufeff").strip()
                 except UnicodeDecodeError as e:
+                    empty = False
                     yield Item(item_id, failure=Failure("bad line", f"not valid UTF-8 ({e.reason})"))
                     continue
                 if text:
+                    empty = False
                     yield Item(item_id, data=text)
-                else:
-                    yield Item(item_id, failure=Failure("empty line", "expected one item per line"))
     except OSError as e:
         yield Item(path, failure=Failure("unreadable file", e.strerror or str(e)))
+        return
+    if empty:
+        yield Item(path, failure=Failure("empty file", "no lines, only blank ones"))
 
 
 def _read_records(path: str) -> Iterator[Item]:

@@ -61,7 +61,7 @@ def test_records_and_names_through_the_server_match_local(batch: Batch, server: 
                                                           names_rows: list[tuple[str, str]], tmp_path: Path) -> None:
     records = [",".join(row[:8]) for row in diabetes_rows[:300]] + ["inf,0,0,0,0,0,0,0", "1,2"]
     (tmp_path / "records.csv").write_text("\n".join(records) + "\n")
-    (tmp_path / "names.txt").write_text("\n".join(name for name, _ in names_rows[::40]) + "\n\n\u00e9\u00e9\n")
+    (tmp_path / "names.txt").write_text("\n".join(name for name, _ in names_rows[::40]) + "\n\nStra\u00dfe\n\u00e9\u00e9\n")
     for data in ("records.csv", "names.txt"):
         remote = batch(tmp_path / data, "--server", server.target, "--top-k", "2", "--batch-size", "64",
                        out=tmp_path / f"{data}.remote.csv")

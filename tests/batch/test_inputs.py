@@ -101,8 +101,7 @@ def test_text_lines_one_item_each(tmp_path: Path) -> None:
     assert [(Path(i.id).name, i.data, str(i.failure or "").split(":")[0]) for i in items] == [
         ("empty.txt", None, "empty file"),
         ("names.txt:1", "Müller", ""),
-        ("names.txt:2", None, "empty line"),
-        ("names.txt:3", "Smith", ""),
+        ("names.txt:3", "Smith", ""),  # line 2 is blank: not an input
         ("names.txt:4", None, "bad line"),
         ("stray.png", None, "not a text file"),
     ]
@@ -112,18 +111,18 @@ def test_text_lines_one_item_each(tmp_path: Path) -> None:
 @given(lines=st.lists(st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\n\r\0"),
                               max_size=12), max_size=30))
 def test_every_line_is_one_item(tmp_path_factory: pytest.TempPathFactory, lines: list[str]) -> None:
-    """Any text (without NUL, which marks a binary file): one item per line, numbered as editors do, blank
-    lines as failures, a byte-order mark at a line start dropped, nothing lost or merged."""
+    """Any text (without NUL, which marks a binary file): one item per line that holds one, numbered as editors
+    do, blank lines left out, a byte-order mark at a line start dropped, nothing lost or merged."""
     path = tmp_path_factory.mktemp("lines") / "items.txt"
     path.write_bytes("".join(f"{line}\n" for line in lines).encode("utf-8"))
     items = list(iter_items(iter_files([str(path)], False), "names"))
+    texts = [(n, line.removeprefix("\ufeff").strip()) for n, line in enumerate(lines, 1)]
     if not lines:
         assert [str(i.failure) for i in items] == ["empty file: the file has no content"]
-        return
-    assert [i.id for i in items] == [f"{path}:{n}" for n in range(1, len(lines) + 1)]
-    for item, line in zip(items, lines, strict=True):
-        text = line.removeprefix("\ufeff").strip()
-        assert (item.data, item.failure is None) == ((text, True) if text else (None, False))
+    elif not any(text for _, text in texts):
+        assert [str(i.failure) for i in items] == ["empty file: no lines, only blank ones"]
+    else:
+        assert [(i.id, i.data, i.failure) for i in items] == [(f"{path}:{n}", text, None) for n, text in texts if text]
 
 
 def test_a_glob_that_matches_folders_and_their_files_lists_each_file_once(tmp_path: Path) -> None:
