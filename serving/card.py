@@ -71,7 +71,7 @@ class ModelCard:
 
     ``preprocessing`` is task specific; its keys are read by ``serving/preprocess.py``:
       - digits: ``height``, ``width``, ``fit_box``, ``mean``, ``std``, ``polarity`` ("light_on_dark")
-      - diabetes: ``num_features``, ``feature_range``
+      - diabetes: ``num_features``, ``feature_range`` (optional: without it any finite value is accepted)
       - names: ``vocab_size``, ``padding_index``, ``normalization`` ("NFKD-ascii")
       - hello: ``vocabulary`` (the characters, index order)
       - regression / logistic: nothing (raw floats)

@@ -15,7 +15,7 @@ message.
 A server started with TLS and a token (docs/operations.md):
 
     creds = tls_credentials(ca="ca.pem")  # + cert=, key= for mutual TLS
-    client = CourseZooClient("models.example:50051", credentials=creds, token=os.environ["COURSEZOO_TOKEN"])
+    client = CourseZooClient("models.example:50051", credentials=creds, token=os.environ["COURSEZOO_AUTH_TOKEN"])
 """
 
 from __future__ import annotations
@@ -66,7 +66,13 @@ def tls_credentials(ca: str | Path | None = None, cert: str | Path | None = None
         raise ValueError("a client certificate needs both cert and key")
 
     def read(path: str | Path | None) -> bytes | None:
-        return None if path is None else Path(path).read_bytes()
+        """The file's bytes, refused unless PEM: gRPC would only fail at connecting, as an unreachable server."""
+        if path is None:
+            return None
+        data = Path(path).read_bytes()
+        if b"-----BEGIN " not in data:
+            raise ValueError(f"{path} is not a PEM file: expected -----BEGIN CERTIFICATE----- (or a key)")
+        return data
 
     return grpc.ssl_channel_credentials(read(ca), read(key), read(cert))
 

@@ -123,23 +123,19 @@ def ensure_files(dataset: str, cfg: DataConfig) -> list[Path]:
 
 
 def _refuse_mirror_root(cfg: DataConfig) -> None:
-    """Stop when the data root is a mirror: the configured one, or any folder holding a ``SHA256SUMS`` (which
-    a mirror has and a data root never gets).
+    """Stop when the data root is the configured mirror.
 
     The loader writes into its root: copies of missing files and the 53 MB raw MNIST cache torchvision reads
     (``<root>/MNIST/raw``). A mirror is shared and meant to stay read-only, yet as root (or with write
     access) those writes would land in it. Refused rather than cached elsewhere: another place would hold
-    53 MB nobody chose, while the fix here is one flag, which the message names.
+    53 MB nobody chose, while the fix here is one flag, which the message names. A folder is a mirror by
+    configuration only: a copy of the mirror, SHA256SUMS and all, is a fine data root of one's own.
     """
-    if (cfg.root / "SHA256SUMS").exists():
-        why = "it holds a SHA256SUMS"
-    elif (cfg.mirror is not None and cfg.root.exists() and cfg.mirror.exists()
-          and os.path.samefile(cfg.root, cfg.mirror)):
-        why = "it is the configured mirror"
-    else:
+    if not (cfg.mirror is not None and cfg.root.exists() and cfg.mirror.exists()
+            and os.path.samefile(cfg.root, cfg.mirror)):
         return
     raise DataError(
-        f"the data root {cfg.root} is a data mirror ({why}); the loader writes into its data root (copies, the "
+        f"the data root {cfg.root} is the data mirror too; the loader writes into its data root (copies, the "
         f"MNIST cache) and must not write into a mirror. Use it as the mirror (--data-mirror {cfg.root} or "
         f"COURSEZOO_DATA_MIRROR) with a data root of your own (--data-root or COURSEZOO_DATA_ROOT, default data/)."
     )

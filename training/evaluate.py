@@ -162,10 +162,11 @@ def evaluate_export(entry: Entry, version_dir: Path, cfg: data.DataConfig) -> di
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Re-evaluate exported ONNX models on the held-out data.",
-                                add_help=add_help)
+    p = argparse.ArgumentParser(description="Re-evaluate the newest version of each exported model on the held-out "
+                                "data, and check its card against its bar and the catalogue; exit 1 if any is "
+                                "[BAD] or [ERR].", add_help=add_help)
     p.add_argument("names", nargs="*", default=["all"], help="model names, or 'all' (default)")
-    p.add_argument("--repo", type=Path, default=Path("exported"))
+    p.add_argument("--repo", type=Path, default=Path("exported"), help="model repository (default: exported)")
     data.DataConfig.add_arguments(p)
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
     return p

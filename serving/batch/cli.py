@@ -247,11 +247,13 @@ def _tls(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
         return None
     from serving.client import tls_credentials
 
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise BatchError("--tls-cert and --tls-key go together: the certificate this client presents and its "
+                         "private key")
     try:
         return tls_credentials(args.tls_ca or None, args.tls_cert or None, args.tls_key or None)
-    except ValueError as e:  # one of the pair
-        raise BatchError("--tls-cert and --tls-key go together: the certificate this client presents and its "
-                         "private key") from e
+    except ValueError as e:  # not PEM
+        raise BatchError(str(e)) from e
     except OSError as e:
         raise BatchError(f"cannot read the TLS file {e.filename}: {e.strerror or e}") from e
 

@@ -61,7 +61,8 @@ def test_records_and_names_through_the_server_match_local(batch: Batch, server: 
                                                           names_rows: list[tuple[str, str]], tmp_path: Path) -> None:
     records = [",".join(row[:8]) for row in diabetes_rows[:300]] + ["inf,0,0,0,0,0,0,0", "1,2"]
     (tmp_path / "records.csv").write_text("\n".join(records) + "\n")
-    (tmp_path / "names.txt").write_text("\n".join(name for name, _ in names_rows[::40]) + "\n\nStra\u00dfe\n\u00e9\u00e9\n")
+    names = [name for name, _ in names_rows[::40]] + ["", "Stra\u00dfe", "\u00e9\u00e9"]  # skipped, refused, "ee"
+    (tmp_path / "names.txt").write_text("\n".join(names) + "\n")
     for data in ("records.csv", "names.txt"):
         remote = batch(tmp_path / data, "--server", server.target, "--top-k", "2", "--batch-size", "64",
                        out=tmp_path / f"{data}.remote.csv")
@@ -218,6 +219,8 @@ def test_a_mutual_tls_server_is_reached_with_its_ca_and_a_client_certificate(
     assert half.code == 1 and "--tls-cert and --tls-key go together" in half.err
     missing = batch(*common, "--tls-ca", tmp_path / "no-ca.pem", out=tmp_path / "missing.csv")
     assert missing.code == 1 and f"cannot read the TLS file {tmp_path / 'no-ca.pem'}" in missing.err
+    not_pem = batch(*common, "--tls-ca", token, out=tmp_path / "not-pem.csv")  # was retried as unreachable
+    assert not_pem.code == 1 and f"{token} is not a PEM file" in not_pem.err and "unreachable" not in not_pem.err
 
 
 def test_the_compose_batch_job_passes_the_servers_token_and_tls(mtls_server: ServerProcess,

@@ -371,8 +371,8 @@ def test_hello_round_trip_cuts_each_text_to_its_length() -> None:
 
 
 @pytest.mark.parametrize(("name", "bad"), [
-    ("Rossi\r\n", r"'\\n\\r'"), ("Rossi\t", r"'\\t'"), ("Rossi\x7f", r"'\\x7f'"),  # never in the training data
-    ("Ivanov Иванов", "'Иавно'"), ("Straße", "'ß'"), ("Łukasz", "'Ł'"), ("中村", "'中村'"),  # used to be dropped
+    ("Rossi\r\n", r"'\\r\\n'"), ("Rossi\t", r"'\\t'"), ("Rossi\x7f", r"'\\x7f'"),  # never in the training data
+    ("Ivanov Иванов", "'Ивано'"), ("Straße", "'ß'"), ("Łukasz", "'Ł'"), ("中村", "'中村'"),  # used to be dropped
 ])
 def test_names_the_model_cannot_read_are_refused_not_cut(name: str, bad: str) -> None:
     with pytest.raises(InputError, match=f"has {bad}, which the model cannot read: expected printable ASCII"):
