@@ -135,6 +135,8 @@ class ModelCard:
             raise CardError(f"a {self.task} card's preprocessing needs {', '.join(missing)}")
         if not all(isinstance(label, str) for label in self.labels):
             raise CardError("labels must be strings")
+        if not self.labels and self.task != "regression":  # a regression's output is the answer itself
+            raise CardError(f"a {self.task} card needs labels: the answers are named by them")
         if self.labels and self.outputs:
             output = self.outputs[0]
             width = output.shape[-1]

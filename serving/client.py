@@ -120,9 +120,11 @@ class CourseZooClient:
                    ("grpc.max_receive_message_length", max_message_mb << 20),
                    ("grpc.enable_retries", 1), ("grpc.service_config", _RETRY_SERVICE_CONFIG),
                    # gRPC 1.85 drops an unanswered keepalive ping after the ping timeout (60 s by default),
-                   # not after the keepalive timeout alone: both are set
+                   # not after the keepalive timeout alone: both are set. And it sends at most 2 pings while no
+                   # data goes out unless told otherwise: a stream quiet for a minute stopped pinging, and then
+                   # waited for ever on a server that went away.
                    ("grpc.keepalive_time_ms", int(keepalive_s * 1000)), ("grpc.keepalive_timeout_ms", ping_timeout_ms),
-                   ("grpc.http2.ping_timeout_ms", ping_timeout_ms),
+                   ("grpc.http2.ping_timeout_ms", ping_timeout_ms), ("grpc.http2.max_pings_without_data", 0),
                    # Channels of one process otherwise share one connection per target and options.
                    ("grpc.use_local_subchannel_pool", int(connections > 1))]
         self.channels = [grpc.secure_channel(target, credentials, options) if credentials is not None

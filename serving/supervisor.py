@@ -102,6 +102,7 @@ def supervise(settings: ServerSettings) -> int:
         stop = _StopSignal()
         ctx = multiprocessing.get_context("spawn")
         workers: list[tuple[multiprocessing.process.BaseProcess, multiprocessing.connection.Connection]] = []
+        served = False
         try:
             for index in range(settings.workers):
                 reports, child_end = ctx.Pipe(duplex=False)
@@ -111,7 +112,8 @@ def supervise(settings: ServerSettings) -> int:
                 child_end.close()
                 workers.append((proc, reports))
             banners = [_await_report(proc, reports, index, stop) for index, (proc, reports) in enumerate(workers)]
-            if stop.signum is None:
+            served = stop.signum is None
+            if served:
                 print(_banner(banners[0], settings, metrics), flush=True)
                 failed = _wait(workers, stop)
             else:
@@ -123,10 +125,16 @@ def supervise(settings: ServerSettings) -> int:
             print(f"coursezoo shutting down (grace {settings.grace_s:g} s)", flush=True)
             _stop_all(workers, settings.grace_s + STOP_MARGIN_S, metrics)
     print("coursezoo stopped", flush=True)
-    # A stop signal sent to the whole process group (Ctrl-C, systemd's KillMode=control-group) reaches the
-    # workers too: one that had not yet installed its handlers ends by that signal, and that is a clean stop.
+    if failed is not None:
+        return 1
+    if stop.signum is not None and not served:
+        # Stopped while starting: a stop signal sent to the whole process group (Ctrl-C, systemd's
+        # KillMode=control-group) reached workers still importing, which end by the signal, or with 1 from a
+        # KeyboardInterrupt in multiprocessing's bootstrap. Nothing served: a clean stop, not a failure.
+        return 0
+    # A worker that had not installed its handlers yet ends by the signal the group got: a clean stop too.
     stopped = {0} | ({-signal.SIGTERM, -signal.SIGINT, -signal.SIGHUP} if stop.signum is not None else set())
-    return 1 if failed is not None or any(proc.exitcode not in stopped for proc, _ in workers) else 0
+    return 1 if any(proc.exitcode not in stopped for proc, _ in workers) else 0
 
 
 #: What stops a server (one process or a supervisor) gracefully: SIGTERM (orchestrators), SIGINT (Ctrl-C) and
@@ -161,10 +169,10 @@ def _await_report(proc: multiprocessing.process.BaseProcess, reports: multiproce
                 kind, text = reports.recv()
             except EOFError:
                 kind, text = "error", f"exited with code {proc.exitcode} before serving"
-            if kind == "error":
+            if kind == "error" and stop.signum is None:  # with a stop signal, a worker's end is the stop
                 raise _WorkerFailed(f"worker {index} {text}")
             return text
-        if not proc.is_alive():
+        if not proc.is_alive() and stop.signum is None:
             raise _WorkerFailed(f"worker {index} exited with code {proc.exitcode} before serving")
         if time.monotonic() > deadline:
             raise _WorkerFailed(f"worker {index} did not start within {START_TIMEOUT_S:g} s")

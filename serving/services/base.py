@@ -151,9 +151,10 @@ def _known(handler: Handler, request: Any, model_field: str) -> str:
     return name if handler.repository.knows(name) else ""
 
 
-#: The longest status message sent. It travels in a trailer, and gRPC clients refuse metadata over 16 KiB by
-#: default: a message that echoed a huge field the client sent would reach it as RESOURCE_EXHAUSTED instead.
-MAX_MESSAGE_CHARS = 2000
+#: The most UTF-8 bytes of a status message sent. It travels in a trailer, percent-encoded (each byte beyond
+#: ASCII takes 3), and gRPC clients refuse metadata over 16 KiB by default: a message that echoed a huge field
+#: the client sent (a tensor name of 20,000 CJK characters, say) reached it as RESOURCE_EXHAUSTED instead.
+MAX_MESSAGE_BYTES = 2000
 
 
 def message_of(exc: BaseException) -> str:
@@ -161,8 +162,10 @@ def message_of(exc: BaseException) -> str:
     if status_of(exc) is grpc.StatusCode.INTERNAL:
         return f"internal error ({type(exc).__name__}); the server log has the details"
     message = str(exc)
-    if len(message) > MAX_MESSAGE_CHARS:
-        return f"{message[:MAX_MESSAGE_CHARS]}... (cut from {len(message)} characters)"
+    encoded = message.encode("utf-8", "replace")
+    if len(encoded) > MAX_MESSAGE_BYTES:
+        kept = encoded[:MAX_MESSAGE_BYTES].decode("utf-8", "ignore")  # a character cut in two is left out
+        return f"{kept}... (cut from {len(message)} characters)"
     return message
 
 

@@ -34,6 +34,7 @@ def test_every_shipped_card_loads() -> None:
     ("diabetes_mlp", {"labels": ["0", "1", "2"]}, "3 labels for output 'probability' of 1 values per item: "
                                                   "expected 2"),
     ("mnist_cnn", {"labels": list(range(10))}, "labels must be strings"),
+    ("names_gru", {"labels": []}, "a names card needs labels"),  # loaded, every call was INTERNAL (IndexError)
     ("names_gru", {"preprocessing": {}}, "a names card's preprocessing needs vocab_size"),
     ("mnist_cnn", {"preprocessing": {"height": 28}}, "preprocessing needs width, fit_box, mean, std, polarity"),
 ])

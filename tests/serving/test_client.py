@@ -212,3 +212,53 @@ def test_a_stream_to_a_server_gone_silent_fails_instead_of_waiting_for_ever(serv
     finally:
         proxy.close()
     assert len(replies) == 1 and outcome[0].code() == grpc.StatusCode.UNAVAILABLE, outcome
+
+
+def test_a_quiet_stream_keeps_pinging_and_fails_when_the_server_goes_silent() -> None:
+    """A stream that sends nothing for a while (a camera pausing) then loses its server: gRPC sends at most 2
+    pings without data unless told otherwise, so the keepalive had stopped before the server went away.
+    A real gRPC server on loopback that accepts pings as often as they come (ours takes one per 10 s, the
+    client's real interval is 30 s: the test runs 60 times faster)."""
+    from concurrent import futures
+
+    from serving.protos import classifier_pb2_grpc
+
+    class Echo(classifier_pb2_grpc.ClassifierServicer):
+        def StreamClassifyDigits(self, requests: Iterator[pb.ClassifyDigitsRequest],  # noqa: N802 - the RPC
+                                 context: grpc.ServicerContext) -> Iterator[pb.ClassifyDigitsResponse]:
+            for request in requests:
+                yield pb.ClassifyDigitsResponse(model="echo", id=request.id)
+
+    server = grpc.server(futures.ThreadPoolExecutor(2), options=[
+        ("grpc.http2.min_ping_interval_without_data_ms", 10), ("grpc.http2.max_ping_strikes", 0)])
+    classifier_pb2_grpc.add_ClassifierServicer_to_server(Echo(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    proxy = SilentProxy(f"127.0.0.1:{port}")
+    replies: list[pb.ClassifyDigitsResponse] = []
+    outcome: list[grpc.RpcError] = []
+
+    def images() -> Iterator[np.ndarray]:
+        yield np.zeros((28, 28), np.uint8)
+        time.sleep(3)  # quiet: 6 keepalive intervals, 3 times the pings gRPC sends without data by default
+        proxy.silent.set()
+        time.sleep(3600)  # the camera waits for its answer; it must not wait for ever
+        yield np.zeros((28, 28), np.uint8)
+
+    def stream() -> None:
+        with CourseZooClient(proxy.target, chunk_size=1, keepalive_s=0.5, ping_timeout_s=0.5) as client:
+            try:
+                replies.extend(client.stream_classify_digits(images()))
+            except grpc.RpcError as e:
+                outcome.append(e)
+
+    try:
+        worker = threading.Thread(target=stream, daemon=True)
+        worker.start()
+        worker.join(30)  # a bound on the wait, not a measure: the pings give up about a second after the silence
+        assert not worker.is_alive(), "the stream is still waiting on a silent connection"
+    finally:
+        proxy.close()
+        server.stop(None)
+    assert len(replies) == 1 and outcome[0].code() == grpc.StatusCode.UNAVAILABLE, outcome
+    assert "ping timeout" in outcome[0].details(), outcome[0].details()

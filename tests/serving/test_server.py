@@ -28,7 +28,7 @@ from serving.client import CourseZooClient
 from serving.postprocess import softmax
 from serving.preprocess import InputError, encode_names
 from serving.protos import classifier_pb2 as pb
-from serving.services.base import MAX_MESSAGE_CHARS, message_of
+from serving.services.base import MAX_MESSAGE_BYTES, message_of
 
 if TYPE_CHECKING:
     from tests.conftest import ServerProcess
@@ -269,9 +269,11 @@ ERRORS = [
 
 
 def test_status_messages_are_cut_to_fit_a_trailer() -> None:
+    """By UTF-8 bytes: the trailer percent-encodes each byte beyond ASCII as 3 characters."""
     assert message_of(InputError("x" * 50)) == "x" * 50
     cut = message_of(InputError("x" * 100_000))
-    assert cut == "x" * MAX_MESSAGE_CHARS + "... (cut from 100000 characters)"
+    assert cut == "x" * MAX_MESSAGE_BYTES + "... (cut from 100000 characters)"
+    assert message_of(InputError("名" * 20_000)) == "名" * (MAX_MESSAGE_BYTES // 3) + "... (cut from 20000 characters)"
 
 
 @pytest.mark.parametrize("case", ERRORS, ids=[e.name for e in ERRORS])

@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -139,6 +140,20 @@ def test_a_stop_signal_to_the_whole_group_is_a_clean_stop(repo: Path, sig: signa
     assert server.proc.wait(timeout=60) == 0, server.output
     assert "exited with code" not in server.output and server.output.rstrip().endswith("coursezoo stopped")
     assert not any(alive(pid) for pid in workers)
+
+
+@pytest.mark.parametrize("after_s", [0.3, 0.6, 1.0])
+def test_ctrl_c_while_the_workers_start_is_a_clean_stop(repo: Path, after_s: float) -> None:
+    """The group's SIGINT reaches workers still importing (they end by it, or with 1 from a KeyboardInterrupt
+    in multiprocessing's bootstrap): that was "worker 0 exited ... before serving" and exit 1."""
+    proc = subprocess.Popen([sys.executable, "-m", "coursezoo", "serve", "--repo", str(repo), "--host", "127.0.0.1",
+                             "--port", "0", "--metrics-port", "-1", "--workers", "2"], start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(after_s)
+    os.killpg(proc.pid, signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    assert "before serving" not in output
 
 
 def test_a_restart_binds_the_port_its_last_run_served_on(repo: Path) -> None:

@@ -247,6 +247,8 @@ INFER_ERRORS = [
                                              parameters={"triton_x": 1}), "INVALID_ARGUMENT", "reserved"),
     ("a sequence", lambda c: c.infer("linear_regression", triton_inputs({"x": np.ones((1, 1), "float32")}),
                                      sequence_id=7, sequence_start=True), "INVALID_ARGUMENT", "sequence"),
+    ("an input name of 20,000 CJK characters, an unknown datatype",  # echoed whole, percent-encoded: 60 KB
+     _raw("名" * 20000, "FOO", [1, 8], bytes(32)), "INVALID_ARGUMENT", "(cut from"),
     ("an input name of 20,000 characters",
      lambda c: c.infer("linear_regression", triton_inputs({"z" * 20000: np.ones((1, 1), "float32")})),
      "INVALID_ARGUMENT", "(20000 characters): expected x FP32"),
