@@ -181,12 +181,31 @@ class SilentProxy:
             s.close()
 
 
+def stream_until_it_fails(target: str, images: Iterator[np.ndarray],
+                          replies: list[pb.ClassifyDigitsResponse]) -> grpc.RpcError:
+    """Stream ``images`` one per message with keepalive 60 times faster than the client's own (pings every
+    0.5 s, given up after 0.5 s), collecting ``replies``; the error that ends the stream."""
+    outcome: list[grpc.RpcError] = []
+
+    def stream() -> None:
+        with CourseZooClient(target, chunk_size=1, keepalive_s=0.5, ping_timeout_s=0.5) as client:
+            try:
+                replies.extend(client.stream_classify_digits(images))
+            except grpc.RpcError as e:
+                outcome.append(e)
+
+    worker = threading.Thread(target=stream, daemon=True)
+    worker.start()
+    worker.join(30)  # a bound on the wait, not a measure: the pings give up about a second after the silence
+    assert not worker.is_alive(), "the stream is still waiting on a silent connection"
+    return outcome[0]
+
+
 def test_a_stream_to_a_server_gone_silent_fails_instead_of_waiting_for_ever(server: ServerProcess) -> None:
     """Keepalive pings find the dead connection: the stream ends UNAVAILABLE ("ping timeout"). Without them it
     waited for ever, its requests still coming (a camera, say) and no reply."""
     proxy = SilentProxy(server.target)
     replies: list[pb.ClassifyDigitsResponse] = []
-    outcome: list[BaseException] = []
 
     def images() -> Iterator[np.ndarray]:
         yield np.zeros((28, 28), np.uint8)
@@ -197,21 +216,11 @@ def test_a_stream_to_a_server_gone_silent_fails_instead_of_waiting_for_ever(serv
             yield np.zeros((28, 28), np.uint8)
             time.sleep(0.1)
 
-    def stream() -> None:
-        with CourseZooClient(proxy.target, chunk_size=1, keepalive_s=0.5, ping_timeout_s=0.5) as client:
-            try:
-                replies.extend(client.stream_classify_digits(images()))
-            except grpc.RpcError as e:
-                outcome.append(e)
-
     try:
-        worker = threading.Thread(target=stream, daemon=True)
-        worker.start()
-        worker.join(60)  # a bound on the wait, not a measure: the pings give up after about a second
-        assert not worker.is_alive(), "the stream is still waiting on a silent connection"
+        outcome = stream_until_it_fails(proxy.target, images(), replies)
     finally:
         proxy.close()
-    assert len(replies) == 1 and outcome[0].code() == grpc.StatusCode.UNAVAILABLE, outcome
+    assert len(replies) == 1 and outcome.code() == grpc.StatusCode.UNAVAILABLE, outcome
 
 
 def test_a_quiet_stream_keeps_pinging_and_fails_when_the_server_goes_silent() -> None:
@@ -236,7 +245,6 @@ def test_a_quiet_stream_keeps_pinging_and_fails_when_the_server_goes_silent() ->
     server.start()
     proxy = SilentProxy(f"127.0.0.1:{port}")
     replies: list[pb.ClassifyDigitsResponse] = []
-    outcome: list[grpc.RpcError] = []
 
     def images() -> Iterator[np.ndarray]:
         yield np.zeros((28, 28), np.uint8)
@@ -245,20 +253,10 @@ def test_a_quiet_stream_keeps_pinging_and_fails_when_the_server_goes_silent() ->
         time.sleep(3600)  # the camera waits for its answer; it must not wait for ever
         yield np.zeros((28, 28), np.uint8)
 
-    def stream() -> None:
-        with CourseZooClient(proxy.target, chunk_size=1, keepalive_s=0.5, ping_timeout_s=0.5) as client:
-            try:
-                replies.extend(client.stream_classify_digits(images()))
-            except grpc.RpcError as e:
-                outcome.append(e)
-
     try:
-        worker = threading.Thread(target=stream, daemon=True)
-        worker.start()
-        worker.join(30)  # a bound on the wait, not a measure: the pings give up about a second after the silence
-        assert not worker.is_alive(), "the stream is still waiting on a silent connection"
+        outcome = stream_until_it_fails(proxy.target, images(), replies)
     finally:
         proxy.close()
         server.stop(None)
-    assert len(replies) == 1 and outcome[0].code() == grpc.StatusCode.UNAVAILABLE, outcome
-    assert "ping timeout" in outcome[0].details(), outcome[0].details()
+    assert len(replies) == 1 and outcome.code() == grpc.StatusCode.UNAVAILABLE, outcome
+    assert "ping timeout" in outcome.details(), outcome.details()
