@@ -56,11 +56,13 @@ def test_ray_rows_equal_local_rows_and_resume_completes(batch: Batch, ray_local:
 
 
 def test_ray_names_equal_local(batch: Batch, ray_local: Any, tmp_path: Path) -> None:
-    """Text inputs: a list of names with an empty line and a name the vocabulary refuses."""
+    """Text inputs: a list of names with an empty line (skipped), accents (dropped) and a name the model cannot
+    read (refused)."""
     if not (EXPORTED / "names_gru").is_dir():
         pytest.skip(f"no names model in {EXPORTED}")
     names = tmp_path / "names.txt"
-    names.write_text("\n".join(["Nakamura", "Schmidt", "", "O'Neill", "Dvořák", "Rossi", "Zhang"] * 20) + "\n")
+    names.write_text("\n".join(["Nakamura", "Schmidt", "", "O'Neill", "Dvořák", "Straße", "Rossi", "Zhang"] * 20)
+                     + "\n")
     common = (names, "--kind", "names", "--repo", EXPORTED, "--top-k", "2")
     local = batch(*common, out=tmp_path / "local.csv")
     ray_run = batch(*common, "--engine", "ray", "--batch-size", "16", out=tmp_path / "ray.csv")
