@@ -55,14 +55,14 @@ def _ascii_name(text: str, vocab_size: int) -> str:
         raise InputError(f"name of {len(text)} characters: at most {MAX_TEXT_LENGTH} are accepted")
     allowed = _printable_ascii(vocab_size)
     if text.isascii() and allowed.issuperset(text):  # most names: spelled as the data spells them already
-        name = text
+        name, bad = text, ""
     else:
         name = "".join(c for c in unicodedata.normalize("NFKD", text) if unicodedata.category(c) != "Mn")
+        bad = "".join(dict.fromkeys(c for c in name if c not in allowed))  # as they appear: "\r\n", not "\n\r"
     if not name.strip():
         raise InputError(f"empty name {quote(text)}: expected a non-empty name in Latin letters")
     if len(name) > MAX_TEXT_LENGTH:
         raise InputError(f"name of {len(name)} characters: at most {MAX_TEXT_LENGTH} are accepted")
-    bad = "".join(dict.fromkeys(c for c in name if c not in allowed))  # as they appear: "\r\n", not "\n\r"
     if bad:
         raise InputError(f"name {quote(text)} has {quote(bad)}, which the model cannot read: expected printable "
                          "ASCII once accents are dropped (\"Müller\" is read as \"Muller\")")
