@@ -89,12 +89,12 @@ class Security:
                    model_control=control_enabled("--model-control", settings.model_control, settings.host, token),
                    shared_memory=control_enabled("--shared-memory", settings.shared_memory, settings.host, token))
 
-    def interceptors(self, on_refused: Refused | None = None) -> list[grpc.aio.ServerInterceptor]:
+    def interceptors(self, on_refused: Refused) -> list[grpc.aio.ServerInterceptor]:
         """Interceptors to run before any other: a refused call must not reach the handlers' code.
         ``on_refused(method, code)`` counts each refusal (``Metrics.observe_refusal``)."""
         if not self.token:
             return []
-        return [AuthInterceptor(self.token, protect_health=self.protect_health, on_refused=on_refused)]
+        return [AuthInterceptor(self.token, on_refused, protect_health=self.protect_health)]
 
     def describe(self) -> str:
         """One banner line; says whether a token is required, never what it is."""
@@ -188,7 +188,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     how much of a guess was right.
     """
 
-    def __init__(self, token: str, *, protect_health: bool = False, on_refused: Refused | None = None) -> None:
+    def __init__(self, token: str, on_refused: Refused, *, protect_health: bool = False) -> None:
         if not token:
             raise ValueError("AuthInterceptor needs a non-empty token")
         self._expected = token.encode("ascii")
@@ -211,8 +211,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         # DEBUG: anyone who can reach the port can send refused calls, so each one must not cost a log line
         # at the levels a deployment runs (it cost ~4 KB at INFO); the metric counts them
         log.debug("refused an unauthenticated call", extra={"rpc": method, "reason": problem})
-        if self._on_refused is not None:
-            self._on_refused(method, grpc.StatusCode.UNAUTHENTICATED.name)
+        self._on_refused(method, grpc.StatusCode.UNAUTHENTICATED.name)
         return refusal(handler, grpc.StatusCode.UNAUTHENTICATED,
                        f"{problem}: send the metadata 'authorization: Bearer <token>'")
 

@@ -193,7 +193,7 @@ class DrainGate(grpc.aio.ServerInterceptor):
     #: starts): not waited for, or every stop would take the whole grace period while a prober watches.
     UNBOUNDED = frozenset({"/grpc.health.v1.Health/Watch"})
 
-    def __init__(self, on_refused: Refused | None = None) -> None:
+    def __init__(self, on_refused: Refused) -> None:
         self.draining = False
         self._on_refused = on_refused
         self._active = 0
@@ -210,8 +210,7 @@ class DrainGate(grpc.aio.ServerInterceptor):
             return None
         self._last_call = asyncio.get_running_loop().time()
         if self.draining:
-            if self._on_refused is not None:
-                self._on_refused(handler_call_details.method, grpc.StatusCode.UNAVAILABLE.name)
+            self._on_refused(handler_call_details.method, grpc.StatusCode.UNAVAILABLE.name)
             return refusal(handler, grpc.StatusCode.UNAVAILABLE, "the server is shutting down: retry the call")
         if handler_call_details.method in self.UNBOUNDED:
             return handler

@@ -252,7 +252,7 @@ class RequestDecodeGuard(grpc.aio.ServerInterceptor):
     counts each such call (the handler, which counts calls, never runs).
     """
 
-    def __init__(self, on_refused: Refused | None = None) -> None:
+    def __init__(self, on_refused: Refused) -> None:
         self._on_refused = on_refused
 
     async def intercept_service(
@@ -274,8 +274,7 @@ class RequestDecodeGuard(grpc.aio.ServerInterceptor):
                     f"RPC's .proto definition, serialized by a protobuf library"))
 
         def refused() -> None:
-            if self._on_refused is not None:
-                self._on_refused(method, grpc.StatusCode.INVALID_ARGUMENT.name)
+            self._on_refused(method, grpc.StatusCode.INVALID_ARGUMENT.name)
 
         kind = kind_of(handler)
         guard = _guard_stream if handler.request_streaming else _guard_unary
