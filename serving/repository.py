@@ -1,10 +1,12 @@
 """The model repository: ``root/<name>/<version>/{model.onnx, model.json}`` -> served model versions.
 
-Every version directory is loaded (a request may name any version); the newest ready one serves by
-default. A version is only loaded after its ``model.onnx`` matches the card's sha256 and it has run a
-warm-up batch; until then, or if that fails, the previous state keeps serving, so a half-copied or
-broken export never takes a model down. All state changes happen on the event loop between awaits, so
-``get`` always sees either the old or the new version, never a mixture.
+Every version directory is loaded (a request may name any version; Triton's version policy ``all``), or
+with ``latest_versions`` N only the N newest that load (``latest N``, except that a newer version that
+fails to load does not push an older one out); the newest ready one serves by default. A version is only
+loaded after its ``model.onnx`` matches the card's sha256 and it has run a warm-up batch; until then, or
+if that fails, the previous state keeps serving, so a half-copied or broken export never takes a model
+down. All state changes happen on the event loop between awaits, so ``get`` always sees either the old or
+the new version, never a mixture.
 """
 
 from __future__ import annotations
@@ -70,6 +72,18 @@ class ServingSettings:
     inline_run_ms: float = 0.0  # batches expected to run faster than this run on the event loop (see batching)
     max_items_per_request: int = 1024  # the largest client batch, which runs as one execution (see batching)
     poll_interval_s: float = 0.0  # 0: no polling; RepositoryModelLoad still loads new versions
+    latest_versions: int = 0  # 0: every version directory is loaded; N: the N newest that load (see the module)
+
+    def __post_init__(self) -> None:
+        for name, least in MINIMUM.items():
+            value = getattr(self, name)
+            if value is not None and value < least:
+                raise ValueError(f"{name} {value}: expected at least {least}")
+
+
+#: The least value of each numeric setting, whether it comes from a flag, a variable or a card's ``serving``.
+MINIMUM = {"max_batch_size": 1, "max_queue_delay_ms": 0, "max_queue_items": 1, "intra_op_threads": 0,
+           "inline_run_ms": 0, "max_items_per_request": 1, "poll_interval_s": 0, "latest_versions": 0}
 
 
 def _true_or_false(value: Any) -> bool:
@@ -93,9 +107,9 @@ def settings_for(settings: Any, card: ModelCard) -> ServingSettings:
         raise CardError(f"{card.name}/{card.version}: unknown serving keys {unknown}; known: {sorted(CARD_OVERRIDES)}")
     try:
         values.update({k: CARD_OVERRIDES[k](v) for k, v in card.serving.items()})
+        return ServingSettings(**values)
     except (TypeError, ValueError) as e:
         raise CardError(f"{card.name}/{card.version}: bad serving value: {e}") from e
-    return ServingSettings(**values)
 
 
 @dataclass(frozen=True)
@@ -172,6 +186,7 @@ class _Version:
     served: ServedModel | None = None
     state: str = LOADING
     reason: str = ""
+    held_back: bool = False  # behind the newest ``latest_versions`` that load: not loaded, by policy
 
 
 class ModelRepository:
@@ -346,10 +361,16 @@ class ModelRepository:
             if self._metrics is not None:  # its ready series goes with it, whether it served or failed to load
                 self._metrics.set_model_ready(name, version, None)
             log.info("retired %s/%s: its directory is gone", name, version, extra={"model": name, "version": version})
-        for version, fingerprint in found.items():
+        keep = self.settings.latest_versions or len(found)
+        serving = 0
+        for version, fingerprint in sorted(found.items(), key=lambda kv: int(kv[0]), reverse=True):
             entry = versions.get(version)
-            if entry is None or entry.fingerprint != fingerprint:
+            if serving >= keep:  # behind the newest `keep` that load: out (Triton's version policy latest N)
+                await self._hold_back(name, version, fingerprint)
+                continue
+            if entry is None or entry.fingerprint != fingerprint or entry.held_back:
                 await self._load_version(name, version, fingerprint)
+            serving += versions[version].served is not None
         if not versions:
             del self._models[name]
 
@@ -387,6 +408,24 @@ class ModelRepository:
                  extra={"model": name, "version": version, "provider": session.provider})
         if old is not None and old.served is not None:
             await old.served.retire()  # after the swap: requests already queued there still finish
+
+    async def _hold_back(self, name: str, version: str, fingerprint: tuple) -> None:
+        """Leave a version out of service under ``latest_versions``: retired if it served, never loaded if not.
+        Its ready series goes (an alert on ``model_ready == 0`` must not fire for every old version), and the
+        index keeps it, saying why; it loads again if the versions ahead of it go."""
+        versions = self._models[name]
+        entry = versions.get(version)
+        if entry is not None and entry.held_back and entry.fingerprint == fingerprint:
+            return
+        n = self.settings.latest_versions
+        versions[version] = _Version(fingerprint, None, UNAVAILABLE, f"not served: only the newest {n} version"
+                                     f"{'s' if n > 1 else ''} that load are (--latest-versions {n})", held_back=True)
+        if entry is not None and entry.served is not None:
+            await self._retire(entry)
+            log.info("retired %s/%s: %d newer versions serve", name, version, n,
+                     extra={"model": name, "version": version})
+        if self._metrics is not None:
+            self._metrics.set_model_ready(name, version, None)
 
     def _prepare(self, name: str, version: str) -> tuple[ModelCard, OnnxModel, ServingSettings]:
         """Blocking part of a load, run in a thread: card, sha256, session, warm-up."""

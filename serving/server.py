@@ -46,7 +46,7 @@ from serving.heap import keep_freed_memory
 from serving.metrics import Metrics
 from serving.preprocess import DEFAULT_MAX_IMAGE_PIXELS, set_max_image_pixels
 from serving.protos import classifier_pb2, classifier_pb2_grpc, inference_pb2, inference_pb2_grpc
-from serving.repository import ModelRepository
+from serving.repository import MINIMUM, ModelRepository
 from serving.security import CONTROL_MODES, ConfigError, Security
 from serving.services.base import RequestDecodeGuard
 from serving.services.classifier import ClassifierService
@@ -71,10 +71,10 @@ class ServerSettings:
 
     repo: Path = _option(Path("exported"), "model repository: <repo>/<name>/<version>/{model.onnx,model.json}")
     host: str = _option("0.0.0.0", "address to bind the gRPC port on")
-    port: int = _option(50051, "gRPC port; 0 binds an ephemeral port (the bound one is printed)")
+    port: int = _option(50051, "gRPC port; 0 binds an ephemeral port (the bound one is printed)", minimum=0)
     device: str = _option("auto", "ONNX Runtime device: auto tries CUDA and falls back to CPU",
                           choices=("auto", "cuda", "cpu"))
-    metrics_port: int = _option(8002, "Prometheus /metrics port; 0 = ephemeral (printed), -1 = off")
+    metrics_port: int = _option(8002, "Prometheus /metrics port; 0 = ephemeral (printed), -1 = off", minimum=-1)
     max_batch_size: int = _option(64, "dynamic batching: most items merged from concurrent requests into one model "
                                       "execution (1 = no coalescing); one request runs whole")
     max_queue_delay_ms: float = _option(1.0, "dynamic batching: longest wait for more items to join a batch; 0 "
@@ -85,18 +85,22 @@ class ServerSettings:
                                          "does")
     max_queue_items: int = _option(4096, "items a model's queue holds; beyond, UNAVAILABLE (retry later)")
     max_items_per_request: int = _option(1024, "items (images, records, texts, rows) one request may carry")
-    max_image_pixels: int = _option(DEFAULT_MAX_IMAGE_PIXELS, "largest image (width*height) before RESOURCE_EXHAUSTED")
+    max_image_pixels: int = _option(DEFAULT_MAX_IMAGE_PIXELS, "largest image (width*height) before RESOURCE_EXHAUSTED",
+                                    minimum=1)
     decode_processes: int = _option(-1, f"processes decoding the images of requests with {POOL_MIN_IMAGES} or more; "
                                     f"-1 = one per CPU core (at most {MAX_AUTO_PROCESSES}), 0 = decode in the "
-                                    "server process")
-    max_message_mb: int = _option(64, "largest gRPC message, both directions, in MiB")
+                                    "server process", minimum=-1)
+    max_message_mb: int = _option(64, "largest gRPC message, both directions, in MiB", minimum=1)
     poll_interval_s: float = _option(5.0, "how often the repository looks for new versions; 0 = never")
+    latest_versions: int = _option(0, "how many of each model's versions are loaded: the N newest that load (a "
+                                   "newer one that fails to load does not push an older one out), as Triton's "
+                                   "version_policy latest N; 0 = every version directory (policy all)")
     intra_op_threads: int = _option(0, "CPU threads one model run may use (a large batch is split "
                                    "across them); 0 = one per core")
     inline_run_ms: float = _option(1.0, "model runs measured to take less than this execute on the event loop, "
                                    "saving a thread hop (on a GPU, only a lone request's run; batches formed "
                                    "under load run in a thread); 0 = every run in a worker thread")
-    grace_s: float = _option(10.0, "on SIGTERM/SIGINT/SIGHUP, how long in-flight RPCs may take to finish")
+    grace_s: float = _option(10.0, "on SIGTERM/SIGINT/SIGHUP, how long in-flight RPCs may take to finish", minimum=0)
     tls_cert: str = _option("", "PEM certificate (chain) the port presents; with --tls-key the port speaks TLS only")
     tls_key: str = _option("", "PEM private key of --tls-cert")
     tls_client_ca: str = _option("", "PEM CA bundle: clients must present a certificate it signed (mutual TLS)")
@@ -111,7 +115,7 @@ class ServerSettings:
                                  "otherwise", choices=CONTROL_MODES)
     workers: int = _option(1, "server processes sharing the port (SO_REUSEPORT), each with every model: one "
                            "process answers from one event loop, about one core's worth of requests; with more "
-                           "than 1, model control and shared memory are off (serving/supervisor.py)")
+                           "than 1, model control and shared memory are off (serving/supervisor.py)", minimum=1)
     keep_heap: bool = _option(True, "keep freed memory for the next requests (glibc malloc: blocks up to 32 MiB from "
                               "the heap, up to 256 MiB of it kept free) instead of faulting it in anew for every "
                               "large request; false = glibc's defaults (serving/heap.py)")
@@ -159,17 +163,33 @@ def _one_of(kind: Callable[[str], Any], choices: Sequence[Any], env: str) -> Cal
     return parse
 
 
+def _at_least(kind: Callable[[str], Any], least: float, env: str) -> Callable[[str], Any]:
+    """``kind``, refusing values below ``least`` (``--max-queue-items -1`` refused every request; a negative
+    ``--grace-s`` made the drain end at once)."""
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{text!r} is below {least}, the least this setting takes (from the "
+                                             f"flag, or else {env})")
+        return value
+
+    parse.__name__ = getattr(kind, "__name__", "value")
+    return parse
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     """One flag per ``ServerSettings`` field; its default comes from ``COURSEZOO_<FIELD>`` when set."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter)
     for f in dataclasses.fields(ServerSettings):
         env = ENV_PREFIX + f.name.upper()
         kind: Any = type(f.default)
-        extra = {k: v for k, v in f.metadata.items() if k not in ("help", "secret")}
+        extra = {k: v for k, v in f.metadata.items() if k not in ("help", "secret", "minimum")}
         if kind is bool:  # a bare flag means true
             kind, extra = _boolean, {"nargs": "?", "const": True, **extra}
         if "choices" in extra:  # argparse checks choices on flags only, never on a default (the variable)
             kind = _one_of(kind, extra["choices"], env)
+        if (least := f.metadata.get("minimum", MINIMUM.get(f.name))) is not None:
+            kind = _at_least(kind, least, env)
         # argparse runs `type` on string defaults, so an environment value is parsed like the flag.
         parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=os.environ.get(env, f.default),
                             help=f"{f.metadata['help']} [env {env}]", **extra)
@@ -462,8 +482,6 @@ def run_worker(settings: ServerSettings, reports: Connection) -> int:
 def main(args: argparse.Namespace) -> int:
     try:
         settings = ServerSettings.from_args(args)
-        if settings.workers < 1:
-            raise ConfigError(f"--workers {settings.workers}: expected 1 or more server processes")
         if settings.workers > 1:
             return supervise(settings)
         asyncio.run(serve(settings))

@@ -11,7 +11,8 @@ Triton's own auto-completed configuration of an ONNX model would say it:
   them); ModelInfer takes it as ``[n, 1]`` or ``[n]``;
 - ``dynamic_batching`` is present while batching is on: its delay is ``--max-queue-delay-ms`` and its
   preferred batch size the most items a merged batch holds (``--max-batch-size``);
-- ``version_policy`` is ``all``: every version directory is served, the newest by default;
+- ``version_policy`` is ``all`` (every version directory is served, the newest by default), or ``latest``
+  with ``--latest-versions`` N;
 - ``instance_group`` says where ONNX Runtime runs the model (one instance: runs are serialised per model).
 """
 
@@ -33,7 +34,7 @@ def model_config(model: ServedModel) -> mc.ModelConfig:
     settings = model.settings
     config = mc.ModelConfig(
         name=model.name, platform=PLATFORM, backend=BACKEND, max_batch_size=settings.max_items_per_request,
-        version_policy=mc.ModelVersionPolicy(all=mc.ModelVersionPolicy.All()),
+        version_policy=_version_policy(settings.latest_versions),
         input=[_model_input(t) for t in model.card.inputs],
         output=[mc.ModelOutput(name=t.name, data_type=_data_type(t.datatype), dims=t.shape[1:])
                 for t in model.card.outputs],
@@ -44,6 +45,12 @@ def model_config(model: ServedModel) -> mc.ModelConfig:
             preferred_batch_size=[settings.max_batch_size],
             max_queue_delay_microseconds=round(settings.max_queue_delay_ms * 1000)))
     return config
+
+
+def _version_policy(latest: int) -> mc.ModelVersionPolicy:
+    if latest:
+        return mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=latest))
+    return mc.ModelVersionPolicy(all=mc.ModelVersionPolicy.All())
 
 
 def _model_input(spec: TensorSpec) -> mc.ModelInput:

@@ -206,6 +206,38 @@ def test_the_ready_series_follows_the_versions(repo: Path) -> None:
     run(main())
 
 
+def test_latest_versions_serves_the_newest_that_load(repo: Path) -> None:
+    """Triton's version policy ``latest N``, except that a broken newer version does not push out an older one
+    that serves; a version left out is in the index with the reason, has no ready series, and comes back when
+    the versions ahead of it go."""
+    async def main() -> None:
+        add_version(repo, "diabetes_mlp", "2")
+        metrics = Metrics()
+        r = ModelRepository(repo, dataclasses.replace(CPU_SETTINGS, latest_versions=1), metrics=metrics)
+        await r.start()
+        assert [m.version for m in r.models() if m.name == "diabetes_mlp"] == ["2"]
+        with pytest.raises(ModelNotReady, match=r"diabetes_mlp/1 is unavailable: .*--latest-versions 1"):
+            r.get("diabetes_mlp", "1")
+        assert ("diabetes_mlp", "1", True) not in metrics.ready
+
+        corrupt_bytes(add_version(repo, "diabetes_mlp", "3"))
+        await r.load("diabetes_mlp")
+        assert r.get("diabetes_mlp").version == "2"
+        add_version(repo, "diabetes_mlp", "4")
+        await r.load("diabetes_mlp")
+        states = {e.version: e.state for e in r.index() if e.name == "diabetes_mlp"}
+        assert states == {"1": UNAVAILABLE, "2": UNAVAILABLE, "3": UNAVAILABLE, "4": READY}
+        assert metrics.ready[-2:] == [("diabetes_mlp", "2", False), ("diabetes_mlp", "2", None)]
+
+        shutil.rmtree(repo / "diabetes_mlp" / "4")
+        await r.load("diabetes_mlp")
+        assert r.get("diabetes_mlp").version == "2"
+        np.testing.assert_equal((await r.get("diabetes_mlp").infer(features(2)))["probability"].shape, (2, 1))
+        await r.stop()
+
+    run(main())
+
+
 def test_a_model_with_no_loadable_version_is_not_ready(tmp_path: Path) -> None:
     async def main() -> None:
         root = tmp_path / "repo"
@@ -401,6 +433,8 @@ def test_card_serving_hints_override_the_settings(repo: Path) -> None:
                     edit=lambda c: dataclasses.replace(c, serving={"adaptive_queue_delay": False}))
         add_version(repo, "diabetes_mlp", "5",  # a string: bool() would have taken "false" for true
                     edit=lambda c: dataclasses.replace(c, serving={"adaptive_queue_delay": "false"}))
+        add_version(repo, "diabetes_mlp", "6",  # a queue of none: every request was refused
+                    edit=lambda c: dataclasses.replace(c, serving={"max_queue_items": 0}))
         r = ModelRepository(repo, CPU_SETTINGS)
         await r.start()
         assert r.get("diabetes_mlp", "2").settings.max_batch_size == 4
@@ -409,6 +443,7 @@ def test_card_serving_hints_override_the_settings(repo: Path) -> None:
         reasons = {e.version: e.reason for e in r.index() if e.state == UNAVAILABLE}
         assert "unknown serving keys ['batch']" in reasons["3"]
         assert "bad serving value: 'false' is not true or false" in reasons["5"]
+        assert "bad serving value: max_queue_items 0: expected at least 1" in reasons["6"]
         await r.stop()
 
     run(main())

@@ -88,6 +88,26 @@ def test_a_variable_outside_its_choices_stops_the_start(tmp_path: Path, variable
     assert f"argument {flag}: {value!r} is not one of auto" in done.stderr and variable in done.stderr
 
 
+@pytest.mark.parametrize("flag,value", [("--max-queue-items", "0"), ("--grace-s", "-1"), ("--workers", "0")])
+def test_a_setting_below_its_least_stops_the_start(tmp_path: Path, flag: str, value: str) -> None:
+    """A queue of none refused every request; a negative grace ended the drain at once."""
+    done = subprocess.run([sys.executable, "-m", "coursezoo", "serve", "--repo", str(tmp_path), "--port", "0", flag,
+                           value], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert f"argument {flag}: {value!r} is below" in done.stderr, done.stderr
+
+
+def test_latest_versions_serves_the_newest_and_says_so(tmp_path: Path, source: Path,
+                                                       start_server: Callable[..., ServerProcess]) -> None:
+    for version in ("1", "2"):
+        add_version(tmp_path, source, version)
+    server = start_server(tmp_path, "--latest-versions", "1")
+    client = triton.InferenceServerClient(server.target)
+    assert client.is_model_ready(MODEL, "2") and not client.is_model_ready(MODEL, "1")
+    policy = client.get_model_config(MODEL).config.version_policy
+    assert policy.WhichOneof("policy_choice") == "latest" and policy.latest.num_versions == 1
+
+
 def test_hot_reload_new_version_and_broken_version(scratch: tuple[Path, ServerProcess], source: Path) -> None:
     repo, proc = scratch
     triton_client = triton.InferenceServerClient(proc.target)
