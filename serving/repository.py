@@ -197,7 +197,7 @@ class ModelRepository:
         self.settings = settings if settings is not None else ServingSettings()
         self._metrics = metrics
         self._models: dict[str, dict[str, _Version]] = {}
-        self._unloaded: set[str] = set()  # names RepositoryModelUnload took out; polling leaves them out
+        self._unloaded: dict[str, list[str]] = {}  # RepositoryModelUnload's: name -> versions; polling leaves them out
         self._root_missing = False  # whether the last scan found no repository directory (said once)
         self._scan_lock = asyncio.Lock()
         self._poller: asyncio.Task[None] | None = None
@@ -244,7 +244,7 @@ class ModelRepository:
         again, each answered OK, ended unloaded (the name left the unloaded set before the lock, and the
         unload put it back after), with the versions loaded behind it and a SERVING health check."""
         async with self._scan_lock:
-            self._unloaded.discard(name)
+            self._unloaded.pop(name, None)
             await self._scan_model(name)
             versions = self._models.get(name)
             if not versions:
@@ -258,13 +258,18 @@ class ModelRepository:
             task.exception()  # a caller that went away has no use for it: not "never retrieved"
 
     async def unload(self, name: str) -> None:
-        """Take every version of a model out of service (RepositoryModelUnload) until ``load(name)``."""
+        """Take every version of a model out of service (RepositoryModelUnload) until ``load(name)``.
+
+        A name with no directory in the repository has nothing to unload: done, as Triton answers it (clean-up
+        code unloads what it may never have loaded). One whose directory has not been scanned yet stays out.
+        """
         _check_name(name)
         async with self._scan_lock:
-            if name not in self._models and name not in self._unloaded:
-                raise ModelNotFound(f"no model {name!r} is loaded")
-            self._unloaded.add(name)
+            if not self.knows(name) and not await asyncio.to_thread((self.root / name).is_dir):
+                log.info("unload of %s: no such model, nothing to do", name, extra={"model": name})
+                return
             versions = self._models.pop(name, {})
+            self._unloaded[name] = self._unloaded.get(name) or _sorted(versions)
             await asyncio.gather(*(self._retire(v) for v in versions.values()))
         log.info("unloaded %s", name, extra={"model": name})
 
@@ -304,8 +309,19 @@ class ModelRepository:
         """Every version the repository knows, with its state and why it is not ready (RepositoryIndex)."""
         rows = [IndexEntry(name, version, v.state, v.reason)
                 for name in sorted(self._models) for version, v in reversed(_newest_first(self._models[name]))]
-        rows += [IndexEntry(name, "", UNAVAILABLE, "unloaded") for name in sorted(self._unloaded)]
+        rows += [IndexEntry(name, version, UNAVAILABLE, "unloaded")
+                 for name in sorted(self._unloaded) for version in self._unloaded[name] or [""]]
         return rows
+
+    async def listing(self) -> list[IndexEntry]:
+        """``index()``, and the model directories not scanned yet (no polling, or a new one before the next poll),
+        as Triton's index lists the models it has not loaded: a client finds them there, then loads them."""
+        try:
+            found = await asyncio.to_thread(_model_dirs, self.root)
+        except OSError:  # not listed: what is known still is
+            found = set()
+        return self.index() + [IndexEntry(name, "", UNAVAILABLE, "not loaded: RepositoryModelLoad loads it")
+                               for name in sorted(found) if not self.knows(name)]
 
     def default_model(self, task: str) -> str:
         """The name of the most accurate ready model of ``task`` (card metrics ``accuracy``), ties by name."""
@@ -343,7 +359,7 @@ class ModelRepository:
                 return
             else:
                 self._root_missing = False
-            names = (found | set(self._models)) - self._unloaded
+            names = (found | set(self._models)) - set(self._unloaded)
             await asyncio.gather(*(self._scan_model(name) for name in sorted(names)))
 
     async def _scan_model(self, name: str) -> None:

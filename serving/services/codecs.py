@@ -32,15 +32,17 @@ DATATYPE_OF = {np.dtype(numpy_name): name for name, numpy_name in DATATYPES.item
 CLASSIFICATION = "classification"
 
 
-def decode_inputs(tensors: Sequence, raw: Sequence[bytes],
-                  shared_memory: SharedMemoryRegistry | None = None) -> dict[str, np.ndarray]:
+def decode_inputs(tensors: Sequence, raw: Sequence[bytes], shared_memory: SharedMemoryRegistry | None = None,
+                  specs: Sequence[TensorSpec] = ()) -> dict[str, np.ndarray]:
     """``ModelInferRequest.inputs`` (+ ``raw_input_contents``) -> arrays by tensor name.
 
     An input whose parameters name a shared memory region is read from it in place; the raw buffers
     belong, in order, to the other inputs (what tritonclient sends). Checks what the transport alone can
     check (datatype known, shape non-negative, element count matches); names, dtypes and shapes against
-    the model card are the runtime's ``validate``.
+    the model card are the runtime's ``validate``. ``specs``, the card's inputs, only make errors say what
+    the model expects.
     """
+    expected = {spec.name: spec.datatype for spec in specs}
     placements = [shared_placement(t) for t in tensors]
     for tensor, placement in zip(tensors, placements, strict=True):
         if tensor.HasField("contents") and (placement or raw):  # which one would count? Triton refuses it too
@@ -56,8 +58,8 @@ def decode_inputs(tensors: Sequence, raw: Sequence[bytes],
     for tensor, placement in zip(tensors, placements, strict=True):
         dtype = DTYPES.get(tensor.datatype)
         if dtype is None:
-            raise InputError(f"input {tensor.name!r} has datatype {tensor.datatype!r}: expected one of "
-                             f"{', '.join(DTYPES)}")
+            wanted = expected.get(tensor.name) or f"one of {', '.join(DTYPES)}"
+            raise InputError(f"input {tensor.name!r} has datatype {tensor.datatype!r}: expected {wanted}")
         shape = tuple(tensor.shape)
         if any(d < 0 for d in shape):
             raise InputError(f"input {tensor.name!r} has shape {list(shape)}: dimensions must be >= 0")
@@ -74,10 +76,14 @@ def decode_inputs(tensors: Sequence, raw: Sequence[bytes],
                                  f"{tensor.datatype} {list(shape)}")
             array = np.frombuffer(buffer, dtype=dtype)
         else:
-            values = getattr(tensor.contents, CONTENTS_FIELD[tensor.datatype])
+            field = CONTENTS_FIELD[tensor.datatype]
+            values = getattr(tensor.contents, field)
             if len(values) != count:
-                raise InputError(f"input {tensor.name!r}: {len(values)} values in contents."
-                                 f"{CONTENTS_FIELD[tensor.datatype]}, expected {count} for shape {list(shape)}")
+                elsewhere = [f"{len(v)} in contents.{f.name}" for f, v in tensor.contents.ListFields()
+                             if f.name != field]
+                raise InputError(f"input {tensor.name!r}: {len(values)} values in contents.{field} (its datatype "
+                                 f"{tensor.datatype}'s field){', but ' + ', '.join(elsewhere) if elsewhere else ''}, "
+                                 f"expected {count} for shape {list(shape)}")
             try:
                 array = np.array(values, dtype=dtype)
             except OverflowError as e:
@@ -97,6 +103,8 @@ def shared_placement(tensor: Any) -> tuple[str, int, int] | None:
     params = tensor.parameters
     if REGION not in params:
         return None
+    if params[REGION].WhichOneof("parameter_choice") != "string_param":
+        raise InputError(f"{tensor.name!r}: the {REGION} parameter names a region: expected a string_param")
     if BYTE_SIZE not in params:
         raise InputError(f"{tensor.name!r} names shared memory region {params[REGION].string_param!r} "
                          f"without {BYTE_SIZE}: expected both (and optionally {OFFSET})")
@@ -136,6 +144,9 @@ def select_outputs(outputs: Mapping[str, np.ndarray], requested: Sequence[str]) 
 #: priority, and it waits at most until its deadline), and a sequence's correlation (refused below).
 INTEGER_PARAMETERS = ("priority", "timeout")
 SEQUENCE_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")
+#: The one reserved key a client may send (tritonclient's ``enable_empty_final_response``): a decoupled model's
+#: empty last reply. Every reply here is its request's one and last, and says so, so there is nothing to add.
+EMPTY_FINAL_RESPONSE = "triton_enable_empty_final_response"
 
 
 def check_request_parameters(parameters: Mapping[str, Any]) -> None:
@@ -144,8 +155,13 @@ def check_request_parameters(parameters: Mapping[str, Any]) -> None:
     inference: every course model here answers each request on its own, so a correlation id would be dropped)."""
     for key, param in parameters.items():
         kind = param.WhichOneof("parameter_choice")
+        if key == EMPTY_FINAL_RESPONSE:
+            if kind != "bool_param":
+                raise InputError(f"request parameter {key!r} is true or false: got a {kind or 'empty'} parameter")
+            continue
         if key.startswith("triton_"):
-            raise InputError(f"request parameter {key!r}: keys starting with 'triton_' are reserved; leave it out")
+            raise InputError(f"request parameter {key!r}: keys starting with 'triton_' are reserved (but "
+                             f"{EMPTY_FINAL_RESPONSE}); leave it out")
         if key in INTEGER_PARAMETERS and kind not in ("int64_param", "uint64_param"):
             raise InputError(f"request parameter {key!r} is a whole number: got a {kind or 'empty'} parameter")
         if key in SEQUENCE_PARAMETERS and getattr(param, kind or "bool_param"):
@@ -154,13 +170,14 @@ def check_request_parameters(parameters: Mapping[str, Any]) -> None:
 
 
 def class_count(tensor: Any) -> int:
-    """The ``classification`` parameter of a requested output: how many top classes to answer (0: the tensor)."""
+    """The ``classification`` parameter of a requested output: how many top classes to answer (0: not asked,
+    the tensor). A count of 0 asked for is refused, as Triton does: tritonclient sends none for class_count=0."""
     if CLASSIFICATION not in tensor.parameters:
         return 0
     param = tensor.parameters[CLASSIFICATION]
-    if param.WhichOneof("parameter_choice") not in ("int64_param", "uint64_param") or _int_param(param) < 0:
+    if param.WhichOneof("parameter_choice") not in ("int64_param", "uint64_param") or _int_param(param) < 1:
         raise InputError(f"output {tensor.name!r}: the {CLASSIFICATION} parameter is a class count, a whole number "
-                         ">= 0 (tritonclient's InferRequestedOutput(name, class_count=k))")
+                         ">= 1 (tritonclient's InferRequestedOutput(name, class_count=k))")
     return _int_param(param)
 
 

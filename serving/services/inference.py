@@ -17,7 +17,7 @@ from importlib import metadata
 import grpc
 
 from serving.metrics import Metrics
-from serving.preprocess import InputError
+from serving.preprocess import InputError, quote
 from serving.protos import inference_pb2 as pb
 from serving.protos import inference_pb2_grpc
 from serving.repository import ModelNotFound, ModelNotReady, ModelRepository, version_number
@@ -39,8 +39,10 @@ from serving.shared_memory import BYTE_SIZE, OFFSET, REGION, SharedMemoryRegistr
 
 #: The stream reply parameter that marks a request's last reply
 FINAL_RESPONSE = "triton_final_response"
-#: Triton's names for the extensions served here (ServerMetadata)
-EXTENSIONS = ("classification", "model_repository", "model_configuration", "statistics", "system_shared_memory")
+#: Triton's names for the extensions served here (ServerMetadata): ``binary_tensor_data`` is raw buffers,
+#: ``parameters`` request and tensor parameters
+EXTENSIONS = ("classification", "model_repository", "model_configuration", "statistics", "system_shared_memory",
+              "binary_tensor_data", "parameters")
 
 
 def _server_version() -> str:
@@ -95,7 +97,9 @@ class InferenceService(Handler, inference_pb2_grpc.GRPCInferenceServiceServicer)
         reply = pb.ModelMetadataResponse(
             name=model.name, platform=PLATFORM,
             versions=[m.version for m in self.repository.models() if m.name == model.name and m.ready],
-            inputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in card.inputs],
+            # one value per item is [-1, 1], as its configuration's dims [1] say (Triton's metadata of such an input)
+            inputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape if len(t.shape) > 1 else [*t.shape, 1])
+                    for t in card.inputs],
             outputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in card.outputs],
         )
         return Answer(reply, model.name, 0)
@@ -103,8 +107,8 @@ class InferenceService(Handler, inference_pb2_grpc.GRPCInferenceServiceServicer)
     async def _infer(self, request: pb.ModelInferRequest, *, wait_for_room: bool = False) -> Answer:
         model = self.repository.get(request.model_name, request.model_version or None)
         check_request_parameters(request.parameters)
-        inputs = squeeze_item_scalars(decode_inputs(request.inputs, request.raw_input_contents, self.shared_memory),
-                                      model.card.inputs)
+        inputs = squeeze_item_scalars(decode_inputs(request.inputs, request.raw_input_contents, self.shared_memory,
+                                                    model.card.inputs), model.card.inputs)
         model.validate(inputs)
         rows = len(next(iter(inputs.values())))
         self.check_count(rows, "rows (batch items)")
@@ -112,6 +116,10 @@ class InferenceService(Handler, inference_pb2_grpc.GRPCInferenceServiceServicer)
         if any(placements.values()) and self.shared_memory is None:
             raise InputError("an output names a shared memory region, but shared memory is off on this server "
                              "(--shared-memory): leave the output's parameters out")
+        for name, placement in placements.items():  # the whole place the client named must be there, before a run
+            if placement is not None and self.shared_memory is not None:
+                region, byte_size, offset = placement
+                self.shared_memory.view(region, offset, byte_size, f"output {name}")
         classes = {o.name: class_count(o) for o in request.outputs}
         if any(classes[name] and placement for name, placement in placements.items()):
             raise InputError("an output asks for classification and shared memory at once: classes are answered in "
@@ -230,14 +238,16 @@ class InferenceService(Handler, inference_pb2_grpc.GRPCInferenceServiceServicer)
 
     @rpc("RepositoryIndex", model_field="repository_name")
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest) -> Answer:
+        _one_repository(request.repository_name)
         entries = [pb.RepositoryIndexResponse.ModelIndex(name=e.name, version=e.version, state=e.state,
                                                          reason=e.reason)
-                   for e in self.repository.index() if not request.ready or e.state == "READY"]
+                   for e in await self.repository.listing() if not request.ready or e.state == "READY"]
         return Answer(pb.RepositoryIndexResponse(models=entries), "", len(entries))
 
     @rpc("RepositoryModelLoad", model_field="model_name")
     async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest) -> Answer:
         self._check_model_control()
+        _one_repository(request.repository_name)
         if request.parameters:
             raise Unsupported(f"load parameters ({', '.join(sorted(request.parameters))}) are not supported: a model "
                               "loads as its card and ONNX file in the repository say; send the load without them")
@@ -250,6 +260,7 @@ class InferenceService(Handler, inference_pb2_grpc.GRPCInferenceServiceServicer)
     @rpc("RepositoryModelUnload", model_field="model_name")
     async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest) -> Answer:
         self._check_model_control()
+        _one_repository(request.repository_name)
         try:
             await self.repository.unload(request.model_name)
         finally:
@@ -260,3 +271,11 @@ class InferenceService(Handler, inference_pb2_grpc.GRPCInferenceServiceServicer)
         if not self.model_control:
             raise ModelControlOff("model control is off on this server: models change only through the "
                                   "repository (start it with --model-control on, or set a token, to allow this)")
+
+
+def _one_repository(name: str) -> None:
+    """The server has one repository; a request that names one would be answered from another (Triton refuses
+    it too)."""
+    if name:
+        raise Unsupported(f"repository_name {quote(name)}: this server has one model repository (--repo); leave "
+                          "repository_name empty")

@@ -338,14 +338,35 @@ def test_unload_takes_a_model_out_until_it_is_loaded_again(repo: Path) -> None:
             r.get("diabetes_mlp")
         with pytest.raises(ModelNotReady):
             await served.infer(features(1))
-        assert IndexEntry("diabetes_mlp", "", UNAVAILABLE, "unloaded") in r.index()
+        assert IndexEntry("diabetes_mlp", "1", UNAVAILABLE, "unloaded") in r.index()  # with the versions it had
         assert [m.name for m in r.models()] == ["names_gru"]
         await r.load("diabetes_mlp")
         assert (await r.get("diabetes_mlp").infer(features(1)))["probability"].shape == (1, 1)
-        with pytest.raises(ModelNotFound):
-            await r.unload("no_such_model")
+        await r.unload("no_such_model")  # nothing to unload: done, as Triton answers it
+        assert not r.knows("no_such_model")
         with pytest.raises(ModelNotFound):
             await r.load("no_such_model")
+        await r.stop()
+
+    run(main())
+
+
+def test_the_listing_shows_models_on_disk_not_loaded_yet(repo: Path) -> None:
+    """Without polling a new model folder is not loaded, but a client finds it in the index, then loads it; one
+    unloaded before it was ever scanned stays out."""
+    async def main() -> None:
+        r = ModelRepository(repo, CPU_SETTINGS)
+        await r.start()
+        add_version(repo, "diabetes_new", "1")
+        add_version(repo, "diabetes_kept_out", "1")
+        await r.unload("diabetes_kept_out")
+        rows = {(e.name, e.version): (e.state, e.reason) for e in await r.listing()}
+        assert rows[("diabetes_new", "")] == (UNAVAILABLE, "not loaded: RepositoryModelLoad loads it")
+        assert rows[("diabetes_kept_out", "")] == (UNAVAILABLE, "unloaded")
+        await r._scan_all()
+        assert r.get("diabetes_new").version == "1"  # a scan loads the new one
+        with pytest.raises(ModelNotReady, match="unloaded"):
+            r.get("diabetes_kept_out")
         await r.stop()
 
     run(main())

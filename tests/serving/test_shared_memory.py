@@ -131,6 +131,8 @@ SHM_ERRORS = [
     ("byte size not the tensor's", _infer_from("r", 3000, register=4096), "INVALID_ARGUMENT", "3136"),
     ("beyond the region", _infer_from("r", 3136, register=1024), "INVALID_ARGUMENT", "do not fit"),
     ("output region too small", _infer_from("r", 3136, register=8192, output_size=8), "INVALID_ARGUMENT", "40"),
+    ("output byte size past the region", _infer_from("r", 3136, register=4096, output_size=4096), "INVALID_ARGUMENT",
+     "4096 bytes at offset 3136 do not fit"),
     ("status of an unknown region", lambda c, b: c.get_system_shared_memory_status("nowhere"), "NOT_FOUND",
      "nowhere"),
 ]

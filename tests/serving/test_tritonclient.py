@@ -80,13 +80,15 @@ def triton_inputs(inputs: dict[str, np.ndarray]) -> list[triton.InferInput]:
 def test_server_and_model_metadata(triton_client: triton.InferenceServerClient, cards: dict[str, ModelCard]) -> None:
     assert triton_client.is_server_live() and triton_client.is_server_ready()
     metadata = triton_client.get_server_metadata(as_json=True)
-    assert metadata["name"] == "coursezoo" and "model_repository" in metadata["extensions"]
+    assert metadata["name"] == "coursezoo"
+    assert {"model_repository", "binary_tensor_data", "parameters"} <= set(metadata["extensions"])
     for name, card in cards.items():
         assert triton_client.is_model_ready(name) and triton_client.is_model_ready(name, card.version)
         meta = triton_client.get_model_metadata(name, as_json=True)
         assert meta["platform"] == "onnxruntime_onnx" and card.version in meta["versions"]
+        # one value per item (names_gru's lengths) is [-1, 1], as its configuration's dims [1] (Triton's metadata)
         assert [(t["name"], t["datatype"], [int(d) for d in t["shape"]]) for t in meta["inputs"]] == \
-            [(t.name, t.datatype, list(t.shape)) for t in card.inputs]
+            [(t.name, t.datatype, list(t.shape) if len(t.shape) > 1 else [-1, 1]) for t in card.inputs]
         assert [t["name"] for t in meta["outputs"]] == [t.name for t in card.outputs]
     assert not triton_client.is_model_ready("no_such_model")
 
@@ -142,7 +144,7 @@ def test_classification_answers_the_top_classes(triton_client: triton.InferenceS
 
 def test_one_value_per_item_inputs_take_the_configured_shape(triton_client: triton.InferenceServerClient,
                                                               cards: dict[str, ModelCard]) -> None:
-    """names_gru's lengths: [n] (ModelMetadata's shape) or [n, 1] (ModelConfig's dims [1]) answer the same."""
+    """names_gru's lengths: [n, 1] (ModelMetadata's shape, ModelConfig's dims [1]) or [n] answer the same."""
     inputs = sample(cards["names_gru"])
     as_configured = dict(inputs, lengths=inputs["lengths"].reshape(-1, 1))
     np.testing.assert_array_equal(triton_client.infer("names_gru", triton_inputs(as_configured)).as_numpy("logits"),
@@ -220,6 +222,29 @@ def _raw(name: str, datatype: str, shape: list[int], data: bytes) -> Callable[[t
     return call
 
 
+def typed(model: str, name: str, datatype: str, field: str, values: list) -> service_pb2.ModelInferRequest:
+    request = service_pb2.ModelInferRequest(model_name=model)
+    tensor = request.inputs.add(name=name, datatype=datatype, shape=[1, len(values)])
+    getattr(tensor.contents, field).extend(values)
+    return request
+
+
+def class_count_zero() -> service_pb2.ModelInferRequest:
+    """Asked for explicitly (tritonclient sends no parameter for class_count=0), as Triton refuses it."""
+    request = typed("linear_regression", "x", "FP32", "fp32_contents", [4.0])
+    request.outputs.add(name="y").parameters["classification"].int64_param = 0
+    return request
+
+
+def region_by_number() -> service_pb2.ModelInferRequest:
+    """Was NOT_FOUND for region '' (the int read as an empty string)."""
+    request = service_pb2.ModelInferRequest(model_name="linear_regression")
+    tensor = request.inputs.add(name="x", datatype="FP32", shape=[1, 1])
+    tensor.parameters["shared_memory_region"].int64_param = 1
+    tensor.parameters["shared_memory_byte_size"].int64_param = 4
+    return request
+
+
 INFER_ERRORS = [
     ("unknown model", lambda c: c.infer("no_such_model", triton_inputs({"x": np.ones((1, 1), "float32")})),
      "NOT_FOUND", "no_such_model"),
@@ -231,7 +256,8 @@ INFER_ERRORS = [
      "INVALID_ARGUMENT", "shape"),
     ("wrong datatype", lambda c: c.infer("diabetes_mlp", triton_inputs({"features": np.ones((2, 8), "int64")})),
      "INVALID_ARGUMENT", "INT64"),
-    ("unsupported datatype", _raw("features", "FP16", [1, 8], bytes(16)), "INVALID_ARGUMENT", "FP16"),
+    ("unsupported datatype", _raw("features", "FP16", [1, 8], bytes(16)), "INVALID_ARGUMENT",
+     "input 'features' has datatype 'FP16': expected FP32"),
     ("raw size mismatch", _raw("features", "FP32", [1, 8], bytes(30)), "INVALID_ARGUMENT", "32"),
     ("unknown output", lambda c: c.infer("linear_regression", triton_inputs({"x": np.ones((1, 1), "float32")}),
                                          outputs=[triton.InferRequestedOutput("nope")]), "INVALID_ARGUMENT", "nope"),
@@ -282,6 +308,43 @@ def test_repository_index_lists_every_version(triton_client: triton.InferenceSer
     index = triton_client.get_model_repository_index(as_json=True)["models"]
     assert {(m["name"], m["version"]) for m in index if m["state"] == "READY"} >= \
         {(name, card.version) for name, card in cards.items()}
+
+
+RAW_ERRORS = [
+    ("values in another type's field", "ModelInfer", lambda: typed("diabetes_mlp", "features", "FP32", "fp64_contents",
+                                                                   [0.5] * 8),
+     "INVALID_ARGUMENT", "0 values in contents.fp32_contents (its datatype FP32's field), but 8 in "
+     "contents.fp64_contents"),
+    ("a class count of 0", "ModelInfer", class_count_zero, "INVALID_ARGUMENT", "a whole number >= 1"),
+    ("a region named by a number", "ModelInfer", region_by_number,
+     "INVALID_ARGUMENT", "the shared_memory_region parameter names a region: expected a string_param"),
+    ("another repository", "RepositoryIndex", lambda: service_pb2.RepositoryIndexRequest(repository_name="other"),
+     "UNIMPLEMENTED", "this server has one model repository"),
+]
+
+
+@pytest.mark.parametrize(("case", "method", "request_of", "code", "fragment"), RAW_ERRORS,
+                         ids=[e[0] for e in RAW_ERRORS])
+def test_raw_request_errors(server: ServerProcess, case: str, method: str, request_of: Callable, code: str,
+                            fragment: str) -> None:
+    """What tritonclient never sends, but another client may: refused as Triton refuses it, saying what to send."""
+    with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError) as info:
+        getattr(service_pb2_grpc.GRPCInferenceServiceStub(channel), method)(request_of(), timeout=30)
+    assert info.value.code() is getattr(grpc.StatusCode, code) and fragment in info.value.details()
+
+
+def test_an_empty_final_response_may_be_asked_for(triton_client: triton.InferenceServerClient) -> None:
+    """tritonclient's ``enable_empty_final_response``: every reply here is its request's last and says so."""
+    answers: queue.Queue = queue.Queue()
+    triton_client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        triton_client.async_stream_infer("linear_regression", triton_inputs({"x": np.ones((1, 1), "float32")}),
+                                         enable_empty_final_response=True)
+    finally:
+        triton_client.stop_stream()
+    result, error = answers.get_nowait()
+    assert error is None and result.get_response().parameters["triton_final_response"].bool_param
+    assert result.as_numpy("y").shape == (1, 1)
 
 
 def provider_kind(server: ServerProcess, name: str) -> str:
