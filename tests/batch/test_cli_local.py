@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 from coursezoo import cli
@@ -188,6 +189,17 @@ def test_newest_valid_version_is_used_and_a_pinned_broken_one_refused(batch: Bat
     assert run.code == 0 and run.rows[0]["model_version"] == "1"
     pinned = batch(tmp_path / "names.txt", "--repo", repo, "--model", "names_gru:2", out=tmp_path / "b.csv")
     assert pinned.code == 1 and "sha256" in pinned.err
+
+
+def test_a_device_that_cannot_run_fails_once_not_as_a_broken_version(batch: Batch, tmp_path: Path) -> None:
+    """``--device cuda`` without a usable GPU: the device's error, not "skipping a broken model version" for every
+    version first (as if the files were bad)."""
+    if "CUDAExecutionProvider" in ort.get_available_providers() and Path("/dev/nvidiactl").exists():
+        pytest.skip("a GPU is here: the CUDA provider runs")
+    (tmp_path / "names.txt").write_text("Nakamura\n")
+    run = batch(tmp_path / "names.txt", "--repo", EXPORTED, "--device", "cuda", out=tmp_path / "a.csv")
+    assert run.code == 1 and "CUDAExecutionProvider cannot be used" in run.err
+    assert "broken model version" not in run.err
 
 
 def test_runs_without_pyarrow_and_says_what_a_uri_needs(names_rows: list[tuple[str, str]], tmp_path: Path) -> None:

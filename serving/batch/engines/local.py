@@ -47,7 +47,9 @@ class LocalEngine:
             threads = threads or 1
         try:
             self.model = OnnxModel(card.verify_file(directory), card, device=device, intra_op_threads=threads)
-        except (CardError, ProviderError) as e:
+        except CardError as e:
+            raise BrokenVersion(str(e)) from e
+        except ProviderError as e:  # the device, not this version: no other version would run either
             raise EngineError(str(e)) from e
         self.card = card
         self.kind = card.task
@@ -69,7 +71,7 @@ class LocalEngine:
             try:
                 return cls(card, directory, device=device, top_k=top_k, max_image_pixels=max_image_pixels,
                            threads=threads, decode_workers=decode_workers)
-            except EngineError as e:
+            except BrokenVersion as e:
                 log.warning("skipping a broken model version", extra={"path": str(directory), "error": str(e)})
                 errors.append(str(e))
         raise EngineError("; ".join(errors))
@@ -97,6 +99,10 @@ class LocalEngine:
 
     def close(self) -> None:
         """Nothing to release: the session goes with the process."""
+
+
+class BrokenVersion(EngineError):
+    """A model version whose files fail their card's check: ``open`` goes on to an older version."""
 
 
 @dataclass(frozen=True)
