@@ -422,6 +422,9 @@ class ModelRepository:
             self._metrics.set_model_ready(name, version, True)
         log.info("loaded %s/%s on %s", name, version, session.provider,
                  extra={"model": name, "version": version, "provider": session.provider})
+        if card.metrics.get("meets_bar") is False:  # exported with --allow-below-bar: served, but not silently
+            log.warning("%s/%s misses its quality bar (%s) and serves: exported with --allow-below-bar", name, version,
+                        card.metrics.get("verdict", "no verdict"), extra={"model": name, "version": version})
         if old is not None and old.served is not None:
             await old.served.retire()  # after the swap: requests already queued there still finish
 

@@ -47,6 +47,7 @@ from serving.metrics import Metrics
 from serving.preprocess import DEFAULT_MAX_IMAGE_PIXELS, set_max_image_pixels
 from serving.protos import classifier_pb2, classifier_pb2_grpc, inference_pb2, inference_pb2_grpc
 from serving.repository import MINIMUM, ModelRepository
+from serving.runtime import ProviderError
 from serving.security import CONTROL_MODES, ConfigError, Security
 from serving.services.base import RequestDecodeGuard
 from serving.services.classifier import ClassifierService
@@ -327,6 +328,9 @@ class CourseZooServer:
         self.settings = settings
         self.reuse_port = reuse_port
         self.security = Security.from_settings(settings)  # ConfigError now, before any model loads
+        if not Path(settings.repo).is_dir():  # a typo would serve nothing, unhealthy for good, instead of failing
+            raise ConfigError(f"the model repository {settings.repo} is not a directory: expected "
+                              "<repo>/<name>/<version>/{model.onnx,model.json} (--repo, or COURSEZOO_REPO)")
         self.metrics = Metrics()
         self.repository = ModelRepository(Path(settings.repo), settings, metrics=self.metrics)
         self.health = HealthService(self.repository)
@@ -473,7 +477,7 @@ def run_worker(settings: ServerSettings, reports: Connection) -> int:
 
     try:
         asyncio.run(run())
-    except (OSError, ConfigError) as e:
+    except (OSError, ConfigError, ProviderError) as e:
         reports.send(("error", str(e)))
         return 1
     return 0
@@ -485,7 +489,7 @@ def main(args: argparse.Namespace) -> int:
         if settings.workers > 1:
             return supervise(settings)
         asyncio.run(serve(settings))
-    except (OSError, ConfigError) as e:
+    except (OSError, ConfigError, ProviderError) as e:  # ProviderError: --device cuda, and no usable GPU
         print(f"coursezoo serve: {e}", file=sys.stderr)
         return 1
     return 0

@@ -170,7 +170,7 @@ def _await_report(proc: multiprocessing.process.BaseProcess, reports: multiproce
             except EOFError:
                 kind, text = "error", f"exited with code {proc.exitcode} before serving"
             if kind == "error" and stop.signum is None:  # with a stop signal, a worker's end is the stop
-                raise _WorkerFailed(f"worker {index} {text}")
+                raise _WorkerFailed(f"worker {index}: {text}")
             return text
         if not proc.is_alive() and stop.signum is None:
             raise _WorkerFailed(f"worker {index} exited with code {proc.exitcode} before serving")

@@ -446,6 +446,23 @@ def test_default_model_is_the_most_accurate_ready_one_of_its_task(repo: Path) ->
     run(main())
 
 
+def test_a_version_below_its_bar_serves_with_a_warning(repo: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """``export --allow-below-bar`` publishes one on purpose; the operator still hears of it when it loads."""
+    async def main() -> None:
+        add_version(repo, "diabetes_mlp", "2", edit=lambda c: dataclasses.replace(
+            c, metrics={**c.metrics, "meets_bar": False, "verdict": "accuracy 0.5000 (bar 0.750)"}))
+        r = ModelRepository(repo, CPU_SETTINGS)
+        with caplog.at_level("WARNING", logger="coursezoo.repository"):
+            await r.start()
+        assert r.get("diabetes_mlp").version == "2"
+        (warning,) = [m for m in caplog.messages if "quality bar" in m]
+        assert warning == "diabetes_mlp/2 misses its quality bar (accuracy 0.5000 (bar 0.750)) and serves: " \
+            "exported with --allow-below-bar"
+        await r.stop()
+
+    run(main())
+
+
 def test_card_serving_hints_override_the_settings(repo: Path) -> None:
     async def main() -> None:
         add_version(repo, "diabetes_mlp", "2", edit=lambda c: dataclasses.replace(c, serving={"max_batch_size": 4}))

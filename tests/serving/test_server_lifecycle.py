@@ -96,6 +96,24 @@ def test_a_setting_below_its_least_stops_the_start(tmp_path: Path, flag: str, va
     assert f"argument {flag}: {value!r} is below" in done.stderr, done.stderr
 
 
+def test_a_repository_that_is_not_there_stops_the_start(tmp_path: Path) -> None:
+    """A typo in --repo served nothing, unhealthy for good, with one warning in the log."""
+    done = subprocess.run([sys.executable, "-m", "coursezoo", "serve", "--repo", str(tmp_path / "typo"), "--port", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip() == f"coursezoo serve: the model repository {tmp_path / 'typo'} is not a directory: " \
+        "expected <repo>/<name>/<version>/{model.onnx,model.json} (--repo, or COURSEZOO_REPO)"
+
+
+@pytest.mark.skipif(Path("/dev/nvidiactl").exists(), reason="a GPU is here: --device cuda serves")
+def test_device_cuda_without_a_gpu_is_one_line_not_a_traceback(tmp_path: Path, source: Path) -> None:
+    add_version(tmp_path, source, "1")
+    done = subprocess.run([sys.executable, "-m", "coursezoo", "serve", "--repo", str(tmp_path), "--port", "0",
+                           "--metrics-port", "-1", "--device", "cuda"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "coursezoo serve: device 'cuda': CUDAExecutionProvider cannot be used" in done.stderr
+
+
 def test_latest_versions_serves_the_newest_and_says_so(tmp_path: Path, source: Path,
                                                        start_server: Callable[..., ServerProcess]) -> None:
     for version in ("1", "2"):
