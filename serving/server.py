@@ -150,26 +150,24 @@ def _boolean(text: str | bool) -> bool:
     return value in ("1", "true", "yes", "on")
 
 
-def _one_of(kind: Callable[[str], Any], choices: Sequence[Any], env: str) -> Callable[[str], Any]:
-    """``kind``, refusing values outside ``choices``: a mistyped variable (``COURSEZOO_DEVICE=gpu``) must stop the
-    start as the same flag would, not leave a server running with every model failing to load."""
+def _checked(kind: Callable[[str], Any], env: str, choices: Sequence[Any] | None = None,
+             least: float | None = None) -> Callable[[str], Any]:
+    """``kind``, refusing values outside ``choices`` or below ``least``, in errors that name the variable too.
+
+    argparse checks choices on flags only, never on a default (the variable): a mistyped ``COURSEZOO_DEVICE=gpu``
+    must stop the start as the same flag would, not leave a server running with every model failing to load. A
+    least value: ``--max-queue-items 0`` refused every request, a negative ``--grace-s`` ended the drain at once.
+    """
     def parse(text: str) -> Any:
-        value = kind(text)
-        if value not in choices:
+        try:
+            value = kind(text)
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+            why = str(e) if isinstance(e, argparse.ArgumentTypeError) else f"{text!r} is not a valid {kind.__name__}"
+            raise argparse.ArgumentTypeError(f"{why} (from the flag, or else {env})") from e
+        if choices is not None and value not in choices:
             raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(map(str, choices))} "
                                              f"(from the flag, or else {env})")
-        return value
-
-    parse.__name__ = getattr(kind, "__name__", "value")
-    return parse
-
-
-def _at_least(kind: Callable[[str], Any], least: float, env: str) -> Callable[[str], Any]:
-    """``kind``, refusing values below ``least`` (``--max-queue-items -1`` refused every request; a negative
-    ``--grace-s`` made the drain end at once)."""
-    def parse(text: str) -> Any:
-        value = kind(text)
-        if value < least:
+        if least is not None and value < least:
             raise argparse.ArgumentTypeError(f"{text!r} is below {least}, the least this setting takes (from the "
                                              f"flag, or else {env})")
         return value
@@ -187,10 +185,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         extra = {k: v for k, v in f.metadata.items() if k not in ("help", "secret", "minimum")}
         if kind is bool:  # a bare flag means true
             kind, extra = _boolean, {"nargs": "?", "const": True, **extra}
-        if "choices" in extra:  # argparse checks choices on flags only, never on a default (the variable)
-            kind = _one_of(kind, extra["choices"], env)
-        if (least := f.metadata.get("minimum", MINIMUM.get(f.name))) is not None:
-            kind = _at_least(kind, least, env)
+        kind = _checked(kind, env, extra.get("choices"), f.metadata.get("minimum", MINIMUM.get(f.name)))
         # argparse runs `type` on string defaults, so an environment value is parsed like the flag.
         parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=os.environ.get(env, f.default),
                             help=f"{f.metadata['help']} [env {env}]", **extra)

@@ -77,14 +77,20 @@ def test_settings_come_from_flags_then_environment(scratch: tuple[Path, ServerPr
         assert "queue holds at most 8" in info.value.details()
 
 
-@pytest.mark.parametrize("variable,value,flag", [("COURSEZOO_DEVICE", "gpu", "--device"),
-                                                ("COURSEZOO_MODEL_CONTROL", "yes", "--model-control")])
-def test_a_variable_outside_its_choices_stops_the_start(tmp_path: Path, variable: str, value: str, flag: str) -> None:
-    """As the flag would: a mistyped COURSEZOO_DEVICE must not leave a server running with no model loaded."""
-    done = subprocess.run([sys.executable, "-m", "coursezoo", "serve", "--repo", str(tmp_path), "--port", "0"],
+@pytest.mark.parametrize("variable,value,flag,why", [
+    ("COURSEZOO_DEVICE", "gpu", "--device", "is not one of auto"),
+    ("COURSEZOO_MODEL_CONTROL", "yes", "--model-control", "is not one of auto"),
+    ("COURSEZOO_PORT", "abc", "--port", "is not a valid int"),
+    ("COURSEZOO_MAX_QUEUE_ITEMS", "0", "--max-queue-items", "is below 1")])
+def test_a_bad_variable_stops_the_start_and_is_named(tmp_path: Path, variable: str, value: str, flag: str,
+                                                     why: str) -> None:
+    """As the flag would: a mistyped COURSEZOO_DEVICE must not leave a server running with no model loaded; and
+    the error names the variable, which is where the value came from."""
+    port = [] if flag == "--port" else ["--port", "0"]  # a flag wins over its variable, which is then not read
+    done = subprocess.run([sys.executable, "-m", "coursezoo", "serve", "--repo", str(tmp_path), *port],
                           capture_output=True, text=True, timeout=120, env={**os.environ, variable: value})
     assert done.returncode == 2
-    assert f"argument {flag}: {value!r} is not one of auto" in done.stderr and variable in done.stderr
+    assert f"argument {flag}: {value!r} {why}" in done.stderr and f"or else {variable})" in done.stderr
 
 
 @pytest.mark.parametrize("flag,value", [("--max-queue-items", "0"), ("--grace-s", "-1"), ("--workers", "0")])
