@@ -19,10 +19,31 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def mirror() -> Path:
-    """The read-only data mirror: ``$COURSEZOO_DATA_MIRROR``, else ``../shared/data`` beside the repo."""
-    env = os.environ.get("COURSEZOO_DATA_MIRROR")
-    return Path(env) if env else REPO_ROOT.parent / "shared" / "data"
+#: The files read here, relative to a data root or mirror (laid out alike; see training/data.py).
+MNIST_TEST = "mnist/t10k-images-idx3-ubyte.gz"
+DIABETES = "diabetes/diabetes.csv.gz"
+NAMES_TEST = "names/names_test.csv.gz"
+FILES = (MNIST_TEST, DIABETES, NAMES_TEST)
+
+
+def places() -> tuple[Path, Path]:
+    """Where the data files are looked for, in turn: the data root training uses (``$COURSEZOO_DATA_ROOT``, default
+    ``data/``: ``coursezoo train`` copies or downloads the files there), then the read-only mirror
+    (``$COURSEZOO_DATA_MIRROR``, else ``../shared/data`` beside the repo)."""
+    mirror = os.environ.get("COURSEZOO_DATA_MIRROR")
+    return (Path(os.environ.get("COURSEZOO_DATA_ROOT", "data")),
+            Path(mirror) if mirror else REPO_ROOT.parent / "shared" / "data")
+
+
+def data_file(rel: str) -> Path:
+    """The first of ``places()`` that holds ``rel``; FileNotFoundError naming both places otherwise."""
+    for place in places():
+        if (place / rel).is_file():
+            return place / rel
+    root, mirror = places()
+    raise FileNotFoundError(f"no {rel} in the data root {root} (--data-root, COURSEZOO_DATA_ROOT) or the mirror "
+                            f"{mirror} (--data-mirror, COURSEZOO_DATA_MIRROR); `coursezoo train` fetches the data "
+                            "into the data root")
 
 
 def _idx(path: Path) -> np.ndarray:
@@ -36,10 +57,7 @@ def _idx(path: Path) -> np.ndarray:
 @cache
 def mnist_test_images() -> np.ndarray:
     """The 10,000 MNIST test images: uint8 [N, 28, 28], white digit on black."""
-    images = mirror() / "mnist" / "t10k-images-idx3-ubyte.gz"
-    if not images.exists():
-        raise FileNotFoundError(f"no MNIST test set at {images}: set COURSEZOO_DATA_MIRROR")
-    return _idx(images)
+    return _idx(data_file(MNIST_TEST))
 
 
 def digit_tensors(n: int, mean: float, std: float) -> np.ndarray:
@@ -75,7 +93,7 @@ def pngs(n: int) -> list[bytes]:
 @cache
 def diabetes_records() -> np.ndarray:
     """The course's Pima rows (8 scaled features each) as float32 [N, 8]; the label column is dropped."""
-    with gzip.open(mirror() / "diabetes" / "diabetes.csv.gz", "rt", newline="") as f:
+    with gzip.open(data_file(DIABETES), "rt", newline="") as f:
         rows = [r[:8] for r in csv.reader(f) if r]
     return np.asarray(rows, dtype=np.float32)
 
@@ -83,7 +101,7 @@ def diabetes_records() -> np.ndarray:
 @cache
 def names() -> list[str]:
     """The held-out surnames of the names data set, in file order."""
-    with gzip.open(mirror() / "names" / "names_test.csv.gz", "rt", newline="") as f:
+    with gzip.open(data_file(NAMES_TEST), "rt", newline="") as f:
         return [r[0] for r in csv.reader(f) if r]
 
 

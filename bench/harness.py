@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import batch_cli, exports, h2load, inprocess, machine, report, server_load, triton_peer
+from bench import batch_cli, data, exports, h2load, inprocess, machine, report, server_load, triton_peer
 from bench.exports import Export
 from bench.processes import Server, load
 from bench.report import Ratio, Target
@@ -95,6 +95,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "many-core host)")
     p.add_argument("--repo", type=_absolute, default="exported",
                    help="model repository with the exports (default: exported)")
+    p.add_argument("--data-root", type=_absolute, default=None,
+                   help="where the data files are looked for first, as train reads them [COURSEZOO_DATA_ROOT, data/]")
+    p.add_argument("--data-mirror", type=_absolute, default=None,
+                   help="a folder laid out like ../shared/data, looked in next [COURSEZOO_DATA_MIRROR, "
+                        "../shared/data beside the repository]")
     p.add_argument("--json", type=Path, default=DEFAULT_JSON,
                    help="results file, with a Markdown copy beside it: the same name ending in .md "
                         "(default: bench/results/latest.json)")
@@ -484,6 +489,16 @@ def main(args: argparse.Namespace) -> int:
         if why := unwritable(path):
             print(f"coursezoo bench: cannot write the results: {why} (--json)", file=sys.stderr)
             return 1
+    for variable, path in (("COURSEZOO_DATA_ROOT", args.data_root), ("COURSEZOO_DATA_MIRROR", args.data_mirror)):
+        if path is not None:  # read by bench.data, here and in the load generators this run starts
+            os.environ[variable] = str(path)
+    os.environ["COURSEZOO_DATA_ROOT"] = str(_absolute(str(data.places()[0])))  # the subprocesses run elsewhere
+    try:  # before any server starts: without the data every case fails, after minutes
+        for rel in data.FILES:
+            data.data_file(rel)
+    except FileNotFoundError as e:
+        print(f"coursezoo bench: {e}", file=sys.stderr)
+        return 1
     plan = QUICK if args.quick else FULL
     if args.concurrency:
         plan = dataclasses.replace(plan, oip_concurrency=tuple(sorted(set(args.concurrency))))

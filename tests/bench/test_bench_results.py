@@ -4,6 +4,7 @@ careless path would otherwise get wrong without a word."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench import batch_cli, exports, harness, inprocess, report
+from bench import data as bench_data
 from bench.stats import PERCENTILE_MIN_CALLS, summarize
 from serving.batch.summary import Summary
 from tests.conftest import DATA_MIRROR, EXPORTED, REPO_ROOT
@@ -75,3 +77,27 @@ def test_an_unwritable_json_path_is_refused_before_measuring(tmp_path: Path) -> 
     assert done.returncode == 1
     assert f"cannot write the results: {tmp_path} is a directory" in done.stderr
     assert "[bench]" not in done.stderr  # nothing was measured
+
+
+def test_missing_data_is_refused_before_any_server_starts(tmp_path: Path) -> None:
+    """It started some 15 servers and wrote 70 rows of FileNotFoundError instead."""
+    env = {**os.environ, "COURSEZOO_DATA_MIRROR": str(tmp_path / "no-mirror")}
+    done = subprocess.run([sys.executable, "-m", "coursezoo", "bench", "--quick", "--repo", str(EXPORTED),
+                           "--data-root", str(tmp_path / "no-root"), "--json", str(tmp_path / "r.json")],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1 and "[bench]" not in done.stderr
+    assert done.stderr.startswith(f"coursezoo bench: no mnist/t10k-images-idx3-ubyte.gz in the data root "
+                                  f"{tmp_path / 'no-root'} (--data-root, COURSEZOO_DATA_ROOT) or the mirror "
+                                  f"{tmp_path / 'no-mirror'}")
+
+
+def test_the_data_root_is_read_before_the_mirror(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As train reads it: files train fetched into data/ serve without a mirror."""
+    root = tmp_path / "root"
+    (root / "names").mkdir(parents=True)
+    shutil.copy(DATA_MIRROR / bench_data.NAMES_TEST, root / bench_data.NAMES_TEST)
+    monkeypatch.setenv("COURSEZOO_DATA_ROOT", str(root))
+    monkeypatch.setenv("COURSEZOO_DATA_MIRROR", str(tmp_path / "no-mirror"))
+    assert bench_data.data_file(bench_data.NAMES_TEST) == root / bench_data.NAMES_TEST
+    with pytest.raises(FileNotFoundError, match="no diabetes/diabetes.csv.gz in the data root"):
+        bench_data.data_file(bench_data.DIABETES)
