@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from coursezoo import logs
+from coursezoo import logs, version
 
 #: subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -25,22 +25,27 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def _usage() -> str:
     width = max(map(len, COMMANDS))
     lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
-    return "usage: coursezoo COMMAND [options]\n\ncommands:\n" + "\n".join(lines)
+    return ("usage: coursezoo COMMAND [options]   (coursezoo COMMAND --help: its options)\n\ncommands:\n"
+            + "\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--version"]:
+        print(f"coursezoo {version()}")
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"coursezoo: unknown command {argv[0]!r}", file=sys.stderr)
         print(_usage(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    try:
-        logs.setup()
-    except logs.LogLevelError as e:
-        print(f"coursezoo: {e}", file=sys.stderr)
-        return 2
     module = importlib.import_module(COMMANDS[argv[0]][0])
     parser = module.get_args_parser()
     parser.prog = f"coursezoo {argv[0]}"
+    try:
+        logs.setup()
+    except logs.LogLevelError as e:  # the command's own usage error: its exit status (batch's 2 means "some inputs")
+        parser.error(str(e))
     return int(module.main(parser.parse_args(argv[1:])) or 0)
 
 

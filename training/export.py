@@ -196,8 +196,10 @@ def _versions() -> dict[str, Any]:
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Export trained models to TorchScript and ONNX.", add_help=add_help)
     p.add_argument("names", nargs="+", help="model names from the catalogue, or 'all'")
-    p.add_argument("--out", type=Path, default=Path("exported"), help="model repository to write into")
-    p.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="where `coursezoo train` left checkpoints")
+    p.add_argument("--out", type=Path, default=Path("exported"),
+                   help="model repository to write into (default: exported)")
+    p.add_argument("--runs", type=Path, default=DEFAULT_RUNS,
+                   help=f"where `coursezoo train` left checkpoints (default: {DEFAULT_RUNS})")
     p.add_argument("--allow-below-bar", action="store_true",
                    help="export a model whose test accuracy misses its bar (refused by default: the server "
                         "serves the newest version)")

@@ -59,11 +59,15 @@ def train_batches(entry: Entry, cfg: data.DataConfig, generator: torch.Generator
     ``limit`` keeps N training examples drawn at random with ``generator`` (the tests' short runs): the
     first N of a file sorted by class (the names file is, by country) would hold a few classes only.
     """
-    if entry.dataset in ("linear_points", "logistic_points", "hello"):
-        x, y = {"linear_points": data.linear_points, "logistic_points": data.logistic_points,
-                "hello": data.hello_pair}[entry.dataset]()
-        # hello: CrossEntropy over every time step, [T, 4] logits vs [T] targets
-        return [((x,), y.reshape(-1) if entry.dataset == "hello" else y)]
+    if entry.dataset == "hello":  # one example: CrossEntropy over every time step, [T, 4] logits vs [T] targets
+        x, y = data.hello_pair()
+        return [((x,), y.reshape(-1))]
+    if entry.dataset in ("linear_points", "logistic_points"):  # a few points, one batch
+        x, y = {"linear_points": data.linear_points, "logistic_points": data.logistic_points}[entry.dataset]()
+        if limit is not None:
+            keep = torch.randperm(len(x), generator=generator)[:limit]
+            x, y = x[keep], y[keep]
+        return [((x,), y)]
     if entry.dataset == "mnist":
         ds, collate = data.mnist(train=True, cfg=cfg), None
     elif entry.dataset == "diabetes":
@@ -176,15 +180,21 @@ def save_run(out_dir: Path, model: nn.Module, report: dict[str, Any]) -> None:
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train course models on their real data sets.", add_help=add_help)
+    p = argparse.ArgumentParser(
+        description="Train course models on their real data sets.", add_help=add_help,
+        epilog="exit status: 1 when a model misses its bar with its recipe's settings; 0 when every model meets it, "
+               "and for runs that change the recipe (--epochs, --seed, --limit), whose [LOW] is expected of a smoke "
+               "run (`coursezoo export` still refuses to publish it)")
     p.add_argument("names", nargs="+", help="model names from the catalogue, or 'all'")
     p.add_argument("--epochs", type=at_least(1), default=None, help="override the recipe's epochs")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where PyTorch trains: auto = cuda when available (default: auto)")
     p.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
     p.add_argument("--limit", type=at_least(1), default=None,
-                   help="train on N examples drawn at random (seeded) only")
+                   help="train on at most N examples drawn at random (seeded)")
     data.DataConfig.add_arguments(p)
-    p.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="where checkpoints and reports go")
+    p.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help=f"where checkpoints and reports go (default: "
+                                                                  f"{DEFAULT_RUNS})")
     return p
 
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import functools
 from collections.abc import AsyncIterator
-from importlib import metadata
 
 import grpc
 
+from coursezoo import version
 from serving.metrics import Metrics
 from serving.preprocess import InputError, quote
 from serving.protos import inference_pb2 as pb
@@ -45,13 +45,6 @@ EXTENSIONS = ("classification", "model_repository", "model_configuration", "stat
               "binary_tensor_data", "parameters")
 
 
-def _server_version() -> str:
-    try:
-        return metadata.version("coursezoo")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
-
-
 class InferenceService(Handler, inference_pb2_grpc.GRPCInferenceServiceServicer):
     """KServe v2 handlers; repository changes are pushed to the health service as they happen.
 
@@ -66,7 +59,7 @@ class InferenceService(Handler, inference_pb2_grpc.GRPCInferenceServiceServicer)
         self.model_control = model_control
         self.shared_memory = SharedMemoryRegistry() if shared_memory else None
         extensions = EXTENSIONS if shared_memory else tuple(e for e in EXTENSIONS if e != "system_shared_memory")
-        self.metadata = pb.ServerMetadataResponse(name="coursezoo", version=_server_version(), extensions=extensions)
+        self.metadata = pb.ServerMetadataResponse(name="coursezoo", version=version(), extensions=extensions)
 
     @rpc("ServerLive")
     async def ServerLive(self, request: pb.ServerLiveRequest) -> Answer:

@@ -44,6 +44,13 @@ def test_a_limited_run_draws_its_examples_from_every_class(data_cfg: data.DataCo
     assert len(countries) == len(CATALOG["names_gru"].labels)
 
 
+@pytest.mark.parametrize("name", ["linear_regression", "logistic_regression"])
+def test_a_limit_applies_to_the_toy_points_too(name: str, data_cfg: data.DataConfig) -> None:
+    """``--limit 2`` trained on all 3 points while the report recorded ``train_limit: 2``."""
+    [((x,), y)] = train_batches(CATALOG[name], data_cfg, torch.Generator().manual_seed(0), limit=2)
+    assert len(x) == len(y) == 2
+
+
 @pytest.mark.parametrize("flag", ["--epochs", "--limit"])
 @pytest.mark.parametrize("value", ["0", "-1", "x"])
 def test_counts_must_be_positive(flag: str, value: str, capsys: pytest.CaptureFixture[str]) -> None:
