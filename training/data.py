@@ -113,7 +113,12 @@ def ensure_files(dataset: str, cfg: DataConfig) -> list[Path]:
                 continue
         paths.append(dest)
     if missing:
-        where = f"the mirror {cfg.mirror}" if cfg.mirror else "no mirror (set COURSEZOO_DATA_MIRROR)"
+        if cfg.mirror is None:
+            where = "no mirror (set COURSEZOO_DATA_MIRROR)"
+        elif not cfg.mirror.is_dir():
+            where = f"the mirror {cfg.mirror}, which is not a folder (check --data-mirror or COURSEZOO_DATA_MIRROR)"
+        else:
+            where = f"the mirror {cfg.mirror}"
         raise DataError(
             f"{dataset}: missing {', '.join(missing)}. Looked in {cfg.root} and {where}; downloading "
             f"failed or is not configured. Put the files at {cfg.root}/<path> (or in a mirror folder laid "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -174,6 +175,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     cfg = data.DataConfig.from_args(args)
+    if not args.repo.is_dir():  # else one "no exported versions" line per model, never the reason
+        print(f"coursezoo eval: the model repository {args.repo} is not a directory (--repo)", file=sys.stderr)
+        return 1
     results, bad = [], 0
     for entry in resolve(args.names or ["all"]):
         try:

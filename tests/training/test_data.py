@@ -52,6 +52,7 @@ def test_missing_files_name_the_files_and_where_to_put_them(tmp_path: Path, monk
         data.NamesDataset(True, cfg)
     msg = str(e.value)
     assert "names/names_train.csv.gz" in msg and "names/names_test.csv.gz" in msg and str(cfg.root) in msg
+    assert f"the mirror {cfg.mirror}, which is not a folder (check --data-mirror" in msg  # a typo says so
 
 
 def test_files_are_taken_from_the_mirror(tmp_path: Path, data_cfg: data.DataConfig) -> None:

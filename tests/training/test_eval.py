@@ -54,3 +54,13 @@ def test_eval_reports_a_card_without_its_metric(tmp_path: Path, data_cfg: data.D
     copy = _edited_copy(tmp_path, "diabetes_mlp", lambda card: card["metrics"].pop("accuracy"))
     with pytest.raises(CardError, match="its metrics lack accuracy"):
         evaluate_export(CATALOG["diabetes_mlp"], copy, data_cfg)
+
+
+def test_eval_of_a_repository_that_is_not_there_says_so_once(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """It printed one "no exported versions" [ERR] per model, never that the folder was missing."""
+    args = get_args_parser().parse_args(["--repo", str(tmp_path / "nope")])
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    assert captured.err == f"coursezoo eval: the model repository {tmp_path / 'nope'} is not a directory (--repo)\n"
+    assert captured.out == ""
