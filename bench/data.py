@@ -21,6 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 #: The files read here, relative to a data root or mirror (laid out alike; see training/data.py).
 MNIST_TEST = "mnist/t10k-images-idx3-ubyte.gz"
+MNIST_TEST_LABELS = "mnist/t10k-labels-idx1-ubyte.gz"  # for scripts/mnist_pngs.py only
 DIABETES = "diabetes/diabetes.csv.gz"
 NAMES_TEST = "names/names_test.csv.gz"
 FILES = (MNIST_TEST, DIABETES, NAMES_TEST)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bench import batch_cli, exports, harness, inprocess, report
@@ -101,3 +102,18 @@ def test_the_data_root_is_read_before_the_mirror(tmp_path: Path, monkeypatch: py
     assert bench_data.data_file(bench_data.NAMES_TEST) == root / bench_data.NAMES_TEST
     with pytest.raises(FileNotFoundError, match="no diabetes/diabetes.csv.gz in the data root"):
         bench_data.data_file(bench_data.DIABETES)
+
+
+def test_the_readme_sample_digits_are_the_test_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """scripts/mnist_pngs.py: the files the README's examples classify (digit_00.png a 7, digit_01.png a 2)."""
+    import runpy
+
+    from PIL import Image
+
+    monkeypatch.setenv("COURSEZOO_DATA_MIRROR", str(DATA_MIRROR))
+    script = runpy.run_path(str(REPO_ROOT / "scripts" / "mnist_pngs.py"))
+    assert script["main"]([str(tmp_path / "samples"), "--count", "2"]) == 0
+    assert capsys.readouterr().out.endswith("their digits: 7 2\n")
+    for i, expected in enumerate(bench_data.pixels(2)):
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "samples" / f"digit_0{i}.png")), expected)
