@@ -299,12 +299,19 @@ def _try_cuda(path: Path, so: ort.SessionOptions, quiet: bool) -> tuple[ort.Infe
     return None, "no usable NVIDIA GPU, or the CUDA 13 / cuDNN 9 libraries are missing"
 
 
+#: The NVIDIA driver's control device: on a host (or container) without it there is no GPU to miss.
+NVIDIA_DEVICE = Path("/dev/nvidiactl")
+
+
 def _fall_back_once(reason: str) -> None:
+    """One line for the process. A warning where a GPU is there and CUDA still failed (libraries missing); on a
+    host without one, CPU is what ``auto`` means, so every batch run and start there said it at info only."""
     with _cuda_lock:
         if not _cuda["usable"]:
             return
         _cuda["usable"] = False
-    log.warning(
+    log.log(
+        logging.WARNING if NVIDIA_DEVICE.exists() else logging.INFO,
         "device auto: %s not available (%s); running on %s. Use --device cuda to see onnxruntime's error.",
         CUDA, reason, CPU, extra={"provider": CPU, "reason": reason},
     )
