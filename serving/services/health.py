@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+import grpc
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 
+from serving.preprocess import quote
 from serving.repository import ModelRepository
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -21,12 +23,27 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SYNC_INTERVAL_S = 1.0
 
 
+class _Servicer(HealthServicer):
+    """grpc_health's servicer, with a NOT_FOUND that says what was asked for and what may be (it had no message:
+    a probe with a mistyped model name read "NOT_FOUND: " and nothing else)."""
+
+    async def Check(self, request: health_pb2.HealthCheckRequest,
+                    context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckResponse:
+        status = self._server_status.get(request.service)
+        if status is None:
+            names = sorted(self._server_status)
+            known = ", ".join(repr(name) for name in names[:10]) + (f" and {len(names) - 10} more" if names[10:] else "")
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no service {quote(request.service)}: expected '' (the "
+                                f"server) or a model name: {known}")
+        return health_pb2.HealthCheckResponse(status=status)
+
+
 class HealthService:
     """Owns the grpc_health servicer and the task that keeps its statuses current."""
 
     def __init__(self, repository: ModelRepository) -> None:
         self.repository = repository
-        self.servicer = HealthServicer()
+        self.servicer = _Servicer()
         self._known: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
 

@@ -346,7 +346,9 @@ def test_health_overall_and_per_model(server: ServerProcess) -> None:
         assert health.Check(health_pb2.HealthCheckRequest(service="names_gru")).status == serving
         assert health.Check(health_pb2.HealthCheckRequest(service="linear_regression")).status == serving
         error = _status(lambda: health.Check(health_pb2.HealthCheckRequest(service="no_such_model")))
-        assert error.code() == grpc.StatusCode.NOT_FOUND
+        assert error.code() == grpc.StatusCode.NOT_FOUND  # what it was, and what may be asked
+        assert error.details().startswith("no service 'no_such_model': expected '' (the server) or a model name: '', ")
+        assert "'names_gru'" in error.details()
 
 
 def test_reflection_lists_the_services(server: ServerProcess) -> None:
