@@ -32,7 +32,7 @@ class _Servicer(HealthServicer):
         status = self._server_status.get(request.service)
         if status is None:
             names = sorted(self._server_status)
-            known = ", ".join(repr(name) for name in names[:10]) + (f" and {len(names) - 10} more" if names[10:] else "")
+            known = ", ".join(map(repr, names[:10])) + (f" and {len(names) - 10} more" if names[10:] else "")
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no service {quote(request.service)}: expected '' (the "
                                 f"server) or a model name: {known}")
         return health_pb2.HealthCheckResponse(status=status)
