@@ -44,6 +44,10 @@ MAX_AUTO_PROCESSES = 8
 INLINE_MAX_PIXELS = 512 * 512
 
 
+class DecodersUnavailable(RuntimeError):
+    """The decoding processes died twice in one request (maps to UNAVAILABLE: a client retries it later)."""
+
+
 class ImageDecoder:
     """Decodes a request's images into the model's input tensor, choosing where by their number."""
 
@@ -92,12 +96,13 @@ class ImageDecoder:
                 parts = await asyncio.gather(*(loop.run_in_executor(pool, decode_digits, images[s : s + size], prep)
                                                for s in starts))
                 break
-            except BrokenProcessPool:
+            except BrokenProcessPool as e:
                 if self._pool is pool:  # the first request to notice replaces it
                     log.warning("an image decoding process died; starting new ones", extra={"attempt": attempt})
                     pool.shutdown(wait=False, cancel_futures=True)
                     self._pool = spawn_pool(self.processes, self.max_image_pixels)
-                if attempt == 2:
-                    raise
+                if attempt == 2:  # INTERNAL, with a traceback logged, was not retried by clients
+                    raise DecodersUnavailable("the image decoding processes died twice while decoding this "
+                                              "request's images; retry it") from e
         errors = {s + i: e for s, (_, part_errors) in zip(starts, parts, strict=True) for i, e in part_errors.items()}
         return np.concatenate([digits for digits, _ in parts]), errors

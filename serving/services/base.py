@@ -21,6 +21,7 @@ import numpy as np
 from google.protobuf.message import Message
 
 from serving.batching import BatcherClosed, QueueFull
+from serving.decoding import DecodersUnavailable
 from serving.metrics import Metrics
 from serving.preprocess import InputError, InputTooLarge
 from serving.repository import ModelNotFound, ModelNotReady, ModelRepository, ServedModel
@@ -43,6 +44,7 @@ ERROR_STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (ModelNotReady, grpc.StatusCode.UNAVAILABLE),
     (BatcherClosed, grpc.StatusCode.UNAVAILABLE),  # the model is unloading or the server stopping
     (QueueFull, grpc.StatusCode.UNAVAILABLE),  # overloaded for now: retry later (Triton's answer too)
+    (DecodersUnavailable, grpc.StatusCode.UNAVAILABLE),  # decoding processes died: retry later
     (ModelControlOff, grpc.StatusCode.UNIMPLEMENTED),  # "not enabled in this service", in gRPC's words
     (SharedMemoryOff, grpc.StatusCode.UNIMPLEMENTED),
     (Unsupported, grpc.StatusCode.UNIMPLEMENTED),

@@ -124,6 +124,26 @@ def test_a_dead_worker_is_replaced_and_the_request_still_answered(files: list[by
         decoder.close()
 
 
+def _die(images: list[bytes], prep: dict) -> None:
+    """A decoding process that dies on every part: a poison image, or memory too short for any."""
+    os._exit(1)
+
+
+def test_workers_dying_twice_is_unavailable_not_internal(files: list[bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    """INTERNAL, with a traceback logged, which clients do not retry; UNAVAILABLE they retry later."""
+    from serving.services.base import status_of
+
+    decoder = ImageDecoder(processes=2, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS)
+    decoder.start()
+    monkeypatch.setattr(decoding, "decode_digits", _die)
+    try:
+        with pytest.raises(decoding.DecodersUnavailable, match="died twice") as info:
+            asyncio.run(decoder.decode(files, PREP))
+        assert status_of(info.value).name == "UNAVAILABLE"
+    finally:
+        decoder.close()
+
+
 def test_no_processes_means_decoding_in_the_server_process(files: list[bytes]) -> None:
     decoder = ImageDecoder(processes=0, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS)
     decoder.start()
