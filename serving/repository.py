@@ -18,6 +18,7 @@ import logging
 import re
 import time
 from collections.abc import Mapping
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -192,8 +193,12 @@ class _Version:
 class ModelRepository:
     """Scans, loads, serves and hot-reloads the model versions under ``root``."""
 
-    def __init__(self, root: Path, settings: ServingSettings | None = None, *, metrics: ServingObserver | None = None):
+    def __init__(self, root: Path, settings: ServingSettings | None = None, *, metrics: ServingObserver | None = None,
+                 executor: Executor | None = None):
+        """``executor`` runs the models' batches that do not run on the event loop (None: the loop's default
+        one, which ``asyncio.to_thread`` work such as decoding shares)."""
         self.root = Path(root)
+        self._executor = executor
         self.settings = settings if settings is not None else ServingSettings()
         self._metrics = metrics
         self._models: dict[str, dict[str, _Version]] = {}
@@ -415,7 +420,7 @@ class ModelRepository:
             session.run, max_batch_size=settings.max_batch_size, max_delay_ms=settings.max_queue_delay_ms,
             max_queue_items=settings.max_queue_items, name=name, observer=self._metrics,
             inline_budget_ms=settings.inline_run_ms, inline_batches=session.provider == CPU,
-            chunk_size=settings.max_items_per_request, adaptive=settings.adaptive_queue_delay,
+            chunk_size=settings.max_items_per_request, adaptive=settings.adaptive_queue_delay, executor=self._executor,
         )
         versions[version] = _Version(fingerprint, ServedModel(card, session, batcher, settings), READY)
         if self._metrics is not None:

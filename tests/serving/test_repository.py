@@ -11,6 +11,7 @@ import dataclasses
 import re
 import shutil
 from collections.abc import Callable, Coroutine
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -459,6 +460,31 @@ def test_a_version_below_its_bar_serves_with_a_warning(repo: Path, caplog: pytes
         assert warning == "diabetes_mlp/2 misses its quality bar (accuracy 0.5000 (bar 0.750)) and serves: " \
             "exported with --allow-below-bar"
         await r.stop()
+
+    run(main())
+
+
+class CountingExecutor(ThreadPoolExecutor):
+    """A thread pool that counts what it is given."""
+
+    submitted = 0
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        self.submitted += 1
+        return super().submit(fn, *args, **kwargs)
+
+
+def test_model_runs_go_to_the_executor_given(repo: Path) -> None:
+    """The server gives model runs threads of their own: on the loop's default pool, requests decoding large
+    images in threads held every thread, and another caller's 19 ms run waited 1.3 s for one."""
+    async def main() -> None:
+        runs = CountingExecutor(2)
+        r = ModelRepository(repo, dataclasses.replace(CPU_SETTINGS, inline_run_ms=0), executor=runs)
+        await r.start()
+        await r.get("diabetes_mlp").infer(features(3))
+        assert runs.submitted == 1
+        await r.stop()
+        runs.shutdown()
 
     run(main())
 
