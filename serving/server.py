@@ -374,6 +374,8 @@ class CourseZooServer:
         grace = self.settings.grace_s if grace is None else grace
         deadline = asyncio.get_running_loop().time() + grace
         await self.health.stop()
+        self.classifier.draining.set()  # open streams answer what they have read, then end UNAVAILABLE
+        self.inference.draining.set()
         if self._gate is not None:
             await self._gate.drain(grace)
         if self._grpc is not None:

@@ -36,6 +36,10 @@ class Unsupported(Exception):
     """The request asks for a feature of the protocol that this server does not have (maps to UNIMPLEMENTED)."""
 
 
+class ShuttingDown(Exception):
+    """The server is draining: a stream stops taking requests (maps to UNAVAILABLE: reopen it elsewhere)."""
+
+
 #: First match wins, so subclasses come before their bases (InputTooLarge is an InputError).
 ERROR_STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (InputTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
@@ -48,6 +52,7 @@ ERROR_STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (ModelControlOff, grpc.StatusCode.UNIMPLEMENTED),  # "not enabled in this service", in gRPC's words
     (SharedMemoryOff, grpc.StatusCode.UNIMPLEMENTED),
     (Unsupported, grpc.StatusCode.UNIMPLEMENTED),
+    (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
     (RegionNotFound, grpc.StatusCode.NOT_FOUND),
     (RegionExists, grpc.StatusCode.ALREADY_EXISTS),
     (TooManyRegions, grpc.StatusCode.RESOURCE_EXHAUSTED),
@@ -81,6 +86,7 @@ class Handler:
         self.repository = repository
         self.metrics = metrics
         self.max_items = settings.max_items_per_request
+        self.draining = asyncio.Event()  # set when the server starts its graceful stop: streams end (in_order)
 
     def model(self, name: str, version: str, tasks: tuple[str, ...], rpc: str) -> ServedModel:
         """The model that answers: ``name`` ("" = the default model of ``tasks[0]``) at ``version`` ("" = newest).
@@ -181,31 +187,48 @@ STREAM_WINDOW = 8
 
 
 async def in_order(requests: AsyncIterator[Any], handle: Callable[[Any], Awaitable[T]],
-                   window: int = STREAM_WINDOW) -> AsyncIterator[asyncio.Future[T]]:
+                   window: int = STREAM_WINDOW, draining: asyncio.Event | None = None) \
+        -> AsyncIterator[asyncio.Future[T]]:
     """Pipeline a stream: ``handle`` up to ``window`` requests concurrently, and yield their finished tasks
     in request order (the caller takes the answer, or the exception, from each).
 
     A failure reading the requests (an undecodable message) is raised in its place, after the tasks of
     the requests before it. Whatever ends the iteration early (the client cancelled, the caller stopped)
-    cancels the reader and every task started: a stream that is gone costs no more model time.
+    cancels the reader and every task started: a stream that is gone costs no more model time. Once
+    ``draining`` is set (the server is stopping) no more requests are read: the ones read are answered, then
+    ``ShuttingDown`` is raised in place of the next answer. Before, a stream kept taking requests until the
+    grace period ran out, and was then cut off with its requests in flight unanswered.
     """
     slots = asyncio.Semaphore(window)  # a slot per request handled and not yet taken by the caller
     started: asyncio.Queue[asyncio.Future[T] | Exception | None] = asyncio.Queue()
     running: set[asyncio.Future[T]] = set()
 
     async def read() -> None:
+        iterator = aiter(requests)
         try:
-            async for request in requests:
-                await slots.acquire()
+            while True:
+                await slots.acquire()  # before reading: a request read is never dropped for want of a slot
+                try:
+                    request = await anext(iterator)
+                except StopAsyncIteration:
+                    break
                 task = asyncio.ensure_future(handle(request))
                 running.add(task)
                 started.put_nowait(task)
+        except asyncio.CancelledError:
+            if draining is None or not draining.is_set():
+                raise
+            started.put_nowait(ShuttingDown("the server is shutting down: this stream's requests before this point "
+                                            "are answered; send the rest on a new stream (to another server)"))
         except Exception as exc:  # noqa: BLE001 - raised in its place, after the answers before it
             started.put_nowait(exc)
         else:
             started.put_nowait(None)
 
     reader = asyncio.create_task(read())
+    watcher = asyncio.create_task(draining.wait()) if draining is not None else None
+    if watcher is not None:
+        watcher.add_done_callback(lambda _: reader.cancel())  # a reader done already ignores it
     try:
         while (item := await started.get()) is not None:
             if isinstance(item, Exception):
@@ -216,6 +239,8 @@ async def in_order(requests: AsyncIterator[Any], handle: Callable[[Any], Awaitab
             slots.release()
     finally:
         reader.cancel()
+        if watcher is not None:
+            watcher.cancel()
         for task in running:
             task.cancel()
             if task.done() and not task.cancelled():

@@ -83,7 +83,7 @@ class ClassifierService(Handler, classifier_pb2_grpc.ClassifierServicer):
         """
         try:
             async for answered in in_order(requests, functools.partial(
-                    answer, self, "StreamClassifyDigits", type(self)._stream_digits)):
+                    answer, self, "StreamClassifyDigits", type(self)._stream_digits), draining=self.draining):
                 yield answered.result().message
         except Exception as exc:
             await abort(context, exc)

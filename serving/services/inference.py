@@ -147,7 +147,7 @@ class InferenceService(Handler, inference_pb2_grpc.GRPCInferenceServiceServicer)
         PyTriton's wait for.
         """
         try:
-            async for answered in in_order(requests, self._stream_reply):
+            async for answered in in_order(requests, self._stream_reply, draining=self.draining):
                 yield answered.result()
         except Exception as exc:
             await abort(context, exc)

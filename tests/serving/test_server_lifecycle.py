@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -228,6 +229,40 @@ def test_a_health_watch_hears_not_serving_and_does_not_hold_up_a_stop(start_serv
         with pytest.raises(grpc.RpcError):  # the stream ends with the server
             heard.extend(reply.status for reply in watch)
         assert heard == [health_pb2.HealthCheckResponse.NOT_SERVING]
+
+
+def test_an_open_stream_is_ended_by_the_drain_after_its_answers(start_server: Callable[..., ServerProcess],
+                                                                 source: Path, tmp_path: Path) -> None:
+    """A stream kept taking requests after SIGTERM until the grace period ran out, and was then cut off with its
+    requests in flight. Now it answers those read and ends UNAVAILABLE at once: the stop below would time out
+    (30 s) with a grace of 120 s."""
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    add_version(tmp_path, source, "1")
+    proc = start_server(tmp_path, "--grace-s", "120")
+    outbox: queue.Queue[object] = queue.Queue()
+
+    def requests() -> Iterator[object]:
+        while (request := outbox.get()) is not None:
+            yield request
+
+    def request(i: int) -> object:
+        message = service_pb2.ModelInferRequest(model_name=MODEL, id=str(i), raw_input_contents=[bytes(32)])
+        message.inputs.add(name="features", datatype="FP32", shape=[1, 8])
+        return message
+
+    with grpc.insecure_channel(proc.target) as channel:
+        replies = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(requests(), timeout=300)
+        ids = []
+        for i in range(3):
+            outbox.put(request(i))
+            ids.append(next(replies).infer_response.id)
+        assert proc.stop(signal.SIGTERM, timeout=30) == 0
+        with pytest.raises(grpc.RpcError) as info:
+            ids.extend(reply.infer_response.id for reply in replies)
+        outbox.put(None)
+    assert ids == ["0", "1", "2"]
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "send the rest on a new stream" in info.value.details()
 
 
 def test_a_chunked_call_is_answered_by_one_version_when_a_new_one_arrives_midway(

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from serving.services.base import in_order
+from serving.services.base import ShuttingDown, in_order
 
 WAIT_S = 30.0
 
@@ -112,3 +112,30 @@ def test_a_request_that_cannot_be_read_ends_the_stream_after_the_answers_before_
         return answers
 
     assert asyncio.run(asyncio.wait_for(main(), WAIT_S)) == [10, 20]
+
+
+def test_a_drain_ends_the_stream_after_answering_what_it_read() -> None:
+    """The server is stopping: no request is read after that, each one read is answered, and the stream ends
+    with ShuttingDown (UNAVAILABLE). It kept reading until the grace period ran out, and was then cut off."""
+    async def endless() -> AsyncIterator[int]:
+        n = 0
+        while True:
+            yield n
+            n += 1
+
+    async def main() -> tuple[list[int], Handler]:
+        handler, draining = Handler(), asyncio.Event()
+        stream = in_order(endless(), handler, window=4, draining=draining)
+        first = asyncio.ensure_future(anext(stream))
+        await settle()
+        draining.set()
+        await settle()
+        handler.gate.set()
+        answers = [(await first).result()]
+        with pytest.raises(ShuttingDown, match="send the rest on a new stream"):
+            async for task in stream:
+                answers.append(task.result())
+        return answers, handler
+
+    answers, handler = asyncio.run(asyncio.wait_for(main(), WAIT_S))
+    assert handler.started == [0, 1, 2, 3] and answers == [0, 10, 20, 30]
