@@ -22,10 +22,11 @@ request limit: one large request is one execution, which measured best on both d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -393,6 +394,56 @@ class DynamicBatcher:
             getattr(self._observer, hook)(self.name, *args)
         except Exception:  # noqa: BLE001 - metrics must never fail a request or stop the worker
             log.exception("batch observer failed", extra={"model": self.name})
+
+
+class ItemBudget:
+    """Items that may be held at once, granted first come, first served (a weighted semaphore).
+
+    For callers that wait for room rather than fail, streams: each prepares its items (decodes its images)
+    before the queue has room for them, so without a bound every stream's window of requests sat decoded in
+    memory, waiting (20 streams of 1024-image requests: 210 MiB to 983 MiB). In arrival order, so that a large
+    request is not passed over for ever by smaller ones.
+    """
+
+    def __init__(self, items: int) -> None:
+        self.items = items
+        self._free = items
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, n: int) -> AsyncIterator[None]:
+        """Hold ``n`` items (at most the whole budget) while the block runs."""
+        n = min(n, self.items)
+        if self._waiters or self._free < n:
+            granted = asyncio.get_running_loop().create_future()
+            self._waiters.append((n, granted))
+            try:
+                await granted
+            except asyncio.CancelledError:
+                if granted.done() and not granted.cancelled():  # granted as the caller went away: give it back
+                    self._release(n)
+                else:
+                    with contextlib.suppress(ValueError):  # _grant may have dropped it already
+                        self._waiters.remove((n, granted))
+                    self._grant()  # it may have been first in line
+                raise
+        else:
+            self._free -= n
+        try:
+            yield
+        finally:
+            self._release(n)
+
+    def _release(self, n: int) -> None:
+        self._free += n
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._waiters and self._waiters[0][0] <= self._free:
+            n, granted = self._waiters.popleft()
+            if not granted.cancelled():  # cancelled, its task not yet resumed: nothing to give it
+                self._free -= n
+                granted.set_result(None)
 
 
 def _check_rows(outputs: Mapping[str, np.ndarray], total: int) -> None:

@@ -77,6 +77,7 @@ class Answer(NamedTuple):
 
 class Settings(Protocol):
     max_items_per_request: int
+    max_queue_items: int
 
 
 class Handler:

@@ -17,6 +17,7 @@ import numpy as np
 from google.protobuf import struct_pb2
 
 from serving import postprocess
+from serving.batching import ItemBudget
 from serving.card import TASKS
 from serving.decoding import ImageDecoder
 from serving.metrics import Metrics
@@ -26,6 +27,9 @@ from serving.protos import classifier_pb2_grpc
 from serving.repository import ModelNotFound, ModelNotReady, ModelRepository, ServedModel
 from serving.services.base import Answer, Handler, Settings, abort, answer, in_order, rpc
 
+#: Items the streams to one model may hold decoded at once, in queues' worth (``--max-queue-items``): one
+#: queue full and one more being decoded or waiting keeps the model busy without holding more.
+STREAM_BUDGET_QUEUES = 2
 #: Raw-pixel batches up to this size convert on the event loop (~0.27 ms for 512 images, about what a
 #: hand-over to a worker thread costs); larger ones in a thread, where numpy releases the GIL.
 INLINE_PIXEL_IMAGES = 512
@@ -38,6 +42,8 @@ class ClassifierService(Handler, classifier_pb2_grpc.ClassifierServicer):
                  decoder: ImageDecoder) -> None:
         super().__init__(repository, metrics, settings)
         self.decoder = decoder
+        self._stream_budget_items = STREAM_BUDGET_QUEUES * settings.max_queue_items
+        self._stream_budgets: dict[str, ItemBudget] = {}  # by model name: one model's full queue holds up no other
 
     @rpc("ListModels", model_field="task")
     async def ListModels(self, request: pb.ListModelsRequest) -> Answer:
@@ -103,7 +109,12 @@ class ClassifierService(Handler, classifier_pb2_grpc.ClassifierServicer):
     ClassifyDigits = rpc("ClassifyDigits")(_classify_digits)
 
     async def _stream_digits(self, request: pb.ClassifyDigitsRequest) -> Answer:
-        return await self._classify_digits(request, wait_for_room=True)
+        """A stream's request waits for room in a full queue instead of failing; its images are decoded only
+        within the model's stream budget (``ItemBudget``), so waiting requests do not pile up decoded."""
+        model = self.model(request.model, request.version, ("digits",), "StreamClassifyDigits")
+        budget = self._stream_budgets.setdefault(model.name, ItemBudget(self._stream_budget_items))
+        async with budget.hold(len(request.images)):
+            return await self._classify_digits(request, wait_for_room=True)
 
     async def _digit_tensor(self, images: Sequence[pb.Image], prep: dict) -> np.ndarray:
         """Images -> the model's float32 [n, 1, h, w]; encoded files go to the decoder, which picks where

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from serving import batching
-from serving.batching import BatcherClosed, DynamicBatcher, QueueFull
+from serving.batching import BatcherClosed, DynamicBatcher, ItemBudget, QueueFull
 from serving.preprocess import InputError, InputTooLarge
 
 WAIT_S = 30.0  # generous bound on waiting for the worker; only reached when something hangs
@@ -539,3 +539,35 @@ def test_values_the_model_refuses_fail_only_the_request_that_sent_them() -> None
     # every run observed at its size, the refused one too; statistics count the runs that answered
     assert [size for _, size, _ in recorder.calls] == [1, 3, 1, 1, 1]
     assert batcher.statistics.execution_count == 3
+
+
+def test_an_item_budget_grants_in_arrival_order_and_never_beyond_its_size() -> None:
+    """Streams hold their decoded items within it: a large request is not passed over by smaller ones behind it,
+    a cancelled waiter takes nothing, and all is given back."""
+    async def main() -> None:
+        budget = ItemBudget(10)
+        order: list[str] = []
+        release = asyncio.Event()
+
+        async def take(name: str, n: int) -> None:
+            async with budget.hold(n):
+                order.append(name)
+                await release.wait()
+
+        first = asyncio.create_task(take("first 6", 6))
+        await asyncio.sleep(0)
+        large = asyncio.create_task(take("large 8", 8))
+        small = asyncio.create_task(take("small 2", 2))  # would fit now, but waits its turn behind the large one
+        gone = asyncio.create_task(take("gone 1", 1))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert order == ["first 6"] and budget._free == 4
+        gone.cancel()
+        release.set()
+        await asyncio.gather(first, large, small)
+        assert order == ["first 6", "large 8", "small 2"]
+        assert gone.cancelled() and budget._free == 10 and not budget._waiters
+        async with budget.hold(50):  # more than the whole budget: takes all of it
+            assert budget._free == 0
+
+    asyncio.run(asyncio.wait_for(main(), 10))
