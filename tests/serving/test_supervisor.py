@@ -253,11 +253,6 @@ def test_a_busy_metrics_port_fails_before_any_worker_starts(repo: Path, tmp_path
     assert not list(tmp_path.glob("coursezoo-metrics-*"))
 
 
-def test_workers_must_be_positive(repo: Path) -> None:
-    done = serve("--repo", str(repo), "--port", "0", "--workers", "0")
-    assert done.returncode == 1 and "--workers 0: expected 1 or more" in done.stderr
-
-
 @dataclasses.dataclass(frozen=True)
 class _Settings:
     """The fields worker_settings reads: this module must not import serving.server (tests/conftest.py says why)."""
