@@ -98,11 +98,12 @@ def _download(rel: str, dest: Path) -> bool:
     return True
 
 
-def ensure_files(dataset: str, cfg: DataConfig) -> list[Path]:
-    """Make the data set's files present under the root; return their paths."""
+def ensure_files(dataset: str, cfg: DataConfig, files: tuple[str, ...] | None = None) -> list[Path]:
+    """Make the data set's files (or those of ``files`` only, one split's) present under the root; return
+    their paths."""
     _refuse_mirror_root(cfg)
     paths, missing = [], []
-    for rel in FILES[dataset]:
+    for rel in files or FILES[dataset]:
         dest = cfg.root / rel
         if not dest.exists():
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -284,11 +285,25 @@ def _check_idx(path: Path, data: bytes, cfg: DataConfig) -> None:
 
 
 def mnist_arrays(train: bool, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
-    """The whole split as normalized float32 [N,1,28,28] and int64 labels (for evaluation)."""
-    ds = mnist(train, cfg)
-    x = ds.data.unsqueeze(1).float().div(255.0)
+    """The whole split as normalized float32 [N,1,28,28] and int64 labels (for evaluation), read from that
+    split's two files alone: torchvision's dataset wants all four, so eval needed the training set too."""
+    images_gz, labels_gz = ensure_files("mnist", cfg, _mnist_split(train))
+    arrays = []
+    for gz in (images_gz, labels_gz):
+        raw = _gunzip(gz, cfg)
+        _check_idx(gz, raw, cfg)
+        header, _ = _idx_layout(gz.stem)
+        arrays.append(np.frombuffer(raw, dtype=np.uint8, offset=4 * len(header)))
+    x = torch.from_numpy(arrays[0].reshape(-1, 1, 28, 28).copy()).float().div(255.0)  # frombuffer is read-only
     x = (x - MNIST_MEAN) / MNIST_STD  # identical arithmetic to ToTensor + Normalize
-    return x.numpy().astype(np.float32), ds.targets.numpy().astype(np.int64)
+    return x.numpy().astype(np.float32), arrays[1].astype(np.int64)
+
+
+def _mnist_split(train: bool) -> tuple[str, str]:
+    """The images and labels files of one MNIST split."""
+    prefix = "mnist/train-" if train else "mnist/t10k-"
+    images, labels = (rel for rel in FILES["mnist"] if rel.startswith(prefix))
+    return images, labels
 
 
 # --- Diabetes (lectures 7-8) -----------------------------------------------------------------------
@@ -341,7 +356,7 @@ class NamesDataset(Dataset):
     """(name, country index) pairs; batches are padded by ``names_collate``."""
 
     def __init__(self, train: bool, cfg: DataConfig) -> None:
-        path = ensure_files("names", cfg)[0 if train else 1]
+        (path,) = ensure_files("names", cfg, (FILES["names"][0 if train else 1],))
         rows = _read_csv_gz(path, cfg)
         index = {c: i for i, c in enumerate(NAMES_COUNTRIES)}
         try:

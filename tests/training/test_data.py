@@ -51,8 +51,24 @@ def test_missing_files_name_the_files_and_where_to_put_them(tmp_path: Path, monk
     with pytest.raises(data.DataError) as e:
         data.NamesDataset(True, cfg)
     msg = str(e.value)
-    assert "names/names_train.csv.gz" in msg and "names/names_test.csv.gz" in msg and str(cfg.root) in msg
+    assert "names/names_train.csv.gz" in msg and str(cfg.root) in msg  # the split asked for (the test one is not)
     assert f"the mirror {cfg.mirror}, which is not a folder (check --data-mirror" in msg  # a typo says so
+
+
+def test_evaluation_needs_the_test_split_only(tmp_path: Path, data_cfg: data.DataConfig, monkeypatch) -> None:
+    """torchvision's MNIST wants all four files, and the names loader both files: eval needed the training sets."""
+    monkeypatch.delenv("COURSEZOO_DATA_BASE_URL", raising=False)
+    root = tmp_path / "root"
+    for rel in ("mnist/t10k-images-idx3-ubyte.gz", "mnist/t10k-labels-idx1-ubyte.gz", "names/names_test.csv.gz"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(data_cfg.mirror / rel, root / rel)
+    cfg = data.DataConfig(root=root, mirror=None)
+    x, y = data.mnist_arrays(train=False, cfg=cfg)
+    assert x.shape == (10000, 1, 28, 28) and y[:3].tolist() == [7, 2, 1]
+    reference = data.mnist(train=False, cfg=data_cfg)  # torchvision's reading, from the full data root
+    np.testing.assert_array_equal(x, ((reference.data.unsqueeze(1).float() / 255.0 - data.MNIST_MEAN)
+                                      / data.MNIST_STD).numpy())
+    assert len(data.NamesDataset(False, cfg)) > 0
 
 
 def test_files_are_taken_from_the_mirror(tmp_path: Path, data_cfg: data.DataConfig) -> None:
