@@ -91,18 +91,38 @@ class ImageDecoder:
         for attempt in (1, 2):
             pool = self._pool
             assert pool is not None
-            loop = asyncio.get_running_loop()
             try:
-                parts = await asyncio.gather(*(loop.run_in_executor(pool, decode_digits, images[s : s + size], prep)
-                                               for s in starts))
+                parts = await asyncio.gather(*(_in(pool, images[s : s + size], prep) for s in starts))
                 break
             except BrokenProcessPool as e:
                 if self._pool is pool:  # the first request to notice replaces it
                     log.warning("an image decoding process died; starting new ones", extra={"attempt": attempt})
-                    pool.shutdown(wait=False, cancel_futures=True)
+                    _end(pool)
                     self._pool = spawn_pool(self.processes, self.max_image_pixels)
                 if attempt == 2:  # INTERNAL, with a traceback logged, was not retried by clients
                     raise DecodersUnavailable("the image decoding processes died twice while decoding this "
                                               "request's images; retry it") from e
         errors = {s + i: e for s, (_, part_errors) in zip(starts, parts, strict=True) for i, e in part_errors.items()}
         return np.concatenate([digits for digits, _ in parts]), errors
+
+
+async def _in(pool: ProcessPoolExecutor, images: Sequence[bytes], prep: Mapping[str, Any]) \
+        -> tuple[np.ndarray, dict[int, InputError]]:
+    """``decode_digits`` in the pool, whose future is never cancelled: a call that goes away (cancelled, its
+    deadline passed) leaves the part to finish and its result is dropped (``asyncio.shield``).
+
+    ``run_in_executor`` would cancel it, and on Python 3.11 a worker dying while the pool holds a cancelled
+    future kills the pool's manager thread (``set_exception`` on it raises InvalidStateError, CPython
+    gh-107219, fixed in 3.12) before it fails the other futures and ends the other workers: every request
+    in the pool then waited forever, and the leftover worker kept the server from exiting."""
+    return await asyncio.shield(asyncio.wrap_future(pool.submit(decode_digits, images, prep)))
+
+
+def _end(pool: ProcessPoolExecutor) -> None:
+    """Shut a broken pool down and end its remaining workers. Its manager thread ends them too, unless it
+    died first (see ``_in``); a worker left waiting on the pool's queue would never exit, and the server,
+    which waits for its child processes at exit, with it."""
+    workers = list(pool._processes.values()) if pool._processes else []  # no public way to the processes
+    pool.shutdown(wait=False)  # the pool has failed every future it held already
+    for worker in workers:
+        worker.terminate()

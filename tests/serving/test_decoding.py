@@ -17,6 +17,8 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -141,6 +143,91 @@ def test_workers_dying_twice_is_unavailable_not_internal(files: list[bytes], mon
             asyncio.run(decoder.decode(files, PREP))
         assert status_of(info.value).name == "UNAVAILABLE"
     finally:
+        decoder.close()
+
+
+def _slow(images: list[bytes], prep: dict) -> tuple[np.ndarray, dict]:
+    """A decoding process busy for a while with each part, as with large photos."""
+    time.sleep(0.3)
+    return decode_digits(images, prep)
+
+
+def test_a_decoder_dying_while_a_cancelled_calls_images_wait_fails_no_one(files: list[bytes],
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reviewer's case: calls whose images fill the pool, one of them cancelled (its deadline passed), then a
+    decoding process killed. On Python 3.11 a cancelled future inside the pool killed its manager thread when the
+    process died (CPython gh-107219): the calls behind it waited forever and a decoding process was left running."""
+    decoder = ImageDecoder(processes=2, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS)
+    decoder.start()
+    monkeypatch.setattr(decoding, "decode_digits", _slow)
+    pool = decoder._pool
+    assert pool is not None
+    workers = list(pool._processes.values())
+
+    async def calls() -> list[np.ndarray]:
+        queued = [asyncio.create_task(decoder.decode(files, PREP)) for _ in range(4)]
+        await asyncio.sleep(0.1)  # all parts handed to the pool
+        queued[2].cancel()
+        os.kill(workers[0].pid, signal.SIGKILL)
+        return await asyncio.wait_for(asyncio.gather(*queued[:2], queued[3]), 30)
+
+    try:
+        for got in asyncio.run(calls()):
+            np.testing.assert_array_equal(got, decode_digits(files, PREP)[0])
+        deadline = time.monotonic() + 10
+        while any(w.is_alive() for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(w.is_alive() for w in workers)
+    finally:
+        for worker in workers:  # without the fix one is left, and the test process would never exit
+            worker.kill()
+        decoder.close()
+
+
+def test_a_cancelled_call_never_cancels_a_future_inside_the_pool(files: list[bytes]) -> None:
+    """The pool's own futures stay as they are; a cancelled call only drops their results (see above why)."""
+    submitted: list[Future] = []
+
+    class Pool:
+        def submit(self, *args: object) -> Future:
+            submitted.append(Future())
+            return submitted[-1]
+
+    decoder = ImageDecoder(processes=2, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS)
+    decoder._pool = Pool()  # type: ignore[assignment]  # one that never starts the work
+
+    async def cancelled() -> None:
+        call = asyncio.create_task(decoder.decode(files, PREP))
+        while not submitted:
+            await asyncio.sleep(0)
+        call.cancel()
+        await asyncio.wait([call])
+
+    asyncio.run(cancelled())
+    assert submitted and not any(f.cancelled() for f in submitted)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the manager thread's death
+def test_a_broken_pools_workers_are_ended_even_when_the_pool_does_not(files: list[bytes]) -> None:
+    """When the pool's manager thread dies (as in gh-107219), replacing the pool ends its workers itself."""
+    decoder = ImageDecoder(processes=2, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS)
+    decoder.start()
+    pool = decoder._pool
+    assert pool is not None
+    workers = list(pool._processes.values())
+    try:
+        sleeps = [pool.submit(time.sleep, 30) for _ in range(5)]  # 2 running, 1 queued, 2 waiting in the pool
+        assert sleeps[-1].cancel()
+        os.kill(workers[0].pid, signal.SIGKILL)
+        assert isinstance(sleeps[0].exception(timeout=10), BrokenProcessPool)  # then the manager thread died
+        np.testing.assert_array_equal(asyncio.run(decoder.decode(files, PREP)), decode_digits(files, PREP)[0])
+        deadline = time.monotonic() + 10
+        while any(w.is_alive() for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(w.is_alive() for w in workers)
+    finally:
+        for worker in workers:
+            worker.kill()
         decoder.close()
 
 
