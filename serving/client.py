@@ -58,6 +58,64 @@ KEEPALIVE_S = 30.0
 PING_TIMEOUT_S = 20.0
 
 
+#: gRPC's own schemes whose address is a path or a socket name, not HOST:PORT (grpc/doc/naming.md)
+_PATH_SCHEMES = ("unix:", "unix-abstract:", "vsock:")
+_EXAMPLE = "localhost:50051"
+
+
+def check_target(target: str) -> None:
+    """Refuse a server address that gRPC would accept but never reach as meant, saying what is expected.
+
+    gRPC dials ``localhost`` (no port) at :443, looks ``50051`` up as a host name and reads
+    ``http://localhost:50051`` as a domain name: each fails only as an unreachable server, retried until the
+    caller gives up. Accepted: HOST:PORT, [IPv6]:PORT and gRPC's own schemes (``dns:///HOST:PORT``,
+    ``ipv4:ADDR:PORT,...``, ``ipv6:[ADDR]:PORT,...``, ``unix:/path``, ``unix-abstract:NAME``, ``vsock:CID:PORT``).
+    """
+    if target.startswith(_PATH_SCHEMES):
+        return
+    if target.startswith("dns:"):
+        address = target.removeprefix("dns:")
+        if address.startswith("//"):  # dns://[AUTHORITY]/HOST:PORT
+            address = address[2:].partition("/")[2]
+        _check_host_port(target, address)
+    elif target.startswith(("ipv4:", "ipv6:")):
+        for address in target[len("ipv4:"):].split(","):
+            _check_host_port(target, address)
+    elif "://" in target:
+        raise ValueError(f"server address {target!r} is a URL: expected HOST:PORT without "
+                         f"{target.split('://', 1)[0]}:// (e.g. {_EXAMPLE})")
+    else:
+        _check_host_port(target, target)
+
+
+def _check_host_port(target: str, address: str) -> None:
+    """``address``, all or part of ``target``, is HOST:PORT or [IPv6]:PORT with a port 1..65535."""
+    host, port = _host_and_port(target, address)
+    if port is None and address.isdigit():
+        raise ValueError(f"server address {target!r} has no host: expected HOST:PORT (e.g. localhost:{address})")
+    if port is None:
+        raise ValueError(f"server address {target!r} has no port: expected HOST:PORT (e.g. {_EXAMPLE})")
+    if not host:
+        raise ValueError(f"server address {target!r} has no host: expected HOST:PORT (e.g. localhost:{port})")
+    if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"server address {target!r} has port {port!r}: expected HOST:PORT with a port 1..65535 "
+                         f"(e.g. {_EXAMPLE})")
+
+
+def _host_and_port(target: str, address: str) -> tuple[str, str | None]:
+    """(host, port) of HOST:PORT or [IPv6]:PORT; port None when the address has none."""
+    if address.startswith("["):
+        host, bracket, rest = address[1:].partition("]")
+        if not bracket or rest[:1] not in ("", ":"):
+            raise ValueError(f"server address {target!r} is not [IPv6]:PORT: expected e.g. [::1]:50051")
+        return host, rest[1:] if rest else None
+    if address.count(":") > 1:
+        raise ValueError(f"server address {target!r} is an IPv6 address outside brackets or has no port: expected "
+                         "HOST:PORT, an IPv6 address in brackets (e.g. [::1]:50051)")
+    host, colon, port = address.partition(":")
+    return (host, port) if colon else (address, None)
+
+
 def tls_credentials(ca: str | Path | None = None, cert: str | Path | None = None,
                     key: str | Path | None = None) -> grpc.ChannelCredentials:
     """Channel credentials from PEM files: ``ca`` to trust (None = the system roots), ``cert``/``key`` the
@@ -100,8 +158,10 @@ def to_image(item: ImageLike) -> pb.Image:
 class CourseZooClient:
     """Blocking client, safe to share between threads.
 
-    ``credentials`` (see ``tls_credentials``) makes the channels TLS; ``token`` sends
-    ``authorization: Bearer <token>`` with every call, as a server started with ``--auth-token`` requires.
+    ``target`` is HOST:PORT, or an address in one of gRPC's own schemes; anything else is refused at once
+    (``check_target``) rather than retried as an unreachable server. ``credentials`` (see ``tls_credentials``)
+    makes the channels TLS; ``token`` sends ``authorization: Bearer <token>`` with every call, as a server
+    started with ``--auth-token`` requires.
     ``connections`` > 1 opens that many TCP connections and sends each call on the next one in turn: a
     server of several worker processes (``coursezoo serve --workers N``) spreads connections over its
     workers, not calls, so one connection would keep a whole job on one worker.
@@ -111,6 +171,7 @@ class CourseZooClient:
                  credentials: grpc.ChannelCredentials | None = None, metadata: Sequence[tuple[str, str]] = (),
                  token: str | None = None, max_message_mb: int = 64, connections: int = 1,
                  keepalive_s: float = KEEPALIVE_S, ping_timeout_s: float = PING_TIMEOUT_S) -> None:
+        check_target(target)
         for name, value in (("connections", connections), ("chunk_size", chunk_size),
                             ("max_in_flight", max_in_flight)):
             if value < 1:

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import os
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -64,6 +65,23 @@ class _Parser(argparse.ArgumentParser):
 _positive, _non_negative = at_least(1), at_least(0)
 
 
+def _seconds(*, zero: bool) -> Callable[[str], float]:
+    """An argparse type: a finite number of seconds, > 0 (or >= 0 with ``zero``). A deadline of 0 or less failed
+    every call at once, which was retried and then reported as an unreachable server."""
+    least = "0 or more" if zero else "more than 0"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a number of seconds, {least}") from None
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+            raise argparse.ArgumentTypeError(f"{text}: expected a number of seconds, {least}")
+        return value
+
+    return parse
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = _Parser(description="Classify folders of images, CSV files and name lists into one results file.",
                 epilog=EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -100,9 +118,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     remote = p.add_argument_group("--server")
     remote.add_argument("--in-flight", type=_positive, default=4, metavar="N",
                         help="requests in flight at once, so the server never waits (default: 4)")
-    remote.add_argument("--timeout", type=float, default=60.0, metavar="S", help="deadline of a request (default: 60)")
-    remote.add_argument("--retry-for", type=float, default=60.0, metavar="S",
-                        help="how long to retry an unavailable server before giving up (default: 60)")
+    remote.add_argument("--timeout", type=_seconds(zero=False), default=60.0, metavar="S",
+                        help="deadline of a request (default: 60)")
+    remote.add_argument("--retry-for", type=_seconds(zero=True), default=60.0, metavar="S",
+                        help="how long to retry an unavailable server before giving up (default: 60; 0: never)")
     # The client side of `coursezoo serve`'s security options (docs/operations.md). The token is the server's
     # own secret, so it comes from the server's variables; never from a flag, which would show in `ps`.
     remote.add_argument("--auth-token-file", default=os.environ.get(TOKEN_FILE_ENV, ""), metavar="FILE",
@@ -146,6 +165,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         if args.engine == "ray" and args.server:
             raise BatchError("--engine ray runs the models of --repo; it does not combine with --server")
+        if args.server:
+            _check_server(args.server)
         check_inputs(args.inputs)
         fmt = args.format or ("jsonl" if args.out and args.out.suffix in (".jsonl", ".json") else "csv")
         args.out = args.out or Path(f"results.{fmt}")
@@ -228,6 +249,17 @@ def _engine(args: argparse.Namespace, kind: str | None) -> Engine | RayEngine:
     return LocalEngine.open(args.repo, args.model, kind, device=args.device, top_k=args.top_k,
                             max_image_pixels=args.max_image_pixels, threads=args.threads or None,
                             decode_workers=args.workers)
+
+
+def _check_server(target: str) -> None:
+    """Refuse a ``--server`` address without a port, or a URL, before any work: the client would dial it and
+    retry for ``--retry-for`` seconds, then call the server unreachable (``serving.client.check_target``)."""
+    from serving.client import check_target
+
+    try:
+        check_target(target)
+    except ValueError as e:
+        raise BatchError(str(e)) from e
 
 
 def _token(args: argparse.Namespace) -> str:

@@ -83,6 +83,32 @@ def test_unreachable_server_is_exit_1(batch: Batch, tmp_path: Path) -> None:
     assert run.code == 1 and "unreachable" in run.err and not run.rows
 
 
+@pytest.mark.parametrize("address", ["localhost", "52201", "http://localhost:52201"])
+def test_a_server_address_without_a_port_or_a_url_is_refused_at_once(batch: Batch, tmp_path: Path,
+                                                                        address: str) -> None:
+    """Each was dialled and retried for all of --retry-for (60 s, a dozen warnings), then blamed on TLS."""
+    (tmp_path / "names.txt").write_text("Smith\n")
+    started = time.monotonic()
+    run = batch(tmp_path / "names.txt", "--server", address, "--retry-for", "5", out=tmp_path / "o.csv")
+    assert run.code == 1 and not run.rows and time.monotonic() - started < 3
+    assert run.err.splitlines() == [run.err.strip()] and run.err.startswith(f"coursezoo batch: error: server "
+                                                                             f"address {address!r} ")
+    assert "expected HOST:PORT" in run.err and "TLS" not in run.err
+
+
+def test_a_deadline_of_zero_is_refused_and_an_unknown_host_is_not_blamed_on_tls(batch: Batch, tmp_path: Path) -> None:
+    """--timeout 0 failed every call at once, retried and reported as an unreachable server; a host name that does
+    not resolve was reported with a hint about TLS."""
+    (tmp_path / "names.txt").write_text("Smith\n")
+    for timeout in ("0", "-1", "nan"):
+        run = batch(tmp_path / "names.txt", "--server", "localhost:1", "--timeout", timeout, out=tmp_path / "o.csv")
+        assert run.code == 1 and f"--timeout: {timeout}: expected a number of seconds, more than 0" in run.err
+    unknown = batch(tmp_path / "names.txt", "--server", "no-such-host.invalid:52399", "--retry-for", "0",
+                    out=tmp_path / "o.csv")
+    assert unknown.code == 1 and "unreachable" in unknown.err, unknown.err
+    assert "is the host name right" in unknown.err and "--tls-cert" not in unknown.err
+
+
 def test_server_restart_mid_run_loses_nothing(diabetes_rows: list[list[str]], tmp_path: Path) -> None:
     """SIGKILL the server while requests are in flight, start it again on the same port: the run waits,
     retries and ends with every record answered exactly once."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import socket
 import threading
 import time
@@ -98,6 +99,31 @@ def test_a_lone_string_is_not_a_list_of_names(client: CourseZooClient) -> None:
 def test_settings_below_one_are_refused(setting: str) -> None:
     with pytest.raises(ValueError, match=f"{setting}=0: expected 1 or more"):
         CourseZooClient("localhost:1", **{setting: 0})
+
+
+@pytest.mark.parametrize(("target", "message"), [
+    ("localhost", "'localhost' has no port: expected HOST:PORT (e.g. localhost:50051)"),  # was dialled at :443
+    ("52201", "'52201' has no host: expected HOST:PORT (e.g. localhost:52201)"),  # was looked up as a host name
+    ("http://localhost:52201", "is a URL: expected HOST:PORT without http://"),  # was "Misformatted domain name"
+    ("localhost:", "has port '': expected HOST:PORT with a port 1..65535"),
+    ("localhost:65536", "has port '65536'"),
+    (":50051", "has no host"),
+    ("::1:50051", "an IPv6 address in brackets"),
+    ("[::1]", "'[::1]' has no port"),
+    ("dns:///localhost", "has no port"),
+    ("ipv4:127.0.0.1:1,127.0.0.2", "has no port"),
+])
+def test_an_address_without_a_port_or_a_url_is_refused(target: str, message: str) -> None:
+    """gRPC takes each of these and fails only as an unreachable server, retried until the caller gives up."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        CourseZooClient(target)
+
+
+@pytest.mark.parametrize("target", ["localhost:50051", "[::1]:50051", "dns:///localhost:50051",
+                                    "dns://127.0.0.53/localhost:50051", "ipv4:127.0.0.1:1,127.0.0.2:2",
+                                    "ipv6:[::1]:50051", "unix:/run/coursezoo.sock", "unix-abstract:coursezoo"])
+def test_hosts_with_ports_and_grpcs_own_schemes_are_taken(target: str) -> None:
+    CourseZooClient(target).close()
 
 
 def test_an_error_in_a_chunk_says_which_items_it_carried(client: CourseZooClient) -> None:

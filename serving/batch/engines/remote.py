@@ -180,14 +180,21 @@ class Retrying:
                 give_up = give_up or now + self.retry_for
                 if now >= give_up:
                     raise EngineError(f"server {self.target} unreachable for {self.retry_for:g} s "
-                                      f"({e.code().name}: {e.details()}): is it running there, and does this "
-                                      "run's TLS match the server's (none for plaintext, --tls-ca for TLS, and "
-                                      "--tls-cert/--tls-key for mutual TLS)?") from e
+                                      f"({e.code().name}: {e.details()}): {_unreachable_hint(e)}") from e
                 log.warning("server unavailable, retrying", extra={"target": self.target, "code": e.code().name,
                                                                    "backoff_s": backoff})
                 if self.stop.wait(min(backoff, give_up - now)):
                     raise
                 backoff = min(2 * backoff, MAX_BACKOFF_S)
+
+
+def _unreachable_hint(error: grpc.RpcError) -> str:
+    """What to check about a server that never answered: a host name that does not resolve has nothing to do
+    with TLS (gRPC's resolvers say "DNS resolution failed for ..." or "errors resolving ...")."""
+    if any(words in (error.details() or "") for words in ("DNS resolution failed", "errors resolving")):
+        return "is the host name right, and known to this machine's DNS?"
+    return ("is it running there, and does this run's TLS match the server's (none for plaintext, --tls-ca for TLS, "
+            "and --tls-cert/--tls-key for mutual TLS)?")
 
 
 def _by_size(images: Sequence[bytes], budget: int) -> list[Sequence[bytes]]:
