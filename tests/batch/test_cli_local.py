@@ -191,6 +191,20 @@ def test_newest_valid_version_is_used_and_a_pinned_broken_one_refused(batch: Bat
     assert pinned.code == 1 and "sha256" in pinned.err
 
 
+def test_a_version_that_is_not_there_or_not_a_number_is_named_as_such(batch: Batch, tmp_path: Path) -> None:
+    """``--model NAME:7`` said "no model 'NAME:7'" and listed NAME among the models it has; ``NAME:x`` too."""
+    (tmp_path / "names.txt").write_text("Nakamura\n")
+    runs = {spec: batch(tmp_path / "names.txt", "--repo", EXPORTED, "--model", spec, out=tmp_path / "o.csv")
+            for spec in ("names_gru:7", "names_gru:x", "names_gru:", ":1", "names_gru:01")}
+    assert runs["names_gru:7"].err.splitlines()[-1] == ("coursezoo batch: error: model 'names_gru' has no version "
+                                                        "'7'; versions: 1")
+    assert "version 'x' is not a whole number > 0: expected NAME or NAME:VERSION (e.g. names_gru:1)" in \
+        runs["names_gru:x"].err
+    assert "version '' is not a whole number" in runs["names_gru:"].err and "names no model" in runs[":1"].err
+    assert all(run.code == 1 and not run.rows for spec, run in runs.items() if spec != "names_gru:01")
+    assert runs["names_gru:01"].code == 0 and runs["names_gru:01"].rows[0]["model_version"] == "1"  # as the server
+
+
 def test_a_device_that_cannot_run_fails_once_not_as_a_broken_version(batch: Batch, tmp_path: Path) -> None:
     """``--device cuda`` without a usable GPU: the device's error, not "skipping a broken model version" for every
     version first (as if the files were bad)."""

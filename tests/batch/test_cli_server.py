@@ -71,7 +71,11 @@ def test_records_and_names_through_the_server_match_local(batch: Batch, server: 
         assert remote.code == local.code == 2, remote.err
         _same_answers(remote, local)
     unknown = batch(tmp_path / "names.txt", "--server", server.target, "--model", "names_gru:999", out=tmp_path / "x")
-    assert unknown.code == 1 and "no ready model 'names_gru:999'" in unknown.err
+    assert unknown.code == 1 and f"model 'names_gru' has no version '999' ready on server {server.target}; " \
+        "versions: 1" in unknown.err
+    not_a_number = batch(tmp_path / "names.txt", "--server", server.target, "--model", "names_gru:x",
+                         out=tmp_path / "x")
+    assert not_a_number.code == 1 and "version 'x' is not a whole number" in not_a_number.err
 
 
 def test_unreachable_server_is_exit_1(batch: Batch, tmp_path: Path) -> None:

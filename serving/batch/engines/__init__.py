@@ -31,6 +31,22 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
+def model_spec(spec: str | None) -> tuple[str, str]:
+    """``--model NAME[:VERSION]`` as (name, version), "" for none; the version as the server reads it, a whole
+    number ("01" is version 1), so that both engines refuse and find the same versions."""
+    if not spec:
+        return "", ""
+    name, colon, version = spec.partition(":")
+    if not name:
+        raise EngineError(f"--model {spec!r} names no model: expected NAME or NAME:VERSION (e.g. mnist_cnn:1)")
+    if not colon:
+        return name, ""
+    if not (version.isascii() and version.isdigit() and int(version) > 0):
+        raise EngineError(f"--model {spec!r}: version {version!r} is not a whole number > 0: expected NAME or "
+                          f"NAME:VERSION (e.g. {name}:1)")
+    return name, str(int(version))
+
+
 def top_classes(scores: Sequence[float], labels: Sequence[str], k: int) -> tuple[tuple[str, float], ...]:
     """The ``k`` best (label, score) pairs, best first; ties keep label order."""
     order = sorted(range(len(scores)), key=lambda i: -scores[i])[:k]

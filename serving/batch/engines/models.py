@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from serving.batch.engines import EngineError
+from serving.batch.engines import EngineError, model_spec
 from serving.batch.types import KINDS
 from serving.card import CARD_FILE, CardError, ModelCard, preference
 
@@ -22,11 +22,13 @@ def find_model(repo: Path, spec: str | None, kind: str | None) -> list[tuple[Mod
     repo = Path(repo)
     if not repo.is_dir():
         raise EngineError(f"model repository {repo} is not a folder (pass --repo)")
-    if spec:
-        name, _, version = spec.partition(":")
-        versions = [v for v in _versions(repo / name) if not version or v[0].version == version]
+    name, version = model_spec(spec)
+    if name:
+        versions = _versions(repo / name)
         if not versions:
-            raise EngineError(f"no model {spec!r} in {repo}; it has {', '.join(_names(repo)) or 'no models'}")
+            raise EngineError(f"no model {name!r} in {repo}; it has {', '.join(_names(repo)) or 'no models'}")
+        if version:
+            versions = _pinned(versions, name, version)
         task = versions[0][0].task
         if task not in KINDS:
             raise EngineError(f"{name} is a {task} model; coursezoo batch classifies {', '.join(KINDS)}")
@@ -55,6 +57,16 @@ def _versions(folder: Path) -> list[tuple[ModelCard, Path]]:
         found.append((card, directory))
     return sorted(found, key=lambda v: (v[0].version.isdigit(), int(v[0].version) if v[0].version.isdigit() else 0,
                                         v[0].version), reverse=True)
+
+
+def _pinned(versions: list[tuple[ModelCard, Path]], name: str, version: str) -> list[tuple[ModelCard, Path]]:
+    """The one of ``versions`` numbered ``version`` ("1" is folder 1 or 01, as the server finds it), else an
+    error listing the versions there are, as the server's."""
+    pinned = [v for v in versions if v[0].version.isdigit() and int(v[0].version) == int(version)]
+    if not pinned:
+        raise EngineError(f"model {name!r} has no version {version!r}; versions: "
+                          f"{', '.join(card.version for card, _ in reversed(versions))}")
+    return pinned
 
 
 def _names(repo: Path) -> list[str]:

@@ -20,7 +20,7 @@ from typing import Any
 
 import grpc
 
-from serving.batch.engines import EngineError, diabetes_answer, top_classes
+from serving.batch.engines import EngineError, diabetes_answer, model_spec, top_classes
 from serving.batch.prepare import INVALID, TOO_LARGE, Preparer
 from serving.batch.types import KINDS, Failure, Prediction
 from serving.client import CourseZooClient
@@ -70,11 +70,11 @@ class RemoteEngine:
         ``token`` and ``credentials`` (TLS) are what a server started with ``--auth-token-file`` or
         ``--tls-cert`` asks of its clients.
         """
+        name, version = model_spec(spec)
         # Several connections, so a server of several worker processes (--workers) gets the job on all of them.
         client = CourseZooClient(target, timeout=timeout, max_in_flight=1, connections=max(in_flight, CONNECTIONS),
                                  token=token or None, credentials=credentials)
         retrying = Retrying(target, retry_for)
-        name, _, version = (spec or "").partition(":")
         try:
             try:
                 models = retrying(client.list_models)
@@ -149,10 +149,12 @@ def _choose(models: Sequence[pb.ModelInfo], target: str, name: str, version: str
             raise EngineError(f"server {target} has no ready {kind} model")
         return info
     info = next((m for m in ready if m.name == name), None)
-    if info is None or (version and version not in info.versions):
-        spec = f"{name}:{version}" if version else name
-        raise EngineError(f"server {target} has no ready model {spec!r}; it serves "
+    if info is None:
+        raise EngineError(f"server {target} has no ready model {name!r}; it serves "
                           f"{', '.join(f'{m.name}:{m.version}' for m in ready) or 'nothing'}")
+    if version and version not in info.versions:
+        raise EngineError(f"model {name!r} has no version {version!r} ready on server {target}; versions: "
+                          f"{', '.join(info.versions)}")
     if info.task not in KINDS or (kind and info.task != kind):
         raise EngineError(f"{name} is a {info.task} model; the inputs are {kind or ', '.join(KINDS)}")
     return info
