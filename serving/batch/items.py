@@ -170,20 +170,33 @@ def _records(rows: Iterator[Row]) -> Iterator[Item]:
     if first is None:
         return
     if isinstance(first[1], Failure) or not records.is_header(first[1]):
+        columns = _columns(None)  # the label, if any, is last: the features are columns 1..8 either way
         for item_id, row in itertools.chain([first], rows):
             label = NUM_FEATURES if isinstance(row, list) and len(row) == NUM_FEATURES + 1 else None
-            yield _record(item_id, row, label, f"{NUM_FEATURES} numbers, or {NUM_FEATURES + 1} with a label last")
+            yield _record(item_id, row, label, columns,
+                          f"{NUM_FEATURES} numbers, or {NUM_FEATURES + 1} with a label last")
         return
-    names = [x.strip().lower() for x in first[1]]
-    label = next((i for i, n in enumerate(names) if n in records.LABEL_COLUMNS),
-                 NUM_FEATURES if len(names) == NUM_FEATURES + 1 else None)
+    header = [x.strip() for x in first[1]]
+    label = next((i for i, n in enumerate(header) if n.lower() in records.LABEL_COLUMNS),
+                 NUM_FEATURES if len(header) == NUM_FEATURES + 1 else None)
     expected = (f"{NUM_FEATURES + 1}, as the header has a label column" if label is not None
                 else f"{NUM_FEATURES}, as the header has no label column")
+    columns = _columns(label, header)
     for item_id, row in rows:
-        yield _record(item_id, row, label, expected)
+        yield _record(item_id, row, label, columns, expected)
 
 
-def _record(item_id: str, row: list[str] | Failure, label: int | None, expected: str) -> Item:
+def _columns(label: int | None, header: list[str] | None = None) -> tuple[str, ...]:
+    """What a file calls each feature of its records: its column, counted from 1 as spreadsheets do, with the
+    header's name for it when the header has one per field ("column 2 (Glucose)")."""
+    width = NUM_FEATURES + (label is not None)
+    names = header if header is not None and len(header) == width else [""] * width
+    return tuple(f"column {i + 1} ({name})" if name else f"column {i + 1}"
+                 for i, name in enumerate(names) if i != label)
+
+
+def _record(item_id: str, row: list[str] | Failure, label: int | None, columns: tuple[str, ...],
+            expected: str) -> Item:
     if isinstance(row, Failure):
         return Item(item_id, failure=row)
     if len(row) != NUM_FEATURES + (label is not None):
@@ -191,9 +204,10 @@ def _record(item_id: str, row: list[str] | Failure, label: int | None, expected:
     fields = [x for i, x in enumerate(row) if i != label]
     values = _floats(fields)
     if values is None:
-        bad = next(x for x in fields if not records.is_number(x))
-        return Item(item_id, failure=Failure("bad row", f"{bad!r} is not a number"))
-    return Item(item_id, data=values, label=_normalize_label(row[label].strip() if label is not None else None))
+        bad = next(i for i, x in enumerate(fields) if not records.is_number(x))
+        return Item(item_id, failure=Failure("bad row", f"{columns[bad]} is {fields[bad]!r}: expected a number"))
+    return Item(item_id, data=values, label=_normalize_label(row[label].strip() if label is not None else None),
+                columns=columns)
 
 
 def _floats(fields: list[str]) -> list[float] | None:

@@ -16,7 +16,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import TypeVar
 
 from serving.batch.engines import Engine
-from serving.batch.prepare import PreparedBatch, Preparer
+from serving.batch.prepare import PreparedBatch, Preparer, in_input_terms
 from serving.batch.types import BatchError, Failure, Item, Prediction
 from serving.workers import spawn_pool
 
@@ -83,8 +83,12 @@ def ordered_map(fn: Callable[[T], R], source: Iterable[T], executor: Executor, w
 
 
 def _classify(engine: Engine, items: list[Item], batch: PreparedBatch) -> list[tuple[Item, Outcome]]:
+    """Each item with its answer, or its failure told in the item's terms (``in_input_terms``), whichever
+    engine or preparer refused it."""
     answers = iter(engine.classify(batch.inputs) if batch.ready else ())
-    return [(item, outcome or next(answers)) for item, outcome in zip(items, batch.outcomes, strict=True)]
+    outcomes = (outcome or next(answers) for outcome in batch.outcomes)
+    return [(item, in_input_terms(item, outcome) if isinstance(outcome, Failure) else outcome)
+            for item, outcome in zip(items, outcomes, strict=True)]
 
 
 def _batched(items: Iterable[Item], size: int) -> Iterator[list[Item]]:

@@ -9,6 +9,7 @@ items travel raw: the server owns the preprocessing of the model it serves.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,10 @@ MAX_FILE_BYTES = 32 << 20
 #: the failure reason of an input that the model's preprocessing refuses, per kind (local or server)
 INVALID = {"digits": "invalid image", "diabetes": "bad row", "names": "invalid name", "hello": "invalid text"}
 TOO_LARGE = "image too large"
+#: how ``serving.preprocess`` (here and on the server) names an input by its position in a request or check;
+#: a failure that reaches a row is of a request or check of that one input, so the position is always 0
+_ITEM_POSITION = re.compile(r"(?:image|name|text) 0: ")
+_RECORD_POSITION = re.compile(r"record 0 (?:feature (\d+) )?")
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,27 @@ class Preparer:
         prep = self.preprocessing
         return _validated(item.data, prep and (lambda t: preprocess.encode_hello([t], prep["vocabulary"])),
                           INVALID["hello"])
+
+
+def in_input_terms(item: Item, failure: Failure) -> Failure:
+    """``failure`` as the row of ``item`` tells it, the same from --local and --server: the position of the one
+    input in the request or check that refused it goes ("image 0: cannot decode ..." -> "cannot decode ..."),
+    as the row's path says which input it is, and a record's feature is named by its column ("record 0 feature 1
+    is 6" -> "column 2 (Glucose) is 6")."""
+    detail = failure.detail
+    if match := _ITEM_POSITION.match(detail):
+        return Failure(failure.reason, detail[match.end():])
+    if match := _RECORD_POSITION.match(detail):
+        feature = match.group(1)
+        subject = "the row" if feature is None else _column(item, int(feature))
+        return Failure(failure.reason, f"{subject} {detail[match.end():]}")
+    return failure
+
+
+def _column(item: Item, feature: int) -> str:
+    """The column the record's ``feature`` (counted from 0) came from; its number among the features for a
+    record that was not read from a file."""
+    return item.columns[feature] if feature < len(item.columns) else f"feature {feature + 1}"
 
 
 def _validated(value: Any, encode: Callable[[Any], Any] | None, reason: str) -> Any:

@@ -27,6 +27,9 @@ class Item:
     data: Any = None  # rows: the CSV fields (list[str]); lines: the text (str)
     label: str | None = None  # a truth label from the input (a CSV label column), for the summary
     failure: Failure | None = None  # a reading error already known (e.g. a line that is not UTF-8)
+    # what the input calls each value of ``data`` ("column 3 (BMI)"), so an error names the value as the user
+    # sees it; CSV records only
+    columns: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

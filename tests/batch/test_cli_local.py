@@ -87,7 +87,13 @@ def test_diabetes_csv_with_bad_rows(batch: Batch, diabetes_rows: list[list[str]]
     assert [r["path"] for r in run.rows[:2]] == [f"{tmp_path}/patients.dat:2", f"{tmp_path}/patients.dat:3"]
     errors = [r for r in run.rows if r["error"]]
     assert [_reason(r) for r in errors] == ["bad row"] * 4
-    assert "feature 0 is 6: expected features scaled as in the course CSV" in errors[-1]["error"]  # unscaled
+    # columns as the file names them, not positions in a one-record check ("record 0 feature 0 is 6")
+    assert [r["error"] for r in errors[1:]] == [
+        "bad row: column 2 (Glucose) is 'x': expected a number",
+        "bad row: the row has NaN or infinite values (or beyond float32's range): expected finite numbers, "
+        "|x| < 3.4e38",
+        "bad row: column 1 (Pregnancies) is 6: expected features scaled as in the course CSV, -1..1 (accepted: "
+        "-2..2)"]  # unscaled
     good = [r for r in run.rows if not r["error"]]
     accuracy = sum(r["prediction"] == r["label"] for r in good[:-1]) / len(diabetes_rows)
     assert accuracy >= 0.7  # the model's test-split accuracy is 0.757; the file is mostly training rows

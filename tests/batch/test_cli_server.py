@@ -30,9 +30,11 @@ NAMES = ["Nakamura", "Rossi", "Schmidt"]
 
 
 def _same_answers(a: Run, b: Run) -> None:
+    """The same rows, failures included word for word: through a server they named the input's position in its
+    request ("invalid image: image 0: cannot decode ...")."""
     assert [r["path"] for r in a.rows] == [r["path"] for r in b.rows]
     for x, y in zip(a.rows, b.rows, strict=True):
-        assert (x["prediction"], x["error"].split(":")[0]) == (y["prediction"], y["error"].split(":")[0]), x["path"]
+        assert (x["prediction"], x["error"]) == (y["prediction"], y["error"]), x["path"]
         if x["confidence"]:
             assert float(x["confidence"]) == pytest.approx(float(y["confidence"]), abs=1e-5)
 
@@ -59,10 +61,11 @@ def test_digits_through_the_server_match_local(batch: Batch, server: ServerProce
 def test_records_and_names_through_the_server_match_local(batch: Batch, server: ServerProcess,
                                                           diabetes_rows: list[list[str]],
                                                           names_rows: list[tuple[str, str]], tmp_path: Path) -> None:
-    records = [",".join(row[:8]) for row in diabetes_rows[:300]] + ["inf,0,0,0,0,0,0,0", "1,2"]
+    records = [",".join(row[:8]) for row in diabetes_rows[:300]] + ["inf,0,0,0,0,0,0,0", "1,2", "0,6,0,0,0,0,0,0"]
     (tmp_path / "records.csv").write_text("\n".join(records) + "\n")
     names = [name for name, _ in names_rows[::40]] + ["", "Stra\u00dfe", "\u00e9\u00e9"]  # skipped, refused, "ee"
     (tmp_path / "names.txt").write_text("\n".join(names) + "\n")
+    failed = {}
     for data in ("records.csv", "names.txt"):
         remote = batch(tmp_path / data, "--server", server.target, "--top-k", "2", "--batch-size", "64",
                        out=tmp_path / f"{data}.remote.csv")
@@ -70,6 +73,13 @@ def test_records_and_names_through_the_server_match_local(batch: Batch, server: 
                       out=tmp_path / f"{data}.local.csv")
         assert remote.code == local.code == 2, remote.err
         _same_answers(remote, local)
+        failed[data] = [r["error"] for r in remote.rows if r["error"]]
+    assert [e.split(":")[0] for e in failed["records.csv"]] == ["bad row"] * 3
+    # the record's column, not its position in a one-record request ("record 0 feature 1 is 6")
+    the_row, _, unscaled = failed["records.csv"]
+    assert the_row.startswith("bad row: the row has NaN or infinite values")
+    assert unscaled.startswith("bad row: column 2 is 6: expected features scaled as in the course CSV")
+    assert failed["names.txt"][0].startswith("invalid name: name 'Straße' has 'ß'")
     unknown = batch(tmp_path / "names.txt", "--server", server.target, "--model", "names_gru:999", out=tmp_path / "x")
     assert unknown.code == 1 and f"model 'names_gru' has no version '999' ready on server {server.target}; " \
         "versions: 1" in unknown.err

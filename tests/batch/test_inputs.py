@@ -75,19 +75,22 @@ def test_csv_records_with_or_without_header_and_label(tmp_path: Path) -> None:
     files = {
         "plain.csv": f"{features}\n{features}\n",
         "labelled.csv": f"{features},1\n\n{features},0.0\n",
-        "header.csv": f"Outcome,{','.join('abcdefgh')}\n1,{features}\n",
+        "header.csv": f"Outcome,{','.join('abcdefgh')}\n1,{features}\n1,{features.replace('0.5', '?', 1)}\n",
         "broken.csv": f"{features}\n0.5,0.5\n{features.replace('0.5', 'x', 1)}\n{features[:-4]},nan\n",
     }
     for name, text in files.items():
         (tmp_path / name).write_text(text)
     items = {i.id.rsplit("/", 1)[1]: i for i in iter_items(iter_files([str(tmp_path)], False), "diabetes")}
     assert sorted(items) == ["broken.csv:1", "broken.csv:2", "broken.csv:3", "broken.csv:4", "header.csv:2",
-                             "labelled.csv:1", "labelled.csv:3", "plain.csv:1", "plain.csv:2"]
+                             "header.csv:3", "labelled.csv:1", "labelled.csv:3", "plain.csv:1", "plain.csv:2"]
     assert items["plain.csv:1"].data == [0.5] * 8 and items["plain.csv:1"].label is None
     assert [items["labelled.csv:1"].label, items["labelled.csv:3"].label] == ["1", "0"]
     assert items["header.csv:2"].data == [0.5] * 8 and items["header.csv:2"].label == "1"
     assert str(items["broken.csv:2"].failure) == "bad row: 2 fields: expected 8 numbers, or 9 with a label last"
-    assert str(items["broken.csv:3"].failure) == "bad row: 'x' is not a number"
+    assert str(items["broken.csv:3"].failure) == "bad row: column 1 is 'x': expected a number"
+    assert str(items["header.csv:3"].failure) == "bad row: column 2 (a) is '?': expected a number"  # after the label
+    assert items["header.csv:2"].columns == ("column 2 (a)", "column 3 (b)", "column 4 (c)", "column 5 (d)",
+                                             "column 6 (e)", "column 7 (f)", "column 8 (g)", "column 9 (h)")
     assert items["broken.csv:4"].failure is None  # NaN is a number; the model's rule refuses it (prepare)
 
 
@@ -175,7 +178,7 @@ def test_a_bad_first_row_of_a_headerless_csv_fails_alone(tmp_path: Path) -> None
     items = {i.id.rsplit("/", 1)[1]: i for i in iter_items(iter_files([str(tmp_path)], False), "diabetes")}
     assert sorted(items) == ["na.csv:1", "na.csv:2", "na.csv:3", "named.csv:2", "short.csv:1", "short.csv:2",
                              "short.csv:3"]
-    assert str(items["na.csv:1"].failure) == "bad row: 'NA' is not a number"
+    assert str(items["na.csv:1"].failure) == "bad row: column 1 is 'NA': expected a number"
     assert str(items["short.csv:1"].failure) == "bad row: 7 fields: expected 8 numbers, or 9 with a label last"
     assert all(items[f"{name}:{n}"].failure is None and items[f"{name}:{n}"].label == "1"
                for name in ("na.csv", "short.csv") for n in (2, 3))
