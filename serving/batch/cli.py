@@ -18,7 +18,7 @@ import math
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -55,7 +55,12 @@ EXIT_STATUS = """exit status:
 
 
 class _Parser(argparse.ArgumentParser):
-    """Bad arguments exit with 1, the status the batch CLI promises for "nothing could run"."""
+    """Bad arguments exit with 1, the status the batch CLI promises for "nothing could run"; INPUTs may follow
+    options (``coursezoo batch scans -r names.txt`` refused names.txt as an unrecognized argument)."""
+
+    def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                   namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+        return self.parse_intermixed_args(args, namespace)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.print_usage(sys.stderr)

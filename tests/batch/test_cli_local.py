@@ -74,6 +74,14 @@ def test_kind_inferred_model_named_and_jsonl(batch: Batch, digits_dir: Path, bes
     assert len(png.rows) == len(list((digits_dir / "png").iterdir())) and set(png.rows[0]) == set(BASE_COLUMNS)
 
 
+def test_inputs_may_follow_options(batch: Batch, tmp_path: Path) -> None:
+    """``coursezoo batch a.txt --kind names b.txt`` refused b.txt as an unrecognized argument."""
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text("Nakamura\n")
+    run = batch(tmp_path / "a.txt", "--kind", "names", tmp_path / "b.txt", "--repo", EXPORTED, out=tmp_path / "o.csv")
+    assert run.code == 0 and [r["path"] for r in run.rows] == [f"{tmp_path}/a.txt:1", f"{tmp_path}/b.txt:1"], run.err
+
+
 def test_diabetes_csv_with_bad_rows(batch: Batch, diabetes_rows: list[list[str]], tmp_path: Path) -> None:
     """The course file with a header and its label column, plus rows a spreadsheet export really produces."""
     lines = ["Pregnancies,Glucose,BloodPressure,SkinThickness,Insulin,BMI,Pedigree,Age,Outcome"]
