@@ -275,24 +275,67 @@ def _is_numbers(line: str) -> bool:
 
 
 def infer_kind(inputs: Sequence[str], recursive: bool, exclude: Collection[str] = ()) -> str:
-    """The kind of the inputs, from the content of the first files; raise ``BatchError`` when ambiguous.
+    """The kind of the inputs, from the content of the first files and of the files named beyond them
+    (``named_files``); raise ``BatchError`` when ambiguous, as when they mix kinds.
 
     Text is read as names: the hello models take words over four letters, which a user asks for with
     ``--kind hello``.
     """
     files = iter_files(inputs, recursive, exclude)
-    sample = [e.path for e in itertools.islice(files, SNIFF_FILES) if e.failure is None]
-    sniffed = {p: sniff(p) for p in sample}
+    first = [e.path for e in itertools.islice(files, SNIFF_FILES) if e.failure is None]
+    named = named_files(inputs, first, exclude)
+    sniffed = {p: sniff(p) for p in first + named}
     categories = Counter(sniffed.values())
     kinds = {CATEGORY_KIND[c] for c in categories if c in CATEGORY_KIND}
     unclear = next((p for p, c in sniffed.items() if c == "unclear"), None)
     if len(kinds) == 1 and unclear is None:
         return kinds.pop()
-    seen = ", ".join(f"{n} {c}" for c, n in categories.most_common()) or "no files"
+    examples = {c: next(p for p, x in sniffed.items() if x == c) for c in categories}
+    seen = "; ".join(f"{n} {c}, {'e.g. ' if n > 1 else ''}{examples[c]}" for c, n in categories.most_common())
+    looked = f"the first {len(first)} files" + (f" and {len(named)} named after them" if named else "")
+    advice = "pass --kind"
     if unclear is not None:
         why = (f"the first rows of {unclear} are numbers, all or some, but mostly not records of 8 numbers and "
                "an optional label (a diabetes CSV with bad rows or an index column, separators other than commas, "
                "or text?)")
+    elif kinds:
+        why = "they mix kinds, and a run classifies one kind"
+        advice = "run each kind on its own, or pass --kind KIND to read them all as KIND"
     else:
-        why = "they mix kinds" if kinds else "none is an image, a CSV of 8 features or a text file"
-    raise BatchError(f"cannot infer --kind from the first {len(sample)} files ({seen}): {why}; pass --kind")
+        why = "none is an image, a CSV of 8 features or a text file"
+    raise BatchError(f"cannot infer --kind from {looked} ({seen or 'no files'}): {why}; {advice}")
+
+
+def named_files(inputs: Sequence[str], sample: Sequence[str], exclude: Collection[str] = ()) -> list[str]:
+    """The files INPUT arguments name themselves (not through a folder or a glob) that kind inference must
+    look at beyond its ``sample`` of the first files: one per file suffix that neither the sample nor a file
+    named before it shows.
+
+    A file named on the command line is meant to be classified in this run, so wherever it stands it counts:
+    ``scans names.txt`` mixes kinds as ``names.txt scans`` does, instead of making ``names.txt`` an "invalid
+    image" row. Content still decides each file's kind; the suffix only spares reads, so that a shell-expanded
+    ``scans/*.png`` of 100,000 files is not read twice.
+    """
+    suffixes = {_suffix(path) for path in sample}
+    named = []
+    for arg in inputs:
+        path = arg if sources.is_uri(arg) else os.path.normpath(arg)
+        if _suffix(path) not in suffixes and os.path.abspath(path) not in exclude and _is_one_file(path):
+            suffixes.add(_suffix(path))
+            named.append(path)
+    return named
+
+
+def _suffix(path: str) -> str:
+    return os.path.splitext(path)[1].lower()
+
+
+def _is_one_file(arg: str) -> bool:
+    """Whether an INPUT names one regular file (a local file or a bucket's object), not a folder, a prefix or
+    a glob; a named pipe or a device is never one (it is not opened)."""
+    if not sources.is_uri(arg):
+        return os.path.isfile(arg)
+    try:
+        return not sources.is_dir(arg)
+    except OSError:  # listing the inputs reports it as an unreadable folder
+        return False

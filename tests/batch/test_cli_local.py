@@ -74,6 +74,19 @@ def test_kind_inferred_model_named_and_jsonl(batch: Batch, digits_dir: Path, bes
     assert len(png.rows) == len(list((digits_dir / "png").iterdir())) and set(png.rows[0]) == set(BASE_COLUMNS)
 
 
+def test_a_named_file_of_another_kind_is_refused_wherever_it_stands(batch: Batch, digits_dir: Path,
+                                                                     names_rows: list[tuple[str, str]],
+                                                                     tmp_path: Path) -> None:
+    """A names list after a folder of images was an "invalid image" row (exit 2, after the whole run) when the
+    folder held more files than inference reads; named first, or next to a CSV, it was refused before any work."""
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(name for name, _ in names_rows[:3]) + "\n")
+    for inputs in ((digits_dir, "-r", names), (names, digits_dir, "-r")):
+        run = batch(*inputs, "--repo", EXPORTED, out=tmp_path / "o.csv")
+        assert run.code == 1 and not run.rows, run.err
+        assert "they mix kinds" in run.err and f"1 text, {names}" in run.err and "pass --kind" in run.err
+
+
 def test_inputs_may_follow_options(batch: Batch, tmp_path: Path) -> None:
     """``coursezoo batch a.txt --kind names b.txt`` refused b.txt as an unrecognized argument."""
     for name in ("a.txt", "b.txt"):

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from serving.batch.discover import check_inputs, infer_kind, iter_files, sniff
+from serving.batch import discover
+from serving.batch.discover import SNIFF_FILES, check_inputs, infer_kind, iter_files, sniff
 from serving.batch.items import iter_items
 from serving.batch.types import BatchError
 from tests.batch.conftest import Run
@@ -294,3 +295,24 @@ def test_a_file_several_arguments_name_is_listed_once(tree: Path) -> None:
     assert _paths([b, str(tree / "sub")]) == [b, str(tree / "sub" / "c.png")]
     assert _paths([str(tree / "sub"), str(tree)], recursive=True) == [
         str(tree / "sub" / p) for p in ("c.png", "deeper/d.png", "link.png")] + [a]
+
+
+def test_a_file_named_after_the_first_files_takes_part_in_the_kind(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """``scans names.txt`` made names.txt an "invalid image" row when scans held more than the first files that
+    inference reads, while ``names.txt scans`` and ``patients.csv names.txt`` refused the mix: a file named on the
+    command line counts wherever it stands. A shell-expanded ``*.png`` is not read twice for it."""
+    scans = tmp_path / "scans"
+    pngs = [str(_png(scans / f"{i:02d}.png")) for i in range(SNIFF_FILES + 8)]
+    names = tmp_path / "names.txt"
+    names.write_text("Rossi\n")
+    for inputs in ([str(scans), str(names)], [*pngs, str(names)]):
+        with pytest.raises(BatchError, match=rf"from the first {SNIFF_FILES} files and 1 named after them "
+                                             rf"\({SNIFF_FILES} image, e\.g\. .*; 1 text, {names}\): they mix kinds"):
+            infer_kind(inputs, False)
+    with pytest.raises(BatchError, match="mix kinds"):
+        infer_kind([str(names), str(scans)], False)
+    sniffed: list[str] = []
+    monkeypatch.setattr(discover, "sniff", lambda path: sniffed.append(path) or sniff(path))
+    assert infer_kind(pngs, False) == infer_kind([str(scans), pngs[-1]], False) == "digits"
+    assert len(sniffed) == 2 * SNIFF_FILES  # the named PNGs after the first files are like those: not read
