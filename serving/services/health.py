@@ -37,6 +37,15 @@ class _Servicer(HealthServicer):
                                 f"server) or a model name: {known}")
         return health_pb2.HealthCheckResponse(status=status)
 
+    async def forget(self, service: str) -> None:
+        """Drop a service whose model left the repository: Check answers NOT_FOUND as for a name never known,
+        and watchers hear SERVICE_UNKNOWN (what grpc_health's Watch says of a service it does not have).
+        Left NOT_SERVING, a model folder removed from a running server stayed in health until a restart."""
+        self._server_status.pop(service, None)
+        if (condition := self._server_watchers.get(service)) is not None:
+            async with condition:
+                condition.notify_all()
+
 
 class HealthService:
     """Owns the grpc_health servicer and the task that keeps its statuses current."""
@@ -63,8 +72,9 @@ class HealthService:
         ready = {m.name for m in self.repository.models() if m.ready}
         names = {entry.name for entry in self.repository.index()}
         statuses = {name: SERVING if name in ready else NOT_SERVING for name in names}
-        statuses.update({name: NOT_SERVING for name in self._known.keys() - statuses.keys()})
         statuses[""] = SERVING if ready else NOT_SERVING
+        for name in self._known.keys() - statuses.keys():  # its folder is gone (an unloaded model stays listed)
+            await self.servicer.forget(name)
         for name, status in statuses.items():
             if self._known.get(name) != status:
                 await self.servicer.set(name, status)
