@@ -19,29 +19,40 @@ they run (the workers are ``serving.workers`` pools).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
-from serving.preprocess import InputError, decode_digits, header_pixels
+from serving.preprocess import InputError, decode_digits, header_pixels, png_pixels
 from serving.workers import cores, spawn_pool
 
 log = logging.getLogger("coursezoo.decoding")
+T = TypeVar("T")
 
 #: Requests with at least this many images decode in the process pool.
 POOL_MIN_IMAGES = 16
-#: A request is split over the workers in parts of at least this many images.
-MIN_PART_IMAGES = 32
 #: ``processes=-1`` (auto) uses one worker per core, at most this many.
 MAX_AUTO_PROCESSES = 8
 #: A lone image of at most this many pixels decodes on the event loop: 512x512 takes ~0.7-0.8 ms here,
 #: about the batcher's default inline budget (``--inline-run-ms``); a 28x28 digit ~15-50 µs.
 INLINE_MAX_PIXELS = 512 * 512
+#: A request is split over the workers in even parts of at least this many images...
+MIN_PART_IMAGES = 32
+#: ...more of them where needed to keep each within this many pixels (``_parts``); the pool holds only
+#: ``processes`` parts at once (``ImageDecoder._part``), so a call that goes away (cancelled, its deadline passed)
+#: leaves at most that many to finish. A 1024-image call of 600x600 PNGs, cancelled after 0.2 s, went on taking
+#: 2.85 s of the decoders' CPU in one part per process, and another caller's 32 digits 1.23 s instead of 3 ms;
+#: now 0.52 s and 73 ms. By pixels, not images: parts of 64 images made 1024-digit calls ~20% slower (28.5 -> 35
+#: ms); digits now still go in one part per process (28-30 ms, 600x600 PNGs unchanged too). A PNG's size is in
+#: its header (~0.2 ms for 1024 files, on the event loop); any other file counts as INLINE_MAX_PIXELS, as Pillow
+#: would take 10-40 µs of the loop for each to tell.
+MAX_PART_PIXELS = 64 * INLINE_MAX_PIXELS
 
 
 class DecodersUnavailable(RuntimeError):
@@ -55,6 +66,8 @@ class ImageDecoder:
         self.processes = min(MAX_AUTO_PROCESSES, cores()) if processes < 0 else processes
         self.max_image_pixels = max_image_pixels
         self._pool: ProcessPoolExecutor | None = None
+        self._places: asyncio.Semaphore | None = None
+        self._places_loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
         """Start the workers now, so that the first big request does not wait for them (~0.5 s each)."""
@@ -86,13 +99,12 @@ class ImageDecoder:
             -> tuple[np.ndarray, dict[int, InputError]]:
         """Split over the workers; a pool whose worker died (killed for memory, say) is replaced and the
         request tried once more in the new one."""
-        size = max(MIN_PART_IMAGES, math.ceil(len(images) / self.processes))
-        starts = range(0, len(images), size)
+        parts = _parts(images, self.processes)
         for attempt in (1, 2):
             pool = self._pool
             assert pool is not None
             try:
-                parts = await asyncio.gather(*(_in(pool, images[s : s + size], prep) for s in starts))
+                decoded = await _all([self._part(pool, images[part], prep) for part in parts])
                 break
             except BrokenProcessPool as e:
                 if self._pool is pool:  # the first request to notice replaces it
@@ -102,26 +114,67 @@ class ImageDecoder:
                 if attempt == 2:  # INTERNAL, with a traceback logged, was not retried by clients
                     raise DecodersUnavailable("the image decoding processes died twice while decoding this "
                                               "request's images; retry it") from e
-        errors = {s + i: e for s, (_, part_errors) in zip(starts, parts, strict=True) for i, e in part_errors.items()}
-        return np.concatenate([digits for digits, _ in parts]), errors
+        errors = {part.start + i: e for part, (_, part_errors) in zip(parts, decoded, strict=True)
+                  for i, e in part_errors.items()}
+        return np.concatenate([digits for digits, _ in decoded]), errors
+
+    async def _part(self, pool: ProcessPoolExecutor, images: Sequence[bytes], prep: Mapping[str, Any]) \
+            -> tuple[np.ndarray, dict[int, InputError]]:
+        """``decode_digits`` in the pool once one of its places is free. A part waits for its place here, where a
+        call that goes away drops it; inside the pool it would be decoded all the same (see ``MAX_PART_PIXELS``).
+
+        The future inside the pool is never cancelled: a call that goes away leaves its part to finish and the
+        result is dropped (``asyncio.shield``). ``run_in_executor`` would cancel it, and on Python 3.11 a worker
+        dying while the pool holds a cancelled future kills the pool's manager thread (``set_exception`` on it
+        raises InvalidStateError, CPython gh-107219, fixed in 3.12) before it fails the other futures and ends the
+        other workers: every request in the pool then waited forever, and the leftover worker kept the server
+        from exiting."""
+        places = self._free_places()
+        await places.acquire()
+        try:
+            decoding = asyncio.wrap_future(pool.submit(decode_digits, images, prep))
+        except BaseException:
+            places.release()
+            raise
+        decoding.add_done_callback(lambda _: places.release())  # when the worker is done, not when the call is
+        return await asyncio.shield(decoding)
+
+    def _free_places(self) -> asyncio.Semaphore:
+        """The pool's ``processes`` places, counted on the running event loop (a semaphore serves one loop; the
+        tests run one per ``asyncio.run``)."""
+        loop = asyncio.get_running_loop()
+        if self._places is None or self._places_loop is not loop:
+            self._places, self._places_loop = asyncio.Semaphore(self.processes), loop
+        return self._places
 
 
-async def _in(pool: ProcessPoolExecutor, images: Sequence[bytes], prep: Mapping[str, Any]) \
-        -> tuple[np.ndarray, dict[int, InputError]]:
-    """``decode_digits`` in the pool, whose future is never cancelled: a call that goes away (cancelled, its
-    deadline passed) leaves the part to finish and its result is dropped (``asyncio.shield``).
+def _parts(images: Sequence[bytes], processes: int) -> list[slice]:
+    """Where a request is cut: into parts of even pixel counts, as many as the processes (parts of at least
+    MIN_PART_IMAGES images), or a multiple of that as many as keep each within MAX_PART_PIXELS; even, so that
+    the workers finish together."""
+    sizes = np.cumsum([png_pixels(data) or INLINE_MAX_PIXELS for data in images])
+    spread = max(1, min(processes, len(images) // MIN_PART_IMAGES))
+    count = spread * math.ceil(sizes[-1] / (spread * MAX_PART_PIXELS))
+    ends = np.searchsorted(sizes, sizes[-1] * np.arange(1, count) / count) + 1
+    bounds = [0, *np.unique(ends[ends < len(images)]).tolist(), len(images)]
+    return [slice(start, end) for start, end in itertools.pairwise(bounds)]
 
-    ``run_in_executor`` would cancel it, and on Python 3.11 a worker dying while the pool holds a cancelled
-    future kills the pool's manager thread (``set_exception`` on it raises InvalidStateError, CPython
-    gh-107219, fixed in 3.12) before it fails the other futures and ends the other workers: every request
-    in the pool then waited forever, and the leftover worker kept the server from exiting."""
-    return await asyncio.shield(asyncio.wrap_future(pool.submit(decode_digits, images, prep)))
+
+async def _all(parts: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """``asyncio.gather``, and when one part fails the others are cancelled: those still waiting for a place in
+    a broken pool would take it from the retry, then fail with no one to hear it."""
+    tasks = [asyncio.ensure_future(part) for part in parts]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def _end(pool: ProcessPoolExecutor) -> None:
     """Shut a broken pool down and end its remaining workers. Its manager thread ends them too, unless it
-    died first (see ``_in``); a worker left waiting on the pool's queue would never exit, and the server,
-    which waits for its child processes at exit, with it."""
+    died first (see ``ImageDecoder._part``); a worker left waiting on the pool's queue would never exit, and
+    the server, which waits for its child processes at exit, with it."""
     workers = list(pool._processes.values()) if pool._processes else []  # no public way to the processes
     pool.shutdown(wait=False)  # the pool has failed every future it held already
     for worker in workers:

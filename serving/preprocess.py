@@ -363,14 +363,22 @@ def header_pixels(data: bytes) -> int:
     """Width x height as the file's header states it, without decoding any pixel: read directly from a
     PNG's IHDR chunk (~1 µs), else by Pillow, which parses only the header until the pixels are asked for
     (~10-40 µs). 0 for bytes that are no image of the accepted formats: decoding them then says why."""
-    if data.startswith(_PNG_IHDR) and len(data) >= 24:
-        width, height = struct.unpack(">II", data[16:24])
-        return width * height
+    pixels = png_pixels(data)
+    if pixels is not None:
+        return pixels
     try:
         with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
             return img.width * img.height
     except Exception:  # noqa: BLE001 - what is wrong with the file is for decode_digits to say
         return 0
+
+
+def png_pixels(data: bytes) -> int | None:
+    """Width x height from a PNG's IHDR chunk (~0.2 µs); None for any other file."""
+    if data.startswith(_PNG_IHDR) and len(data) >= 24:
+        width, height = struct.unpack_from(">II", data, 16)
+        return width * height
+    return None
 
 
 def _check_pixels(img: Image.Image) -> None:
