@@ -23,7 +23,7 @@ import itertools
 import logging
 import math
 from collections.abc import Coroutine, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
@@ -39,6 +39,12 @@ T = TypeVar("T")
 POOL_MIN_IMAGES = 16
 #: ``processes=-1`` (auto) uses one worker per core, at most this many.
 MAX_AUTO_PROCESSES = 8
+#: Threads decoding the requests that are not worth the pool (and all of them without one): one per core, at
+#: most this many. The decoder's own, not the event loop's default executor, whose threads run the models: six
+#: requests of 15 2000x2000 PNGs decoding there took another caller's model run (256 digits, ~19 ms alone) to
+#: 94-127 ms (the reviewer saw 1.3 s); in 2 threads of its own, 41-46 ms, as with those images in the decoding
+#: processes (37-42 ms), and the six requests took no longer (1.44-1.47 s).
+MAX_DECODE_THREADS = 4
 #: A lone image of at most this many pixels decodes on the event loop: 512x512 takes ~0.7-0.8 ms here,
 #: about the batcher's default inline budget (``--inline-run-ms``); a 28x28 digit ~15-50 µs.
 INLINE_MAX_PIXELS = 512 * 512
@@ -66,6 +72,7 @@ class ImageDecoder:
         self.processes = min(MAX_AUTO_PROCESSES, cores()) if processes < 0 else processes
         self.max_image_pixels = max_image_pixels
         self._pool: ProcessPoolExecutor | None = None
+        self._threads = ThreadPoolExecutor(min(MAX_DECODE_THREADS, cores()), thread_name_prefix="coursezoo-decode")
         self._places: asyncio.Semaphore | None = None
         self._places_loop: asyncio.AbstractEventLoop | None = None
 
@@ -75,9 +82,10 @@ class ImageDecoder:
             self._pool = spawn_pool(self.processes, self.max_image_pixels)
 
     def close(self) -> None:
-        """Stop the workers and wait for them to exit. Waiting matters in a ``--workers`` worker process:
-        multiprocessing ends one by closing its queues before it joins its children, so a decoding process
-        whose stop message was still queued would wait forever, and the worker with it."""
+        """Stop the decoding threads and processes and wait for them to exit. Waiting matters in a ``--workers``
+        worker process: multiprocessing ends one by closing its queues before it joins its children, so a
+        decoding process whose stop message was still queued would wait forever, and the worker with it."""
+        self._threads.shutdown(wait=True, cancel_futures=True)
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
@@ -87,7 +95,8 @@ class ImageDecoder:
         if len(images) == 1 and header_pixels(images[0]) <= INLINE_MAX_PIXELS:
             digits, errors = decode_digits(images, prep)
         elif self._pool is None or len(images) < POOL_MIN_IMAGES:
-            digits, errors = await asyncio.to_thread(decode_digits, images, prep)
+            loop = asyncio.get_running_loop()
+            digits, errors = await loop.run_in_executor(self._threads, decode_digits, images, prep)
         else:
             digits, errors = await self._in_pool(images, prep)
         if errors:

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
@@ -91,7 +91,37 @@ def test_a_lone_large_image_decodes_off_the_event_loop(monkeypatch: pytest.Monke
     loop_thread = threading.get_ident()  # asyncio.run runs the loop in this thread
     for image in (files[0], large.getvalue()):
         assert asyncio.run(decoder.decode([image], PREP)).shape == (1, 1, 28, 28)
+    decoder.close()
     assert threads == [True, False]
+
+
+def test_decoding_threads_are_the_decoders_own_and_few(monkeypatch: pytest.MonkeyPatch, files: list[bytes]) -> None:
+    """Not the loop's default executor, whose threads run the models: decoding there held them up (six requests
+    of 15 large PNGs took another caller's 19 ms model run to 94-127 ms, 1.3 s in the reviewer's run). close()
+    ends them."""
+    threads: set[threading.Thread] = set()
+
+    def noting(images: list[bytes], prep: dict) -> tuple[np.ndarray, dict]:
+        threads.add(threading.current_thread())
+        time.sleep(0.01)  # long enough for the calls to overlap
+        return decode_digits(images, prep)
+
+    class Refusing(ThreadPoolExecutor):
+        def submit(self, *args: object, **kwargs: object) -> Future:
+            raise AssertionError("decoding went to the event loop's default executor")
+
+    async def calls() -> list[np.ndarray]:
+        asyncio.get_running_loop().set_default_executor(Refusing())
+        return await asyncio.gather(*(decoder.decode(files[:2], PREP) for _ in range(3 * decoding.MAX_DECODE_THREADS)))
+
+    monkeypatch.setattr(decoding, "decode_digits", noting)
+    monkeypatch.setattr(decoding, "cores", lambda: 64)
+    decoder = ImageDecoder(processes=0, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS)
+    for got in asyncio.run(calls()):
+        np.testing.assert_array_equal(got, decode_digits(files[:2], PREP)[0])
+    assert len(threads) == decoding.MAX_DECODE_THREADS and all(t.name.startswith("coursezoo-decode") for t in threads)
+    decoder.close()
+    assert not any(t.is_alive() for t in threads)
 
 
 def test_the_first_bad_image_is_named_by_its_position_in_the_request(decoder: ImageDecoder, files: list[bytes]) -> None:
