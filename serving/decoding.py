@@ -48,6 +48,11 @@ MAX_DECODE_THREADS = 4
 #: A lone image of at most this many pixels decodes on the event loop: 512x512 takes ~0.7-0.8 ms here,
 #: about the batcher's default inline budget (``--inline-run-ms``); a 28x28 digit ~15-50 µs.
 INLINE_MAX_PIXELS = 512 * 512
+#: ...and of at most this many bytes, as decoding costs per byte too, whatever the header says: a 28x28 PNG
+#: carrying a 60 MB ancillary chunk held every caller ~240 ms. A digit's PNG is ~250 bytes, a 512x512 drawing's
+#: 1-5 KB; 64 KiB cost at most ~0.9 ms (5,000 empty chunks; 0.01 ms as one chunk), the pixel bound's own cost,
+#: while larger files (a 512x512 photo: 135-243 KB, ~3 ms) go to a thread.
+INLINE_MAX_BYTES = 64 << 10
 #: A request is split over the workers in even parts of at least this many images...
 MIN_PART_IMAGES = 32
 #: ...more of them where needed to keep each within this many pixels (``_parts``); the pool holds only
@@ -92,7 +97,7 @@ class ImageDecoder:
 
     async def decode(self, images: Sequence[bytes], prep: Mapping[str, Any]) -> np.ndarray:
         """Image files -> float32 [n, 1, height, width]; InputError naming the first image that fails."""
-        if len(images) == 1 and header_pixels(images[0]) <= INLINE_MAX_PIXELS:
+        if len(images) == 1 and _inline(images[0]):
             digits, errors = decode_digits(images, prep)
         elif self._pool is None or len(images) < POOL_MIN_IMAGES:
             loop = asyncio.get_running_loop()
@@ -155,6 +160,12 @@ class ImageDecoder:
         if self._places is None or self._places_loop is not loop:
             self._places, self._places_loop = asyncio.Semaphore(self.processes), loop
         return self._places
+
+
+def _inline(data: bytes) -> bool:
+    """Small enough, in bytes and in pixels by its header, to decode on the event loop; bytes first, which
+    spares a large file Pillow's header parse there."""
+    return len(data) <= INLINE_MAX_BYTES and header_pixels(data) <= INLINE_MAX_PIXELS
 
 
 def _parts(images: Sequence[bytes], processes: int) -> list[slice]:

@@ -332,10 +332,11 @@ def _decode_gray(data: bytes) -> np.ndarray:
                          f"expected the complete bytes of {_FORMATS_TEXT}") from e
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 #: A PNG file's first 16 bytes: the signature, then the length and type of its IHDR chunk.
-_PNG_IHDR = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"
-#: Chunks that change the pixels for Pillow (transparency, EXIF orientation) or hold compressed data of
-#: their own (text, ICC profile: libspng inflates up to ~32 MB of it before giving up, Pillow stops at 1 MB).
+_PNG_IHDR = _PNG_SIGNATURE + b"\x00\x00\x00\rIHDR"
+#: Chunks that, before the pixels, change them for Pillow (transparency, EXIF orientation) or hold compressed
+#: data of their own (text, ICC profile: libspng inflates up to ~32 MB of it before giving up, Pillow stops at 1 MB).
 _LEFT_TO_PILLOW = (b"tRNS", b"eXIf", b"zTXt", b"iTXt", b"iCCP")
 
 
@@ -350,13 +351,31 @@ def _plain_gray_png(data: bytes) -> np.ndarray | None:
     width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
     if (depth, colour, interlace) != (8, 0, 0) or _over_pixel_limit(width, height):
         return None
-    if any(chunk in data for chunk in _LEFT_TO_PILLOW):  # a match inside compressed data only costs Pillow's path
+    if _left_to_pillow(data):
         return None
     try:
         gray = pyspng.load(data)
     except Exception:  # noqa: BLE001 - any refusal goes to Pillow, whose error the client then gets
         return None
     return gray if gray.shape == (height, width) and gray.dtype == np.uint8 else None
+
+
+def _left_to_pillow(data: bytes) -> bool:
+    """Whether a chunk before the first IDAT is one of ``_LEFT_TO_PILLOW``, or no IDAT follows: read from the
+    chunks' headers, hopping over their data. Looking for those names in the whole file instead took 139 ms of
+    the 167 ms a 28x28 PNG carrying a 60 MB ancillary chunk cost, for 1 µs now. Chunks after the pixels are
+    not read: libspng leaves them unread (a 32 MB zTXt there cost it 0.4 ms) and Pillow reads them only once
+    it has the pixels, which a tRNS or eXIf there leaves as they are; it refuses the file when a text chunk
+    there inflates beyond 1 MB, which libspng now decodes."""
+    pos = len(_PNG_SIGNATURE)
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        if kind == b"IDAT":
+            return False
+        if kind in _LEFT_TO_PILLOW:
+            return True
+        pos += 12 + length  # length, type, data, CRC
+    return True
 
 
 def header_pixels(data: bytes) -> int:

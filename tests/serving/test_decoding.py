@@ -12,10 +12,12 @@ import gzip
 import io
 import os
 import signal
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -26,7 +28,14 @@ import pytest
 from PIL import Image
 
 from serving import decoding
-from serving.decoding import INLINE_MAX_PIXELS, MAX_PART_PIXELS, MIN_PART_IMAGES, POOL_MIN_IMAGES, ImageDecoder
+from serving.decoding import (
+    INLINE_MAX_BYTES,
+    INLINE_MAX_PIXELS,
+    MAX_PART_PIXELS,
+    MIN_PART_IMAGES,
+    POOL_MIN_IMAGES,
+    ImageDecoder,
+)
 from serving.preprocess import DEFAULT_MAX_IMAGE_PIXELS, InputError, InputTooLarge, decode_digits
 from training.catalog import DIGITS_PREPROCESSING as PREP
 
@@ -93,6 +102,27 @@ def test_a_lone_large_image_decodes_off_the_event_loop(monkeypatch: pytest.Monke
         assert asyncio.run(decoder.decode([image], PREP)).shape == (1, 1, 28, 28)
     decoder.close()
     assert threads == [True, False]
+
+
+def test_a_lone_small_image_of_many_bytes_decodes_off_the_event_loop(monkeypatch: pytest.MonkeyPatch,
+                                                                     files: list[bytes]) -> None:
+    """A 28x28 PNG by its header, with an ancillary chunk of more than INLINE_MAX_BYTES: decoding costs per byte
+    too, and one of 60 MB held every caller ~240 ms on the loop."""
+    threads: list[bool] = []
+
+    def noting(images: list[bytes], prep: dict) -> tuple[np.ndarray, dict]:
+        threads.append(threading.get_ident() == loop_thread)
+        return decode_digits(images, prep)
+
+    monkeypatch.setattr(decoding, "decode_digits", noting)
+    chunk = b"prVt" + bytes(INLINE_MAX_BYTES)  # right after the IHDR chunk
+    padded = files[0][:33] + struct.pack(">I", len(chunk) - 4) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    padded += files[0][33:]
+    decoder = ImageDecoder(processes=0, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS)
+    loop_thread = threading.get_ident()
+    np.testing.assert_array_equal(asyncio.run(decoder.decode([padded], PREP)), decode_digits(files[:1], PREP)[0])
+    decoder.close()
+    assert threads == [False]
 
 
 def test_decoding_threads_are_the_decoders_own_and_few(monkeypatch: pytest.MonkeyPatch, files: list[bytes]) -> None:
