@@ -196,7 +196,7 @@ class ModelRepository:
     def __init__(self, root: Path, settings: ServingSettings | None = None, *, metrics: ServingObserver | None = None,
                  executor: Executor | None = None):
         """``executor`` runs the models' batches that do not run on the event loop (None: the loop's default
-        one, which ``asyncio.to_thread`` work such as decoding shares)."""
+        one, which every ``asyncio.to_thread`` shares: the server gives the models threads of their own)."""
         self.root = Path(root)
         self._executor = executor
         self.settings = settings if settings is not None else ServingSettings()
