@@ -171,8 +171,10 @@ def _inline(data: bytes) -> bool:
 def _parts(images: Sequence[bytes], processes: int) -> list[slice]:
     """Where a request is cut: into parts of even pixel counts, as many as the processes (parts of at least
     MIN_PART_IMAGES images), or a multiple of that as many as keep each within MAX_PART_PIXELS; even, so that
-    the workers finish together."""
-    sizes = np.cumsum([png_pixels(data) or INLINE_MAX_PIXELS for data in images])
+    the workers finish together. An image weighs at most one part: a header is the client's word, and 16 PNG
+    headers claiming 2^24 x 2^24 pixels made millions of parts (seconds of the event loop, gigabytes); such an
+    image is refused by its decoder anyway."""
+    sizes = np.cumsum([min(png_pixels(data) or INLINE_MAX_PIXELS, MAX_PART_PIXELS) for data in images])
     spread = max(1, min(processes, len(images) // MIN_PART_IMAGES))
     count = spread * math.ceil(sizes[-1] / (spread * MAX_PART_PIXELS))
     ends = np.searchsorted(sizes, sizes[-1] * np.arange(1, count) / count) + 1

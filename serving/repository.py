@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import re
 import time
 from collections.abc import Mapping
@@ -78,8 +79,8 @@ class ServingSettings:
     def __post_init__(self) -> None:
         for name, least in MINIMUM.items():
             value = getattr(self, name)
-            if value is not None and value < least:
-                raise ValueError(f"{name} {value}: expected at least {least}")
+            if value is not None and not (math.isfinite(value) and value >= least):  # NaN compares as never less
+                raise ValueError(f"{name} {value}: expected a number of at least {least}")
 
 
 #: The least value of each numeric setting, whether it comes from a flag, a variable or a card's ``serving``.
@@ -364,6 +365,8 @@ class ModelRepository:
                 return
             else:
                 self._root_missing = False
+            for name in set(self._unloaded) - found:  # unloaded, then its folder went: forgotten, as any gone model
+                del self._unloaded[name]
             names = (found | set(self._models)) - set(self._unloaded)
             await asyncio.gather(*(self._scan_model(name) for name in sorted(names)))
 
@@ -377,11 +380,6 @@ class ModelRepository:
                         extra={"model": name})
             return
         versions = self._models.setdefault(name, {})
-        for version in set(versions) - set(found):
-            await self._retire(versions.pop(version))
-            if self._metrics is not None:  # its ready series goes with it, whether it served or failed to load
-                self._metrics.set_model_ready(name, version, None)
-            log.info("retired %s/%s: its directory is gone", name, version, extra={"model": name, "version": version})
         keep = self.settings.latest_versions or len(found)
         serving = 0
         for version, fingerprint in sorted(found.items(), key=lambda kv: int(kv[0]), reverse=True):
@@ -392,6 +390,13 @@ class ModelRepository:
             if entry is None or entry.fingerprint != fingerprint or entry.held_back:
                 await self._load_version(name, version, fingerprint)
             serving += versions[version].served is not None
+        # After the loads: a version whose folder went serves until the one taking its place is ready (a rollback
+        # by deleting the newest with --latest-versions 1 refused calls while the older one loaded).
+        for version in set(versions) - set(found):
+            await self._retire(versions.pop(version))
+            if self._metrics is not None:  # its ready series goes with it, whether it served or failed to load
+                self._metrics.set_model_ready(name, version, None)
+            log.info("retired %s/%s: its directory is gone", name, version, extra={"model": name, "version": version})
         if not versions:
             del self._models[name]
 

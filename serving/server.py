@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import gc
 import logging
+import math
 import multiprocessing
 import os
 import sys
@@ -167,6 +168,8 @@ def _checked(kind: Callable[[str], Any], env: str, choices: Sequence[Any] | None
         if choices is not None and value not in choices:
             raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(map(str, choices))} "
                                              f"(from the flag, or else {env})")
+        if isinstance(value, float) and not math.isfinite(value):  # NaN is never below the least: --grace-s nan
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number (from the flag, or else {env})")
         if least is not None and value < least:
             raise argparse.ArgumentTypeError(f"{text!r} is below {least}, the least this setting takes (from the "
                                              f"flag, or else {env})")

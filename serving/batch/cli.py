@@ -60,6 +60,9 @@ class _Parser(argparse.ArgumentParser):
 
     def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
                    namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+        args = sys.argv[1:] if args is None else list(args)
+        if "--" in args:  # Python 3.11's intermixed parsing drops the INPUTs after "--" (batch -- -x.png)
+            return super().parse_args(args, namespace)
         return self.parse_intermixed_args(args, namespace)
 
     def error(self, message: str) -> None:  # type: ignore[override]

@@ -112,6 +112,7 @@ class ClassifierService(Handler, classifier_pb2_grpc.ClassifierServicer):
         """A stream's request waits for room in a full queue instead of failing; its images are decoded only
         within the model's stream budget (``ItemBudget``), so waiting requests do not pile up decoded."""
         model = self.model(request.model, request.version, ("digits",), "StreamClassifyDigits")
+        self.check_count(len(request.images), "images")  # refused at once, not after waiting for the whole budget
         budget = self._stream_budgets.setdefault(model.name, ItemBudget(self._stream_budget_items))
         async with budget.hold(len(request.images)):
             return await self._classify_digits(request, wait_for_room=True)

@@ -368,3 +368,12 @@ def test_resumed_counts_the_rows_kept_from_the_earlier_run(batch: Batch, tmp_pat
     rest = batch(tmp_path / "names.txt", "--repo", EXPORTED, "--resume", out=out)
     assert rest.code == 0 and len(rest.rows) == 4, rest.err
     assert rest.out.startswith(f"4 inputs -> {out}") and "resumed       3 already in the output" in rest.out
+
+
+def test_inputs_after_a_double_dash_are_inputs(names_rows: list[tuple[str, str]], tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file whose name starts with '-' follows '--'; Python 3.11's intermixed parsing dropped it."""
+    monkeypatch.chdir(tmp_path)
+    Path("-names.txt").write_text("Nakamura\n")
+    code = cli.main(["batch", "--repo", str(EXPORTED), "--out", "out.csv", "--", "-names.txt"])
+    assert code == 0 and [row["path"] for row in read_rows(tmp_path / "out.csv")] == ["-names.txt:1"]  # file:line

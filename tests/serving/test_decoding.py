@@ -305,6 +305,14 @@ def test_digit_batches_go_one_part_per_process_large_images_in_parts_within_the_
     assert len(parts) % 2 == 0 and max(pixels) <= MAX_PART_PIXELS and max(pixels) - min(pixels) <= 2 * 600 * 600
 
 
+def test_headers_claiming_huge_images_do_not_make_huge_parts() -> None:
+    """16 PNG headers of 33 bytes claiming 2^24 x 2^24 pixels each made millions of parts: 10 s of the event loop
+    and 6 GB before the images were refused. An image weighs at most one part."""
+    header = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + struct.pack(">II", 1 << 24, 1 << 24) + bytes(9)
+    parts = decoding._parts([header] * 16, 2)
+    assert len(parts) <= 16 and parts[-1].stop == 16
+
+
 def test_a_cancelled_call_leaves_the_pool_at_most_one_part_per_process(files: list[bytes],
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Large images go in parts within MAX_PART_PIXELS, and the pool holds no more parts than it has processes:

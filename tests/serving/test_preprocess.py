@@ -297,6 +297,19 @@ def test_only_the_chunk_headers_before_the_pixels_are_read(mnist: np.ndarray) ->
         np.testing.assert_array_equal(decode_digit(data, PREP), decode_digit(plain, PREP))
 
 
+def test_a_png_of_many_chunks_is_searched_not_walked(mnist: np.ndarray) -> None:
+    """Past MAX_CHUNKS_WALKED chunk headers the file is searched as bytes, as before the walk (a Python step per
+    chunk: 500,000 empty chunks took 115 ms walked, 23 ms searched). The search cannot tell a name inside a
+    chunk's data from a chunk, so such a file goes to Pillow, with the same pixels."""
+    plain = encode(mnist[0])
+    many = [(b"prVt", b"")] * preprocess.MAX_CHUNKS_WALKED
+    walked = _with_chunks(plain, *many[3:], (b"prVt", b"tRNS"))  # IDAT is the 64th chunk header, after IHDR
+    searched = _with_chunks(plain, *many, (b"prVt", b"tRNS"))
+    assert preprocess._plain_gray_png(walked) is not None  # the walk sees a private chunk, and libspng decodes it
+    assert preprocess._plain_gray_png(searched) is None
+    np.testing.assert_array_equal(decode_digit(searched, PREP), decode_digit(plain, PREP))
+
+
 # --- errors ------------------------------------------------------------------------------------------------
 
 def test_empty_image_is_an_input_error() -> None:

@@ -239,6 +239,31 @@ def test_latest_versions_serves_the_newest_that_load(repo: Path) -> None:
     run(main())
 
 
+def test_a_rollback_under_latest_versions_never_leaves_the_model_without_a_version(repo: Path) -> None:
+    """Deleting the newest folder with --latest-versions 1: the removed version serves until the older one is
+    loaded again (it was retired first, and calls were refused while the older one loaded)."""
+    async def main() -> list[str]:
+        add_version(repo, "diabetes_mlp", "2")
+        r = ModelRepository(repo, dataclasses.replace(CPU_SETTINGS, latest_versions=1))
+        await r.start()
+        shutil.rmtree(repo / "diabetes_mlp" / "2")
+        scan = asyncio.ensure_future(r._scan_all())
+        seen = []
+        while not scan.done():  # every turn of the loop the scan gives up while the old version loads
+            try:
+                seen.append(r.get("diabetes_mlp").version)
+            except ModelNotReady as e:
+                seen.append(f"refused: {e}")
+            await asyncio.sleep(0)
+        await scan
+        seen.append(r.get("diabetes_mlp").version)
+        await r.stop()
+        return seen
+
+    seen = run(main())
+    assert set(seen) == {"2", "1"} and seen[-1] == "1", seen
+
+
 def test_a_model_with_no_loadable_version_is_not_ready(tmp_path: Path) -> None:
     async def main() -> None:
         root = tmp_path / "repo"
@@ -345,6 +370,10 @@ def test_unload_takes_a_model_out_until_it_is_loaded_again(repo: Path) -> None:
         assert (await r.get("diabetes_mlp").infer(features(1)))["probability"].shape == (1, 1)
         await r.unload("no_such_model")  # nothing to unload: done, as Triton answers it
         assert not r.knows("no_such_model")
+        await r.unload("names_gru")
+        shutil.rmtree(repo / "names_gru")  # unloaded, then its folder went: forgotten as any gone model
+        await r._scan_all()
+        assert not r.knows("names_gru") and all(e.name != "names_gru" for e in r.index())
         with pytest.raises(ModelNotFound):
             await r.load("no_such_model")
         await r.stop()
@@ -499,6 +528,8 @@ def test_card_serving_hints_override_the_settings(repo: Path) -> None:
                     edit=lambda c: dataclasses.replace(c, serving={"adaptive_queue_delay": "false"}))
         add_version(repo, "diabetes_mlp", "6",  # a queue of none: every request was refused
                     edit=lambda c: dataclasses.replace(c, serving={"max_queue_items": 0}))
+        add_version(repo, "diabetes_mlp", "7",  # NaN is never below a least value
+                    edit=lambda c: dataclasses.replace(c, serving={"max_queue_delay_ms": float("nan")}))
         r = ModelRepository(repo, CPU_SETTINGS)
         await r.start()
         assert r.get("diabetes_mlp", "2").settings.max_batch_size == 4
@@ -507,7 +538,8 @@ def test_card_serving_hints_override_the_settings(repo: Path) -> None:
         reasons = {e.version: e.reason for e in r.index() if e.state == UNAVAILABLE}
         assert "unknown serving keys ['batch']" in reasons["3"]
         assert "bad serving value: 'false' is not true or false" in reasons["5"]
-        assert "bad serving value: max_queue_items 0: expected at least 1" in reasons["6"]
+        assert "bad serving value: max_queue_items 0: expected a number of at least 1" in reasons["6"]
+        assert "bad serving value: max_queue_delay_ms nan: expected a number of at least 0" in reasons["7"]
         await r.stop()
 
     run(main())

@@ -82,7 +82,8 @@ def test_settings_come_from_flags_then_environment(scratch: tuple[Path, ServerPr
     ("COURSEZOO_DEVICE", "gpu", "--device", "is not one of auto"),
     ("COURSEZOO_MODEL_CONTROL", "yes", "--model-control", "is not one of auto"),
     ("COURSEZOO_PORT", "abc", "--port", "is not a valid int"),
-    ("COURSEZOO_MAX_QUEUE_ITEMS", "0", "--max-queue-items", "is below 1")])
+    ("COURSEZOO_MAX_QUEUE_ITEMS", "0", "--max-queue-items", "is below 1"),
+    ("COURSEZOO_GRACE_S", "nan", "--grace-s", "is not a finite number")])  # NaN ended the drain at once
 def test_a_bad_variable_stops_the_start_and_is_named(tmp_path: Path, variable: str, value: str, flag: str,
                                                      why: str) -> None:
     """As the flag would: a mistyped COURSEZOO_DEVICE must not leave a server running with no model loaded; and
