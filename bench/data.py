@@ -1,6 +1,6 @@
 """The inputs every benchmark path is fed: real held-out data, read with gzip + numpy only.
 
-Every path (in-process baselines, the server, the batch CLI, the Triton peer) measures the same images,
+Every path (in-process baselines, the server, the batch CLI, the PyTriton peer) measures the same images,
 records and names, so their rows are comparable. This module imports neither torch nor the training
 package: the load-generator processes import it too and must start fast.
 """
@@ -17,6 +17,11 @@ from pathlib import Path
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+#: Distinct batches every path cycles through, the load generator's requests and the in-process calls alike:
+#: no two consecutive calls carry the same input, and every path sees the same items (a names batch of one
+#: is a short or a long name, and the GRU's cost grows with its length)
+DISTINCT = 16
 
 
 #: The files read here, relative to a data root or mirror (laid out alike; see training/data.py).
@@ -61,10 +66,11 @@ def mnist_test_images() -> np.ndarray:
     return _idx(data_file(MNIST_TEST))
 
 
-def digit_tensors(n: int, mean: float, std: float) -> np.ndarray:
-    """``n`` test images as float32 [n, 1, 28, 28], normalized as training does (cycling past 10,000)."""
+def digit_tensors(n: int, mean: float, std: float, start: int = 0) -> np.ndarray:
+    """``n`` test images from the ``start``-th as float32 [n, 1, 28, 28], normalized as training does (cycling
+    past 10,000)."""
     images = mnist_test_images()
-    x = images[np.arange(n) % len(images)].astype(np.float32)[:, np.newaxis]
+    x = images[(np.arange(n) + start) % len(images)].astype(np.float32)[:, np.newaxis]
     x /= np.float32(255)
     x -= np.float32(mean)
     x /= np.float32(std)
@@ -106,6 +112,6 @@ def names() -> list[str]:
         return [r[0] for r in csv.reader(f) if r]
 
 
-def cycle(items: list, n: int) -> list:
-    """The first ``n`` items of ``items`` repeated as often as needed."""
-    return [items[i % len(items)] for i in range(n)]
+def cycle(items: list, n: int, start: int = 0) -> list:
+    """``n`` items of ``items`` from the ``start``-th, repeated as often as needed."""
+    return [items[(start + i) % len(items)] for i in range(n)]

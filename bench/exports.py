@@ -1,7 +1,7 @@
 """Which shipped exports a run measures, and the small repository the benchmark servers load.
 
 The harness reads only model cards here (no torch), so the same selection drives the in-process
-baselines, the CourseZoo server, the batch CLI and the Triton peer.
+baselines, the CourseZoo server, the batch CLI and the PyTriton peer.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ The Python load clients (grpc.aio, tritonclient) cost 0.2-0.3 ms of CPU per call
 server needs; ``h2load`` costs ~0.04 ms, so its rows show what a server does when the client is cheap. It
 speaks HTTP/2, and a unary gRPC call is one HTTP/2 POST: the path names the method, the body is the
 message behind gRPC's 5-byte length prefix, the headers say ``application/grpc``. The same bytes go to
-CourseZoo and to the Triton peer.
+CourseZoo and to the PyTriton peer.
 
 ``h2load`` reads HTTP statuses only, and gRPC sends its status in the trailers (a failed call is still
 HTTP 200), so the answers are checked another way: the load generator first sends the request once
@@ -26,10 +26,6 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-#: HTTP/2 connections carry at most this many calls at once (64 callers: 16 connections). Enough
-#: connections for the kernel to spread them evenly over the processes of ``--workers N``: SO_REUSEPORT
-#: balances connections, not calls, and 4 connections often landed 3:1 or 4:0 on 2 workers.
-STREAMS_PER_CONNECTION = 4
 MIN_REQUESTS = 100
 _DONE = re.compile(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded")
 _RATE = re.compile(r"finished in ([\d.]+)(m?s), ([\d.]+) req/s")
@@ -53,14 +49,16 @@ def grpc_frame(message: bytes) -> bytes:
 
 class H2Load:
     """``h2load`` sending one gRPC request over and over to ``target``'s ``method`` with ``concurrency``
-    calls in flight (closed loop: each finished call is replaced at once)."""
+    calls in flight (closed loop: each finished call is replaced at once) over ``connections`` HTTP/2
+    connections (the load generator's rule for every client, ``bench.loadgen.connections``)."""
 
-    def __init__(self, executable: str, target: str, method: str, request: bytes, concurrency: int) -> None:
+    def __init__(self, executable: str, target: str, method: str, request: bytes, concurrency: int,
+                 connections: int) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="coursezoo-bench-h2load-")
         self.body = Path(self._tmp.name) / "request.bin"
         self.body.write_bytes(grpc_frame(request))
         self.log = Path(self._tmp.name) / "requests.log"
-        connections = -(-concurrency // STREAMS_PER_CONNECTION)
+        self.connections = connections
         self.args = [executable, "-c", str(connections), "-m", str(-(-concurrency // connections)),
                      "-d", str(self.body), "-H", "content-type: application/grpc", "-H", "te: trailers",
                      f"http://{target}{method}"]

@@ -1,7 +1,7 @@
 """``coursezoo bench``: every inference path measured side by side, in one run, on this machine.
 
     coursezoo bench --quick                      # about 80-90 s on 2 cores (CI allows 3 minutes); what CI runs
-    coursezoo bench                              # the full run (20,000 PNGs, concurrency 1..64, the Triton peer)
+    coursezoo bench                              # the full run (20,000 PNGs, concurrency 1..64, the PyTriton peer)
     coursezoo bench --cases server oip --models mnist_resnet --json /tmp/r.json
 
 Groups, in the order they run: ``inprocess`` (PyTorch eager, TorchScript, ONNX Runtime), ``server``
@@ -9,8 +9,9 @@ Groups, in the order they run: ``inprocess`` (PyTorch eager, TorchScript, ONNX R
 shared memory, and in-process ONNX Runtime on the same batch size, measured in turn), ``batching-off`` and
 the other variants (a server restarted with one setting changed, measured in turn with a default one),
 ``oip`` (ModelInfer from the real tritonclient at rising concurrency, and from h2load, an external C client:
-bench/h2load.py), ``batch-cli`` (``coursezoo batch`` on a folder of PNGs), ``peer`` (Triton via PyTriton under the same
-load client). Everything compared is measured in the same run; each ratio is printed with its parts.
+bench/h2load.py), ``batch-cli`` (``coursezoo batch`` on a folder of PNGs), ``peer`` (the PyTriton peer, Triton with
+its Python backend, and a default CourseZoo server, measured in turn under the same load clients). Everything
+compared is measured in the same run; each ratio is printed with its parts, or says it was not measured.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any
 
 from bench import batch_cli, data, exports, h2load, inprocess, machine, report, server_load, triton_peer
 from bench.exports import Export
+from bench.loadgen import CALLERS_PER_CONNECTION, CONNECTIONS_PER_PROCESS
 from bench.processes import Server, load
 from bench.report import Ratio, Target
 from bench.stats import Result
@@ -40,6 +42,11 @@ log = logging.getLogger("coursezoo.bench")
 VARIANTS = server_load.VARIANT_NAMES  # the server restarted with one setting changed
 CASES = ("inprocess", "server", "raw-in-turn", *VARIANTS, "oip", "batch-cli", "peer")
 QUICK_CASES = tuple(c for c in CASES if c != "peer")  # the peer is optional in --quick
+#: What a ratio may need beside the groups: h2load's rows exist only where h2load is installed
+H2LOAD = "h2load"
+#: The peer as the ratios name it: Triton's server hands each batch to a Python backend stub, which passes it
+#: to the PyTriton app's process, where ONNX Runtime runs it (bench/pytriton_app.py)
+PEER = "PyTriton peer (Python backend)"
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
 
 
@@ -218,15 +225,15 @@ class Run:
         ORT runs here): the parts of the transport target. On the shared 2-core host both flip, within seconds,
         between a fast phase and one where every call costs ~1.4x the CPU (in-process ORT 1024: 93-98k vs
         62-68k images/s), which moved the ratio of the two rows from their own groups between 0.70x and 0.97x
-        across runs; a median round can land in either phase, so each row here is its fastest round (noise
-        only ever slows a call)."""
+        across runs; a median round can land in either phase, so each row's throughput and CPU are its fastest
+        round's (noise only ever slows a call), and its latencies the median round's (``_one_round``)."""
         digits = self.by_task.get("digits")
         if not digits:
             return
         # On the CPU the server's own runtime too: the server's ratio to it is the transport's share alone.
         paths = ["ORT CUDA"] if self.cuda else ["ORT CPU", inprocess.RUNTIME_CPU]
         binds = inprocess.ort_paths(digits, self.cuda)
-        feeds = inprocess.inputs(digits, server_load.RAW_BATCH)
+        feeds = inprocess.distinct_inputs(digits, server_load.RAW_BATCH)  # the very batches the server gets
         p, variant = self.plan, server_load.IN_TURN
         cases = [server_load.raw_batches(digits, p.timing, variant),
                  server_load.shared_memory_batches(digits, p.timing, variant)]
@@ -249,16 +256,13 @@ class Run:
         digits = self.by_task.get("digits")
         if not digits:
             return
-        rounds: dict[str, list[dict[str, Any]]] = {}
         variant = self.variants[name]
         with Server(tmp_repo, *self.server_args()) as base, \
                 Server(tmp_repo, *self.server_args(), *variant.flags) as changed:
-            for _ in range(self.plan.ab_rounds):
-                for srv, measured in ((base, variant.baseline), (changed, variant)):
-                    cases = server_load.variant_cases(name, measured, digits, self.plan.timing,
-                                                      h2load=self.h2load_available())
-                    for row in load(srv.target, cases, srv.pgid):
-                        rounds.setdefault(row["key"], []).append(row)
+            sides = [(srv, server_load.variant_cases(name, measured, digits, self.plan.timing,
+                                                     h2load=self.h2load_available()))
+                     for srv, measured in ((base, variant.baseline), (changed, variant))]
+            rounds = _rounds_in_turn(sides, self.plan.ab_rounds)
         self._add_loaded([_one_round(rows) for rows in rounds.values()])
 
     def batch_cli(self, digits: Export, target: str | None) -> None:
@@ -274,25 +278,34 @@ class Run:
                 self.results.append(batch_cli.run_cli(digits, folder.path, n, ["--server", target], "--server",
                                                       f"batchcli/server/{digits.name}/n{n}"))
 
-    def peer(self) -> None:
+    def peer(self, tmp_repo: Path) -> None:
+        """The PyTriton peer and a default CourseZoo server, both up, measured in turn ``ab_rounds`` times under
+        the same clients (the tritonclient sweep, h2load); each row is its median round. Rows minutes apart
+        move by up to 25% on a shared machine, so CourseZoo's side is not taken from the ``oip`` group. On a
+        GPU run a peer whose ONNX Runtime fell back to the CPU fails the group: it would compare devices."""
         digits = self.by_task.get("digits")
         python, info = triton_peer.find_python()
         if python is None or digits is None:
-            self.notes.append(info if python is None else "Triton peer skipped: no digits model selected")
+            self.notes.append(info if python is None else "PyTriton peer skipped: no digits model selected")
             return
         batching = {k: self.server_settings[k] for k in ("max_batch_size", "max_queue_delay_ms")}
         with triton_peer.TritonPeer(python, digits, device="cuda" if self.cuda else "cpu", **batching) as peer:
-            self.notes.append(f"Triton peer: {info} ({python.parent.parent.name}) on {peer.provider}; Triton's "
-                              "dynamic batcher with CourseZoo's batching limits (its queue delay always waited out, as "
-                              "Triton does)")
-            oip = server_load.oip_cases(digits, "triton", self.plan.oip_concurrency, OIP_CLIENTS, self.plan.timing)
-            self._add_loaded(load(peer.target, oip + self.h2load_cases(digits, "triton"), peer.pgid))
+            if why := peer_on_wrong_device(self.cuda, peer.provider):
+                raise RuntimeError(why)
+            self.notes.append(f"PyTriton peer: {info} ({python.parent.parent.name}) on {peer.provider}; "
+                              f"{triton_peer.PATH}; Triton's dynamic batcher with CourseZoo's batching limits (its "
+                              "queue delay always waited out, as Triton does)")
+            with Server(tmp_repo, *self.server_args()) as coursezoo:
+                sides = [(srv, server_load.peer_cases(digits, name, self.plan.oip_concurrency, OIP_CLIENTS,
+                                                      self.plan.timing, self.h2load_available()))
+                         for srv, name in ((coursezoo, "coursezoo"), (peer, "triton"))]
+                rounds = _rounds_in_turn(sides, self.plan.ab_rounds)
+        self._add_loaded([_one_round(rows) for rows in rounds.values()])
 
     def h2load_available(self) -> bool:
         """Whether h2load is there; notes (once) its version, or that its rows are skipped and why."""
         executable, info = h2load.find()
-        note = info if executable is None else (f"h2load: {info}, {h2load.STREAMS_PER_CONNECTION} calls per HTTP/2 "
-                                                "connection; every reply counted (bench/h2load.py)")
+        note = info if executable is None else (f"h2load: {info}; every reply counted (bench/h2load.py)")
         if note not in self.notes:
             self.notes.append(note)
         return executable is not None
@@ -304,12 +317,28 @@ class Run:
     # --- ratios and targets -----------------------------------------------------------------------------------
 
     def ratios(self) -> list[Ratio]:
-        out: list[Ratio] = []
-        for e in self.selected:
-            for bs in self.args.batch_sizes:
-                for path in (inprocess.path_key(inprocess.RUNTIME_CPU), "ort-cuda", "ort-cuda-io-binding"):
-                    out.append(Ratio(f"{e.name} b{bs}: {path} vs ORT CPU", f"inproc/{path}/{e.name}/b{bs}",
-                                     f"inproc/ort-cpu/{e.name}/b{bs}"))
+        """Every ratio this run sets out to measure (a CUDA path's only on a GPU run), each with the groups its
+        rows come from (``needs``): one whose rows are missing is reported as not measured, never left out."""
+        return [dataclasses.replace(r, needs=self.needs(r)) for r in self._ratios()]
+
+    def needs(self, ratio: Ratio) -> tuple[str, ...]:
+        """The ``--cases`` groups whose rows ``ratio`` divides, and ``H2LOAD`` for h2load's rows, read off the
+        rows' keys (``<prefix>/...``; the variants' prefixes, with or without ``-baseline``, name their groups)."""
+        groups = {"inproc": "inprocess", "server": "server", server_load.IN_TURN.prefix: "raw-in-turn",
+                  "oip": "oip", "h2load": "oip", "batchcli": "batch-cli", server_load.PEER_TURN: "peer"}
+        for name, variant in self.variants.items():
+            groups |= {variant.prefix: name, variant.baseline.prefix: name}
+        keys = (ratio.numerator, ratio.denominator)
+        found = {groups[key.split("/")[0]] for key in keys}
+        if any("h2load" in key.split("/") for key in keys):
+            found.add(H2LOAD)
+        return tuple(sorted(found))
+
+    def _ratios(self) -> list[Ratio]:
+        paths = [inprocess.path_key(inprocess.RUNTIME_CPU), *(["ort-cuda", "ort-cuda-io-binding"] if self.cuda else [])]
+        out = [Ratio(f"{e.name} b{bs}: {path} vs ORT CPU", f"inproc/{path}/{e.name}/b{bs}",
+                     f"inproc/ort-cpu/{e.name}/b{bs}")
+               for e in self.selected for bs in self.args.batch_sizes for path in paths]
         if digits := self.by_task.get("digits"):
             m, ort = digits.name, "ort-cuda" if self.cuda else "ort-cpu"
             v, w = self.variants, self.args.workers
@@ -326,14 +355,12 @@ class Run:
                       f"server/modelinfer-raw/{m}/b{b}/c1", f"inproc/{ort}/{m}/b{b}"),
                 Ratio(f"ModelInfer raw b1024 vs in-process {ort} b1024 ({m}), measured in turn, CPU per item",
                       raw, inproc, by_cpu=True),
-                Ratio(f"ModelInfer raw b1024 vs the server's runtime in-process b1024 ({m}), measured in turn: "
-                      "the transport alone", raw, runtime),
+                *([] if self.cuda else [  # the in-process runtime is measured in turn on the CPU only
+                    Ratio(f"ModelInfer raw b1024 vs the server's runtime in-process b1024 ({m}), measured in turn: "
+                          "the transport alone", raw, runtime)]),
                 Ratio(f"ModelInfer b1024 in shared memory vs in-process {ort} b1024 ({m}), measured in turn",
                       shm, inproc),
                 Ratio(f"ModelInfer b1024 in shared memory vs raw in the message ({m}), measured in turn", shm, raw),
-                Ratio(f"{c} clients tritonclient-aio: CourseZoo vs Triton peer, CPU per item",
-                      f"oip/coursezoo/tritonclient-aio/{m}/c{c}", f"oip/triton/tritonclient-aio/{m}/c{c}",
-                      by_cpu=True),
                 Ratio(f"{c} clients ClassifyDigits 1 PNG: batching on vs off",
                       *_in_turn(v["batching-off"], f"classify-png/{m}/b1/c{c}")),
                 Ratio(f"{c} clients ModelInfer raw 1 image: batching on vs off",
@@ -358,18 +385,7 @@ class Run:
                 Ratio(f"ClassifyDigits PNG batches of {server_load.PNG_BATCH}: decoding processes vs in-process",
                       *_in_turn(v["decode-in-process"],
                                 f"classify-png/{m}/b{server_load.PNG_BATCH}/c{server_load.IN_FLIGHT}")),
-                Ratio(f"{c} clients tritonclient-aio: CourseZoo vs Triton peer",
-                      f"oip/coursezoo/tritonclient-aio/{m}/c{c}", f"oip/triton/tritonclient-aio/{m}/c{c}", 2.0),
-                Ratio(f"{c} clients tritonclient-grpc: CourseZoo vs Triton peer",
-                      f"oip/coursezoo/tritonclient-grpc/{m}/c{c}", f"oip/triton/tritonclient-grpc/{m}/c{c}"),
-                Ratio(f"{c} clients h2load: CourseZoo vs Triton peer",
-                      f"h2load/coursezoo/modelinfer-raw/{m}/c{c}", f"h2load/triton/modelinfer-raw/{m}/c{c}", 2.0),
-                Ratio(f"{c} clients h2load: CourseZoo vs Triton peer, CPU per item",
-                      f"h2load/coursezoo/modelinfer-raw/{m}/c{c}", f"h2load/triton/modelinfer-raw/{m}/c{c}",
-                      by_cpu=True),
-                Ratio(f"{c} clients h2load: CourseZoo --workers {w} vs Triton peer, rows of separate groups",
-                      f"{v['workers'].prefix}/h2load/modelinfer-raw/{m}/c{c}",
-                      f"h2load/triton/modelinfer-raw/{m}/c{c}", 2.0),
+                *self._peer_ratios(m),
                 Ratio(f"{c} clients h2load ModelInfer: --workers {w} vs one process",
                       *_in_turn_reversed(v["workers"], f"h2load/modelinfer-raw/{m}/c{c}")),
                 Ratio(f"{c} clients h2load ClassifyDigits 1 PNG: --workers {w} vs one process",
@@ -390,6 +406,27 @@ class Run:
                       f"batchcli/server/{m}/n{n}", f"batchcli/ort-decoded/{m}/n{n}"),
             ]
         return out
+
+    def _peer_ratios(self, m: str) -> list[Ratio]:
+        """CourseZoo against the PyTriton peer at 64 clients: rows measured in turn (``peer``), and ``--workers``
+        against the peer, whose rows come from separate groups (and say so)."""
+        c, w, peer = server_load.CLIENTS, self.args.workers, PEER
+        rows = {client: (f"{server_load.PEER_TURN}/oip/coursezoo/{client}/{m}/c{c}",
+                         f"{server_load.PEER_TURN}/oip/triton/{client}/{m}/c{c}") for client in OIP_CLIENTS}
+        rows["h2load"] = (f"{server_load.PEER_TURN}/h2load/coursezoo/modelinfer-raw/{m}/c{c}",
+                          f"{server_load.PEER_TURN}/h2load/triton/modelinfer-raw/{m}/c{c}")
+        return [
+            Ratio(f"{c} clients tritonclient-aio: CourseZoo vs {peer}, measured in turn", *rows["tritonclient-aio"],
+                  2.0),
+            Ratio(f"{c} clients tritonclient-aio: CourseZoo vs {peer}, measured in turn, CPU per item",
+                  *rows["tritonclient-aio"], by_cpu=True),
+            Ratio(f"{c} clients tritonclient-grpc: CourseZoo vs {peer}, measured in turn", *rows["tritonclient-grpc"]),
+            Ratio(f"{c} clients h2load: CourseZoo vs {peer}, measured in turn", *rows["h2load"], 2.0),
+            Ratio(f"{c} clients h2load: CourseZoo vs {peer}, measured in turn, CPU per item", *rows["h2load"],
+                  by_cpu=True),
+            Ratio(f"{c} clients h2load: CourseZoo --workers {w} vs {peer}, rows of separate groups",
+                  f"{self.variants['workers'].prefix}/h2load/modelinfer-raw/{m}/c{c}", rows["h2load"][1], 2.0),
+        ]
 
     def targets(self) -> list[Target]:
         digits = self.by_task.get("digits")
@@ -426,14 +463,44 @@ def _in_turn_reversed(variant: server_load.Variant, row: str) -> tuple[str, str]
     return changed, default
 
 
+def _rounds_in_turn(sides: list[tuple[Any, list[dict[str, Any]]]], rounds: int) -> dict[str, list[dict[str, Any]]]:
+    """Each side's cases against its server (a ``Server`` or the peer: ``target``, ``pgid``), one side after the
+    other, ``rounds`` times: every row's rounds, by key, for ``_one_round``."""
+    by_key: dict[str, list[dict[str, Any]]] = {}
+    for _ in range(rounds):
+        for srv, cases in sides:
+            for row in load(srv.target, cases, srv.pgid):
+                by_key.setdefault(row["key"], []).append(row)
+    return by_key
+
+
+#: A row's latency columns, and the timed calls they come from
+LATENCIES = ("calls", "p50_ms", "p90_ms", "p99_ms")
+
+
 def _one_round(rows: list[dict[str, Any]], fastest: bool = False) -> dict[str, Any]:
-    """Of one case's rounds, the one with the median throughput (``fastest``: the highest), its note saying so."""
+    """Of one case's rounds, the one with the median throughput, its note saying so. With ``fastest``, the
+    throughput and CPU per call are the fastest round's, the latencies (and the calls they come from) still the
+    median round's: a fastest round's percentiles would be the luckiest of several draws."""
     if len(rows) == 1 or any("error" in r for r in rows):
         return next((r for r in rows if "error" in r), rows[0])
     ranked = sorted(rows, key=lambda r: r["throughput"])
-    row, which = (ranked[-1], "fastest") if fastest else (ranked[len(rows) // 2], "median")
+    median = ranked[len(rows) // 2]
     rates = ", ".join(f"{r['throughput']:,.0f}" for r in rows)
-    return {**row, "note": f"{row['note']}; {which} of {len(rows)} rounds in turn ({rates} items/s)"}
+    if not fastest:
+        return {**median, "note": f"{median['note']}; median of {len(rows)} rounds in turn ({rates} items/s)"}
+    return {**ranked[-1], **{k: median[k] for k in LATENCIES},
+            "note": f"{median['note']}; items/s and CPU: the fastest of {len(rows)} rounds in turn ({rates} items/s), "
+                    f"latencies: the median round ({median['throughput']:,.0f} items/s)"}
+
+
+def peer_on_wrong_device(cuda: bool, provider: str) -> str | None:
+    """Why the peer must not be compared (or None): on a GPU run, a peer whose ONNX Runtime fell back to the CPU
+    (its CUDA libraries missing, say) would make the ratio one of devices, not of serving stacks."""
+    if cuda and provider != "CUDAExecutionProvider":
+        return (f"the PyTriton peer runs ONNX Runtime on {provider or 'an unknown provider'}, not "
+                "CUDAExecutionProvider, on a GPU run: its rows would compare devices, so none are measured")
+    return None
 
 
 #: The server settings that shape a benchmark: recorded in the JSON and passed to every server explicitly.
@@ -477,8 +544,8 @@ def _ort_threads(intra_op_threads: int | None) -> dict[str, str]:
             f"({lanes}; per process with --workers) where slicing pays for the model; on CUDA an intra-op pool "
             f"{pool} for the operators left on the CPU, and serving.runtime's CUDA options; both with {config}"),
         "coursezoo batch --local": "serving.runtime as in the servers, with the batch CLI's own thread count",
-        "Triton peer": f"onnxruntime's default intra-op pool (one thread per physical core) with serving.runtime's "
-                       f"session config entries ({config}) and CUDA options",
+        PEER: f"onnxruntime's default intra-op pool (one thread per physical core) with serving.runtime's session "
+              f"config entries ({config}) and CUDA options",
     }
 
 
@@ -521,7 +588,7 @@ def main(args: argparse.Namespace) -> int:
         run.notes.append("no digits model selected: the server's digits, OIP, batch-CLI and peer cases are skipped")
     if "inprocess" in cases:
         run.group("in-process baselines", run.inprocess)
-    if cases & {"server", "raw-in-turn", "oip", "batch-cli", *VARIANTS}:
+    if cases & {"server", "raw-in-turn", "oip", "batch-cli", *VARIANTS, "peer"}:
         with exports.server_repository(run.server_models) as tmp_repo:
             if cases & {"server", "oip", "batch-cli"}:
                 run.group("server (default settings)", lambda: run.server(cases, Path(tmp_repo)))
@@ -531,10 +598,11 @@ def main(args: argparse.Namespace) -> int:
             for name in VARIANTS:
                 if name in cases:
                     run.group(f"server ({name})", lambda name=name: run.variant(name, Path(tmp_repo)))
-    if "peer" in cases:
-        run.group("Triton peer", run.peer)
+            if "peer" in cases:
+                run.group(f"{PEER} and a default server, in turn", lambda: run.peer(Path(tmp_repo)))
 
-    ratios = report.compute_ratios(run.results, run.ratios())
+    ran = cases | ({H2LOAD} if h2load.find()[0] else set())
+    ratios = report.compute_ratios(run.results, run.ratios(), ran)
     targets = report.check_targets(run.results, run.targets())
     best = report.best_batches(run.results)
     result = {
@@ -548,7 +616,10 @@ def main(args: argparse.Namespace) -> int:
             "quick": args.quick, "device": "cuda" if cuda else "cpu", "cases": sorted(cases),
             "models": [f"{e.name}/{e.version}" for e in selected], "plan": dataclasses.asdict(plan),
             "server": {**run.server_settings, "flags": run.server_args()},
-            "load_client": "separate process; grpc.aio with pre-serialized requests (raw), tritonclient, or h2load",
+            "load_client": f"separate process; grpc.aio with pre-serialized requests (raw), tritonclient, or h2load; "
+                           f"every client one TCP connection per {CALLERS_PER_CONNECTION} callers (at least "
+                           f"{CONNECTIONS_PER_PROCESS} per server process against --workers), each row noting how "
+                           "many it held",
             "ort_threads": _ort_threads(run.server_settings["intra_op_threads"]),
         },
         "groups": run.groups,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import logging
 import warnings
 from collections.abc import Callable
@@ -34,17 +35,33 @@ Bind = Callable[[dict[str, np.ndarray]], Callable[[], object]]
 RUNS_DIR = Path(__file__).resolve().parents[1] / "runs"
 
 
-def inputs(export: Export, n: int) -> dict[str, np.ndarray]:
-    """``n`` real held-out items for ``export``, as the tensors its card names."""
+#: At most this many items are held for one path's distinct batches: batch sizes past 1024 (a GPU run's search
+#: for the best one) cycle through fewer batches rather than hold gigabytes
+DISTINCT_ITEMS = data.DISTINCT * 1024
+
+
+def inputs(export: Export, n: int, i: int = 0) -> dict[str, np.ndarray]:
+    """Batch ``i`` of ``n`` real held-out items for ``export`` (items ``i * n`` on), as the tensors its card
+    names: the items of the load generator's request ``i`` of that size."""
     names = [t.name for t in export.card.inputs]
     if export.task == "digits":
         prep = export.card.preprocessing
-        return {names[0]: data.digit_tensors(n, prep["mean"], prep["std"])}
+        return {names[0]: data.digit_tensors(n, prep["mean"], prep["std"], start=i * n)}
     if export.task == "diabetes":
         rows = data.diabetes_records()
-        return {names[0]: rows[np.arange(n) % len(rows)]}
-    chars, lengths = encode_names(data.cycle(data.names(), n), export.card.preprocessing.get("vocab_size", 128))
+        return {names[0]: rows[(np.arange(n) + i * n) % len(rows)]}
+    texts = data.cycle(data.names(), n, start=i * n)
+    chars, lengths = encode_names(texts, export.card.preprocessing.get("vocab_size", 128))
     return {names[0]: chars, names[1]: lengths}
+
+
+def distinct_inputs(export: Export, n: int) -> list[dict[str, np.ndarray]]:
+    """The batches of ``n`` items a path cycles through while it is timed: the load generator's
+    ``data.DISTINCT`` (fewer past ``DISTINCT_ITEMS``), so an in-process row and a server row of the same batch
+    size run the same items (batch 1 on one name alone was its shortest, 'Abl': 46 µs a run against 75 µs
+    for a 7-letter name)."""
+    count = data.DISTINCT if n * data.DISTINCT <= DISTINCT_ITEMS else max(1, DISTINCT_ITEMS // n)
+    return [inputs(export, n, i) for i in range(count)]
 
 
 def ort_session(export: Export, provider: str) -> ort.InferenceSession:
@@ -179,7 +196,7 @@ def run(exports: list[Export], *, seconds: float, warmup: int, min_calls: int, c
         except ImportError as e:
             log.warning("PyTorch baselines skipped (%s): install the train extra to measure them", e)
         for bs in batch_sizes:
-            feeds = inputs(export, bs)
+            feeds = distinct_inputs(export, bs)
             for path, bind in paths.items():
                 if f"{path} {export.name}" in failed:
                     continue
@@ -198,14 +215,22 @@ def _first_line(e: Exception) -> str:
     return next(iter(str(e).splitlines()), type(e).__name__)
 
 
-def measure(export: Export, path: str, bind: Bind, feeds: dict[str, np.ndarray], *, seconds: float, warmup: int,
-            min_calls: int, note: str = "", prefix: str = "inproc", case: str | None = None) -> Result:
-    """One path on one batch, called back to back: the row keyed ``<prefix>/<path>/<model>/b<batch>``."""
-    bs = len(next(iter(feeds.values())))
-    t = time_calls(bind(feeds), seconds=seconds, warmup=warmup, min_calls=min_calls)
+def measure(export: Export, path: str, bind: Bind, feeds: list[dict[str, np.ndarray]], *, seconds: float,
+            warmup: int, min_calls: int, note: str = "", prefix: str = "inproc", case: str | None = None) -> Result:
+    """One path on batches of one size, called back to back, each call on the next of ``feeds`` (in a cycle):
+    the row keyed ``<prefix>/<path>/<model>/b<batch>``."""
+    bs = len(next(iter(feeds[0].values())))
+    t = time_calls(cycling([bind(f) for f in feeds]), seconds=seconds, warmup=warmup, min_calls=min_calls)
     return summarize(f"{prefix}/{path_key(path)}/{export.name}/b{bs}", "in-process", case or path, export.name,
                      batch=bs, concurrency=1, items=bs * len(t.latencies), seconds=t.wall, latencies_s=t.latencies,
                      model_cpu_s=t.cpu, note=note)
+
+
+def cycling(calls: list[Callable[[], object]]) -> Callable[[], object]:
+    """One call that makes each of ``calls`` in turn, round and round: the inputs change from call to call
+    inside the timed loop, as the server's requests do, at the cost of one ``next()``."""
+    turns = itertools.cycle(calls)
+    return lambda: next(turns)()
 
 
 def path_key(path: str) -> str:

@@ -9,25 +9,27 @@ Three kinds of client, chosen by the case's ``client``:
   - ``raw``: grpc.aio with requests serialized once up front and responses left as bytes (checked once
     by parsing), so per request the client does little more than the socket work;
   - ``tritonclient-grpc`` / ``tritonclient-aio``: the real Triton client library (threads / asyncio),
-    the same load client for CourseZoo's Open Inference Protocol endpoint and for the Triton peer;
+    the same load client for CourseZoo's Open Inference Protocol endpoint and for the PyTriton peer;
   - ``h2load``: nghttp2's C load generator sending the same request bytes (``bench.h2load``), a client
     that costs the shared cores far less than any Python one.
 Each case is a closed loop: ``concurrency`` callers each send the next request as soon as the previous
-one answers, for ``seconds`` after ``warmup`` seconds of the same load.
+one answers, for ``seconds`` after ``warmup`` seconds of the same load. Every client spreads its callers over
+the same number of TCP connections (``connections``), and each row records how many it really held open.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
-import math
 import os
 import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,14 +40,66 @@ from bench.stats import summarize
 
 CLASSIFIER = "/coursezoo.v1.Classifier/"
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
-#: callers per gRPC channel (each channel is its own TCP connection): a few connections, as real fleets have
-CALLERS_PER_CHANNEL = 16
+#: Every client (grpc.aio, tritonclient, h2load) opens one TCP connection per this many concurrent callers ...
+CALLERS_PER_CONNECTION = 4
+#: ... and, against a server of several processes (``--workers``), at least this many per process: SO_REUSEPORT
+#: spreads connections, not calls, over the processes, and 4 connections landed 3:1 or 4:0 on 2 of them in 63%
+#: of tries
+CONNECTIONS_PER_PROCESS = 4
+#: A channel argument that gives each channel a TCP connection of its own: gRPC otherwise shares one connection
+#: among all the channels of a process whose arguments are identical, whatever their number
+OWN_CONNECTION = ("grpc.use_local_subchannel_pool", 1)
 #: distinct requests cycled through, so no two consecutive requests are byte-identical
-DISTINCT = 16
+DISTINCT = data.DISTINCT
 #: The region name a shared memory case registers its input block under.
 SHM_REGION = "coursezoo-bench"
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20),
-                   ("grpc.use_local_subchannel_pool", 1)]
+                   OWN_CONNECTION]
+#: /proc/net/tcp's state of an established connection
+TCP_ESTABLISHED = "01"
+
+
+def connections(callers: int, processes: int = 1) -> int:
+    """How many TCP connections ``callers`` concurrent callers spread over, against a server of ``processes``
+    processes: one per ``CALLERS_PER_CONNECTION`` callers, at least ``CONNECTIONS_PER_PROCESS`` per process when
+    there are several, never more than one per caller."""
+    spread = CONNECTIONS_PER_PROCESS * processes if processes > 1 else 1
+    return min(callers, max(-(-callers // CALLERS_PER_CONNECTION), spread))
+
+
+def _connections(case: dict[str, Any]) -> int:
+    return connections(case["concurrency"], case.get("processes", 1))
+
+
+def open_connections(target: str) -> int:
+    """The established TCP connections this process holds to ``target``'s port (Linux /proc): what the client
+    really opened, which the number of its channels does not tell (see ``OWN_CONNECTION``)."""
+    port = int(target.rsplit(":", 1)[1])
+    sockets = set()
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):  # closed since the listing
+            link = os.readlink(fd)
+            if link.startswith("socket:["):
+                sockets.add(link[len("socket:["):-1])
+    count = 0
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(FileNotFoundError):  # no IPv6 in this kernel
+            for line in Path(f"/proc/self/net/{table}").read_text().splitlines()[1:]:
+                # sl, local address, remote address (hex ip:port), state, queues, timers, retransmits, uid, timeout,
+                # inode (proc(5))
+                fields = line.split()
+                remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+                count += fields[3] == TCP_ESTABLISHED and remote_port == port and fields[9] in sockets
+    return count
+
+
+@dataclasses.dataclass
+class Timed:
+    """One case's timed window, as a client measured it."""
+
+    latencies: list[float]  # seconds per call
+    wall: float  # seconds
+    connections: int  # TCP connections the client held open to the server at the window's end
 
 
 class CpuMeter:
@@ -216,13 +270,12 @@ async def _closed_loop(send: Callable[[int], Awaitable[object]], concurrency: in
     return latencies, time.perf_counter() - start
 
 
-async def _raw_unary(target: str, case: dict[str, Any], meter: CpuMeter) -> tuple[list[float], float]:
+async def _raw_unary(target: str, case: dict[str, Any], meter: CpuMeter) -> Timed:
     import grpc
 
     method, requests, check = REQUESTS[case["kind"]](case)
     path = method if method.startswith("/") else CLASSIFIER + method
-    channels = [grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
-                for _ in range(math.ceil(case["concurrency"] / CALLERS_PER_CHANNEL))]
+    channels = [grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) for _ in range(_connections(case))]
     calls = [ch.unary_unary(path) for ch in channels]  # no (de)serializers: bytes in, bytes out
     check(await calls[0](requests[0], timeout=60))
 
@@ -231,14 +284,15 @@ async def _raw_unary(target: str, case: dict[str, Any], meter: CpuMeter) -> tupl
 
     await _closed_loop(send, case["concurrency"], case["warmup"])
     meter.start()
-    result = await _closed_loop(send, case["concurrency"], case["seconds"])
+    latencies, wall = await _closed_loop(send, case["concurrency"], case["seconds"])
     meter.stop()
+    result = Timed(latencies, wall, open_connections(target))  # counted outside the metered window
     for ch in channels:
         await ch.close()
     return result
 
 
-async def _raw_stream(target: str, case: dict[str, Any], meter: CpuMeter) -> tuple[list[float], float]:
+async def _raw_stream(target: str, case: dict[str, Any], meter: CpuMeter) -> Timed:
     """One StreamClassifyDigits stream with ``concurrency`` messages in flight (answers come in order)."""
     import grpc
 
@@ -275,9 +329,9 @@ async def _raw_stream(target: str, case: dict[str, Any], meter: CpuMeter) -> tup
 
         await run(case["warmup"])
         meter.start()
-        result = await run(case["seconds"])
+        latencies, wall = await run(case["seconds"])
         meter.stop()
-        return result
+        return Timed(latencies, wall, open_connections(target))
 
 
 def _triton_inputs(case: dict[str, Any], module: Any) -> list[list[Any]]:
@@ -289,10 +343,30 @@ def _triton_inputs(case: dict[str, Any], module: Any) -> list[list[Any]]:
     return inputs
 
 
-async def _triton_aio(target: str, case: dict[str, Any], meter: CpuMeter) -> tuple[list[float], float]:
+def triton_channel_args(module: Any) -> list[tuple[str, Any]]:
+    """The channel arguments ``module``'s (``tritonclient.grpc`` or ``.aio``) ``InferenceServerClient`` uses when
+    given none, plus ``OWN_CONNECTION``: with its own arguments every client of a process shares one TCP
+    connection, so all of a row's callers went over one, whatever the number of clients."""
+    keepalive = module.KeepAliveOptions()
+    return [("grpc.max_send_message_length", module.MAX_GRPC_MESSAGE_SIZE),
+            ("grpc.max_receive_message_length", module.MAX_GRPC_MESSAGE_SIZE),
+            ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+            ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+            ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+            ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+            OWN_CONNECTION]
+
+
+def _triton_clients(target: str, case: dict[str, Any], module: Any) -> list[Any]:
+    """One ``InferenceServerClient`` per connection the case's callers spread over."""
+    args = triton_channel_args(module)
+    return [module.InferenceServerClient(target, channel_args=args) for _ in range(_connections(case))]
+
+
+async def _triton_aio(target: str, case: dict[str, Any], meter: CpuMeter) -> Timed:
     import tritonclient.grpc.aio as tc
 
-    clients = [tc.InferenceServerClient(target) for _ in range(math.ceil(case["concurrency"] / CALLERS_PER_CHANNEL))]
+    clients = _triton_clients(target, case, tc)
     inputs = _triton_inputs(case, tc)
     reply = await clients[0].infer(case["model"], inputs[0])
     if reply.as_numpy(case["output"]).shape[0] != case["batch"]:
@@ -303,21 +377,22 @@ async def _triton_aio(target: str, case: dict[str, Any], meter: CpuMeter) -> tup
 
     await _closed_loop(send, case["concurrency"], case["warmup"])
     meter.start()
-    result = await _closed_loop(send, case["concurrency"], case["seconds"])
+    latencies, wall = await _closed_loop(send, case["concurrency"], case["seconds"])
     meter.stop()
+    result = Timed(latencies, wall, open_connections(target))  # counted outside the metered window
     for c in clients:
         await c.close()
     return result
 
 
-def _triton_threads(target: str, case: dict[str, Any], meter: CpuMeter) -> tuple[list[float], float]:
+def _triton_threads(target: str, case: dict[str, Any], meter: CpuMeter) -> Timed:
     """The blocking tritonclient.grpc client, one thread per concurrent caller (how it is used in practice).
 
     A call that fails ends every caller and fails the case, as in the asyncio loops: a thread's exception
     would otherwise end only that thread, and the row would pass for a slower one."""
     import tritonclient.grpc as tc
 
-    clients = [tc.InferenceServerClient(target) for _ in range(math.ceil(case["concurrency"] / CALLERS_PER_CHANNEL))]
+    clients = _triton_clients(target, case, tc)
     inputs = _triton_inputs(case, tc)
     clients[0].infer(case["model"], inputs[0])
     latencies: list[float] = []
@@ -353,14 +428,15 @@ def _triton_threads(target: str, case: dict[str, Any], meter: CpuMeter) -> tuple
         if failures:
             raise failures[0]
     meter.stop()
+    result = Timed(latencies, wall, open_connections(target))
     for c in clients:
         c.close()
-    return latencies, wall
+    return result
 
 
-def _h2load(target: str, case: dict[str, Any], meter: CpuMeter) -> tuple[list[float], float]:
+def _h2load(target: str, case: dict[str, Any], meter: CpuMeter) -> Timed:
     """The external client (``bench.h2load``) sending the first of the case's requests over and over; the
-    client CPU is h2load's own."""
+    client CPU is h2load's own, and its connections are the ones it was told to open (another process's)."""
     import grpc
 
     from bench import h2load
@@ -373,7 +449,7 @@ def _h2load(target: str, case: dict[str, Any], meter: CpuMeter) -> tuple[list[fl
     with grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
         reply = channel.unary_unary(path)(requests[0], timeout=60)
     check(reply)
-    load = h2load.H2Load(executable, target, path, requests[0], case["concurrency"])
+    load = h2load.H2Load(executable, target, path, requests[0], case["concurrency"], _connections(case))
     try:
         calls = max(h2load.MIN_REQUESTS, round(load.rate(case["warmup"]) * case["seconds"]))
         meter.start()
@@ -382,26 +458,29 @@ def _h2load(target: str, case: dict[str, Any], meter: CpuMeter) -> tuple[list[fl
     finally:
         load.close()
     meter.client_seconds = client_seconds
-    return latencies, wall
+    return Timed(latencies, wall, load.connections)
 
 
 def run_case(target: str, case: dict[str, Any], server_pgid: int | None) -> dict[str, Any]:
     client = case.get("client", "raw")
     meter = CpuMeter(server_pgid)
     if client == "h2load":
-        latencies, wall = _h2load(target, case, meter)
+        timed = _h2load(target, case, meter)
     elif client == "tritonclient-grpc":
-        latencies, wall = _triton_threads(target, case, meter)
+        timed = _triton_threads(target, case, meter)
     elif client == "tritonclient-aio":
-        latencies, wall = asyncio.run(_triton_aio(target, case, meter))
+        timed = asyncio.run(_triton_aio(target, case, meter))
     elif case["kind"] == "stream":
-        latencies, wall = asyncio.run(_raw_stream(target, case, meter))
+        timed = asyncio.run(_raw_stream(target, case, meter))
     else:
         with _shared_inputs(target, case) if case.get("shared_memory") else contextlib.nullcontext():
-            latencies, wall = asyncio.run(_raw_unary(target, case, meter))
+            timed = asyncio.run(_raw_unary(target, case, meter))
+    latencies, n = timed.latencies, timed.connections
+    note = "; ".join(filter(None, (case.get("note", ""), f"{n} TCP connection{'s' * (n != 1)}")))
     result = summarize(case["key"], case["group"], case["case"], case["model"], batch=case["batch"],
-                       concurrency=case["concurrency"], items=len(latencies) * case["batch"], seconds=wall,
-                       latencies_s=latencies, note=case.get("note", ""))
+                       concurrency=case["concurrency"], items=len(latencies) * case["batch"], seconds=timed.wall,
+                       latencies_s=latencies, note=note)
+    result.connections = n
     if latencies:
         result.client_cpu_ms = meter.client_seconds * 1e3 / len(latencies)
         if meter.server_seconds is not None:

@@ -1,4 +1,7 @@
-"""The Triton peer: NVIDIA Triton (through PyTriton) serving one ONNX file with ONNX Runtime.
+"""The PyTriton peer: NVIDIA Triton, through PyTriton, serving one ONNX file with ONNX Runtime in a Python callable.
+
+Triton's Python backend stub passes each batch to this process, where ``infer`` runs it: the peer is
+tritonserver -> Python backend stub -> this process -> ONNX Runtime, not Triton's own ONNX Runtime backend.
 
 Run by ``bench.triton_peer`` under the separate Python 3.12 interpreter that has ``nvidia-pytriton``;
 it imports only numpy, onnxruntime and pytriton (never this project), as a user deploying the same

@@ -1,7 +1,8 @@
 """Turning results into the printed table, the ratios with their parts, the targets, and the JSON file.
 
 A ratio is never printed alone: each line shows both rows' throughputs and what they are, so a reader
-can see which side moved. Targets are the issue's service targets, checked against this run's rows.
+can see which side moved; a ratio whose rows are missing is printed as not measured, with why, never left
+out. Targets are the issue's service targets, checked against this run's rows.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from bench.stats import Result
 GROUP_TITLES = {
     "in-process": "In-process baselines (no transport)",
     "server": "CourseZoo server over loopback (load client in its own process)",
-    "oip": "Open Inference Protocol, single image, real tritonclient: CourseZoo and the Triton peer",
+    "oip": "Open Inference Protocol, single image: CourseZoo under the real tritonclient and h2load",
+    "peer": "CourseZoo vs the PyTriton peer (Triton, Python backend -> ONNX Runtime), measured in turn",
     "batch-cli": "coursezoo batch on a folder of PNGs",
 }
 
@@ -33,6 +35,7 @@ class Ratio:
     denominator: str
     target: float | None = None  # the numerator should reach target x the denominator
     by_cpu: bool = False
+    needs: tuple[str, ...] = ()  # what must run for both rows to exist (the harness's groups, "h2load")
 
 
 @dataclass(frozen=True)
@@ -51,11 +54,13 @@ def _fmt(x: float | None, digits: int = 2) -> str:
 
 
 def _rows_in_order(results: list[Result]) -> dict[str, list[Result]]:
-    """Results by table section; the Triton peer's rows sit beside CourseZoo's at the same concurrency."""
+    """Results by table section; in the peer's, each of its rows sits below CourseZoo's of the same client and
+    concurrency, measured in the same rounds."""
     sections: dict[str, list[Result]] = {g: [] for g in GROUP_TITLES}
     for r in results:
-        sections["oip" if r.group == "peer" else r.group].append(r)
-    sections["oip"].sort(key=lambda r: (r.case.split(" via ")[-1], r.concurrency, r.group != "oip"))
+        sections[r.group].append(r)
+    for group in ("oip", "peer"):
+        sections[group].sort(key=lambda r: (r.case.split(" via ")[-1], r.concurrency, "/triton/" in r.key))
     return {g: rows for g, rows in sections.items() if rows}
 
 
@@ -80,34 +85,67 @@ def _section(rows: list[Result]) -> tuple[list[int], list[tuple[str, ...]]]:
     return shown, [tuple(c[i] for i in shown) for c in [HEADER, *cells]]
 
 
-def compute_ratios(results: list[Result], ratios: list[Ratio]) -> list[dict[str, Any]]:
-    """Each ratio whose two rows were measured in this run, with both parts."""
+def compute_ratios(results: list[Result], ratios: list[Ratio], ran: set[str]) -> list[dict[str, Any]]:
+    """Every ratio, with both parts; one that cannot be computed has value and met None and a note saying
+    why: what it ``needs`` did not run (not in ``ran``; listed in ``not_run``), or a row or its CPU time is
+    missing (a failure: everything it needs ran)."""
     by_key = {r.key: r for r in results}
     out = []
     for ratio in ratios:
-        num, den = by_key.get(ratio.numerator), by_key.get(ratio.denominator)
-        if not num or not den:
-            continue
-        if ratio.by_cpu:
-            if not num.model_cpu_ms or not den.model_cpu_ms:
-                continue
-            parts = [r.batch * 1e3 / r.model_cpu_ms for r in (num, den)]
-            unit = "items/CPU-s"
-        else:
-            if not den.throughput:
-                continue
-            parts = [num.throughput, den.throughput]
-            unit = "items/s"
-        value = parts[0] / parts[1]
-        out.append({"name": ratio.name, "value": round(value, 3), "target": ratio.target,
-                    "met": None if ratio.target is None else value >= ratio.target, "unit": unit,
-                    "numerator": {"key": num.key, "value": parts[0]},
-                    "denominator": {"key": den.key, "value": parts[1]}})
+        rows = [by_key.get(ratio.numerator), by_key.get(ratio.denominator)]
+        parts = _parts(ratio, rows)
+        value = parts[0] / parts[1] if parts else None
+        not_run = [n for n in ratio.needs if n not in ran]
+        out.append({"name": ratio.name, "value": None if value is None else round(value, 3), "target": ratio.target,
+                    "met": None if value is None or ratio.target is None else value >= ratio.target,
+                    "unit": "items/CPU-s" if ratio.by_cpu else "items/s", "needs": list(ratio.needs),
+                    "not_run": not_run, "note": "" if parts else _why_not(ratio, rows, not_run),
+                    "numerator": {"key": ratio.numerator, "value": parts[0] if parts else None},
+                    "denominator": {"key": ratio.denominator, "value": parts[1] if parts else None}})
     return out
+
+
+def _parts(ratio: Ratio, rows: list[Result | None]) -> tuple[float, float] | None:
+    """The numerator's and the denominator's value (throughput, or items per model-side CPU second), or None
+    when a row, its CPU time or a non-zero denominator is missing."""
+    num, den = rows
+    if num is None or den is None:
+        return None
+    if ratio.by_cpu:
+        if not num.model_cpu_ms or not den.model_cpu_ms:
+            return None
+        return num.batch * 1e3 / num.model_cpu_ms, den.batch * 1e3 / den.model_cpu_ms
+    return (num.throughput, den.throughput) if den.throughput else None
+
+
+def _why_not(ratio: Ratio, rows: list[Result | None], not_run: list[str]) -> str:
+    if not_run:
+        return f"not measured: {', '.join(not_run)} did not run"
+    absent = [key for key, row in zip((ratio.numerator, ratio.denominator), rows, strict=True) if row is None]
+    if absent:
+        return f"not measured: no row {' or '.join(absent)} (see the errors)"
+    return "not measured: no CPU time" if ratio.by_cpu else "not measured: the denominator is 0"
 
 
 def _part(ratio: dict[str, Any], side: str) -> str:
     return _fmt(ratio[side]["value"], 0)
+
+
+def _split_not_run(ratios: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
+    """The ratios to list one by one (measured, or missing although all they need ran: a failure), and one
+    line for the others, whose groups were left out of this run (``--cases``, no h2load), or "" when none."""
+    listed = [r for r in ratios if r["value"] is not None or not r["not_run"]]
+    left = [r for r in ratios if r["value"] is None and r["not_run"]]
+    groups = sorted({n for r in left for n in r["not_run"]})
+    return listed, f"{len(left)} more not measured: {', '.join(groups)} did not run" if left else ""
+
+
+def _ratio_line(r: dict[str, Any]) -> str:
+    """``name: numerator vs denominator unit = value x  target ...``, or ``name: not measured: why``."""
+    if r["value"] is None:
+        return f"{r['name']}: {r['note']}"
+    target = f"  target >= {r['target']:g}x: {_verdict(r['met'])}" if r["target"] is not None else ""
+    return f"{r['name']}: {_part(r, 'numerator')} vs {_part(r, 'denominator')} {r['unit']} = {r['value']:.2f}x{target}"
 
 
 def check_targets(results: list[Result], targets: list[Target]) -> list[dict[str, Any]]:
@@ -161,10 +199,8 @@ def render_text(results: list[Result], ratios: list[dict[str, Any]], targets: li
         lines += ["", "== Best batch size (in-process throughput)", *(_best_line(b) for b in best)]
     if ratios:
         lines += ["", "== Ratios (numerator vs denominator, same run)"]
-        for r in ratios:
-            target = f"  target >= {r['target']:g}x: {_verdict(r['met'])}" if r["target"] is not None else ""
-            lines.append(f"{r['name']}: {_part(r, 'numerator')} vs {_part(r, 'denominator')} {r['unit']} = "
-                         f"{r['value']:.2f}x{target}")
+        listed, not_run = _split_not_run(ratios)
+        lines += [_ratio_line(r) for r in listed] + ([not_run] if not_run else [])
     if targets:
         lines += ["", "== Targets"]
         for t in targets:
@@ -190,11 +226,14 @@ def render_markdown(results: list[Result], report: dict[str, Any]) -> str:
     if report.get("best_batch"):
         out += ["", "Best batch size (in-process throughput): " + "; ".join(map(_best_line, report["best_batch"]))]
     if report["ratios"]:
+        listed, not_run = _split_not_run(report["ratios"])
         out += ["", "| ratio | numerator | denominator | unit | value | target |", "|---|---:|---:|---|---:|---|"]
-        for r in report["ratios"]:
+        for r in listed:
             target = "" if r["target"] is None else f">= {r['target']:g}x: {_verdict(r['met'])}"
+            value = r["note"] if r["value"] is None else f"{r['value']:.2f}x"
             out.append(f"| {r['name']} | {_part(r, 'numerator')} | {_part(r, 'denominator')} | {r['unit']} | "
-                       f"{r['value']:.2f}x | {target} |")
+                       f"{value} | {target} |")
+        out += ["", not_run] if not_run else []
     if report["targets"]:
         out += ["", "| target | measured | goal | status |", "|---|---:|---|---|"]
         for t in report["targets"]:

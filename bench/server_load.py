@@ -39,17 +39,25 @@ class Variant:
     prefix: str  # of the rows' keys
     note: str
     flags: tuple[str, ...]
+    processes: int = 1  # server processes the load client spreads its connections over (bench.loadgen)
 
     @property
     def baseline(self) -> Variant:
-        """The default server as measured in turn with this variant (its rows' keys end the prefix in -baseline)."""
-        return Variant(f"{self.prefix}-baseline", "default settings, measured in turn with: " + self.note, ())
+        """The default server as measured in turn with this variant (its rows' keys end the prefix in -baseline),
+        under the same load client: as many connections on both sides."""
+        return Variant(f"{self.prefix}-baseline", "default settings, measured in turn with: " + self.note, (),
+                       self.processes)
 
 
 DEFAULT = Variant("server", "", ())
 #: The default server's raw and shared-memory 1024 rows measured in turn with in-process ONNX Runtime (the
 #: transport target's parts)
 IN_TURN = Variant("inturn", "measured in turn with in-process ONNX Runtime on batches of the same size", ())
+#: The default server and the PyTriton peer measured in turn (``Run.peer``): the comparison's rows
+PEER_TURN = "peerturn"
+#: What the peer is: Triton's server, which hands each batch to a Python backend stub, which passes it to the
+#: PyTriton app's process, where ONNX Runtime runs it
+PEER_LABEL = "PyTriton (Python backend)"
 #: The ``--workers`` count of the ``workers`` variant unless ``coursezoo bench --workers`` says otherwise.
 DEFAULT_WORKERS = 2
 
@@ -70,7 +78,7 @@ def variants(workers: int = DEFAULT_WORKERS) -> dict[str, Variant]:
         "decode-in-process": Variant("server-nopool", "images decoded in the server process (--decode-processes 0)",
                                      ("--decode-processes", "0")),
         "workers": Variant(f"server-workers{workers}", f"{workers} server processes sharing the port "
-                           f"(--workers {workers})", ("--workers", str(workers))),
+                           f"(--workers {workers})", ("--workers", str(workers)), workers),
         # What the default's adaptive queue delay gives: many callers' replies leave together, so a client on
         # the same host is woken once for several of them, and a lone caller does not wait (docs/performance.md).
         "queue-delay": Variant("server-delay0", "no queue delay (--max-queue-delay-ms 0)",
@@ -91,9 +99,10 @@ def concurrent(digits: Export, timing: dict[str, float], variant: Variant = DEFA
     """64 callers with one image each: the case where per-request cost and dynamic batching decide."""
     return [
         _case(f"{variant.prefix}/classify-png/{digits.name}/b1/c{CLIENTS}", "server", "ClassifyDigits 1 PNG", digits,
-              "digits", 1, CLIENTS, timing, note=variant.note),
+              "digits", 1, CLIENTS, timing, note=variant.note, processes=variant.processes),
         _case(f"{variant.prefix}/modelinfer-raw/{digits.name}/b1/c{CLIENTS}", "server", "ModelInfer raw FP32",
-              digits, "model_infer", 1, CLIENTS, timing, note=variant.note, **_digits_extra(digits)),
+              digits, "model_infer", 1, CLIENTS, timing, note=variant.note, processes=variant.processes,
+              **_digits_extra(digits)),
     ]
 
 
@@ -165,14 +174,28 @@ def domain_cases(exports: dict[str, Export], timing: dict[str, float]) -> list[d
     return cases
 
 
+LABELS = {"coursezoo": "CourseZoo", "triton": PEER_LABEL}
+
+
 def oip_cases(digits: Export, server: str, concurrencies: tuple[int, ...], clients: tuple[str, ...],
               timing: dict[str, float]) -> list[dict[str, Any]]:
-    """Single-image ModelInfer from the real tritonclient, for CourseZoo and the Triton peer alike."""
-    group = "oip" if server == "coursezoo" else "peer"
-    label = {"coursezoo": "CourseZoo", "triton": "Triton (PyTriton)"}[server]
-    return [_case(f"oip/{server}/{client}/{digits.name}/c{c}", group, f"{label} ModelInfer via {client}", digits,
-                  "model_infer", 1, c, timing, client=client, **_digits_extra(digits))
+    """Single-image ModelInfer from the real tritonclient, for CourseZoo and the PyTriton peer alike."""
+    return [_case(f"oip/{server}/{client}/{digits.name}/c{c}", "oip", f"{LABELS[server]} ModelInfer via {client}",
+                  digits, "model_infer", 1, c, timing, client=client, **_digits_extra(digits))
             for client in clients for c in concurrencies]
+
+
+def peer_cases(digits: Export, server: str, concurrencies: tuple[int, ...], clients: tuple[str, ...],
+               timing: dict[str, float], h2load: bool) -> list[dict[str, Any]]:
+    """The ``ModelInfer`` rows of the peer comparison on ``server`` ("coursezoo" or "triton"): the tritonclient
+    sweep and, when ``h2load``, h2load's rows, keyed ``peerturn/<the default server's key>``; the two servers'
+    rows are measured in turn (``Run.peer``), so each ratio divides rows of the same rounds."""
+    other = "the PyTriton peer" if server == "coursezoo" else "a default CourseZoo server"
+    cases = oip_cases(digits, server, concurrencies, clients, timing)
+    if h2load:
+        cases += [c for c in h2load_cases(digits, server, timing) if c["kind"] == "model_infer"]
+    return [{**c, "key": f"{PEER_TURN}/{c['key']}", "group": "peer", "note": f"measured in turn with {other}"}
+            for c in cases]
 
 
 #: Concurrencies of the h2load rows: one caller (latency) and the 64 of the many-clients target.
@@ -185,14 +208,13 @@ def h2load_cases(digits: Export, server: str, timing: dict[str, float],
     """Single-image calls from the external C client (``bench.h2load``): ModelInfer on either server, and on
     CourseZoo also ClassifyDigits with one PNG. Keys: ``h2load/<server>/...`` on the default servers,
     ``<variant prefix>/h2load/...`` on a variant."""
-    group = "oip" if server == "coursezoo" else "peer"
-    label = {"coursezoo": "CourseZoo", "triton": "Triton (PyTriton)"}[server]
     prefix = f"h2load/{server}" if variant is DEFAULT else f"{variant.prefix}/h2load"
-    m = digits.name
-    cases = [_case(f"{prefix}/modelinfer-raw/{m}/c{c}", group, f"{label} ModelInfer via h2load", digits,
-                   "model_infer", 1, c, timing, client="h2load", note=variant.note, **_digits_extra(digits))
-             for c in concurrencies]
+    m, processes = digits.name, variant.processes
+    cases = [_case(f"{prefix}/modelinfer-raw/{m}/c{c}", "oip", f"{LABELS[server]} ModelInfer via h2load", digits,
+                   "model_infer", 1, c, timing, client="h2load", note=variant.note, processes=processes,
+                   **_digits_extra(digits)) for c in concurrencies]
     if server == "coursezoo":
         cases += [_case(f"{prefix}/classify-png/{m}/c{c}", "server", "ClassifyDigits 1 PNG via h2load", digits,
-                        "digits", 1, c, timing, client="h2load", note=variant.note) for c in concurrencies]
+                        "digits", 1, c, timing, client="h2load", note=variant.note, processes=processes)
+                  for c in concurrencies]
     return cases

@@ -36,6 +36,9 @@ class Result:
     # in-process rows) and in the load generator: robust where a shared machine makes wall time noisy
     model_cpu_ms: float | None = None
     client_cpu_ms: float | None = None
+    # TCP connections the load client held open to the server (counted by it; None in-process): gRPC can put
+    # many channels on one, and SO_REUSEPORT spreads connections, not calls, over --workers processes
+    connections: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

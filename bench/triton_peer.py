@@ -1,4 +1,7 @@
-"""Start and stop the Triton peer (``bench/pytriton_app.py``) under its own Python 3.12 interpreter.
+"""Start and stop the PyTriton peer (``bench/pytriton_app.py``) under its own Python 3.12 interpreter.
+
+The peer is Triton as PyTriton runs it, not Triton's ONNX Runtime backend: ``PATH`` is what each batch goes
+through, and the report names the peer "PyTriton (Python backend)" for it.
 
 PyTriton bundles a Triton server built against Python 3.12, so it lives in a separate virtual environment
 (``bench/peer-venv.sh`` makes ``.bench-venv312``; ``COURSEZOO_BENCH_PEER_PYTHON`` points elsewhere). That
@@ -25,18 +28,21 @@ from serving.runtime import CUDA_PROVIDER_OPTIONS, SESSION_CONFIG
 
 DEFAULT_PYTHON = REPO_ROOT / ".bench-venv312" / "bin" / "python"
 APP = Path(__file__).resolve().parent / "pytriton_app.py"
+#: What a request to the peer goes through (Triton's Python backend, as PyTriton binds a Python callable)
+PATH = ("tritonserver -> its Python backend stub -> the PyTriton app's process (bench/pytriton_app.py) -> "
+        "ONNX Runtime")
 
 
 def find_python() -> tuple[Path | None, str]:
     """The peer's interpreter and, when it cannot be used, the reason (printed as the skip note)."""
     python = Path(os.environ.get("COURSEZOO_BENCH_PEER_PYTHON", DEFAULT_PYTHON))
     if not python.exists():
-        return None, f"Triton peer skipped: no interpreter at {python} (run bench/peer-venv.sh)"
+        return None, f"PyTriton peer skipped: no interpreter at {python} (run bench/peer-venv.sh)"
     probe = ("import pytriton, onnxruntime, importlib.metadata as m; "
              "print('nvidia-pytriton', m.version('nvidia-pytriton') + ', onnxruntime', onnxruntime.__version__)")
     check = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, check=False)
     if check.returncode != 0:
-        return None, f"Triton peer skipped: {python} cannot import pytriton/onnxruntime (run bench/peer-venv.sh)"
+        return None, f"PyTriton peer skipped: {python} cannot import pytriton/onnxruntime (run bench/peer-venv.sh)"
     return python, check.stdout.strip()
 
 
@@ -53,7 +59,7 @@ class TritonPeer(ChildServer):
     Triton's log shares stdout, and the app writes the file once the model is loaded.
     """
 
-    what = "the Triton peer"
+    what = "the PyTriton peer"
 
     def __init__(self, python: Path, export: Export, *, max_batch_size: int, max_queue_delay_ms: float,
                  device: str = "cpu", timeout: float = 180.0) -> None:

@@ -54,7 +54,8 @@ def test_a_cpu_ratio_prints_the_division_it_is() -> None:
     lean, costly = (summarize(key, "server", "c", "m", batch=1, concurrency=1, items=100, seconds=1.0,
                               latencies_s=[0.01] * 100, model_cpu_s=cpu)
                     for key, cpu in (("lean", 0.1), ("costly", 0.2)))
-    ratios = report.compute_ratios([lean, costly], [report.Ratio("lean vs costly", "lean", "costly", by_cpu=True)])
+    ratios = report.compute_ratios([lean, costly], [report.Ratio("lean vs costly", "lean", "costly", by_cpu=True)],
+                                   ran=set())
     assert ratios[0]["value"] == pytest.approx(2.0)
     assert "lean vs costly: 1,000 vs 500 items/CPU-s = 2.00x" in report.render_text([], ratios, [], [])
 
@@ -117,3 +118,49 @@ def test_the_readme_sample_digits_are_the_test_split(tmp_path: Path, monkeypatch
     assert capsys.readouterr().out.endswith("their digits: 7 2\n")
     for i, expected in enumerate(bench_data.pixels(2)):
         np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "samples" / f"digit_0{i}.png")), expected)
+
+
+def _row(key: str, throughput: float, p50: float) -> dict[str, object]:
+    return {**summarize(key, "server", "c", "m", batch=1, concurrency=1, items=int(throughput), seconds=1.0,
+                        latencies_s=[p50 / 1e3] * 10).to_json(), "note": "n"}
+
+
+def test_rounds_in_turn_keep_the_median_latencies() -> None:
+    """A row is its median round; kept "fastest", its throughput is the fastest round's and its latencies
+    still the median round's, as its note says."""
+    rounds = [_row("k", 100, 5.0), _row("k", 300, 1.0), _row("k", 200, 3.0)]
+    median = harness._one_round(rounds)
+    assert (median["throughput"], median["p50_ms"]) == (200, pytest.approx(3.0))
+    assert median["note"] == "n; median of 3 rounds in turn (100, 300, 200 items/s)"
+    fastest = harness._one_round(rounds, fastest=True)
+    assert (fastest["throughput"], fastest["p50_ms"]) == (300, pytest.approx(3.0))
+    assert "latencies: the median round (200 items/s)" in fastest["note"]
+
+
+def test_a_ratio_whose_rows_are_missing_is_reported_as_not_measured() -> None:
+    """Never left out: one whose group did not run says which, one whose row failed says which row."""
+    row = summarize("here", "server", "c", "m", batch=1, concurrency=1, items=10, seconds=1.0, latencies_s=[0.1])
+    declared = [report.Ratio("skipped", "here", "peerturn/x", needs=("peer", "server")),
+                report.Ratio("failed", "here", "gone", 2.0, needs=("server",))]
+    skipped, failed = report.compute_ratios([row], declared, ran={"server"})
+    assert (skipped["value"], skipped["met"], skipped["not_run"]) == (None, None, ["peer"])
+    assert (failed["value"], failed["met"], failed["not_run"]) == (None, None, [])
+    assert failed["note"] == "not measured: no row gone (see the errors)"
+    text = report.render_text([], [skipped, failed], [], [])
+    assert "failed: not measured: no row gone (see the errors)" in text
+    assert "1 more not measured: peer did not run" in text
+
+
+def test_in_process_rows_cycle_through_the_load_generators_batches() -> None:
+    """The names model at batch 1 ran 'Abl', its shortest name, alone; the server gets 16 distinct names."""
+    selected, _ = exports.select(EXPORTED, ["names_gru"])
+    if not selected:
+        pytest.skip("no names_gru export")
+    feeds = inprocess.distinct_inputs(selected[0], 1)
+    lengths = [int(f[selected[0].card.inputs[1].name][0]) for f in feeds]
+    assert lengths == [len(name) for name in bench_data.names()[:bench_data.DISTINCT]]
+    called: list[int] = []
+    position = {id(f): i for i, f in enumerate(feeds)}
+    inprocess.measure(selected[0], "fake", lambda f: lambda: called.append(position[id(f)]), feeds, seconds=0.0,
+                      warmup=0, min_calls=40)
+    assert called == [i % bench_data.DISTINCT for i in range(40)]

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench import h2load
 from tests.conftest import DATA_MIRROR, EXPORTED, REPO_ROOT, digits_models
 
 RESULT_FIELDS = {"key": str, "group": str, "case": str, "model": str, "batch": int, "concurrency": int, "items": int,
@@ -50,6 +51,8 @@ def test_quick_run_writes_the_promised_json(tmp_path: Path) -> None:
             assert row[name] is None or isinstance(row[name], float), (row["key"], name)
         assert row["group"] in GROUPS
         assert row["items"] > 0 and row["seconds"] > 0
+        if row["group"] in ("server", "oip"):  # from the load generator, which counts its connections
+            assert isinstance(row["connections"], int) and row["connections"] >= 1, row["key"]
 
     groups = {r["group"] for r in report["results"]}
     expected = {"in-process", "server"} | ({"oip", "batch-cli"} if digits_models(EXPORTED) else set())
@@ -63,9 +66,18 @@ def test_quick_run_writes_the_promised_json(tmp_path: Path) -> None:
                      "inturn/modelinfer-shm/"):
             assert any(key.startswith(part) for key in keys), part
 
+    # every declared ratio is there; each whose groups all ran has a value (a misspelled key or a lost row would
+    # otherwise drop a ratio without a word)
+    ran = set(report["settings"]["cases"]) | ({"h2load"} if h2load.find()[0] else set())
+    assert any(ratio["value"] is not None for ratio in report["ratios"])
     for ratio in report["ratios"]:
-        assert {"name", "value", "unit", "target", "met", "numerator", "denominator"} <= ratio.keys()
-        assert ratio["numerator"]["key"] in keys and ratio["denominator"]["key"] in keys
+        assert {"name", "value", "unit", "target", "met", "numerator", "denominator", "needs", "not_run",
+                "note"} <= ratio.keys()
+        if set(ratio["needs"]) <= ran:
+            assert ratio["value"] is not None, ratio
+            assert ratio["numerator"]["key"] in keys and ratio["denominator"]["key"] in keys
+        else:
+            assert ratio["value"] is None and ratio["not_run"] and ratio["note"].startswith("not measured"), ratio
     for target in report["targets"]:
         assert {"name", "key", "metric", "op", "threshold", "measured", "met"} <= target.keys()
     inproc = {(r["model"], r["case"]) for r in report["results"] if r["group"] == "in-process"}

@@ -30,7 +30,7 @@ def test_every_answer_is_counted(server, digits_model: str, executable: str) -> 
     with grpc.insecure_channel(server.target) as channel:
         reply = channel.unary_unary(METHOD)(request, timeout=60)
     assert pb.ClassifyDigitsResponse.FromString(reply).predictions
-    load = h2load.H2Load(executable, server.target, METHOD, request, concurrency=20)
+    load = h2load.H2Load(executable, server.target, METHOD, request, concurrency=20, connections=5)
     try:
         assert load.args[1:5] == ["-c", "5", "-m", "4"]  # 20 calls in flight: 5 connections of 4
         assert load.rate(0.2) > 0
@@ -45,7 +45,7 @@ def test_failed_calls_are_not_counted_as_answers(server, digits_model: str, exec
     good = _request(digits_model)
     with grpc.insecure_channel(server.target) as channel:
         reply_bytes = len(channel.unary_unary(METHOD)(good, timeout=60))
-    load = h2load.H2Load(executable, server.target, METHOD, _request("no_such_model"), concurrency=4)
+    load = h2load.H2Load(executable, server.target, METHOD, _request("no_such_model"), concurrency=4, connections=1)
     try:
         with pytest.raises(RuntimeError, match="some calls failed"):
             load.timed(20, reply_bytes)  # NOT_FOUND, every time: no reply message at all
