@@ -58,8 +58,11 @@ class H2Load:
         self.body = Path(self._tmp.name) / "request.bin"
         self.body.write_bytes(grpc_frame(request))
         self.log = Path(self._tmp.name) / "requests.log"
+        # h2load runs -c x -m calls at once: the connections must divide the concurrency (20 connections for 64
+        # callers ran 80; --workers 5 asks for 20), so the next count up that does
+        connections = next(c for c in range(min(connections, concurrency), concurrency + 1) if concurrency % c == 0)
         self.connections = connections
-        self.args = [executable, "-c", str(connections), "-m", str(-(-concurrency // connections)),
+        self.args = [executable, "-c", str(connections), "-m", str(concurrency // connections),
                      "-d", str(self.body), "-H", "content-type: application/grpc", "-H", "te: trailers",
                      f"http://{target}{method}"]
 

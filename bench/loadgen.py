@@ -71,9 +71,11 @@ def _connections(case: dict[str, Any]) -> int:
     return connections(case["concurrency"], case.get("processes", 1))
 
 
-def open_connections(target: str) -> int:
-    """The established TCP connections this process holds to ``target``'s port (Linux /proc): what the client
-    really opened, which the number of its channels does not tell (see ``OWN_CONNECTION``)."""
+def open_connections(target: str) -> set[str]:
+    """The established TCP connections this process holds to ``target``'s port (Linux /proc), by socket inode:
+    what a client really opened, which the number of its channels does not tell (see ``OWN_CONNECTION``). A
+    client counts those it added (``opened_since``): another channel of this process (the shared memory case's
+    registration, a failed case's leftovers) is not its own."""
     port = int(target.rsplit(":", 1)[1])
     sockets = set()
     for fd in Path("/proc/self/fd").iterdir():
@@ -81,7 +83,7 @@ def open_connections(target: str) -> int:
             link = os.readlink(fd)
             if link.startswith("socket:["):
                 sockets.add(link[len("socket:["):-1])
-    count = 0
+    established = set()
     for table in ("tcp", "tcp6"):
         with contextlib.suppress(FileNotFoundError):  # no IPv6 in this kernel
             for line in Path(f"/proc/self/net/{table}").read_text().splitlines()[1:]:
@@ -89,8 +91,14 @@ def open_connections(target: str) -> int:
                 # inode (proc(5))
                 fields = line.split()
                 remote_port = int(fields[2].rsplit(":", 1)[1], 16)
-                count += fields[3] == TCP_ESTABLISHED and remote_port == port and fields[9] in sockets
-    return count
+                if fields[3] == TCP_ESTABLISHED and remote_port == port and fields[9] in sockets:
+                    established.add(fields[9])
+    return established
+
+
+def opened_since(target: str, before: set[str]) -> int:
+    """The connections to ``target`` this process opened since ``before`` (``open_connections``) and still holds."""
+    return len(open_connections(target) - before)
 
 
 @dataclasses.dataclass
@@ -275,21 +283,23 @@ async def _raw_unary(target: str, case: dict[str, Any], meter: CpuMeter) -> Time
 
     method, requests, check = REQUESTS[case["kind"]](case)
     path = method if method.startswith("/") else CLASSIFIER + method
+    before = open_connections(target)
     channels = [grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) for _ in range(_connections(case))]
-    calls = [ch.unary_unary(path) for ch in channels]  # no (de)serializers: bytes in, bytes out
-    check(await calls[0](requests[0], timeout=60))
+    try:
+        calls = [ch.unary_unary(path) for ch in channels]  # no (de)serializers: bytes in, bytes out
+        check(await calls[0](requests[0], timeout=60))
 
-    async def send(i: int) -> bytes:
-        return await calls[i % len(calls)](requests[i % len(requests)], timeout=60)
+        async def send(i: int) -> bytes:
+            return await calls[i % len(calls)](requests[i % len(requests)], timeout=60)
 
-    await _closed_loop(send, case["concurrency"], case["warmup"])
-    meter.start()
-    latencies, wall = await _closed_loop(send, case["concurrency"], case["seconds"])
-    meter.stop()
-    result = Timed(latencies, wall, open_connections(target))  # counted outside the metered window
-    for ch in channels:
-        await ch.close()
-    return result
+        await _closed_loop(send, case["concurrency"], case["warmup"])
+        meter.start()
+        latencies, wall = await _closed_loop(send, case["concurrency"], case["seconds"])
+        meter.stop()
+        return Timed(latencies, wall, opened_since(target, before))  # counted outside the metered window
+    finally:
+        for ch in channels:
+            await ch.close()
 
 
 async def _raw_stream(target: str, case: dict[str, Any], meter: CpuMeter) -> Timed:
@@ -297,6 +307,7 @@ async def _raw_stream(target: str, case: dict[str, Any], meter: CpuMeter) -> Tim
     import grpc
 
     _, requests, check = _digits_requests(case)
+    before = open_connections(target)
     async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
         stream = channel.stream_stream(CLASSIFIER + "StreamClassifyDigits")
 
@@ -331,7 +342,7 @@ async def _raw_stream(target: str, case: dict[str, Any], meter: CpuMeter) -> Tim
         meter.start()
         latencies, wall = await run(case["seconds"])
         meter.stop()
-        return Timed(latencies, wall, open_connections(target))
+        return Timed(latencies, wall, opened_since(target, before))
 
 
 def _triton_inputs(case: dict[str, Any], module: Any) -> list[list[Any]]:
@@ -366,23 +377,25 @@ def _triton_clients(target: str, case: dict[str, Any], module: Any) -> list[Any]
 async def _triton_aio(target: str, case: dict[str, Any], meter: CpuMeter) -> Timed:
     import tritonclient.grpc.aio as tc
 
+    before = open_connections(target)
     clients = _triton_clients(target, case, tc)
-    inputs = _triton_inputs(case, tc)
-    reply = await clients[0].infer(case["model"], inputs[0])
-    if reply.as_numpy(case["output"]).shape[0] != case["batch"]:
-        raise RuntimeError("the Triton client got a reply of the wrong batch size")
+    try:
+        inputs = _triton_inputs(case, tc)
+        reply = await clients[0].infer(case["model"], inputs[0])
+        if reply.as_numpy(case["output"]).shape[0] != case["batch"]:
+            raise RuntimeError("the Triton client got a reply of the wrong batch size")
 
-    async def send(i: int) -> object:
-        return await clients[i % len(clients)].infer(case["model"], inputs[i % len(inputs)])
+        async def send(i: int) -> object:
+            return await clients[i % len(clients)].infer(case["model"], inputs[i % len(inputs)])
 
-    await _closed_loop(send, case["concurrency"], case["warmup"])
-    meter.start()
-    latencies, wall = await _closed_loop(send, case["concurrency"], case["seconds"])
-    meter.stop()
-    result = Timed(latencies, wall, open_connections(target))  # counted outside the metered window
-    for c in clients:
-        await c.close()
-    return result
+        await _closed_loop(send, case["concurrency"], case["warmup"])
+        meter.start()
+        latencies, wall = await _closed_loop(send, case["concurrency"], case["seconds"])
+        meter.stop()
+        return Timed(latencies, wall, opened_since(target, before))  # counted outside the metered window
+    finally:
+        for c in clients:
+            await c.close()
 
 
 def _triton_threads(target: str, case: dict[str, Any], meter: CpuMeter) -> Timed:
@@ -392,7 +405,17 @@ def _triton_threads(target: str, case: dict[str, Any], meter: CpuMeter) -> Timed
     would otherwise end only that thread, and the row would pass for a slower one."""
     import tritonclient.grpc as tc
 
+    before = open_connections(target)
     clients = _triton_clients(target, case, tc)
+    try:
+        return _triton_threads_timed(target, case, meter, clients, before, tc)
+    finally:
+        for c in clients:
+            c.close()
+
+
+def _triton_threads_timed(target: str, case: dict[str, Any], meter: CpuMeter, clients: list[Any], before: set[str],
+                          tc: Any) -> Timed:
     inputs = _triton_inputs(case, tc)
     clients[0].infer(case["model"], inputs[0])
     latencies: list[float] = []
@@ -428,10 +451,7 @@ def _triton_threads(target: str, case: dict[str, Any], meter: CpuMeter) -> Timed
         if failures:
             raise failures[0]
     meter.stop()
-    result = Timed(latencies, wall, open_connections(target))
-    for c in clients:
-        c.close()
-    return result
+    return Timed(latencies, wall, opened_since(target, before))
 
 
 def _h2load(target: str, case: dict[str, Any], meter: CpuMeter) -> Timed:

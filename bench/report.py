@@ -123,7 +123,8 @@ def _why_not(ratio: Ratio, rows: list[Result | None], not_run: list[str]) -> str
         return f"not measured: {', '.join(not_run)} did not run"
     absent = [key for key, row in zip((ratio.numerator, ratio.denominator), rows, strict=True) if row is None]
     if absent:
-        return f"not measured: no row {' or '.join(absent)} (see the errors)"
+        return (f"not measured: no row {' or '.join(absent)} in this run (a concurrency or batch size not chosen, a "
+                "peer skipped, or a failure listed under the errors)")
     return "not measured: no CPU time" if ratio.by_cpu else "not measured: the denominator is 0"
 
 

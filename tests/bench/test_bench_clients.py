@@ -58,10 +58,12 @@ def test_every_client_holds_the_connections_it_is_meant_to(server, digits_model:
     cases = server_load.oip_cases(digits, "coursezoo", (8,), harness.OIP_CLIENTS, TIMING)
     raw = [case for case in server_load.concurrent(digits, TIMING) if case["kind"] == "model_infer"][0]
     cases += [{**raw, "concurrency": 8}, {**raw, "key": "spread", "concurrency": 8, "processes": 2}]
+    # one caller, its inputs in shared memory: the region's registration channel is not the client's own
+    cases.append(server_load.shared_memory_batches(digits, TIMING, server_load.DEFAULT))
     rows = load(server.target, cases)
     assert [r.get("error") for r in rows] == [None] * len(rows)
-    assert [r["connections"] for r in rows] == [2, 2, 2, 8]
-    assert all(r["note"].endswith(f"{r['connections']} TCP connections") for r in rows)
+    assert [r["connections"] for r in rows] == [2, 2, 2, 8, 1]
+    assert all(r["note"].endswith(f"{r['connections']} TCP connection" + "s" * (r["connections"] != 1)) for r in rows)
 
 
 def _stand_in_peer(repo: Path, provider: str) -> type:

@@ -55,3 +55,17 @@ def test_failed_calls_are_not_counted_as_answers(server, digits_model: str, exec
 
 def test_grpc_frame_is_the_length_prefixed_message() -> None:
     assert h2load.grpc_frame(b"abc") == b"\x00\x00\x00\x00\x03abc"
+
+
+@pytest.mark.parametrize("workers", range(1, 17))
+def test_h2load_keeps_the_concurrency_it_is_given(workers: int) -> None:
+    """h2load runs -c x -m calls at once: 20 connections for 64 callers (--workers 5) ran 80."""
+    from bench import loadgen
+
+    load = h2load.H2Load("h2load", "127.0.0.1:1", METHOD, b"", 64, loadgen.connections(64, workers))
+    try:
+        args = load.args
+        connections, per_connection = int(args[args.index("-c") + 1]), int(args[args.index("-m") + 1])
+        assert connections * per_connection == 64 and connections >= loadgen.connections(64, workers)
+    finally:
+        load.close()
