@@ -25,7 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def _usage() -> str:
     width = max(map(len, COMMANDS))
     lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
-    return ("usage: coursezoo COMMAND [options]   (coursezoo COMMAND --help: its options)\n\ncommands:\n"
+    return ("usage: coursezoo COMMAND [options] | coursezoo --version   (coursezoo COMMAND --help: its options)\n\n"
+            "commands:\n"
             + "\n".join(lines))
 
 

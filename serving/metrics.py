@@ -120,9 +120,10 @@ class Metrics:
 
     def set_model_ready(self, model: str, version: str, ready: bool | None) -> None:
         """1 while the version serves, 0 while it does not (unloaded, failed to load); ``None``: the version
-        is gone from the repository, and its series with it. Left at 0, every version ever retired fired an
-        alert on ``coursezoo_model_ready == 0`` for good. With ``--workers N`` a series stays at its last
-        value until the server restarts: prometheus-client's multiprocess files keep what a worker removes."""
+        is gone from the repository or held back by ``latest_versions``, and its series with it. Left at 0,
+        every version ever retired fired an alert on ``coursezoo_model_ready == 0`` for good. With
+        ``--workers N`` a series stays at its last value until the server restarts: prometheus-client's
+        multiprocess files keep what a worker removes."""
         if ready is None:
             with contextlib.suppress(KeyError):  # never set: it failed to load, or the version was unloaded
                 self.model_ready.remove(model, version)

@@ -54,7 +54,8 @@ class ServingObserver(BatchObserver, Protocol):
     """Metrics hooks: every batch (from the batchers) and every version going in or out of service."""
 
     def set_model_ready(self, model: str, version: str, ready: bool | None) -> None:
-        """True: the version serves; False: it does not (unloaded, or it failed to load); None: it is gone."""
+        """True: the version serves; False: it does not (unloaded, or it failed to load); None: it is gone, or held
+        back by ``latest_versions``."""
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,13 @@
 
 The serving loop in plain view:
 
-  setup    ``ModelRepository.start()`` loads, verifies and warms up every export in ``--repo``;
+  setup    ``ModelRepository.start()`` loads, verifies and warms up every export in ``--repo`` (or each model's
+           ``--latest-versions`` newest);
   listen   ``build_grpc_server()`` binds the port and registers the services and interceptors;
   serve    handlers decode -> ``ServedModel.infer`` (dynamic batcher -> ONNX Runtime) -> encode;
   stop     SIGTERM/SIGINT/SIGHUP: health goes NOT_SERVING, new RPCs are refused, in-flight ones finish within
-           ``--grace-s``, the batchers drain, the process exits 0.
+           ``--grace-s`` (open streams answer what they have read, then end UNAVAILABLE), the batchers drain,
+           the process exits 0.
 
 Every flag can also be set by an environment variable named ``COURSEZOO_`` + the flag in upper snake
 case (``--metrics-port`` -> ``COURSEZOO_METRICS_PORT``); a flag beats its variable, which beats the

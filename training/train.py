@@ -184,7 +184,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         description="Train course models on their real data sets.", add_help=add_help,
         epilog="exit status: 1 when a model misses its bar with its recipe's settings; 0 when every model meets it, "
                "and for runs that change the recipe (--epochs, --seed, --limit), whose [LOW] is expected of a smoke "
-               "run (`coursezoo export` still refuses to publish it)")
+               "run (`coursezoo export` still refuses to publish it); 1 also for an unknown name or missing or "
+               "unreadable data")
     p.add_argument("names", nargs="+", help="model names from the catalogue, or 'all'")
     p.add_argument("--epochs", type=at_least(1), default=None, help="override the recipe's epochs")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",

@@ -141,7 +141,8 @@ class InferenceService(Handler, inference_pb2_grpc.GRPCInferenceServiceServicer)
         A request that fails is answered with its ``error_message`` and the stream goes on, as Triton's
         does (tritonclient hands it to the stream's callback as that request's error); the reply's
         ``infer_response`` carries the request's id, so a client can tell which failed. Only a message that
-        cannot be read ends the stream, with INVALID_ARGUMENT. Like every stream here, its requests wait
+        cannot be read ends the stream, with INVALID_ARGUMENT, and a graceful stop, with UNAVAILABLE once the
+        requests read are answered (``in_order``). Like every stream here, its requests wait
         for room in a full model queue rather than fail. Every reply is its request's last (one reply per
         request) and says so with Triton's ``triton_final_response`` parameter, which stream clients such as
         PyTriton's wait for.
