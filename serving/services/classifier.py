@@ -94,9 +94,14 @@ class ClassifierService(Handler, classifier_pb2_grpc.ClassifierServicer):
         except Exception as exc:
             await abort(context, exc)
 
-    async def _classify_digits(self, request: pb.ClassifyDigitsRequest, *, wait_for_room: bool = False) -> Answer:
+    async def _classify_digits(self, request: pb.ClassifyDigitsRequest) -> Answer:
         model = self.model(request.model, request.version, ("digits",), "ClassifyDigits")
         self.check_count(len(request.images), "images")
+        return await self._digits_answer(model, request)
+
+    async def _digits_answer(self, model: ServedModel, request: pb.ClassifyDigitsRequest, *,
+                             wait_for_room: bool = False) -> Answer:
+        """Decode, classify and answer ``request`` with ``model``, found and its item count checked."""
         x = await self._digit_tensor(request.images, model.card.preprocessing)
         model, outputs = await self.infer(model, {model.card.inputs[0].name: x}, pinned=bool(request.version),
                                           wait_for_room=wait_for_room)
@@ -115,7 +120,7 @@ class ClassifierService(Handler, classifier_pb2_grpc.ClassifierServicer):
         self.check_count(len(request.images), "images")  # refused at once, not after waiting for the whole budget
         budget = self._stream_budgets.setdefault(model.name, ItemBudget(self._stream_budget_items))
         async with budget.hold(len(request.images)):
-            return await self._classify_digits(request, wait_for_room=True)
+            return await self._digits_answer(model, request, wait_for_room=True)
 
     async def _digit_tensor(self, images: Sequence[pb.Image], prep: dict) -> np.ndarray:
         """Images -> the model's float32 [n, 1, h, w]; encoded files go to the decoder, which picks where
