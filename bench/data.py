@@ -26,7 +26,7 @@ DISTINCT = 16
 
 #: The files read here, relative to a data root or mirror (laid out alike; see training/data.py).
 MNIST_TEST = "mnist/t10k-images-idx3-ubyte.gz"
-MNIST_TEST_LABELS = "mnist/t10k-labels-idx1-ubyte.gz"  # for scripts/mnist_pngs.py only
+MNIST_TEST_LABELS = "mnist/t10k-labels-idx1-ubyte.gz"
 DIABETES = "diabetes/diabetes.csv.gz"
 NAMES_TEST = "names/names_test.csv.gz"
 FILES = (MNIST_TEST, DIABETES, NAMES_TEST)
@@ -58,6 +58,11 @@ def _idx(path: Path) -> np.ndarray:
     ndim = raw[3]
     shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def mnist_test_labels() -> np.ndarray:
+    """The 10,000 MNIST test labels, uint8 [N] (scripts/mnist_pngs.py prints them beside its PNG files)."""
+    return _idx(data_file(MNIST_TEST_LABELS))
 
 
 @cache

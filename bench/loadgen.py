@@ -278,6 +278,17 @@ async def _closed_loop(send: Callable[[int], Awaitable[object]], concurrency: in
     return latencies, time.perf_counter() - start
 
 
+async def _timed_closed_loop(send: Callable[[int], Awaitable[object]], case: dict[str, Any], meter: CpuMeter,
+                             target: str, before: set[str]) -> Timed:
+    """The case's warm-up, then its metered window, of ``_closed_loop``; the connections the client opened
+    since ``before`` are counted after the window, outside the meter."""
+    await _closed_loop(send, case["concurrency"], case["warmup"])
+    meter.start()
+    latencies, wall = await _closed_loop(send, case["concurrency"], case["seconds"])
+    meter.stop()
+    return Timed(latencies, wall, opened_since(target, before))
+
+
 async def _raw_unary(target: str, case: dict[str, Any], meter: CpuMeter) -> Timed:
     import grpc
 
@@ -292,11 +303,7 @@ async def _raw_unary(target: str, case: dict[str, Any], meter: CpuMeter) -> Time
         async def send(i: int) -> bytes:
             return await calls[i % len(calls)](requests[i % len(requests)], timeout=60)
 
-        await _closed_loop(send, case["concurrency"], case["warmup"])
-        meter.start()
-        latencies, wall = await _closed_loop(send, case["concurrency"], case["seconds"])
-        meter.stop()
-        return Timed(latencies, wall, opened_since(target, before))  # counted outside the metered window
+        return await _timed_closed_loop(send, case, meter, target, before)
     finally:
         for ch in channels:
             await ch.close()
@@ -388,11 +395,7 @@ async def _triton_aio(target: str, case: dict[str, Any], meter: CpuMeter) -> Tim
         async def send(i: int) -> object:
             return await clients[i % len(clients)].infer(case["model"], inputs[i % len(inputs)])
 
-        await _closed_loop(send, case["concurrency"], case["warmup"])
-        meter.start()
-        latencies, wall = await _closed_loop(send, case["concurrency"], case["seconds"])
-        meter.stop()
-        return Timed(latencies, wall, opened_since(target, before))  # counted outside the metered window
+        return await _timed_closed_loop(send, case, meter, target, before)
     finally:
         for c in clients:
             await c.close()

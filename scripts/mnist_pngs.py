@@ -11,18 +11,11 @@ reads them (``COURSEZOO_DATA_ROOT``, ``COURSEZOO_DATA_MIRROR``); their labels ar
 from __future__ import annotations
 
 import argparse
-import gzip
 import sys
 from pathlib import Path
 
 from bench import data
 from coursezoo.args import at_least
-
-
-def labels(n: int) -> list[int]:
-    """The first ``n`` test labels (an IDX label file: 8 header bytes, then one byte per image)."""
-    raw = gzip.decompress(data.data_file(data.MNIST_TEST_LABELS).read_bytes())
-    return list(raw[8 : 8 + n])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     count = min(args.count, 10_000)
     try:
-        pngs, digits = data.pngs(count), labels(count)
+        pngs, digits = data.pngs(count), data.mnist_test_labels()[:count].tolist()
     except FileNotFoundError as e:
         print(f"mnist_pngs: {e}", file=sys.stderr)
         return 1
