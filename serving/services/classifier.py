@@ -89,7 +89,8 @@ class ClassifierService(Handler, classifier_pb2_grpc.ClassifierServicer):
         """
         try:
             async for answered in in_order(requests, functools.partial(
-                    answer, self, "StreamClassifyDigits", type(self)._stream_digits), draining=self.draining):
+                    answer, self, "StreamClassifyDigits", type(self)._stream_digits, context=context),
+                    draining=self.draining):
                 yield answered.result().message
         except Exception as exc:
             await abort(context, exc)

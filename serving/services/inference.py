@@ -148,15 +148,17 @@ class InferenceService(Handler, inference_pb2_grpc.GRPCInferenceServiceServicer)
         PyTriton's wait for.
         """
         try:
-            async for answered in in_order(requests, self._stream_reply, draining=self.draining):
+            async for answered in in_order(requests, functools.partial(self._stream_reply, context=context),
+                                           draining=self.draining):
                 yield answered.result()
         except Exception as exc:
             await abort(context, exc)
 
-    async def _stream_reply(self, request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+    async def _stream_reply(self, request: pb.ModelInferRequest, *, context: grpc.aio.ServicerContext) \
+            -> pb.ModelStreamInferResponse:
         try:
             result = await answer(self, "ModelStreamInfer", functools.partial(type(self)._infer, wait_for_room=True),
-                                  request, "model_name")
+                                  request, "model_name", context=context)
         except Exception as exc:  # noqa: BLE001 - answered in the stream; answer() counted and logged it
             failed = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
                                            id=request.id)

@@ -88,8 +88,9 @@ def test_deadlines_shorter_than_the_queue_delay_cost_no_model_time(server: Serve
     ran = metric(server, "coursezoo_batch_size_sum", model=SLOW)
     futures = [stub.ClassifyDiabetes.future(request, timeout=0.2) for _ in range(40)]
     assert {f.exception().code() for f in futures} == {grpc.StatusCode.DEADLINE_EXCEEDED}  # type: ignore[union-attr]
-    wait_for(lambda: metric(server, "coursezoo_request_failures_total", model=SLOW, code="CANCELLED") >= 40,
-             "the server to count the 40 cancelled calls")
+    # counted as what they were: timeouts, told apart from clients that cancelled (next test)
+    wait_for(lambda: metric(server, "coursezoo_request_failures_total", model=SLOW, code="DEADLINE_EXCEEDED") >= 40,
+             "the server to count the 40 calls whose deadline passed")
     assert stub.ClassifyDiabetes(request, timeout=30).predictions  # later requests are served
     assert metric(server, "coursezoo_batch_size_sum", model=SLOW) == ran + 1  # the 40 never ran
     assert metric(server, "coursezoo_queue_depth", model=SLOW) == 0
@@ -98,7 +99,9 @@ def test_deadlines_shorter_than_the_queue_delay_cost_no_model_time(server: Serve
 
 def test_cancelled_unary_calls_are_freed(server: ServerProcess, channel: grpc.Channel,
                                          stub: classifier_pb2_grpc.ClassifierStub) -> None:
-    request = pb.ClassifyDiabetesRequest(model=SLOW, records=[RECORD] * 4)
+    # 30 x 2 records stay under the batch limit (64 items), so none runs before the 2 s delay: with 4 records
+    # each the first 16 filled a batch that ran at once and could be answered before the cancel
+    request = pb.ClassifyDiabetesRequest(model=SLOW, records=[RECORD] * 2)
     before = metric(server, "coursezoo_request_failures_total", model=SLOW, code="CANCELLED")
     futures = [stub.ClassifyDiabetes.future(request, timeout=30) for _ in range(30)]
     stub.ListModels(pb.ListModelsRequest(), timeout=30)  # same connection, answered in order: the 30 have arrived
@@ -190,6 +193,26 @@ def test_cancelled_streams_are_freed(server: ServerProcess, channel: grpc.Channe
     wait_for(lambda: metric(server, "coursezoo_queue_depth", model=digits_name) == 0, "the queue to empty")
     assert len(list(stub.StreamClassifyDigits(digit_requests(digits_name, 5), timeout=60))) == 5
     assert healthy(channel)
+
+
+def test_a_stream_whose_deadline_passes_counts_its_waiting_requests_as_timed_out(server: ServerProcess) -> None:
+    """The requests a stream had in the queue when its deadline passed are DEADLINE_EXCEEDED in the metrics, as
+    unary calls are: an operator tells timeouts too short for the load from clients that went away."""
+    def timed_out() -> float:
+        return metric(server, "coursezoo_request_failures_total", model=SLOW, rpc="ModelStreamInfer",
+                      code="DEADLINE_EXCEEDED")
+
+    before, errors = timed_out(), []
+    features = triton.InferInput("features", [1, 8], "FP32")
+    features.set_data_from_numpy(np.array([RECORD.features], dtype=np.float32))
+    client = triton.InferenceServerClient(server.target)
+    client.start_stream(callback=lambda result, error: errors.append(error), stream_timeout=0.5)
+    for i in range(3):
+        client.async_stream_infer(SLOW, [features], request_id=str(i))
+    wait_for(lambda: timed_out() >= before + 3, "the server to count the stream's 3 requests as timed out")
+    client.stop_stream()
+    client.close()
+    assert metric(server, "coursezoo_queue_depth", model=SLOW) == 0
 
 
 # --- a model's files damaged while it serves; broken new versions -------------------------------------------------
