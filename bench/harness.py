@@ -549,6 +549,17 @@ def _ort_threads(intra_op_threads: int | None) -> dict[str, str]:
     }
 
 
+def set_data_places(root: Path | None, mirror: Path | None) -> None:
+    """Put the data places (the options, else the environment's, else the defaults) in the environment as
+    absolute paths: ``bench.data`` reads them there, here and in the load generators this run starts, which
+    run in the repository root, where a relative path the user meant from elsewhere would miss."""
+    for variable, given in (("COURSEZOO_DATA_ROOT", root), ("COURSEZOO_DATA_MIRROR", mirror)):
+        if given is not None:
+            os.environ[variable] = str(given)
+    for variable, place in zip(("COURSEZOO_DATA_ROOT", "COURSEZOO_DATA_MIRROR"), data.places(), strict=True):
+        os.environ[variable] = str(_absolute(str(place)))
+
+
 def main(args: argparse.Namespace) -> int:
     started = datetime.now(UTC)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
@@ -556,10 +567,7 @@ def main(args: argparse.Namespace) -> int:
         if why := unwritable(path):
             print(f"coursezoo bench: cannot write the results: {why} (--json)", file=sys.stderr)
             return 1
-    for variable, path in (("COURSEZOO_DATA_ROOT", args.data_root), ("COURSEZOO_DATA_MIRROR", args.data_mirror)):
-        if path is not None:  # read by bench.data, here and in the load generators this run starts
-            os.environ[variable] = str(path)
-    os.environ["COURSEZOO_DATA_ROOT"] = str(_absolute(str(data.places()[0])))  # the subprocesses run elsewhere
+    set_data_places(args.data_root, args.data_mirror)
     try:  # before any server starts: without the data every case fails, after minutes
         for rel in data.FILES:
             data.data_file(rel)

@@ -66,6 +66,18 @@ def test_a_relative_repo_is_the_one_under_the_current_directory(tmp_path: Path,
     assert harness.get_args_parser().parse_args(["--repo", "models"]).repo == tmp_path / "models"
 
 
+def test_relative_data_places_reach_the_load_generators_as_meant(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The load generators run in the repository root: a relative mirror from the environment reached them as
+    a path under it."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COURSEZOO_DATA_MIRROR", "shared/data")
+    monkeypatch.setenv("COURSEZOO_DATA_ROOT", "ignored")
+    harness.set_data_places(Path("mine"), None)
+    assert (os.environ["COURSEZOO_DATA_ROOT"], os.environ["COURSEZOO_DATA_MIRROR"]) == (
+        str(tmp_path / "mine"), str(tmp_path / "shared" / "data"))
+
+
 def test_the_markdown_copy_never_overwrites_the_json() -> None:
     assert harness.markdown_path(Path("r/latest.json")) == Path("r/latest.md")
     assert harness.markdown_path(Path("r/x.md")) == Path("r/x.md.md")
