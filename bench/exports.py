@@ -10,7 +10,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from serving.card import ONNX_FILE, TORCHSCRIPT_FILE, ModelCard
+from serving.card import ONNX_FILE, TORCHSCRIPT_FILE, CardError, ModelCard, version_dirs
 
 #: tasks whose models the benchmarks know how to feed
 TASKS = ("digits", "diabetes", "names")
@@ -42,12 +42,14 @@ class Export:
 
 
 def latest(repo: Path, name: str) -> Export | None:
-    """The newest numbered version of ``name`` under ``repo`` with a readable card, or None."""
-    versions = sorted((p for p in (repo / name).glob("*") if p.is_dir() and p.name.isdigit()),
-                      key=lambda p: int(p.name))
-    for path in reversed(versions):
-        if (path / "model.json").is_file() and (path / ONNX_FILE).is_file():
-            card = ModelCard.load(path)
+    """The newest version of ``name`` under ``repo`` with a readable card and its ONNX file, as the server
+    would serve it (it skips a version that fails to load), or None."""
+    for path in version_dirs(repo / name):
+        if (path / ONNX_FILE).is_file():
+            try:
+                card = ModelCard.load(path)
+            except CardError:
+                continue
             return Export(name=name, version=card.version, path=path, card=card)
     return None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,9 @@ SCHEMA_VERSION = 1
 CARD_FILE = "model.json"
 ONNX_FILE = "model.onnx"
 TORCHSCRIPT_FILE = "model.pt"
+#: A version folder's name: a number in ASCII digits, as ``training/export.py`` numbers them (its hidden staging
+#: folders do not match).
+VERSION_DIR = re.compile(r"[0-9]+")
 
 #: Tasks, which are also the batch CLI's ``--kind`` values and pick the domain RPC that serves them.
 TASKS = ("digits", "diabetes", "names", "hello", "regression", "logistic")
@@ -186,6 +190,17 @@ def preference(card: ModelCard) -> tuple[float, str]:
     """
     accuracy = card.metrics.get("accuracy")
     return (-float(accuracy) if isinstance(accuracy, int | float) else float("inf"), card.name)
+
+
+def version_dirs(model_dir: Path) -> list[Path]:
+    """``model_dir``'s version folders, newest first: the one rule for what is a version, which the server, the
+    batch CLI, eval, export and the benchmarks share (before, each had its own, and they picked different
+    versions of one model). None when ``model_dir`` does not exist; other OSErrors propagate."""
+    try:
+        found = [p for p in model_dir.iterdir() if p.is_dir() and VERSION_DIR.fullmatch(p.name)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(found, key=lambda p: int(p.name), reverse=True)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

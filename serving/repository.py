@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from serving.batching import BatcherClosed, BatchObserver, DynamicBatcher
-from serving.card import CARD_FILE, ONNX_FILE, CardError, ModelCard, preference
+from serving.card import CARD_FILE, ONNX_FILE, VERSION_DIR, CardError, ModelCard, preference, version_dirs
 from serving.preprocess import InputError, quote
 from serving.runtime import CPU, OnnxModel, ProviderError
 from serving.statistics import InferenceStatistics
@@ -35,7 +35,6 @@ from serving.statistics import InferenceStatistics
 log = logging.getLogger("coursezoo.repository")
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}")  # a directory name: at most 255 characters
-_VERSION = re.compile(r"[0-9]+")  # as training/export.py numbers them; hidden staging dirs do not match
 #: Triton's versions are 64-bit numbers; a longer one names no version (and ``int`` refuses over 4,300 digits).
 _VERSION_DIGITS = 18
 
@@ -492,7 +491,7 @@ def _by_number(versions: dict[str, _Version], version: str) -> _Version | None:
 def version_number(version: str) -> int:
     """A requested version as its number; InputError unless it is a whole number > 0 in ASCII digits (``int``
     alone would take "1_0" for 10 and other scripts' digits)."""
-    digits = version.lstrip("0") if _VERSION.fullmatch(version) else ""
+    digits = version.lstrip("0") if VERSION_DIR.fullmatch(version) else ""
     if not digits or len(digits) > _VERSION_DIGITS:
         raise InputError(f"model version {quote(version)} is not a whole number > 0 of at most {_VERSION_DIGITS} "
                          "digits: expected a version such as \"1\", or none for the newest")
@@ -509,11 +508,7 @@ def _model_dirs(root: Path) -> set[str]:
 def _version_dirs(model_dir: Path) -> dict[str, tuple]:
     """Version directory name -> fingerprint of its files (None for a missing file); none when the model's
     directory is gone, and an OSError when it cannot be listed (see ``_model_dirs``)."""
-    try:
-        dirs = [p for p in model_dir.iterdir() if p.is_dir() and _VERSION.fullmatch(p.name)]
-    except (FileNotFoundError, NotADirectoryError):
-        return {}
-    return {p.name: tuple(_stat(p / f) for f in (CARD_FILE, ONNX_FILE)) for p in dirs}
+    return {p.name: tuple(_stat(p / f) for f in (CARD_FILE, ONNX_FILE)) for p in version_dirs(model_dir)}
 
 
 def _stat(path: Path) -> tuple[int, int] | None:

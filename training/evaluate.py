@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from serving.card import ONNX_FILE, CardError, ModelCard
+from serving.card import ONNX_FILE, CardError, ModelCard, version_dirs
 from serving.preprocess import decode_hello, encode_names
 from training import data
 from training.catalog import HELLO_VOCAB, Entry, resolve
@@ -114,11 +114,12 @@ METRIC_TOLERANCE = 0.002  # 0.2 points of accuracy between the card and a fresh 
 
 
 def latest_version(repo: Path, name: str) -> Path:
-    versions = sorted((p for p in (repo / name).glob("*") if p.is_dir() and p.name.isdigit()),
-                      key=lambda p: int(p.name))
+    """The newest version folder of ``name``, readable card or not: eval reports a broken newest version rather
+    than pass over it to an older one."""
+    versions = version_dirs(repo / name)
     if not versions:
         raise FileNotFoundError(f"no exported versions of {name} under {repo / name}")
-    return versions[-1]
+    return versions[0]
 
 
 def contract_differences(entry: Entry, card: ModelCard) -> list[str]:

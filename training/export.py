@@ -25,7 +25,7 @@ import onnxruntime as ort
 import torch
 import torchvision
 
-from serving.card import ONNX_FILE, TORCHSCRIPT_FILE, ModelCard, sha256_file
+from serving.card import ONNX_FILE, TORCHSCRIPT_FILE, ModelCard, sha256_file, version_dirs
 from serving.preprocess import encode_hello, encode_names
 from training import data, evaluate
 from training.catalog import HELLO_VOCAB, Entry, resolve
@@ -40,8 +40,8 @@ class ExportError(RuntimeError):
 
 
 def next_version(model_dir: Path) -> str:
-    versions = [int(p.name) for p in model_dir.glob("*") if p.is_dir() and p.name.isdigit()]
-    return str(max(versions, default=0) + 1)
+    versions = version_dirs(model_dir)
+    return str(int(versions[0].name) + 1) if versions else "1"
 
 
 #: Names beside the held-out sample in the parity batch: the edges of a packed sequence (one step, and a long

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from serving.batch.engines import EngineError, model_spec
 from serving.batch.types import KINDS
-from serving.card import CARD_FILE, CardError, ModelCard, preference
+from serving.card import CARD_FILE, CardError, ModelCard, preference, version_dirs
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +42,9 @@ def find_model(repo: Path, spec: str | None, kind: str | None) -> list[tuple[Mod
 
 
 def _versions(folder: Path) -> list[tuple[ModelCard, Path]]:
-    """A model's versions with a readable card, newest first (numeric versions sort as numbers)."""
+    """A model's versions with a readable card, newest first."""
     found = []
-    for directory in sorted(folder.iterdir()) if folder.is_dir() else []:
+    for directory in version_dirs(folder):
         if not (directory / CARD_FILE).is_file():
             continue
         try:
@@ -55,14 +55,13 @@ def _versions(folder: Path) -> list[tuple[ModelCard, Path]]:
             log.warning("skipping a model version with a broken card", extra={"path": str(directory), "error": str(e)})
             continue
         found.append((card, directory))
-    return sorted(found, key=lambda v: (v[0].version.isdigit(), int(v[0].version) if v[0].version.isdigit() else 0,
-                                        v[0].version), reverse=True)
+    return found
 
 
 def _pinned(versions: list[tuple[ModelCard, Path]], name: str, version: str) -> list[tuple[ModelCard, Path]]:
     """The one of ``versions`` numbered ``version`` ("1" is folder 1 or 01, as the server finds it), else an
     error listing the versions there are, as the server's."""
-    pinned = [v for v in versions if v[0].version.isdigit() and int(v[0].version) == int(version)]
+    pinned = [v for v in versions if int(v[0].version) == int(version)]
     if not pinned:
         raise EngineError(f"model {name!r} has no version {version!r}; versions: "
                           f"{', '.join(card.version for card, _ in reversed(versions))}")
