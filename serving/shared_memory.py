@@ -4,8 +4,14 @@ A client on the same host creates a shared memory object (``shm_open``; Python's
 ``multiprocessing.shared_memory``, tritonclient's ``utils.shared_memory``), registers it under a region
 name with ``SystemSharedMemoryRegister``, and then names the region, a byte size and an offset in an
 input's or a requested output's parameters (``shared_memory_region``, ``shared_memory_byte_size``,
-``shared_memory_offset``). The server maps the object once and reads inputs from it without a copy,
-and writes outputs into it; a 1024-image FP32 batch then no longer crosses gRPC as 3.2 MB.
+``shared_memory_offset``). The server opens the object once, reads inputs from it and writes outputs into
+it; a 1024-image FP32 batch then no longer crosses gRPC as 3.2 MB.
+
+Reads and writes go through the object's descriptor (``preadv``/``pwrite``), never through a mapping. A
+mapped page past the object's end is SIGBUS, and a client that shrinks its object while a request reads
+or writes it (between the size check and the access, or while the request waits in the queue and runs, if
+inputs were read in place) killed the server; a read through the descriptor comes up short instead, and
+is refused. Triton maps its regions, and the same client kills it. The price is one copy of each input.
 
 Regions belong to one server process: with ``--workers N`` the extension is off (serving/supervisor.py),
 as a region registered through one worker would be unknown to the others.
@@ -14,12 +20,14 @@ as a region registered through one worker would be unknown to the others.
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 import re
+import resource
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from serving.preprocess import InputError
 
@@ -27,7 +35,8 @@ from serving.preprocess import InputError
 SHM_DIR = Path("/dev/shm")
 #: A POSIX shared memory name: one path component, optionally after a leading slash (never ``.``/``..``).
 KEY_PATTERN = re.compile(r"/?(?!\.\.?$)[^/\x00]{1,255}")
-#: Regions one server keeps mapped at once; each mapping is address space, not memory, but not endless.
+#: Regions one server holds at once, each an open descriptor; fewer when the process may open few files (a quarter
+#: of its soft limit), so that regions cannot take the descriptors that connections and model files need.
 MAX_REGIONS = 1024
 #: The parameters that place a tensor in a region (Triton's names).
 REGION, BYTE_SIZE, OFFSET = "shared_memory_region", "shared_memory_byte_size", "shared_memory_offset"
@@ -42,27 +51,73 @@ class RegionExists(ValueError):
 
 
 class TooManyRegions(RuntimeError):
-    """MAX_REGIONS are registered (RESOURCE_EXHAUSTED)."""
+    """The server holds as many regions as it may, or is out of file descriptors (RESOURCE_EXHAUSTED)."""
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Region:
-    """One registered region: ``byte_size`` bytes at ``offset`` in the object ``key``, mapped once; ``fd``
-    stays open so each use can check the object still holds the region."""
+    """One registered region: ``byte_size`` bytes at ``offset`` in the object ``key``, open as ``fd``.
+
+    A request in flight holds the regions its outputs go to (``hold``), so an unregister meanwhile takes the
+    name away at once but closes the descriptor only when the last request has written (as Triton defers it):
+    the request still answers into the region it was given."""
 
     name: str
     key: str
     offset: int
     byte_size: int
     fd: int
-    mapping: mmap.mmap
+    _holders: int = field(default=0, repr=False)
+    _unregistered: bool = field(default=False, repr=False)
 
-    def release(self) -> None:
-        os.close(self.fd)
-        try:
-            self.mapping.close()
-        except BufferError:
-            pass  # a request still holds a view; the mapping goes with the last view
+    def span(self, offset: int, byte_size: int, tensor: str) -> int:
+        """Where ``byte_size`` bytes at ``offset`` in the region start in the object; InputError unless they fit
+        the region, and the object still holds the region (a client may shrink its object at any time)."""
+        if offset < 0 or byte_size < 0 or offset + byte_size > self.byte_size:
+            raise InputError(f"{tensor!r}: {byte_size} bytes at offset {offset} do not fit shared memory region "
+                             f"{self.name!r} of {self.byte_size} bytes")
+        if os.fstat(self.fd).st_size < self.offset + self.byte_size:
+            raise self._shrunk()
+        return self.offset + offset
+
+    def read(self, offset: int, byte_size: int, tensor: str) -> np.ndarray:
+        """A copy of ``byte_size`` bytes at ``offset`` (uint8): a short read means the object shrank meanwhile."""
+        start, data = self.span(offset, byte_size, tensor), np.empty(byte_size, dtype=np.uint8)
+        done = 0
+        while done < byte_size:  # one read returns at most ~2 GiB
+            got = os.preadv(self.fd, [data[done:]], start + done)
+            if got == 0:
+                raise self._shrunk()
+            done += got
+        return data
+
+    def write(self, offset: int, data: bytes, tensor: str) -> None:
+        """Put ``data`` at ``offset``. A write past an object shrunk meanwhile grows it again: no harm done here."""
+        start, view = self.span(offset, len(data), tensor), memoryview(data)
+        while view:
+            written = os.pwrite(self.fd, view, start)
+            view, start = view[written:], start + written
+
+    def hold(self) -> Region:
+        self._holders += 1
+        return self
+
+    def let_go(self) -> None:
+        self._holders -= 1
+        self._close_when_free()
+
+    def unregister(self) -> None:
+        self._unregistered = True
+        self._close_when_free()
+
+    def _close_when_free(self) -> None:
+        if self._unregistered and self._holders == 0 and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def _shrunk(self) -> InputError:
+        return InputError(f"shared memory region {self.name!r}: its object {self.key!r} was shrunk below the "
+                          "registered size: register it again")
 
 
 class SharedMemoryRegistry:
@@ -71,6 +126,7 @@ class SharedMemoryRegistry:
 
     def __init__(self) -> None:
         self._regions: dict[str, Region] = {}
+        self.max_regions = min(MAX_REGIONS, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4)
 
     def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
         if not name:
@@ -82,16 +138,17 @@ class SharedMemoryRegistry:
             raise InputError(f"shared memory region {name!r}: byte_size {byte_size}, expected > 0")
         if name in self._regions:
             raise RegionExists(f"shared memory region {name!r} is already registered: unregister it first")
-        if len(self._regions) >= MAX_REGIONS:
-            raise TooManyRegions(f"{MAX_REGIONS} shared memory regions are registered: unregister some first")
-        self._regions[name] = Region(name, key, offset, byte_size, *_map(name, key, offset, byte_size))
+        if len(self._regions) >= self.max_regions:
+            raise TooManyRegions(f"{len(self._regions)} shared memory regions are registered, as many as this server "
+                                 "holds: unregister some first")
+        self._regions[name] = Region(name, key, offset, byte_size, _open(name, key, offset, byte_size))
 
     def unregister(self, name: str = "") -> None:
         """Forget region ``name`` ("" = all). Unknown names are not an error (Triton answers OK too). A
-        mapping still read by a request in flight is unmapped when that request lets go of it."""
+        region a request in flight writes to is closed when that request is done with it."""
         for n in [name] if name else list(self._regions):
             if (region := self._regions.pop(n, None)) is not None:
-                region.release()
+                region.unregister()
 
     def status(self, name: str = "") -> list[Region]:
         """Region ``name``, or every region when ``name`` is empty."""
@@ -101,30 +158,20 @@ class SharedMemoryRegistry:
             raise RegionNotFound(f"no shared memory region {name!r} is registered")
         return [self._regions[name]]
 
-    def view(self, name: str, offset: int, byte_size: int, tensor: str) -> memoryview:
-        """``byte_size`` bytes at ``offset`` in region ``name``, for the input or output ``tensor``."""
+    def region(self, name: str, tensor: str) -> Region:
+        """The region registered as ``name``, which the input or output ``tensor`` names."""
         region = self._regions.get(name)
         if region is None:
             raise RegionNotFound(f"{tensor!r} names shared memory region {name!r}, which is not registered: "
                                  "register it with SystemSharedMemoryRegister first")
-        if offset < 0 or byte_size < 0 or offset + byte_size > region.byte_size:
-            raise InputError(f"{tensor!r}: {byte_size} bytes at offset {offset} do not fit shared memory region "
-                             f"{name!r} of {region.byte_size} bytes")
-        # Touching a mapped page past the object's end kills the process (SIGBUS): refuse an object that was
-        # shrunk since it was registered. (One shrunk between this check and the read is not caught.)
-        if os.fstat(region.fd).st_size < region.offset + region.byte_size:
-            raise InputError(f"shared memory region {name!r}: its object {region.key!r} was shrunk below the "
-                             "registered size: register it again")
-        start = region.offset + offset
-        return memoryview(region.mapping)[start : start + byte_size]
+        return region
 
     def close(self) -> None:
         self.unregister()
 
 
-def _map(name: str, key: str, offset: int, byte_size: int) -> tuple[int, mmap.mmap]:
-    """Open the object ``key`` and map it from its start to the region's end (mmap offsets must be
-    page-aligned); the descriptor is returned open."""
+def _open(name: str, key: str, offset: int, byte_size: int) -> int:
+    """Open the object ``key``, checked to be a shared memory object that holds the region."""
     path = SHM_DIR / key.lstrip("/")
     try:
         # No links: one planted in /dev/shm would make any file the server may write a region of a client.
@@ -133,6 +180,9 @@ def _map(name: str, key: str, offset: int, byte_size: int) -> tuple[int, mmap.mm
         raise RegionNotFound(f"shared memory region {name!r}: no shared memory object {key!r} on the server's "
                              "host: create it (shm_open) before registering it") from None
     except OSError as e:
+        if e.errno in (errno.EMFILE, errno.ENFILE):
+            raise TooManyRegions(f"shared memory region {name!r}: the server is out of file descriptors: unregister "
+                                 "regions first") from None
         if e.errno == errno.ELOOP:
             raise InputError(f"shared memory region {name!r}: {key!r} is a symbolic link: expected a shared memory "
                              "object made with shm_open") from None
@@ -142,11 +192,10 @@ def _map(name: str, key: str, offset: int, byte_size: int) -> tuple[int, mmap.mm
         if not stat.S_ISREG(info.st_mode):
             raise InputError(f"shared memory region {name!r}: {key!r} is not a shared memory object: expected one "
                              "made with shm_open")
-        size = info.st_size
-        if offset < 0 or offset + byte_size > size:
+        if offset < 0 or offset + byte_size > info.st_size:
             raise InputError(f"shared memory region {name!r}: {byte_size} bytes at offset {offset} do not fit "
-                             f"object {key!r} of {size} bytes")
-        return fd, mmap.mmap(fd, offset + byte_size)
+                             f"object {key!r} of {info.st_size} bytes")
+        return fd
     except BaseException:
         os.close(fd)
         raise

@@ -3,7 +3,7 @@
 Requests may carry each input either as typed ``contents`` (``fp32_contents``, ``int64_contents``,
 ...) or, as ``tritonclient`` does, as one little-endian buffer per input in ``raw_input_contents``;
 raw buffers become zero-copy ``np.frombuffer`` views; or, through Triton's system shared memory
-extension, in a registered region (``serving.shared_memory``), read in place. Replies use
+extension, in a registered region (``serving.shared_memory``), read with one copy. Replies use
 ``raw_output_contents`` (what Triton does, and what clients decode fastest), or write an output into the
 region its request named.
 """
@@ -36,7 +36,7 @@ def decode_inputs(tensors: Sequence, raw: Sequence[bytes], shared_memory: Shared
                   specs: Sequence[TensorSpec] = ()) -> dict[str, np.ndarray]:
     """``ModelInferRequest.inputs`` (+ ``raw_input_contents``) -> arrays by tensor name.
 
-    An input whose parameters name a shared memory region is read from it in place; the raw buffers
+    An input whose parameters name a shared memory region is read from it (a copy); the raw buffers
     belong, in order, to the other inputs (what tritonclient sends). Checks what the transport alone can
     check (datatype known, shape non-negative, element count matches); names, dtypes and shapes against
     the model card are the runtime's ``validate``. ``specs``, the card's inputs, only make errors say what
@@ -67,7 +67,7 @@ def decode_inputs(tensors: Sequence, raw: Sequence[bytes], shared_memory: Shared
             raise InputError(f"input {tensor.name!r} has {len(shape)} dimensions: at most {MAX_DIMS} are accepted")
         count = math.prod(shape)  # Python ints: a product of huge dimensions must not wrap around to a small one
         if placement or raw:
-            # in place from shared memory; a raw buffer read once (each read of a protobuf bytes field is a copy)
+            # a raw buffer read once (each read of a protobuf bytes field is a copy)
             buffer = _shared_input(tensor.name, placement, shared_memory) if placement else next(buffers)
             if len(buffer) != count * dtype.itemsize:
                 source = (f"shared memory byte size {len(buffer)}" if placement
@@ -121,12 +121,12 @@ def _int_param(param: Any) -> int:
 
 
 def _shared_input(name: str, placement: tuple[str, int, int], shared_memory: SharedMemoryRegistry | None) \
-        -> memoryview:
+        -> np.ndarray:
     if shared_memory is None:
         raise InputError(f"input {name!r} names a shared memory region, but shared memory is off on this server "
                          "(--shared-memory): send the data in raw_input_contents")
     region, byte_size, offset = placement
-    return shared_memory.view(region, offset, byte_size, f"input {name}")
+    return shared_memory.region(region, f"input {name}").read(offset, byte_size, f"input {name}")
 
 
 def select_outputs(outputs: Mapping[str, np.ndarray], requested: Sequence[str]) -> list[tuple[str, np.ndarray]]:

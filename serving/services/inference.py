@@ -11,7 +11,7 @@ statistics (see ``descriptions``).
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
@@ -35,7 +35,7 @@ from serving.services.codecs import (
 )
 from serving.services.descriptions import PLATFORM, model_config, model_statistics
 from serving.services.health import HealthService
-from serving.shared_memory import BYTE_SIZE, OFFSET, REGION, SharedMemoryRegistry
+from serving.shared_memory import BYTE_SIZE, OFFSET, REGION, Region, SharedMemoryRegistry
 
 #: The stream reply parameter that marks a request's last reply
 FINAL_RESPONSE = "triton_final_response"
@@ -105,31 +105,35 @@ class InferenceService(Handler, inference_pb2_grpc.GRPCInferenceServiceServicer)
         model.validate(inputs)
         rows = len(next(iter(inputs.values())))
         self.check_count(rows, "rows (batch items)")
-        placements = {o.name: shared_placement(o) for o in request.outputs}
+        requested = _requested_outputs(request.outputs)
+        placements = {name: shared_placement(o) for name, o in requested.items()}
         if any(placements.values()) and self.shared_memory is None:
             raise InputError("an output names a shared memory region, but shared memory is off on this server "
                              "(--shared-memory): leave the output's parameters out")
-        for name, placement in placements.items():  # the whole place the client named must be there, before a run
-            if placement is not None and self.shared_memory is not None:
-                region, byte_size, offset = placement
-                self.shared_memory.view(region, offset, byte_size, f"output {name}")
-        classes = {o.name: class_count(o) for o in request.outputs}
+        classes = {name: class_count(o) for name, o in requested.items()}
         if any(classes[name] and placement for name, placement in placements.items()):
             raise InputError("an output asks for classification and shared memory at once: classes are answered in "
                              "the reply; leave out one of the two parameters (as Triton requires)")
-        model, outputs = await self.infer(model, inputs, pinned=bool(request.model_version),
-                                          wait_for_room=wait_for_room)
-        reply = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
-        for name, array in select_outputs(outputs, [o.name for o in request.outputs]):
-            if classes.get(name):
-                datatype, shape, data = encode_classes(array, classes[name], model.card.labels)
-            else:
-                datatype, shape, data = encode_output(array)
-            tensor = reply.outputs.add(name=name, datatype=datatype, shape=shape)
-            if placement := placements.get(name):
-                self._write_shared(tensor, placement, data)
-                data = b""  # an empty buffer keeps raw_output_contents in step with outputs, as clients index it
-            reply.raw_output_contents.append(data)
+        held = _HeldOutputs()
+        try:
+            for name, placement in placements.items():  # the whole place the client named must be there, before a run
+                if placement is not None and self.shared_memory is not None:
+                    held.add(name, self.shared_memory, placement)
+            model, outputs = await self.infer(model, inputs, pinned=bool(request.model_version),
+                                              wait_for_room=wait_for_room)
+            reply = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
+            for name, array in select_outputs(outputs, list(requested)):
+                if classes.get(name):
+                    datatype, shape, data = encode_classes(array, classes[name], model.card.labels)
+                else:
+                    datatype, shape, data = encode_output(array)
+                tensor = reply.outputs.add(name=name, datatype=datatype, shape=shape)
+                if name in held:
+                    held.write(tensor, data)
+                    data = b""  # an empty buffer keeps raw_output_contents in step with outputs, as clients index it
+                reply.raw_output_contents.append(data)
+        finally:
+            held.let_go()
         return Answer(reply, model.name, rows)
 
     ModelInfer = rpc("ModelInfer", model_field="model_name")(_infer)
@@ -188,20 +192,6 @@ class InferenceService(Handler, inference_pb2_grpc.GRPCInferenceServiceServicer)
         reply = pb.ModelStatisticsResponse(model_stats=[model_statistics(m) for m in models])
         return Answer(reply, request.name, len(models))
 
-    def _write_shared(self, tensor: pb.ModelInferResponse.InferOutputTensor, placement: tuple[str, int, int],
-                      data: bytes) -> None:
-        """Put an output's bytes into the region its request named, and say where in the reply (as Triton does)."""
-        assert self.shared_memory is not None  # ModelInfer refused the request before running it otherwise
-        region, byte_size, offset = placement
-        if byte_size < len(data):
-            raise InputError(f"output {tensor.name!r} needs {len(data)} bytes, but its shared memory byte size is "
-                             f"{byte_size}: expected at least {len(data)}")
-        self.shared_memory.view(region, offset, len(data), f"output {tensor.name}")[:] = data
-        tensor.parameters[REGION].string_param = region
-        tensor.parameters[BYTE_SIZE].int64_param = len(data)
-        if offset:
-            tensor.parameters[OFFSET].int64_param = offset
-
     @rpc("SystemSharedMemoryStatus")
     async def SystemSharedMemoryStatus(self, request: pb.SystemSharedMemoryStatusRequest) -> Answer:
         reply = pb.SystemSharedMemoryStatusResponse()
@@ -223,12 +213,13 @@ class InferenceService(Handler, inference_pb2_grpc.GRPCInferenceServiceServicer)
 
     def _registry(self) -> SharedMemoryRegistry:
         if self.shared_memory is None:
-            raise SharedMemoryOff("system shared memory is off on this server (it is on for a loopback host or "
-                                  "with a token; --shared-memory on to allow it): send tensors in the request")
+            raise SharedMemoryOff("system shared memory is off on this server (--shared-memory: auto turns it on "
+                                  "for a loopback host or with a token; --workers turns it off, as a region registered "
+                                  "in one process would be unknown to the others): send tensors in the request")
         return self.shared_memory
 
     def close(self) -> None:
-        """Unmap every shared memory region (the server is stopping)."""
+        """Close every shared memory region (the server is stopping)."""
         if self.shared_memory is not None:
             self.shared_memory.close()
 
@@ -275,3 +266,50 @@ def _one_repository(name: str) -> None:
     if name:
         raise Unsupported(f"repository_name {quote(name)}: this server has one model repository (--repo); leave "
                           "repository_name empty")
+
+
+def _requested_outputs(outputs: Sequence[pb.ModelInferRequest.InferRequestedOutputTensor]) \
+        -> dict[str, pb.ModelInferRequest.InferRequestedOutputTensor]:
+    """The requested outputs by name, in the client's order. A name asked for twice is answered once (as Triton
+    answers it), but not with two sets of parameters: one of two places in shared memory went unwritten."""
+    requested: dict[str, pb.ModelInferRequest.InferRequestedOutputTensor] = {}
+    for output in outputs:
+        first = requested.setdefault(output.name, output)
+        if dict(first.parameters) != dict(output.parameters):
+            raise InputError(f"output {quote(output.name)} is requested twice with different parameters: expected "
+                             "each output once")
+    return requested
+
+
+class _HeldOutputs:
+    """The regions a request's outputs go to, held from before the run until the reply is built: a region
+    unregistered meanwhile still gets its output (Triton defers such an unregister too)."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, tuple[Region, int, int]] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._held
+
+    def add(self, name: str, registry: SharedMemoryRegistry, placement: tuple[str, int, int]) -> None:
+        region_name, byte_size, offset = placement
+        region = registry.region(region_name, f"output {name}")
+        region.span(offset, byte_size, f"output {name}")
+        self._held[name] = (region.hold(), byte_size, offset)
+
+    def write(self, tensor: pb.ModelInferResponse.InferOutputTensor, data: bytes) -> None:
+        """Put an output's bytes into its region, and say where in the reply (as Triton does)."""
+        region, byte_size, offset = self._held[tensor.name]
+        if byte_size < len(data):
+            raise InputError(f"output {tensor.name!r} needs {len(data)} bytes, but its shared memory byte size is "
+                             f"{byte_size}: expected at least {len(data)}")
+        region.write(offset, data, f"output {tensor.name}")
+        tensor.parameters[REGION].string_param = region.name
+        tensor.parameters[BYTE_SIZE].int64_param = len(data)
+        if offset:
+            tensor.parameters[OFFSET].int64_param = offset
+
+    def let_go(self) -> None:
+        for region, _, _ in self._held.values():
+            region.let_go()
+        self._held.clear()

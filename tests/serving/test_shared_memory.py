@@ -10,6 +10,10 @@ generated ``inference`` module.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import threading
+from collections import Counter
 from collections.abc import Iterator
 from multiprocessing import shared_memory
 from pathlib import Path
@@ -204,13 +208,108 @@ def test_only_shared_memory_objects_can_be_regions(tmp_path: Path, planted: str)
         path.unlink() if planted == "link" else path.rmdir()
 
 
-def test_unregistering_while_a_request_reads_the_region(block) -> None:
-    """A view handed to a request in flight keeps its mapping alive; unregistering does not fail on it."""
+def test_a_region_unregistered_while_a_request_holds_it_still_gets_its_output(block) -> None:
+    """As Triton defers such an unregister: the name goes at once, the object stays open until the request has
+    written its output (the server used to answer NOT_FOUND after running the model)."""
     registry = SharedMemoryRegistry()
     registry.register("r", "/" + block.name, 0, 4096)
-    block.buf[:4] = b"\x01\x02\x03\x04"
-    view = registry.view("r", 0, 4, "input x")
+    region = registry.region("r", "output y").hold()
     registry.unregister("r")
-    assert bytes(view) == b"\x01\x02\x03\x04"
-    view.release()
     assert registry.status() == []
+    region.write(8, b"\x01\x02\x03\x04", "output y")
+    assert bytes(block.buf[8:12]) == b"\x01\x02\x03\x04"
+    fd = region.fd
+    region.let_go()
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed once the last request let go
+
+
+@pytest.mark.parametrize("placed", ["input", "output"])
+def test_an_object_shrunk_while_requests_use_it_never_kills_the_server(start_server, exported_repo: Path,
+                                                                      placed: str) -> None:
+    """A client thread shrinks the object to nothing and grows it back while requests read or write it. Read
+    through a mapping, a page past the object's end is SIGBUS: the server died within ~20 requests (exit 135).
+    Every call must now end OK or INVALID_ARGUMENT ("shrunk"), and the server keep serving."""
+    server = start_server(exported_repo, "--poll-interval-s", "0")
+    client = triton.InferenceServerClient(server.target)
+    images = np.zeros((256, 1, 28, 28), dtype=np.float32)
+    size = images.nbytes + 256 * 10 * 4
+    path = Path(f"/dev/shm/coursezoo-test-flip-{os.getpid()}")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    stop = threading.Event()
+
+    def flip() -> None:
+        while not stop.is_set():
+            os.ftruncate(fd, 0)
+            os.ftruncate(fd, size)
+
+    try:
+        os.ftruncate(fd, size)
+        client.register_system_shared_memory("flip", "/" + path.name, size)
+        flipper = threading.Thread(target=flip, daemon=True)
+        flipper.start()
+        codes: Counter[str] = Counter()
+        for _ in range(150):
+            if placed == "input":
+                tensor = triton.InferInput("image", list(images.shape), "FP32").set_shared_memory("flip", images.nbytes)
+                outputs = None
+            else:
+                (tensor,) = triton_inputs({"image": images})
+                outputs = [triton.InferRequestedOutput("logits")]
+                outputs[0].set_shared_memory("flip", size - images.nbytes, offset=images.nbytes)
+            try:
+                client.infer("mnist_cnn", [tensor], outputs=outputs, client_timeout=30)
+                codes["OK"] += 1
+            except InferenceServerException as e:
+                assert e.status() == "StatusCode.INVALID_ARGUMENT" and "shrunk" in e.message(), e.message()
+                codes["shrunk"] += 1
+        stop.set()
+        flipper.join()
+        assert server.proc.poll() is None and client.is_server_ready(), codes
+    finally:
+        stop.set()
+        os.close(fd)
+        path.unlink()
+        client.close()
+
+
+def test_an_output_asked_for_twice_in_two_places_is_refused(triton_client: triton.InferenceServerClient,
+                                                            block) -> None:
+    """One of the two would have gone unwritten; the same output asked for twice alike is answered once."""
+    triton_client.register_system_shared_memory("twice", "/" + block.name, 8192)
+    (tensor,) = triton_inputs({"image": np.zeros((1, 1, 28, 28), dtype=np.float32)})
+    inline, placed = triton.InferRequestedOutput("logits"), triton.InferRequestedOutput("logits")
+    placed.set_shared_memory("twice", 40)
+    with pytest.raises(InferenceServerException) as info:
+        triton_client.infer("mnist_cnn", [tensor], outputs=[placed, inline])
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT" and "requested twice" in info.value.message()
+    result = triton_client.infer("mnist_cnn", [tensor], outputs=[inline, triton.InferRequestedOutput("logits")])
+    assert result.as_numpy("logits").shape == (1, 10)
+
+
+def test_regions_leave_most_file_descriptors_to_connections() -> None:
+    """Each region is an open descriptor: under systemd's soft limit of 1024, 502 regions left none for new
+    connections, and the 503rd registration was INTERNAL with a traceback. Now a quarter of the limit, and
+    running out is RESOURCE_EXHAUSTED."""
+    script = """
+import os, resource, sys
+from multiprocessing import shared_memory
+from serving.shared_memory import SharedMemoryRegistry, TooManyRegions
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+block = shared_memory.SharedMemory(create=True, size=4096)
+try:
+    registry = SharedMemoryRegistry()
+    for i in range(64):
+        try:
+            registry.register(f"r{i}", "/" + block.name, 0, 64)
+        except TooManyRegions as e:
+            print(i, e)
+            break
+    registry.close()
+finally:
+    block.close()
+    block.unlink()
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.stdout.startswith("16 16 shared memory regions are registered"), done.stdout + done.stderr
