@@ -30,11 +30,11 @@ class LogLevelError(ValueError):
     """COURSEZOO_LOG_LEVEL names no level."""
 
 
-def setup(level: str | None = None) -> None:
-    """JSON lines on stderr at ``level``, else ``COURSEZOO_LOG_LEVEL``, else WARNING; an empty variable is unset
+def setup() -> None:
+    """JSON lines on stderr at ``COURSEZOO_LOG_LEVEL``, else WARNING; an empty variable is unset
     (compose passes one through empty). Raises LogLevelError for anything else but a level's name: before,
     every command, ``--help`` too, stopped with a traceback, and a server so configured crash-looped."""
-    name = (level or os.environ.get("COURSEZOO_LOG_LEVEL", "").strip() or DEFAULT_LEVEL).upper()
+    name = (os.environ.get("COURSEZOO_LOG_LEVEL", "").strip() or DEFAULT_LEVEL).upper()
     if name not in LEVELS:
         raise LogLevelError(f"COURSEZOO_LOG_LEVEL={name.lower()!r}: expected one of {', '.join(LEVELS)} "
                             f"(any case), or unset for {DEFAULT_LEVEL}")

@@ -28,12 +28,9 @@ import asyncio
 import json
 import os
 import random
-import re
 import signal
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -48,6 +45,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from serving.card import CardError, ModelCard  # noqa: E402 - after the path set-up that makes the script runnable anywhere
+from serving.process import ServerProcess  # noqa: E402
 from serving.protos import classifier_pb2 as pb  # noqa: E402
 from serving.protos import classifier_pb2_grpc, inference_pb2, inference_pb2_grpc  # noqa: E402
 
@@ -255,23 +253,6 @@ def judge(report: Report, args: argparse.Namespace) -> None:
         report.failures.append(f"open file descriptors grew from {report.idle_before.fds} to {report.idle_after.fds}")
 
 
-def start_server(repo: Path) -> tuple[subprocess.Popen[str], str]:
-    """``coursezoo serve`` on an ephemeral loopback port; returns the process and its address."""
-    proc = subprocess.Popen([sys.executable, "-m", "coursezoo", "serve", "--repo", str(repo), "--host", "127.0.0.1",
-                             "--port", "0", "--metrics-port", "-1", "--poll-interval-s", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if m := re.search(r"coursezoo serving on (\S+):(\d+)", line):
-            target = f"{m.group(1)}:{m.group(2)}"
-        if line.startswith(("MODEL ", "(no model")):
-            # Keep reading in the background: a server blocked on a full pipe would fail the soak.
-            threading.Thread(target=proc.stdout.read, daemon=True).start()
-            return proc, target
-    raise SystemExit(f"the server exited before serving (exit {proc.wait()})")
-
-
 def print_report(report: Report) -> None:
     print(f"soak: {report.calls} calls in {report.duration_s:g} s at concurrency {report.concurrency} "
           f"({report.calls_per_s}/s); unexpected statuses: {sum(report.unexpected.values())}")
@@ -294,8 +275,11 @@ async def main_async(args: argparse.Namespace) -> Report:
     if args.target:
         target, pid = args.target, args.pid
     else:
-        proc, target = start_server(args.repo)
-        pid = proc.pid
+        # as the tests start it: on an ephemeral loopback port, output drained, a timeout if it never serves
+        server = ServerProcess(args.repo, "--metrics-port", "-1", "--poll-interval-s", "0").start()
+        proc = server.proc
+        assert proc is not None
+        target, pid = server.target, proc.pid
     report = Report(duration_s=args.duration, concurrency=args.concurrency)
     try:
         async with grpc.aio.insecure_channel(target) as channel:  # ready, then measured idle

@@ -23,7 +23,7 @@ TORCHSCRIPT_FILE = "model.pt"
 #: folders do not match).
 VERSION_DIR = re.compile(r"[0-9]+")
 
-#: Tasks, which are also the batch CLI's ``--kind`` values and pick the domain RPC that serves them.
+#: Tasks: each picks the domain RPC that serves it (the batch CLI's ``--kind`` values are the tasks it classifies).
 TASKS = ("digits", "diabetes", "names", "hello", "regression", "logistic")
 
 #: KServe v2 datatype name -> numpy dtype name.
@@ -73,12 +73,11 @@ class TensorSpec:
 class ModelCard:
     """Everything serving needs to know about one exported model version.
 
-    ``preprocessing`` is task specific; its keys are read by ``serving/preprocess.py``:
-      - digits: ``height``, ``width``, ``fit_box``, ``mean``, ``std``, ``polarity`` ("light_on_dark")
-      - diabetes: ``num_features``, ``feature_range`` (optional: without it any finite value is accepted)
-      - names: ``vocab_size``, ``padding_index``, ``normalization`` ("NFKD-ascii")
-      - hello: ``vocabulary`` (the characters, index order)
-      - regression / logistic: nothing (raw floats)
+    ``preprocessing`` is task specific; the keys ``serving/preprocess.py`` reads are ``PREPROCESSING_KEYS``
+    (digits: the image size, fit box, normalization and polarity; diabetes: the feature count and, optionally,
+    ``feature_range``; names: ``vocab_size``; hello: ``vocabulary``, the characters in index order; regression
+    and logistic: nothing, raw floats). Training records more (the names' ``padding_index`` and
+    ``normalization``), which serving does not read.
     """
 
     name: str
@@ -161,9 +160,6 @@ class ModelCard:
         path = Path(directory) / CARD_FILE
         path.write_text(json.dumps(self.to_json(), indent=2, sort_keys=False) + "\n", encoding="utf-8")
         return path
-
-    def input(self, name: str) -> TensorSpec:
-        return next(t for t in self.inputs if t.name == name)
 
     def verify_file(self, directory: Path, filename: str = ONNX_FILE) -> Path:
         """Return the file's path after checking its sha256 against the card; raise CardError otherwise."""

@@ -130,7 +130,7 @@ class Metrics:
         else:
             self.model_ready.labels(model, version).set(1 if ready else 0)
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> WSGIServer:
+    def serve(self, port: int, host: str) -> WSGIServer:
         """Start the ``/metrics`` HTTP endpoint in a daemon thread; port 0 binds an ephemeral port."""
         return serve_registry(self.registry, port, host)
 
@@ -156,7 +156,7 @@ class WorkerMetrics:
 
     ENV = "PROMETHEUS_MULTIPROC_DIR"
 
-    def __init__(self, port: int, host: str = "0.0.0.0") -> None:
+    def __init__(self, port: int, host: str) -> None:
         self.directory = tempfile.mkdtemp(prefix="coursezoo-metrics-")
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=self.directory)

@@ -59,7 +59,7 @@ class ServingObserver(BatchObserver, Protocol):
 
 @dataclass(frozen=True)
 class ServingSettings:
-    """How models are run and batched; ``coursezoo serve`` builds it from its flags.
+    """How models are run and batched; ``coursezoo serve`` builds it from its flags, whose defaults these are.
 
     A card's ``serving`` dict may override the batching and thread fields for its model (the card knows
     the model's best batch size), see ``settings_for``.
@@ -70,10 +70,10 @@ class ServingSettings:
     max_queue_delay_ms: float = 1.0
     adaptive_queue_delay: bool = True  # wait for as many requests as the last batch held, not the whole delay
     max_queue_items: int = 4096
-    intra_op_threads: int | None = None  # CPU threads one run may use (runtime.OnnxModel); None or 0: one per core
-    inline_run_ms: float = 0.0  # batches expected to run faster than this run on the event loop (see batching)
+    intra_op_threads: int = 0  # CPU threads one run may use (runtime.OnnxModel); 0: one per core
+    inline_run_ms: float = 1.0  # batches expected to run faster than this run on the event loop (see batching)
     max_items_per_request: int = 1024  # the largest client batch, which runs as one execution (see batching)
-    poll_interval_s: float = 0.0  # 0: no polling; RepositoryModelLoad still loads new versions
+    poll_interval_s: float = 5.0  # 0: no polling; RepositoryModelLoad still loads new versions
     latest_versions: int = 0  # 0: every version directory is loaded; N: the N newest that load (see the module)
 
     def __post_init__(self) -> None:
@@ -194,13 +194,13 @@ class _Version:
 class ModelRepository:
     """Scans, loads, serves and hot-reloads the model versions under ``root``."""
 
-    def __init__(self, root: Path, settings: ServingSettings | None = None, *, metrics: ServingObserver | None = None,
+    def __init__(self, root: Path, settings: ServingSettings, *, metrics: ServingObserver | None = None,
                  executor: Executor | None = None):
         """``executor`` runs the models' batches that do not run on the event loop (None: the loop's default
         one, which every ``asyncio.to_thread`` shares: the server gives the models threads of their own)."""
         self.root = Path(root)
         self._executor = executor
-        self.settings = settings if settings is not None else ServingSettings()
+        self.settings = settings
         self._metrics = metrics
         self._models: dict[str, dict[str, _Version]] = {}
         self._unloaded: dict[str, list[str]] = {}  # RepositoryModelUnload's: name -> versions; polling leaves them out

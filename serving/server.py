@@ -49,15 +49,15 @@ from serving.heap import keep_freed_memory
 from serving.metrics import Metrics
 from serving.preprocess import DEFAULT_MAX_IMAGE_PIXELS, set_max_image_pixels
 from serving.protos import classifier_pb2, classifier_pb2_grpc, inference_pb2, inference_pb2_grpc
-from serving.repository import MINIMUM, ModelRepository
-from serving.runtime import ProviderError
+from serving.repository import MINIMUM, ModelRepository, ServingSettings
+from serving.runtime import DEVICES, ProviderError
 from serving.security import CONTROL_MODES, ConfigError, Security
 from serving.services.base import RequestDecodeGuard
 from serving.services.classifier import ClassifierService
 from serving.services.health import HealthService
 from serving.services.inference import InferenceService
 from serving.services.plumbing import Refused, around, refusal
-from serving.supervisor import STOP_SIGNALS, supervise
+from serving.supervisor import METRICS_LINE, STOP_SIGNALS, supervise
 
 log = logging.getLogger("coursezoo.serve")
 
@@ -69,6 +69,10 @@ def _option(default: Any, help: str, *, secret: bool = False, **argparse_kwargs:
     return field(default=default, repr=not secret, metadata={"help": help, "secret": secret, **argparse_kwargs})
 
 
+#: How models run and batch by default: the repository's settings, which these flags feed (one place per default).
+_SERVING = ServingSettings()
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     """Everything ``coursezoo serve`` can be told; tests and benchmarks build it directly."""
@@ -76,34 +80,44 @@ class ServerSettings:
     repo: Path = _option(Path("exported"), "model repository: <repo>/<name>/<version>/{model.onnx,model.json}")
     host: str = _option("0.0.0.0", "address to bind the gRPC port on")
     port: int = _option(50051, "gRPC port; 0 binds an ephemeral port (the bound one is printed)", minimum=0)
-    device: str = _option("auto", "ONNX Runtime device: auto tries CUDA and falls back to CPU",
-                          choices=("auto", "cuda", "cpu"))
+    device: str = _option(_SERVING.device,
+        "ONNX Runtime device: auto tries CUDA and falls back to CPU",
+        choices=DEVICES)
     metrics_port: int = _option(8002, "Prometheus /metrics port; 0 = ephemeral (printed), -1 = off", minimum=-1)
-    max_batch_size: int = _option(64, "dynamic batching: most items merged from concurrent requests into one model "
-                                      "execution (1 = no coalescing); one request runs whole")
-    max_queue_delay_ms: float = _option(1.0, "dynamic batching: longest wait for more items to join a batch; 0 "
-                                        "= no waiting, but requests queued behind a running batch still join")
-    adaptive_queue_delay: bool = _option(True, "wait --max-queue-delay-ms out only until a batch holds as many "
-                                         "requests as the last one (once a second, the whole delay, to see how "
-                                         "many come): a lone caller does not wait; false = always, as Triton "
-                                         "does")
-    max_queue_items: int = _option(4096, "items a model's queue holds; beyond, UNAVAILABLE (retry later)")
-    max_items_per_request: int = _option(1024, "items (images, records, texts, rows) one request may carry")
+    max_batch_size: int = _option(_SERVING.max_batch_size,
+        "dynamic batching: most items merged from concurrent requests into one model "
+        "execution (1 = no coalescing); one request runs whole")
+    max_queue_delay_ms: float = _option(_SERVING.max_queue_delay_ms,
+        "dynamic batching: longest wait for more items to join a batch; 0 "
+        "= no waiting, but requests queued behind a running batch still join")
+    adaptive_queue_delay: bool = _option(_SERVING.adaptive_queue_delay,
+        "wait --max-queue-delay-ms out only until a batch holds as many "
+        "requests as the last one (once a second, the whole delay, to see how "
+        "many come): a lone caller does not wait; false = always, as Triton "
+        "does")
+    max_queue_items: int = _option(_SERVING.max_queue_items,
+        "items a model's queue holds; beyond, UNAVAILABLE (retry later)")
+    max_items_per_request: int = _option(_SERVING.max_items_per_request,
+        "items (images, records, texts, rows) one request may carry")
     max_image_pixels: int = _option(DEFAULT_MAX_IMAGE_PIXELS, "largest image (width*height) before RESOURCE_EXHAUSTED",
                                     minimum=1)
     decode_processes: int = _option(-1, f"processes decoding the images of requests with {POOL_MIN_IMAGES} or more; "
                                     f"-1 = one per CPU core (at most {MAX_AUTO_PROCESSES}), 0 = decode in the "
                                     "server process", minimum=-1)
     max_message_mb: int = _option(64, "largest gRPC message, both directions, in MiB", minimum=1)
-    poll_interval_s: float = _option(5.0, "how often the repository looks for new versions; 0 = never")
-    latest_versions: int = _option(0, "how many of each model's versions are loaded: the N newest that load (a "
-                                   "newer one that fails to load does not push an older one out), as Triton's "
-                                   "version_policy latest N; 0 = every version directory (policy all)")
-    intra_op_threads: int = _option(0, "CPU threads one model run may use (a large batch is split "
-                                   "across them); 0 = one per core")
-    inline_run_ms: float = _option(1.0, "model runs measured to take less than this execute on the event loop, "
-                                   "saving a thread hop (on a GPU, only a lone request's run; batches formed "
-                                   "under load run in a thread); 0 = every run in a worker thread")
+    poll_interval_s: float = _option(_SERVING.poll_interval_s,
+        "how often the repository looks for new versions; 0 = never")
+    latest_versions: int = _option(_SERVING.latest_versions,
+        "how many of each model's versions are loaded: the N newest that load (a "
+        "newer one that fails to load does not push an older one out), as Triton's "
+        "version_policy latest N; 0 = every version directory (policy all)")
+    intra_op_threads: int = _option(_SERVING.intra_op_threads,
+        "CPU threads one model run may use (a large batch is split "
+        "across them); 0 = one per core")
+    inline_run_ms: float = _option(_SERVING.inline_run_ms,
+        "model runs measured to take less than this execute on the event loop, "
+        "saving a thread hop (on a GPU, only a lone request's run; batches formed "
+        "under load run in a thread); 0 = every run in a worker thread")
     grace_s: float = _option(10.0, "on SIGTERM/SIGINT/SIGHUP, how long in-flight RPCs may take to finish", minimum=0)
     tls_cert: str = _option("", "PEM certificate (chain) the port presents; with --tls-key the port speaks TLS only")
     tls_key: str = _option("", "PEM private key of --tls-cert")
@@ -409,11 +423,11 @@ class CourseZooServer:
         lines = [f"coursezoo serving on {host}:{self.port} (domain API coursezoo.v1.Classifier, "
                  f"KServe v2 inference.GRPCInferenceService, grpc.health.v1, reflection)"]
         if self.metrics_port:
-            lines.append(f"metrics on http://{host}:{self.metrics_port}/metrics")
+            lines.append(f"{METRICS_LINE}http://{host}:{self.metrics_port}/metrics")
         lines.append(self.security.describe())
         rows = [("MODEL", "VERSION", "TASK", "PROVIDER", "METRIC")]
         rows += [(m.name, m.version, m.card.task, m.provider, str(m.card.metrics.get("verdict", "")))
-                 for m in sorted(self.repository.models(), key=lambda m: (m.name, int_or_str(m.version)))]
+                 for m in self.repository.models()]  # by name, then version
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
         if len(rows) == 1:
@@ -434,11 +448,6 @@ def _started_executor(workers: int) -> ThreadPoolExecutor:
         executor.submit(everyone.wait)
     everyone.wait()
     return executor
-
-
-def int_or_str(version: str) -> tuple[int, str]:
-    """Sort key that orders "2" before "10" and keeps non-numeric versions stable."""
-    return (int(version), "") if version.isdigit() else (sys.maxsize, version)
 
 
 async def serve(settings: ServerSettings, stop: asyncio.Event | None = None,

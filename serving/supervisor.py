@@ -20,7 +20,8 @@ multiprocess mode, the workers' values in files of a private directory); the wor
 that port before any worker starts, so a taken one fails the start as for one process.
 
 What differs from one process: each worker has its own health state, and model control
-(RepositoryModelLoad/Unload) is off, since a load or unload would only reach the worker that received it.
+(RepositoryModelLoad/Unload) and system shared memory are off, since a load, an unload or a registered region
+would only reach the worker that received it.
 """
 
 from __future__ import annotations

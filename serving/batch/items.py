@@ -163,8 +163,8 @@ def _records(rows: Iterator[Row]) -> Iterator[Item]:
     row too).
 
     The label column is the one a header names like ``Outcome`` or ``label``, else a ninth column, as
-    in the course file. How many fields a row must have comes from the model (``NUM_FEATURES``, one more
-    with a label), never from the first row, so one bad first row cannot fail every good row after it.
+    in the course file. How many fields a row must have is the course file's (``records.NUM_FEATURES``, one
+    more with a label), never the first row's, so one bad first row cannot fail every good row after it.
     """
     first = next(rows, None)
     if first is None:

@@ -33,7 +33,8 @@ from serving.runtime import CPU, OnnxModel, ProviderError
 
 EXPORTED = Path(__file__).resolve().parents[2] / "exported"
 WAIT_S = 30.0
-CPU_SETTINGS = ServingSettings(device="cpu", max_batch_size=64, max_queue_delay_ms=1, intra_op_threads=1)
+CPU_SETTINGS = ServingSettings(device="cpu", max_batch_size=64, max_queue_delay_ms=1, intra_op_threads=1,
+                               inline_run_ms=0, poll_interval_s=0)
 
 
 class Metrics:

@@ -1,7 +1,8 @@
 """Engines classify prepared batches; the pipeline knows them only through the small ``Engine`` protocol.
 
 ``local`` runs the model in-process with ONNX Runtime, the server's own code path; ``remote`` sends
-batches to a running ``coursezoo serve``. A further engine (a Ray pool, say) needs only these members.
+batches to a running ``coursezoo serve``. ``ray`` (engines/ray.py) runs the local engine's steps on a Ray
+cluster with a loop of its own (``run``), which the CLI calls instead of the pipeline.
 """
 
 from __future__ import annotations
