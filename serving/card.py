@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 SCHEMA_VERSION = 1
 CARD_FILE = "model.json"
 ONNX_FILE = "model.onnx"
@@ -28,6 +30,8 @@ TASKS = ("digits", "diabetes", "names", "hello", "regression", "logistic")
 
 #: KServe v2 datatype name -> numpy dtype name.
 DATATYPES = {"FP32": "float32", "FP64": "float64", "INT64": "int64", "INT32": "int32", "UINT8": "uint8"}
+#: numpy dtype -> KServe v2 datatype name: what an array is called on the wire and in error messages.
+DATATYPE_OF = {np.dtype(numpy_name): name for name, numpy_name in DATATYPES.items()}
 
 
 class CardError(ValueError):

@@ -18,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
-from serving.card import DATATYPES, CardError, ModelCard, TensorSpec
+from serving.card import DATATYPE_OF, CardError, ModelCard, TensorSpec
 from serving.preprocess import MAX_TEXT_LENGTH, InputError, check_task_inputs, quote
 from serving.workers import cores
 
@@ -43,8 +43,6 @@ CUDA_PROVIDER_OPTIONS = {
 
 #: Session configuration entries (see ``_session_options``); the benchmark's Triton peer gets the same.
 SESSION_CONFIG = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
-
-_NUMPY_TO_DATATYPE = {np.dtype(v): k for k, v in DATATYPES.items()}
 
 #: On the CPU every run is single-threaded, and a batch of more than this many items is cut into slices, at
 #: least one per thread, the slices run side by side on the same session. ONNX Runtime's own intra-op pool
@@ -219,7 +217,7 @@ def _describe(specs: tuple[TensorSpec, ...]) -> str:
 def _check_tensor(spec: TensorSpec, array: np.ndarray) -> None:
     expected = f"expected {spec.datatype} {list(spec.shape)} (-1: any size)"
     if array.dtype != np.dtype(spec.numpy_dtype):
-        given = _NUMPY_TO_DATATYPE.get(array.dtype, str(array.dtype))
+        given = DATATYPE_OF.get(array.dtype, str(array.dtype))
         raise InputError(f"input {spec.name!r} has datatype {given}: {expected}")
     if len(array.shape) != len(spec.shape) or any(0 <= d != n for d, n in zip(spec.shape, array.shape, strict=True)):
         raise InputError(f"input {spec.name!r} has shape {list(array.shape)}: {expected}")

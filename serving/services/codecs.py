@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from serving.card import DATATYPES, TensorSpec
+from serving.card import DATATYPE_OF, DATATYPES, TensorSpec
 from serving.preprocess import InputError, quote
 from serving.shared_memory import BYTE_SIZE, OFFSET, REGION, SharedMemoryRegistry
 
@@ -27,7 +27,6 @@ DTYPES = {name: np.dtype(numpy_name).newbyteorder("<") for name, numpy_name in D
 MAX_DIMS = 8
 CONTENTS_FIELD = {"FP32": "fp32_contents", "FP64": "fp64_contents", "INT64": "int64_contents",
                   "INT32": "int_contents", "UINT8": "uint_contents"}
-DATATYPE_OF = {np.dtype(numpy_name): name for name, numpy_name in DATATYPES.items()}
 #: The requested output parameter of Triton's classification extension
 CLASSIFICATION = "classification"
 

@@ -18,7 +18,7 @@ Triton's own auto-completed configuration of an ONNX model would say it:
 
 from __future__ import annotations
 
-from serving.card import TensorSpec
+from serving.card import ONNX_FILE, TensorSpec
 from serving.protos import inference_pb2 as pb
 from serving.protos import model_config_pb2 as mc
 from serving.repository import ServedModel
@@ -38,7 +38,7 @@ def model_config(model: ServedModel) -> mc.ModelConfig:
         input=[_model_input(t) for t in model.card.inputs],
         output=[mc.ModelOutput(name=t.name, data_type=_data_type(t.datatype), dims=t.shape[1:])
                 for t in model.card.outputs],
-        instance_group=[_instance_group(model)], default_model_filename="model.onnx",
+        instance_group=[_instance_group(model)], default_model_filename=ONNX_FILE,
     )
     if settings.max_batch_size > 1:
         config.dynamic_batching.CopyFrom(mc.ModelDynamicBatching(
