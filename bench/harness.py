@@ -560,19 +560,46 @@ def set_data_places(root: Path | None, mirror: Path | None) -> None:
         os.environ[variable] = str(_absolute(str(place)))
 
 
-def main(args: argparse.Namespace) -> int:
-    started = datetime.now(UTC)
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+def _preflight(args: argparse.Namespace) -> str | None:
+    """Why the run cannot start (the results unwritable, a data file missing), or None: checked before any
+    server starts, since without them every case fails, after minutes."""
     for path in (args.json, markdown_path(args.json)):
         if why := unwritable(path):
-            print(f"coursezoo bench: cannot write the results: {why} (--json)", file=sys.stderr)
-            return 1
+            return f"cannot write the results: {why} (--json)"
     set_data_places(args.data_root, args.data_mirror)
-    try:  # before any server starts: without the data every case fails, after minutes
+    try:
         for rel in data.FILES:
             data.data_file(rel)
     except FileNotFoundError as e:
-        print(f"coursezoo bench: {e}", file=sys.stderr)
+        return str(e)
+    return None
+
+
+def _run_groups(run: Run, cases: set[str]) -> None:
+    """Measure the selected groups, each server group against one copy of the exports."""
+    if not run.by_task.get("digits"):
+        run.notes.append("no digits model selected: the server's digits, OIP, batch-CLI and peer cases are skipped")
+    if "inprocess" in cases:
+        run.group("in-process baselines", run.inprocess)
+    if cases & {"server", "raw-in-turn", "oip", "batch-cli", *VARIANTS, "peer"}:
+        with exports.server_repository(run.server_models) as tmp_repo:
+            if cases & {"server", "oip", "batch-cli"}:
+                run.group("server (default settings)", lambda: run.server(cases, Path(tmp_repo)))
+            if "raw-in-turn" in cases:
+                run.group("server (raw and shared-memory ModelInfer, in-process ORT, in turn)",
+                          lambda: run.raw_in_turn(Path(tmp_repo)))
+            for name in VARIANTS:
+                if name in cases:
+                    run.group(f"server ({name})", lambda name=name: run.variant(name, Path(tmp_repo)))
+            if "peer" in cases:
+                run.group(f"{PEER} and a default server, in turn", lambda: run.peer(Path(tmp_repo)))
+
+
+def main(args: argparse.Namespace) -> int:
+    started = datetime.now(UTC)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    if why := _preflight(args):
+        print(f"coursezoo bench: {why}", file=sys.stderr)
         return 1
     plan = QUICK if args.quick else FULL
     if args.concurrency:
@@ -592,22 +619,7 @@ def main(args: argparse.Namespace) -> int:
     run = Run(args, plan, selected, cuda)
     run.notes += missing
     run.server_settings = _server_defaults()
-    if not run.by_task.get("digits"):
-        run.notes.append("no digits model selected: the server's digits, OIP, batch-CLI and peer cases are skipped")
-    if "inprocess" in cases:
-        run.group("in-process baselines", run.inprocess)
-    if cases & {"server", "raw-in-turn", "oip", "batch-cli", *VARIANTS, "peer"}:
-        with exports.server_repository(run.server_models) as tmp_repo:
-            if cases & {"server", "oip", "batch-cli"}:
-                run.group("server (default settings)", lambda: run.server(cases, Path(tmp_repo)))
-            if "raw-in-turn" in cases:
-                run.group("server (raw and shared-memory ModelInfer, in-process ORT, in turn)",
-                          lambda: run.raw_in_turn(Path(tmp_repo)))
-            for name in VARIANTS:
-                if name in cases:
-                    run.group(f"server ({name})", lambda name=name: run.variant(name, Path(tmp_repo)))
-            if "peer" in cases:
-                run.group(f"{PEER} and a default server, in turn", lambda: run.peer(Path(tmp_repo)))
+    _run_groups(run, cases)
 
     ran = cases | ({H2LOAD} if h2load.find()[0] else set())
     ratios = report.compute_ratios(run.results, run.ratios(), ran)
