@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
@@ -30,6 +31,68 @@ class LogLevelError(ValueError):
     """COURSEZOO_LOG_LEVEL names no level."""
 
 
+class LogSettingError(ValueError):
+    """A LogSettings change names no setting, or gives one a value of the wrong kind."""
+
+
+class Severities(logging.Filter):
+    """Which severities are logged, switched one by one as Triton's logging extension switches them
+    (``LogSettings``: ``log_info``, ``log_warning``, ``log_error``, and ``log_verbose_level`` > 0 for DEBUG);
+    a level such as ``COURSEZOO_LOG_LEVEL`` sets them all. It filters the handler, and the root logger's
+    level follows the least severe one on, so records nobody wants are not even made."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.set_level(DEFAULT_LEVEL)
+
+    def set_level(self, name: str) -> None:
+        level = logging.getLevelNamesMapping()[name]
+        self.info, self.warning, self.error = (level <= logging.INFO, level <= logging.WARNING,
+                                               level <= logging.ERROR)
+        self.verbose = int(level <= logging.DEBUG)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            return self.error
+        if record.levelno >= logging.WARNING:
+            return self.warning
+        return self.info if record.levelno >= logging.INFO else self.verbose > 0
+
+    def lowest(self) -> int:
+        """The least severe level on (above CRITICAL when none is)."""
+        on = [(self.verbose > 0, logging.DEBUG), (self.info, logging.INFO), (self.warning, logging.WARNING),
+              (self.error, logging.ERROR)]
+        return next((level for enabled, level in on if enabled), logging.CRITICAL + 1)
+
+
+SEVERITIES = Severities()
+#: Triton's log settings this process answers LogSettings with: logs go to stderr as JSON lines, which stay so.
+LOG_FILE, LOG_FORMAT = "", "json"
+
+
+def log_settings() -> dict[str, bool | int | str]:
+    """The log settings as Triton's ``LogSettings`` names them."""
+    return {"log_file": LOG_FILE, "log_info": SEVERITIES.info, "log_warning": SEVERITIES.warning,
+            "log_error": SEVERITIES.error, "log_verbose_level": SEVERITIES.verbose, "log_format": LOG_FORMAT}
+
+
+def update_log_settings(changes: Mapping[str, bool | int | str]) -> None:
+    """Apply a ``LogSettings`` change, all of it or (LogSettingError) none of it; the settings left out stay."""
+    current = log_settings()
+    for key, value in changes.items():
+        if key not in current:
+            raise LogSettingError(f"log setting {key!r}: expected one of {', '.join(current)}")
+        if type(value) is not type(current[key]):
+            raise LogSettingError(f"log setting {key!r} is a {type(current[key]).__name__}, got {value!r}")
+        if key in ("log_file", "log_format") and value != current[key]:
+            raise LogSettingError(f"{key} {value!r}: logs go to stderr as JSON lines ({key} {current[key]!r}); "
+                                  "only the severities and log_verbose_level can change")
+    for key, value in changes.items():
+        if key in ("log_info", "log_warning", "log_error", "log_verbose_level"):
+            setattr(SEVERITIES, key.removeprefix("log_").removesuffix("_level"), value)
+    logging.getLogger().setLevel(SEVERITIES.lowest())
+
+
 def setup() -> None:
     """JSON lines on stderr at ``COURSEZOO_LOG_LEVEL``, else WARNING; an empty variable is unset
     (compose passes one through empty). Raises LogLevelError for anything else but a level's name: before,
@@ -38,8 +101,10 @@ def setup() -> None:
     if name not in LEVELS:
         raise LogLevelError(f"COURSEZOO_LOG_LEVEL={name.lower()!r}: expected one of {', '.join(LEVELS)} "
                             f"(any case), or unset for {DEFAULT_LEVEL}")
+    SEVERITIES.set_level(name)
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(SEVERITIES)
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(name)
+    root.setLevel(SEVERITIES.lowest())

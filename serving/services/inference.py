@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
-from coursezoo import version
+from coursezoo import logs, version
 from serving.metrics import Metrics
 from serving.preprocess import InputError, quote
 from serving.protos import inference_pb2 as pb
@@ -42,7 +42,7 @@ FINAL_RESPONSE = "triton_final_response"
 #: Triton's names for the extensions served here (ServerMetadata): ``binary_tensor_data`` is raw buffers,
 #: ``parameters`` request and tensor parameters
 EXTENSIONS = ("classification", "model_repository", "model_configuration", "statistics", "system_shared_memory",
-              "binary_tensor_data", "parameters")
+              "binary_tensor_data", "parameters", "logging")
 
 
 class InferenceService(Handler, inference_pb2_grpc.GRPCInferenceServiceServicer):
@@ -210,6 +210,31 @@ class InferenceService(Handler, inference_pb2_grpc.GRPCInferenceServiceServicer)
     async def SystemSharedMemoryUnregister(self, request: pb.SystemSharedMemoryUnregisterRequest) -> Answer:
         self._registry().unregister(request.name)
         return Answer(pb.SystemSharedMemoryUnregisterResponse(), "", 0)
+
+    @rpc("LogSettings")
+    async def LogSettings(self, request: pb.LogSettingsRequest) -> Answer:
+        """Triton's logging extension: the log settings, after applying the request's changes. Changing them is
+        a control action, allowed where model control is (a token, or a loopback host; not under --workers,
+        where it would reach one worker); reading them always is."""
+        changes = {}
+        for key, value in request.settings.items():
+            if (kind := value.WhichOneof("parameter_choice")) is None:
+                raise InputError(f"log setting {quote(key)} has no value: expected its bool_param, uint32_param or "
+                                 "string_param")
+            changes[key] = getattr(value, kind)
+        if changes:
+            if not self.model_control:
+                raise ModelControlOff("changing log settings is off on this server, as model control is (start it "
+                                      "with a token, or on a loopback host, to allow it); reading them is allowed")
+            try:
+                logs.update_log_settings(changes)
+            except logs.LogSettingError as e:
+                raise InputError(str(e)) from None
+        reply = pb.LogSettingsResponse()
+        for key, value in logs.log_settings().items():
+            field = {bool: "bool_param", int: "uint32_param", str: "string_param"}[type(value)]
+            setattr(reply.settings[key], field, value)
+        return Answer(reply, "", 0)
 
     def _registry(self) -> SharedMemoryRegistry:
         if self.shared_memory is None:

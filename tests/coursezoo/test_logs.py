@@ -3,11 +3,14 @@ And the dispatcher's own errors."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
 
 import pytest
+
+from coursezoo import logs
 
 
 def coursezoo(*args: str, level: str | None) -> subprocess.CompletedProcess[str]:
@@ -41,3 +44,35 @@ def test_an_unknown_command_is_named_and_the_version_printed() -> None:
     assert done.returncode == 2 and done.stderr.startswith("coursezoo: unknown command 'serv'\nusage:")
     version = coursezoo("--version", level=None)
     assert version.returncode == 0 and version.stdout.startswith("coursezoo ")
+
+
+@pytest.mark.parametrize(("level", "on"), [
+    ("DEBUG", {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}),
+    ("WARNING", {"WARNING", "ERROR", "CRITICAL"}),
+    ("ERROR", {"ERROR", "CRITICAL"}),
+])
+def test_a_level_switches_each_severity_from_it_up(level: str, on: set[str]) -> None:
+    severities = logs.Severities()
+    severities.set_level(level)
+    passed = {name for name in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+              if severities.filter(logging.LogRecord("x", logging.getLevelName(name), "", 0, "", (), None))}
+    assert passed == on
+    assert severities.lowest() == logging.getLevelName(level)
+
+
+def test_log_settings_switch_severities_one_by_one_and_refuse_what_cannot_change() -> None:
+    """Triton's LogSettings turns each severity on or off alone: warnings off, errors still on."""
+    saved = vars(logs.SEVERITIES).copy(), logging.getLogger().level
+    try:
+        logs.SEVERITIES.set_level("WARNING")
+        logs.update_log_settings({"log_warning": False})
+        assert not logs.SEVERITIES.filter(logging.LogRecord("x", logging.WARNING, "", 0, "", (), None))
+        assert logs.SEVERITIES.filter(logging.LogRecord("x", logging.ERROR, "", 0, "", (), None))
+        assert logging.getLogger().level == logging.ERROR  # warnings are not even made
+        for change in ({"log_info": 1}, {"log_verbose_level": True}, {"log_format": "ISO8601"}, {"log_x": True}):
+            with pytest.raises(logs.LogSettingError):
+                logs.update_log_settings({"log_error": False, **change})
+            assert logs.log_settings()["log_error"] is True  # a refused change applies nothing
+    finally:
+        vars(logs.SEVERITIES).update(saved[0])
+        logging.getLogger().setLevel(saved[1])
