@@ -533,21 +533,33 @@ def _centre(digit: np.ndarray, height: int, width: int) -> np.ndarray:
 
 # --- Records and texts -> a model's named inputs ----------------------------------------------------
 
-def model_inputs(card: ModelCard, items: Sequence[Any]) -> dict[str, np.ndarray]:
-    """Records (diabetes) or texts (names, hello) -> the input tensors the card names, by its task.
+#: per task whose items are records or texts: its encoder, given the card's ``preprocessing``, returning the
+#: tensors in the order of the card's inputs
+_ITEM_ENCODERS: dict[str, Callable[[Mapping[str, Any], Sequence[Any]], tuple[np.ndarray, ...]]] = {
+    "diabetes": lambda prep, items: (encode_features(items, prep["num_features"], prep.get("feature_range")),),
+    "names": lambda prep, items: encode_names(items, prep["vocab_size"]),
+    "hello": lambda prep, items: (encode_hello(items, prep["vocabulary"]),),
+}
 
-    The server's handlers and the batch CLI's local engine both feed models through this, so which
-    encoder a task uses and which tensor gets what is decided once.
+
+def encode_items(task: str, prep: Mapping[str, Any], items: Sequence[Any]) -> tuple[np.ndarray, ...]:
+    """Records (diabetes) or texts (names, hello) -> a model's input tensors in the card's order, by the
+    task's encoder with the card's ``preprocessing``.
+
+    The server and the batch CLI's local engine (through ``model_inputs``), the batch CLI's per-item checks
+    and training's held-out texts all encode through this, so which encoder a task uses, and with which of
+    the card's settings, is decided once.
     """
-    prep, names = card.preprocessing, [t.name for t in card.inputs]
-    if card.task == "diabetes":
-        return {names[0]: encode_features(items, prep["num_features"], prep.get("feature_range"))}
-    if card.task == "names":
-        chars, lengths = encode_names(items, prep["vocab_size"])
-        return {names[0]: chars, names[1]: lengths}
-    if card.task == "hello":
-        return {names[0]: encode_hello(items, prep["vocabulary"])}
-    raise InputError(f"{card.name} is a {card.task} model: it takes no records or texts")
+    if task not in _ITEM_ENCODERS:
+        raise InputError(f"a {task} model takes no records or texts")
+    return _ITEM_ENCODERS[task](prep, items)
+
+
+def model_inputs(card: ModelCard, items: Sequence[Any]) -> dict[str, np.ndarray]:
+    """Records (diabetes) or texts (names, hello) -> the input tensors the card names, by its task."""
+    if card.task not in _ITEM_ENCODERS:  # said with the model's name, for the client that picked it
+        raise InputError(f"{card.name} is a {card.task} model: it takes no records or texts")
+    return dict(zip((t.name for t in card.inputs), encode_items(card.task, card.preprocessing, items), strict=False))
 
 
 def check_task_inputs(card: ModelCard, inputs: Mapping[str, np.ndarray]) -> None:

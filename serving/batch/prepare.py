@@ -65,8 +65,7 @@ class Preparer:
             preprocess.set_max_image_pixels(self.max_image_pixels)
             values = self._digits(items)
         else:
-            prepare: Callable[[Item], Any] = getattr(self, f"_{self.kind}")
-            values = [item.failure or prepare(item) for item in items]
+            values = [item.failure or self._checked(item) for item in items]
         outcomes: list[Failure | None] = [v if isinstance(v, Failure) else None for v in values]
         inputs = [v for v in values if not isinstance(v, Failure)]
         if not inputs:
@@ -95,21 +94,15 @@ class Preparer:
                                     str(error))
         return values
 
-    def _diabetes(self, item: Item) -> list[float] | Failure:
-        prep = self.preprocessing
-        return _validated(item.data, prep and (lambda r: preprocess.encode_features([r], prep["num_features"],
-                                                                                    prep.get("feature_range"))),
-                          INVALID["diabetes"])
-
-    def _names(self, item: Item) -> str | Failure:
-        prep = self.preprocessing
-        return _validated(item.data, prep and (lambda t: preprocess.encode_names([t], prep["vocab_size"])),
-                          INVALID["names"])
-
-    def _hello(self, item: Item) -> str | Failure:
-        prep = self.preprocessing
-        return _validated(item.data, prep and (lambda t: preprocess.encode_hello([t], prep["vocabulary"])),
-                          INVALID["hello"])
+    def _checked(self, item: Item) -> Any:
+        """A record or text as it is, if the card's encoder for the kind (``preprocess.encode_items``, which the
+        engine later runs on the whole batch) accepts it alone, else why not. Without a card the server judges."""
+        if self.preprocessing is not None:
+            try:
+                preprocess.encode_items(self.kind, self.preprocessing, [item.data])
+            except preprocess.InputError as e:
+                return Failure(INVALID[self.kind], str(e))
+        return item.data
 
 
 def in_input_terms(item: Item, failure: Failure) -> Failure:
@@ -131,17 +124,6 @@ def _column(item: Item, feature: int) -> str:
     """The column the record's ``feature`` (counted from 0) came from; its number among the features for a
     record that was not read from a file."""
     return item.columns[feature] if feature < len(item.columns) else f"feature {feature + 1}"
-
-
-def _validated(value: Any, encode: Callable[[Any], Any] | None, reason: str) -> Any:
-    """``value`` if ``encode`` (the card's rule) accepts it alone, else why not; the engine encodes whole
-    batches later. Without a card (``encode`` is None) the server judges."""
-    if encode is not None:
-        try:
-            encode(value)
-        except preprocess.InputError as e:
-            return Failure(reason, str(e))
-    return value
 
 
 def _read_file(path: str) -> bytes | Failure:
