@@ -32,7 +32,8 @@ BATCH_SIZES = (1, 64, 1024)
 RUNTIME_CPU = "CourseZoo runtime CPU"
 #: binds one batch of inputs and returns the call that is timed
 Bind = Callable[[dict[str, np.ndarray]], Callable[[], object]]
-RUNS_DIR = Path(__file__).resolve().parents[1] / "runs"
+#: the repository root: `coursezoo train`'s default runs folder is found under it, wherever the bench runs from
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 #: At most this many items are held for one path's distinct batches: batch sizes past 1024 (a GPU run's search
@@ -51,7 +52,7 @@ def inputs(export: Export, n: int, i: int = 0) -> dict[str, np.ndarray]:
         rows = data.diabetes_records()
         return {names[0]: rows[(np.arange(n) + i * n) % len(rows)]}
     texts = data.cycle(data.names(), n, start=i * n)
-    chars, lengths = encode_names(texts, export.card.preprocessing.get("vocab_size", 128))
+    chars, lengths = encode_names(texts, export.card.preprocessing["vocab_size"])  # card.check requires it
     return {names[0]: chars, names[1]: lengths}
 
 
@@ -125,17 +126,18 @@ def torch_paths(export: Export, cuda: bool) -> tuple[dict[str, Bind], str]:
 
     from training.catalog import CATALOG
     from training.models import build
+    from training.train import CHECKPOINT, DEFAULT_RUNS
 
     names = [t.name for t in export.card.inputs]
     paths: dict[str, Bind] = {}
     note = ""
     if export.name in CATALOG:
         model = build(CATALOG[export.name])
-        ckpt = RUNS_DIR / export.name / "model.pt"
+        ckpt = REPO_ROOT / DEFAULT_RUNS / export.name / CHECKPOINT
         if ckpt.is_file():
             model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
         else:  # speed does not depend on the weights' values; say so rather than skip the row
-            note = f"eager weights untrained (no {ckpt.relative_to(RUNS_DIR.parent)})"
+            note = f"eager weights untrained (no {ckpt.relative_to(REPO_ROOT)})"
         model.eval()
         paths["PyTorch eager"] = _torch_call(model, names, "cpu")
         if cuda and torch.cuda.is_available():

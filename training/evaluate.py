@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from serving.card import ONNX_FILE, CardError, ModelCard, version_dirs
-from serving.preprocess import decode_hello, encode_names
+from serving.postprocess import diabetes_predictions
+from serving.preprocess import decode_hello, encode_items
 from training import data
 from training.catalog import HELLO_VOCAB, Entry, resolve
 
@@ -36,37 +37,46 @@ def torch_predictor(model: torch.nn.Module, entry: Entry, device: str = "cpu") -
     return predict
 
 
-def onnx_predictor(path: str, providers: list[str] | None = None) -> Predict:
+def onnx_predictor(path: str) -> Predict:
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return lambda inputs: session.run(None, inputs)[0]
+
+
+def named(entry: Entry, *tensors: np.ndarray) -> dict[str, np.ndarray]:
+    """Tensors in the order of the entry's inputs -> the named inputs a ``Predict`` takes: the catalogue
+    names them."""
+    return dict(zip((t.name for t in entry.inputs), tensors, strict=True))
+
+
+def encoded(entry: Entry, texts: Sequence[str]) -> dict[str, np.ndarray]:
+    """Texts -> the entry's named inputs, encoded as serving encodes them, with the settings its card will
+    carry (the names vocabulary size among them)."""
+    return named(entry, *encode_items(entry.task, entry.preprocessing, texts))
 
 
 def held_out(entry: Entry, cfg: data.DataConfig) -> tuple[list[dict[str, np.ndarray]], np.ndarray | None]:
     """The evaluation inputs in chunks, and the targets (None for the toy regression checks)."""
     if entry.dataset == "mnist":
         x, y = data.mnist_arrays(train=False, cfg=cfg)
-        return [{"image": x[i : i + CHUNK]} for i in range(0, len(x), CHUNK)], y
+        return [named(entry, x[i : i + CHUNK]) for i in range(0, len(x), CHUNK)], y
     if entry.dataset == "diabetes":
         _, test = data.diabetes_splits(cfg)
         x, y = test.tensors
-        return [{"features": x.numpy()}], y.numpy().reshape(-1).astype(np.int64)
+        return [named(entry, x.numpy())], y.numpy().reshape(-1).astype(np.int64)
     if entry.dataset == "names":
         items = data.NamesDataset(train=False, cfg=cfg).items
-        chunks = []
-        for i in range(0, len(items), CHUNK):
-            chars, lengths = encode_names([n for n, _ in items[i : i + CHUNK]])
-            chunks.append({"chars": chars, "lengths": lengths})
+        chunks = [encoded(entry, [n for n, _ in items[i : i + CHUNK]]) for i in range(0, len(items), CHUNK)]
         return chunks, np.array([c for _, c in items], dtype=np.int64)
     if entry.dataset == "hello":
         x, _ = data.hello_pair()
-        return [{"chars": x.numpy()}], None
+        return [named(entry, x.numpy())], None
     if entry.dataset == "linear_points":
-        return [{"x": np.array([[entry.bar["x"]]], dtype=np.float32)}], None
+        return [named(entry, np.array([[entry.bar["x"]]], dtype=np.float32))], None
     if entry.dataset == "logistic_points":
         hours = np.array([[entry.bar["p_below"]], [entry.bar["p_above"]]], dtype=np.float32)
-        return [{"hours": hours}], None
+        return [named(entry, hours)], None
     raise ValueError(f"no held-out data for {entry.dataset}")
 
 
@@ -78,8 +88,9 @@ def measure(entry: Entry, predict: Predict, cfg: data.DataConfig) -> dict[str, A
         correct = int((out.argmax(axis=1) == targets).sum())
         return {"accuracy": correct / len(targets), "correct": correct, "examples": len(targets),
                 "split": "test"}
-    if entry.task == "diabetes":
-        correct = int(((out.reshape(-1) > 0.5).astype(np.int64) == targets).sum())
+    if entry.task == "diabetes":  # labelled by the rule serving answers with, so the card's accuracy is serving's
+        labels = np.array([r.label for r in diabetes_predictions(out)], dtype=np.int64)
+        correct = int((labels == targets).sum())
         return {"accuracy": correct / len(targets), "correct": correct, "examples": len(targets),
                 "split": f"test ({data.DIABETES_TEST_FRACTION:.0%} of the file, seed {data.DIABETES_SPLIT_SEED})"}
     if entry.task == "hello":
@@ -163,10 +174,10 @@ def evaluate_export(entry: Entry, version_dir: Path, cfg: data.DataConfig) -> di
             "differs_from_catalogue": contract_differences(entry, card)}
 
 
-def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Re-evaluate the newest version of each exported model on the held-out "
                                 "data, and check its card against its bar and the catalogue; exit 1 if any is "
-                                "[BAD] or [ERR].", add_help=add_help)
+                                "[BAD] or [ERR].")
     p.add_argument("names", nargs="*", default=["all"], help="model names, or 'all' (default)")
     p.add_argument("--repo", type=Path, default=Path("exported"), help="model repository (default: exported)")
     data.DataConfig.add_arguments(p)
@@ -180,7 +191,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"coursezoo eval: the model repository {args.repo} is not a directory (--repo)", file=sys.stderr)
         return 1
     results, bad = [], 0
-    for entry in resolve(args.names or ["all"]):
+    for entry in resolve(args.names):
         try:
             r = evaluate_export(entry, latest_version(args.repo, entry.name), cfg)
         except (FileNotFoundError, CardError, data.DataError) as e:

@@ -26,9 +26,8 @@ import torch
 import torchvision
 
 from serving.card import ONNX_FILE, TORCHSCRIPT_FILE, ModelCard, sha256_file, version_dirs
-from serving.preprocess import encode_hello, encode_names
 from training import data, evaluate
-from training.catalog import HELLO_VOCAB, Entry, resolve
+from training.catalog import Entry, resolve
 from training.models import build
 from training.train import CHECKPOINT, DEFAULT_RUNS, REPORT
 
@@ -54,22 +53,22 @@ def parity_inputs(entry: Entry, cfg: data.DataConfig) -> list[dict[str, np.ndarr
     dynamic axes: sequence lengths from 1 to well past the data's, and for names, every country."""
     chunk = evaluate.held_out(entry, cfg)[0][0]
     if entry.task == "hello":  # one held-out word: add the other course words, one letter and a long text
-        chunk = {"chars": encode_hello(["hello", "ohlol", "hell", "lol", "h", "hello" * 8], HELLO_VOCAB)}
+        chunk = evaluate.encoded(entry, ["hello", "ohlol", "hell", "lol", "h", "hello" * 8])
     elif entry.task == "names":  # the test file is sorted by country: take names from each in turn, then the edges
         by_country: dict[int, list[str]] = {}
         for name, country in data.NamesDataset(train=False, cfg=cfg).items:
             by_country.setdefault(country, []).append(name)
         in_turn = [name for names in itertools.zip_longest(*by_country.values()) for name in names if name]
-        chars, lengths = encode_names([*in_turn[: 64 - len(EDGE_NAMES)], *EDGE_NAMES])
-        chunk = {"chars": chars, "lengths": lengths}
+        chunk = evaluate.encoded(entry, [*in_turn[: 64 - len(EDGE_NAMES)], *EDGE_NAMES])
     elif entry.task in ("regression", "logistic"):  # the three training points and the held-out ones
         name = entry.inputs[0].name
         chunk = {name: np.concatenate([chunk[name], np.array([[1.0], [2.0], [3.0]], dtype=np.float32)])}
     big = {k: v[:64] for k, v in chunk.items()}
     one = {k: v[:1] for k, v in chunk.items()}
-    if "lengths" in chunk:  # trim the padding to the batch's own longest name
-        one["chars"] = one["chars"][:, : int(one["lengths"][0])]
-        big["chars"] = big["chars"][:, : int(big["lengths"].max())]
+    if entry.task == "names":  # trim the padding to the batch's own longest name
+        chars, lengths = (t.name for t in entry.inputs)
+        one[chars] = one[chars][:, : int(one[lengths][0])]
+        big[chars] = big[chars][:, : int(big[lengths].max())]
     return [one, big]
 
 
@@ -193,8 +192,8 @@ def _versions() -> dict[str, Any]:
             "onnxruntime": ort.__version__, "python": platform.python_version()}
 
 
-def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Export trained models to TorchScript and ONNX.", add_help=add_help)
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Export trained models to TorchScript and ONNX.")
     p.add_argument("names", nargs="+", help="model names from the catalogue, or 'all'")
     p.add_argument("--out", type=Path, default=Path("exported"),
                    help="model repository to write into (default: exported)")

@@ -179,9 +179,9 @@ def save_run(out_dir: Path, model: nn.Module, report: dict[str, Any]) -> None:
     staged_report.replace(out_dir / REPORT)
 
 
-def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description="Train course models on their real data sets.", add_help=add_help,
+        description="Train course models on their real data sets.",
         epilog="exit status: 1 when a model misses its bar with its recipe's settings; 0 when every model meets it, "
                "and for runs that change the recipe (--epochs, --seed, --limit), whose [LOW] is expected of a smoke "
                "run (`coursezoo export` still refuses to publish it); 1 also for an unknown name or missing or "

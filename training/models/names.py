@@ -6,10 +6,13 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 
 class NamesGRU(nn.Module):
-    """Embedding -> bidirectional GRU over packed sequences -> Linear on both final hidden states."""
+    """Embedding -> bidirectional GRU over packed sequences -> Linear on both final hidden states.
 
-    def __init__(self, vocab_size: int = 128, hidden_size: int = 100, num_classes: int = 18,
-                 num_layers: int = 2) -> None:
+    No defaults: the sizes are the catalogue's (``model_kwargs`` of ``names_gru``), the vocabulary and the
+    classes being the ones its card gives serving.
+    """
+
+    def __init__(self, vocab_size: int, hidden_size: int, num_classes: int, num_layers: int) -> None:
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, hidden_size, padding_idx=0)
         self.gru = nn.GRU(hidden_size, hidden_size, num_layers, bidirectional=True)

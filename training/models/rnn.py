@@ -1,6 +1,6 @@
 """Lecture 12: learning "hello" -> "ohlol" with RNNCell, RNN and Embedding.
 
-All three take character indices ``chars`` [N, T] (into the vocabulary e, h, l, o) and return
+All three take character indices ``chars`` [N, T] (into the catalogue's ``HELLO_VOCAB``) and return
 ``logits`` [N, T, 4], so they share one exported interface; the course's one-hot encoding is done
 inside ``forward`` by indexing an identity matrix.
 """
@@ -8,13 +8,15 @@ inside ``forward`` by indexing an identity matrix.
 import torch
 from torch import nn
 
-VOCAB_SIZE = 4
+from training.catalog import HELLO_VOCAB
+
+VOCAB_SIZE = len(HELLO_VOCAB)
 
 
 class HelloRNNCell(nn.Module):
-    """RNNCell(4, 4) stepped by hand over the sequence; the hidden state is the output."""
+    """RNNCell(4, 4) stepped by hand over the sequence; the hidden state is the output, hence its size."""
 
-    def __init__(self, hidden_size: int = 4) -> None:
+    def __init__(self, hidden_size: int = VOCAB_SIZE) -> None:
         super().__init__()
         self.hidden_size = hidden_size
         self.register_buffer("one_hot", torch.eye(VOCAB_SIZE))
@@ -44,9 +46,9 @@ class HelloRNNCell(nn.Module):
 
 
 class HelloRNN(nn.Module):
-    """RNN(4, 4): the whole sequence in one call."""
+    """RNN(4, 4): the whole sequence in one call; the hidden state is the output, hence its size."""
 
-    def __init__(self, hidden_size: int = 4, num_layers: int = 1) -> None:
+    def __init__(self, hidden_size: int = VOCAB_SIZE, num_layers: int = 1) -> None:
         super().__init__()
         self.register_buffer("one_hot", torch.eye(VOCAB_SIZE))
         self.rnn = nn.RNN(input_size=VOCAB_SIZE, hidden_size=hidden_size, num_layers=num_layers,
