@@ -124,9 +124,8 @@ def torch_paths(export: Export, cuda: bool) -> tuple[dict[str, Bind], str]:
     """PyTorch eager and TorchScript calls, and a note on where the eager weights came from."""
     import torch
 
-    from training.catalog import CATALOG
+    from training.catalog import CATALOG, CHECKPOINT, DEFAULT_RUNS
     from training.models import build
-    from training.train import CHECKPOINT, DEFAULT_RUNS
 
     names = [t.name for t in export.card.inputs]
     paths: dict[str, Bind] = {}

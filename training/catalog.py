@@ -7,6 +7,7 @@ from them. The canonical names below are used everywhere (CLI, exports, RPCs, te
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from serving.card import TensorSpec
@@ -19,6 +20,12 @@ NAMES_COUNTRIES = (
     "Japanese", "Korean", "Polish", "Portuguese", "Russian", "Scottish", "Spanish", "Vietnamese",
 )  # sorted, as the course builds its country list
 NAMES_VOCAB_SIZE = 128  # ASCII code points; 0 is padding
+
+#: Where ``coursezoo train`` leaves each model's run, ``<runs>/<name>/``, for export and the benchmarks' eager rows
+#: (here, not in training/train.py, so that the benchmarks read it without torchvision, which train needs).
+DEFAULT_RUNS = Path("runs")
+#: what a run leaves in ``<runs>/<name>/``
+CHECKPOINT, REPORT = "model.pt", "metrics.json"
 
 DIGITS_PREPROCESSING = {
     "height": 28, "width": 28, "fit_box": 20, "mean": MNIST_MEAN, "std": MNIST_STD,

@@ -27,9 +27,8 @@ import torchvision
 
 from serving.card import ONNX_FILE, TORCHSCRIPT_FILE, ModelCard, sha256_file, version_dirs
 from training import data, evaluate
-from training.catalog import Entry, resolve
+from training.catalog import CHECKPOINT, DEFAULT_RUNS, REPORT, Entry, resolve
 from training.models import build
-from training.train import CHECKPOINT, DEFAULT_RUNS, REPORT
 
 PARITY_ATOL = 1e-4
 

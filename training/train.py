@@ -25,13 +25,10 @@ from tqdm import tqdm
 from coursezoo.args import at_least
 from serving.card import sha256_file
 from training import data, evaluate
-from training.catalog import Entry, resolve
+from training.catalog import CHECKPOINT, DEFAULT_RUNS, REPORT, Entry, resolve
 from training.models import build
 
 log = logging.getLogger("coursezoo.train")
-DEFAULT_RUNS = Path("runs")
-#: what a run leaves in ``<runs>/<model>/`` for ``coursezoo export``
-CHECKPOINT, REPORT = "model.pt", "metrics.json"
 
 LOSSES = {"regression": nn.MSELoss, "logistic": nn.BCELoss, "diabetes": nn.BCELoss,
           "digits": nn.CrossEntropyLoss, "names": nn.CrossEntropyLoss, "hello": nn.CrossEntropyLoss}
