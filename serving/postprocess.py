@@ -60,7 +60,7 @@ def digit_predictions(logits: np.ndarray) -> list[DigitResult]:
 
 
 def diabetes_predictions(probability: np.ndarray) -> list[DiabetesResult]:
-    """[N, 1] (or [N]) sigmoid outputs -> label 1 where the probability exceeds 0.5."""
+    """[N, 1] (or [N]) sigmoid outputs -> label 1 where the probability exceeds ``DIABETES_THRESHOLD``."""
     p = np.asarray(probability, dtype=np.float32).reshape(-1)
     return [DiabetesResult(label=int(v > DIABETES_THRESHOLD), probability=float(v)) for v in p.tolist()]
 
