@@ -7,7 +7,9 @@ one is imported, so ``coursezoo serve`` and ``coursezoo batch`` never import tor
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
+from types import ModuleType
 
 from coursezoo import logs, version
 
@@ -30,6 +32,24 @@ def _usage() -> str:
             + "\n".join(lines))
 
 
+def _import_uninterrupted(name: str) -> ModuleType | None:
+    """Import a command's module (serve's imports take ~0.3 s), or None if SIGINT came meanwhile. The signal waits
+    for the import to end: raised inside it, it was a traceback and exit 1, or "ImportError: initialization
+    failed" when it hit an extension module's set-up."""
+    interrupted = False
+
+    def note(signum: int, frame: object) -> None:
+        nonlocal interrupted
+        interrupted = True
+
+    previous = signal.signal(signal.SIGINT, note)
+    try:
+        module = importlib.import_module(name)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return None if interrupted else module
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--version"]:
@@ -40,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"coursezoo: unknown command {argv[0]!r}", file=sys.stderr)
         print(_usage(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    module = importlib.import_module(COMMANDS[argv[0]][0])
+    module = _import_uninterrupted(COMMANDS[argv[0]][0])
+    if module is None:  # Ctrl-C, or a stop signal to the process group, while the command loaded: nothing was done
+        return 0 if argv[0] == "serve" else 130  # a stopped server exits 0, as it does once serving
     parser = module.get_args_parser()
     parser.prog = f"coursezoo {argv[0]}"
     try:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -76,3 +78,16 @@ def test_log_settings_switch_severities_one_by_one_and_refuse_what_cannot_change
     finally:
         vars(logs.SEVERITIES).update(saved[0])
         logging.getLogger().setLevel(saved[1])
+
+
+@pytest.mark.parametrize("after_s", [0.05, 0.15, 0.25])
+def test_ctrl_c_while_a_command_loads_is_a_clean_stop(after_s: float) -> None:
+    """serve's imports take ~0.3 s: a SIGINT within them was a traceback and exit 1 (or "ImportError:
+    initialization failed" from an extension module); a stopped server exits 0 whenever it is stopped."""
+    proc = subprocess.Popen([sys.executable, "-m", "coursezoo", "serve", "--port", "0", "--metrics-port", "-1",
+                             "--poll-interval-s", "0"], start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    time.sleep(after_s)
+    os.killpg(proc.pid, signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in output and "Error" not in output, output
