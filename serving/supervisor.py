@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 from serving.decoding import MAX_AUTO_PROCESSES
 from serving.metrics import WorkerMetrics
 from serving.security import ConfigError
-from serving.workers import cores
+from serving.workers import cores, start_resource_tracker
 
 if TYPE_CHECKING:
     from serving.server import ServerSettings
@@ -102,6 +102,7 @@ def supervise(settings: ServerSettings) -> int:
             metrics = held.enter_context(contextlib.closing(WorkerMetrics(settings.metrics_port, settings.host)))
         stop = _StopSignal()
         ctx = multiprocessing.get_context("spawn")
+        start_resource_tracker()
         workers: list[tuple[multiprocessing.process.BaseProcess, multiprocessing.connection.Connection]] = []
         served = False
         try:

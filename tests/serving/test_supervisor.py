@@ -132,13 +132,15 @@ def test_two_workers_share_the_port_and_stop_cleanly(repo: Path, tmp_path: Path)
 def test_a_stop_signal_to_the_whole_group_is_a_clean_stop(repo: Path, sig: signal.Signals) -> None:
     """Ctrl-C and systemd (KillMode=control-group) signal every process of the group at once: the workers
     drain and end before the supervisor looks, which it took for a failure (exit 1, "worker 0 exited with
-    code 0"); SIGHUP killed every process at once."""
+    code 0"); SIGHUP killed every process at once, multiprocessing's resource tracker too, whose stand-in
+    printed a KeyError traceback for every semaphore released after."""
     server = ServerProcess(repo, "--workers", "2", "--poll-interval-s", "0", new_session=True).start()
     workers = workers_of(server)
     assert server.proc is not None
     os.killpg(server.proc.pid, sig)
     assert server.proc.wait(timeout=60) == 0, server.output
     assert "exited with code" not in server.output and server.output.rstrip().endswith("coursezoo stopped")
+    assert "Traceback" not in server.output, server.output
     assert not any(alive(pid) for pid in workers)
 
 
