@@ -14,7 +14,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any, NamedTuple, NoReturn, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import grpc
 import numpy as np
@@ -193,9 +193,14 @@ def message_of(exc: BaseException) -> str:
     return message
 
 
-async def abort(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
-    """End the RPC with the status ``exc`` maps to."""
-    await context.abort(status_of(exc), message_of(exc))
+def fail(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    """Set the status ``exc`` maps to; the handler then returns (a unary one None), and gRPC ends the RPC with it.
+
+    Not ``context.abort``: the AbortError it raises joins a reference cycle inside grpc.aio's handling that holds
+    the call's request until the garbage collector runs. A client sending refused 32 MB requests one after
+    another held 1.2 GB that way (30 of them); now they go when answered."""
+    context.set_code(status_of(exc))
+    context.set_details(message_of(exc))
 
 
 #: Requests of one stream handled at once: enough to keep a model's batcher fed while replies travel back.
@@ -272,7 +277,8 @@ def rpc(name: str, model_field: str = "model") -> Callable[[UnaryMethod], Callab
             try:
                 return (await answer(self, name, method, request, model_field, context=context)).message
             except Exception as exc:  # every failure becomes a status; the server keeps serving
-                await abort(context, exc)
+                fail(context, exc)
+                return None
 
         return handler
 

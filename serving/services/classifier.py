@@ -25,7 +25,7 @@ from serving.preprocess import InputError, decode_digit, model_inputs, pixels_to
 from serving.protos import classifier_pb2 as pb
 from serving.protos import classifier_pb2_grpc
 from serving.repository import ModelNotFound, ModelNotReady, ModelRepository, ServedModel
-from serving.services.base import Answer, Handler, Settings, abort, answer, in_order, rpc
+from serving.services.base import Answer, Handler, Settings, answer, fail, in_order, rpc
 
 #: Items the streams to one model may hold decoded at once, in queues' worth (``--max-queue-items``): one
 #: queue full and one more being decoded or waiting keeps the model busy without holding more.
@@ -93,7 +93,7 @@ class ClassifierService(Handler, classifier_pb2_grpc.ClassifierServicer):
                     draining=self.draining):
                 yield answered.result().message
         except Exception as exc:
-            await abort(context, exc)
+            fail(context, exc)
 
     async def _classify_digits(self, request: pb.ClassifyDigitsRequest) -> Answer:
         model = self.model(request.model, request.version, ("digits",), "ClassifyDigits")

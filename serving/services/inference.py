@@ -22,7 +22,7 @@ from serving.protos import inference_pb2 as pb
 from serving.protos import inference_pb2_grpc
 from serving.repository import ModelNotFound, ModelNotReady, ModelRepository, version_number
 from serving.security import ModelControlOff, SharedMemoryOff
-from serving.services.base import Answer, Handler, Settings, Unsupported, abort, answer, in_order, message_of, rpc
+from serving.services.base import Answer, Handler, Settings, Unsupported, answer, fail, in_order, message_of, rpc
 from serving.services.codecs import (
     check_request_parameters,
     class_count,
@@ -156,7 +156,7 @@ class InferenceService(Handler, inference_pb2_grpc.GRPCInferenceServiceServicer)
                                            draining=self.draining):
                 yield answered.result()
         except Exception as exc:
-            await abort(context, exc)
+            fail(context, exc)
 
     async def _stream_reply(self, request: pb.ModelInferRequest, *, context: grpc.aio.ServicerContext) \
             -> pb.ModelStreamInferResponse:

@@ -115,6 +115,29 @@ def test_cancelled_unary_calls_are_freed(server: ServerProcess, channel: grpc.Ch
     assert healthy(channel)
 
 
+def rss_mib(pid: int) -> int:
+    return int(next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                    if line.startswith("VmRSS")).split()[1]) // 1024
+
+
+def test_refused_large_requests_are_freed_when_answered(repo: Path, start_server: Callable[..., ServerProcess]) -> None:
+    """An error status set with ``context.abort`` joined a reference cycle inside grpc.aio that held the call's
+    request until the garbage collector ran: 30 refused 32 MB requests in a row left 1.2 GB resident."""
+    server = start_server(repo, "--poll-interval-s", "0", "--keep-heap", "false")
+    assert server.proc is not None
+    client = triton.InferenceServerClient(server.target)
+    images = triton.InferInput("image", [10_000, 1, 28, 28], "FP32")  # 31 MB, over the 1024-row request limit
+    images.set_data_from_numpy(np.zeros((10_000, 1, 28, 28), dtype=np.float32))
+    before = rss_mib(server.proc.pid)
+    for _ in range(20):
+        with pytest.raises(triton.InferenceServerException) as info:
+            client.infer("mnist_cnn", [images], client_timeout=60)
+        assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+    grown = rss_mib(server.proc.pid) - before
+    client.close()
+    assert grown < 10 * 31, f"{grown} MiB more resident after 20 refused 31 MB requests"
+
+
 def test_a_full_queue_is_temporary_and_a_request_larger_than_the_queue_is_not(
         repo: Path, start_server: Callable[..., ServerProcess]) -> None:
     """A queue that is full now answers UNAVAILABLE, which clients retry (CourseZooClient, the batch CLI,
