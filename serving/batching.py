@@ -145,12 +145,17 @@ class DynamicBatcher:
         Raises QueueFull when the queue cannot take n more items now (``wait_for_room``: waits until it
         can, for callers that are flow-controlled anyway, such as a stream), InputTooLarge when it never
         could, BatcherClosed after close(), and whatever ``run`` raised for the batch this request was part of.
+
+        A request that waits for room takes it only while the queue is at most half full (or empty, so that
+        any request fits): one stream refilled the queue the moment room appeared, and every unary call to the
+        model failed UNAVAILABLE for as long as it streamed. The other half is for calls that do not wait.
         """
         n = _batch_size(inputs)
         if n > self.max_queue_items:
             raise InputTooLarge(f"{n} items in one request: model {self.name}'s queue holds at most "
                                 f"{self.max_queue_items}; send fewer per request")
-        while self._queued_items + n > self.max_queue_items and wait_for_room and not self._closing:
+        while wait_for_room and not self._closing and not (
+                self._queued_items == 0 or self._queued_items + n <= self.max_queue_items // 2):
             self._room.clear()
             await self._room.wait()
         if self._closing:

@@ -195,6 +195,39 @@ def test_a_stream_waits_for_room_in_a_full_queue(repo: Path, digits_name: str, t
     assert [(r.id, len(r.predictions)) for r in replies] == [(str(i), n) for i, n in enumerate(sizes)]
 
 
+def test_a_stream_leaves_half_the_queue_to_unary_calls(exported_repo: Path,
+                                                       start_server: Callable[..., ServerProcess]) -> None:
+    """A stream's requests wait for room, and took it the moment it appeared: while one stream of 1024-image
+    requests ran, every unary call to the model failed UNAVAILABLE ("2048 items are queued"). Streams now fill
+    at most half of the queue."""
+    model = "mnist_inception"  # ~60 ms per 1024 images here: the stream keeps the queue busy for seconds
+    server = start_server(exported_repo, "--max-queue-items", "2048", "--poll-interval-s", "0")
+    client = triton.InferenceServerClient(server.target)
+    batch = triton.InferInput("image", [1024, 1, 28, 28], "FP32")
+    batch.set_data_from_numpy(np.zeros((1024, 1, 28, 28), dtype=np.float32))
+    one = triton.InferInput("image", [1, 1, 28, 28], "FP32")
+    one.set_data_from_numpy(np.zeros((1, 1, 28, 28), dtype=np.float32))
+    answered: list[object] = []
+    client.start_stream(callback=lambda result, error: answered.append(error or result))
+    try:
+        for i in range(48):
+            client.async_stream_infer(model, [batch], request_id=str(i))
+        wait_for(lambda: metric(server, "coursezoo_queue_depth", model=model) >= 1024, "the stream to queue")
+        codes: Counter[str] = Counter()
+        while len(answered) < 40:
+            try:
+                client.infer(model, [one], client_timeout=30)
+                codes["OK"] += 1
+            except triton.InferenceServerException as e:
+                codes[e.status()] += 1
+        assert codes and set(codes) == {"OK"}, codes
+        wait_for(lambda: len(answered) == 48, "the stream's answers")
+        assert not [a for a in answered if isinstance(a, Exception)]
+    finally:
+        client.stop_stream()
+        client.close()
+
+
 def digit_requests(model: str, n: int | None) -> Iterator[pb.ClassifyDigitsRequest]:
     """``n`` requests (forever when None), each one image, numbered by ``id``."""
     i = 0
