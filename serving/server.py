@@ -29,6 +29,7 @@ import logging
 import math
 import multiprocessing
 import os
+import resource
 import sys
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -278,6 +279,18 @@ class DrainGate(grpc.aio.ServerInterceptor):
 #: the server pings a connection with calls open and how long it waits for the answer.
 MIN_CLIENT_PING_INTERVAL_S = CLIENT_KEEPALIVE_S / 3
 KEEPALIVE_S = 60.0
+#: How far gRPC reads ahead of a handler on each stream, with BDP probing off (see ``build_grpc_server``): more
+#: than one 1024-image raw request (3.2 MB), so a lone large message still flows without waiting on the window.
+STREAM_LOOKAHEAD_BYTES = 4 << 20
+#: Streams (calls) one connection may have open at once: beyond, the client holds them back (HTTP/2's
+#: SETTINGS_MAX_CONCURRENT_STREAMS). A client that opened streams and never let them finish held ~35 KB each:
+#: 27,000 of them on one connection, 955 MB.
+MAX_STREAMS_PER_CONNECTION = 256
+#: A connection with no call open for this long is closed (GOAWAY; clients reconnect on their next call), and
+#: one that has not finished its handshake in HANDSHAKE_TIMEOUT_S: each holds a file descriptor, and idle ones
+#: were never closed (1,100 of them took every descriptor a 1024-file limit allows).
+MAX_CONNECTION_IDLE_S = 300.0
+HANDSHAKE_TIMEOUT_S = 20.0
 
 
 def build_grpc_server(settings: ServerSettings, classifier: ClassifierService, inference: InferenceService,
@@ -304,6 +317,14 @@ def build_grpc_server(settings: ServerSettings, classifier: ClassifierService, i
         ("grpc.http2.ping_timeout_ms", int(PING_TIMEOUT_S * 1000)),
         # A second server on a busy port must fail, not share it silently; workers share their supervisor's.
         ("grpc.so_reuseport", int(reuse_port)),
+        # gRPC sizes each stream's receive window from its bandwidth-delay probes and read far ahead of the
+        # handlers: 16 streams of 3.2 MB requests to a slow model on one connection had 2,000 requests (7.2 GB)
+        # read and waiting after 9 s, 61 answered. With a fixed window: 1.3 GB, bounded, and 163 answered in 12 s;
+        # raw 1024-image ModelInfer on loopback unchanged (docs/operations.md).
+        ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", STREAM_LOOKAHEAD_BYTES),
+        ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+        ("grpc.max_connection_idle_ms", int(MAX_CONNECTION_IDLE_S * 1000)),
+        ("grpc.server_handshake_timeout_ms", int(HANDSHAKE_TIMEOUT_S * 1000)),
     ]
     refused = classifier.metrics.observe_refusal  # calls refused before a handler: counted, as handlers count theirs
     server = grpc.aio.server(interceptors=[*security.interceptors(refused), RequestDecodeGuard(refused), *interceptors],
@@ -503,7 +524,19 @@ def run_worker(settings: ServerSettings, reports: Connection) -> int:
     return 0
 
 
+def raise_open_files_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit (as Go's runtime does for every program),
+    and return it. Every connection is a descriptor: under systemd's default soft limit of 1024 (the hard one is
+    524288) a thousand idle connections left none for new clients, the metrics port or model files."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):  # a hard limit the kernel will not grant (RLIM_INFINITY)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
 def main(args: argparse.Namespace) -> int:
+    raise_open_files_limit()
     try:
         settings = ServerSettings.from_args(args)
         if settings.workers > 1:

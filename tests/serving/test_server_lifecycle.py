@@ -5,6 +5,7 @@ whose length decides the outcome.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -27,6 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving.card import sha256_file
 from serving.client import CourseZooClient
+from serving.process import ChildServer
 from tests.conftest import wait_for
 
 if TYPE_CHECKING:
@@ -324,3 +326,47 @@ def test_a_taken_metrics_port_fails_the_start_cleanly(source: Path, tmp_path: Pa
     assert done.returncode == 1
     assert f"cannot serve metrics on 127.0.0.1:{port} (--metrics-port): Address already in use" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_server_raises_its_open_files_limit(exported_repo: Path) -> None:
+    """Every connection is a descriptor: under a soft limit of 1024 (systemd's default; the hard one is far
+    higher) a thousand idle connections left none for new clients. The server lifts it to the hard limit."""
+    script = ("import resource, runpy, sys; hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]; "
+              "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)); sys.argv = ['coursezoo', *sys.argv[1:]]; "
+              "runpy.run_module('coursezoo', run_name='__main__')")
+    server = ChildServer([sys.executable, "-c", script, "serve", "--repo", str(exported_repo), "--host", "127.0.0.1",
+                          "--port", "0", "--metrics-port", "-1", "--poll-interval-s", "0"], env=dict(os.environ))
+    with server:
+        assert server.proc is not None
+        line = next(line for line in Path(f"/proc/{server.proc.pid}/limits").read_text().splitlines()
+                    if line.startswith("Max open files"))
+        soft, hard = line.split()[3:5]
+        assert soft == hard != "256", line
+
+
+def test_a_connection_holds_at_most_256_calls_open(server: ServerProcess) -> None:
+    """Beyond, the client holds calls back (HTTP/2's max concurrent streams). One connection held 27,000 open
+    streams, ~35 KB each, before."""
+    started: list[int] = []
+
+    def watch(i: int) -> None:
+        with contextlib.suppress(grpc.RpcError):  # cancelled at the end
+            for _ in calls[i]:
+                started.append(i)
+                return
+
+    with grpc.insecure_channel(server.target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        calls = [stub.Watch(health_pb2.HealthCheckRequest(), timeout=60) for _ in range(300)]
+        threads = [threading.Thread(target=watch, args=(i,), daemon=True) for i in range(300)]
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: len(started) >= 256, "256 watches to start")
+        for thread in threads[:10]:
+            thread.join(timeout=0.5)
+        assert len(started) == 256  # the rest wait for a stream to end
+        for call in calls[:10]:
+            call.cancel()
+        wait_for(lambda: len(started) == 266, "ten more once ten ended")
+        for call in calls:
+            call.cancel()
