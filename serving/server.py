@@ -81,25 +81,22 @@ class ServerSettings:
     repo: Path = _option(Path("exported"), "model repository: <repo>/<name>/<version>/{model.onnx,model.json}")
     host: str = _option("0.0.0.0", "address to bind the gRPC port on")
     port: int = _option(50051, "gRPC port; 0 binds an ephemeral port (the bound one is printed)", minimum=0)
-    device: str = _option(_SERVING.device,
-        "ONNX Runtime device: auto tries CUDA and falls back to CPU",
-        choices=DEVICES)
+    device: str = _option(_SERVING.device, "ONNX Runtime device: auto tries CUDA and falls back to CPU",
+                          choices=DEVICES)
     metrics_port: int = _option(8002, "Prometheus /metrics port; 0 = ephemeral (printed), -1 = off", minimum=-1)
-    max_batch_size: int = _option(_SERVING.max_batch_size,
-        "dynamic batching: most items merged from concurrent requests into one model "
-        "execution (1 = no coalescing); one request runs whole")
-    max_queue_delay_ms: float = _option(_SERVING.max_queue_delay_ms,
-        "dynamic batching: longest wait for more items to join a batch; 0 "
-        "= no waiting, but requests queued behind a running batch still join")
-    adaptive_queue_delay: bool = _option(_SERVING.adaptive_queue_delay,
-        "wait --max-queue-delay-ms out only until a batch holds as many "
-        "requests as the last one (once a second, the whole delay, to see how "
-        "many come): a lone caller does not wait; false = always, as Triton "
-        "does")
+    max_batch_size: int = _option(_SERVING.max_batch_size, "dynamic batching: most items merged from concurrent "
+                                  "requests into one model execution (1 = no coalescing); one request runs whole")
+    max_queue_delay_ms: float = _option(_SERVING.max_queue_delay_ms, "dynamic batching: longest wait for more items to "
+                                        "join a batch; 0 = no waiting, but requests queued behind a running batch "
+                                        "still join")
+    adaptive_queue_delay: bool = _option(_SERVING.adaptive_queue_delay, "wait --max-queue-delay-ms out only until a "
+                                         "batch holds as many requests as the last one (once a second, the whole "
+                                         "delay, to see how many come): a lone caller does not wait; false = always, "
+                                         "as Triton does")
     max_queue_items: int = _option(_SERVING.max_queue_items,
-        "items a model's queue holds; beyond, UNAVAILABLE (retry later)")
-    max_items_per_request: int = _option(_SERVING.max_items_per_request,
-        "items (images, records, texts, rows) one request may carry")
+                                   "items a model's queue holds; beyond, UNAVAILABLE (retry later)")
+    max_items_per_request: int = _option(_SERVING.max_items_per_request, "items (images, records, texts, rows) one "
+                                         "request may carry")
     max_image_pixels: int = _option(DEFAULT_MAX_IMAGE_PIXELS, "largest image (width*height) before RESOURCE_EXHAUSTED",
                                     minimum=1)
     decode_processes: int = _option(-1, f"processes decoding the images of requests with {POOL_MIN_IMAGES} or more; "
@@ -107,18 +104,15 @@ class ServerSettings:
                                     "server process", minimum=-1)
     max_message_mb: int = _option(64, "largest gRPC message, both directions, in MiB", minimum=1)
     poll_interval_s: float = _option(_SERVING.poll_interval_s,
-        "how often the repository looks for new versions; 0 = never")
-    latest_versions: int = _option(_SERVING.latest_versions,
-        "how many of each model's versions are loaded: the N newest that load (a "
-        "newer one that fails to load does not push an older one out), as Triton's "
-        "version_policy latest N; 0 = every version directory (policy all)")
-    intra_op_threads: int = _option(_SERVING.intra_op_threads,
-        "CPU threads one model run may use (a large batch is split "
-        "across them); 0 = one per core")
-    inline_run_ms: float = _option(_SERVING.inline_run_ms,
-        "model runs measured to take less than this execute on the event loop, "
-        "saving a thread hop (on a GPU, only a lone request's run; batches formed "
-        "under load run in a thread); 0 = every run in a worker thread")
+                                     "how often the repository looks for new versions; 0 = never")
+    latest_versions: int = _option(_SERVING.latest_versions, "how many of each model's versions are loaded: the N "
+                                   "newest that load (a newer one that fails to load does not push an older one out), "
+                                   "as Triton's version_policy latest N; 0 = every version directory (policy all)")
+    intra_op_threads: int = _option(_SERVING.intra_op_threads, "CPU threads one model run may use (a large batch is "
+                                    "split across them); 0 = one per core")
+    inline_run_ms: float = _option(_SERVING.inline_run_ms, "model runs measured to take less than this execute on the "
+                                   "event loop, saving a thread hop (on a GPU, only a lone request's run; batches "
+                                   "formed under load run in a thread); 0 = every run in a worker thread")
     grace_s: float = _option(10.0, "on SIGTERM/SIGINT/SIGHUP, how long in-flight RPCs may take to finish", minimum=0)
     tls_cert: str = _option("", "PEM certificate (chain) the port presents; with --tls-key the port speaks TLS only")
     tls_key: str = _option("", "PEM private key of --tls-cert")
