@@ -121,8 +121,8 @@ class ServerSettings:
                               "or --auth-token-file: a flag shows in ps)", secret=True)
     auth_token_file: str = _option("", "file holding the bearer token (e.g. a mounted secret)")
     auth_health: bool = _option(False, "require the token on health checks too (grpc.health.v1, ServerLive/Ready)")
-    model_control: str = _option("auto", "RepositoryModelLoad/Unload: auto = on when a token is set or the host is "
-                                 "loopback, off otherwise", choices=CONTROL_MODES)
+    model_control: str = _option("auto", "RepositoryModelLoad/Unload and LogSettings changes: auto = on when a token "
+                                 "is set or the host is loopback, off otherwise", choices=CONTROL_MODES)
     shared_memory: str = _option("auto", "Triton's system shared memory extension (tensors in the host's POSIX "
                                  "shared memory): auto = on when a token is set or the host is loopback, off "
                                  "otherwise", choices=CONTROL_MODES)

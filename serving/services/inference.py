@@ -37,6 +37,9 @@ from serving.services.descriptions import PLATFORM, model_config, model_statisti
 from serving.services.health import HealthService
 from serving.shared_memory import BYTE_SIZE, OFFSET, REGION, Region, SharedMemoryRegistry
 
+#: Why model control (and with it changing log settings) is off, in its refusals
+CONTROL_OFF = ("(--model-control: auto turns it on with a token or on a loopback host; --workers turns it off, as a "
+               "change would reach one worker only)")
 #: The stream reply parameter that marks a request's last reply
 FINAL_RESPONSE = "triton_final_response"
 #: Triton's names for the extensions served here (ServerMetadata): ``binary_tensor_data`` is raw buffers,
@@ -224,8 +227,8 @@ class InferenceService(Handler, inference_pb2_grpc.GRPCInferenceServiceServicer)
             changes[key] = getattr(value, kind)
         if changes:
             if not self.model_control:
-                raise ModelControlOff("changing log settings is off on this server, as model control is (start it "
-                                      "with a token, or on a loopback host, to allow it); reading them is allowed")
+                raise ModelControlOff(f"changing log settings is off on this server, as model control is "
+                                      f"{CONTROL_OFF}; reading them is allowed")
             try:
                 logs.update_log_settings(changes)
             except logs.LogSettingError as e:
@@ -281,8 +284,8 @@ class InferenceService(Handler, inference_pb2_grpc.GRPCInferenceServiceServicer)
 
     def _check_model_control(self) -> None:
         if not self.model_control:
-            raise ModelControlOff("model control is off on this server: models change only through the "
-                                  "repository (start it with --model-control on, or set a token, to allow this)")
+            raise ModelControlOff(f"model control is off on this server {CONTROL_OFF}: models change only through the "
+                                  "repository")
 
 
 def _one_repository(name: str) -> None:
