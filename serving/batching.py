@@ -74,6 +74,7 @@ class _Request:
     key: tuple
     future: asyncio.Future[Arrays] = field(repr=False)
     queued: bool = True  # counted in queue_depth: waiting, neither taken into a batch nor dropped
+    waited: bool = False  # submitted with wait_for_room (a stream's): counted in the streams' share too
     arrived_ns: int = field(default_factory=time.perf_counter_ns)
 
 
@@ -127,8 +128,10 @@ class DynamicBatcher:
         self._seconds_per_item: dict[tuple[int, int], float] = {}
         self._queue: deque[_Request] = deque()
         self._queued_items = 0
+        self._waited_items = 0  # of them, those of requests that waited for room (streams')
         self._arrived = asyncio.Event()
         self._room = asyncio.Event()  # set whenever items leave the queue, for submits waiting for room
+        self._room_turn = asyncio.Lock()  # submits waiting for room take it in arrival order (a FIFO lock)
         self._closing = False
         self._worker: asyncio.Task[None] | None = None
         self._running = False  # a batch is executing (in a thread, or on the loop)
@@ -146,18 +149,20 @@ class DynamicBatcher:
         can, for callers that are flow-controlled anyway, such as a stream), InputTooLarge when it never
         could, BatcherClosed after close(), and whatever ``run`` raised for the batch this request was part of.
 
-        A request that waits for room takes it only while the queue is at most half full (or empty, so that
-        any request fits): one stream refilled the queue the moment room appeared, and every unary call to the
-        model failed UNAVAILABLE for as long as it streamed. The other half is for calls that do not wait.
+        Requests that wait for room hold at most half of the queue between them (one alone may hold more, to
+        fit): one stream refilled the queue the moment room appeared, and every unary call to the model failed
+        UNAVAILABLE for as long as it streamed. They take room in the order they came, so a large one is not
+        passed over for ever by smaller ones that fit sooner.
         """
         n = _batch_size(inputs)
         if n > self.max_queue_items:
             raise InputTooLarge(f"{n} items in one request: model {self.name}'s queue holds at most "
                                 f"{self.max_queue_items}; send fewer per request")
-        while wait_for_room and not self._closing and not (
-                self._queued_items == 0 or self._queued_items + n <= self.max_queue_items // 2):
-            self._room.clear()
-            await self._room.wait()
+        if wait_for_room:
+            async with self._room_turn:
+                while not self._closing and not self._room_for_waiting(n):
+                    self._room.clear()
+                    await self._room.wait()
         if self._closing:
             raise BatcherClosed(f"model {self.name} is shutting down")
         if self._queued_items + n > self.max_queue_items:
@@ -171,12 +176,18 @@ class DynamicBatcher:
                 return self._run_now(inputs, n, size_class)
         if self._worker is None or self._worker.done():
             self._worker = asyncio.get_running_loop().create_task(self._work(), name=f"batcher-{self.name}")
-        chunks = [self._enqueue({k: v[i : i + self.chunk_size] for k, v in inputs.items()})
+        chunks = [self._enqueue({k: v[i : i + self.chunk_size] for k, v in inputs.items()}, waited=wait_for_room)
                   for i in range(0, n, self.chunk_size)]
         if len(chunks) == 1:
             return await chunks[0]
         parts = await asyncio.gather(*chunks)  # cancelling submit cancels the chunks not yet run
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def _room_for_waiting(self, n: int) -> bool:
+        """Whether a request that waits for room fits now: in the queue, and in the waiting requests' half of it
+        (or no other waiting request is queued)."""
+        return self._queued_items + n <= self.max_queue_items and (
+            self._waited_items == 0 or self._waited_items + n <= self.max_queue_items // 2)
 
     def _idle_for(self, n: int) -> bool:
         """Whether ``n`` items may run at once in the caller's task, if the run fits the inline budget: nothing
@@ -216,13 +227,14 @@ class DynamicBatcher:
         if self._worker is not None:
             await self._worker
 
-    def _enqueue(self, inputs: Arrays) -> asyncio.Future[Arrays]:
+    def _enqueue(self, inputs: Arrays, *, waited: bool) -> asyncio.Future[Arrays]:
         n = len(next(iter(inputs.values())))  # submit checked that all tensors agree
         key = tuple(sorted((k, v.shape[1:], v.dtype.str) for k, v in inputs.items()))
-        request = _Request(inputs, n, key, asyncio.get_running_loop().create_future())
+        request = _Request(inputs, n, key, asyncio.get_running_loop().create_future(), waited=waited)
         request.future.add_done_callback(lambda _: self._forget(request))
         self._queue.append(request)
         self._queued_items += n
+        self._waited_items += n if waited else 0
         self._notify("queue_changed", n)
         self._arrived.set()
         return request.future
@@ -231,6 +243,7 @@ class DynamicBatcher:
         if request.queued:
             request.queued = False
             self._queued_items -= request.n
+            self._waited_items -= request.n if request.waited else 0
             self._notify("queue_changed", -request.n)
             self._room.set()
 

@@ -185,6 +185,38 @@ def test_a_flow_controlled_submit_waits_for_room(then: str) -> None:
     run(main())
 
 
+def test_requests_that_wait_hold_half_the_queue_and_take_room_in_turn() -> None:
+    """Streams' requests hold at most half the queue between them, so a call that does not wait finds room;
+    and they take room in the order they came: a 600-item request was passed over for ever by three streams of
+    100-item ones, each of which fit into the half sooner (1,172 of them answered in 5 s while it waited)."""
+
+    def slow(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        threading.Event().wait(0.002)  # a model: 2 ms per batch
+        return {"y": inputs["x"] * 2}
+
+    async def main() -> None:
+        batcher = DynamicBatcher(slow, max_batch_size=64, max_delay_ms=0, max_queue_items=1024, name="m")
+        answered, stop = [0], asyncio.Event()
+
+        async def small_stream() -> None:
+            while not stop.is_set():
+                await batcher.submit({"x": np.ones((100, 4), np.float32)}, wait_for_room=True)
+                answered[0] += 1
+
+        streams = [asyncio.create_task(small_stream()) for _ in range(3)]
+        await until(lambda: batcher.queue_depth > 0)
+        assert batcher.queue_depth <= 512 + 100  # their half (and one request that came alone)
+        await batcher.submit({"x": np.ones((1, 4), np.float32)})  # a unary call finds room
+        before = answered[0]
+        await batcher.submit({"x": np.ones((600, 4), np.float32)}, wait_for_room=True)
+        assert answered[0] - before <= 3 * 8, answered[0] - before  # the ones queued ahead of it, not for ever
+        stop.set()
+        await asyncio.gather(*streams)
+        await batcher.close()
+
+    run(main())
+
+
 def test_batch_size_one_turns_coalescing_off() -> None:
     model = GatedModel(gated=True)
 
