@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.preprocess import InputError
+from serving.preprocess import InputError, InputTooLarge
 
 #: Where Linux keeps POSIX shared memory objects: ``shm_open("/name")`` is the file ``/dev/shm/name``.
 SHM_DIR = Path("/dev/shm")
@@ -124,9 +124,11 @@ class SharedMemoryRegistry:
     """The regions of one server, by name. Only RPC handlers use it, all on the server's event loop, so it
     needs no lock."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_read_bytes: int) -> None:
+        """``max_read_bytes``: the most one input may be, as for one in a message (``--max-message-mb``)."""
         self._regions: dict[str, Region] = {}
         self.max_regions = min(MAX_REGIONS, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4)
+        self.max_read_bytes = max_read_bytes
 
     def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
         if not name:
@@ -157,6 +159,15 @@ class SharedMemoryRegistry:
         if name not in self._regions:
             raise RegionNotFound(f"no shared memory region {name!r} is registered")
         return [self._regions[name]]
+
+    def read(self, name: str, offset: int, byte_size: int, tensor: str) -> np.ndarray:
+        """An input's bytes from region ``name`` (a copy); RESOURCE_EXHAUSTED beyond ``max_read_bytes``, before
+        reading: a request naming 2 GB of a sparse object made the server allocate and read it, 5 s in which the
+        event loop served no one, before its size was found wrong."""
+        if byte_size > self.max_read_bytes:
+            raise InputTooLarge(f"{tensor!r}: {byte_size} bytes of shared memory: at most {self.max_read_bytes} are "
+                                "read for one input, as in a message (--max-message-mb)")
+        return self.region(name, tensor).read(offset, byte_size, tensor)
 
     def region(self, name: str, tensor: str) -> Region:
         """The region registered as ``name``, which the input or output ``tensor`` names."""

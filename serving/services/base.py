@@ -78,6 +78,7 @@ class Answer(NamedTuple):
 class Settings(Protocol):
     max_items_per_request: int
     max_queue_items: int
+    max_message_bytes: int
 
 
 class Handler:

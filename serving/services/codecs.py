@@ -66,13 +66,15 @@ def decode_inputs(tensors: Sequence, raw: Sequence[bytes], shared_memory: Shared
             raise InputError(f"input {tensor.name!r} has {len(shape)} dimensions: at most {MAX_DIMS} are accepted")
         count = math.prod(shape)  # Python ints: a product of huge dimensions must not wrap around to a small one
         if placement or raw:
-            # a raw buffer read once (each read of a protobuf bytes field is a copy)
-            buffer = _shared_input(tensor.name, placement, shared_memory) if placement else next(buffers)
-            if len(buffer) != count * dtype.itemsize:
-                source = (f"shared memory byte size {len(buffer)}" if placement
-                          else f"raw buffer of {len(buffer)} bytes")
+            # the size checked before a shared memory read; a raw buffer read once (each read of a protobuf
+            # bytes field is a copy)
+            size = placement[1] if placement else len(buffer := next(buffers))
+            if size != count * dtype.itemsize:
+                source = f"shared memory byte size {size}" if placement else f"raw buffer of {size} bytes"
                 raise InputError(f"input {tensor.name!r}: {source}, expected {count * dtype.itemsize} for "
                                  f"{tensor.datatype} {list(shape)}")
+            if placement:
+                buffer = _shared_input(tensor.name, placement, shared_memory)
             array = np.frombuffer(buffer, dtype=dtype)
         else:
             field = CONTENTS_FIELD[tensor.datatype]
@@ -125,7 +127,7 @@ def _shared_input(name: str, placement: tuple[str, int, int], shared_memory: Sha
         raise InputError(f"input {name!r} names a shared memory region, but shared memory is off on this server "
                          "(--shared-memory): send the data in raw_input_contents")
     region, byte_size, offset = placement
-    return shared_memory.region(region, f"input {name}").read(offset, byte_size, f"input {name}")
+    return shared_memory.read(region, offset, byte_size, f"input {name}")
 
 
 def select_outputs(outputs: Mapping[str, np.ndarray], requested: Sequence[str]) -> list[tuple[str, np.ndarray]]:

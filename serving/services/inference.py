@@ -60,7 +60,7 @@ class InferenceService(Handler, inference_pb2_grpc.GRPCInferenceServiceServicer)
         super().__init__(repository, metrics, settings)
         self.health = health
         self.model_control = model_control
-        self.shared_memory = SharedMemoryRegistry() if shared_memory else None
+        self.shared_memory = SharedMemoryRegistry(settings.max_message_bytes) if shared_memory else None
         extensions = EXTENSIONS if shared_memory else tuple(e for e in EXTENSIONS if e != "system_shared_memory")
         self.metadata = pb.ServerMetadataResponse(name="coursezoo", version=version(), extensions=extensions)
 

@@ -198,7 +198,7 @@ def test_only_shared_memory_objects_can_be_regions(tmp_path: Path, planted: str)
     victim.write_bytes(b"ORIGINAL-CONTENT")
     path = Path(f"/dev/shm/coursezoo-test-{planted}-{os.getpid()}")
     path.symlink_to(victim) if planted == "link" else path.mkdir()
-    registry = SharedMemoryRegistry()
+    registry = SharedMemoryRegistry(64 << 20)
     try:
         what = "is a symbolic link" if planted == "link" else "cannot open"  # a folder: "Is a directory"
         with pytest.raises(InputError, match=what):
@@ -211,7 +211,7 @@ def test_only_shared_memory_objects_can_be_regions(tmp_path: Path, planted: str)
 def test_a_region_unregistered_while_a_request_holds_it_still_gets_its_output(block) -> None:
     """As Triton defers such an unregister: the name goes at once, the object stays open until the request has
     written its output (the server used to answer NOT_FOUND after running the model)."""
-    registry = SharedMemoryRegistry()
+    registry = SharedMemoryRegistry(64 << 20)
     registry.register("r", "/" + block.name, 0, 4096)
     region = registry.region("r", "output y").hold()
     registry.unregister("r")
@@ -298,7 +298,7 @@ from serving.shared_memory import SharedMemoryRegistry, TooManyRegions
 resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 block = shared_memory.SharedMemory(create=True, size=4096)
 try:
-    registry = SharedMemoryRegistry()
+    registry = SharedMemoryRegistry(64 << 20)
     for i in range(64):
         try:
             registry.register(f"r{i}", "/" + block.name, 0, 64)
@@ -313,3 +313,37 @@ finally:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True,
                           cwd=Path(__file__).resolve().parents[2])
     assert done.stdout.startswith("16 16 shared memory regions are registered"), done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(("shape", "byte_size", "code", "fragment"), [
+    ([1, 1, 28, 28], 2 << 30, "INVALID_ARGUMENT", "expected 3136"),  # a byte size that is not the tensor's
+    ([171_197, 1, 28, 28], 171_197 * 3136, "RESOURCE_EXHAUSTED", "at most"),  # beyond what a message may carry
+])
+def test_a_huge_shared_memory_input_is_refused_before_it_is_read(start_server, exported_repo: Path, shape: list,
+                                                                 byte_size: int, code: str, fragment: str) -> None:
+    """The server read a region's whole byte size before comparing it with the tensor: 2 GiB of a sparse object
+    took 5 s of its event loop, in which it served no one, and 2.1 GB of memory, to answer INVALID_ARGUMENT."""
+    server = start_server(exported_repo, "--poll-interval-s", "0")
+    client = triton.InferenceServerClient(server.target)
+    size = 2 << 30
+    path = Path(f"/dev/shm/coursezoo-test-sparse-{os.getpid()}")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, size)  # sparse: no memory until written or read
+        client.register_system_shared_memory("sparse", "/" + path.name, size)
+        peak = _peak_mib(server.proc.pid)
+        tensor = triton.InferInput("image", shape, "FP32").set_shared_memory("sparse", byte_size)
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("mnist_cnn", [tensor])
+        assert info.value.status() == f"StatusCode.{code}" and fragment in info.value.message(), info.value.message()
+        assert _peak_mib(server.proc.pid) - peak < 100
+    finally:
+        client.unregister_system_shared_memory()
+        client.close()
+        os.close(fd)
+        path.unlink()
+
+
+def _peak_mib(pid: int) -> int:
+    return int(next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                    if line.startswith("VmHWM")).split()[1]) // 1024
