@@ -276,10 +276,6 @@ KEEPALIVE_S = 60.0
 #: How far gRPC reads ahead of a handler on each stream, with BDP probing off (see ``build_grpc_server``): more
 #: than one 1024-image raw request (3.2 MB), so a lone large message still flows without waiting on the window.
 STREAM_LOOKAHEAD_BYTES = 4 << 20
-#: Streams (calls) one connection may have open at once: beyond, the client holds them back (HTTP/2's
-#: SETTINGS_MAX_CONCURRENT_STREAMS). A client that opened streams and never let them finish held ~35 KB each:
-#: 27,000 of them on one connection, 955 MB.
-MAX_STREAMS_PER_CONNECTION = 256
 #: A connection with no call open for this long is closed (GOAWAY; clients reconnect on their next call), and
 #: one that has not finished its handshake in HANDSHAKE_TIMEOUT_S: each holds a file descriptor, and idle ones
 #: were never closed (1,100 of them took every descriptor a 1024-file limit allows).
@@ -316,7 +312,6 @@ def build_grpc_server(settings: ServerSettings, classifier: ClassifierService, i
         # read and waiting after 9 s, 61 answered. With a fixed window: 1.3 GB, bounded, and 163 answered in 12 s;
         # raw 1024-image ModelInfer on loopback unchanged (docs/operations.md).
         ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", STREAM_LOOKAHEAD_BYTES),
-        ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
         ("grpc.max_connection_idle_ms", int(MAX_CONNECTION_IDLE_S * 1000)),
         ("grpc.server_handshake_timeout_ms", int(HANDSHAKE_TIMEOUT_S * 1000)),
     ]
