@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import signal
 import sys
+import threading
 from types import ModuleType
 
 from coursezoo import logs, version
@@ -35,7 +36,10 @@ def _usage() -> str:
 def _import_uninterrupted(name: str) -> ModuleType | None:
     """Import a command's module (serve's imports take ~0.3 s), or None if SIGINT came meanwhile. The signal waits
     for the import to end: raised inside it, it was a traceback and exit 1, or "ImportError: initialization
-    failed" when it hit an extension module's set-up."""
+    failed" when it hit an extension module's set-up. From a thread other than the main one (which can set no
+    signal handler, and never gets SIGINT) a plain import."""
+    if threading.current_thread() is not threading.main_thread():
+        return importlib.import_module(name)
     interrupted = False
 
     def note(signum: int, frame: object) -> None:

@@ -39,19 +39,23 @@ class Severities(logging.Filter):
     """Which severities are logged, switched one by one as Triton's logging extension switches them
     (``LogSettings``: ``log_info``, ``log_warning``, ``log_error``, and ``log_verbose_level`` > 0 for DEBUG);
     a level such as ``COURSEZOO_LOG_LEVEL`` sets them all. It filters the handler, and the root logger's
-    level follows the least severe one on, so records nobody wants are not even made."""
+    level follows the least severe one on, so records nobody wants are not even made. CRITICAL, which Triton
+    has not, follows the level alone (``COURSEZOO_LOG_LEVEL=CRITICAL`` logs it, whatever ``log_error`` says)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.set_level(DEFAULT_LEVEL)
 
-    def set_level(self, name: str) -> None:
-        level = logging.getLevelNamesMapping()[name]
-        self.info, self.warning, self.error = (level <= logging.INFO, level <= logging.WARNING,
-                                               level <= logging.ERROR)
+    def set_level(self, level: str | int) -> None:
+        """Every severity from ``level`` (a name, or a number as ``logging`` keeps it) up on, the others off."""
+        level = logging.getLevelNamesMapping()[level] if isinstance(level, str) else level
+        self.info, self.warning, self.error, self.critical = (level <= logging.INFO, level <= logging.WARNING,
+                                                              level <= logging.ERROR, level <= logging.CRITICAL)
         self.verbose = int(level <= logging.DEBUG)
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.CRITICAL:
+            return self.critical or self.error
         if record.levelno >= logging.ERROR:
             return self.error
         if record.levelno >= logging.WARNING:
@@ -61,7 +65,7 @@ class Severities(logging.Filter):
     def lowest(self) -> int:
         """The least severe level on (above CRITICAL when none is)."""
         on = [(self.verbose > 0, logging.DEBUG), (self.info, logging.INFO), (self.warning, logging.WARNING),
-              (self.error, logging.ERROR)]
+              (self.error, logging.ERROR), (self.critical, logging.CRITICAL)]
         return next((level for enabled, level in on if enabled), logging.CRITICAL + 1)
 
 
@@ -72,6 +76,7 @@ LOG_FILE, LOG_FORMAT = "", "json"
 
 def log_settings() -> dict[str, bool | int | str]:
     """The log settings as Triton's ``LogSettings`` names them."""
+    _follow_the_host()
     return {"log_file": LOG_FILE, "log_info": SEVERITIES.info, "log_warning": SEVERITIES.warning,
             "log_error": SEVERITIES.error, "log_verbose_level": SEVERITIES.verbose, "log_format": LOG_FORMAT}
 
@@ -90,7 +95,19 @@ def update_log_settings(changes: Mapping[str, bool | int | str]) -> None:
     for key, value in changes.items():
         if key in ("log_info", "log_warning", "log_error", "log_verbose_level"):
             setattr(SEVERITIES, key.removeprefix("log_").removesuffix("_level"), value)
-    logging.getLogger().setLevel(SEVERITIES.lowest())
+    root = logging.getLogger()
+    for handler in root.handlers:  # a host that configured logging itself: it now goes by the settings too
+        if SEVERITIES not in handler.filters:
+            handler.addFilter(SEVERITIES)
+    root.setLevel(SEVERITIES.lowest())
+
+
+def _follow_the_host() -> None:
+    """In a process whose logging ``setup`` did not configure (a server run in a test or a benchmark), the
+    settings start from the root logger's level, not from COURSEZOO_LOG_LEVEL's default."""
+    root = logging.getLogger()
+    if not any(SEVERITIES in handler.filters for handler in root.handlers):
+        SEVERITIES.set_level(root.getEffectiveLevel())
 
 
 def setup() -> None:

@@ -3,16 +3,19 @@ And the dispatcher's own errors."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
-from coursezoo import logs
+from coursezoo import cli, logs
 
 
 def coursezoo(*args: str, level: str | None) -> subprocess.CompletedProcess[str]:
@@ -52,6 +55,7 @@ def test_an_unknown_command_is_named_and_the_version_printed() -> None:
     ("DEBUG", {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}),
     ("WARNING", {"WARNING", "ERROR", "CRITICAL"}),
     ("ERROR", {"ERROR", "CRITICAL"}),
+    ("CRITICAL", {"CRITICAL"}),  # CRITICAL went with log_error, off from this level: nothing was logged at all
 ])
 def test_a_level_switches_each_severity_from_it_up(level: str, on: set[str]) -> None:
     severities = logs.Severities()
@@ -60,6 +64,16 @@ def test_a_level_switches_each_severity_from_it_up(level: str, on: set[str]) -> 
               if severities.filter(logging.LogRecord("x", logging.getLevelName(name), "", 0, "", (), None))}
     assert passed == on
     assert severities.lowest() == logging.getLevelName(level)
+
+
+def test_log_settings_start_from_a_hosts_own_logging() -> None:
+    """A process that configured logging itself (a server run in a test): the settings read its level, and a
+    change that changes nothing keeps it (a no-op change had moved an INFO host to WARNING)."""
+    script = ("import logging; from coursezoo import logs; logging.basicConfig(level=logging.INFO); "
+              "print(logs.log_settings()['log_info']); logs.update_log_settings({'log_error': True}); "
+              "logging.getLogger('host').info('still logged')")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.strip() == "True" and "still logged" in done.stderr, done.stdout + done.stderr
 
 
 def test_log_settings_switch_severities_one_by_one_and_refuse_what_cannot_change() -> None:
@@ -91,3 +105,22 @@ def test_ctrl_c_while_a_command_loads_is_a_clean_stop(after_s: float) -> None:
     os.killpg(proc.pid, signal.SIGINT)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0 and "Traceback" not in output and "Error" not in output, output
+
+
+def test_the_dispatcher_runs_from_any_thread() -> None:
+    """Only the main thread may set a signal handler: run from another, the dispatcher raised ValueError."""
+    outcome: list[object] = []
+
+    def dispatch() -> None:
+        try:
+            outcome.append(cli.main(["eval", "--help"]))
+        except SystemExit as e:  # --help
+            outcome.append(e.code)
+        except Exception as e:  # noqa: BLE001 - the failure under test, kept for the assertion
+            outcome.append(e)
+
+    thread = threading.Thread(target=dispatch)
+    with contextlib.redirect_stdout(io.StringIO()):
+        thread.start()
+        thread.join(timeout=120)
+    assert outcome == [0], outcome
