@@ -79,6 +79,7 @@ def test_log_settings_start_from_a_hosts_own_logging() -> None:
 def test_log_settings_switch_severities_one_by_one_and_refuse_what_cannot_change() -> None:
     """Triton's LogSettings turns each severity on or off alone: warnings off, errors still on."""
     saved = vars(logs.SEVERITIES).copy(), logging.getLogger().level
+    unfiltered = [h for h in logging.getLogger().handlers if logs.SEVERITIES not in h.filters]  # pytest's own
     try:
         logs.SEVERITIES.set_level("WARNING")
         logs.update_log_settings({"log_warning": False})
@@ -92,6 +93,8 @@ def test_log_settings_switch_severities_one_by_one_and_refuse_what_cannot_change
     finally:
         vars(logs.SEVERITIES).update(saved[0])
         logging.getLogger().setLevel(saved[1])
+        for handler in unfiltered:  # the change filtered pytest's handlers too: later tests' INFO records went
+            handler.removeFilter(logs.SEVERITIES)
 
 
 @pytest.mark.parametrize("after_s", [0.05, 0.15, 0.25])
