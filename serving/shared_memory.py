@@ -160,14 +160,17 @@ class SharedMemoryRegistry:
             raise RegionNotFound(f"no shared memory region {name!r} is registered")
         return [self._regions[name]]
 
-    def read(self, name: str, offset: int, byte_size: int, tensor: str) -> np.ndarray:
-        """An input's bytes from region ``name`` (a copy); RESOURCE_EXHAUSTED beyond ``max_read_bytes``, before
-        reading: a request naming 2 GB of a sparse object made the server allocate and read it, 5 s in which the
-        event loop served no one, before its size was found wrong."""
-        if byte_size > self.max_read_bytes:
-            raise InputTooLarge(f"{tensor!r}: {byte_size} bytes of shared memory: at most {self.max_read_bytes} are "
-                                "read for one input, as in a message (--max-message-mb)")
-        return self.region(name, tensor).read(offset, byte_size, tensor)
+    def check_reads(self, reads: list[tuple[str, int, str]]) -> None:
+        """Before a request's inputs are read: each ``(region name, byte size, tensor)`` names a registered
+        region (NOT_FOUND), and together they are at most ``max_read_bytes`` (RESOURCE_EXHAUSTED), as a message's
+        inputs are. A request naming 2 GB of a sparse object had the server allocate and read it (5 s in which
+        the event loop served no one) before its size was found wrong; 60 inputs of the limit each, 60 times it."""
+        for name, _, tensor in reads:
+            self.region(name, tensor)
+        total = sum(byte_size for _, byte_size, _ in reads)
+        if total > self.max_read_bytes:
+            raise InputTooLarge(f"{total} bytes of inputs in shared memory: at most {self.max_read_bytes} are read "
+                                "for one request, as in a message (--max-message-mb)")
 
     def region(self, name: str, tensor: str) -> Region:
         """The region registered as ``name``, which the input or output ``tensor`` names."""

@@ -52,6 +52,12 @@ def decode_inputs(tensors: Sequence, raw: Sequence[bytes], shared_memory: Shared
     if raw and len(raw) != unplaced:
         raise InputError(f"{len(raw)} raw_input_contents for {unplaced} inputs not in shared memory: "
                          "expected one buffer per such input, or none and typed contents")
+    shared = [(tensor.name, placement) for tensor, placement in zip(tensors, placements, strict=True) if placement]
+    if shared:  # the regions there and the bytes bounded, before any is read
+        if shared_memory is None:
+            raise InputError(f"input {shared[0][0]!r} names a shared memory region, but shared memory is off on this "
+                             "server (--shared-memory): send the data in raw_input_contents")
+        shared_memory.check_reads([(region, byte_size, f"input {name}") for name, (region, byte_size, _) in shared])
     buffers = iter(raw)
     arrays: dict[str, np.ndarray] = {}
     for tensor, placement in zip(tensors, placements, strict=True):
@@ -74,7 +80,10 @@ def decode_inputs(tensors: Sequence, raw: Sequence[bytes], shared_memory: Shared
                 raise InputError(f"input {tensor.name!r}: {source}, expected {count * dtype.itemsize} for "
                                  f"{tensor.datatype} {list(shape)}")
             if placement:
-                buffer = _shared_input(tensor.name, placement, shared_memory)
+                assert shared_memory is not None  # refused above otherwise
+                region, byte_size, offset = placement
+                buffer = shared_memory.region(region, f"input {tensor.name}").read(offset, byte_size,
+                                                                                   f"input {tensor.name}")
             array = np.frombuffer(buffer, dtype=dtype)
         else:
             field = CONTENTS_FIELD[tensor.datatype]
@@ -119,15 +128,6 @@ def _int_param(param: Any) -> int:
     if kind not in ("int64_param", "uint64_param"):
         raise InputError(f"shared memory sizes and offsets are whole numbers: got a {kind or 'empty'} parameter")
     return getattr(param, kind)
-
-
-def _shared_input(name: str, placement: tuple[str, int, int], shared_memory: SharedMemoryRegistry | None) \
-        -> np.ndarray:
-    if shared_memory is None:
-        raise InputError(f"input {name!r} names a shared memory region, but shared memory is off on this server "
-                         "(--shared-memory): send the data in raw_input_contents")
-    region, byte_size, offset = placement
-    return shared_memory.read(region, offset, byte_size, f"input {name}")
 
 
 def select_outputs(outputs: Mapping[str, np.ndarray], requested: Sequence[str]) -> list[tuple[str, np.ndarray]]:

@@ -106,7 +106,11 @@ def test_ctrl_c_while_a_command_loads_is_a_clean_stop(after_s: float) -> None:
                             stderr=subprocess.STDOUT, text=True)
     time.sleep(after_s)
     os.killpg(proc.pid, signal.SIGINT)
-    output, _ = proc.communicate(timeout=120)
+    try:
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:  # the SIGINT was lost: a server left running would outlive the test run
+            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0 and "Traceback" not in output and "Error" not in output, output
 
 
