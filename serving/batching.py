@@ -132,6 +132,7 @@ class DynamicBatcher:
         self._arrived = asyncio.Event()
         self._room = asyncio.Event()  # set whenever items leave the queue, for submits waiting for room
         self._room_turn = asyncio.Lock()  # submits waiting for room take it in arrival order (a FIFO lock)
+        self._reserved = 0  # items kept from calls that do not wait: the room the first waiting request needs
         self._closing = False
         self._worker: asyncio.Task[None] | None = None
         self._running = False  # a batch is executing (in a thread, or on the loop)
@@ -152,7 +153,9 @@ class DynamicBatcher:
         Requests that wait for room hold at most half of the queue between them (one alone may hold more, to
         fit): one stream refilled the queue the moment room appeared, and every unary call to the model failed
         UNAVAILABLE for as long as it streamed. They take room in the order they came, so a large one is not
-        passed over for ever by smaller ones that fit sooner.
+        passed over for ever by smaller ones that fit sooner. The first of them keeps the room it needs from calls
+        that do not wait: those retried into every batch's worth of room as it freed, and a stream request of
+        more than a batch never got in (0 in 5 s against 24 callers of 64 items).
         """
         n = _batch_size(inputs)
         if n > self.max_queue_items:
@@ -160,14 +163,19 @@ class DynamicBatcher:
                                 f"{self.max_queue_items}; send fewer per request")
         if wait_for_room:
             async with self._room_turn:
-                while not self._closing and not self._room_for_waiting(n):
-                    self._room.clear()
-                    await self._room.wait()
+                try:
+                    while not self._closing and not self._room_for_waiting(n):
+                        self._room.clear()
+                        await self._room.wait()
+                finally:
+                    self._reserved = 0
         if self._closing:
             raise BatcherClosed(f"model {self.name} is shutting down")
-        if self._queued_items + n > self.max_queue_items:
+        kept = 0 if wait_for_room else self._reserved
+        if self._queued_items + n + kept > self.max_queue_items:
             raise QueueFull(
-                f"model {self.name}: {self._queued_items} items are queued and {n} more do not fit "
+                f"model {self.name}: {self._queued_items} items are queued"
+                f"{f' and {kept} kept for a stream' if kept else ''}, and {n} more do not fit "
                 f"(limit {self.max_queue_items}); retry later or send fewer items"
             )
         if self._idle_for(n):
@@ -184,10 +192,12 @@ class DynamicBatcher:
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def _room_for_waiting(self, n: int) -> bool:
-        """Whether a request that waits for room fits now: in the queue, and in the waiting requests' half of it
-        (or no other waiting request is queued)."""
-        return self._queued_items + n <= self.max_queue_items and (
-            self._waited_items == 0 or self._waited_items + n <= self.max_queue_items // 2)
+        """Whether the first request that waits for room fits now: in the waiting requests' half of the queue (or
+        no other waiting request is queued), and in the queue. Within its half, it keeps the room it needs from
+        calls that do not wait until it fits."""
+        within_share = self._waited_items == 0 or self._waited_items + n <= self.max_queue_items // 2
+        self._reserved = n if within_share else 0
+        return within_share and self._queued_items + n <= self.max_queue_items
 
     def _idle_for(self, n: int) -> bool:
         """Whether ``n`` items may run at once in the caller's task, if the run fits the inline budget: nothing

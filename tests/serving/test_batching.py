@@ -217,6 +217,39 @@ def test_requests_that_wait_hold_half_the_queue_and_take_room_in_turn() -> None:
     run(main())
 
 
+def test_calls_that_retry_do_not_keep_a_waiting_request_out() -> None:
+    """Calls that do not wait retried into every batch's worth of room as it freed, and a waiting request of
+    more than a batch never got in (0 answered in 5 s against 24 callers of 64 items, 2,400 of theirs
+    answered). The first waiting request keeps the room it needs within its half of the queue."""
+
+    def slow(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        threading.Event().wait(0.002)  # a model: 2 ms per batch
+        return {"y": inputs["x"] * 2}
+
+    async def main() -> None:
+        batcher = DynamicBatcher(slow, max_batch_size=64, max_delay_ms=0, max_queue_items=1024, name="m")
+        answered, stop = [0], asyncio.Event()
+
+        async def retrying_caller() -> None:
+            while not stop.is_set():
+                try:
+                    await batcher.submit({"x": np.ones((64, 4), np.float32)})
+                    answered[0] += 1
+                except QueueFull:
+                    await asyncio.sleep(0.001)
+
+        callers = [asyncio.create_task(retrying_caller()) for _ in range(24)]
+        await until(lambda: batcher.queue_depth > 1024 - 64)  # they keep the queue full
+        before = answered[0]
+        await batcher.submit({"x": np.ones((200, 4), np.float32)}, wait_for_room=True)
+        assert answered[0] - before <= 1024 // 64 + 24, answered[0] - before  # the queue ahead of it, then it
+        stop.set()
+        await asyncio.gather(*callers)
+        await batcher.close()
+
+    run(main())
+
+
 def test_batch_size_one_turns_coalescing_off() -> None:
     model = GatedModel(gated=True)
 
