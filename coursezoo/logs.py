@@ -45,6 +45,7 @@ class Severities(logging.Filter):
     def __init__(self) -> None:
         super().__init__()
         self.set_level(DEFAULT_LEVEL)
+        self.settled = False  # whether they are this process's: ``setup`` or a LogSettings change set them
 
     def set_level(self, level: str | int) -> None:
         """Every severity from ``level`` (a name, or a number as ``logging`` keeps it) up on, the others off."""
@@ -95,6 +96,7 @@ def update_log_settings(changes: Mapping[str, bool | int | str]) -> None:
     for key, value in changes.items():
         if key in ("log_info", "log_warning", "log_error", "log_verbose_level"):
             setattr(SEVERITIES, key.removeprefix("log_").removesuffix("_level"), value)
+    SEVERITIES.settled = True
     root = logging.getLogger()
     for handler in root.handlers:  # a host that configured logging itself: it now goes by the settings too
         if SEVERITIES not in handler.filters:
@@ -105,9 +107,8 @@ def update_log_settings(changes: Mapping[str, bool | int | str]) -> None:
 def _follow_the_host() -> None:
     """In a process whose logging ``setup`` did not configure (a server run in a test or a benchmark), the
     settings start from the root logger's level, not from COURSEZOO_LOG_LEVEL's default."""
-    root = logging.getLogger()
-    if not any(SEVERITIES in handler.filters for handler in root.handlers):
-        SEVERITIES.set_level(root.getEffectiveLevel())
+    if not SEVERITIES.settled:
+        SEVERITIES.set_level(logging.getLogger().getEffectiveLevel())
 
 
 def setup() -> None:
@@ -119,6 +120,7 @@ def setup() -> None:
         raise LogLevelError(f"COURSEZOO_LOG_LEVEL={name.lower()!r}: expected one of {', '.join(LEVELS)} "
                             f"(any case), or unset for {DEFAULT_LEVEL}")
     SEVERITIES.set_level(name)
+    SEVERITIES.settled = True
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter())
     handler.addFilter(SEVERITIES)

@@ -74,6 +74,11 @@ def test_log_settings_start_from_a_hosts_own_logging() -> None:
               "logging.getLogger('host').info('still logged')")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
     assert done.stdout.strip() == "True" and "still logged" in done.stderr, done.stdout + done.stderr
+    # and a change reads back, where no handler carries the filter (it was reset from the root level each read)
+    script = ("from coursezoo import logs; logs.update_log_settings({'log_error': False, 'log_verbose_level': 3}); "
+              "s = logs.log_settings(); print(s['log_error'], s['log_verbose_level'])")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.split() == ["False", "3"], done.stdout + done.stderr
 
 
 def test_log_settings_switch_severities_one_by_one_and_refuse_what_cannot_change() -> None:
