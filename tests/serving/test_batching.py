@@ -185,17 +185,23 @@ def test_a_flow_controlled_submit_waits_for_room(then: str) -> None:
     run(main())
 
 
+def slow_batcher() -> DynamicBatcher:
+    """A batcher of 1024 queued items in front of a model that takes 2 ms a batch of at most 64: it fills."""
+
+    def slow(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        threading.Event().wait(0.002)
+        return {"y": inputs["x"] * 2}
+
+    return DynamicBatcher(slow, max_batch_size=64, max_delay_ms=0, max_queue_items=1024, name="m")
+
+
 def test_requests_that_wait_hold_half_the_queue_and_take_room_in_turn() -> None:
     """Streams' requests hold at most half the queue between them, so a call that does not wait finds room;
     and they take room in the order they came: a 600-item request was passed over for ever by three streams of
     100-item ones, each of which fit into the half sooner (1,172 of them answered in 5 s while it waited)."""
 
-    def slow(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        threading.Event().wait(0.002)  # a model: 2 ms per batch
-        return {"y": inputs["x"] * 2}
-
     async def main() -> None:
-        batcher = DynamicBatcher(slow, max_batch_size=64, max_delay_ms=0, max_queue_items=1024, name="m")
+        batcher = slow_batcher()
         answered, stop = [0], asyncio.Event()
 
         async def small_stream() -> None:
@@ -222,12 +228,8 @@ def test_calls_that_retry_do_not_keep_a_waiting_request_out() -> None:
     more than a batch never got in (0 answered in 5 s against 24 callers of 64 items, 2,400 of theirs
     answered). The first waiting request keeps the room it needs within its half of the queue."""
 
-    def slow(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        threading.Event().wait(0.002)  # a model: 2 ms per batch
-        return {"y": inputs["x"] * 2}
-
     async def main() -> None:
-        batcher = DynamicBatcher(slow, max_batch_size=64, max_delay_ms=0, max_queue_items=1024, name="m")
+        batcher = slow_batcher()
         answered, stop = [0], asyncio.Event()
 
         async def retrying_caller() -> None:
