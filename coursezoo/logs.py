@@ -106,9 +106,13 @@ def update_log_settings(changes: Mapping[str, bool | int | str]) -> None:
 
 def _follow_the_host() -> None:
     """In a process whose logging ``setup`` did not configure (a server run in a test or a benchmark), the
-    settings start from the root logger's level, not from COURSEZOO_LOG_LEVEL's default."""
-    if not SEVERITIES.settled:
-        SEVERITIES.set_level(logging.getLogger().getEffectiveLevel())
+    settings are the root logger's level, not COURSEZOO_LOG_LEVEL's default: while none of its handlers carries
+    the filter (it has none yet, or the host configured them again since a change), and, with no handler at
+    all, until a change sets them."""
+    root = logging.getLogger()
+    if not any(SEVERITIES in handler.filters for handler in root.handlers) and (
+            root.handlers or not SEVERITIES.settled):
+        SEVERITIES.set_level(root.getEffectiveLevel())
 
 
 def setup() -> None:

@@ -118,8 +118,11 @@ def shared_placement(tensor: Any) -> tuple[str, int, int] | None:
     if BYTE_SIZE not in params:
         raise InputError(f"{tensor.name!r} names shared memory region {params[REGION].string_param!r} "
                          f"without {BYTE_SIZE}: expected both (and optionally {OFFSET})")
-    return (params[REGION].string_param, _int_param(params[BYTE_SIZE]),
-            _int_param(params[OFFSET]) if OFFSET in params else 0)
+    byte_size, offset = _int_param(params[BYTE_SIZE]), _int_param(params[OFFSET]) if OFFSET in params else 0
+    if byte_size < 0 or offset < 0:  # a negative size had cancelled another input's out of the request's total
+        raise InputError(f"{tensor.name!r}: shared memory byte size {byte_size} at offset {offset}: expected both "
+                         ">= 0")
+    return params[REGION].string_param, byte_size, offset
 
 
 def _int_param(param: Any) -> int:

@@ -79,6 +79,12 @@ def test_log_settings_start_from_a_hosts_own_logging() -> None:
               "s = logs.log_settings(); print(s['log_error'], s['log_verbose_level'])")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
     assert done.stdout.split() == ["False", "3"], done.stdout + done.stderr
+    # and a host that configures its logging again after a change is read again
+    script = ("import logging; from coursezoo import logs; logging.basicConfig(level=logging.INFO); "
+              "logs.update_log_settings({'log_info': False}); logging.basicConfig(level=logging.DEBUG, force=True); "
+              "s = logs.log_settings(); print(s['log_info'], s['log_verbose_level'])")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.split() == ["True", "1"], done.stdout + done.stderr
 
 
 def test_log_settings_switch_severities_one_by_one_and_refuse_what_cannot_change() -> None:

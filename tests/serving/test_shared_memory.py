@@ -361,6 +361,12 @@ def test_a_requests_inputs_in_shared_memory_are_bounded_together(start_server, e
             client.infer("mnist_cnn", tensors)
         assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED", info.value.message()
         assert "for one request" in info.value.message()
+        # nor may a negative size cancel another's out of the total: 16 MiB read under a 4 MiB limit
+        tensors = [triton.InferInput("a", [size], "FP32").set_shared_memory("many", size),
+                   triton.InferInput("b", [1], "FP32").set_shared_memory("many", -3 * size)]
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("mnist_cnn", tensors)
+        assert info.value.status() == "StatusCode.INVALID_ARGUMENT" and ">= 0" in info.value.message()
         assert _peak_mib(server.proc.pid) - peak < 16
     finally:
         client.unregister_system_shared_memory()
