@@ -125,7 +125,8 @@ class SharedMemoryRegistry:
     needs no lock."""
 
     def __init__(self, max_read_bytes: int) -> None:
-        """``max_read_bytes``: the most one input may be, as for one in a message (``--max-message-mb``)."""
+        """``max_read_bytes``: the most a request's inputs may be together, as in a message (``--max-message-mb``;
+        ``check_reads``)."""
         self._regions: dict[str, Region] = {}
         self.max_regions = min(MAX_REGIONS, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4)
         self.max_read_bytes = max_read_bytes
