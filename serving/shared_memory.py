@@ -161,17 +161,19 @@ class SharedMemoryRegistry:
             raise RegionNotFound(f"no shared memory region {name!r} is registered")
         return [self._regions[name]]
 
-    def check_reads(self, reads: list[tuple[str, int, str]]) -> None:
+    def check_reads(self, reads: list[tuple[str, int, str]], in_message: int = 0) -> None:
         """Before a request's inputs are read: each ``(region name, byte size, tensor)`` names a registered
-        region (NOT_FOUND), and together they are at most ``max_read_bytes`` (RESOURCE_EXHAUSTED), as a message's
-        inputs are. A request naming 2 GB of a sparse object had the server allocate and read it (5 s in which
-        the event loop served no one) before its size was found wrong; 60 inputs of the limit each, 60 times it."""
+        region (NOT_FOUND), and together with the ``in_message`` bytes of its raw inputs they are at most
+        ``max_read_bytes`` (RESOURCE_EXHAUSTED), as a message's inputs are. A request naming 2 GB of a sparse
+        object had the server allocate and read it (5 s in which the event loop served no one) before its size
+        was found wrong; 60 inputs of the limit each, 60 times it; raw inputs beside them, twice it."""
         for name, _, tensor in reads:
             self.region(name, tensor)
-        total = sum(byte_size for _, byte_size, _ in reads)
-        if total > self.max_read_bytes:
-            raise InputTooLarge(f"{total} bytes of inputs in shared memory: at most {self.max_read_bytes} are read "
-                                "for one request, as in a message (--max-message-mb)")
+        shared = sum(byte_size for _, byte_size, _ in reads)
+        if shared + in_message > self.max_read_bytes:
+            beside = f" and {in_message} in the message" if in_message else ""
+            raise InputTooLarge(f"{shared} bytes of inputs in shared memory{beside}: at most {self.max_read_bytes} "
+                                "are read for one request, as in a message (--max-message-mb)")
 
     def region(self, name: str, tensor: str) -> Region:
         """The region registered as ``name``, which the input or output ``tensor`` names."""

@@ -57,7 +57,9 @@ def decode_inputs(tensors: Sequence, raw: Sequence[bytes], shared_memory: Shared
         if shared_memory is None:
             raise InputError(f"input {shared[0][0]!r} names a shared memory region, but shared memory is off on this "
                              "server (--shared-memory): send the data in raw_input_contents")
-        shared_memory.check_reads([(region, byte_size, f"input {name}") for name, (region, byte_size, _) in shared])
+        raw = list(raw)  # each read of a protobuf bytes field is a copy: read them once, here
+        shared_memory.check_reads([(region, byte_size, f"input {name}") for name, (region, byte_size, _) in shared],
+                                  in_message=sum(map(len, raw)))
     buffers = iter(raw)
     arrays: dict[str, np.ndarray] = {}
     for tensor, placement in zip(tensors, placements, strict=True):

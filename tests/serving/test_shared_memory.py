@@ -367,6 +367,14 @@ def test_a_requests_inputs_in_shared_memory_are_bounded_together(start_server, e
         with pytest.raises(InferenceServerException) as info:
             client.infer("mnist_cnn", tensors)
         assert info.value.status() == "StatusCode.INVALID_ARGUMENT" and ">= 0" in info.value.message()
+        # nor raw inputs beside them: 3 MiB in shared memory and 2 MiB in a message that fits the limit
+        raw = triton.InferInput("raw", [1 << 19], "FP32")
+        raw.set_data_from_numpy(np.zeros(1 << 19, np.float32))
+        tensors = [triton.InferInput("a", [3 << 18], "FP32").set_shared_memory("many", 3 << 20), raw]
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("mnist_cnn", tensors)
+        assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED", info.value.message()
+        assert "and 2097152 in the message" in info.value.message()
         assert _peak_mib(server.proc.pid) - peak < 16
     finally:
         client.unregister_system_shared_memory()
