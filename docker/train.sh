@@ -23,4 +23,4 @@ out=${COURSEZOO_EXPORT_DIR:-/models}
 # shellcheck disable=SC2086
 coursezoo train $models --runs "$runs" ${COURSEZOO_TRAIN_ARGS:-}
 # shellcheck disable=SC2086
-coursezoo export $models --runs "$runs" --out "$out"
+coursezoo export $models --runs "$runs" --repo "$out"

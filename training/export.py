@@ -194,8 +194,9 @@ def _versions() -> dict[str, Any]:
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Export trained models to TorchScript and ONNX.")
     p.add_argument("names", nargs="+", help="model names from the catalogue, or 'all'")
-    p.add_argument("--out", type=Path, default=Path("exported"),
-                   help="model repository to write into (default: exported)")
+    p.add_argument("--repo", "--out", type=Path, default=Path("exported"), dest="repo",
+                   help="model repository to write into, as `serve`, `eval` and `batch` call it (default: exported; "
+                        "--out is its former name)")
     p.add_argument("--runs", type=Path, default=DEFAULT_RUNS,
                    help=f"where `coursezoo train` left checkpoints (default: {DEFAULT_RUNS})")
     p.add_argument("--allow-below-bar", action="store_true",
@@ -209,7 +210,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = data.DataConfig.from_args(args)
     for entry in resolve(args.names):
         try:
-            dest = export_one(entry, cfg, args.runs, args.out, allow_below_bar=args.allow_below_bar)
+            dest = export_one(entry, cfg, args.runs, args.repo, allow_below_bar=args.allow_below_bar)
         except (ExportError, data.DataError) as e:
             raise SystemExit(f"export failed: {e}") from None
         card = ModelCard.load(dest)

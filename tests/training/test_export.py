@@ -10,7 +10,7 @@ import pytest
 from serving.card import ModelCard
 from training import data
 from training.catalog import CATALOG
-from training.export import PARITY_ATOL, ExportError, _check_close, export_one, parity_inputs
+from training.export import PARITY_ATOL, ExportError, _check_close, export_one, get_args_parser, parity_inputs
 from training.train import train_one
 
 # one model per family of exported graph: MLP, CNN, branches, RNN loop, packed bidirectional GRU
@@ -96,3 +96,9 @@ def test_parity_batches_reach_the_edges_of_the_dynamic_axes(data_cfg: data.DataC
     assert countries == set(range(len(CATALOG["names_gru"].labels)))
     _, hello = parity_inputs(CATALOG["hello_rnn"], data_cfg)
     assert hello["chars"].shape == (6, 40)
+
+
+@pytest.mark.parametrize("flag", ["--repo", "--out"])
+def test_the_repository_flag_is_called_repo_as_elsewhere(flag: str) -> None:
+    """``serve``, ``eval`` and ``batch`` name the model repository ``--repo``; export's former ``--out`` still works."""
+    assert get_args_parser().parse_args(["all", flag, "somewhere"]).repo == Path("somewhere")
