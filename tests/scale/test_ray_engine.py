@@ -21,9 +21,10 @@ SCORES = ("confidence", "top1_score", "top2_score", "top3_score")
 
 
 def assert_same_rows(ray_run: Run, local_run: Run) -> None:
-    """Every input once in each, and per input the same answer: labels, errors, model; scores within 1e-6."""
+    """Every input once in each, in the same (input) order, and per input the same answer: labels, errors, model;
+    scores within 1e-6."""
     assert len(ray_run.by_id()) == len(ray_run.rows), "an input appears twice in the Ray engine's output"
-    assert set(ray_run.by_id()) == set(local_run.by_id())
+    assert [row["path"] for row in ray_run.rows] == [row["path"] for row in local_run.rows]
     for path, expected in local_run.by_id().items():
         got = ray_run.by_id()[path]
         assert {k: v for k, v in got.items() if k not in SCORES} == {k: v for k, v in expected.items()
@@ -65,7 +66,7 @@ def test_ray_names_equal_local(batch: Batch, ray_local: Any, tmp_path: Path) -> 
                      + "\n")
     common = (names, "--kind", "names", "--repo", EXPORTED, "--top-k", "2")
     local = batch(*common, out=tmp_path / "local.csv")
-    ray_run = batch(*common, "--engine", "ray", "--batch-size", "16", out=tmp_path / "ray.csv")
+    ray_run = batch(*common, "--engine", "ray", "--batch-size", "4", "--concurrency", "2", out=tmp_path / "ray.csv")
     assert ray_run.code == local.code == 2, ray_run.err
     assert_same_rows(ray_run, local)
 

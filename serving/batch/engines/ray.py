@@ -7,7 +7,7 @@ one people already operate. The steps are the local engine's own, so both engine
           -> map_batches(prepare)   Ray tasks on any CPU: the batch ``Preparer`` (serving.preprocess)
           -> map_batches(Predictor) an actor pool of ``--concurrency`` actors, each a ``LocalEngine``
                                     (serving.runtime + serving.postprocess; CUDA with --num-gpus-per-worker)
-          -> the driver writes each batch of rows as it arrives, in whatever order Ray finishes them
+          -> the driver writes each batch of rows in input order (Ray Data's ``preserve_order``)
 
 Rows carry their input's position, so the driver can check that every input came back exactly once
 (Ray retries failed tasks; a retried block must not become two rows). The model's bytes travel through
@@ -72,7 +72,9 @@ class RayEngine:
         except EngineError:
             self.close()
             raise
-        ray.data.DataContext.get_current().enable_progress_bars = False  # the CLI shows its own progress
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False  # the CLI shows its own progress
+        context.execution_options.preserve_order = True  # rows in input order, as the local engine writes them
         # An actor holds one CPU, so ONNX Runtime gets one thread unless --threads says otherwise.
         self._predictor_args = {"card": card, "model": ray.put(model), "device": device, "top_k": top_k,
                                 "max_image_pixels": max_image_pixels, "threads": threads or 1}
@@ -112,7 +114,7 @@ class RayEngine:
 
     def run(self, items: Iterable[Item], *, batch_size: int,
             on_batch: Callable[[list[tuple[Item, Outcome]]], None]) -> None:
-        """Classify every item, calling ``on_batch`` with (item, outcome) pairs as batches finish (any order)."""
+        """Classify every item, calling ``on_batch`` with each batch's (item, outcome) pairs in input order."""
         blocks = list(_blocks(items, batch_size))
         expected = sum(block.num_rows for block in blocks)
         if not expected:
