@@ -88,7 +88,7 @@ class OnnxModel:
             raise ValueError(f"device {device!r}: expected one of {', '.join(DEVICES)}")
         self.card = card
         self.path = Path(path)
-        self._session = _create_session(self.path, device, intra_op_threads)
+        self._session = _create_session(self.path, card, device, intra_op_threads)
         self.provider: str = self._session.get_providers()[0]
         threads = (intra_op_threads or cores()) if self.provider == CPU else 1
         # The lane threads start at warm-up (or first use), wait idle between batches and end with the model.
@@ -258,30 +258,45 @@ def _session_options(intra_op_threads: int | None) -> ort.SessionOptions:
     return so
 
 
-def _create_session(path: Path, device: str, intra_op_threads: int | None) -> ort.InferenceSession:
-    """``cuda``: CUDA or ProviderError; ``auto``: CUDA when it can be created, else CPU; ``cpu``: CPU,
-    single-threaded (``OnnxModel`` runs large batches in slices)."""
+def _create_session(path: Path, card: ModelCard, device: str, intra_op_threads: int | None) -> ort.InferenceSession:
+    """``cuda``: CUDA or ProviderError; ``auto``: CUDA when a session can be created and run there, else CPU;
+    ``cpu``: CPU, single-threaded (``OnnxModel`` runs large batches in slices)."""
     if device == "cuda" or (device == "auto" and _cuda["usable"]):
-        session, reason = _try_cuda(path, _session_options(intra_op_threads), quiet=device == "auto")
+        session, reason = _try_cuda(path, card, _session_options(intra_op_threads), quiet=device == "auto")
         if session is not None:
             return session
         if device == "cuda":
             raise ProviderError(
                 f"device 'cuda': {CUDA} cannot be used for {path}: {reason} (onnxruntime's error above says which)"
             )
+        cpu = _cpu_session(path)
+        cpu.run(None, sample_inputs(card))  # a model that fails here failed on CUDA for its own reasons
         _fall_back_once(reason)
+        return cpu
+    return _cpu_session(path)
+
+
+def _cpu_session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), _session_options(1), providers=[CPU])
 
 
-# ``auto`` gives up on CUDA for the whole process after one failure: if it cannot be created for one model
-# it cannot for any, and one log line says so.
+# ``auto`` gives up on CUDA for the whole process after one failure that was CUDA's (the model runs on the
+# CPU): if CUDA cannot serve one model it is unlikely to serve the next, and one log line says so.
 _cuda_lock = threading.Lock()
 _cuda = {"usable": True, "preloaded": False}
 
 
-def _try_cuda(path: Path, so: ort.SessionOptions, quiet: bool) -> tuple[ort.InferenceSession | None, str]:
-    """A CUDA session, or None and why not. ORT itself falls back to CPU (logging an error) rather than
-    raising when the provider cannot be created, so the providers it ends up with decide."""
+def _try_cuda(path: Path, card: ModelCard, so: ort.SessionOptions, quiet: bool
+              ) -> tuple[ort.InferenceSession | None, str]:
+    """A CUDA session that has run the card's sample batch, or None and why not.
+
+    Three ways CUDA fails, none of them an exception the caller could simply catch: ORT falls back to CPU
+    itself, logging an error, when the provider library cannot load (the providers it ends up with tell);
+    an error while the session initializes (cuDNN or cuBLAS handles, GPU memory for the weights) is one of
+    ORT's own exception classes, which are no RuntimeError, so ORT's fallback lets it through; and
+    onnxruntime-gpu 1.31 loads cuDNN only when a kernel needs it, so without cuDNN the session is created on
+    CUDA and its first convolution or GRU fails ("cuDNN is not available").
+    """
     if CUDA not in ort.get_available_providers():
         return None, "this onnxruntime build has no CUDA support (install onnxruntime-gpu)"
     with _cuda_lock:
@@ -290,11 +305,14 @@ def _try_cuda(path: Path, so: ort.SessionOptions, quiet: bool) -> tuple[ort.Infe
             ort.set_default_logger_severity(4)  # our one fallback line replaces ORT's multi-line error
         try:
             session = ort.InferenceSession(str(path), so, providers=[(CUDA, CUDA_PROVIDER_OPTIONS), CPU])
+            if session.get_providers()[0] != CUDA:
+                return None, "no usable NVIDIA GPU, or the CUDA 13 / cuDNN 9 libraries are missing"
+            session.run(None, sample_inputs(card))
+        except Exception as e:  # noqa: BLE001 - any failure on CUDA is a reason to say, and for auto to use CPU
+            return None, f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
         finally:
             ort.set_default_logger_severity(3)  # errors only: quiet by default
-    if session.get_providers()[0] == CUDA:
-        return session, ""
-    return None, "no usable NVIDIA GPU, or the CUDA 13 / cuDNN 9 libraries are missing"
+    return session, ""
 
 
 #: The NVIDIA driver's control device: on a host (or container) without it there is no GPU to miss.

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from onnxruntime.capi import onnxruntime_pybind11_state as C
 
 from serving import runtime
 from serving.card import CardError, ModelCard, TensorSpec
@@ -170,6 +171,68 @@ def test_auto_falls_back_to_cpu_with_one_log_line(monkeypatch: pytest.MonkeyPatc
     assert len(records) == 1 and CUDA in records[0].getMessage() and CPU in records[0].getMessage()
     # a warning only where a GPU is there to miss: on a CPU host, CPU is what auto means
     assert records[0].levelno == (logging.WARNING if runtime.NVIDIA_DEVICE.exists() else logging.INFO)
+
+
+class _InitFails(ort.InferenceSession):
+    """A GPU host whose CUDA session fails while it initializes (cuDNN or cuBLAS handles, GPU memory for the
+    weights). This host has no GPU, so the failure is injected at onnxruntime's boundary, as the exception
+    class ORT raises there; every CPU session is real."""
+
+    def __init__(self, path: str, so: ort.SessionOptions | None = None, providers: list | None = None) -> None:
+        if any(CUDA in p for p in providers or []):
+            raise C.RuntimeException("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Exception during initialization: "
+                                     "CUDNN failure 4: CUDNN_STATUS_INTERNAL_ERROR")
+        super().__init__(path, so, providers=providers)
+
+
+class _NoCudnn(ort.InferenceSession):
+    """A GPU host without cuDNN: onnxruntime-gpu 1.31 creates the session on CUDA and loads cuDNN only when
+    the first convolution or GRU runs, which then fails. Injected as above; the session underneath is real."""
+
+    def __init__(self, path: str, so: ort.SessionOptions | None = None, providers: list | None = None) -> None:
+        self.on_cuda = any(CUDA in p for p in providers or [])
+        super().__init__(path, so, providers=[CPU])
+
+    def get_providers(self) -> list[str]:
+        return [CUDA, CPU] if self.on_cuda else [CPU]
+
+    def run(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201 - ORT's own signature
+        if self.on_cuda:
+            raise C.Fail("[ONNXRuntimeError] : 1 : FAIL : cuDNN is not available. Install cuDNN, update the system "
+                         "library search path, or set enable_cudnn=0 to force native CUDA paths where available.")
+        return super().run(*args, **kwargs)
+
+
+@pytest.mark.parametrize(("session", "reason"), [(_InitFails, "CUDNN_STATUS_INTERNAL_ERROR"),
+                                                 (_NoCudnn, "cuDNN is not available")])
+def test_a_cuda_session_that_fails_to_start_or_run_falls_back_or_is_a_provider_error(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, session: type, reason: str) -> None:
+    """ORT's own fallback catches only ValueError and RuntimeError, and its exception classes are neither:
+    such a failure escaped as a raw exception, so ``auto`` never reached the CPU and ``cuda`` was no
+    ProviderError; and a session created on CUDA without cuDNN was kept, its models failing at warm-up."""
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    monkeypatch.setitem(runtime._cuda, "usable", True)  # as in a fresh process
+    with pytest.raises(ProviderError, match=reason):
+        OnnxModel(*export("mnist_cnn"), device="cuda")
+    with caplog.at_level(logging.INFO, logger="coursezoo.runtime"):
+        model = OnnxModel(*export("mnist_cnn"), device="auto")
+    assert model.provider == CPU and model.warmup()["logits"].shape == (1, 10)
+    (record,) = [r for r in caplog.records if r.name == "coursezoo.runtime"]
+    assert reason in record.getMessage() and not runtime._cuda["usable"]
+
+
+def test_a_model_that_fails_on_the_cpu_too_leaves_cuda_to_the_others(monkeypatch: pytest.MonkeyPatch,
+                                                                       tmp_path: Path) -> None:
+    """``auto`` gives CUDA up for the process only when CUDA was to blame: a broken file fails on both."""
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
+    monkeypatch.setattr(ort, "InferenceSession", _InitFails)
+    monkeypatch.setitem(runtime._cuda, "usable", True)
+    path, card = export("mnist_cnn")
+    (tmp_path / "model.onnx").write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(C.InvalidProtobuf):
+        OnnxModel(tmp_path / "model.onnx", card, device="auto")
+    assert runtime._cuda["usable"]
 
 
 def _cuda_works() -> bool:
