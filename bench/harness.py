@@ -335,8 +335,10 @@ class Run:
         return tuple(sorted(found))
 
     def _ratios(self) -> list[Ratio]:
-        paths = [inprocess.path_key(inprocess.RUNTIME_CPU), *(["ort-cuda", "ort-cuda-io-binding"] if self.cuda else [])]
-        out = [Ratio(f"{e.name} b{bs}: {path} vs ORT CPU", f"inproc/{path}/{e.name}/b{bs}",
+        io_binding = inprocess.path_key(inprocess.IO_BINDING)
+        paths = [inprocess.path_key(inprocess.RUNTIME_CPU), *(["ort-cuda", io_binding] if self.cuda else [])]
+        what = {io_binding: f" ({inprocess.DEVICE_RESIDENT})"}  # the label says what its figure cannot promise
+        out = [Ratio(f"{e.name} b{bs}: {path} vs ORT CPU{what.get(path, '')}", f"inproc/{path}/{e.name}/b{bs}",
                      f"inproc/ort-cpu/{e.name}/b{bs}")
                for e in self.selected for bs in self.args.batch_sizes for path in paths]
         if digits := self.by_task.get("digits"):

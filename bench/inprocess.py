@@ -13,7 +13,7 @@ import copy
 import itertools
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,19 @@ log = logging.getLogger("coursezoo.bench")
 BATCH_SIZES = (1, 64, 1024)
 #: the path name of the server's own runtime (``serving.runtime.OnnxModel``) on the CPU
 RUNTIME_CPU = "CourseZoo runtime CPU"
+EAGER_CUDA = "PyTorch eager CUDA"
+IO_BINDING = "ORT CUDA IO binding"
+#: what the IO-binding row measures, wherever it or a ratio of it is shown: it is no reachable serving speed
+DEVICE_RESIDENT = ("a device-resident ceiling (inputs uploaded once, outputs left on the GPU) that no "
+                   "numpy-in/numpy-out consumer, the server included, can reach")
+#: What each CUDA row's timed call includes, in its note: the rows differ in what they copy and how they round,
+#: and a reader comparing them must not have to read this file to know.
+CUDA_NOTES = {
+    "ORT CUDA": "numpy in and out: inputs copied to the GPU and outputs back on every call",
+    IO_BINDING: DEVICE_RESIDENT,
+    EAGER_CUDA: "inputs placed on the GPU before timing, output copied back to the host on every call; full FP32 "
+                "(torch's TF32 off for conv, RNN and matmul, as the server's ORT CUDA sessions run)",
+}
 #: binds one batch of inputs and returns the call that is timed
 Bind = Callable[[dict[str, np.ndarray]], Callable[[], object]]
 #: the repository root: `coursezoo train`'s default runs folder is found under it, wherever the bench runs from
@@ -66,13 +79,21 @@ def distinct_inputs(export: Export, n: int) -> list[dict[str, np.ndarray]]:
 
 
 def ort_session(export: Export, provider: str) -> ort.InferenceSession:
-    """A plain session with ORT's defaults (what a user of the ONNX file gets); CUDA with the server's options."""
+    """A plain session with ORT's defaults (what a user of the ONNX file gets); CUDA with the server's options.
+
+    Refused (RuntimeError) unless it really runs on ``provider``: when the CUDA provider cannot be created, ORT
+    logs an error and makes the session on the CPU, and its rows would be CPU numbers labelled CUDA."""
     if provider == "CUDAExecutionProvider":
         from serving.runtime import CUDA_PROVIDER_OPTIONS
 
         ort.preload_dlls()
-        return ort.InferenceSession(str(export.onnx), providers=[(provider, CUDA_PROVIDER_OPTIONS)])
-    return ort.InferenceSession(str(export.onnx), providers=[provider])
+        session = ort.InferenceSession(str(export.onnx), providers=[(provider, CUDA_PROVIDER_OPTIONS)])
+    else:
+        session = ort.InferenceSession(str(export.onnx), providers=[provider])
+    if (got := session.get_providers()[0]) != provider:
+        raise RuntimeError(f"ONNX Runtime made the session on {got}, not {provider} (the provider could not be "
+                           "created, e.g. no GPU or CUDA libraries missing): its rows would be mislabelled")
+    return session
 
 
 def cuda_available(export: Export) -> bool:
@@ -104,20 +125,22 @@ def ort_paths(export: Export, cuda: bool) -> dict[str, Bind]:
         "ORT CPU": lambda feeds: lambda: cpu.run(None, feeds),
         RUNTIME_CPU: lambda feeds: lambda: runtime.run(feeds),
     }
-    if cuda:
-        gpu = ort_session(export, "CUDAExecutionProvider")
-        paths["ORT CUDA"] = lambda feeds: lambda: gpu.run(None, feeds)
+    return {**paths, **(ort_cuda_paths(export) if cuda else {})}
 
-        def bound(feeds: dict[str, np.ndarray]) -> Callable[[], object]:
-            binding = gpu.io_binding()
-            for name, array in feeds.items():
-                binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0))
-            for out in export.card.outputs:
-                binding.bind_output(out.name, "cuda")
-            return lambda: gpu.run_with_iobinding(binding)
 
-        paths["ORT CUDA IO binding"] = bound
-    return paths
+def ort_cuda_paths(export: Export) -> dict[str, Bind]:
+    """Plain ORT on CUDA (numpy in and out) and with IO binding; RuntimeError when ORT is not on CUDA."""
+    gpu = ort_session(export, "CUDAExecutionProvider")
+
+    def bound(feeds: dict[str, np.ndarray]) -> Callable[[], object]:
+        binding = gpu.io_binding()
+        for name, array in feeds.items():
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0))
+        for out in export.card.outputs:
+            binding.bind_output(out.name, "cuda")
+        return lambda: gpu.run_with_iobinding(binding)
+
+    return {"ORT CUDA": lambda feeds: lambda: gpu.run(None, feeds), IO_BINDING: bound}
 
 
 def torch_paths(export: Export, cuda: bool) -> tuple[dict[str, Bind], str]:
@@ -140,7 +163,7 @@ def torch_paths(export: Export, cuda: bool) -> tuple[dict[str, Bind], str]:
         model.eval()
         paths["PyTorch eager"] = _torch_call(model, names, "cpu")
         if cuda and torch.cuda.is_available():
-            paths["PyTorch eager CUDA"] = _torch_call(copy.deepcopy(model).to("cuda"), names, "cuda")
+            paths[EAGER_CUDA] = _torch_call(copy.deepcopy(model).to("cuda"), names, "cuda")
     if export.torchscript.is_file():
         try:
             with warnings.catch_warnings():  # torch.jit is deprecated upstream; the export still ships model.pt
@@ -155,7 +178,9 @@ def torch_paths(export: Export, cuda: bool) -> tuple[dict[str, Bind], str]:
 
 
 def _torch_call(module: Any, names: list[str], device: str) -> Bind:
-    """A torch module (eager or scripted) called on the batch's tensors, synchronized on CUDA."""
+    """A torch module (eager or scripted) called on the batch's tensors. On CUDA the inputs are placed on the GPU
+    before timing, and the output is copied back to the host in the timed call (which also waits for the GPU), as
+    a numpy-in/numpy-out consumer such as the server needs it, and as the plain ORT CUDA row pays."""
     import torch
 
     def bind(feeds: dict[str, np.ndarray]) -> Callable[[], object]:
@@ -164,19 +189,39 @@ def _torch_call(module: Any, names: list[str], device: str) -> Bind:
         def call() -> object:
             with torch.no_grad():
                 out = module(*args)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            return out
+            return out.cpu() if device == "cuda" else out
 
         return call
 
     return bind
 
 
+@contextlib.contextmanager
+def full_fp32() -> Iterator[None]:
+    """torch's CUDA convolutions, RNNs and matmuls in full FP32 for the block, their settings restored after.
+
+    torch defaults cuDNN convolutions and RNNs to TF32 (10-bit mantissas), while the server's ORT CUDA sessions
+    turn TF32 off (``serving.runtime.CUDA_PROVIDER_OPTIONS``): the eager CUDA row would otherwise do cheaper
+    arithmetic than the ORT rows beside it. Only torch's per-operator ``fp32_precision`` switches are set (its
+    ``allow_tf32`` flags are deprecated, and torch refuses to read them while the two APIs disagree)."""
+    import torch
+
+    switches = (torch.backends.cudnn.conv, torch.backends.cudnn.rnn, torch.backends.cuda.matmul)
+    before = [s.fp32_precision for s in switches]
+    for s in switches:
+        s.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        for s, precision in zip(switches, before, strict=True):
+            s.fp32_precision = precision
+
+
 def run(exports: list[Export], *, seconds: float, warmup: int, min_calls: int, cuda: bool,
         batch_sizes: tuple[int, ...] = BATCH_SIZES) -> tuple[list[Result], list[str]]:
     """Every path x model x batch size, and a note for each path that failed (its other rows still count);
-    without torch installed only the ONNX Runtime rows are measured.
+    without torch installed only the ONNX Runtime rows are measured. ORT CUDA rows whose session is not on CUDA
+    are not measured at all, and say why.
 
     Failures are caught as ``Exception``: onnxruntime's own (``Fail``, ``EPFail``, ``InvalidArgument``, ... from
     ``onnxruntime.capi.onnxruntime_pybind11_state``, e.g. CUDA out of memory at a large batch size) are not
@@ -185,14 +230,20 @@ def run(exports: list[Export], *, seconds: float, warmup: int, min_calls: int, c
     failed: dict[str, str] = {}  # "path model" -> why
     for export in exports:
         try:
-            paths = ort_paths(export, cuda)
+            paths = ort_paths(export, cuda=False)
         except Exception as e:  # noqa: BLE001 - the other models' rows still count
             failed[f"ONNX Runtime {export.name}"] = f"session creation: {_first_line(e)}"
             log.warning("in-process ONNX Runtime sessions of %s failed: %s", export.name, e)
             continue
-        note = ""
+        if cuda:
+            try:
+                paths |= ort_cuda_paths(export)
+            except Exception as e:  # noqa: BLE001 - the CPU rows still count
+                failed[f"ORT CUDA (and {IO_BINDING}) {export.name}"] = f"session creation: {_first_line(e)}"
+                log.warning("in-process ORT CUDA rows of %s not measured: %s", export.name, e)
+        weights = ""
         try:
-            torch_rows, note = torch_paths(export, cuda)
+            torch_rows, weights = torch_paths(export, cuda)
             paths = {**torch_rows, **paths}
         except ImportError as e:
             log.warning("PyTorch baselines skipped (%s): install the train extra to measure them", e)
@@ -201,9 +252,12 @@ def run(exports: list[Export], *, seconds: float, warmup: int, min_calls: int, c
             for path, bind in paths.items():
                 if f"{path} {export.name}" in failed:
                     continue
+                note = "; ".join(n for n in (weights if path.startswith("PyTorch") else "", CUDA_NOTES.get(path))
+                                 if n)
                 try:
-                    results.append(measure(export, path, bind, feeds, seconds=seconds, warmup=warmup,
-                                           min_calls=min_calls, note=note if path.startswith("PyTorch") else ""))
+                    with full_fp32() if path == EAGER_CUDA else contextlib.nullcontext():
+                        results.append(measure(export, path, bind, feeds, seconds=seconds, warmup=warmup,
+                                               min_calls=min_calls, note=note))
                 except Exception as e:  # noqa: BLE001 - one broken runtime (a CUDA library mismatch, memory
                     # running out at a large batch) must not hide the rest
                     failed[f"{path} {export.name}"] = f"batch {bs}: {_first_line(e)}"

@@ -3,6 +3,7 @@ careless path would otherwise get wrong without a word."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -27,6 +28,35 @@ def test_an_onnxruntime_failure_fails_its_row_only(digits_model: str) -> None:
     assert {r.case for r in results if r.batch == 1} >= {"ORT CPU", inprocess.RUNTIME_CPU}
     expected = f"in-process ORT CPU {digits_model} failed at batch 0: [ONNXRuntimeError]"
     assert any(f.startswith(expected) for f in failures), failures
+
+
+def test_a_gpu_run_without_a_gpu_labels_no_row_cuda(digits_model: str) -> None:
+    """Asked for CUDA where the provider cannot be created, ORT makes the session on the CPU without an error: the
+    in-process group must refuse the CUDA rows, say why, and still measure the CPU ones (this host has no GPU)."""
+    selected, _ = exports.select(EXPORTED, [digits_model])
+    if inprocess.cuda_available(selected[0]):
+        pytest.skip("ONNX Runtime runs on a GPU here: nothing falls back")
+    args = harness.get_args_parser().parse_args(["--models", digits_model, "--repo", str(EXPORTED),
+                                                 "--batch-sizes", "1"])
+    plan = dataclasses.replace(harness.QUICK, inproc_seconds=0.0, inproc_warmup=0, inproc_min_calls=1)
+    run = harness.Run(args, plan, selected, cuda=True)
+    run.server_settings = {"max_queue_delay_ms": 1.0}  # named by a server ratio's label
+    run.group("in-process baselines", run.inprocess)
+    assert not [r.key for r in run.results if "cuda" in r.key or "CUDA" in r.case]
+    assert {r.case for r in run.results} >= {"ORT CPU", inprocess.RUNTIME_CPU}
+    assert any("session on CPUExecutionProvider, not CUDAExecutionProvider" in e for e in run.errors), run.errors
+    cuda_ratios = [r for r in report.compute_ratios(run.results, run.ratios(), {"inprocess"}) if "cuda" in r["name"]]
+    assert cuda_ratios and all(r["value"] is None for r in cuda_ratios)
+
+
+def test_full_fp32_turns_torchs_tf32_off_and_back() -> None:
+    """The eager CUDA row runs in full FP32, as the server's ORT CUDA sessions do; settings are restored after."""
+    torch = pytest.importorskip("torch")
+    switches = (torch.backends.cudnn.conv, torch.backends.cudnn.rnn, torch.backends.cuda.matmul)
+    before = [s.fp32_precision for s in switches]
+    with inprocess.full_fp32():
+        assert [s.fp32_precision for s in switches] == ["ieee"] * 3
+    assert [s.fp32_precision for s in switches] == before
 
 
 def test_batch_cli_throughput_comes_from_its_rate() -> None:
