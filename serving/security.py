@@ -87,7 +87,9 @@ class Security:
                    credentials=server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca),
                    mutual_tls=bool(settings.tls_client_ca), protect_health=bool(settings.auth_health),
                    model_control=control_enabled("--model-control", settings.model_control, settings.host, token),
-                   shared_memory=control_enabled("--shared-memory", settings.shared_memory, settings.host, token))
+                   # a token is not enough here: shared memory serves clients on this host alone, and a remote
+                   # caller could only name other programs' objects under /dev/shm, to read and write them
+                   shared_memory=control_enabled("--shared-memory", settings.shared_memory, settings.host, ""))
 
     def interceptors(self, on_refused: Refused) -> list[grpc.aio.ServerInterceptor]:
         """Interceptors to run before any other: a refused call must not reach the handlers' code.
@@ -141,9 +143,9 @@ def is_loopback(host: str) -> bool:
 
 def control_enabled(flag: str, mode: str, host: str, token: str) -> bool:
     """Whether the RPCs behind ``flag`` are allowed: RepositoryModelLoad/Unload (``--model-control``), or
-    mapping the host's shared memory objects (``--shared-memory``). ``auto``: only when a token guards
-    them or the port is reachable from this machine alone, so an open port never lets strangers unload
-    models or read and write this host's shared memory."""
+    reading and writing the host's shared memory objects (``--shared-memory``, which passes no ``token``).
+    ``auto``: only when a token guards them or the port is reachable from this machine alone, so an open
+    port never lets strangers unload models or read and write this host's shared memory."""
     if mode not in CONTROL_MODES:
         raise ConfigError(f"{flag} {mode!r}: expected one of {', '.join(CONTROL_MODES)}")
     if mode == "auto":

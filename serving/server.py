@@ -124,8 +124,8 @@ class ServerSettings:
     model_control: str = _option("auto", "RepositoryModelLoad/Unload and LogSettings changes: auto = on when a token "
                                  "is set or the host is loopback, off otherwise", choices=CONTROL_MODES)
     shared_memory: str = _option("auto", "Triton's system shared memory extension (tensors in the host's POSIX "
-                                 "shared memory): auto = on when a token is set or the host is loopback, off "
-                                 "otherwise", choices=CONTROL_MODES)
+                                 "shared memory): auto = on when the host is loopback (a token is not enough: "
+                                 "only clients on this host can use it), off otherwise", choices=CONTROL_MODES)
     workers: int = _option(1, "server processes sharing the port (SO_REUSEPORT), each with every model: one "
                            "process answers from one event loop, about one core's worth of requests; with more "
                            "than 1, model control and shared memory are off (serving/supervisor.py)", minimum=1)

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import grpc
@@ -29,7 +30,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from serving.client import CourseZooClient, tls_credentials
-from serving.security import ConfigError, control_enabled, is_loopback, load_token
+from serving.security import ConfigError, Security, control_enabled, is_loopback, load_token
 from tests.conftest import REPO_ROOT
 
 if TYPE_CHECKING:
@@ -283,6 +284,19 @@ def test_load_token(token: str, problem: str | None) -> None:
 def test_model_control_modes(mode: str, host: str, token: str, enabled: bool) -> None:
     assert control_enabled("--model-control", mode, host, token) is enabled
     assert is_loopback(host) is (host in ("127.0.0.1", "::1", "localhost"))
+
+
+@pytest.mark.parametrize("host,token,control,shared", [
+    ("127.0.0.1", "", True, True), ("0.0.0.0", TOKEN, True, False), ("0.0.0.0", "", False, False),
+])
+def test_a_token_opens_model_control_but_not_shared_memory(host: str, token: str, control: bool,
+                                                            shared: bool) -> None:
+    """Shared memory serves clients on the server's host alone: with a token on an open port, a remote caller
+    could only name other programs' objects under /dev/shm (a review read a planted secret that way)."""
+    settings = SimpleNamespace(host=host, tls_cert="", tls_key="", tls_client_ca="", auth_token=token,
+                               auth_token_file="", auth_health=False, model_control="auto", shared_memory="auto")
+    policy = Security.from_settings(settings)
+    assert (policy.model_control, policy.shared_memory) == (control, shared)
 
 
 @pytest.mark.parametrize("flags", [("--no-model-control",), ("--host", "0.0.0.0")])
