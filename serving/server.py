@@ -360,7 +360,9 @@ class CourseZooServer:
         # in threads held every thread, and another caller's 19 ms run waited 1.3 s for one.
         self._runs = _started_executor(RUN_THREADS)
         self.repository = ModelRepository(Path(settings.repo), settings, metrics=self.metrics, executor=self._runs)
-        self.health = HealthService(self.repository)
+        # a NOT_FOUND of health lists the model names only to callers that may list models anyway
+        self.health = HealthService(self.repository,
+                                    list_names=not self.security.token or self.security.protect_health)
         self.decoder = ImageDecoder(settings.decode_processes, settings.max_image_pixels)
         self.classifier = ClassifierService(self.repository, self.metrics, settings, self.decoder)
         self.inference = InferenceService(self.repository, self.metrics, settings, self.health,

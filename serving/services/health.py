@@ -23,19 +23,44 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SYNC_INTERVAL_S = 1.0
 
 
+#: The longest service name there can be: '' (the server) or a model name, which has at most 255 characters.
+MAX_SERVICE_NAME = 255
+
+
 class _Servicer(HealthServicer):
     """grpc_health's servicer, with a NOT_FOUND that says what was asked for and what may be (it had no message:
-    a probe with a mistyped model name read "NOT_FOUND: " and nothing else)."""
+    a probe with a mistyped model name read "NOT_FOUND: " and nothing else). ``list_names``: whether that message
+    lists the model names; not where callers without the token reach health, as they may not list models.
+
+    Health is open to callers without the token (unless ``--auth-health``), so it must not hold what they send:
+    a Watch of a name no model can have is refused at once (grpc_health waits on any name for ever, and keeps
+    the request: eight 50 MiB names held 1 GB), and refusals set the status instead of raising (``fail``)."""
+
+    def __init__(self, list_names: bool) -> None:
+        super().__init__()
+        self._list_names = list_names
 
     async def Check(self, request: health_pb2.HealthCheckRequest,
-                    context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckResponse:
+                    context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckResponse | None:
         status = self._server_status.get(request.service)
         if status is None:
-            names = sorted(self._server_status)
-            known = ", ".join(map(repr, names[:10])) + (f" and {len(names) - 10} more" if names[10:] else "")
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no service {quote(request.service)}: expected '' (the "
-                                f"server) or a model name: {known}")
+            self._not_found(request.service, context)
+            return None
         return health_pb2.HealthCheckResponse(status=status)
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
+        if len(request.service) > MAX_SERVICE_NAME:
+            self._not_found(request.service, context)
+            return
+        await super().Watch(request, context)
+
+    def _not_found(self, service: str, context: grpc.aio.ServicerContext) -> None:
+        expected = "'' (the server) or a model name"
+        if self._list_names:
+            names = sorted(self._server_status)
+            expected += ": " + ", ".join(map(repr, names[:10])) + (f" and {len(names) - 10} more" if names[10:] else "")
+        context.set_code(grpc.StatusCode.NOT_FOUND)
+        context.set_details(f"no service {quote(service)}: expected {expected}")
 
     async def forget(self, service: str) -> None:
         """Drop a service whose model left the repository: Check answers NOT_FOUND as for a name never known,
@@ -50,9 +75,9 @@ class _Servicer(HealthServicer):
 class HealthService:
     """Owns the grpc_health servicer and the task that keeps its statuses current."""
 
-    def __init__(self, repository: ModelRepository) -> None:
+    def __init__(self, repository: ModelRepository, list_names: bool = True) -> None:
         self.repository = repository
-        self.servicer = _Servicer()
+        self.servicer = _Servicer(list_names)
         self._known: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
 

@@ -218,6 +218,24 @@ def test_calls_with_the_token_are_served(token_server: ServerProcess) -> None:
     assert "bearer token required (health checks open); model control on" in token_server.output
 
 
+def test_open_health_neither_lists_the_models_nor_holds_what_it_is_sent(token_server: ServerProcess) -> None:
+    """Without the token a caller may not list the models, so health's NOT_FOUND no longer lists them to it; and
+    a Watch of a name no model can have (over 255 characters) is refused at once: grpc_health watched any name
+    for ever, holding the request (eight 50 MiB names held 1 GB, with the token enforced everywhere else)."""
+    with grpc.insecure_channel(token_server.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            health.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=10)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        assert info.value.details() == "no service 'nope': expected '' (the server) or a model name"
+        with pytest.raises(grpc.RpcError) as info:
+            next(health.Watch(health_pb2.HealthCheckRequest(service="x" * (1 << 20)), timeout=10))
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND, info.value
+        watch = health.Watch(health_pb2.HealthCheckRequest(service="x" * 255), timeout=10)  # a name a model may have
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        watch.cancel()
+
+
 def test_tokens_never_appear_in_the_log(token_server: ServerProcess) -> None:
     """After the calls above (wrong, right, and near-miss tokens) at DEBUG level."""
     call_everything(token_server.target, f"Bearer {TOKEN}")
