@@ -17,10 +17,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import tempfile
 import threading
 from collections.abc import Callable
-from wsgiref.simple_server import WSGIServer
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
     CollectorRegistry,
@@ -30,8 +33,8 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
+    make_wsgi_app,
     multiprocess,
-    start_http_server,
 )
 
 #: Request latency buckets (seconds): sub-millisecond unary calls up to multi-second bulk batches.
@@ -135,13 +138,53 @@ class Metrics:
         return serve_registry(self.registry, port, host)
 
 
+#: Connections the metrics endpoint serves at once (a thread each; one more is closed at once), and how long one
+#: may take to send its request. prometheus-client's own server bounds neither: 1,000 connections that sent
+#: half a request held 1,000 threads of the server's process for good. Prometheus scrapes one at a time.
+METRICS_CONNECTIONS = 16
+METRICS_TIMEOUT_S = 10.0
+
+
+class _MetricsServer(ThreadingMixIn, WSGIServer):
+    """A thread per connection, at most ``METRICS_CONNECTIONS`` of them."""
+
+    daemon_threads = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._slots = threading.BoundedSemaphore(METRICS_CONNECTIONS)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+class _QuietHandler(WSGIRequestHandler):
+    timeout = METRICS_TIMEOUT_S  # set on the connection's socket: a silent client is dropped
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        """Scrapes are not logged (prometheus-client's handler is silent too)."""
+
+
 def serve_registry(registry: CollectorRegistry, port: int, host: str) -> WSGIServer:
-    """``registry`` on ``http://host:port/metrics``; a port that cannot be bound is an OSError that says so in
-    one line (the server and the supervisor check it before serving)."""
+    """``registry`` on ``http://host:port/metrics`` from a daemon thread; a port that cannot be bound is an
+    OSError that says so in one line (the server and the supervisor check it before serving)."""
     try:
-        return start_http_server(port, addr=host, registry=registry)[0]
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        server_class = type("MetricsServer", (_MetricsServer,), {"address_family": family})  # IPv6 hosts too
+        httpd = make_server(address[0], port, make_wsgi_app(registry), server_class, handler_class=_QuietHandler)
     except OSError as e:
         raise OSError(f"cannot serve metrics on {host}:{port} (--metrics-port): {e.strerror or e}") from e
+    threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True).start()
+    return httpd
 
 
 class WorkerMetrics:
