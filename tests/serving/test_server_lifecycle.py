@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from serving.card import sha256_file
 from serving.client import CourseZooClient
 from serving.process import ChildServer
+from serving.protos import classifier_pb2 as pb
 from tests.conftest import wait_for
 
 if TYPE_CHECKING:
@@ -190,29 +190,37 @@ def test_unload_makes_a_model_unavailable_until_loaded(scratch: tuple[Path, Serv
 
 def test_sigterm_finishes_in_flight_work_and_exits_zero(start_server: Callable[..., ServerProcess], source: Path,
                                                         tmp_path: Path) -> None:
+    """Calls in flight when SIGTERM arrives get their whole answers within --grace-s, and the server exits 0.
+    The model's card makes a batch wait 3 s for more (not adaptive), and batches hold at most 2 records: the
+    first call (1 record) forms a batch that waits, the second (2 records) cannot join it and queues, seen in
+    ``coursezoo_queue_depth`` before the signal; so both are in the server, neither answered yet. With no grace
+    they were cut off, and the test passed on an answer that came before the signal."""
     add_version(tmp_path, source, "1")
-    proc = start_server(tmp_path, "--grace-s", "20")
-    outcomes: list[object] = []
-    started = threading.Event()
+    card_path = tmp_path / MODEL / "1" / "model.json"
+    card = json.loads(card_path.read_text())
+    card["serving"] = {"max_queue_delay_ms": 3000, "adaptive_queue_delay": False}
+    card_path.write_text(json.dumps(card))
+    proc = start_server(tmp_path, "--grace-s", "20", "--max-batch-size", "2")
 
-    def send() -> None:
-        with CourseZooClient(proc.target, chunk_size=1000) as client:
-            while True:
-                started.set()
-                try:
-                    outcomes.append(len(client.classify_diabetes([RECORD] * 1000).predictions))
-                except grpc.RpcError as e:  # after shutdown began: refused, never half-answered
-                    outcomes.append(e.code())
-                    return
+    def queue_depth() -> str | None:
+        return next((line.rsplit(" ", 1)[1] for line in proc.metrics().splitlines()
+                     if line.startswith(f'coursezoo_queue_depth{{model="{MODEL}"}} ')), None)
 
-    thread = threading.Thread(target=send)
-    thread.start()
-    started.wait()
-    wait_for(lambda: len(outcomes) > 0, "a first answer")
-    assert proc.stop(signal.SIGTERM) == 0
-    thread.join(30)
-    assert outcomes[0] == 1000
-    assert set(outcomes) <= {1000, grpc.StatusCode.UNAVAILABLE}
+    with CourseZooClient(proc.target) as client:
+        record = pb.DiabetesRecord(features=RECORD)
+
+        def call(n: int) -> grpc.Future:
+            return client.stub.ClassifyDiabetes.future(pb.ClassifyDiabetesRequest(model=MODEL, records=[record] * n),
+                                                       timeout=30)
+
+        assert queue_depth() is None  # the model's series starts with the first item to enter its queue
+        futures = [call(1)]  # sent alone: two calls, even on one connection, may reach the batcher in either order
+        wait_for(lambda: queue_depth() is not None, "the first call to enter the queue")
+        futures.append(call(2))
+        wait_for(lambda: queue_depth() == "2.0", "the second call's 2 records to queue behind the first's batch")
+        assert not any(f.done() for f in futures)
+        assert proc.stop(signal.SIGTERM) == 0
+        assert [len(f.result(timeout=30).predictions) for f in futures] == [1, 2]
     assert "coursezoo stopped" in proc.output
 
 
