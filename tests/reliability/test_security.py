@@ -19,6 +19,8 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import grpc
+import onnx
+import onnxruntime as ort
 import pytest
 import tritonclient.grpc as triton
 from cryptography import x509
@@ -346,7 +348,9 @@ TRAVERSALS = ("../outside", "..", "../outside/../outside", "outside/..", "a/b", 
 def guarded(tmp_path_factory: pytest.TempPathFactory, exported_repo: Path,
             start_server: Callable[..., ServerProcess]) -> tuple[Path, ServerProcess]:
     """A repository beside a valid model called ``outside`` (reachable only through ``..``), and holding a
-    ``tampered`` model whose ONNX file no longer matches its card."""
+    ``tampered`` model whose ONNX file no longer matches its card: one bit of a weight flipped, a file ONNX
+    Runtime still loads (checked here), so that only the sha256 check can refuse it. (A byte appended, as
+    before, made a file ONNX Runtime refuses itself: INVALID_PROTOBUF.)"""
     root = tmp_path_factory.mktemp("guarded")
     version = max((exported_repo / MODEL).iterdir(), key=lambda p: int(p.name))
     shutil.copytree(version, root / "outside" / "1")
@@ -355,8 +359,12 @@ def guarded(tmp_path_factory: pytest.TempPathFactory, exported_repo: Path,
     shutil.copytree(version, repo / MODEL / "1")
     shutil.copytree(version, repo / "tampered" / "1")
     _rename(repo / "tampered" / "1", "tampered")
-    with open(repo / "tampered" / "1" / "model.onnx", "ab") as f:
-        f.write(b"\0")  # one byte appended: still loadable by ONNX Runtime, but not the file the card vouches for
+    onnx_file = repo / "tampered" / "1" / "model.onnx"
+    weights = onnx.load(onnx_file).graph.initializer[0].raw_data
+    data = bytearray(onnx_file.read_bytes())
+    data[data.index(weights)] ^= 1  # the lowest mantissa bit of the first weight (little-endian float32)
+    onnx_file.write_bytes(bytes(data))
+    ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])  # loads: not the file the card vouches for
     return repo, start_server(repo)
 
 
