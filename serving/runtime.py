@@ -100,17 +100,6 @@ class OnnxModel:
         self._inputs = {t.name: t for t in card.inputs}
         self._output_names = [t.name for t in card.outputs]
         self._slices_pay: bool | None = None  # see SLICE_WORTH_S
-        self._check_against_card()
-
-    def _check_against_card(self) -> None:
-        """A card that does not describe its file is a broken version, found at load time, not per request."""
-        have_in = sorted(i.name for i in self._session.get_inputs())
-        have_out = sorted(o.name for o in self._session.get_outputs())
-        if have_in != sorted(self._inputs) or have_out != sorted(self._output_names):
-            raise CardError(
-                f"{self.card.name}/{self.card.version}: model.onnx has inputs {have_in} and outputs {have_out}; "
-                f"the card lists {sorted(self._inputs)} and {sorted(self._output_names)}"
-            )
 
     def validate(self, inputs: Mapping[str, np.ndarray]) -> None:
         """Raise InputError naming the first tensor whose name, datatype, shape or values the card does not allow."""
@@ -260,24 +249,36 @@ def _session_options(intra_op_threads: int | None) -> ort.SessionOptions:
 
 def _create_session(path: Path, card: ModelCard, device: str, intra_op_threads: int | None) -> ort.InferenceSession:
     """``cuda``: CUDA or ProviderError; ``auto``: CUDA when a session can be created and run there, else CPU;
-    ``cpu``: CPU, single-threaded (``OnnxModel`` runs large batches in slices)."""
+    ``cpu``: CPU, single-threaded (``OnnxModel`` runs large batches in slices). A session whose file the card
+    does not describe is a CardError (a broken version, found at load time, not per request)."""
     if device == "cuda" or (device == "auto" and _cuda["usable"]):
         session, reason = _try_cuda(path, card, _session_options(intra_op_threads), quiet=device == "auto")
         if session is not None:
             return session
+        # Whose fault: a model that fails on the CPU too (a card that does not describe its file, say) raises
+        # its own error here, and CUDA stays usable for the others.
+        cpu = _cpu_session(path, card)
+        cpu.run(None, sample_inputs(card))
         if device == "cuda":
-            raise ProviderError(
-                f"device 'cuda': {CUDA} cannot be used for {path}: {reason} (onnxruntime's error above says which)"
-            )
-        cpu = _cpu_session(path)
-        cpu.run(None, sample_inputs(card))  # a model that fails here failed on CUDA for its own reasons
+            raise ProviderError(f"device 'cuda': {CUDA} cannot be used for {path}: {reason}")
         _fall_back_once(reason)
         return cpu
-    return _cpu_session(path)
+    return _cpu_session(path, card)
 
 
-def _cpu_session(path: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), _session_options(1), providers=[CPU])
+def _cpu_session(path: Path, card: ModelCard) -> ort.InferenceSession:
+    return _check_card(ort.InferenceSession(str(path), _session_options(1), providers=[CPU]), card)
+
+
+def _check_card(session: ort.InferenceSession, card: ModelCard) -> ort.InferenceSession:
+    """``session``, unless the card does not describe its file (CardError)."""
+    have_in = sorted(i.name for i in session.get_inputs())
+    have_out = sorted(o.name for o in session.get_outputs())
+    want_in, want_out = sorted(t.name for t in card.inputs), sorted(t.name for t in card.outputs)
+    if have_in != want_in or have_out != want_out:
+        raise CardError(f"{card.name}/{card.version}: model.onnx has inputs {have_in} and outputs {have_out}; "
+                        f"the card lists {want_in} and {want_out}")
+    return session
 
 
 # ``auto`` gives up on CUDA for the whole process after one failure that was CUDA's (the model runs on the
@@ -307,7 +308,8 @@ def _try_cuda(path: Path, card: ModelCard, so: ort.SessionOptions, quiet: bool
             session = ort.InferenceSession(str(path), so, providers=[(CUDA, CUDA_PROVIDER_OPTIONS), CPU])
             if session.get_providers()[0] != CUDA:
                 return None, "no usable NVIDIA GPU, or the CUDA 13 / cuDNN 9 libraries are missing"
-            session.run(None, sample_inputs(card))
+            # Under the lock, so concurrent loads take turns here: a tiny batch, once per model version.
+            _check_card(session, card).run(None, sample_inputs(card))
         except Exception as e:  # noqa: BLE001 - any failure on CUDA is a reason to say, and for auto to use CPU
             return None, f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
         finally:

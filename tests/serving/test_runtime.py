@@ -137,11 +137,16 @@ def test_hello_indices_must_be_in_the_vocabulary() -> None:
         model.validate({"chars": np.array([[1, 0, 2, 2, 4]], np.int64)})
 
 
-def test_a_card_that_does_not_describe_its_file_is_refused() -> None:
+@pytest.mark.parametrize("device", ["cpu", "auto"])
+def test_a_card_that_does_not_describe_its_file_is_refused(monkeypatch: pytest.MonkeyPatch, device: str) -> None:
+    """Also under ``auto`` while CUDA is still tried (here until a first model falls back): the card is checked
+    before any sample batch runs, and a broken version must not read as a CUDA failure."""
+    monkeypatch.setitem(runtime._cuda, "usable", True)
     path, card = export("diabetes_mlp")
     wrong = dataclasses.replace(card, inputs=(TensorSpec("x", "FP32", (-1, 8)),))
     with pytest.raises(CardError, match=r"model.onnx has inputs \['features'\]"):
-        OnnxModel(path, wrong, device="cpu")
+        OnnxModel(path, wrong, device=device)
+    assert runtime._cuda["usable"]
 
 
 def test_unknown_device_is_refused() -> None:
@@ -220,6 +225,18 @@ def test_a_cuda_session_that_fails_to_start_or_run_falls_back_or_is_a_provider_e
     assert model.provider == CPU and model.warmup()["logits"].shape == (1, 10)
     (record,) = [r for r in caplog.records if r.name == "coursezoo.runtime"]
     assert reason in record.getMessage() and not runtime._cuda["usable"]
+
+
+def test_a_broken_version_on_a_gpu_that_works_is_its_own_error_not_a_provider_error(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--device cuda`` stops the server on a ProviderError; a card that does not describe its file is one
+    broken version (CardError), whichever device it was tried on."""
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
+    monkeypatch.setattr(ort, "InferenceSession", _NoCudnn)
+    path, card = export("diabetes_mlp")
+    wrong = dataclasses.replace(card, inputs=(TensorSpec("x", "FP32", (-1, 8)),))
+    with pytest.raises(CardError, match=r"model.onnx has inputs \['features'\]"):
+        OnnxModel(path, wrong, device="cuda")
 
 
 def test_a_model_that_fails_on_the_cpu_too_leaves_cuda_to_the_others(monkeypatch: pytest.MonkeyPatch,
