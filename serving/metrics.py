@@ -18,6 +18,7 @@ import contextlib
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 from collections.abc import Callable
@@ -139,8 +140,8 @@ class Metrics:
 
 
 #: Connections the metrics endpoint serves at once (a thread each; one more is closed at once), and how long one
-#: may take to send its request. prometheus-client's own server bounds neither: 1,000 connections that sent
-#: half a request held 1,000 threads of the server's process for good. Prometheus scrapes one at a time.
+#: may last in all. prometheus-client's own server bounds neither: 1,000 connections that sent half a request
+#: held 1,000 threads of the server's process for good. Prometheus scrapes one at a time, within 10 s.
 METRICS_CONNECTIONS = 16
 METRICS_TIMEOUT_S = 10.0
 
@@ -149,6 +150,7 @@ class _MetricsServer(ThreadingMixIn, WSGIServer):
     """A thread per connection, at most ``METRICS_CONNECTIONS`` of them."""
 
     daemon_threads = True
+    request_queue_size = 64  # the listen backlog: connections beyond the bound are accepted, then closed at once
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._slots = threading.BoundedSemaphore(METRICS_CONNECTIONS)
@@ -158,7 +160,11 @@ class _MetricsServer(ThreadingMixIn, WSGIServer):
         if not self._slots.acquire(blocking=False):
             self.shutdown_request(request)
             return
-        super().process_request(request, client_address)
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started (none left, say): the slot is not taken
+            self._slots.release()
+            raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
@@ -166,9 +172,29 @@ class _MetricsServer(ThreadingMixIn, WSGIServer):
         finally:
             self._slots.release()
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client cut off or gone is no server error: anyone can cause one, so not a traceback each."""
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
+
 
 class _QuietHandler(WSGIRequestHandler):
-    timeout = METRICS_TIMEOUT_S  # set on the connection's socket: a silent client is dropped
+    """Each connection ends within ``METRICS_TIMEOUT_S``, however slowly its client sends: a socket timeout
+    alone bounds each read, and a byte every 9 s held a connection for days."""
+
+    def setup(self) -> None:
+        super().setup()
+        self._deadline = threading.Timer(METRICS_TIMEOUT_S, self._cut_off)
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def _cut_off(self) -> None:
+        with contextlib.suppress(OSError):  # already closed
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def finish(self) -> None:
+        self._deadline.cancel()
+        super().finish()
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
         """Scrapes are not logged (prometheus-client's handler is silent too)."""

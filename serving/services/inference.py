@@ -242,8 +242,8 @@ class InferenceService(Handler, inference_pb2_grpc.GRPCInferenceServiceServicer)
     def _registry(self) -> SharedMemoryRegistry:
         if self.shared_memory is None:
             raise SharedMemoryOff("system shared memory is off on this server (--shared-memory: auto turns it on "
-                                  "for a loopback host or with a token; --workers turns it off, as a region registered "
-                                  "in one process would be unknown to the others): send tensors in the request")
+                                  "for a loopback host only; --workers turns it off, as a region registered in one "
+                                  "process would be unknown to the others): send tensors in the request")
         return self.shared_memory
 
     def close(self) -> None:

@@ -11,6 +11,7 @@ from prometheus_client import generate_latest
 
 from serving import metrics as metrics_module
 from serving.metrics import METRICS_CONNECTIONS, Metrics, serve_registry
+from tests.conftest import wait_for
 
 
 def test_a_gone_versions_series_leaves_the_metrics() -> None:
@@ -32,34 +33,62 @@ def test_the_process_is_described_too() -> None:
         assert f"\n{name}" in text, name
 
 
-def _closed_by_the_server(sock: socket.socket) -> bool:
-    """Whether the server closed ``sock`` within 5 s (it sent nothing: the request was never finished)."""
-    sock.settimeout(5)
+def _closed_by_the_server(sock: socket.socket, within: float) -> bool:
+    """Whether the server closed ``sock`` within ``within`` seconds (it never got a whole request)."""
+    sock.settimeout(within)
     try:
         return sock.recv(1) == b""
     except TimeoutError:
         return False
 
 
-def test_the_metrics_endpoint_bounds_its_connections_and_their_wait(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A thread serves each connection: with neither bound, 1,000 connections that sent half a request held
-    1,000 threads of the server's process for good. Now one beyond the bound is closed at once, and a silent
-    one after ``_QuietHandler.timeout`` (10 s when served; 0.5 s here)."""
-    monkeypatch.setattr(metrics_module._QuietHandler, "timeout", 0.5)
+def test_the_metrics_endpoint_serves_a_bounded_number_of_connections(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A thread serves each connection: unbounded, 1,000 connections that sent half a request held 1,000 threads
+    of the server's process for good. Now one beyond the bound is closed at once, and once the others go a
+    scrape is served again."""
+    monkeypatch.setattr(metrics_module, "METRICS_TIMEOUT_S", 60.0)  # none of them ends by its deadline here
     httpd = serve_registry(Metrics().registry, 0, "127.0.0.1")
     address = ("127.0.0.1", httpd.server_port)
     try:
         threads = threading.active_count()
-        held = [socket.create_connection(address) for _ in range(METRICS_CONNECTIONS + 8)]
+        held = [socket.create_connection(address) for _ in range(METRICS_CONNECTIONS)]
         for sock in held:
             sock.sendall(b"GET /metrics HTTP/1.1\r\n")  # and never the rest
-        assert all(_closed_by_the_server(sock) for sock in held[METRICS_CONNECTIONS:])
-        assert threading.active_count() - threads <= METRICS_CONNECTIONS
-        assert all(_closed_by_the_server(sock) for sock in held[:METRICS_CONNECTIONS])  # after the timeout
-        for sock in held:
+        beyond = [socket.create_connection(address) for _ in range(8)]
+        assert all(_closed_by_the_server(sock, 10) for sock in beyond)
+        assert not any(_closed_by_the_server(sock, 0.1) for sock in held)
+        assert threading.active_count() - threads <= 2 * METRICS_CONNECTIONS  # a handler and its deadline each
+        for sock in held + beyond:
             sock.close()
-        with urllib.request.urlopen(f"http://127.0.0.1:{httpd.server_port}/metrics", timeout=10) as response:
-            assert b"process_open_fds" in response.read()
+        wait_for(lambda: _scrape(httpd.server_port), "a scrape once the connections are gone")
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_a_metrics_connection_ends_by_its_deadline_however_slowly_it_sends(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A socket timeout bounds each read only: a client sending a byte every 9 s held its connection for days."""
+    monkeypatch.setattr(metrics_module, "METRICS_TIMEOUT_S", 1.0)
+    httpd = serve_registry(Metrics().registry, 0, "127.0.0.1")
+    try:
+        with socket.create_connection(("127.0.0.1", httpd.server_port)) as sock:
+            for byte in b"GET /metrics HTTP/1.1\r\nX-Slow: " + b"x" * 100:  # one byte every 0.2 s, 20 s in all
+                try:
+                    sock.sendall(bytes([byte]))
+                except OSError:  # cut off
+                    break
+                if _closed_by_the_server(sock, 0.2):
+                    break
+            else:
+                pytest.fail("the connection outlived its deadline by 19 s")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def _scrape(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            return b"process_open_fds" in response.read()
+    except OSError:
+        return False
