@@ -163,10 +163,10 @@ class SharedMemoryRegistry:
 
     def check_reads(self, reads: list[tuple[str, int, str]], in_message: int = 0) -> None:
         """Before a request's inputs are read: each ``(region name, byte size, tensor)`` names a registered
-        region (NOT_FOUND), and together with the ``in_message`` bytes of its raw inputs they are at most
+        region (NOT_FOUND), and together with the ``in_message`` bytes of its other inputs they are at most
         ``max_read_bytes`` (RESOURCE_EXHAUSTED), as a message's inputs are. A request naming 2 GB of a sparse
         object had the server allocate and read it (5 s in which the event loop served no one) before its size
-        was found wrong; 60 inputs of the limit each, 60 times it; raw inputs beside them, twice it."""
+        was found wrong; 60 inputs of the limit each, 60 times it; inputs in the message beside them, twice it."""
         for name, _, tensor in reads:
             self.region(name, tensor)
         shared = sum(byte_size for _, byte_size, _ in reads)

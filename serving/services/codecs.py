@@ -58,8 +58,9 @@ def decode_inputs(tensors: Sequence, raw: Sequence[bytes], shared_memory: Shared
             raise InputError(f"input {shared[0][0]!r} names a shared memory region, but shared memory is off on this "
                              "server (--shared-memory): send the data in raw_input_contents")
         raw = list(raw)  # each read of a protobuf bytes field is a copy: read them once, here
+        typed = sum(t.contents.ByteSize() for t, p in zip(tensors, placements, strict=True) if p is None)
         shared_memory.check_reads([(region, byte_size, f"input {name}") for name, (region, byte_size, _) in shared],
-                                  in_message=sum(map(len, raw)))
+                                  in_message=sum(map(len, raw)) + typed)
     buffers = iter(raw)
     arrays: dict[str, np.ndarray] = {}
     for tensor, placement in zip(tensors, placements, strict=True):

@@ -19,9 +19,11 @@ from multiprocessing import shared_memory
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from serving.card import ModelCard
@@ -375,6 +377,16 @@ def test_a_requests_inputs_in_shared_memory_are_bounded_together(start_server, e
             client.infer("mnist_cnn", tensors)
         assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED", info.value.message()
         assert "and 2097152 in the message" in info.value.message()
+        # nor typed contents (tritonclient sends raw buffers only, so the message is built here)
+        request = service_pb2.ModelInferRequest(model_name="mnist_cnn")
+        placed = request.inputs.add(name="a", datatype="FP32", shape=[3 << 18]).parameters
+        placed["shared_memory_region"].string_param = "many"
+        placed["shared_memory_byte_size"].int64_param = 3 << 20
+        request.inputs.add(name="typed", datatype="FP32", shape=[1 << 19]).contents.fp32_contents.extend(
+            np.ones(1 << 19, np.float32))
+        with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError) as failed:
+            service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+        assert failed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, failed.value.details()
         assert _peak_mib(server.proc.pid) - peak < 16
     finally:
         client.unregister_system_shared_memory()
