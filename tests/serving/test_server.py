@@ -195,9 +195,13 @@ def test_names_equal_onnxruntime(client: CourseZooClient, onnx: Callable, card: 
         assert [t.label for t in p.top] == [labels[i] for i in np.argsort(-row, kind="stable")[:5]]
 
 
-def test_hello_models_say_ohlol(client: CourseZooClient) -> None:
+def test_hello_models_say_ohlol(client: CourseZooClient, exported_repo: Path, card: Callable) -> None:
+    exported = {p.parent.parent.name for p in exported_repo.glob("*/*/model.json")}
+    hello = sorted(name for name in exported if card(name).task == "hello")
+    if not hello:
+        pytest.skip(f"no hello model in {exported_repo}")
     infos = client.list_models(task="hello")
-    assert sorted(info.name for info in infos) == ["hello_embedding", "hello_rnn", "hello_rnncell"]
+    assert sorted(info.name for info in infos) == hello  # all of them, or the loop below checks too few
     for info in infos:
         reply = client.classify_sequences(["hello"], model=info.name)
         assert reply.predictions[0].label == "ohlol", info.name

@@ -191,14 +191,14 @@ def test_unload_makes_a_model_unavailable_until_loaded(scratch: tuple[Path, Serv
 def test_sigterm_finishes_in_flight_work_and_exits_zero(start_server: Callable[..., ServerProcess], source: Path,
                                                         tmp_path: Path) -> None:
     """Calls in flight when SIGTERM arrives get their whole answers within --grace-s, and the server exits 0.
-    The model's card makes a batch wait 3 s for more (not adaptive), and batches hold at most 2 records: the
+    The model's card makes a batch wait 6 s for more (not adaptive), and batches hold at most 2 records: the
     first call (1 record) forms a batch that waits, the second (2 records) cannot join it and queues, seen in
     ``coursezoo_queue_depth`` before the signal; so both are in the server, neither answered yet. With no grace
     they were cut off, and the test passed on an answer that came before the signal."""
     add_version(tmp_path, source, "1")
     card_path = tmp_path / MODEL / "1" / "model.json"
     card = json.loads(card_path.read_text())
-    card["serving"] = {"max_queue_delay_ms": 3000, "adaptive_queue_delay": False}
+    card["serving"] = {"max_queue_delay_ms": 6000, "adaptive_queue_delay": False}
     card_path.write_text(json.dumps(card))
     proc = start_server(tmp_path, "--grace-s", "20", "--max-batch-size", "2")
 
