@@ -270,14 +270,24 @@ def _cpu_session(path: Path, card: ModelCard) -> ort.InferenceSession:
     return _check_card(ort.InferenceSession(str(path), _session_options(1), providers=[CPU]), card)
 
 
+#: A card's datatype as ONNX Runtime names a tensor's type
+ORT_TYPES = {"FP32": "tensor(float)", "FP64": "tensor(double)", "INT64": "tensor(int64)", "INT32": "tensor(int32)",
+             "UINT8": "tensor(uint8)"}
+
+
 def _check_card(session: ort.InferenceSession, card: ModelCard) -> ort.InferenceSession:
-    """``session``, unless the card does not describe its file (CardError)."""
+    """``session``, unless the card does not describe its file: its tensors' names and datatypes (CardError)."""
     have_in = sorted(i.name for i in session.get_inputs())
     have_out = sorted(o.name for o in session.get_outputs())
     want_in, want_out = sorted(t.name for t in card.inputs), sorted(t.name for t in card.outputs)
     if have_in != want_in or have_out != want_out:
         raise CardError(f"{card.name}/{card.version}: model.onnx has inputs {have_in} and outputs {have_out}; "
                         f"the card lists {want_in} and {want_out}")
+    types = {t.name: t.type for t in (*session.get_inputs(), *session.get_outputs())}
+    wrong = [f"{t.name} is {types[t.name]}, the card says {t.datatype}" for t in (*card.inputs, *card.outputs)
+             if types[t.name] != ORT_TYPES[t.datatype]]
+    if wrong:
+        raise CardError(f"{card.name}/{card.version}: in model.onnx {'; '.join(wrong)}")
     return session
 
 

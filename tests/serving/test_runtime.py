@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -190,9 +191,8 @@ class _InitFails(ort.InferenceSession):
         super().__init__(path, so, providers=providers)
 
 
-class _NoCudnn(ort.InferenceSession):
-    """A GPU host without cuDNN: onnxruntime-gpu 1.31 creates the session on CUDA and loads cuDNN only when
-    the first convolution or GRU runs, which then fails. Injected as above; the session underneath is real."""
+class _CudaWorks(ort.InferenceSession):
+    """A GPU host where CUDA works: a session asked for CUDA says it is on CUDA (underneath, a real CPU one)."""
 
     def __init__(self, path: str, so: ort.SessionOptions | None = None, providers: list | None = None) -> None:
         self.on_cuda = any(CUDA in p for p in providers or [])
@@ -200,6 +200,11 @@ class _NoCudnn(ort.InferenceSession):
 
     def get_providers(self) -> list[str]:
         return [CUDA, CPU] if self.on_cuda else [CPU]
+
+
+class _NoCudnn(_CudaWorks):
+    """A GPU host without cuDNN: onnxruntime-gpu 1.31 creates the session on CUDA and loads cuDNN only when
+    the first convolution or GRU runs, which then fails. Injected as above; the session underneath is real."""
 
     def run(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201 - ORT's own signature
         if self.on_cuda:
@@ -225,6 +230,30 @@ def test_a_cuda_session_that_fails_to_start_or_run_falls_back_or_is_a_provider_e
     assert model.provider == CPU and model.warmup()["logits"].shape == (1, 10)
     (record,) = [r for r in caplog.records if r.name == "coursezoo.runtime"]
     assert reason in record.getMessage() and not runtime._cuda["usable"]
+
+
+def _renamed_output(card: ModelCard) -> ModelCard:
+    return dataclasses.replace(card, outputs=(dataclasses.replace(card.outputs[0], name="nope"), *card.outputs[1:]))
+
+
+def _fp64_input(card: ModelCard) -> ModelCard:
+    return dataclasses.replace(card, inputs=(dataclasses.replace(card.inputs[0], datatype="FP64"), *card.inputs[1:]))
+
+
+@pytest.mark.parametrize("device", ["cpu", "auto", "cuda"])
+@pytest.mark.parametrize(("damage", "message"), [(_renamed_output, "outputs"), (_fp64_input, "the card says FP64")])
+def test_the_card_is_checked_on_every_device(monkeypatch: pytest.MonkeyPatch, device: str, damage: Callable,
+                                             message: str) -> None:
+    """A card with the right inputs but a wrong output name served on a working GPU and failed every request; a
+    wrong datatype was ONNX Runtime's own error at warm-up, which the batch CLI did not take for a broken
+    version (it skips those for an older one)."""
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
+    monkeypatch.setattr(ort, "InferenceSession", _CudaWorks)
+    monkeypatch.setitem(runtime._cuda, "usable", True)
+    path, card = export("diabetes_mlp")
+    with pytest.raises(CardError, match=message):
+        OnnxModel(path, damage(card), device=device)
+    assert runtime._cuda["usable"]
 
 
 def test_a_broken_version_on_a_gpu_that_works_is_its_own_error_not_a_provider_error(
