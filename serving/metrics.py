@@ -184,15 +184,22 @@ class _QuietHandler(WSGIRequestHandler):
 
     def setup(self) -> None:
         super().setup()
+        # The lock orders the cut-off before finish(): a shutdown after the socket's close could hit another
+        # connection that took its descriptor number meanwhile.
+        self._open = threading.Lock()
+        self._finished = False
         self._deadline = threading.Timer(METRICS_TIMEOUT_S, self._cut_off)
         self._deadline.daemon = True
         self._deadline.start()
 
     def _cut_off(self) -> None:
-        with contextlib.suppress(OSError):  # already closed
-            self.connection.shutdown(socket.SHUT_RDWR)
+        with self._open, contextlib.suppress(OSError):  # the client went already
+            if not self._finished:
+                self.connection.shutdown(socket.SHUT_RDWR)
 
     def finish(self) -> None:
+        with self._open:
+            self._finished = True
         self._deadline.cancel()
         super().finish()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 import urllib.request
 
@@ -81,6 +82,50 @@ def test_a_metrics_connection_ends_by_its_deadline_however_slowly_it_sends(monke
                     break
             else:
                 pytest.fail("the connection outlived its deadline by 19 s")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_a_connection_whose_thread_cannot_start_gives_its_slot_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of threads for a while (a container's pids limit, say), the endpoint must serve again afterwards; each
+    failed start kept its slot, and 16 of them refused every later scrape."""
+    httpd = serve_registry(Metrics().registry, 0, "127.0.0.1")
+    start = threading.Thread.start
+    refused = []
+
+    def no_handler_thread(thread: threading.Thread) -> None:
+        if getattr(getattr(thread, "_target", None), "__name__", "") == "process_request_thread":
+            refused.append(thread)
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    try:
+        monkeypatch.setattr(threading.Thread, "start", no_handler_thread)
+        for _ in range(METRICS_CONNECTIONS + 4):
+            with socket.create_connection(("127.0.0.1", httpd.server_port)) as sock:
+                assert _closed_by_the_server(sock, 10)
+        assert len(refused) == METRICS_CONNECTIONS + 4
+        monkeypatch.undo()
+        assert _scrape(httpd.server_port)
+    finally:
+        monkeypatch.undo()
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_clients_that_reset_their_connections_print_nothing(capfd: pytest.CaptureFixture[str]) -> None:
+    """Anyone who reaches the port can reset a connection mid-request: each printed a traceback on stderr, which
+    broke the server's one JSON line per log entry."""
+    httpd = serve_registry(Metrics().registry, 0, "127.0.0.1")
+    try:
+        for _ in range(5):
+            sock = socket.create_connection(("127.0.0.1", httpd.server_port))
+            sock.sendall(b"GET /metrics HTTP/1.1\r\n")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = reset
+            sock.close()
+        wait_for(lambda: _scrape(httpd.server_port), "a scrape after the resets")
+        assert capfd.readouterr().err == ""
     finally:
         httpd.shutdown()
         httpd.server_close()
