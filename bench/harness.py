@@ -83,7 +83,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                                             "machine; print a table and write JSON (see docs/performance.md).")
     p.add_argument("--quick", action="store_true", help="short timings, fewer models and images (CI smoke run)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="cuda adds ORT CUDA rows and runs the servers on the GPU; auto (default) = cuda when usable")
+                   help="cuda adds ORT CUDA, ORT CUDA IO binding and PyTorch eager CUDA rows and runs the servers on "
+                        "the GPU (exit 1 without a usable GPU); auto (default) = cuda when usable")
     p.add_argument("--models", nargs="+", metavar="NAME",
                    help=f"models to measure (default: {' '.join(exports.QUICK_MODELS)} with --quick, else "
                         f"{' '.join(exports.FULL_MODELS)}); the server cases use {exports.SERVER_DIGITS} when it is "

@@ -301,12 +301,12 @@ def _try_cuda(path: Path, card: ModelCard, so: ort.SessionOptions, quiet: bool
               ) -> tuple[ort.InferenceSession | None, str]:
     """A CUDA session that has run the card's sample batch, or None and why not.
 
-    Three ways CUDA fails, none of them an exception the caller could simply catch: ORT falls back to CPU
-    itself, logging an error, when the provider library cannot load (the providers it ends up with tell);
-    an error while the session initializes (cuDNN or cuBLAS handles, GPU memory for the weights) is one of
-    ORT's own exception classes, which are no RuntimeError, so ORT's fallback lets it through; and
-    onnxruntime-gpu 1.31 loads cuDNN only when a kernel needs it, so without cuDNN the session is created on
-    CUDA and its first convolution or GRU fails ("cuDNN is not available").
+    Three ways CUDA fails, each found its own way: ORT falls back to CPU itself, logging an error, when the
+    provider library cannot load (the providers it ends up with tell); an error while the session
+    initializes (cuDNN or cuBLAS handles, GPU memory for the weights) is one of ORT's own exception classes,
+    which are no RuntimeError, so ORT's fallback lets it through (caught here); and onnxruntime-gpu 1.31
+    loads cuDNN only when a kernel needs it, so without cuDNN the session is created on CUDA and its first
+    convolution or GRU fails ("cuDNN is not available"; the sample batch finds it).
     """
     if CUDA not in ort.get_available_providers():
         return None, "this onnxruntime build has no CUDA support (install onnxruntime-gpu)"

@@ -102,7 +102,8 @@ class ServerSettings:
     decode_processes: int = _option(-1, f"processes decoding the images of requests with {POOL_MIN_IMAGES} or more; "
                                     f"-1 = one per CPU core (at most {MAX_AUTO_PROCESSES}), 0 = decode in the "
                                     "server process", minimum=-1)
-    max_message_mb: int = _option(64, "largest gRPC message, both directions, in MiB", minimum=1)
+    max_message_mb: int = _option(64, "largest gRPC message, both directions, in MiB; also the most a request's "
+                                  "inputs may be in shared memory and the message together", minimum=1)
     poll_interval_s: float = _option(_SERVING.poll_interval_s,
                                      "how often the repository looks for new versions; 0 = never")
     latest_versions: int = _option(_SERVING.latest_versions, "how many of each model's versions are loaded: the N "

@@ -1,7 +1,7 @@
 """``coursezoo export NAME|all``: TorchScript + ONNX + model card, checked before anything is written.
 
 Reads the checkpoint ``coursezoo train`` left in ``runs/<name>/``, and writes
-``<out>/<name>/<version>/{model.onnx, model.pt, model.json}`` with the next free version number.
+``<repo>/<name>/<version>/{model.onnx, model.pt, model.json}`` with the next free version number.
 Every export must pass ``onnx.checker`` and agree with the eager model (TorchScript and ONNX Runtime,
 batch sizes 1 and >1, max abs difference <= 1e-4) on real held-out inputs; otherwise nothing is written.
 """

@@ -33,8 +33,9 @@ class _Servicer(HealthServicer):
     lists the model names; not where callers without the token reach health, as they may not list models.
 
     Health is open to callers without the token (unless ``--auth-health``), so it must not hold what they send:
-    a Watch of a name no model can have is refused at once (grpc_health waits on any name for ever, and keeps
-    the request: eight 50 MiB names held 1 GB), and refusals set the status instead of raising (``fail``)."""
+    a Watch of a name longer than any model name can be (255 characters) is refused at once (grpc_health waits
+    on any name for ever, and keeps the request: eight 50 MiB names held 1 GB), and refusals set the status
+    instead of raising (``fail``)."""
 
     def __init__(self, list_names: bool) -> None:
         super().__init__()
