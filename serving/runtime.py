@@ -267,6 +267,7 @@ def _create_session(path: Path, card: ModelCard, device: str, intra_op_threads: 
 
 
 def _cpu_session(path: Path, card: ModelCard) -> ort.InferenceSession:
+    """A single-threaded CPU session of ``path``, checked against ``card``."""
     return _check_card(ort.InferenceSession(str(path), _session_options(1), providers=[CPU]), card)
 
 
