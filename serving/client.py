@@ -20,6 +20,7 @@ A server started with TLS and a token (docs/operations.md):
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 from collections.abc import Iterable, Iterator, Sequence
@@ -235,18 +236,28 @@ class CourseZooClient:
             pb.ClassifyDigitsResponse:
         return self.classify_digits([Path(p).read_bytes() for p in paths], model, version)
 
-    def stream_classify_digits(self, images: Iterable[ImageLike], model: str = "", version: str = "") -> \
-            Iterator[pb.ClassifyDigitsResponse]:
+    def stream_classify_digits(self, images: Iterable[ImageLike], model: str = "", version: str = "",
+                               timeout: float | None = None) -> Iterator[pb.ClassifyDigitsResponse]:
         """Pipeline a long (even unbounded) sequence of images over one stream, ``chunk_size`` per message.
 
-        Yields one reply per chunk, in order; each reply's ``id`` is the chunk's index.
+        Yields one reply per chunk, in order; each reply's ``id`` is the chunk's index, and each is checked to
+        answer its chunk (BadReply otherwise, as for a stream that ends with chunks unanswered). ``timeout``
+        bounds the whole stream (None: no deadline, for an unbounded one).
         """
+        sent: collections.deque[pb.ClassifyDigitsRequest] = collections.deque()
+
         def requests() -> Iterator[pb.ClassifyDigitsRequest]:
             for i, chunk in enumerate(_chunks(images, self.chunk_size)):
-                yield pb.ClassifyDigitsRequest(model=model, version=version, images=[to_image(x) for x in chunk],
-                                               id=str(i))
+                sent.append(pb.ClassifyDigitsRequest(model=model, version=version, images=[to_image(x) for x in chunk],
+                                                     id=str(i)))
+                yield sent[-1]
 
-        yield from self.stub.StreamClassifyDigits(requests(), metadata=self.metadata)
+        for reply in self.stub.StreamClassifyDigits(requests(), timeout=timeout, metadata=self.metadata):
+            if not sent or reply.id != sent[0].id:
+                raise BadReply(f"the stream answered id {reply.id!r}, expected {sent[0].id if sent else 'none'!r}")
+            yield _answering(sent.popleft(), reply, int(reply.id) * self.chunk_size)
+        if sent:
+            raise BadReply(f"the stream ended with {len(sent)} messages unanswered, from id {sent[0].id!r}")
 
     def classify_diabetes(self, records: Sequence[Sequence[float]], model: str = "", version: str = "") -> \
             pb.ClassifyDiabetesResponse:
@@ -278,7 +289,7 @@ class CourseZooClient:
                        for r in requests[start:start + self.max_in_flight]]
             for i, future in enumerate(futures, start):
                 try:
-                    parts.append(future.result())
+                    parts.append(_answering(requests[i], future.result(), i * self.chunk_size))
                 except grpc.RpcError as e:
                     if len(requests) == 1:
                         raise
@@ -289,11 +300,52 @@ class CourseZooClient:
                 pinned = type(requests[i])()
                 pinned.CopyFrom(requests[i])
                 pinned.model, pinned.version = final.model, final.model_version
-                parts[i] = getattr(self.stub, method)(pinned, timeout=self.timeout, metadata=self.metadata)
+                parts[i] = _answering(pinned, getattr(self.stub, method)(pinned, timeout=self.timeout,
+                                                                         metadata=self.metadata), i * self.chunk_size)
         reply.model, reply.model_version = final.model, final.model_version
         for part in parts:
             reply.predictions.extend(part.predictions)
         return reply
+
+
+class BadReply(grpc.RpcError):
+    """The server's reply does not answer the request sent: another number of predictions than items, or
+    another model or version than the one named. Its predictions cannot be matched to the items, so none is
+    kept (status INTERNAL: the server broke the API's contract)."""
+
+    def __init__(self, details: str) -> None:
+        super().__init__()
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.INTERNAL
+
+    def details(self) -> str:
+        return self._details
+
+    def __str__(self) -> str:
+        return f"INTERNAL: {self._details}"
+
+
+def _answering(request: Message, reply: Reply, start: int) -> Reply:
+    """``reply``, checked to answer ``request`` (its items from ``start`` of the call): one prediction per item,
+    from the model and version the request named, if it named them (BadReply otherwise)."""
+    items, answered = len(_items_of(request)), len(reply.predictions)
+    where = f"items {start}..{start + items - 1} of this call" if items else "this call"
+    if answered != items:
+        raise BadReply(f"the server answered {answered} predictions for the {items} {where}: none can be matched "
+                       "to its item")
+    wrong_version = request.version and not _same_version(reply.model_version, request.version)
+    if (request.model and reply.model != request.model) or wrong_version:
+        asked = f"{request.model or 'the default model'}{':' + request.version if request.version else ''}"
+        raise BadReply(f"the server answered {where} with {reply.model}:{reply.model_version}, asked for {asked}")
+    return reply
+
+
+def _same_version(answered: str, asked: str) -> bool:
+    """Whether the version a reply names is the one asked for: the server reads "01" as version 1."""
+    numbers = [int(v) if v.isascii() and v.isdigit() else v for v in (answered, asked)]
+    return numbers[0] == numbers[1]
 
 
 class ChunkError(grpc.RpcError):

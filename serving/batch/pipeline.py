@@ -85,7 +85,10 @@ def ordered_map(fn: Callable[[T], R], source: Iterable[T], executor: Executor, w
 def _classify(engine: Engine, items: list[Item], batch: PreparedBatch) -> list[tuple[Item, Outcome]]:
     """Each item with its answer, or its failure told in the item's terms (``in_input_terms``), whichever
     engine or preparer refused it."""
-    answers = iter(engine.classify(batch.inputs) if batch.ready else ())
+    answers = engine.classify(batch.inputs) if batch.ready else []
+    if len(answers) != batch.ready:  # no answer may land on another item's row
+        raise BatchError(f"the engine answered {len(answers)} of {batch.ready} inputs")
+    answers = iter(answers)
     outcomes = (outcome or next(answers) for outcome in batch.outcomes)
     return [(item, in_input_terms(item, outcome) if isinstance(outcome, Failure) else outcome)
             for item, outcome in zip(items, outcomes, strict=True)]

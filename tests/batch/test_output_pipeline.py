@@ -14,8 +14,8 @@ import pytest
 
 from serving.batch import pipeline
 from serving.batch.output import OutputError, ResultWriter, columns, make_row, partial_path
-from serving.batch.prepare import Preparer
-from serving.batch.types import Failure, Item, Prediction
+from serving.batch.prepare import PreparedBatch, Preparer
+from serving.batch.types import BatchError, Failure, Item, Prediction
 from tests.batch.conftest import read_rows
 
 COLS = columns(top_k=1, with_label=False)
@@ -162,3 +162,17 @@ def test_paths_that_are_not_utf8_are_written_losslessly_and_resumed(tmp_path: Pa
     resumed = ResultWriter(out, fmt, COLS, overwrite=False, resume=True)
     assert all(resumed.has(p) for p in (odd, lookalike, accented)) and not resumed.has("d/caf.png")
     assert resumed.kept == 3
+
+
+def test_an_engine_answering_another_number_of_inputs_stops_the_batch() -> None:
+    """Each answer goes to the next ready item's row: one answer too few raised StopIteration inside a generator
+    (a RuntimeError traceback, no rows), one too many was dropped unseen. Any engine, whatever it checked."""
+
+    class Short:
+        def classify(self, inputs: list[str]) -> list[Prediction]:
+            return [Prediction("7", 0.5, "m", "1", ()) for _ in inputs[1:]]
+
+    items = [Item("a"), Item("b"), Item("c")]
+    batch = PreparedBatch([None, Failure("x", "y"), None], ["a", "c"])
+    with pytest.raises(BatchError, match="answered 1 of 2 inputs"):
+        pipeline._classify(Short(), items, batch)

@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.client import CourseZooClient, to_image
+from serving.client import BadReply, CourseZooClient, to_image
 from serving.process import ServerProcess
 from serving.protos import classifier_pb2 as pb
+from tests.bad_server import BadServer, digit_png
 
 
 def test_chunked_requests_answer_like_one_request(client: CourseZooClient) -> None:
@@ -261,8 +262,9 @@ def test_a_quiet_stream_keeps_pinging_and_fails_when_the_server_goes_silent() ->
     class Echo(classifier_pb2_grpc.ClassifierServicer):
         def StreamClassifyDigits(self, requests: Iterator[pb.ClassifyDigitsRequest],  # noqa: N802 - the RPC
                                  context: grpc.ServicerContext) -> Iterator[pb.ClassifyDigitsResponse]:
-            for request in requests:
-                yield pb.ClassifyDigitsResponse(model="echo", id=request.id)
+            for request in requests:  # one (empty) prediction per image: the client checks the count
+                yield pb.ClassifyDigitsResponse(model="echo", id=request.id,
+                                                predictions=[pb.DigitPrediction() for _ in request.images])
 
     server = grpc.server(futures.ThreadPoolExecutor(2), options=[
         ("grpc.http2.min_ping_interval_without_data_ms", 10), ("grpc.http2.max_ping_strikes", 0)])
@@ -286,3 +288,28 @@ def test_a_quiet_stream_keeps_pinging_and_fails_when_the_server_goes_silent() ->
         server.stop(None)
     assert len(replies) == 1 and outcome.code() == grpc.StatusCode.UNAVAILABLE, outcome
     assert "ping timeout" in outcome.details(), outcome.details()
+
+
+@pytest.mark.parametrize(("mode", "message"), [
+    ("stream_ends_early", "the stream ended with 3 messages unanswered, from id '1'"),
+    ("stream_wrong_id", "the stream answered id '1', expected '0'"),
+])
+def test_a_stream_that_does_not_answer_each_message_is_an_error(mode: str, message: str) -> None:
+    """Replies were yielded as they came: a stream ended early gave 3 of 10 predictions and no error."""
+    with BadServer(mode) as server, CourseZooClient(server.target, chunk_size=3) as client:
+        with pytest.raises(BadReply, match=re.escape(message)):
+            list(client.stream_classify_digits([digit_png(d) for d in range(10)], timeout=30))
+
+
+def test_a_chunk_answered_by_another_version_than_it_was_pinned_to_is_an_error() -> None:
+    """A chunk answered by an older version is asked again, pinned to the last chunk's: a server answering
+    that with yet another version made the reply say one version while some items came from another."""
+    with BadServer("flip_version") as server, CourseZooClient(server.target, chunk_size=3) as client:
+        with pytest.raises(BadReply, match=re.escape("items 0..2 of this call with mnist_cnn:1, asked for "
+                                                     "mnist_cnn:2")):
+            client.classify_digits([digit_png(d) for d in range(10)], model="mnist_cnn")
+
+
+def test_a_version_asked_for_with_a_leading_zero_is_the_one_answered(client: CourseZooClient) -> None:
+    """The server reads "01" as version 1 and answers "1": the client's check of the version must agree."""
+    assert client.classify_diabetes([[0.0] * 8], model="diabetes_mlp", version="01").model_version == "1"

@@ -23,7 +23,7 @@ import grpc
 from serving.batch.engines import EngineError, diabetes_answer, model_spec, top_classes
 from serving.batch.prepare import INVALID, TOO_LARGE, Preparer
 from serving.batch.types import KINDS, Failure, Prediction
-from serving.client import CourseZooClient
+from serving.client import BadReply, CourseZooClient
 from serving.protos import classifier_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,8 @@ class RemoteEngine:
             except grpc.RpcError as e:
                 raise _failed(target, e) from e
             info = _choose(models, target, name, version, kind)
+            if not info.labels:  # the answers name labels by index
+                raise EngineError(f"server {target} lists {info.name} without its labels: expected its card's")
         except EngineError:
             client.close()
             raise
@@ -99,6 +101,9 @@ class RemoteEngine:
             if e.code() not in REFUSED:
                 raise _failed(self.target, e) from e
             if len(inputs) == 1:
+                if (e.details() or "").startswith("CLIENT:"):  # gRPC's own words for a reply over this client's limit
+                    raise EngineError(f"server {self.target} answered one input with more than this client takes "
+                                      f"({e.details()})") from e
                 too_large = self.kind == "digits" and e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                 return [Failure(TOO_LARGE if too_large else INVALID[self.kind], e.details() or e.code().name)]
             half = len(inputs) // 2
@@ -112,6 +117,10 @@ class RemoteEngine:
         return self.client.classify_sequences(inputs, self.name, max(self.top_k, 1), self.version)
 
     def _answers(self, reply: Any) -> list[Prediction | Failure]:
+        """The reply's predictions as rows; EngineError for a label index or a score no model can give (the
+        client has checked that the reply answers each input once, from the model asked for)."""
+        for p in reply.predictions:
+            self._check(p)
         model, version = reply.model, reply.model_version
         if self.kind == "digits":
             return [Prediction(self.labels[p.digit], p.confidence, model, version,
@@ -126,6 +135,20 @@ class RemoteEngine:
         return [Prediction(p.label, p.confidence, model, version,
                            tuple((t.label, t.score) for t in p.top[: self.top_k])) for p in reply.predictions]
 
+    def _check(self, p: Any) -> None:
+        """A prediction a model of this kind can make: a label it has, scores from 0 to 1 (NaN is none)."""
+        if self.kind == "digits":
+            label, scores = p.digit, [p.confidence, *p.probabilities]
+        elif self.kind == "diabetes":
+            label, scores = p.label, [p.probability]
+        else:  # a names model answers one of its labels, a hello model a string of its characters
+            label, scores = p.label, [p.confidence, *(t.score for t in p.top)]
+        known = 0 <= label < len(self.labels) if isinstance(label, int) else (
+            label in self.labels if self.kind == "names" else set(label) <= set(self.labels))
+        if not known or not all(0.0 <= x <= 1.0 for x in scores):
+            raise EngineError(f"server {self.target} answered a prediction no {self.kind} model can make (label "
+                              f"{label!r}, scores {scores[:3]}): nothing of this batch is kept")
+
     def close(self) -> None:
         """Stop retrying and cancel calls still in flight (an aborted run must not wait for them)."""
         self.retrying.stop.set()
@@ -135,6 +158,8 @@ class RemoteEngine:
 def _failed(target: str, error: grpc.RpcError) -> EngineError:
     """A call the server (or the connection) ended with a status that no retry or split can help: one line
     with the status, the server's words and, for a refusal of the caller, what to do."""
+    if isinstance(error, BadReply):
+        return EngineError(f"server {target}: {error.details()}")
     message = f"server {target} answered {error.code().name} ({error.details()})"
     hint = HINTS.get(error.code())
     return EngineError(f"{message}: {hint}" if hint else message)
@@ -192,9 +217,13 @@ class Retrying:
 
 def _unreachable_hint(error: grpc.RpcError) -> str:
     """What to check about a server that never answered: a host name that does not resolve has nothing to do
-    with TLS (gRPC's resolvers say "DNS resolution failed for ..." or "errors resolving ...")."""
+    with TLS (gRPC's resolvers say "DNS resolution failed for ..." or "errors resolving ..."), and a server
+    that answered nothing within the deadline may be up but slow (or stuck)."""
     if any(words in (error.details() or "") for words in ("DNS resolution failed", "errors resolving")):
         return "is the host name right, and known to this machine's DNS?"
+    if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return ("it answered no request within --timeout: is it overloaded or stuck? A larger --timeout or a smaller "
+                "--batch-size gives a slow server more time per request")
     return ("is it running there, and does this run's TLS match the server's (none for plaintext, --tls-ca for TLS, "
             "and --tls-cert/--tls-key for mutual TLS)?")
 

@@ -1,0 +1,54 @@
+"""``coursezoo batch --server`` against a server that breaks the API's contract (tests/bad_server.py): no
+answer lands on another file's row, and the run stops with one clear line instead of writing what it cannot
+trust. Against an honest server the same files come back right, so the checks themselves refuse nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.bad_server import BadServer, digit_png
+from tests.batch.conftest import Run
+
+Batch = Callable[..., Run]
+
+
+@pytest.fixture(scope="module")
+def pngs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("pngs")
+    for digit in range(10):
+        (folder / f"img_{digit}.png").write_bytes(digit_png(digit))
+    return folder
+
+
+def test_an_honest_server_answers_every_file(batch: Batch, pngs: Path, tmp_path: Path) -> None:
+    with BadServer("honest") as server:
+        run = batch(pngs, "--server", server.target, "--kind", "digits", out=tmp_path / "out.csv")
+    assert run.code == 0, run.err
+    assert {Path(p).stem: r["prediction"] for p, r in run.by_id().items()} == {f"img_{d}": str(d) for d in range(10)}
+
+
+@pytest.mark.parametrize(("mode", "message"), [
+    ("more", "answered 11 predictions for the 10 items 0..9"),  # one more: the rest shifted by one
+    ("fewer", "answered 9 predictions for the 10 items 0..9"),  # was a StopIteration traceback, no rows
+    ("wrong_model", "with other_model:9, asked for mnist_cnn"),  # was written as other_model's answers
+    ("nan", "no digits model can make"),  # NaN written as a confidence, and as invalid JSON in jsonl
+    ("digit_42", "label 42"),  # an IndexError traceback (-1 was written as the label 9)
+    ("no_labels", "without its labels"),  # an IndexError traceback at the first answer
+])
+def test_a_reply_that_does_not_answer_the_request_stops_the_run(batch: Batch, pngs: Path, tmp_path: Path,
+                                                                 mode: str, message: str) -> None:
+    with BadServer(mode) as server:
+        run = batch(pngs, "--server", server.target, "--kind", "digits", out=tmp_path / "out.csv")
+    assert run.code == 1 and message in run.err, run.err
+    assert "Traceback" not in run.err and not run.rows
+
+
+def test_a_server_that_answers_nothing_in_time_is_named_slow_not_unreachable(batch: Batch, pngs: Path,
+                                                                             tmp_path: Path) -> None:
+    with BadServer("hang") as server:
+        run = batch(pngs, "--server", server.target, "--kind", "digits", "--timeout", "0.5", "--retry-for", "1",
+                    out=tmp_path / "out.csv")
+    assert run.code == 1 and "answered no request within --timeout" in run.err, run.err
