@@ -19,7 +19,7 @@ from serving.protos import classifier_pb2 as pb
 from serving.protos import classifier_pb2_grpc
 
 MODES = ("honest", "more", "fewer", "wrong_model", "nan", "digit_42", "no_labels", "hang", "flip_version",
-         "stream_ends_early", "stream_wrong_id")
+         "stream_ends_early", "stream_wrong_id", "huge_answer")
 
 
 class BadServer(classifier_pb2_grpc.ClassifierServicer):
@@ -67,6 +67,10 @@ class BadServer(classifier_pb2_grpc.ClassifierServicer):
             predictions[0].confidence = float("nan")
         elif self.mode == "digit_42":
             predictions[0].digit = 42
+        elif self.mode == "huge_answer":  # the answer to the image of a 0 is over the client's 64 MiB
+            for prediction in predictions:
+                if prediction.digit == 0:
+                    prediction.probabilities.extend(bytes(17 << 20))
         elif self.mode == "flip_version":  # version 1 for the first images, 2 for the rest: a new version came
             # mid-call; and version 1 to a request that names another (the bug: the pin is ignored)
             version = "1" if request.version or predictions[0].digit == 0 else "2"

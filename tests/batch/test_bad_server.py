@@ -52,3 +52,13 @@ def test_a_server_that_answers_nothing_in_time_is_named_slow_not_unreachable(bat
         run = batch(pngs, "--server", server.target, "--kind", "digits", "--timeout", "0.5", "--retry-for", "1",
                     out=tmp_path / "out.csv")
     assert run.code == 1 and "answered no request within --timeout" in run.err, run.err
+
+
+def test_an_answer_too_large_for_the_client_is_not_blamed_on_the_image(batch: Batch, pngs: Path,
+                                                                      tmp_path: Path) -> None:
+    """gRPC refuses a reply over the client's limit as RESOURCE_EXHAUSTED, the status the server gives an image too
+    large: the 28x28 image got a failure row "image too large", which --resume then skipped for good."""
+    with BadServer("huge_answer") as server:
+        run = batch(pngs, "--server", server.target, "--kind", "digits", out=tmp_path / "out.csv")
+    assert run.code == 1 and "answered one input with more than this client takes" in run.err, run.err
+    assert not any(row["error"] for row in run.rows)

@@ -101,7 +101,7 @@ class RemoteEngine:
             if e.code() not in REFUSED:
                 raise _failed(self.target, e) from e
             if len(inputs) == 1:
-                if (e.details() or "").startswith("CLIENT:"):  # gRPC's own words for a reply over this client's limit
+                if "CLIENT: Received message larger than max" in (e.details() or ""):  # gRPC's words: the reply
                     raise EngineError(f"server {self.target} answered one input with more than this client takes "
                                       f"({e.details()})") from e
                 too_large = self.kind == "digits" and e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
