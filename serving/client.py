@@ -244,13 +244,15 @@ class CourseZooClient:
         answer its chunk (BadReply otherwise, as for a stream that ends with chunks unanswered). ``timeout``
         bounds the whole stream (None: no deadline, for an unbounded one).
         """
-        sent: collections.deque[pb.ClassifyDigitsRequest] = collections.deque()
+        sent: collections.deque[pb.ClassifyDigitsRequest] = collections.deque()  # sent, not answered: no images
 
         def requests() -> Iterator[pb.ClassifyDigitsRequest]:
             for i, chunk in enumerate(_chunks(images, self.chunk_size)):
-                sent.append(pb.ClassifyDigitsRequest(model=model, version=version, images=[to_image(x) for x in chunk],
-                                                     id=str(i)))
-                yield sent[-1]
+                request = pb.ClassifyDigitsRequest(model=model, version=version, images=[to_image(x) for x in chunk],
+                                                   id=str(i))
+                sent.append(pb.ClassifyDigitsRequest(model=model, version=version, id=request.id,
+                                                     images=[pb.Image()] * len(chunk)))
+                yield request
 
         for reply in self.stub.StreamClassifyDigits(requests(), timeout=timeout, metadata=self.metadata):
             if not sent or reply.id != sent[0].id:
@@ -290,6 +292,8 @@ class CourseZooClient:
             for i, future in enumerate(futures, start):
                 try:
                     parts.append(_answering(requests[i], future.result(), i * self.chunk_size))
+                except BadReply:  # it says which items already
+                    raise
                 except grpc.RpcError as e:
                     if len(requests) == 1:
                         raise

@@ -19,7 +19,7 @@ from serving.protos import classifier_pb2 as pb
 from serving.protos import classifier_pb2_grpc
 
 MODES = ("honest", "more", "fewer", "wrong_model", "nan", "digit_42", "no_labels", "hang", "flip_version",
-         "stream_ends_early", "stream_wrong_id", "huge_answer")
+         "stream_ends_early", "stream_wrong_id", "huge_answer", "eleven_scores", "new_version")
 
 
 class BadServer(classifier_pb2_grpc.ClassifierServicer):
@@ -45,14 +45,18 @@ class BadServer(classifier_pb2_grpc.ClassifierServicer):
 
     def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:  # noqa: N802
         labels = [] if self.mode == "no_labels" else [str(d) for d in range(10)]
-        return pb.ListModelsResponse(models=[pb.ModelInfo(name="mnist_cnn", versions=["1"], version="1", task="digits",
-                                                          labels=labels, ready=True, provider="bad",
+        version = "1"
+        if self.mode == "new_version" and self.calls:  # version 2 came in after the first call, with new labels
+            labels, version = [f"digit {d}" for d in range(10)], "2"
+        return pb.ListModelsResponse(models=[pb.ModelInfo(name="mnist_cnn", versions=[version], version=version,
+                                                          task="digits", labels=labels, ready=True, provider="bad",
                                                           is_default=True)])
 
     def ClassifyDigits(self, request: pb.ClassifyDigitsRequest,  # noqa: N802 - the RPC's name
                        context: grpc.ServicerContext) -> pb.ClassifyDigitsResponse:
         with self._lock:
             self.calls += 1
+            first_call = self.calls == 1
         if self.mode == "hang":
             self.release.wait()
         predictions = [_prediction(image) for image in request.images]
@@ -67,6 +71,10 @@ class BadServer(classifier_pb2_grpc.ClassifierServicer):
             predictions[0].confidence = float("nan")
         elif self.mode == "digit_42":
             predictions[0].digit = 42
+        elif self.mode == "eleven_scores":
+            predictions[0].probabilities.append(0.0)
+        elif self.mode == "new_version" and not first_call:
+            version = "2"
         elif self.mode == "huge_answer":  # the answer to the image of a 0 is over the client's 64 MiB
             for prediction in predictions:
                 if prediction.digit == 0:

@@ -57,6 +57,9 @@ class RemoteEngine:
         self.target = retrying.target
         self.kind = info.task
         self.labels = tuple(info.labels)
+        # Each version's labels: a server may bring a new version in mid-run, and its labels with it.
+        self._labels = {info.version: self.labels}
+        self._labels_lock = threading.Lock()
         self.top_k = top_k
         self.concurrency = in_flight
         self.preparer = Preparer(self.kind)
@@ -117,34 +120,50 @@ class RemoteEngine:
         return self.client.classify_sequences(inputs, self.name, max(self.top_k, 1), self.version)
 
     def _answers(self, reply: Any) -> list[Prediction | Failure]:
-        """The reply's predictions as rows; EngineError for a label index or a score no model can give (the
-        client has checked that the reply answers each input once, from the model asked for)."""
-        for p in reply.predictions:
-            self._check(p)
+        """The reply's predictions as rows; EngineError for an answer no model of this kind can give (the client
+        has checked that the reply answers each input once, from the model asked for)."""
         model, version = reply.model, reply.model_version
+        labels = self._labels_of(version)
+        for p in reply.predictions:
+            self._check(p, labels)
         if self.kind == "digits":
-            return [Prediction(self.labels[p.digit], p.confidence, model, version,
-                               top_classes(p.probabilities, self.labels, self.top_k)) for p in reply.predictions]
+            return [Prediction(labels[p.digit], p.confidence, model, version,
+                               top_classes(p.probabilities, labels, self.top_k)) for p in reply.predictions]
         if self.kind == "diabetes":
             answers = []
             for p in reply.predictions:
                 confidence, scores = diabetes_answer(p.label, p.probability)
-                answers.append(Prediction(self.labels[p.label], confidence, model, version,
-                                          top_classes(scores, self.labels, self.top_k)))
+                answers.append(Prediction(labels[p.label], confidence, model, version,
+                                          top_classes(scores, labels, self.top_k)))
             return answers
         return [Prediction(p.label, p.confidence, model, version,
                            tuple((t.label, t.score) for t in p.top[: self.top_k])) for p in reply.predictions]
 
-    def _check(self, p: Any) -> None:
-        """A prediction a model of this kind can make: a label it has, scores from 0 to 1 (NaN is none)."""
+    def _labels_of(self, version: str) -> tuple[str, ...]:
+        """The labels of the model's ``version``: asked of the server (``ListModels``) the first time a version
+        answers; a version it no longer lists as the model's newest has answered with labels nobody can tell."""
+        with self._labels_lock:
+            if version not in self._labels:
+                listed = next((m for m in self.retrying(self.client.list_models) if m.name == self.name), None)
+                if listed is None or listed.version != version or not listed.labels:
+                    raise EngineError(f"server {self.target} answered with {self.name} v{version}, whose labels it "
+                                      "does not list: run again (--resume) to classify the rest with one version")
+                self._labels[version] = tuple(listed.labels)
+            return self._labels[version]
+
+    def _check(self, p: Any, labels: tuple[str, ...]) -> None:
+        """A prediction a model with ``labels`` can make: a label it has (by index for digits and diabetes, by
+        name for names; a hello answer is a string of its characters), a score for each label, scores from 0
+        to 1 (NaN is none)."""
         if self.kind == "digits":
+            known = 0 <= p.digit < len(labels) and len(p.probabilities) == len(labels)
             label, scores = p.digit, [p.confidence, *p.probabilities]
         elif self.kind == "diabetes":
-            label, scores = p.label, [p.probability]
-        else:  # a names model answers one of its labels, a hello model a string of its characters
+            known, label, scores = 0 <= p.label < len(labels), p.label, [p.probability]
+        else:
+            names = [p.label, *(t.label for t in p.top)] if self.kind == "names" else []
+            known = all(n in labels for n in names) and (self.kind == "names" or set(p.label) <= set(labels))
             label, scores = p.label, [p.confidence, *(t.score for t in p.top)]
-        known = 0 <= label < len(self.labels) if isinstance(label, int) else (
-            label in self.labels if self.kind == "names" else set(label) <= set(self.labels))
         if not known or not all(0.0 <= x <= 1.0 for x in scores):
             raise EngineError(f"server {self.target} answered a prediction no {self.kind} model can make (label "
                               f"{label!r}, scores {scores[:3]}): nothing of this batch is kept")
@@ -222,8 +241,8 @@ def _unreachable_hint(error: grpc.RpcError) -> str:
     if any(words in (error.details() or "") for words in ("DNS resolution failed", "errors resolving")):
         return "is the host name right, and known to this machine's DNS?"
     if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return ("it answered no request within --timeout: is it overloaded or stuck? A larger --timeout or a smaller "
-                "--batch-size gives a slow server more time per request")
+        return ("no answer within --timeout: a slow or stuck server (a larger --timeout or a smaller --batch-size "
+                "gives it more time per request), or a host and port that do not answer gRPC at all")
     return ("is it running there, and does this run's TLS match the server's (none for plaintext, --tls-ca for TLS, "
             "and --tls-cert/--tls-key for mutual TLS)?")
 
