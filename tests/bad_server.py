@@ -87,11 +87,11 @@ class BadServer(classifier_pb2_grpc.ClassifierServicer):
     def StreamClassifyDigits(self, requests: Iterator[pb.ClassifyDigitsRequest],  # noqa: N802 - the RPC's name
                              context: grpc.ServicerContext) -> Iterator[pb.ClassifyDigitsResponse]:
         for i, request in enumerate(requests):
+            if self.mode == "stream_ends_early" and i > 0:
+                continue  # read every message, answer the first only, then end the stream as if done
             reply = self.ClassifyDigits(request, context)
             reply.id = str(i + 1) if self.mode == "stream_wrong_id" else request.id
             yield reply
-            if self.mode == "stream_ends_early":
-                return
 
 
 def _prediction(image: pb.Image) -> pb.DigitPrediction:

@@ -291,7 +291,7 @@ def test_a_quiet_stream_keeps_pinging_and_fails_when_the_server_goes_silent() ->
 
 
 @pytest.mark.parametrize(("mode", "message"), [
-    ("stream_ends_early", r"the stream ended with [1-3] messages unanswered, from id '1'"),  # as many as were sent
+    ("stream_ends_early", r"the stream ended with 3 messages unanswered, from id '1'"),
     ("stream_wrong_id", r"the stream answered id '1', expected '0'"),
 ])
 def test_a_stream_that_does_not_answer_each_message_is_an_error(mode: str, message: str) -> None:
