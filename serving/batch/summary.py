@@ -62,7 +62,9 @@ class Summary:
         rate = self.processed / seconds if seconds > 0 else 0.0
         lines.append(f"  throughput    {rate:,.1f} items/s ({self.processed} in {seconds:.2f} s)")
         if self.classes:
-            order = [c for c in self.labels if c in self.classes] or [c for c, _ in self.classes.most_common()]
+            # the model's label order, then any other answer (a hello model's strings, a new version's labels)
+            order = ([c for c in self.labels if c in self.classes]
+                     + [c for c, _ in self.classes.most_common() if c not in self.labels])
             shown = order[:MAX_CLASSES]
             more = f"  (+{len(order) - len(shown)} more)" if len(order) > len(shown) else ""
             lines.append("  classes       " + "  ".join(f"{c}: {self.classes[c]}" for c in shown) + more)

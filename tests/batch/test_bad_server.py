@@ -75,3 +75,4 @@ def test_a_version_that_comes_in_mid_run_is_labelled_with_its_own_labels(batch: 
     assert run.code == 0, run.err
     assert [(r["prediction"], r["model_version"]) for r in run.rows] == (
         [(str(d), "1") for d in range(5)] + [(f"digit {d}", "2") for d in range(5, 10)])
+    assert "0: 1  1: 1  2: 1  3: 1  4: 1  digit 5: 1" in run.out  # the summary counts both versions' labels
