@@ -31,6 +31,7 @@ import grpc
 import numpy as np
 from google.protobuf.message import Message
 
+from serving.card import VERSION_DIR
 from serving.protos import classifier_pb2 as pb
 from serving.protos import classifier_pb2_grpc
 
@@ -312,23 +313,30 @@ class CourseZooClient:
         return reply
 
 
-class BadReply(grpc.RpcError):
-    """The server's reply does not answer the request sent: another number of predictions than items, or
-    another model or version than the one named. Its predictions cannot be matched to the items, so none is
-    kept (status INTERNAL: the server broke the API's contract)."""
+class ClientError(grpc.RpcError):
+    """An error this client raises itself, read as a server's (``code``, ``details``) by whoever handles gRPC's."""
 
-    def __init__(self, details: str) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
         super().__init__()
-        self._details = details
+        self._code, self._details = code, details
 
     def code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.INTERNAL
+        return self._code
 
     def details(self) -> str:
         return self._details
 
     def __str__(self) -> str:
-        return f"INTERNAL: {self._details}"
+        return f"{self._code.name}: {self._details}"
+
+
+class BadReply(ClientError):
+    """The server's reply does not answer the request sent: another number of predictions than items, or
+    another model or version than the one named. Its predictions cannot be matched to the items, so none is
+    kept (status INTERNAL: the server broke the API's contract)."""
+
+    def __init__(self, details: str) -> None:
+        super().__init__(grpc.StatusCode.INTERNAL, details)
 
 
 def _answering(request: Message, reply: Reply, start: int) -> Reply:
@@ -348,28 +356,18 @@ def _answering(request: Message, reply: Reply, start: int) -> Reply:
 
 def _same_version(answered: str, asked: str) -> bool:
     """Whether the version a reply names is the one asked for: the server reads "01" as version 1."""
-    numbers = [int(v) if v.isascii() and v.isdigit() else v for v in (answered, asked)]
+    numbers = [int(v) if VERSION_DIR.fullmatch(v) else v for v in (answered, asked)]
     return numbers[0] == numbers[1]
 
 
-class ChunkError(grpc.RpcError):
+class ChunkError(ClientError):
     """A request of a job sent in chunks failed: the server's status code, and its message prefixed with the
     items that request carried, as the server counts positions within its request ("name 1" of items 8..11
     is the caller's item 9)."""
 
     def __init__(self, error: grpc.RpcError, start: int, count: int) -> None:
-        super().__init__()
-        self._code = error.code()
-        self._details = f"items {start}..{start + count - 1} of this call, sent as one request: {error.details()}"
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
-
-    def __str__(self) -> str:
-        return f"{self._code.name}: {self._details}"
+        super().__init__(error.code(), f"items {start}..{start + count - 1} of this call, sent as one request: "
+                                       f"{error.details()}")
 
 
 def _items_of(request: Message) -> Sequence[object]:
