@@ -72,8 +72,8 @@ def _name_rows(rows: Iterator[Row]) -> Iterator[Item]:
             yield Item(item_id, failure=row)
         elif len(row) != 2:
             yield Item(item_id, failure=Failure("bad row", f"{len(row)} fields: expected 2, a name and its country"))
-        elif name := row[0].strip():
-            yield Item(item_id, data=name, label=row[1].strip() or None)
+        elif row[0].strip():  # the name as the file spells it: the course's test file has "Jung " (Korean)
+            yield Item(item_id, data=row[0], label=row[1].strip() or None)
         else:
             yield Item(item_id, failure=Failure("bad row", "the name (column 1) is empty"))
 
@@ -88,21 +88,24 @@ def _read_lines(path: str) -> Iterator[Item]:
 
 
 def _lines(path: str) -> Iterator[Item]:
-    """Items numbered by their line. Blank lines are not inputs, as in a CSV: a blank line at the end of a
-    list (or between its parts) was an error row that made the whole run exit 2. A file of blank lines
-    only is one "empty file" row, as an empty file is."""
+    """Items numbered by their line. A line is the text as written, less its line ending (LF or CRLF)
+    and a byte-order mark at its start: spaces around it are kept, as the server takes a name as sent and the
+    course data has names with a trailing space ("Jung " is Korean, "Jung" German). Blank lines (nothing but
+    whitespace) are not inputs, as in a CSV: a blank line at the end of a list (or between its parts) was an
+    error row that made the whole run exit 2. A file of blank lines only is one "empty file" row, as an
+    empty file is."""
     empty = True
     try:
         with sources.open_file(path) as f:
             for number, raw in enumerate(f, 1):
                 item_id = f"{path}:{number}"
                 try:
-                    text = raw.decode("utf-8").removeprefix("\ufeff").strip()
+                    text = raw.decode("utf-8").removeprefix("\ufeff").removesuffix("\n").removesuffix("\r")
                 except UnicodeDecodeError as e:
                     empty = False
                     yield Item(item_id, failure=Failure("bad line", f"not valid UTF-8 ({e.reason})"))
                     continue
-                if text:
+                if text.strip():
                     empty = False
                     yield Item(item_id, data=text)
     except OSError as e:
