@@ -5,12 +5,14 @@
     python scripts/mnist_pngs.py samples --count 1000
 
 The digits are the first of the held-out test split, read from the data root or the mirror as the benchmark
-reads them (``COURSEZOO_DATA_ROOT``, ``COURSEZOO_DATA_MIRROR``); their labels are printed.
+reads them (``--data-root``/``COURSEZOO_DATA_ROOT``, ``--data-mirror``/``COURSEZOO_DATA_MIRROR``); their labels
+are printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -22,7 +24,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("folder", type=Path, help="where the PNG files go (made if missing)")
     p.add_argument("--count", type=at_least(1), default=20, help="how many digits, at most 10,000 (default: 20)")
+    p.add_argument("--data-root", type=Path, default=None,
+                   help="where the data files are looked for first, as train reads them [COURSEZOO_DATA_ROOT, data/]")
+    p.add_argument("--data-mirror", type=Path, default=None,
+                   help="a folder laid out like ../shared/data, looked in next [COURSEZOO_DATA_MIRROR, "
+                        "../shared/data beside the repository]")
     args = p.parse_args(argv)
+    for variable, given in (("COURSEZOO_DATA_ROOT", args.data_root), ("COURSEZOO_DATA_MIRROR", args.data_mirror)):
+        if given is not None:  # bench.data reads its places from the environment, the options' variables
+            os.environ[variable] = str(given)
     count = min(args.count, 10_000)
     try:
         pngs, digits = data.pngs(count), data.mnist_test_labels()[:count].tolist()
