@@ -43,6 +43,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from coursezoo import logs
 from serving.client import KEEPALIVE_S as CLIENT_KEEPALIVE_S
 from serving.client import PING_TIMEOUT_S
 from serving.decoding import MAX_AUTO_PROCESSES, POOL_MIN_IMAGES, ImageDecoder
@@ -191,9 +192,17 @@ def _checked(kind: Callable[[str], Any], env: str, choices: Sequence[Any] | None
     return parse
 
 
+#: the one setting that is no flag (``coursezoo.logs.setup`` reads it for every command, before the flags)
+LOG_LEVEL_HELP = (f"Logs are JSON lines on stderr at the level COURSEZOO_LOG_LEVEL names: DEBUG, INFO, "
+                  f"{logs.DEFAULT_LEVEL} (the default, also when the variable is empty), ERROR or CRITICAL, in any "
+                  "case (any other value stops the command with a usage error). A running server's levels can be "
+                  "changed by LogSettings (tritonclient's update_log_settings) where model control is on.")
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     """One flag per ``ServerSettings`` field; its default comes from ``COURSEZOO_<FIELD>`` when set."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter,
+                                     epilog=LOG_LEVEL_HELP)
     for f in dataclasses.fields(ServerSettings):
         env = ENV_PREFIX + f.name.upper()
         kind: Any = type(f.default)
