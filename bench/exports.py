@@ -47,7 +47,7 @@ def latest(repo: Path, name: str) -> Export | None:
     for path in version_dirs(repo / name):
         if (path / ONNX_FILE).is_file():
             try:
-                card = ModelCard.load(path)
+                card = ModelCard.load_version(path)
             except CardError:
                 continue
             return Export(name=name, version=card.version, path=path, card=card)

@@ -160,6 +160,18 @@ class ModelCard:
         except (OSError, json.JSONDecodeError) as e:
             raise CardError(f"cannot read {path}: {e}") from e
 
+    @classmethod
+    def load_version(cls, directory: Path) -> ModelCard:
+        """The card of the version folder ``<repo>/<name>/<version>``, refused when it describes another model
+        or version (a folder copied under another name): the server, the batch CLI and eval would otherwise
+        serve, run or pass it under the folder's name."""
+        directory = Path(directory)
+        card = cls.load(directory)
+        if (card.name, card.version) != (directory.parent.name, directory.name):
+            raise CardError(f"{directory / CARD_FILE} describes {card.name}/{card.version}, not "
+                            f"{directory.parent.name}/{directory.name}")
+        return card
+
     def save(self, directory: Path) -> Path:
         path = Path(directory) / CARD_FILE
         path.write_text(json.dumps(self.to_json(), indent=2, sort_keys=False) + "\n", encoding="utf-8")

@@ -459,9 +459,7 @@ class ModelRepository:
     def _prepare(self, name: str, version: str) -> tuple[ModelCard, OnnxModel, ServingSettings]:
         """Blocking part of a load, run in a thread: card, sha256, session, warm-up."""
         directory = self.root / name / version
-        card = ModelCard.load(directory)
-        if (card.name, card.version) != (name, version):
-            raise CardError(f"{directory}/{CARD_FILE} describes {card.name}/{card.version}, not {name}/{version}")
+        card = ModelCard.load_version(directory)
         settings = settings_for(self.settings, card)
         session = OnnxModel(card.verify_file(directory, ONNX_FILE), card, settings.device, settings.intra_op_threads)
         session.warmup()

@@ -48,9 +48,7 @@ def _versions(folder: Path) -> list[tuple[ModelCard, Path]]:
         if not (directory / CARD_FILE).is_file():
             continue
         try:
-            card = ModelCard.load(directory)
-            if (card.name, card.version) != (folder.name, directory.name):
-                raise CardError(f"the card describes {card.name}/{card.version}")
+            card = ModelCard.load_version(directory)
         except CardError as e:
             log.warning("skipping a model version with a broken card", extra={"path": str(directory), "error": str(e)})
             continue
