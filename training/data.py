@@ -106,12 +106,15 @@ def ensure_files(dataset: str, cfg: DataConfig, files: tuple[str, ...] | None = 
     for rel in files or FILES[dataset]:
         dest = cfg.root / rel
         if not dest.exists():
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if cfg.mirror is not None and (cfg.mirror / rel).exists():
-                _copy_from_mirror(cfg.mirror, rel, dest)
-            elif not (dataset == "mnist" and _download_mnist(cfg)) and not _download(rel, dest):
-                missing.append(rel)
-                continue
+            try:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                if cfg.mirror is not None and (cfg.mirror / rel).exists():
+                    _copy_from_mirror(cfg.mirror, rel, dest)
+                elif not (dataset == "mnist" and _download_mnist(cfg)) and not _download(rel, dest):
+                    missing.append(rel)
+                    continue
+            except OSError as e:
+                raise _cannot_write(cfg, f"copy {rel} into it", e) from e
         paths.append(dest)
     if missing:
         if cfg.mirror is None:
@@ -126,6 +129,13 @@ def ensure_files(dataset: str, cfg: DataConfig, files: tuple[str, ...] | None = 
             f"out the same way) and try again."
         )
     return paths
+
+
+def _cannot_write(cfg: DataConfig, what: str, e: OSError) -> DataError:
+    """The error for a data root the loader cannot write: a traceback named neither the root nor the fix."""
+    return DataError(f"cannot {what} ({e.strerror}: {e.filename}): the data root {cfg.root} must be writable, "
+                     "missing files are copied there and MNIST's raw cache lives there (--data-root, "
+                     "COURSEZOO_DATA_ROOT), and the mirror readable")
 
 
 def _refuse_mirror_root(cfg: DataConfig) -> None:
@@ -197,6 +207,14 @@ def data_sha256(dataset: str, cfg: DataConfig) -> dict[str, str]:
     return {rel: sha256_file(cfg.root / rel) for rel in FILES[dataset]}
 
 
+def data_differences(dataset: str, cfg: DataConfig, recorded: dict[str, str]) -> list[str]:
+    """The data set's files under the root whose sha256 is not the one ``recorded`` (a run's report, a card):
+    figures measured on them are not the recorded ones'. A file not under the root is not compared: evaluating
+    needs the held-out split alone (see ``mnist_arrays``)."""
+    return [rel for rel in FILES[dataset]
+            if (cfg.root / rel).exists() and recorded.get(rel) != sha256_file(cfg.root / rel)]
+
+
 def _clip(text: str, limit: int = 200) -> str:
     """``text`` cut to ``limit`` characters: a wrong file's "bad value" can be the whole file (a 10 KB field)."""
     return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
@@ -231,16 +249,19 @@ def mnist(train: bool, cfg: DataConfig) -> Dataset:
     extracted again whenever the raw copy is not current; see ``_raw_is_current``)."""
     paths = ensure_files("mnist", cfg)
     raw_dir = cfg.root / "MNIST" / "raw"
-    raw_dir.mkdir(parents=True, exist_ok=True)
     for gz in paths:
         raw = raw_dir / gz.stem
         if not _raw_is_current(raw, gz):
             data = _gunzip(gz, cfg)
             _check_idx(gz, data, cfg)
             tmp = raw.with_suffix(".part")
-            tmp.write_bytes(data)
-            os.utime(tmp, ns=(time.time_ns(), gz.stat().st_mtime_ns))  # the mark _raw_is_current looks for
-            tmp.replace(raw)
+            try:
+                raw_dir.mkdir(parents=True, exist_ok=True)
+                tmp.write_bytes(data)
+                os.utime(tmp, ns=(time.time_ns(), gz.stat().st_mtime_ns))  # the mark _raw_is_current looks for
+                tmp.replace(raw)
+            except OSError as e:
+                raise _cannot_write(cfg, f"write MNIST's raw cache {raw}", e) from e
     return datasets.MNIST(str(cfg.root), train=train, download=False, transform=MNIST_TRANSFORM)
 
 
@@ -269,7 +290,7 @@ def _raw_is_current(raw: Path, gz: Path) -> bool:
         st = raw.stat()
         with open(raw, "rb") as f:
             head = f.read(16)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return False
     header, size = _idx_layout(raw.name)
     return (st.st_mtime_ns == gz.stat().st_mtime_ns and st.st_size == size

@@ -7,12 +7,18 @@ metrics, epochs, seconds, device, seed, recipe, data sha256), which ``coursezoo 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
+import hashlib
+import io
 import json
 import logging
+import os
 import random
 import sys
+import tempfile
 import time
-from collections.abc import Iterable, Sized
+from collections.abc import Iterable, Iterator, Sized
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +29,20 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from coursezoo.args import at_least
-from serving.card import sha256_file
 from training import data, evaluate
 from training.catalog import CHECKPOINT, DEFAULT_RUNS, REPORT, Entry, resolve
 from training.models import build
 
 log = logging.getLogger("coursezoo.train")
+
+#: Held by a run in its folder while it trains: see ``run_lock``.
+LOCK = ".lock"
+#: numpy's seeds are 32-bit: a larger one was numpy's ValueError traceback.
+MAX_SEED = 2**32 - 1
+
+
+class TrainError(RuntimeError):
+    """A run could not start or keep its result; the message says why and what to do."""
 
 LOSSES = {"regression": nn.MSELoss, "logistic": nn.BCELoss, "diabetes": nn.BCELoss,
           "digits": nn.CrossEntropyLoss, "names": nn.CrossEntropyLoss, "hello": nn.CrossEntropyLoss}
@@ -61,7 +75,7 @@ def train_batches(entry: Entry, cfg: data.DataConfig, generator: torch.Generator
         return [((x,), y.reshape(-1))]
     if entry.dataset in ("linear_points", "logistic_points"):  # a few points, one batch
         x, y = {"linear_points": data.linear_points, "logistic_points": data.logistic_points}[entry.dataset]()
-        if limit is not None:
+        if limit is not None and limit < len(x):
             keep = torch.randperm(len(x), generator=generator)[:limit]
             x, y = x[keep], y[keep]
         return [((x,), y)]
@@ -71,7 +85,7 @@ def train_batches(entry: Entry, cfg: data.DataConfig, generator: torch.Generator
         ds, collate = data.diabetes_splits(cfg)[0], None
     else:
         ds, collate = data.NamesDataset(train=True, cfg=cfg), data.names_collate
-    if limit is not None:
+    if limit is not None and limit < len(ds):  # a limit that keeps everything is the full run, draws included
         ds = Subset(ds, torch.randperm(len(ds), generator=generator)[:limit].tolist())
     return _LoaderBatches(DataLoader(ds, batch_size=entry.recipe.batch_size, shuffle=True,
                                      generator=generator, collate_fn=collate))
@@ -104,9 +118,47 @@ def make_optimizer(entry: Entry, model: nn.Module, steps: int):
 def train_one(entry: Entry, cfg: data.DataConfig, *, epochs: int | None = None, device: str = "auto",
               seed: int | None = None, limit: int | None = None, runs_dir: Path = DEFAULT_RUNS,
               progress: bool | None = None) -> dict[str, Any]:
-    """Train one model, evaluate it on its held-out split, save checkpoint and report."""
+    """Train one model, evaluate it on its held-out split, save checkpoint and report in ``runs_dir/<name>``.
+
+    What would stop it after the epochs is found before the first: the run folder must be writable and free
+    (``run_lock``), and every file of the data set there, the held-out split's included.
+    """
     device = pick_device(device)
-    progress = sys.stderr.isatty() if progress is None else progress  # quiet in CI and logs
+    run_dir = runs_dir / entry.name
+    with run_lock(run_dir):
+        data.ensure_files(entry.dataset, cfg)
+        model, report = _fit(entry, cfg, epochs=epochs, device=device, seed=seed, limit=limit,
+                             progress=sys.stderr.isatty() if progress is None else progress)  # quiet in CI and logs
+        save_run(run_dir, model, report)
+    return report
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold the run folder for the whole run. Two trainings of one model into one folder would write their
+    checkpoints and reports in turn, and the last report could name the other run's checkpoint. An ``flock``
+    is given back by the kernel when the process ends, SIGKILL included, so a dead run never blocks the next."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(run_dir, os.W_OK):
+            raise PermissionError(13, "not writable")
+        fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise TrainError(f"cannot write into {run_dir} ({e.strerror}): choose a writable --runs folder") from e
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise TrainError(f"another `coursezoo train {run_dir.name}` is writing {run_dir}: wait for it to "
+                             "finish, or give this one another --runs folder") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _fit(entry: Entry, cfg: data.DataConfig, *, epochs: int | None, device: str, seed: int | None,
+         limit: int | None, progress: bool) -> tuple[nn.Module, dict[str, Any]]:
+    """The seeded training loop and the held-out evaluation: the trained model and its report."""
     seed = entry.recipe.seed if seed is None else seed
     generator = seed_everything(seed)
     epochs = entry.recipe.epochs if epochs is None else epochs
@@ -158,22 +210,35 @@ def train_one(entry: Entry, cfg: data.DataConfig, *, epochs: int | None = None, 
         "recipe": entry.recipe.as_dict(),
         "data_sha256": data.data_sha256(entry.dataset, cfg), "torch": torch.__version__,
     }
-    save_run(runs_dir / entry.name, model, report)
-    return report
+    return model, report
 
 
 def save_run(out_dir: Path, model: nn.Module, report: dict[str, Any]) -> None:
-    """Checkpoint, then the report naming its sha256, each written aside and renamed in: a run interrupted
-    here leaves no torn file, and a new checkpoint beside the previous report is one ``export`` refuses
-    (the report does not name it)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staged = out_dir / f"{CHECKPOINT}.partial"
-    torch.save(model.cpu().state_dict(), staged)
-    report["checkpoint_sha256"] = sha256_file(staged)
-    staged.replace(out_dir / CHECKPOINT)
-    staged_report = out_dir / f"{REPORT}.partial"
-    staged_report.write_text(json.dumps(report, indent=2) + "\n")
-    staged_report.replace(out_dir / REPORT)
+    """Checkpoint, then the report naming the sha256 of the very bytes written, each written aside and renamed
+    in: a run interrupted here leaves no torn file, and a new checkpoint beside the previous report is one
+    ``export`` refuses (the report does not name it)."""
+    buffer = io.BytesIO()
+    torch.save(model.cpu().state_dict(), buffer)
+    checkpoint = buffer.getvalue()
+    report["checkpoint_sha256"] = hashlib.sha256(checkpoint).hexdigest()
+    try:
+        _replace(out_dir / CHECKPOINT, checkpoint)
+        _replace(out_dir / REPORT, (json.dumps(report, indent=2) + "\n").encode())
+    except OSError as e:
+        raise TrainError(f"cannot save the run in {out_dir} ({e.strerror}); the folder keeps its previous run") from e
+
+
+def _replace(path: Path, content: bytes) -> None:
+    """Write ``content`` beside ``path`` under a name of this writer's own, then rename it over ``path``."""
+    fd, staged = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(content)
+        os.chmod(staged, 0o644)  # mkstemp's files are 0600: an export running as another user reads them
+        os.replace(staged, path)
+    except BaseException:
+        Path(staged).unlink(missing_ok=True)
+        raise
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -181,13 +246,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         description="Train course models on their real data sets.",
         epilog="exit status: 1 when a model misses its bar with its recipe's settings; 0 when every model meets it, "
                "and for runs that change the recipe (--epochs, --seed, --limit), whose [LOW] is expected of a smoke "
-               "run (`coursezoo export` still refuses to publish it); 1 also for an unknown name or missing or "
-               "unreadable data")
+               "run (`coursezoo export` still refuses to publish it); 1 also for an unknown name, and for a model that "
+               "could not train (missing or unreadable data, a run folder in use or not writable), reported as [ERR] "
+               "while the others still train")
     p.add_argument("names", nargs="+", help="model names from the catalogue, or 'all'")
     p.add_argument("--epochs", type=at_least(1), default=None, help="override the recipe's epochs")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where PyTorch trains: auto = cuda when available (default: auto)")
-    p.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
+    p.add_argument("--seed", type=at_least(0, MAX_SEED), default=None, help="override the recipe's seed")
     p.add_argument("--limit", type=at_least(1), default=None,
                    help="train on at most N examples drawn at random (seeded)")
     data.DataConfig.add_arguments(p)
@@ -198,16 +264,23 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     cfg = data.DataConfig.from_args(args)
-    failed = []
+    failed, errors = [], []
     for entry in resolve(args.names):
         try:
             report = train_one(entry, cfg, epochs=args.epochs, device=args.device, seed=args.seed,
                                limit=args.limit, runs_dir=args.runs)
-        except data.DataError as e:
-            raise SystemExit(f"error: {e}") from None
+        except (data.DataError, TrainError) as e:  # this model cannot train: say so, and train the others
+            print(f"[ERR] {entry.name}: {e}", file=sys.stderr)
+            errors.append(entry.name)
+            continue
+        except KeyboardInterrupt:
+            print(f"coursezoo train: interrupted while training {entry.name}; {args.runs / entry.name} keeps its "
+                  "previous run", file=sys.stderr)
+            return 130
         mark = "ok " if report["meets_bar"] else "LOW"
         print(f"[{mark}] {entry.name}: {report['verdict']}, {report['epochs']} epochs, "
               f"{report['seconds']:.1f}s on {report['device']}")
         if not report["meets_bar"]:
             failed.append(entry.name)
-    return 1 if failed and args.limit is None and args.epochs is None and args.seed is None else 0
+    overridden = args.limit is not None or args.epochs is not None or args.seed is not None
+    return 1 if errors or (failed and not overridden) else 0

@@ -215,3 +215,18 @@ def test_a_data_root_that_is_the_mirror_is_refused(tmp_path: Path, data_cfg: dat
         data.mnist(train=False, cfg=data.DataConfig(root=mirror, mirror=mirror))
     assert not (mirror / "MNIST").exists()
     assert len(data.mnist(train=False, cfg=data.DataConfig(root=mirror, mirror=None))) == 10_000
+
+
+@pytest.mark.parametrize("blocked", ["diabetes", "MNIST"])
+def test_a_data_root_that_cannot_be_written_is_a_clear_error(blocked: str, tmp_path: Path,
+                                                             data_cfg: data.DataConfig) -> None:
+    """Copying a missing file in, or writing MNIST's raw cache, was an OSError traceback naming neither the root
+    nor the fix (a read-only root; here a file stands where a folder must be, which refuses root too)."""
+    if data_cfg.mirror is None:
+        pytest.skip("needs the data mirror (COURSEZOO_DATA_MIRROR)")
+    cfg = data.DataConfig(root=tmp_path / "root", mirror=data_cfg.mirror)
+    cfg.root.mkdir()
+    (cfg.root / blocked).write_text("not a folder")
+    what = "copy diabetes/diabetes.csv.gz into it" if blocked == "diabetes" else "write MNIST's raw cache"
+    with pytest.raises(data.DataError, match=rf"cannot {what}.*the data root {cfg.root} must be writable"):
+        data.diabetes_arrays(cfg) if blocked == "diabetes" else data.mnist(train=False, cfg=cfg)

@@ -1,13 +1,17 @@
 """A short training run of each model family (a subset, one epoch) lowers the loss."""
 
+import fcntl
+import logging
+import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from training import data
-from training.catalog import CATALOG
-from training.train import get_args_parser, train_batches, train_one
+from training.catalog import CATALOG, resolve
+from training.train import LOCK, MAX_SEED, TrainError, get_args_parser, main, train_batches, train_one
 
 # (model, examples): a few optimizer steps of every family, enough for each to lower its loss by a tenth or more
 # (mnist_softmax on 6,400 examples, mnist_cnn on 1,280, mnist_inception on 640 and logistic_regression in 20 steps
@@ -63,3 +67,77 @@ def test_counts_must_be_positive(flag: str, value: str, capsys: pytest.CaptureFi
     with pytest.raises(SystemExit):
         get_args_parser().parse_args(["diabetes_mlp", flag, value])
     assert "expected a whole number >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["-1", str(MAX_SEED + 1)])
+def test_a_seed_numpy_cannot_take_is_refused(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """It was numpy's ValueError traceback after the data had loaded."""
+    with pytest.raises(SystemExit):
+        get_args_parser().parse_args(["diabetes_mlp", "--seed", value])
+    assert f"expected a whole number from 0 to {MAX_SEED}" in capsys.readouterr().err
+
+
+def test_all_beside_names_means_every_model_and_a_name_twice_runs_once() -> None:
+    """``train all hello_rnn`` answered "unknown model(s) all; choose from: all, ..."."""
+    assert resolve(["all", "hello_rnn"]) == resolve("all")
+    assert [e.name for e in resolve(["hello_rnn", "diabetes_mlp", "hello_rnn"])] == ["hello_rnn", "diabetes_mlp"]
+
+
+def test_a_limit_that_keeps_everything_is_the_full_run(data_cfg: data.DataConfig) -> None:
+    """A limit beyond the data's size drew a permutation from the generator, so the run differed from the full one."""
+    entry = CATALOG["diabetes_mlp"]
+    full, limited = (list(train_batches(entry, data_cfg, torch.Generator().manual_seed(0), limit))
+                     for limit in (None, 10**8))
+    assert all(torch.equal(a[1], b[1]) and torch.equal(a[0][0], b[0][0]) for a, b in zip(full, limited, strict=True))
+
+
+def _held(run_dir: Path) -> int:
+    """Hold ``run_dir``'s lock as a running ``coursezoo train`` would; close the descriptor to let go."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def test_a_run_folder_in_use_is_refused_and_the_others_still_train(data_cfg: data.DataConfig, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Two trainings of one model into one folder wrote their checkpoints and reports in turn, and the report
+    left could name the other run's checkpoint (export then shipped weights under another run's card)."""
+    fd = _held(tmp_path / "linear_regression")
+    try:
+        with pytest.raises(TrainError, match="another `coursezoo train linear_regression` is writing"):
+            train_one(CATALOG["linear_regression"], data_cfg, epochs=5, runs_dir=tmp_path, progress=False)
+        assert not (tmp_path / "linear_regression" / "model.pt").exists()
+        args = get_args_parser().parse_args(["linear_regression", "logistic_regression", "--epochs", "5",
+                                             "--runs", str(tmp_path)])
+        assert main(args) == 1
+    finally:
+        os.close(fd)
+    captured = capsys.readouterr()
+    assert "[ERR] linear_regression: another `coursezoo train linear_regression`" in captured.err
+    assert "logistic_regression" in captured.out and (tmp_path / "logistic_regression" / "model.pt").exists()
+    # the lock dies with its holder: the next run goes ahead
+    train_one(CATALOG["linear_regression"], data_cfg, epochs=5, runs_dir=tmp_path, progress=False)
+
+
+def test_a_run_folder_that_cannot_be_written_is_found_before_training(data_cfg: data.DataConfig,
+                                                                      tmp_path: Path) -> None:
+    """It surfaced as an OSError traceback once every epoch had run, the weights lost."""
+    (tmp_path / "runs").write_text("a file where the runs folder should be")
+    with pytest.raises(TrainError, match=r"cannot write into .*runs/diabetes_mlp .*writable --runs"):
+        train_one(CATALOG["diabetes_mlp"], data_cfg, epochs=1, runs_dir=tmp_path / "runs", progress=False)
+
+
+def test_a_missing_held_out_file_is_found_before_the_first_epoch(data_cfg: data.DataConfig, tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """The test split was first read to evaluate, after every epoch had run."""
+    if data_cfg.mirror is None:
+        pytest.skip("needs the data mirror (COURSEZOO_DATA_MIRROR)")
+    mirror = tmp_path / "mirror"
+    (mirror / "names").mkdir(parents=True)
+    shutil.copy(data_cfg.mirror / "names" / "names_train.csv.gz", mirror / "names")
+    cfg = data.DataConfig(root=tmp_path / "root", mirror=mirror)
+    with caplog.at_level(logging.INFO, logger="coursezoo.train"), \
+            pytest.raises(data.DataError, match="missing names/names_test.csv.gz"):
+        train_one(CATALOG["names_gru"], cfg, epochs=1, limit=64, runs_dir=tmp_path / "runs", progress=False)
+    assert not [r for r in caplog.records if r.getMessage() == "epoch done"]
