@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from serving.card import ONNX_FILE, CardError, ModelCard, version_dirs
+from serving.card import CARD_FILE, ONNX_FILE, CardError, ModelCard, version_dirs
 from serving.postprocess import diabetes_predictions
 from serving.preprocess import decode_hello, encode_items
 from training import data
@@ -155,23 +155,40 @@ def contract_differences(entry: Entry, card: ModelCard) -> list[str]:
 
 def evaluate_export(entry: Entry, version_dir: Path, cfg: data.DataConfig) -> dict[str, Any]:
     """Fresh held-out metrics of an exported ONNX file, compared with its card and its bar, and the card's
-    contract compared with the catalogue."""
-    card = ModelCard.load(version_dir)
+    contract compared with the catalogue. A card of another model or version, or one whose tensors or task
+    are not the catalogue's, is refused before anything runs (a CardError), as the server refuses it."""
+    card = ModelCard.load_version(version_dir)
+    differs = contract_differences(entry, card)
+    if unrunnable := [f for f in ("task", "inputs", "outputs") if f in differs]:
+        raise CardError(f"{version_dir / CARD_FILE}: its {', '.join(unrunnable)} differ from the catalogue's "
+                        f"{entry.name}: not measured")
     onnx_path = card.verify_file(version_dir, ONNX_FILE)
     metrics = measure(entry, onnx_predictor(str(onnx_path)), cfg)
     missing = sorted(set(metrics) - set(card.metrics))
     if missing:
-        raise CardError(f"{version_dir / 'model.json'}: its metrics lack {', '.join(missing)}")
+        raise CardError(f"{version_dir / CARD_FILE}: its metrics lack {', '.join(missing)}")
     ok, verdict = meets_bar(entry, metrics)
+    on_card = {k: _card_metric(version_dir, k, card.metrics[k], metrics[k]) for k in metrics}
     if "accuracy" in metrics:
-        delta = abs(metrics["accuracy"] - card.metrics["accuracy"])
+        delta = abs(metrics["accuracy"] - on_card["accuracy"])
         matches = delta <= METRIC_TOLERANCE
     else:
-        delta, matches = 0.0, all(metrics[k] == card.metrics[k] if isinstance(metrics[k], str)
-                                  else abs(metrics[k] - card.metrics[k]) <= 1e-4 for k in metrics)
+        delta, matches = 0.0, all(metrics[k] == on_card[k] if isinstance(metrics[k], str)
+                                  else abs(metrics[k] - on_card[k]) <= 1e-4 for k in metrics)
     return {"name": entry.name, "version": card.version, "metrics": metrics, "meets_bar": ok,
             "verdict": verdict, "card_delta": delta, "matches_card": matches,
-            "differs_from_catalogue": contract_differences(entry, card)}
+            "differs_from_catalogue": differs,
+            # measured on other data than the card's: its figures cannot be compared, and the model is not to blame
+            "data_differs": data.data_differences(entry.dataset, cfg, card.data_sha256)}
+
+
+def _card_metric(version_dir: Path, key: str, value: Any, measured: Any) -> Any:
+    """The card's value of a metric, refused (a CardError, not a TypeError) when it is not of the measured kind."""
+    if isinstance(measured, str) == isinstance(value, str) and not isinstance(value, bool) and value is not None \
+            and isinstance(value, str | int | float):
+        return value
+    raise CardError(f"{version_dir / CARD_FILE}: its metrics.{key} is {value!r}, expected a "
+                    f"{'text' if isinstance(measured, str) else 'number'}")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -194,16 +211,21 @@ def main(args: argparse.Namespace) -> int:
     for entry in resolve(args.names):
         try:
             r = evaluate_export(entry, latest_version(args.repo, entry.name), cfg)
-        except (FileNotFoundError, CardError, data.DataError) as e:
-            print(f"[ERR] {entry.name}: {e}")
+        except Exception as e:  # noqa: BLE001 - one broken version (ORT's errors included) must not hide the others
+            error = str(e) if isinstance(e, FileNotFoundError | CardError | data.DataError) \
+                else f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+            print(f"[ERR] {entry.name}: {error}")
+            results.append({"name": entry.name, "error": error})
             bad += 1
             continue
         results.append(r)
-        good = r["meets_bar"] and r["matches_card"] and not r["differs_from_catalogue"]
+        good = r["meets_bar"] and r["matches_card"] and not r["differs_from_catalogue"] and not r["data_differs"]
         bad += not good
         notes = ([] if r["matches_card"] else ["differs from its card"]) + \
             ([f"card and catalogue differ: {', '.join(r['differs_from_catalogue'])}"]
-             if r["differs_from_catalogue"] else [])
+             if r["differs_from_catalogue"] else []) + \
+            ([f"measured on other data than the card's: {', '.join(r['data_differs'])} under {cfg.root}"]
+             if r["data_differs"] else [])
         print(f"[{'ok ' if good else 'BAD'}] {r['name']} v{r['version']}: {r['verdict']}"
               + "".join(f" ({note})" for note in notes))
     if args.json:

@@ -3,7 +3,8 @@
 Reads the checkpoint ``coursezoo train`` left in ``runs/<name>/``, and writes
 ``<repo>/<name>/<version>/{model.onnx, model.pt, model.json}`` with the next free version number.
 Every export must pass ``onnx.checker`` and agree with the eager model (TorchScript and ONNX Runtime,
-batch sizes 1 and >1, max abs difference <= 1e-4) on real held-out inputs; otherwise nothing is written.
+batch sizes 1 and >1, max abs difference <= 1e-4) on real held-out inputs, on the data the run trained on;
+otherwise nothing is written. Nor is anything when the newest version already holds the very same files.
 """
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ import argparse
 import datetime as dt
 import itertools
 import json
+import os
 import platform
 import shutil
+import sys
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +29,7 @@ import onnxruntime as ort
 import torch
 import torchvision
 
-from serving.card import ONNX_FILE, TORCHSCRIPT_FILE, ModelCard, sha256_file, version_dirs
+from serving.card import ONNX_FILE, TORCHSCRIPT_FILE, CardError, ModelCard, sha256_file, version_dirs
 from training import data, evaluate
 from training.catalog import CHECKPOINT, DEFAULT_RUNS, REPORT, Entry, resolve
 from training.models import build
@@ -35,6 +39,16 @@ PARITY_ATOL = 1e-4
 
 class ExportError(RuntimeError):
     """An export failed a check; nothing was written."""
+
+
+@dataclass(frozen=True)
+class Exported:
+    """Where an export's version lives, and whether this export wrote it."""
+
+    path: Path
+    #: False when the newest version already held these very files (the same run exported again: a restarted
+    #: trainer job would otherwise add a version, and a reload, per restart)
+    written: bool
 
 
 def next_version(model_dir: Path) -> str:
@@ -81,16 +95,19 @@ def _check_close(what: str, got: np.ndarray, want: np.ndarray) -> float:
 
 
 def export_one(entry: Entry, cfg: data.DataConfig, runs_dir: Path = DEFAULT_RUNS,
-               out_root: Path = Path("exported"), *, allow_below_bar: bool = False) -> Path:
+               out_root: Path = Path("exported"), *, allow_below_bar: bool = False) -> Exported:
     """Export the checkpoint ``coursezoo train`` left for ``entry`` as the next version under ``out_root``.
 
     Nothing is written unless every check passes, the ONNX file's accuracy on the test split meeting the
     model's bar included: the server serves the newest version, so a smoke run (``--epochs 1``) must not
-    become it by accident; ``allow_below_bar`` publishes such a model on purpose.
+    become it by accident; ``allow_below_bar`` publishes such a model on purpose. The data must be what the
+    run trained on (its report's sha256s): the bar is judged on it and the card names it. Nothing is written
+    either when the newest version already holds the very same files.
     """
     model, report = _load_run(entry, runs_dir / entry.name)
-
-    batches = parity_inputs(entry, cfg)
+    batches = parity_inputs(entry, cfg)  # reads the held-out split, which the data check then compares
+    _check_data(entry, cfg, report)
+    _check_writable(entry, out_root / entry.name)
     in_names = [t.name for t in entry.inputs]
     out_names = [t.name for t in entry.outputs]
     example = tuple(torch.from_numpy(batches[-1][n]) for n in in_names)
@@ -127,7 +144,8 @@ def export_one(entry: Entry, cfg: data.DataConfig, runs_dir: Path = DEFAULT_RUNS
         metrics = evaluate.measure(entry, evaluate.onnx_predictor(str(onnx_path)), cfg)
         ok, verdict = evaluate.meets_bar(entry, metrics)
         if not ok and not allow_below_bar:
-            raise ExportError(f"{entry.name}: {verdict} on the test split, below its bar: not exported (train with "
+            held_out = " on the test split" if "split" in metrics else ""  # the toy models have none
+            raise ExportError(f"{entry.name}: {verdict}{held_out}, below its bar: not exported (train with "
                               "the recipe's settings, or pass --allow-below-bar to publish it anyway)")
         card = ModelCard(
             name=entry.name, version=next_version(out_root / entry.name), task=entry.task,
@@ -145,21 +163,75 @@ def export_one(entry: Entry, cfg: data.DataConfig, runs_dir: Path = DEFAULT_RUNS
                    for f in (ONNX_FILE, TORCHSCRIPT_FILE)},
             created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         )
+        same = _newest_with_files(out_root / entry.name, card.files)
+        if same is not None:
+            return Exported(same, written=False)
         card.save(tmp_dir)
         dest = out_root / entry.name / card.version
+        _publish(entry, tmp_dir, dest)
+    return Exported(dest, written=True)
+
+
+def _publish(entry: Entry, files: Path, dest: Path) -> None:
+    """Copy the checked files into a hidden sibling of ``dest`` of their own, then rename it ``dest``: the
+    server never sees a half-written version, two exports at once never write into one folder, and an export
+    that fails (a full disk, Ctrl-C) takes its staging folder with it."""
+    try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        # Write into a hidden sibling of its own, then rename: the server never sees a half-written version,
-        # and two exports at once never write into one folder.
-        staging = Path(tempfile.mkdtemp(prefix=f".{card.version}.", suffix=".staging", dir=dest.parent))
-        shutil.copytree(tmp_dir, staging, dirs_exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".staging", dir=dest.parent))
+    except OSError as e:
+        raise ExportError(f"{entry.name}: cannot write into {dest.parent} ({e.strerror})") from e
+    try:
+        shutil.copytree(files, staging, dirs_exist_ok=True)
         staging.chmod(0o755)  # mkdtemp's folders are 0700: a server running as another user must read it
-        try:
-            staging.rename(dest)  # refused if another export wrote this version meanwhile
-        except OSError as e:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise ExportError(f"{entry.name}: version {card.version} appeared while exporting (another export?): "
-                              "export again for the next free version") from e
-    return dest
+    except BaseException as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, OSError | shutil.Error):  # shutil.Error: copytree's list of the files it could not copy
+            raise ExportError(f"{entry.name}: cannot write {dest} ({e}); nothing was published") from e
+        raise
+    try:
+        staging.rename(dest)  # refused if another export wrote this version meanwhile
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ExportError(f"{entry.name}: version {dest.name} appeared while exporting (another export?): "
+                          "export again for the next free version") from e
+
+
+def _check_data(entry: Entry, cfg: data.DataConfig, report: dict[str, Any]) -> None:
+    """Refuse data other than the run's: the bar would be judged, and the card's accuracy measured, on data
+    the card does not name (a report without sha256s, from before they were recorded, is taken as it is)."""
+    trained_on = report.get("data_sha256")
+    if trained_on is None:
+        return
+    if differ := data.data_differences(entry.dataset, cfg, trained_on):
+        raise ExportError(f"{entry.name}: the data under {cfg.root} is not what the run trained on "
+                          f"({', '.join(differ)}: not the sha256 its report names): export with that data, or train "
+                          "again on this")
+
+
+def _check_writable(entry: Entry, model_dir: Path) -> None:
+    """Refuse a repository this process cannot write before the export's work, not after it; nothing is
+    created (a refused export leaves no empty model folder for the server to list)."""
+    existing = next(p for p in (model_dir, *model_dir.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise ExportError(f"{entry.name}: cannot write into the repository at {existing} (not a writable folder): "
+                          "choose another --repo")
+
+
+def _newest_with_files(model_dir: Path, files: dict[str, dict[str, Any]]) -> Path | None:
+    """The newest version, when its card lists these very files and its folder still holds them."""
+    versions = version_dirs(model_dir)
+    if not versions:
+        return None
+    try:
+        card = ModelCard.load_version(versions[0])
+        if card.files != files:
+            return None
+        for name in files:
+            card.verify_file(versions[0], name)
+    except (CardError, OSError):
+        return None
+    return versions[0]
 
 
 def _load_run(entry: Entry, run_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -208,11 +280,19 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     cfg = data.DataConfig.from_args(args)
-    for entry in resolve(args.names):
+    entries, failed = resolve(args.names), []
+    for entry in entries:  # each model on its own: one that fails does not hold back the others
         try:
-            dest = export_one(entry, cfg, args.runs, args.repo, allow_below_bar=args.allow_below_bar)
+            result = export_one(entry, cfg, args.runs, args.repo, allow_below_bar=args.allow_below_bar)
         except (ExportError, data.DataError) as e:
-            raise SystemExit(f"export failed: {e}") from None
-        card = ModelCard.load(dest)
-        print(f"{entry.name}: wrote {dest} ({card.metrics['verdict']})")
-    return 0
+            print(f"export failed: {e}", file=sys.stderr)
+            failed.append(entry.name)
+            continue
+        verdict = ModelCard.load(result.path).metrics["verdict"]
+        if result.written:
+            print(f"{entry.name}: wrote {result.path} ({verdict})")
+        else:
+            print(f"{entry.name}: unchanged, {result.path} already holds this run's files ({verdict})")
+    if failed and len(entries) > 1:
+        print(f"coursezoo export: {len(failed)} of {len(entries)} not exported: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
