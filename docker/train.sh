@@ -12,7 +12,8 @@
 #
 # A model that misses its quality bar makes `coursezoo train` exit non-zero (unless its settings were
 # overridden), and `coursezoo export` refuses it in any case: a worse model must not reach the server
-# unnoticed.
+# unnoticed. Each model goes on its own: one that fails to train or export does not hold back the others
+# (a run export already published is left as it is, no new version), and the job then exits 1.
 set -eu
 
 models=${COURSEZOO_MODELS:-all}
@@ -20,7 +21,9 @@ runs=${COURSEZOO_RUNS:-/runs}
 out=${COURSEZOO_EXPORT_DIR:-/models}
 
 # $models and $COURSEZOO_TRAIN_ARGS are word lists on purpose (several names, several flags).
+status=0
 # shellcheck disable=SC2086
-coursezoo train $models --runs "$runs" ${COURSEZOO_TRAIN_ARGS:-}
+coursezoo train $models --runs "$runs" ${COURSEZOO_TRAIN_ARGS:-} || status=1
 # shellcheck disable=SC2086
-coursezoo export $models --runs "$runs" --repo "$out"
+coursezoo export $models --runs "$runs" --repo "$out" || status=1
+exit $status
