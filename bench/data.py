@@ -41,6 +41,14 @@ def places() -> tuple[Path, Path]:
             Path(mirror) if mirror else REPO_ROOT.parent / "shared" / "data")
 
 
+def choose_places(root: Path | None, mirror: Path | None) -> None:
+    """Make the places given by options (``--data-root``, ``--data-mirror``) the ones ``places`` returns: through
+    their environment variables, which the processes a run starts inherit."""
+    for variable, given in (("COURSEZOO_DATA_ROOT", root), ("COURSEZOO_DATA_MIRROR", mirror)):
+        if given is not None:
+            os.environ[variable] = str(given)
+
+
 def data_file(rel: str) -> Path:
     """The first of ``places()`` that holds ``rel``; FileNotFoundError naming both places otherwise."""
     for place in places():

@@ -556,9 +556,7 @@ def set_data_places(root: Path | None, mirror: Path | None) -> None:
     """Put the data places (the options, else the environment's, else the defaults) in the environment as
     absolute paths: ``bench.data`` reads them there, here and in the load generators this run starts, which
     run in the repository root, where a relative path the user meant from elsewhere would miss."""
-    for variable, given in (("COURSEZOO_DATA_ROOT", root), ("COURSEZOO_DATA_MIRROR", mirror)):
-        if given is not None:
-            os.environ[variable] = str(given)
+    data.choose_places(root, mirror)
     for variable, place in zip(("COURSEZOO_DATA_ROOT", "COURSEZOO_DATA_MIRROR"), data.places(), strict=True):
         os.environ[variable] = str(_absolute(str(place)))
 

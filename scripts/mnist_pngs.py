@@ -12,7 +12,6 @@ are printed.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -30,9 +29,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="a folder laid out like ../shared/data, looked in next [COURSEZOO_DATA_MIRROR, "
                         "../shared/data beside the repository]")
     args = p.parse_args(argv)
-    for variable, given in (("COURSEZOO_DATA_ROOT", args.data_root), ("COURSEZOO_DATA_MIRROR", args.data_mirror)):
-        if given is not None:  # bench.data reads its places from the environment, the options' variables
-            os.environ[variable] = str(given)
+    data.choose_places(args.data_root, args.data_mirror)
     count = min(args.count, 10_000)
     try:
         pngs, digits = data.pngs(count), data.mnist_test_labels()[:count].tolist()
