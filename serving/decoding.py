@@ -19,6 +19,7 @@ they run (the workers are ``serving.workers`` pools).
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import math
@@ -30,7 +31,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from serving.preprocess import InputError, decode_digits, header_pixels, png_pixels
-from serving.workers import cores, spawn_pool
+from serving.workers import cores, end_pool, spawn_pool
 
 log = logging.getLogger("coursezoo.decoding")
 T = TypeVar("T")
@@ -150,7 +151,7 @@ class ImageDecoder:
         except BaseException:
             places.release()
             raise
-        decoding.add_done_callback(lambda _: places.release())  # when the worker is done, not when the call is
+        decoding.add_done_callback(functools.partial(_done, places))  # when the worker is done, not the call
         return await asyncio.shield(decoding)
 
     def _free_places(self) -> asyncio.Semaphore:
@@ -160,6 +161,14 @@ class ImageDecoder:
         if self._places is None or self._places_loop is not loop:
             self._places, self._places_loop = asyncio.Semaphore(self.processes), loop
         return self._places
+
+
+def _done(places: asyncio.Semaphore, decoding: asyncio.Future) -> None:
+    """A part's place is free again. Its error is taken here too: when its call has gone away (cancelled, or a
+    sibling part failed) no one else reads it, and asyncio logged each such error with a traceback."""
+    places.release()
+    if not decoding.cancelled():
+        decoding.exception()
 
 
 def _inline(data: bytes) -> bool:
@@ -194,10 +203,7 @@ async def _all(parts: list[Coroutine[Any, Any, T]]) -> list[T]:
 
 
 def _end(pool: ProcessPoolExecutor) -> None:
-    """Shut a broken pool down and end its remaining workers. Its manager thread ends them too, unless it
-    died first (see ``ImageDecoder._part``); a worker left waiting on the pool's queue would never exit, and
-    the server, which waits for its child processes at exit, with it."""
-    workers = list(pool._processes.values()) if pool._processes else []  # no public way to the processes
-    pool.shutdown(wait=False)  # the pool has failed every future it held already
-    for worker in workers:
-        worker.terminate()
+    """End a broken pool's workers (``serving.workers.end_pool``: its manager thread may have died, see
+    ``ImageDecoder._part``), then shut it down; it has failed every future it held already."""
+    end_pool(pool)
+    pool.shutdown(wait=False)

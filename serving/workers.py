@@ -13,6 +13,7 @@ import multiprocessing.connection
 import os
 import signal
 import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import resource_tracker
 
@@ -55,7 +56,52 @@ def spawn_pool(processes: int, max_image_pixels: int | None = None) -> ProcessPo
             pool.submit(int)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    threading.Thread(target=_watch, args=(pool,), name="coursezoo-pool-watch", daemon=True).start()
     return pool
+
+
+#: How often a pool's watcher looks its workers up again (the pool may start one later).
+WATCH_S = 1.0
+
+
+def _watch(pool: ProcessPoolExecutor) -> None:
+    """End the pool as soon as one of its workers dies, unless the pool is being shut down.
+
+    The pool's own manager thread watches its workers only between results: a worker killed (the OOM killer,
+    SIGKILL) while it wrote a result into the pool's pipe left it blocked for ever reading the rest of that
+    message. It then never failed the pool's futures with BrokenProcessPool, so every caller waited for ever
+    (the server's pool places with them), and ``shutdown(wait=True)``, a server's stop, never returned.
+    ``end_pool`` unblocks it, and it then fails the futures as when it sees a death itself.
+    """
+    while not (pool._shutdown_thread or pool._broken):  # no public way to the pool's state or workers
+        workers = list((pool._processes or {}).values())
+        if not workers:
+            time.sleep(WATCH_S)
+        elif multiprocessing.connection.wait([w.sentinel for w in workers], timeout=WATCH_S):
+            if not pool._shutdown_thread:  # a shutdown ends the workers too
+                end_pool(pool)
+            return
+
+
+def end_pool(pool: ProcessPoolExecutor) -> None:
+    """End a pool's workers and close this process's end of their result pipe, whatever state the pool is in.
+
+    With every writer of the pipe gone, a manager thread blocked on a half-written result (see ``_watch``) reads
+    the end of the pipe, takes the pool as broken and fails its futures; one that died (CPython gh-107219, see
+    ``serving.decoding``) leaves workers no one else ends, and a worker left waiting for work would keep its
+    parent from exiting. Not a shutdown: a shut-down pool refuses new work with a RuntimeError, where a broken
+    one raises the BrokenProcessPool its users handle."""
+    with _ending:  # the watcher and the pool's user may both end it: a descriptor closed twice at once could be
+        # closed again after another file took its number
+        workers = list(pool._processes.values()) if pool._processes else []
+        queue = pool._result_queue  # None once the pool is shut down: its users call this before
+        for worker in workers:
+            worker.terminate()
+        if queue is not None and not queue._writer.closed:
+            queue._writer.close()
+
+
+_ending = threading.Lock()
 
 
 def _init_worker(max_image_pixels: int | None) -> None:

@@ -207,6 +207,47 @@ def test_workers_dying_twice_is_unavailable_not_internal(files: list[bytes], mon
         decoder.close()
 
 
+def _die_writing_once(images: list[bytes], prep: dict) -> tuple[np.ndarray, dict]:
+    """The first part decoded anywhere dies as the OOM killer's victim would while writing its result into the
+    pool's pipe: the header of a 1 MiB message and 100 bytes of it; every other part decodes."""
+    try:
+        os.close(os.open(os.environ["COURSEZOO_TEST_DIED"], os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return decode_digits(images, prep)
+    result_queue = sys._getframe(1).f_locals["result_queue"]  # concurrent.futures.process._process_worker's
+    os.write(result_queue._writer.fileno(), struct.pack("!i", 1 << 20) + bytes(100))
+    os.kill(os.getpid(), signal.SIGKILL)
+    raise AssertionError("unreachable")
+
+
+def test_a_decoder_killed_while_it_writes_its_result_is_replaced(files: list[bytes], tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reviewer's hang: the pool's manager thread waited for ever for the rest of the dead worker's message,
+    so no future failed, the request (and every later one, their places taken) waited for ever, and so did the
+    server's stop (``close`` joins that thread)."""
+    monkeypatch.setenv("COURSEZOO_TEST_DIED", str(tmp_path / "died"))  # before the workers start: they inherit it
+    monkeypatch.setattr(decoding, "decode_digits", _die_writing_once)
+    decoder = ImageDecoder(processes=2, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS)
+    decoder.start()
+    pool = decoder._pool
+    assert pool is not None
+    workers = list(pool._processes.values())
+    try:
+        got = asyncio.run(asyncio.wait_for(decoder.decode(files, PREP), 30))
+        np.testing.assert_array_equal(got, decode_digits(files, PREP)[0])
+        assert (tmp_path / "died").exists() and decoder._pool is not pool
+        closing = threading.Thread(target=decoder.close)
+        closing.start()
+        closing.join(30)
+        assert not closing.is_alive(), "the decoder's close hung"
+    finally:  # without the fix: end the stuck pool, or this test process would never exit
+        for worker in workers:
+            worker.kill()
+        if pool._result_queue is not None:
+            pool._result_queue._writer.close()
+        decoder.close()
+
+
 def _slow(images: list[bytes], prep: dict) -> tuple[np.ndarray, dict]:
     """A decoding process busy for a while with each part, as with large photos."""
     time.sleep(0.3)
