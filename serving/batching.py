@@ -230,12 +230,13 @@ class DynamicBatcher:
         return dict(outputs)
 
     async def close(self) -> None:
-        """Refuse new requests, run the queued ones, then stop the worker."""
+        """Refuse new requests, run the queued ones, then stop the worker. The queued requests are run even when
+        the caller of ``close`` goes away (an unload whose client gave up): their own callers still wait."""
         self._closing = True
         self._arrived.set()
         self._room.set()
         if self._worker is not None:
-            await self._worker
+            await asyncio.shield(self._worker)
 
     def _enqueue(self, inputs: Arrays, *, waited: bool) -> asyncio.Future[Arrays]:
         n = len(next(iter(inputs.values())))  # submit checked that all tensors agree

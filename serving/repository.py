@@ -18,7 +18,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,7 +207,7 @@ class ModelRepository:
         self._root_missing = False  # whether the last scan found no repository directory (said once)
         self._scan_lock = asyncio.Lock()
         self._poller: asyncio.Task[None] | None = None
-        self._loads: set[asyncio.Task[None]] = set()  # RepositoryModelLoad calls' loads, until they end
+        self._changes: set[asyncio.Task[None]] = set()  # RepositoryModelLoad and Unload calls, until they end
 
     # --- lifecycle ------------------------------------------------------------------------------------
 
@@ -240,9 +240,13 @@ class ModelRepository:
         Triton's does: a load cut off half way would leave the version neither loaded nor retried.
         """
         _check_name(name)
-        task = asyncio.get_running_loop().create_task(self._load(name), name=f"load-{name}")
-        self._loads.add(task)  # the loop keeps only weak references to tasks; a shielded one may outlive its caller
-        task.add_done_callback(self._load_done)
+        await self._to_the_end(self._load(name), f"load-{name}")
+
+    async def _to_the_end(self, change: Coroutine[Any, Any, None], what: str) -> None:
+        """Run a load or an unload to its end even if the caller is cancelled."""
+        task = asyncio.get_running_loop().create_task(change, name=what)
+        self._changes.add(task)  # the loop keeps only weak references to tasks; a shielded one may outlive its caller
+        task.add_done_callback(self._change_done)
         await asyncio.shield(task)
 
     async def _load(self, name: str) -> None:
@@ -258,8 +262,8 @@ class ModelRepository:
             if not any(v.state == READY for v in versions.values()):
                 raise ModelNotReady(f"model {name!r} has no loadable version: {_reasons(versions)}")
 
-    def _load_done(self, task: asyncio.Task[None]) -> None:
-        self._loads.discard(task)
+    def _change_done(self, task: asyncio.Task[None]) -> None:
+        self._changes.discard(task)
         if not task.cancelled():
             task.exception()  # a caller that went away has no use for it: not "never retrieved"
 
@@ -268,8 +272,12 @@ class ModelRepository:
 
         A name with no directory in the repository has nothing to unload: done, as Triton answers it (clean-up
         code unloads what it may never have loaded). One whose directory has not been scanned yet stays out.
+        Like a load, it runs to its end when the caller goes away: the versions' queued requests are answered.
         """
         _check_name(name)
+        await self._to_the_end(self._unload(name), f"unload-{name}")
+
+    async def _unload(self, name: str) -> None:
         async with self._scan_lock:
             if not self.knows(name) and not await asyncio.to_thread((self.root / name).is_dir):
                 log.info("unload of %s: no such model, nothing to do", name, extra={"model": name})

@@ -351,6 +351,29 @@ def test_close_finishes_queued_work_then_refuses_new_requests() -> None:
     assert sum(s[0] for s in model.batches) == 5
 
 
+def test_a_close_whose_caller_goes_away_still_finishes_the_queued_work() -> None:
+    """An unload whose client gave up (a deadline of 50 ms) cancelled its close, which cancelled the batcher's
+    worker: every queued request, whose own callers were still waiting, got a CancelledError (clients saw
+    "Stream removed"; a stream that got one hung)."""
+    model = GatedModel(gated=True)
+
+    async def main() -> None:
+        batcher = DynamicBatcher(model, max_batch_size=2, max_delay_ms=0, max_queue_items=100)
+        tasks = [await hold_first(batcher, model, x(0))]
+        tasks += [asyncio.create_task(batcher.submit(x(i))) for i in range(1, 5)]
+        await until(lambda: batcher.queue_depth == 4)
+        closing = asyncio.create_task(batcher.close())
+        await asyncio.sleep(0)
+        closing.cancel()
+        await asyncio.wait([closing])
+        model.gate.set()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert [r["y"].tolist() for r in results] == [[[2.0 * i] * 3] for i in range(5)]
+        await batcher.close()
+
+    run(main())
+
+
 def test_observer_sees_every_batch_and_the_queue_depth() -> None:
     model, recorder = GatedModel(gated=True), Recorder()
 

@@ -443,6 +443,34 @@ def test_a_cancelled_load_still_loads_the_model(repo: Path) -> None:
     run(main())
 
 
+def test_a_cancelled_unload_still_answers_the_queued_requests(repo: Path) -> None:
+    """A RepositoryModelUnload whose client gives up while the model has requests queued: the unload runs to its
+    end and every queued request is answered; it cancelled them, their callers still waiting ("Stream removed"
+    for unary calls, a stream with no end). Two guards, either enough here: the unload runs as a task of its own,
+    and the batcher's close never cancels its worker (tests/serving/test_batching.py)."""
+    add_version(repo, "mnist_inception", "1", source="mnist_inception")  # ~0.1 s per batch of 512 here
+
+    async def main() -> None:
+        r = ModelRepository(repo, CPU_SETTINGS)
+        await r.start()
+        model = r.get("mnist_inception")
+        images = {"image": np.zeros((512, 1, 28, 28), np.float32)}
+        calls = [asyncio.create_task(model.infer(images)) for _ in range(6)]
+        while model.batcher.queue_depth == 0:
+            await asyncio.sleep(0.001)
+        unload = asyncio.create_task(r.unload("mnist_inception"))
+        await asyncio.sleep(0.01)
+        unload.cancel()
+        answers = await asyncio.gather(*calls, return_exceptions=True)
+        assert [type(a).__name__ for a in answers] == ["dict"] * 6
+        assert all(a["logits"].shape == (512, 10) for a in answers)
+        with pytest.raises(ModelNotReady, match="is unloaded"):
+            r.get("mnist_inception")
+        await r.stop()
+
+    run(main())
+
+
 @pytest.mark.parametrize("name", ["", ".", "..", "../exported", "a/b", "/etc", "x..y", "name with space", "é"])
 def test_bad_model_names_are_not_found_without_touching_the_file_system(name: str, tmp_path: Path) -> None:
     async def main() -> None:
