@@ -62,7 +62,12 @@ class BatchObserver(Protocol):
     leave the queue (as changes, so that the batchers of one model's versions, or of a version and the
     re-export replacing it, add up in one gauge)."""
 
-    def observe_batch(self, model: str, size: int) -> None: ...
+    def observe_batch(self, model: str, size: int, seconds: float) -> None:
+        """One execution of ``size`` items, which took ``seconds`` from its inputs' assembly to its outputs."""
+
+    def observe_queue(self, model: str, waits: list[float]) -> None:
+        """The seconds each request of a batch waited in the queue before the batch ran (0 for a request run at
+        once in its caller's task)."""
 
     def queue_changed(self, model: str, items: int) -> None: ...
 
@@ -220,13 +225,15 @@ class DynamicBatcher:
 
     def _run_now(self, inputs: Mapping[str, np.ndarray], n: int, size_class: tuple[int, int]) -> Arrays:
         self._running = True
+        self._notify("observe_queue", [0.0])
+        start = time.perf_counter_ns()
         try:
             outputs, infer_ns = self._timed_run(dict(inputs), n, size_class)
         finally:
             self._running = False
+            self._observe(n, start)
         _check_rows(outputs, n)
         self.statistics.executed(n, 1, 0, 0, infer_ns, 0)
-        self._observe(n)
         return dict(outputs)
 
     async def close(self) -> None:
@@ -340,6 +347,8 @@ class DynamicBatcher:
         batch[:] = [r for r in batch if not r.future.done()]
         if not batch:
             return
+        now = time.perf_counter_ns()
+        self._notify("observe_queue", [(now - r.arrived_ns) / 1e9 for r in batch])
         size = sum(r.n for r in batch)
         try:
             await self._run_batch(batch, size)
@@ -380,7 +389,7 @@ class DynamicBatcher:
                     self._executor, self._timed_run, inputs, size, size_class)
         finally:
             self._running = False
-            self._observe(size)  # every run, at its size: a merged batch run again request by request too
+            self._observe(size, assembled)  # every run, at its size: a merged batch run again request by request too
         ran = time.perf_counter_ns()
         self._deliver(batch, outputs)
         self.statistics.executed(size, len(batch), sum(started - r.arrived_ns for r in batch),
@@ -413,10 +422,10 @@ class DynamicBatcher:
                 r.future.set_result({k: v[offset : offset + r.n] for k, v in outputs.items()})
             offset += r.n
 
-    def _observe(self, size: int) -> None:
-        self._notify("observe_batch", size)
+    def _observe(self, size: int, start_ns: int) -> None:
+        self._notify("observe_batch", size, (time.perf_counter_ns() - start_ns) / 1e9)
 
-    def _notify(self, hook: str, *args: int) -> None:
+    def _notify(self, hook: str, *args: object) -> None:
         if self._observer is None:
             return
         try:

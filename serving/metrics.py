@@ -23,7 +23,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 from socketserver import ThreadingMixIn
-from typing import Any
+from typing import Any, NamedTuple
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
@@ -43,6 +43,17 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5,
 #: Items per model execution: single requests merged up to --max-batch-size, or one client batch up to the
 #: request limit (1024 by default), which runs whole.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+#: Queue waits and model executions: from a CNN's 25 µs run of one image (and a lone request's zero wait) up.
+DURATION_BUCKETS = (0.0001, 0.00025, *LATENCY_BUCKETS)
+
+
+class _BatchChildren(NamedTuple):
+    """A model's batcher-side series, looked up once (see the module's docstring)."""
+
+    batch_size: Callable[[float], None]
+    queue_depth: Callable[[float], None]
+    compute: Callable[[float], None]
+    queue: Callable[[float], None]
 
 
 class Metrics:
@@ -68,6 +79,13 @@ class Metrics:
                                  ["model", "rpc"], buckets=LATENCY_BUCKETS, registry=reg)
         self.batch_size = Histogram("coursezoo_batch_size", "Items per model execution (dynamic batching)",
                                     ["model"], buckets=BATCH_BUCKETS, registry=reg)
+        # Where a request's time goes, as Triton's queue and compute durations: waiting for its batch, or the run.
+        self.queue_duration = Histogram("coursezoo_queue_duration_seconds", "Time each request waited in its "
+                                        "model's queue before its batch ran", ["model"], buckets=DURATION_BUCKETS,
+                                        registry=reg)
+        self.compute_duration = Histogram("coursezoo_compute_duration_seconds", "Time each model execution took, "
+                                          "from assembling its batch's inputs to its outputs", ["model"],
+                                          buckets=DURATION_BUCKETS, registry=reg)
         # multiprocess_mode applies only with --workers N (values in files, summed by WorkerMetrics); "live":
         # a worker that has ended no longer counts. Queue depth: the items waiting in all workers.
         self.queue_depth = Gauge("coursezoo_queue_depth", "Items waiting in a model's batching queues (all its "
@@ -79,7 +97,7 @@ class Metrics:
                                  registry=reg, multiprocess_mode="livemin")
         self._children: dict[tuple[str, str], tuple[Callable[[], None], Callable[[float], None],
                                                       Callable[[float], None]]] = {}
-        self._batch_children: dict[str, tuple[Callable[[float], None], Callable[[float], None]]] = {}
+        self._batch_children: dict[str, _BatchChildren] = {}
         self._lock = threading.Lock()
 
     def observe_request(self, model: str, rpc: str, seconds: float, items: int, code: str | None = None) -> None:
@@ -106,19 +124,29 @@ class Metrics:
         self.requests.labels("", rpc).inc()
         self.failures.labels("", rpc, code).inc()
 
-    def observe_batch(self, model: str, size: int) -> None:
-        """Batcher hook: one model execution of ``size`` items."""
-        self._batch_hooks(model)[0](size)
+    def observe_batch(self, model: str, size: int, seconds: float) -> None:
+        """Batcher hook: one model execution of ``size`` items that took ``seconds``."""
+        hooks = self._batch_hooks(model)
+        hooks.batch_size(size)
+        hooks.compute(seconds)
+
+    def observe_queue(self, model: str, waits: list[float]) -> None:
+        """Batcher hook: each request's wait in the queue, for one batch."""
+        observe = self._batch_hooks(model).queue
+        for wait in waits:
+            observe(wait)
 
     def queue_changed(self, model: str, items: int) -> None:
         """Batcher hook: ``items`` entered (> 0) or left (< 0) one of the model's queues."""
-        self._batch_hooks(model)[1](items)
+        self._batch_hooks(model).queue_depth(items)
 
-    def _batch_hooks(self, model: str) -> tuple[Callable[[float], None], Callable[[float], None]]:
+    def _batch_hooks(self, model: str) -> _BatchChildren:
         children = self._batch_children.get(model)
         if children is None:
             with self._lock:
-                children = (self.batch_size.labels(model).observe, self.queue_depth.labels(model).inc)
+                children = _BatchChildren(self.batch_size.labels(model).observe, self.queue_depth.labels(model).inc,
+                                          self.compute_duration.labels(model).observe,
+                                          self.queue_duration.labels(model).observe)
                 self._batch_children[model] = children
         return children
 

@@ -48,9 +48,15 @@ class Recorder:
     def __init__(self) -> None:
         self.calls: list[tuple[str, int, int]] = []
         self.depth = 0
+        self.run_s: list[float] = []
+        self.waits: list[float] = []
 
-    def observe_batch(self, model: str, size: int) -> None:
+    def observe_batch(self, model: str, size: int, seconds: float) -> None:
         self.calls.append((model, size, self.depth))
+        self.run_s.append(seconds)
+
+    def observe_queue(self, model: str, waits: list[float]) -> None:
+        self.waits += waits
 
     def queue_changed(self, model: str, items: int) -> None:
         self.depth += items
@@ -384,17 +390,24 @@ def test_observer_sees_every_batch_and_the_queue_depth() -> None:
         tasks += [asyncio.create_task(batcher.submit(x(i))) for i in range(1, 7)]
         await until(lambda: batcher.queue_depth == 6)
         assert recorder.depth == 6  # reported as they queue, not only when a batch ends
+        await asyncio.sleep(0.05)  # the first run held at the gate, the others waiting in the queue
         model.gate.set()
         await asyncio.gather(*tasks)
 
     run(main())
     assert recorder.calls == [("digits", 1, 6), ("digits", 3, 3), ("digits", 3, 0)]
     assert recorder.depth == 0
+    # each request's wait, once (the first ran at once), and each execution's duration (the first held 50 ms)
+    assert len(recorder.waits) == 7 and recorder.waits[0] < 0.05 <= min(recorder.waits[1:])
+    assert len(recorder.run_s) == 3 and recorder.run_s[0] >= 0.05
 
 
 def test_a_failing_observer_does_not_fail_requests() -> None:
     class Broken:
-        def observe_batch(self, model: str, size: int) -> None:
+        def observe_batch(self, model: str, size: int, seconds: float) -> None:
+            raise ValueError("metrics down")
+
+        def observe_queue(self, model: str, waits: list[float]) -> None:
             raise ValueError("metrics down")
 
         def queue_changed(self, model: str, items: int) -> None:

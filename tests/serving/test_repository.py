@@ -44,8 +44,11 @@ class Metrics:
         self.batches: list[tuple[str, int]] = []
         self.ready: list[tuple[str, str, bool]] = []
 
-    def observe_batch(self, model: str, size: int) -> None:
+    def observe_batch(self, model: str, size: int, seconds: float) -> None:
         self.batches.append((model, size))
+
+    def observe_queue(self, model: str, waits: list[float]) -> None:
+        pass
 
     def queue_changed(self, model: str, items: int) -> None:
         pass

@@ -322,6 +322,11 @@ def test_concurrent_requests_form_batches(server: ServerProcess, client: CourseZ
     assert re.search(r'coursezoo_requests_total\{model="diabetes_mlp",rpc="ClassifyDiabetes"\} (\d+)', metrics)
     assert re.search(r'coursezoo_request_latency_seconds_bucket\{.*model="diabetes_mlp"', metrics)
     assert re.search(r'coursezoo_queue_depth\{model="diabetes_mlp"\}', metrics)
+    # where the time went, per request (queue) and per execution (compute), as Triton's queue and compute durations
+    queued = float(re.search(r'coursezoo_queue_duration_seconds_count\{model="diabetes_mlp"\} (\S+)', metrics).group(1))
+    computed = float(re.search(r'coursezoo_compute_duration_seconds_count\{model="diabetes_mlp"\} (\S+)',
+                               metrics).group(1))
+    assert queued >= 641 and computed == count  # every request, the first one's included; every execution
 
 
 def test_failures_are_counted_per_model_and_code(server: ServerProcess, client: CourseZooClient) -> None:
