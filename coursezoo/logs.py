@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import os
@@ -14,8 +15,9 @@ class JsonFormatter(logging.Formatter):
     """Renders the message and every ``extra=`` field as JSON, so logs can be grepped and parsed."""
 
     def format(self, record: logging.LogRecord) -> str:
-        out = {"ts": self.formatTime(record), "level": record.levelname, "logger": record.name,
-               "msg": record.getMessage()}
+        # ISO 8601 in UTC, as log pipelines parse it (logging's default had no zone and a comma before the ms)
+        ts = dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds")
+        out = {"ts": ts, "level": record.levelname, "logger": record.name, "msg": record.getMessage()}
         out.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)

@@ -536,8 +536,16 @@ def raise_open_files_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+#: Fewer open files than this (after ``raise_open_files_limit``) is worth a warning at start: each connection, model
+#: file and decoding process takes descriptors, and when they run out new clients time out and /metrics goes dark.
+LOW_OPEN_FILES = 4096
+
+
 def main(args: argparse.Namespace) -> int:
-    raise_open_files_limit()
+    if (open_files := raise_open_files_limit()) < LOW_OPEN_FILES:
+        log.warning("this process may open only %d files: each connection takes one, and when they run out new "
+                    "clients time out and /metrics does not answer; raise the hard limit (ulimit -n, compose's "
+                    "ulimits: nofile)", open_files, extra={"open_files_limit": open_files})
     try:
         settings = ServerSettings.from_args(args)
         if settings.workers > 1:

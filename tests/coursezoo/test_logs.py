@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import signal
@@ -142,3 +143,11 @@ def test_the_dispatcher_runs_from_any_thread() -> None:
         thread.start()
         thread.join(timeout=120)
     assert outcome == [0], outcome
+
+
+def test_a_lines_time_is_iso_8601_in_utc() -> None:
+    """It was logging's default, "2026-11-29 19:27:08,177": no zone, and a comma before the milliseconds."""
+    record = logging.LogRecord("coursezoo.test", logging.WARNING, __file__, 1, "hello", (), None)
+    record.created = 1796000000.25  # 2026-11-30 00:53:20.250 UTC
+    line = json.loads(logs.JsonFormatter().format(record))
+    assert line["ts"] == "2026-11-30T00:53:20.250+00:00" and line["msg"] == "hello"

@@ -351,6 +351,23 @@ def test_the_server_raises_its_open_files_limit(exported_repo: Path) -> None:
         assert soft == hard != "256", line
 
 
+@pytest.mark.parametrize("hard", [256, None])
+def test_a_low_open_files_limit_is_a_warning_at_start(hard: int | None, tmp_path: Path) -> None:
+    """Under a hard limit of 256 nothing said so until clients timed out and /metrics went dark. (The repository is
+    missing, so the server stops right after the check: the warning comes first.)"""
+    limit = f"resource.setrlimit(resource.RLIMIT_NOFILE, ({hard}, {hard})); " if hard else ""
+    script = (f"import resource, runpy, sys; {limit}sys.argv = ['coursezoo', *sys.argv[1:]]; "
+              "runpy.run_module('coursezoo', run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", script, "serve", "--repo", str(tmp_path / "none")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    warnings = [json.loads(line) for line in done.stderr.splitlines() if "may open only" in line]
+    if hard:
+        assert [(w["level"], w["open_files_limit"]) for w in warnings] == [("WARNING", 256)]
+    else:
+        assert not warnings
+
+
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes(3) + bytes([4, 0]) + bytes(4)  # a client preface, empty SETTINGS
 GOAWAY = 7  # HTTP/2 frame type
 
