@@ -12,6 +12,7 @@ import asyncio
 import functools
 import inspect
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, NamedTuple, Protocol, TypeVar
@@ -150,10 +151,43 @@ async def answer(handler: Handler, rpc_name: str, method: UnaryMethod, request: 
         model = _known(handler, request, model_field)
         handler.metrics.observe_request(model, rpc_name, time.perf_counter() - start, 0, code.name)
         if code is grpc.StatusCode.INTERNAL:
-            log.exception("internal error", extra={"rpc": rpc_name, "model": model})
+            INTERNAL_ERRORS.log(exc, rpc=rpc_name, model=model, version=_version_asked(request), peer=context.peer())
         raise
     handler.metrics.observe_request(result.model, rpc_name, time.perf_counter() - start, result.items)
     return result
+
+
+class InternalErrors:
+    """Logs the server's own failures (INTERNAL), one traceback per kind per ``every_s``.
+
+    A kind is the RPC, the model and the exception's type. A broken model version fails every request the same
+    way: 258 failed calls logged 258 tracebacks (687 KB in 0.3 s), burying everything else. The others of a kind
+    are counted (and in the metrics as ever), and the next line logged says how many there were. Kinds are
+    bounded: a model name is one the repository knows, or "".
+    """
+
+    def __init__(self, every_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.every_s = every_s
+        self._clock = clock
+        self._kinds: dict[tuple[str, str, str], tuple[float, int]] = {}  # kind -> (last logged, not logged since)
+
+    def log(self, exc: BaseException, *, rpc: str, model: str, version: str, peer: str) -> None:
+        kind, now = (rpc, model, type(exc).__name__), self._clock()
+        last, unlogged = self._kinds.get(kind, (-math.inf, 0))
+        if now - last < self.every_s:
+            self._kinds[kind] = (last, unlogged + 1)
+            return
+        self._kinds[kind] = (now, 0)
+        log.error("internal error", exc_info=exc, extra={"rpc": rpc, "model": model, "version": version,
+                                                         "peer": peer, "unlogged_since_last": unlogged})
+
+
+INTERNAL_ERRORS = InternalErrors()
+
+
+def _version_asked(request: Any) -> str:
+    """The version a request named ("" for the newest): the domain API's ``version``, KServe's ``model_version``."""
+    return str(getattr(request, "version", "") or getattr(request, "model_version", "") or "")
 
 
 #: A call cancelled this close to its deadline counts as DEADLINE_EXCEEDED. The client's own timer usually fires

@@ -7,6 +7,7 @@ reaches the version's batcher; a swap in that window retires the version it chos
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 from serving.card import ModelCard
 from serving.metrics import Metrics
 from serving.repository import ModelNotReady, ModelRepository, ServedModel
-from serving.services.base import Handler
+from serving.services.base import Handler, InternalErrors
 from tests.serving.test_repository import CPU_SETTINGS, add_version, features, run
 
 
@@ -60,3 +61,20 @@ def test_a_version_that_takes_other_inputs_is_not_asked_instead(tmp_path: Path) 
         await repo.stop()
 
     run(main())
+
+
+def test_internal_errors_log_one_traceback_per_kind_per_minute(caplog: pytest.LogCaptureFixture) -> None:
+    """A broken version failed 258 calls with 258 tracebacks (687 KB in 0.3 s): one per kind (RPC, model,
+    exception type) a minute now, and the next line says how many were not logged."""
+    now = [0.0]
+    errors = InternalErrors(every_s=60.0, clock=lambda: now[0])
+    kind = {"rpc": "ModelInfer", "model": "mnist_cnn", "version": "4", "peer": "ipv4:127.0.0.1:5000"}
+    with caplog.at_level(logging.ERROR, logger="coursezoo.serve"):
+        for _ in range(258):
+            errors.log(ValueError("reshape"), **kind)
+        errors.log(KeyError("x"), **kind)  # another kind: logged at once
+        now[0] = 61.0
+        errors.log(ValueError("reshape"), **kind)
+    logged = [(r.exc_info[0].__name__, r.unlogged_since_last, r.version, r.peer) for r in caplog.records]
+    assert logged == [("ValueError", 0, "4", "ipv4:127.0.0.1:5000"), ("KeyError", 0, "4", "ipv4:127.0.0.1:5000"),
+                      ("ValueError", 257, "4", "ipv4:127.0.0.1:5000")]
