@@ -235,6 +235,7 @@ class DrainGate(grpc.aio.ServerInterceptor):
 
     def __init__(self, on_refused: Refused) -> None:
         self.draining = False
+        self.refused = 0  # calls refused while draining
         self._on_refused = on_refused
         self._active = 0
         self._idle = asyncio.Event()
@@ -250,6 +251,7 @@ class DrainGate(grpc.aio.ServerInterceptor):
             return None
         self._last_call = asyncio.get_running_loop().time()
         if self.draining:
+            self.refused += 1
             self._on_refused(handler_call_details.method, grpc.StatusCode.UNAVAILABLE.name)
             return refusal(handler, grpc.StatusCode.UNAVAILABLE, "the server is shutting down: retry the call")
         if handler_call_details.method in self.UNBOUNDED:
@@ -266,6 +268,11 @@ class DrainGate(grpc.aio.ServerInterceptor):
             self._active -= 1
             if not self._active:
                 self._idle.set()
+
+    @property
+    def in_flight(self) -> int:
+        """Calls a handler is running (health watches aside)."""
+        return self._active
 
     async def drain(self, timeout: float) -> None:
         """Refuse from now on; return when no call is in flight and none came for QUIET_S, or after ``timeout``."""
@@ -413,12 +420,19 @@ class CourseZooServer:
     async def stop(self, grace: float | None = None) -> None:
         """Refuse new RPCs, let in-flight ones finish within ``grace`` seconds, then drain the batchers."""
         grace = self.settings.grace_s if grace is None else grace
-        deadline = asyncio.get_running_loop().time() + grace
+        started = asyncio.get_running_loop().time()
+        deadline = started + grace
+        log.info("stopping: new calls refused, those in flight finishing", extra={
+            "grace_s": grace, "in_flight": self._gate.in_flight if self._gate is not None else 0})
         await self.health.stop()
         self.classifier.draining.set()  # open streams answer what they have read, then end UNAVAILABLE
         self.inference.draining.set()
         if self._gate is not None:
             await self._gate.drain(grace)
+            if left := self._gate.in_flight:
+                log.warning("the grace period (%g s) is over with %d calls in flight: they are cut off (CANCELLED); "
+                            "a longer --grace-s lets them finish", grace, left, extra={"grace_s": grace,
+                                                                                       "cut_off": left})
         if self._grpc is not None:
             # Once drained, only calls the gate does not wait for are left (health watches): they end here,
             # as does whatever still runs when the grace period is over.
@@ -431,6 +445,8 @@ class CourseZooServer:
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
+        log.info("stopped", extra={"seconds": round(asyncio.get_running_loop().time() - started, 3),
+                                   "refused_while_draining": self._gate.refused if self._gate is not None else 0})
 
     async def __aenter__(self) -> CourseZooServer:
         await self.start()

@@ -224,6 +224,38 @@ def test_sigterm_finishes_in_flight_work_and_exits_zero(start_server: Callable[.
     assert "coursezoo stopped" in proc.output
 
 
+def test_calls_cut_off_by_the_end_of_the_grace_period_are_a_warning(start_server: Callable[..., ServerProcess],
+                                                                     source: Path, tmp_path: Path) -> None:
+    """A stop that outlasted its grace period cut calls off and said nothing in the log. The same two waiting calls
+    as above, with a grace period of 0.5 s."""
+    add_version(tmp_path, source, "1")
+    card_path = tmp_path / MODEL / "1" / "model.json"
+    card = json.loads(card_path.read_text())
+    card["serving"] = {"max_queue_delay_ms": 6000, "adaptive_queue_delay": False}
+    card_path.write_text(json.dumps(card))
+    proc = start_server(tmp_path, "--grace-s", "0.5", "--max-batch-size", "2",
+                        env={**os.environ, "COURSEZOO_LOG_LEVEL": "info"})
+    with CourseZooClient(proc.target) as client:
+        record = pb.DiabetesRecord(features=RECORD)
+
+        def call(n: int) -> grpc.Future:
+            return client.stub.ClassifyDiabetes.future(pb.ClassifyDiabetesRequest(model=MODEL, records=[record] * n),
+                                                       timeout=30)
+
+        futures = [call(1)]
+        wait_for(lambda: f'coursezoo_queue_depth{{model="{MODEL}"}}' in proc.metrics(), "the first call to queue")
+        futures.append(call(2))
+        wait_for(lambda: f'coursezoo_queue_depth{{model="{MODEL}"}} 2.0' in proc.metrics(), "the second to queue")
+        assert proc.stop(signal.SIGTERM) == 0
+        assert all(f.exception(timeout=30) is not None for f in futures)
+    lines = [json.loads(line) for line in proc.output.splitlines() if line.startswith("{")]
+    said = {line["msg"].split(":")[0]: line for line in lines if line["logger"] == "coursezoo.serve"}
+    assert said["stopping"]["in_flight"] == 2 and said["stopping"]["level"] == "INFO"
+    assert said["the grace period (0.5 s) is over with 2 calls in flight"]["level"] == "WARNING"
+    assert said["the grace period (0.5 s) is over with 2 calls in flight"]["cut_off"] == 2
+    assert said["stopped"]["seconds"] >= 0.5
+
+
 def test_a_health_watch_hears_not_serving_and_does_not_hold_up_a_stop(start_server: Callable[..., ServerProcess],
                                                                       source: Path, tmp_path: Path) -> None:
     """A prober watching health (grpc.health.v1 Watch, as Kubernetes and load balancers do) is told
