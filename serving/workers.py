@@ -8,6 +8,7 @@ SIGKILL or by the OOM killer must not leave idle workers behind.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -18,6 +19,8 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import resource_tracker
 
 from serving.preprocess import set_max_image_pixels
+
+log = logging.getLogger("coursezoo.workers")
 
 
 def cores() -> int:
@@ -77,10 +80,24 @@ def _watch(pool: ProcessPoolExecutor) -> None:
         workers = list((pool._processes or {}).values())
         if not workers:
             time.sleep(WATCH_S)
-        elif multiprocessing.connection.wait([w.sentinel for w in workers], timeout=WATCH_S):
-            if not pool._shutdown_thread:  # a shutdown ends the workers too
+        elif ended := multiprocessing.connection.wait([w.sentinel for w in workers], timeout=WATCH_S):
+            for worker in (w for w in workers if w.sentinel in ended):
+                worker.join(WATCH_S)  # its sentinel is ready a moment before its exit status is
+                if worker.exitcode != 0:  # 0: told to stop by a shutdown
+                    log.warning("worker process %d ended: %s", worker.pid, _how(worker.exitcode),
+                                extra={"pid": worker.pid, "exit_code": worker.exitcode})
+            if not pool._shutdown_thread:  # the pool's manager thread has not seen it (a shutdown ends them too)
                 end_pool(pool)
             return
+
+
+def _how(exit_code: int | None) -> str:
+    """How a process ended, in words an operator acts on (a negative exit code is the signal that ended it)."""
+    if exit_code is None or exit_code >= 0:
+        return f"exit status {exit_code}"
+    name = signal.Signals(-exit_code).name if -exit_code in signal.valid_signals() else f"signal {-exit_code}"
+    why = " (the out-of-memory killer, or kill -9)" if exit_code == -signal.SIGKILL else ""
+    return f"killed by {name}{why}"
 
 
 def end_pool(pool: ProcessPoolExecutor) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import io
+import logging
 import os
 import signal
 import struct
@@ -171,18 +172,28 @@ def test_the_workers_apply_the_servers_pixel_limit(decoder: ImageDecoder, files:
         asyncio.run(decoder.decode(big, PREP))
 
 
-def test_a_dead_worker_is_replaced_and_the_request_still_answered(files: list[bytes]) -> None:
+def test_a_dead_worker_is_replaced_and_the_request_still_answered(files: list[bytes],
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """And the log says which worker ended, and how: an operator tells the OOM killer from a crash by it."""
     decoder = ImageDecoder(processes=2, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS)
     decoder.start()
     try:
         asyncio.run(decoder.decode(files, PREP))
         pool = decoder._pool
         assert pool is not None
-        for pid in list(pool._processes):  # as the kernel's OOM killer would
-            os.kill(pid, signal.SIGKILL)
-        got = asyncio.run(decoder.decode(files, PREP))
+        pids = list(pool._processes)
+        with caplog.at_level(logging.WARNING, logger="coursezoo.workers"):
+            for pid in pids:  # as the kernel's OOM killer would
+                os.kill(pid, signal.SIGKILL)
+            got = asyncio.run(decoder.decode(files, PREP))
+            deadline = time.monotonic() + 10
+            while not caplog.records and time.monotonic() < deadline:  # the pool's watcher thread says it
+                time.sleep(0.05)
         np.testing.assert_array_equal(got, decode_digits(files, PREP)[0])
         assert decoder._pool is not pool
+        said = [(r.pid, r.getMessage()) for r in caplog.records if r.name == "coursezoo.workers"]
+        assert said and all(pid in pids and message == f"worker process {pid} ended: killed by SIGKILL (the "
+                            "out-of-memory killer, or kill -9)" for pid, message in said), said
     finally:
         decoder.close()
 
