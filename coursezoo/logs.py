@@ -5,8 +5,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import math
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Hashable, Mapping
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
@@ -22,6 +24,28 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, default=str)
+
+
+class Throttle:
+    """When a kind of event may be logged again: at most once per ``every_s``, so that an event any caller can
+    repeat (a broken model failing every request, a client without the token) cannot flood the log. The events
+    in between are counted, and the next line says how many there were. Kinds must be few (bounded by the caller).
+    """
+
+    def __init__(self, every_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.every_s = every_s
+        self._clock = clock
+        self._kinds: dict[Hashable, tuple[float, int]] = {}  # kind -> (last logged, events not logged since)
+
+    def due(self, kind: Hashable) -> int | None:
+        """None: not yet (the event is counted); else log it now, saying how many were not logged since the last."""
+        now = self._clock()
+        last, unlogged = self._kinds.get(kind, (-math.inf, 0))
+        if now - last < self.every_s:
+            self._kinds[kind] = (last, unlogged + 1)
+            return None
+        self._kinds[kind] = (now, 0)
+        return unlogged
 
 
 #: the names logging knows (WARN and FATAL too), least severe first

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import grpc
 
+from coursezoo.logs import Throttle
 from serving.services.plumbing import Refused, refusal
 
 log = logging.getLogger("coursezoo.security")
@@ -196,6 +197,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self._expected = token.encode("ascii")
         self._open = frozenset() if protect_health else HEALTH_METHODS
         self._on_refused = on_refused
+        self._throttle = Throttle()
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
@@ -210,12 +212,20 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:  # unknown method: gRPC answers UNIMPLEMENTED, as it would anyway, unlogged
             return None
-        # DEBUG: anyone who can reach the port can send refused calls, so each one must not cost a log line
-        # at the levels a deployment runs (it cost ~4 KB at INFO); the metric counts them
+        # Anyone who can reach the port can send refused calls, so each one must not cost a log line at the levels
+        # a deployment runs (it cost ~4 KB at INFO); the metric counts them, and a WARNING a minute per reason
+        # names the last caller, so that a client left without the token (or with an old one) can be found.
         log.debug("refused an unauthenticated call", extra={"rpc": method, "reason": problem})
         self._on_refused(method, grpc.StatusCode.UNAUTHENTICATED.name)
         return refusal(handler, grpc.StatusCode.UNAUTHENTICATED,
-                       f"{problem}: send the metadata 'authorization: Bearer <token>'")
+                       f"{problem}: send the metadata 'authorization: Bearer <token>'",
+                       on_call=lambda context: self._warn(problem, method, context.peer()))
+
+    def _warn(self, problem: str, method: str, peer: str) -> None:
+        unlogged = self._throttle.due(problem)  # a few fixed reasons: bounded
+        if unlogged is not None:
+            log.warning("refused calls without valid credentials (%s); the latest from %s", problem, peer,
+                        extra={"rpc": method, "reason": problem, "peer": peer, "unlogged_since_last": unlogged})
 
     def _problem(self, metadata: Any) -> str | None:
         """Why the call's credentials are not accepted (None: they are). Never includes the value sent."""

@@ -12,7 +12,6 @@ import asyncio
 import functools
 import inspect
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, NamedTuple, Protocol, TypeVar
@@ -21,6 +20,7 @@ import grpc
 import numpy as np
 from google.protobuf.message import Message
 
+from coursezoo.logs import Throttle
 from serving.batching import BatcherClosed, QueueFull
 from serving.decoding import DecodersUnavailable
 from serving.metrics import Metrics
@@ -158,7 +158,7 @@ async def answer(handler: Handler, rpc_name: str, method: UnaryMethod, request: 
 
 
 class InternalErrors:
-    """Logs the server's own failures (INTERNAL), one traceback per kind per ``every_s``.
+    """Logs the server's own failures (INTERNAL), one traceback per kind per ``every_s`` (``coursezoo.logs.Throttle``).
 
     A kind is the RPC, the model and the exception's type. A broken model version fails every request the same
     way: 258 failed calls logged 258 tracebacks (687 KB in 0.3 s), burying everything else. The others of a kind
@@ -167,19 +167,13 @@ class InternalErrors:
     """
 
     def __init__(self, every_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self.every_s = every_s
-        self._clock = clock
-        self._kinds: dict[tuple[str, str, str], tuple[float, int]] = {}  # kind -> (last logged, not logged since)
+        self._throttle = Throttle(every_s, clock)
 
     def log(self, exc: BaseException, *, rpc: str, model: str, version: str, peer: str) -> None:
-        kind, now = (rpc, model, type(exc).__name__), self._clock()
-        last, unlogged = self._kinds.get(kind, (-math.inf, 0))
-        if now - last < self.every_s:
-            self._kinds[kind] = (last, unlogged + 1)
-            return
-        self._kinds[kind] = (now, 0)
-        log.error("internal error", exc_info=exc, extra={"rpc": rpc, "model": model, "version": version,
-                                                         "peer": peer, "unlogged_since_last": unlogged})
+        unlogged = self._throttle.due((rpc, model, type(exc).__name__))
+        if unlogged is not None:
+            log.error("internal error", exc_info=exc, extra={"rpc": rpc, "model": model, "version": version,
+                                                             "peer": peer, "unlogged_since_last": unlogged})
 
 
 INTERNAL_ERRORS = InternalErrors()

@@ -24,12 +24,16 @@ def kind_of(handler: grpc.RpcMethodHandler) -> str:
     return f"{requests}_{'stream' if handler.response_streaming else 'unary'}"
 
 
-def refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as ``handler`` that ends every call with ``code``.
+def refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str,
+            on_call: Callable[[grpc.aio.ServicerContext], None] | None = None) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as ``handler`` that ends every call with ``code``; ``on_call`` sees the call's
+    context first (its peer: an interceptor knows only the method and the metadata).
 
     It has no request deserializer: the refused request's bytes are never parsed.
     """
     async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+        if on_call is not None:
+            on_call(context)
         await context.abort(code, message)
 
     factory = getattr(grpc, f"{kind_of(handler)}_rpc_method_handler")

@@ -249,7 +249,8 @@ def test_tokens_never_appear_in_the_log(token_server: ServerProcess) -> None:
 def test_refused_calls_are_counted_not_logged_at_info(small_repo: Path,
                                                      start_server: Callable[..., ServerProcess]) -> None:
     """Anyone who can reach the port can send refused calls: each cost a log line of ~4 KB at INFO (the level
-    deployments run), and none reached the metrics. A made-up method is UNIMPLEMENTED, uncounted, unlogged."""
+    deployments run), and none reached the metrics; nothing named the caller. A made-up method is UNIMPLEMENTED,
+    uncounted, unlogged."""
     proc = start_server(small_repo, env={"COURSEZOO_AUTH_TOKEN": TOKEN, "COURSEZOO_LOG_LEVEL": "INFO"})
     for _ in range(3):
         call_everything(proc.target, None)
@@ -259,6 +260,11 @@ def test_refused_calls_are_counted_not_logged_at_info(small_repo: Path,
             made_up(b"", timeout=10)
         assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert "refused an unauthenticated call" not in proc.output and "x" * 100 not in proc.output
+    # one WARNING a minute per reason, naming the latest caller: a client left without the token can be found
+    warned = [json.loads(line) for line in proc.output.splitlines() if "without valid credentials" in line]
+    assert [(w["level"], w["reason"], w["unlogged_since_last"]) for w in warned] == \
+        [("WARNING", "missing credentials", 0)]
+    assert warned[0]["peer"].startswith(("ipv4:127.0.0.1:", "ipv6:[::1]:"))
     failures = {line.rpartition(" ")[0]: float(line.rpartition(" ")[2]) for line in proc.metrics().splitlines()
                 if line.startswith("coursezoo_request_failures_total{")}
     for rpc in ("ListModels", "ClassifyDiabetes", "StreamClassifyDigits", "ModelInfer", "ServerReflectionInfo"):
