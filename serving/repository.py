@@ -400,13 +400,17 @@ class ModelRepository:
             serving += versions[version].served is not None
         # After the loads: a version whose folder went serves until the one taking its place is ready (a rollback
         # by deleting the newest with --latest-versions 1 refused calls while the older one loaded).
-        for version in set(versions) - set(found):
+        gone = set(versions) - set(found)
+        for version in gone:
             await self._retire(versions.pop(version))
             if self._metrics is not None:  # its ready series goes with it, whether it served or failed to load
                 self._metrics.set_model_ready(name, version, None)
             log.info("retired %s/%s: its directory is gone", name, version, extra={"model": name, "version": version})
         if not versions:
             del self._models[name]
+        if gone and not any(v.served is not None for v in versions.values()):  # calls to it now fail NOT_FOUND
+            log.warning("model %s has no version serving any more (the directories of versions %s are gone)", name,
+                        ", ".join(sorted(gone, key=int)), extra={"model": name})
 
     async def _load_version(self, name: str, version: str, fingerprint: tuple) -> None:
         versions = self._models[name]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import re
 import shutil
 from collections.abc import Callable, Coroutine
@@ -319,6 +320,28 @@ def test_polling_picks_up_new_versions_and_retires_removed_ones(repo: Path) -> N
         await r.stop()
 
     run(main())
+
+
+def test_a_model_whose_folder_goes_is_a_warning(repo: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Its calls then fail NOT_FOUND, counted under model="" as clients' typos are, and the log said it at INFO
+    only. An older version's folder going while a newer one serves is routine (INFO)."""
+    add_version(repo, "diabetes_mlp", "2")
+
+    async def main() -> None:
+        r = ModelRepository(repo, CPU_SETTINGS)
+        await r.start()
+        with caplog.at_level(logging.INFO, logger="coursezoo.repository"):
+            shutil.rmtree(repo / "diabetes_mlp" / "1")
+            await r._scan_all()
+            assert [r.levelname for r in caplog.records] == ["INFO"]
+            shutil.rmtree(repo / "diabetes_mlp")
+            await r._scan_all()
+        await r.stop()
+
+    run(main())
+    assert [(r.levelname, r.getMessage()) for r in caplog.records][1:] == [
+        ("INFO", "retired diabetes_mlp/2: its directory is gone"),
+        ("WARNING", "model diabetes_mlp has no version serving any more (the directories of versions 2 are gone)")]
 
 
 def test_a_listing_that_fails_changes_nothing(tmp_path: Path, repo: Path) -> None:
