@@ -337,14 +337,20 @@ def test_a_cancelled_request_does_not_disturb_the_others() -> None:
     assert sum(s[0] for s in model.batches) == 4  # the cancelled item never ran
 
 
+async def held_and_queued(batcher: DynamicBatcher, model: GatedModel) -> list[asyncio.Task]:
+    """Five requests: x(0) running, held at the model's gate, and x(1)..x(4) queued behind it."""
+    tasks = [await hold_first(batcher, model, x(0))]
+    tasks += [asyncio.create_task(batcher.submit(x(i))) for i in range(1, 5)]
+    await until(lambda: batcher.queue_depth == 4)
+    return tasks
+
+
 def test_close_finishes_queued_work_then_refuses_new_requests() -> None:
     model = GatedModel(gated=True)
 
     async def main() -> None:
         batcher = DynamicBatcher(model, max_batch_size=2, max_delay_ms=50, max_queue_items=100)
-        tasks = [await hold_first(batcher, model, x(0))]
-        tasks += [asyncio.create_task(batcher.submit(x(i))) for i in range(1, 5)]
-        await until(lambda: batcher.queue_depth == 4)
+        tasks = await held_and_queued(batcher, model)
         closing = asyncio.create_task(batcher.close())
         await asyncio.sleep(0)
         with pytest.raises(BatcherClosed):
@@ -365,9 +371,7 @@ def test_a_close_whose_caller_goes_away_still_finishes_the_queued_work() -> None
 
     async def main() -> None:
         batcher = DynamicBatcher(model, max_batch_size=2, max_delay_ms=0, max_queue_items=100)
-        tasks = [await hold_first(batcher, model, x(0))]
-        tasks += [asyncio.create_task(batcher.submit(x(i))) for i in range(1, 5)]
-        await until(lambda: batcher.queue_depth == 4)
+        tasks = await held_and_queued(batcher, model)
         closing = asyncio.create_task(batcher.close())
         await asyncio.sleep(0)
         closing.cancel()

@@ -20,8 +20,9 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,15 @@ def decoder() -> Iterator[ImageDecoder]:
     decoder.start()
     yield decoder
     decoder.close()
+
+
+def started() -> tuple[ImageDecoder, ProcessPoolExecutor, list[BaseProcess]]:
+    """A decoder of two processes, started, with its pool and the pool's workers (to kill, or to check on)."""
+    decoder = ImageDecoder(processes=2, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS)
+    decoder.start()
+    pool = decoder._pool
+    assert pool is not None
+    return decoder, pool, list(pool._processes.values())
 
 
 def test_the_pool_gives_the_same_bits_in_the_same_order(decoder: ImageDecoder, files: list[bytes]) -> None:
@@ -238,11 +248,7 @@ def test_a_decoder_killed_while_it_writes_its_result_is_replaced(files: list[byt
     server's stop (``close`` joins that thread)."""
     monkeypatch.setenv("COURSEZOO_TEST_DIED", str(tmp_path / "died"))  # before the workers start: they inherit it
     monkeypatch.setattr(decoding, "decode_digits", _die_writing_once)
-    decoder = ImageDecoder(processes=2, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS)
-    decoder.start()
-    pool = decoder._pool
-    assert pool is not None
-    workers = list(pool._processes.values())
+    decoder, pool, workers = started()
     try:
         got = asyncio.run(asyncio.wait_for(decoder.decode(files, PREP), 30))
         np.testing.assert_array_equal(got, decode_digits(files, PREP)[0])
@@ -270,12 +276,8 @@ def test_a_decoder_dying_while_a_cancelled_calls_images_wait_fails_no_one(files:
     """The reviewer's case: calls whose images fill the pool, one of them cancelled (its deadline passed), then a
     decoding process killed. On Python 3.11 a cancelled future inside the pool killed its manager thread when the
     process died (CPython gh-107219): the calls behind it waited forever and a decoding process was left running."""
-    decoder = ImageDecoder(processes=2, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS)
-    decoder.start()
+    decoder, pool, workers = started()
     monkeypatch.setattr(decoding, "decode_digits", _slow)
-    pool = decoder._pool
-    assert pool is not None
-    workers = list(pool._processes.values())
 
     async def calls() -> list[np.ndarray]:
         queued = [asyncio.create_task(decoder.decode(files, PREP)) for _ in range(4)]
@@ -323,11 +325,7 @@ def test_a_cancelled_call_never_cancels_a_future_inside_the_pool(files: list[byt
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the manager thread's death
 def test_a_broken_pools_workers_are_ended_even_when_the_pool_does_not(files: list[bytes]) -> None:
     """When the pool's manager thread dies (as in gh-107219), replacing the pool ends its workers itself."""
-    decoder = ImageDecoder(processes=2, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS)
-    decoder.start()
-    pool = decoder._pool
-    assert pool is not None
-    workers = list(pool._processes.values())
+    decoder, pool, workers = started()
     try:
         sleeps = [pool.submit(time.sleep, 30) for _ in range(5)]  # 2 running, 1 queued, 2 waiting in the pool
         assert sleeps[-1].cancel()
