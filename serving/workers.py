@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+import weakref
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import resource_tracker
 
@@ -59,35 +60,47 @@ def spawn_pool(processes: int, max_image_pixels: int | None = None) -> ProcessPo
             pool.submit(int)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-    threading.Thread(target=_watch, args=(pool,), name="coursezoo-pool-watch", daemon=True).start()
+    # The manager thread exists once work was submitted; held here, as the pool drops it at shutdown(wait=False).
+    threading.Thread(target=_watch, args=(weakref.ref(pool), pool._executor_manager_thread),
+                     name="coursezoo-pool-watch", daemon=True).start()
     return pool
 
 
-#: How often a pool's watcher looks its workers up again (the pool may start one later).
+#: How often a pool's watcher looks its workers up again (the pool may start one later), and how long it gives
+#: the pool's manager thread to take a worker's death as broken by itself.
 WATCH_S = 1.0
 
 
-def _watch(pool: ProcessPoolExecutor) -> None:
-    """End the pool as soon as one of its workers dies, unless the pool is being shut down.
+def _watch(pool_ref: weakref.ref[ProcessPoolExecutor], manager: threading.Thread | None) -> None:
+    """Unblock the pool's manager thread when a worker dies and it does not see it; log how the worker ended.
 
-    The pool's own manager thread watches its workers only between results: a worker killed (the OOM killer,
-    SIGKILL) while it wrote a result into the pool's pipe left it blocked for ever reading the rest of that
-    message. It then never failed the pool's futures with BrokenProcessPool, so every caller waited for ever
-    (the server's pool places with them), and ``shutdown(wait=True)``, a server's stop, never returned.
-    ``end_pool`` unblocks it, and it then fails the futures as when it sees a death itself.
+    The manager thread watches the workers only between results: a worker killed (the OOM killer, SIGKILL) while
+    it wrote a result into the pool's pipe left it blocked for ever reading the rest of that message. It then
+    never failed the pool's futures with BrokenProcessPool, so every caller waited for ever (the server's pool
+    places with them), and ``shutdown(wait=True)``, a server's stop, never returned: at a stop too, as a call cut
+    off by the grace period leaves its images decoding. ``end_pool`` unblocks it, and it then fails the futures
+    as when it sees a death itself. The watcher lasts as long as the manager thread, and holds the pool weakly:
+    a pool dropped without a shutdown still ends its workers when it is collected.
     """
-    while not (pool._shutdown_thread or pool._broken):  # no public way to the pool's state or workers
-        workers = list((pool._processes or {}).values())
+    while manager is not None and manager.is_alive():
+        pool = pool_ref()
+        workers = list((pool._processes or {}).values()) if pool is not None else []  # no public way to them
+        del pool
         if not workers:
             time.sleep(WATCH_S)
-        elif ended := multiprocessing.connection.wait([w.sentinel for w in workers], timeout=WATCH_S):
-            for worker in (w for w in workers if w.sentinel in ended):
-                worker.join(WATCH_S)  # its sentinel is ready a moment before its exit status is
-                if worker.exitcode != 0:  # 0: told to stop by a shutdown
-                    log.warning("worker process %d ended: %s", worker.pid, _how(worker.exitcode),
-                                extra={"pid": worker.pid, "exit_code": worker.exitcode})
-            if not pool._shutdown_thread:  # the pool's manager thread has not seen it (a shutdown ends them too)
-                end_pool(pool)
+            continue
+        ended = multiprocessing.connection.wait([w.sentinel for w in workers], timeout=WATCH_S)
+        crashed = False
+        for worker in (w for w in workers if w.sentinel in ended):
+            worker.join(WATCH_S)  # its sentinel is ready a moment before its exit status is
+            if worker.exitcode != 0:  # 0: told to stop by a shutdown
+                crashed = True
+                log.warning("worker process %d ended: %s", worker.pid, _how(worker.exitcode),
+                            extra={"pid": worker.pid, "exit_code": worker.exitcode})
+        if crashed:
+            manager.join(WATCH_S)  # it saw the death itself: the pool is broken, and the thread ends
+            if manager.is_alive() and (pool := pool_ref()) is not None and not pool._broken:
+                end_pool(pool)  # blocked on the dead worker's half-written result
             return
 
 
