@@ -26,6 +26,11 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+def one_line(exc: BaseException) -> str:
+    """An unexpected exception as one line: its type and its message's first line (onnxruntime's run to pages)."""
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+
+
 class Throttle:
     """When a kind of event may be logged again: at most once per ``every_s``, so that an event any caller can
     repeat (a broken model failing every request, a client without the token) cannot flood the log. The events

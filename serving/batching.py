@@ -26,7 +26,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -57,17 +57,19 @@ class BatcherClosed(RuntimeError):
     """``submit`` after ``close``: the model is being unloaded or the server is stopping."""
 
 
+#: The queue wait of a request run at once in its caller's task.
+NO_WAIT = (0.0,)
+
+
 class BatchObserver(Protocol):
     """Metrics hooks, called on the event loop: after every model execution, and whenever items enter or
     leave the queue (as changes, so that the batchers of one model's versions, or of a version and the
     re-export replacing it, add up in one gauge)."""
 
-    def observe_batch(self, model: str, size: int, seconds: float) -> None:
-        """One execution of ``size`` items, which took ``seconds`` from its inputs' assembly to its outputs."""
-
-    def observe_queue(self, model: str, waits: list[float]) -> None:
-        """The seconds each request of a batch waited in the queue before the batch ran (0 for a request run at
-        once in its caller's task)."""
+    def observe_batch(self, model: str, size: int, seconds: float, waits: Sequence[float]) -> None:
+        """One execution of ``size`` items, which took ``seconds`` from its inputs' assembly to its outputs, and the
+        seconds each of its requests waited in the queue before it (0 for a request run at once in its caller's
+        task; none for the runs again of a merged batch's requests one by one, whose waits were told with it)."""
 
     def queue_changed(self, model: str, items: int) -> None: ...
 
@@ -225,13 +227,12 @@ class DynamicBatcher:
 
     def _run_now(self, inputs: Mapping[str, np.ndarray], n: int, size_class: tuple[int, int]) -> Arrays:
         self._running = True
-        self._notify("observe_queue", [0.0])
         start = time.perf_counter_ns()
         try:
             outputs, infer_ns = self._timed_run(dict(inputs), n, size_class)
         finally:
             self._running = False
-            self._observe(n, start)
+            self._observe(n, start, NO_WAIT)
         _check_rows(outputs, n)
         self.statistics.executed(n, 1, 0, 0, infer_ns, 0)
         return dict(outputs)
@@ -347,11 +348,9 @@ class DynamicBatcher:
         batch[:] = [r for r in batch if not r.future.done()]
         if not batch:
             return
-        now = time.perf_counter_ns()
-        self._notify("observe_queue", [(now - r.arrived_ns) / 1e9 for r in batch])
         size = sum(r.n for r in batch)
         try:
-            await self._run_batch(batch, size)
+            await self._run_batch(batch, size, waited=True)
         except InputError as e:
             if len(batch) == 1:
                 _fail(batch, e)
@@ -371,10 +370,11 @@ class DynamicBatcher:
             except Exception as e:  # noqa: BLE001 - this request's own failure, for it alone
                 _fail([request], e)
 
-    async def _run_batch(self, batch: list[_Request], size: int) -> None:
+    async def _run_batch(self, batch: list[_Request], size: int, waited: bool = False) -> None:
         """Run the requests of ``batch`` (``size`` items) as one execution and hand each its rows; raises what
-        the run raised."""
+        the run raised. ``waited``: the requests' waits in the queue end here (not for the runs again one by one)."""
         started = time.perf_counter_ns()
+        waits = [(started - r.arrived_ns) / 1e9 for r in batch] if waited else ()
         inputs = batch[0].inputs if len(batch) == 1 else {
             k: np.concatenate([r.inputs[k] for r in batch]) for k in batch[0].inputs
         }
@@ -389,7 +389,7 @@ class DynamicBatcher:
                     self._executor, self._timed_run, inputs, size, size_class)
         finally:
             self._running = False
-            self._observe(size, assembled)  # every run, at its size: a merged batch run again request by request too
+            self._observe(size, assembled, waits)  # every run, at its size: a merged batch run again one by one too
         ran = time.perf_counter_ns()
         self._deliver(batch, outputs)
         self.statistics.executed(size, len(batch), sum(started - r.arrived_ns for r in batch),
@@ -422,8 +422,8 @@ class DynamicBatcher:
                 r.future.set_result({k: v[offset : offset + r.n] for k, v in outputs.items()})
             offset += r.n
 
-    def _observe(self, size: int, start_ns: int) -> None:
-        self._notify("observe_batch", size, (time.perf_counter_ns() - start_ns) / 1e9)
+    def _observe(self, size: int, start_ns: int, waits: Sequence[float]) -> None:
+        self._notify("observe_batch", size, (time.perf_counter_ns() - start_ns) / 1e9, waits)
 
     def _notify(self, hook: str, *args: object) -> None:
         if self._observer is None:

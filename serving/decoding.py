@@ -123,8 +123,8 @@ class ImageDecoder:
                 break
             except BrokenProcessPool as e:
                 if self._pool is pool:  # the first request to notice replaces it
-                    log.warning("an image decoding process died (see the line before: which, and how); starting new "
-                                "ones", extra={"request_attempt": attempt})
+                    log.warning("an image decoding process died (the coursezoo.workers line says which, and how); "
+                                "starting new ones", extra={"request_attempt": attempt})
                     _end(pool)
                     self._pool = spawn_pool(self.processes, self.max_image_pixels)
                 if attempt == 2:  # INTERNAL, with a traceback logged, was not retried by clients

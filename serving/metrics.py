@@ -21,7 +21,7 @@ import socket
 import sys
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from socketserver import ThreadingMixIn
 from typing import Any, NamedTuple
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -89,8 +89,8 @@ class Metrics:
                                         "model's queue before its batch ran", ["model"], buckets=DURATION_BUCKETS,
                                         registry=reg)
         self.compute_duration = Histogram("coursezoo_compute_duration_seconds", "Time each model execution took, "
-                                          "from assembling its batch's inputs to its outputs", ["model"],
-                                          buckets=DURATION_BUCKETS, registry=reg)
+                                          "from its batch's inputs being ready to its outputs (a wait for a free "
+                                          "run thread included)", ["model"], buckets=DURATION_BUCKETS, registry=reg)
         # multiprocess_mode applies only with --workers N (values in files, summed by WorkerMetrics); "live":
         # a worker that has ended no longer counts. Queue depth: the items waiting in all workers.
         self.queue_depth = Gauge("coursezoo_queue_depth", "Items waiting in a model's batching queues (all its "
@@ -129,17 +129,13 @@ class Metrics:
         self.requests.labels("", rpc).inc()
         self.failures.labels("", rpc, code).inc()
 
-    def observe_batch(self, model: str, size: int, seconds: float) -> None:
-        """Batcher hook: one model execution of ``size`` items that took ``seconds``."""
+    def observe_batch(self, model: str, size: int, seconds: float, waits: Sequence[float]) -> None:
+        """Batcher hook: one model execution of ``size`` items that took ``seconds``, and its requests' waits."""
         hooks = self._batch_hooks(model)
         hooks.batch_size(size)
         hooks.compute(seconds)
-
-    def observe_queue(self, model: str, waits: list[float]) -> None:
-        """Batcher hook: each request's wait in the queue, for one batch."""
-        observe = self._batch_hooks(model).queue
         for wait in waits:
-            observe(wait)
+            hooks.queue(wait)
 
     def queue_changed(self, model: str, items: int) -> None:
         """Batcher hook: ``items`` entered (> 0) or left (< 0) one of the model's queues."""

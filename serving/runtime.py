@@ -18,6 +18,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
+from coursezoo.logs import one_line
 from serving.card import DATATYPE_OF, CardError, ModelCard, TensorSpec
 from serving.preprocess import MAX_TEXT_LENGTH, InputError, check_task_inputs, quote
 from serving.workers import cores
@@ -322,7 +323,7 @@ def _try_cuda(path: Path, card: ModelCard, so: ort.SessionOptions, quiet: bool
             # Under the lock, so concurrent loads take turns here: a tiny batch, once per model version.
             _check_card(session, card).run(None, sample_inputs(card))
         except Exception as e:  # noqa: BLE001 - any failure on CUDA is a reason to say, and for auto to use CPU
-            return None, f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+            return None, one_line(e)
         finally:
             ort.set_default_logger_severity(3)  # errors only: quiet by default
     return session, ""

@@ -171,10 +171,9 @@ def resolve(names: list[str] | str) -> list[Entry]:
     """Map ``all`` or a list of names to catalogue entries, with a clear error for unknown names."""
     if isinstance(names, str):
         names = [names]
-    if "all" in names:  # beside names too: ``train all hello_rnn`` refused "all" while listing it as a choice
-        return list(CATALOG.values())
-    names = list(dict.fromkeys(names))  # a name given twice runs once
-    unknown = [n for n in names if n not in CATALOG]
+    unknown = [n for n in names if n not in CATALOG and n != "all"]
     if unknown:
         raise SystemExit(f"unknown model(s) {', '.join(unknown)}; choose from: all, {', '.join(CATALOG)}")
-    return [CATALOG[n] for n in names]
+    if "all" in names:  # beside names too: ``train all hello_rnn`` refused "all" while listing it as a choice
+        return list(CATALOG.values())
+    return [CATALOG[n] for n in dict.fromkeys(names)]  # a name given twice runs once

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from coursezoo.logs import one_line
 from serving.card import CARD_FILE, ONNX_FILE, CardError, ModelCard, version_dirs
 from serving.postprocess import diabetes_predictions
 from serving.preprocess import decode_hello, encode_items
@@ -212,8 +213,7 @@ def main(args: argparse.Namespace) -> int:
         try:
             r = evaluate_export(entry, latest_version(args.repo, entry.name), cfg)
         except Exception as e:  # noqa: BLE001 - one broken version (ORT's errors included) must not hide the others
-            error = str(e) if isinstance(e, FileNotFoundError | CardError | data.DataError) \
-                else f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+            error = str(e) if isinstance(e, FileNotFoundError | CardError | data.DataError) else one_line(e)
             print(f"[ERR] {entry.name}: {error}")
             results.append({"name": entry.name, "error": error})
             bad += 1

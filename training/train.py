@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from coursezoo.args import at_least
+from coursezoo.logs import one_line
 from training import data, evaluate
 from training.catalog import CHECKPOINT, DEFAULT_RUNS, REPORT, Entry, resolve
 from training.models import build
@@ -151,6 +152,8 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         except BlockingIOError:
             raise TrainError(f"another `coursezoo train {run_dir.name}` is writing {run_dir}: wait for it to "
                              "finish, or give this one another --runs folder") from None
+        except OSError as e:  # a file system without locks (ENOLCK on some NFS mounts)
+            raise TrainError(f"cannot lock {run_dir / LOCK} ({e.strerror}): use a local --runs folder") from e
         yield
     finally:
         os.close(fd)
@@ -269,14 +272,15 @@ def main(args: argparse.Namespace) -> int:
         try:
             report = train_one(entry, cfg, epochs=args.epochs, device=args.device, seed=args.seed,
                                limit=args.limit, runs_dir=args.runs)
-        except (data.DataError, TrainError) as e:  # this model cannot train: say so, and train the others
-            print(f"[ERR] {entry.name}: {e}", file=sys.stderr)
-            errors.append(entry.name)
-            continue
         except KeyboardInterrupt:
             print(f"coursezoo train: interrupted while training {entry.name}; {args.runs / entry.name} keeps its "
                   "previous run", file=sys.stderr)
             return 130
+        except Exception as e:  # noqa: BLE001 - this model cannot train (no data, CUDA out of memory...): the others can
+            print(f"[ERR] {entry.name}: {e if isinstance(e, data.DataError | TrainError) else one_line(e)}",
+                  file=sys.stderr)
+            errors.append(entry.name)
+            continue
         mark = "ok " if report["meets_bar"] else "LOW"
         print(f"[{mark}] {entry.name}: {report['verdict']}, {report['epochs']} epochs, "
               f"{report['seconds']:.1f}s on {report['device']}")

@@ -87,9 +87,14 @@ def _read_lines(path: str) -> Iterator[Item]:
         yield from _lines(path)
 
 
+#: Taken off both ends of a text line: its ending, and whitespace other than the space.
+LINE_CONTROLS = "\t\n\v\f\r"
+
+
 def _lines(path: str) -> Iterator[Item]:
-    """Items numbered by their line. A line is the text as written, less its line ending (LF or CRLF)
-    and a byte-order mark at its start: spaces around it are kept, as the server takes a name as sent and the
+    """Items numbered by their line. A line is the text as written, less its line ending (LF or CRLF), a
+    byte-order mark at its start and tabs (or other control whitespace) around it, which no model reads (a list
+    pasted from a spreadsheet: "Smith\t"): spaces around it are kept, as the server takes a name as sent and the
     course data has names with a trailing space ("Jung " is Korean, "Jung" German). Blank lines (nothing but
     whitespace) are not inputs, as in a CSV: a blank line at the end of a list (or between its parts) was an
     error row that made the whole run exit 2. A file of blank lines only is one "empty file" row, as an
@@ -100,7 +105,7 @@ def _lines(path: str) -> Iterator[Item]:
             for number, raw in enumerate(f, 1):
                 item_id = f"{path}:{number}"
                 try:
-                    text = raw.decode("utf-8").removeprefix("\ufeff").removesuffix("\n").removesuffix("\r")
+                    text = raw.decode("utf-8").removeprefix("\ufeff").strip(LINE_CONTROLS)
                 except UnicodeDecodeError as e:
                     empty = False
                     yield Item(item_id, failure=Failure("bad line", f"not valid UTF-8 ({e.reason})"))

@@ -209,9 +209,9 @@ def test_a_name_is_read_as_the_course_data_spells_it(tmp_path: Path) -> None:
     """The course's test file has ``"Jung ","Korean"``: the trailing space is part of the name ("Jung" is German),
     as the server, ``coursezoo eval`` and the model card read it; it was stripped, so batch's accuracy on the
     test file was 5659/6700 against the card's 5660. A name of spaces only is still an empty name; the label is
-    stripped. A text list keeps a line's spaces too, less its line ending."""
+    stripped. A text list keeps a line's spaces too, less its line ending and tabs around it."""
     (tmp_path / "course.csv").write_bytes(b'"Jung ","Korean"\r\n"Jung","German"\r\n" ","Irish"\r\n" Abl","Czech "\r\n')
-    (tmp_path / "names.txt").write_bytes(b"Jung \r\n \t \r\n Rossi\n")
+    (tmp_path / "names.txt").write_bytes(b"Jung \r\n \t \r\n Rossi\nSmith\t\n")
     items = [(Path(i.id).name, i.data, i.label, str(i.failure or "")) for i in
              iter_items(iter_files([str(tmp_path)], False), "names")]
     assert items == [
@@ -221,6 +221,7 @@ def test_a_name_is_read_as_the_course_data_spells_it(tmp_path: Path) -> None:
         ("course.csv:4", " Abl", "Czech", ""),
         ("names.txt:1", "Jung ", None, ""),
         ("names.txt:3", " Rossi", None, ""),  # line 2 is whitespace only: blank, not an input
+        ("names.txt:4", "Smith", None, ""),  # a tab no model reads (a list pasted from a spreadsheet) is dropped
     ]
 
 

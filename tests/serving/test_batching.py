@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine, Mapping
+from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -51,11 +51,9 @@ class Recorder:
         self.run_s: list[float] = []
         self.waits: list[float] = []
 
-    def observe_batch(self, model: str, size: int, seconds: float) -> None:
+    def observe_batch(self, model: str, size: int, seconds: float, waits: Sequence[float]) -> None:
         self.calls.append((model, size, self.depth))
         self.run_s.append(seconds)
-
-    def observe_queue(self, model: str, waits: list[float]) -> None:
         self.waits += waits
 
     def queue_changed(self, model: str, items: int) -> None:
@@ -408,10 +406,7 @@ def test_observer_sees_every_batch_and_the_queue_depth() -> None:
 
 def test_a_failing_observer_does_not_fail_requests() -> None:
     class Broken:
-        def observe_batch(self, model: str, size: int, seconds: float) -> None:
-            raise ValueError("metrics down")
-
-        def observe_queue(self, model: str, waits: list[float]) -> None:
+        def observe_batch(self, model: str, size: int, seconds: float, waits: Sequence[float]) -> None:
             raise ValueError("metrics down")
 
         def queue_changed(self, model: str, items: int) -> None:

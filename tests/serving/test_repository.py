@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import re
 import shutil
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -45,11 +45,8 @@ class Metrics:
         self.batches: list[tuple[str, int]] = []
         self.ready: list[tuple[str, str, bool]] = []
 
-    def observe_batch(self, model: str, size: int, seconds: float) -> None:
+    def observe_batch(self, model: str, size: int, seconds: float, waits: Sequence[float]) -> None:
         self.batches.append((model, size))
-
-    def observe_queue(self, model: str, waits: list[float]) -> None:
-        pass
 
     def queue_changed(self, model: str, items: int) -> None:
         pass

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import resource
 import shutil
 import signal
 import socket
@@ -387,6 +388,9 @@ def test_the_server_raises_its_open_files_limit(exported_repo: Path) -> None:
 def test_a_low_open_files_limit_is_a_warning_at_start(hard: int | None, tmp_path: Path) -> None:
     """Under a hard limit of 256 nothing said so until clients timed out and /metrics went dark. (The repository is
     missing, so the server stops right after the check: the warning comes first.)"""
+    if hard is None and resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 4096:  # serving.server.LOW_OPEN_FILES,
+        # not importable here beside tritonclient (their protobuf descriptors clash)
+        pytest.skip("this machine's own hard limit on open files is low: the server warns on it too")
     limit = f"resource.setrlimit(resource.RLIMIT_NOFILE, ({hard}, {hard})); " if hard else ""
     script = (f"import resource, runpy, sys; {limit}sys.argv = ['coursezoo', *sys.argv[1:]]; "
               "runpy.run_module('coursezoo', run_name='__main__')")

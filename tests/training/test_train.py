@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from training import data
+from training import train as train_module
 from training.catalog import CATALOG, resolve
 from training.train import LOCK, MAX_SEED, TrainError, get_args_parser, main, train_batches, train_one
 
@@ -81,6 +82,8 @@ def test_all_beside_names_means_every_model_and_a_name_twice_runs_once() -> None
     """``train all hello_rnn`` answered "unknown model(s) all; choose from: all, ..."."""
     assert resolve(["all", "hello_rnn"]) == resolve("all")
     assert [e.name for e in resolve(["hello_rnn", "diabetes_mlp", "hello_rnn"])] == ["hello_rnn", "diabetes_mlp"]
+    with pytest.raises(SystemExit, match="unknown model.s. hello_rnnn; choose from"):  # not lost beside "all"
+        resolve(["all", "hello_rnnn"])
 
 
 def test_a_limit_that_keeps_everything_is_the_full_run(data_cfg: data.DataConfig) -> None:
@@ -141,3 +144,24 @@ def test_a_missing_held_out_file_is_found_before_the_first_epoch(data_cfg: data.
             pytest.raises(data.DataError, match="missing names/names_test.csv.gz"):
         train_one(CATALOG["names_gru"], cfg, epochs=1, limit=64, runs_dir=tmp_path / "runs", progress=False)
     assert not [r for r in caplog.records if r.getMessage() == "epoch done"]
+
+
+def test_any_failure_of_one_model_leaves_the_others_to_train(data_cfg: data.DataConfig, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """Only missing data and a busy folder were caught: a CUDA out-of-memory error in one model was a traceback,
+    and the models after it never trained."""
+    fit = train_module._fit
+
+    def out_of_memory_for_linear(entry, *args, **kwargs):
+        if entry.name == "linear_regression":
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\n(and pages more)")
+        return fit(entry, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_fit", out_of_memory_for_linear)
+    args = get_args_parser().parse_args(["linear_regression", "logistic_regression", "--epochs", "5",
+                                         "--runs", str(tmp_path)])
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    assert "[ERR] linear_regression: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB\n" in captured.err
+    assert (tmp_path / "logistic_regression" / "model.pt").exists()
