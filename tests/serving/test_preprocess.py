@@ -176,6 +176,49 @@ def test_lossless_padding_is_mostly_undone_exactly(mnist: np.ndarray) -> None:
     assert exact.mean() > 0.5
 
 
+def shifted(images: np.ndarray, dy: int, dx: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each digit moved by (dy, dx) on its own 28x28 canvas (a drawing canvas the digit was not centred on),
+    and which digits stayed whole: only those are returned (np.roll brings what leaves one side back on the other)."""
+    moved = np.roll(images, (dy, dx), axis=(1, 2))
+    rows = moved[:, :dy] if dy > 0 else moved[:, 28 + dy :]
+    cols = moved[:, :, :dx] if dx > 0 else moved[:, :, 28 + dx :]
+    whole = ~rows.any(axis=(1, 2)) & ~cols.any(axis=(1, 2))
+    return moved[whole], whole
+
+
+@pytest.mark.parametrize(("dy", "dx"), [(4, 4), (-4, 3), (0, -4), (3, 0)])
+@pytest.mark.parametrize("one_by_one", [True, False])
+def test_an_off_centre_digit_of_the_models_size_is_placed(mnist: np.ndarray, dy: int, dx: int,
+                                                          one_by_one: bool) -> None:
+    """A 28x28 image is taken as placed only when it looks placed: a digit 3 or 4 pixels off the centre comes
+    out as the centred digit does (it used to be read where it lay), one by one and in the stacked step."""
+    moved, whole = shifted(mnist, dy, dx)
+    assert len(moved) > N_IMAGES // 4
+    files = [encode(255 - a) for a in moved]  # and inverted: polarity first, then the placement
+    got = decode_all(files) if one_by_one else preprocess.decode_digits(files, PREP)[0][:, 0]
+    errors = aligned_error(got, training_normalization(mnist[whole]))
+    assert errors.mean() < 0.03 and errors.max() < 0.12
+    assert all(abs(c - 14) <= 0.6 for image in got for c in _centre_of_mass(image))
+
+
+def test_a_digit_bigger_than_mnists_on_a_28x28_canvas_is_fitted_into_the_box(mnist: np.ndarray) -> None:
+    """A digit drawn across a whole 28x28 canvas is fitted into ``fit_box`` as any other size is."""
+    canvases = np.zeros((40, 28, 28), dtype=np.uint8)
+    for canvas, a in zip(canvases, mnist[:40], strict=True):
+        rows, cols = np.flatnonzero(a.any(axis=1)), np.flatnonzero(a.any(axis=0))
+        digit = Image.fromarray(a[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
+        scale = 26 / max(digit.size)  # MNIST's digits are 20 pixels at most
+        w, h = max(1, round(digit.width * scale)), max(1, round(digit.height * scale))
+        top, left = (28 - h) // 2, (28 - w) // 2
+        canvas[top : top + h, left : left + w] = np.asarray(digit.resize((w, h), Image.Resampling.BICUBIC))
+    digits, errors = preprocess.decode_digits([encode(a) for a in canvases], PREP)
+    assert not errors
+    for image in digits[:, 0]:
+        ink = image > image.min() + 0.5
+        rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
+        assert max(rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1) in (20, 21)  # the fit box (+ resampling blur)
+
+
 def _centre_of_mass(image: np.ndarray) -> tuple[float, float]:
     ink = image - image.min()
     ys, xs = np.indices(ink.shape)
