@@ -245,6 +245,28 @@ def test_any_digit_is_fitted_into_the_box_and_centred(
     assert abs(cy - 14) <= 0.6 and abs(cx - 14) <= 0.6
 
 
+def scanned(digit: np.ndarray, noise: float, rng: np.random.Generator) -> np.ndarray:
+    """A digit as a scanner gives it: 200x200, dark grey ink (50) on light grey paper (215), gaussian noise."""
+    ink = np.asarray(Image.fromarray(digit).resize((200, 200), Image.Resampling.BICUBIC), dtype=np.float64) / 255
+    page = 215 - 165 * np.clip(ink, 0, 1) + rng.normal(0, noise, ink.shape)
+    return np.clip(np.rint(page), 0, 255).astype(np.uint8)
+
+
+def test_paper_noise_does_not_stretch_the_ink_box(mnist: np.ndarray) -> None:
+    """Noisy paper (sigma 10, then JPEG) reaches the ink threshold here and there: the box must still be the
+    digit's, so it fills the fit box and comes out as the same scan without noise does (it used to shrink
+    to ~15 pixels in a box stretched to the image's edges)."""
+    rng = np.random.default_rng(0)
+    images = mnist[:40]
+    noisy = preprocess.decode_digits([encode(scanned(a, 10, rng), "JPEG", quality=85) for a in images], PREP)[0]
+    clean = preprocess.decode_digits([encode(scanned(a, 0, rng)) for a in images], PREP)[0]
+    for image in noisy[:, 0]:
+        ink = image > image.min() + 0.5
+        rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
+        assert max(rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1) in (20, 21)
+    assert aligned_error(noisy[:, 0], clean[:, 0]).mean() < 0.12  # the noise itself: ~0.07
+
+
 def test_thin_digit_keeps_its_aspect_ratio() -> None:
     canvas = np.zeros((200, 200), dtype=np.uint8)
     canvas[20:180, 95:111] = 255  # a "1": 160 tall, 16 wide -> 20 tall, 2 wide
