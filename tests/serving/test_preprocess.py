@@ -296,6 +296,47 @@ def test_cmyk_and_16_bit_images_decode(mnist: np.ndarray) -> None:
         assert aligned_error(decode_digit(data, PREP), want)[0] < 0.05
 
 
+def _palette_scans(images: np.ndarray, paper_transparent: bool = False) -> list[bytes]:
+    """Dark digits on white paper, 200x200, as 16-colour palette PNGs; ``paper_transparent`` marks the
+    paper's colour (the top-left pixel's) transparent, as paint apps do."""
+    files = []
+    for a in images:
+        page = 255 - np.asarray(Image.fromarray(a).resize((200, 200), Image.Resampling.BICUBIC))
+        img = Image.fromarray(page).convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+        kwargs = {"transparency": int(np.asarray(img)[0, 0])} if paper_transparent else {}
+        files.append(_save_with(img, **kwargs))
+    return files
+
+
+def _save_with(img: Image.Image, **kwargs: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG", **kwargs)
+    return buf.getvalue()
+
+
+def test_a_keyed_transparent_paper_is_the_paper(mnist: np.ndarray) -> None:
+    """A palette image whose paper colour is marked transparent decodes as its opaque twin (composited by
+    alpha, its light anti-aliased edges came out as hollow outlines of the digit)."""
+    images = mnist[:40]
+    keyed = preprocess.decode_digits(_palette_scans(images, paper_transparent=True), PREP)[0]
+    opaque = preprocess.decode_digits(_palette_scans(images), PREP)[0]
+    np.testing.assert_array_equal(keyed, opaque)
+
+
+def test_a_key_of_the_strokes_own_colour_is_left_to_alpha(mnist: np.ndarray) -> None:
+    """Black strokes on a canvas whose hidden (keyed) colour is black too, as GIF encoders often write them:
+    taken as opaque they would be black on black, so alpha decides, strokes onto white."""
+    strokes = (mnist[:20] > 127).astype(np.uint8)  # palette index 1: the strokes; 0: the transparent canvas
+    files = []
+    for a in pad(strokes):
+        img = Image.fromarray(a, "P")
+        img.putpalette([0, 0, 0] * 2)
+        files.append(_save_with(img, transparency=0))
+    got = preprocess.decode_digits(files, PREP)[0]
+    want = preprocess.decode_digits([encode(255 * a) for a in pad(strokes)], PREP)[0]
+    np.testing.assert_array_equal(got, want)
+
+
 def _save(img: Image.Image, fmt: str = "PNG") -> bytes:
     buf = io.BytesIO()
     img.save(buf, fmt)
