@@ -281,8 +281,7 @@ def decode_digits(images: Sequence[bytes], prep: Mapping[str, Any]) -> tuple[np.
         for i, gray in own_size.items():
             try:
                 light, background = _light_on_dark(gray)
-                peak = np.array([float(light.max())])
-                if _unplaced(light[None].astype(np.float32), np.array([background]), peak, fit_box)[0]:
+                if _unplaced_one(light, background, fit_box):
                     digits[i, 0] = _place(light, background, height, width, fit_box)
                 else:
                     digits[i, 0] = light
@@ -579,6 +578,34 @@ def _unplaced(grey: np.ndarray, background: np.ndarray, peak: np.ndarray, fit_bo
         box = _ink_box(grey[j], 0.0, float(peak[j] - background[j]))
         big[j] = max(box[0].stop - box[0].start, box[1].stop - box[1].start) > largest
     return off | big
+
+
+def _unplaced_one(light: np.ndarray, background: float, fit_box: int) -> bool:
+    """``_unplaced`` of one light-on-dark image (uint8 [h, w]) in a third of its numpy calls: a lone image, a unary
+    call's, took 35 µs to decode through the stack's version, 13 before the check. The same sums and the same
+    float32 arithmetic, so both give the same answer (tests/serving/test_preprocess.py checks it on MNIST)."""
+    h, w = light.shape
+    grey = light.astype(np.float32)
+    if background:
+        grey = np.maximum(grey - np.float32(background), np.float32(0))
+    rows, cols = grey.sum(axis=1), grey.sum(axis=0)  # exact: integers < 2**24
+    weights = _moments(max(h, w))
+    mass = np.float32(rows.sum())
+    centre = np.array([rows @ weights[:h, 1], cols @ weights[:w, 1]], dtype=np.float32) / max(mass, np.float32(1))
+    if np.abs(centre - _half(h, w)).max() > PLACED_CENTRE_SLACK:
+        return True
+    threshold = INK_THRESHOLD * (float(light.max()) - background)
+    largest = fit_box + PLACED_BOX_SLACK
+    if max(_span(rows > threshold), _span(cols > threshold)) <= largest:
+        return False
+    box = _ink_box(grey, 0.0, float(light.max()) - background)
+    return max(box[0].stop - box[0].start, box[1].stop - box[1].start) > largest
+
+
+def _span(inked: np.ndarray) -> int:
+    """From the first True to the last, inclusive (0 for none)."""
+    at = np.flatnonzero(inked)
+    return int(at[-1] - at[0] + 1) if len(at) else 0
 
 
 @functools.cache
