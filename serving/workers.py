@@ -82,14 +82,17 @@ def _watch(pool_ref: weakref.ref[ProcessPoolExecutor], manager: threading.Thread
     as when it sees a death itself. The watcher lasts as long as the manager thread, and holds the pool weakly:
     a pool dropped without a shutdown still ends its workers when it is collected.
     """
+    stopped: set[int] = set()  # the sentinels of workers that ended cleanly: a ready sentinel stays ready
     while manager is not None and manager.is_alive():
         pool = pool_ref()
         workers = list((pool._processes or {}).values()) if pool is not None else []  # no public way to them
         del pool
+        workers = [w for w in workers if w.sentinel not in stopped]
         if not workers:
             time.sleep(WATCH_S)
             continue
         ended = multiprocessing.connection.wait([w.sentinel for w in workers], timeout=WATCH_S)
+        stopped.update(ended)
         crashed = False
         for worker in (w for w in workers if w.sentinel in ended):
             worker.join(WATCH_S)  # its sentinel is ready a moment before its exit status is
