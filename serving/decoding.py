@@ -23,7 +23,7 @@ import functools
 import itertools
 import logging
 import math
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
@@ -74,9 +74,12 @@ class DecodersUnavailable(RuntimeError):
 class ImageDecoder:
     """Decodes a request's images into the model's input tensor, choosing where by their number."""
 
-    def __init__(self, processes: int, max_image_pixels: int) -> None:
+    def __init__(self, processes: int, max_image_pixels: int, on_restart: Callable[[], None] = lambda: None) -> None:
+        """``on_restart`` is told each time the processes are replaced after one died (a metric: a crash loop,
+        an image that kills its decoder every time, shows there, not only in the log)."""
         self.processes = min(MAX_AUTO_PROCESSES, cores()) if processes < 0 else processes
         self.max_image_pixels = max_image_pixels
+        self._on_restart = on_restart
         self._pool: ProcessPoolExecutor | None = None
         self._threads = ThreadPoolExecutor(min(MAX_DECODE_THREADS, cores()), thread_name_prefix="coursezoo-decode")
         self._places: asyncio.Semaphore | None = None
@@ -127,6 +130,7 @@ class ImageDecoder:
                                 "starting new ones", extra={"request_attempt": attempt})
                     _end(pool)
                     self._pool = spawn_pool(self.processes, self.max_image_pixels)
+                    self._on_restart()
                 if attempt == 2:  # INTERNAL, with a traceback logged, was not retried by clients
                     raise DecodersUnavailable("the image decoding processes died twice while decoding this "
                                               "request's images; retry it") from e

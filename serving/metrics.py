@@ -84,6 +84,9 @@ class Metrics:
                                  ["model", "rpc"], buckets=LATENCY_BUCKETS, registry=reg)
         self.batch_size = Histogram("coursezoo_batch_size", "Items per model execution (dynamic batching)",
                                     ["model"], buckets=BATCH_BUCKETS, registry=reg)
+        self.decoders_restarted = Counter("coursezoo_decoder_restarts", "Times the image decoding processes were "
+                                          "replaced after one of them died (out of memory, or a crash in a "
+                                          "decoder)", registry=reg)
         # Where a request's time goes, as Triton's queue and compute durations: waiting for its batch, or the run.
         self.queue_duration = Histogram("coursezoo_queue_duration_seconds", "Time each request waited in its "
                                         "model's queue before its batch ran", ["model"], buckets=DURATION_BUCKETS,

@@ -380,7 +380,8 @@ class CourseZooServer:
         # a NOT_FOUND of health lists the model names only to callers that may list models anyway
         self.health = HealthService(self.repository,
                                     list_names=not self.security.token or self.security.protect_health)
-        self.decoder = ImageDecoder(settings.decode_processes, settings.max_image_pixels)
+        self.decoder = ImageDecoder(settings.decode_processes, settings.max_image_pixels,
+                                    on_restart=self.metrics.decoders_restarted.inc)
         self.classifier = ClassifierService(self.repository, self.metrics, settings, self.decoder)
         self.inference = InferenceService(self.repository, self.metrics, settings, self.health,
                                           model_control=self.security.model_control,

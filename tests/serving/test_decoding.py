@@ -184,8 +184,11 @@ def test_the_workers_apply_the_servers_pixel_limit(decoder: ImageDecoder, files:
 
 def test_a_dead_worker_is_replaced_and_the_request_still_answered(files: list[bytes],
                                                                    caplog: pytest.LogCaptureFixture) -> None:
-    """And the log says which worker ended, and how: an operator tells the OOM killer from a crash by it."""
-    decoder = ImageDecoder(processes=2, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS)
+    """And the log says which worker ended, and how: an operator tells the OOM killer from a crash by it; the
+    restart is told to ``on_restart`` (the server's coursezoo_decoder_restarts_total)."""
+    restarts: list[None] = []
+    decoder = ImageDecoder(processes=2, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS,
+                           on_restart=lambda: restarts.append(None))
     decoder.start()
     try:
         asyncio.run(decoder.decode(files, PREP))
@@ -200,7 +203,7 @@ def test_a_dead_worker_is_replaced_and_the_request_still_answered(files: list[by
             while not caplog.records and time.monotonic() < deadline:  # the pool's watcher thread says it
                 time.sleep(0.05)
         np.testing.assert_array_equal(got, decode_digits(files, PREP)[0])
-        assert decoder._pool is not pool
+        assert decoder._pool is not pool and len(restarts) == 1
         said = [(r.pid, r.getMessage()) for r in caplog.records if r.name == "coursezoo.workers"]
         assert said and all(pid in pids and message == f"worker process {pid} ended: killed by SIGKILL (the "
                             "out-of-memory killer, or kill -9)" for pid, message in said), said

@@ -299,34 +299,42 @@ def test_errors_have_a_status_and_a_helpful_message(client: CourseZooClient, cas
 # --- Dynamic batching, metrics, health, reflection ---------------------------------------------------
 
 def test_concurrent_requests_form_batches(server: ServerProcess, client: CourseZooClient) -> None:
+    """In rounds of 640 calls from 32 threads, until an execution has run more than one request: the adaptive
+    delay learns that calls come together from a probe, once a second (``PROBE_S``), and a round on a server
+    just started (this test alone) can end before the first probe."""
     record = [[0.1, -0.2, 0.3, -0.4, 0.5, -0.6, 0.7, -0.8]]
     expected = client.classify_diabetes(record, model="diabetes_mlp").predictions[0].probability
-    results: list[float] = []
 
     def worker() -> None:
         for _ in range(20):
             results.append(client.classify_diabetes(record, model="diabetes_mlp").predictions[0].probability)
 
-    threads = [threading.Thread(target=worker) for _ in range(32)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert results == [expected] * 640  # batched or not, every caller gets its own row back
-
-    metrics = server.metrics()
-    count = float(re.search(r'coursezoo_batch_size_count\{model="diabetes_mlp"\} (\S+)', metrics).group(1))
-    single = float(re.search(r'coursezoo_batch_size_bucket\{le="1.0",model="diabetes_mlp"\} (\S+)',
-                             metrics).group(1))
+    rounds = 0
+    while rounds < 5:
+        rounds += 1
+        results: list[float] = []
+        threads = [threading.Thread(target=worker) for _ in range(32)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert results == [expected] * 640  # batched or not, every caller gets its own row back
+        metrics = server.metrics()
+        count = float(re.search(r'coursezoo_batch_size_count\{model="diabetes_mlp"\} (\S+)', metrics).group(1))
+        single = float(re.search(r'coursezoo_batch_size_bucket\{le="1.0",model="diabetes_mlp"\} (\S+)',
+                                 metrics).group(1))
+        if single < count:
+            break
     assert single < count, "no execution ran more than one request"
     assert re.search(r'coursezoo_requests_total\{model="diabetes_mlp",rpc="ClassifyDiabetes"\} (\d+)', metrics)
     assert re.search(r'coursezoo_request_latency_seconds_bucket\{.*model="diabetes_mlp"', metrics)
     assert re.search(r'coursezoo_queue_depth\{model="diabetes_mlp"\}', metrics)
+    assert re.search(r"^coursezoo_decoder_restarts_total 0\.0$", metrics, re.MULTILINE)  # none died here
     # where the time went, per request (queue) and per execution (compute), as Triton's queue and compute durations
     queued = float(re.search(r'coursezoo_queue_duration_seconds_count\{model="diabetes_mlp"\} (\S+)', metrics).group(1))
     computed = float(re.search(r'coursezoo_compute_duration_seconds_count\{model="diabetes_mlp"\} (\S+)',
                                metrics).group(1))
-    assert queued >= 641 and computed == count  # every request, the first one's included; every execution
+    assert queued >= 1 + 640 * rounds and computed == count  # every request, the first one's too; every execution
 
 
 def test_failures_are_counted_per_model_and_code(server: ServerProcess, client: CourseZooClient) -> None:
