@@ -18,6 +18,7 @@ import time
 import weakref
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import resource_tracker
+from multiprocessing.process import BaseProcess
 
 from serving.preprocess import set_max_image_pixels
 
@@ -89,22 +90,43 @@ def _watch(pool_ref: weakref.ref[ProcessPoolExecutor], manager: threading.Thread
         del pool
         workers = [w for w in workers if w.sentinel not in stopped]
         if not workers:
-            time.sleep(WATCH_S)
+            manager.join(WATCH_S)
             continue
         ended = multiprocessing.connection.wait([w.sentinel for w in workers], timeout=WATCH_S)
         stopped.update(ended)
         crashed = False
         for worker in (w for w in workers if w.sentinel in ended):
-            worker.join(WATCH_S)  # its sentinel is ready a moment before its exit status is
-            if worker.exitcode != 0:  # 0: told to stop by a shutdown
+            exit_code = _exit_code(worker)
+            if exit_code != 0:  # 0: told to stop by a shutdown
                 crashed = True
-                log.warning("worker process %d ended: %s", worker.pid, _how(worker.exitcode),
-                            extra={"pid": worker.pid, "exit_code": worker.exitcode})
+                log.warning("worker process %d ended: %s", worker.pid, _how(exit_code),
+                            extra={"pid": worker.pid, "exit_code": exit_code})
         if crashed:
             manager.join(WATCH_S)  # it saw the death itself: the pool is broken, and the thread ends
             if manager.is_alive() and (pool := pool_ref()) is not None and not pool._broken:
                 end_pool(pool)  # blocked on the dead worker's half-written result
             return
+
+
+def _exit_code(worker: BaseProcess) -> int | None:
+    """How a process that has ended did, as ``Process.exitcode`` says it (a signal as its negative number), read
+    without reaping it (``WNOWAIT``): the pool's manager thread and multiprocessing's exit handling reap their
+    children themselves (one that has already has it in ``exitcode``). None if it cannot be told within
+    ``WATCH_S`` (the sentinel is ready a moment before the exit status is)."""
+    deadline = time.monotonic() + WATCH_S
+    while True:
+        try:
+            status = os.waitid(os.P_PID, worker.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:  # reaped already, by the Process object itself: it holds the status (a moment
+            # after the reaping, in another thread)
+            if (code := worker._popen.returncode if worker._popen is not None else None) is not None:
+                return code
+        else:
+            if status is not None:
+                return status.si_status if status.si_code == os.CLD_EXITED else -status.si_status
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.01)
 
 
 def _how(exit_code: int | None) -> str:
