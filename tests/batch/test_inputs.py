@@ -13,7 +13,7 @@ from PIL import Image
 
 from serving.batch import discover
 from serving.batch.discover import SNIFF_FILES, check_inputs, infer_kind, iter_files, sniff
-from serving.batch.items import iter_items
+from serving.batch.items import LINE_CONTROLS, iter_items
 from serving.batch.types import BatchError
 from tests.batch.conftest import Run
 from tests.conftest import EXPORTED
@@ -116,11 +116,12 @@ def test_text_lines_one_item_each(tmp_path: Path) -> None:
                               max_size=12), max_size=30))
 def test_every_line_is_one_item(tmp_path_factory: pytest.TempPathFactory, lines: list[str]) -> None:
     """Any text (without NUL, which marks a binary file): one item per line that holds one, numbered as editors
-    do, blank lines left out, a byte-order mark at a line start dropped, nothing else lost or merged."""
+    do, blank lines left out, a byte-order mark at a line start and tabs (control whitespace) around it dropped,
+    nothing else lost or merged."""
     path = tmp_path_factory.mktemp("lines") / "items.txt"
     path.write_bytes("".join(f"{line}\n" for line in lines).encode("utf-8"))
     items = list(iter_items(iter_files([str(path)], False), "names"))
-    texts = [(n, line.removeprefix("\ufeff")) for n, line in enumerate(lines, 1)]
+    texts = [(n, line.removeprefix("\ufeff").strip(LINE_CONTROLS)) for n, line in enumerate(lines, 1)]
     if not lines:
         assert [str(i.failure) for i in items] == ["empty file: the file has no content"]
     elif not any(text.strip() for _, text in texts):
