@@ -111,8 +111,9 @@ def _watch(pool_ref: weakref.ref[ProcessPoolExecutor], manager: threading.Thread
 def _exit_code(worker: BaseProcess) -> int | None:
     """How a process that has ended did, as ``Process.exitcode`` says it (a signal as its negative number), read
     without reaping it (``WNOWAIT``): the pool's manager thread and multiprocessing's exit handling reap their
-    children themselves (one that has already has it in ``exitcode``). None if it cannot be told within
-    ``WATCH_S`` (the sentinel is ready a moment before the exit status is)."""
+    children themselves, and a worker they have reaped has its status in its Process object. None if it cannot
+    be told within ``WATCH_S`` (the sentinel is ready a moment before the exit status is); the watcher then takes
+    it as a death, which costs a needless unblocking at worst, where a death taken for a clean stop was a hang."""
     deadline = time.monotonic() + WATCH_S
     while True:
         try:
