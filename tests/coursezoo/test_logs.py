@@ -109,10 +109,12 @@ def test_log_settings_switch_severities_one_by_one_and_refuse_what_cannot_change
             handler.removeFilter(logs.SEVERITIES)
 
 
-@pytest.mark.parametrize("after_s", [0.05, 0.15, 0.25])
+@pytest.mark.parametrize("after_s", [0.15, 0.25])
 def test_ctrl_c_while_a_command_loads_is_a_clean_stop(after_s: float) -> None:
     """serve's imports take ~0.3 s: a SIGINT within them was a traceback and exit 1 (or "ImportError:
-    initialization failed" from an extension module); a stopped server exits 0 whenever it is stopped."""
+    initialization failed" from an extension module); a stopped server exits 0 whenever it is stopped. Not at
+    0.05 s: a SIGINT there can land in Python's own start-up (runpy, importlib), before any of this project's code
+    runs; it failed 7 of 20 runs on a loaded machine, and CI once."""
     proc = subprocess.Popen([sys.executable, "-m", "coursezoo", "serve", "--port", "0", "--metrics-port", "-1",
                              "--poll-interval-s", "0"], start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
