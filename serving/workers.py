@@ -62,8 +62,13 @@ def spawn_pool(processes: int, max_image_pixels: int | None = None) -> ProcessPo
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     # The manager thread exists once work was submitted; held here, as the pool drops it at shutdown(wait=False).
+    # Not a daemon: holding the manager thread, the watcher holds the pool's queues, and so it is often the one
+    # to release their semaphores as it ends. An exit meanwhile froze a daemon thread between a semaphore's unlink
+    # and the word to the resource tracker, which then printed a leak warning and an ENOENT traceback after the
+    # process's last line. The exit now waits for it: it ends within WATCH_S of the manager thread, which
+    # ProcessPoolExecutor's own exit handler ends first.
     threading.Thread(target=_watch, args=(weakref.ref(pool), pool._executor_manager_thread),
-                     name="coursezoo-pool-watch", daemon=True).start()
+                     name="coursezoo-pool-watch").start()
     return pool
 
 
