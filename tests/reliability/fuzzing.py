@@ -59,10 +59,11 @@ def image_files(draw: st.DrawFn) -> bytes:
     """A valid image file of random size, content, mode and format, then maybe damaged."""
     h, w = draw(st.integers(1, 48)), draw(st.integers(1, 48))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    style = draw(st.sampled_from(("noise", "stroke", "flat")))
+    style = draw(st.sampled_from(("noise", "stroke", "flat", "lit", "shapes")))
     pixels = {"noise": lambda: rng.integers(0, 256, (h, w), dtype=np.uint8),
               "flat": lambda: np.full((h, w), rng.integers(0, 256), dtype=np.uint8),
-              "stroke": lambda: np.where(rng.random((h, w)) < 0.2, 255, 0).astype(np.uint8)}[style]()
+              "stroke": lambda: np.where(rng.random((h, w)) < 0.2, 255, 0).astype(np.uint8),
+              "lit": lambda: lit(h, w, rng), "shapes": lambda: shapes(h, w, rng)}[style]()
     data = encode(pixels, draw(st.sampled_from(MODES)), draw(st.sampled_from(FORMATS)))
     mutation = draw(st.sampled_from(("none", "truncate", "flip", "magic", "append", "splice")))
     if mutation == "truncate":
@@ -79,6 +80,33 @@ def image_files(draw: st.DrawFn) -> bytes:
         i = draw(st.integers(0, len(data)))
         data = data[:i] + draw(st.binary(max_size=32)) + data[i:]
     return data
+
+
+def lit(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+    """Strokes on a ground lit unevenly (a ramp and a bulge, any direction and strength): the lighting fit's input."""
+    ys, xs = np.linspace(-1, 1, h)[:, None], np.linspace(-1, 1, w)[None, :]
+    a, b, c, d = rng.uniform(-255, 255, 4)
+    ground = rng.uniform(0, 255) + a * ys + b * xs + c * ys * ys + d * xs * ys
+    return np.clip(np.where(rng.random((h, w)) < 0.1, 255 - ground, ground), 0, 255).astype(np.uint8)
+
+
+def shapes(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+    """Filled and outlined rectangles and whole rows and columns in random greys: sheets, boxes and ruled lines
+    for the steps that look for them, and the shapes that almost pass for them."""
+    pixels = np.full((h, w), rng.integers(0, 256), dtype=np.uint8)
+    for _ in range(rng.integers(1, 6)):
+        top, left = rng.integers(0, h), rng.integers(0, w)
+        bottom, right = rng.integers(top + 1, h + 1), rng.integers(left + 1, w + 1)
+        grey, kind = rng.integers(0, 256), rng.integers(0, 4)
+        if kind == 0:
+            pixels[top:bottom, left:right] = grey
+        elif kind == 1:
+            pixels[top:bottom, [left, right - 1]] = grey
+            pixels[[top, bottom - 1], left:right] = grey
+        else:
+            pixels[top:top + rng.integers(1, 4)] = grey if kind == 2 else pixels[top:top + 1]
+            pixels[:, left:left + rng.integers(1, 4)] = grey
+    return pixels
 
 
 def png_claiming(width: int, height: int) -> bytes:
