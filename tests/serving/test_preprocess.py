@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from serving import preprocess
 from serving.preprocess import (
@@ -233,6 +233,16 @@ def test_digits_cropped_tight_keep_their_straight_strokes(mnist: np.ndarray) -> 
     errors = aligned_error(decode_all([encode(np.rint(a).astype(np.uint8)) for a in crops]),
                            training_normalization(mnist))
     assert errors.mean() < 0.05 and errors.max() < 0.2
+
+
+@pytest.mark.parametrize("pen", [1, 2])
+def test_a_thin_pens_strokes_come_out_as_strong_as_mnists(pen: int) -> None:
+    """A 7 drawn with a 1-2 px pen in a 200 px image: fitted into 20 px, its strokes are a fifth of a pixel wide
+    and faded to a fifth of their level, where MNIST's strongest pixels are 255 (2.82 normalized)."""
+    page = Image.new("L", (200, 200), 255)
+    ImageDraw.Draw(page).line([(50, 40), (150, 40), (90, 160)], fill=0, width=pen)
+    out = decode_digit(encode(np.asarray(page)), PREP)[0]
+    assert out.max() == pytest.approx(training_normalization(np.array([255], dtype=np.uint8))[0])
 
 
 def test_lossless_padding_is_mostly_undone_exactly(mnist: np.ndarray) -> None:
