@@ -7,10 +7,12 @@ package: the load-generator processes import it too and must start fast.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import gzip
 import io
 import os
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
@@ -39,6 +41,15 @@ def places() -> tuple[Path, Path]:
     mirror = os.environ.get("COURSEZOO_DATA_MIRROR")
     return (Path(os.environ.get("COURSEZOO_DATA_ROOT", "data")),
             Path(mirror) if mirror else REPO_ROOT.parent / "shared" / "data")
+
+
+def add_place_options(parser: argparse.ArgumentParser, path: Callable[[str], Path] = Path) -> None:
+    """``--data-root`` and ``--data-mirror``, as every benchmark and script takes them (``choose_places`` applies
+    them); ``path`` turns the text into a path (the harness makes it absolute for the processes it starts)."""
+    parser.add_argument("--data-root", type=path, default=None, help="where the data files are looked for first, "
+                        "as train reads them [COURSEZOO_DATA_ROOT, data/]")
+    parser.add_argument("--data-mirror", type=path, default=None, help="a folder laid out like ../shared/data, "
+                        "looked in next [COURSEZOO_DATA_MIRROR, ../shared/data beside the repository]")
 
 
 def choose_places(root: Path | None, mirror: Path | None) -> None:

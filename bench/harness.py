@@ -103,11 +103,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "many-core host)")
     p.add_argument("--repo", type=_absolute, default="exported",
                    help="model repository with the exports (default: exported)")
-    p.add_argument("--data-root", type=_absolute, default=None,
-                   help="where the data files are looked for first, as train reads them [COURSEZOO_DATA_ROOT, data/]")
-    p.add_argument("--data-mirror", type=_absolute, default=None,
-                   help="a folder laid out like ../shared/data, looked in next [COURSEZOO_DATA_MIRROR, "
-                        "../shared/data beside the repository]")
+    data.add_place_options(p, _absolute)
     p.add_argument("--json", type=Path, default=DEFAULT_JSON,
                    help="results file, with a Markdown copy beside it: the same name ending in .md "
                         "(default: bench/results/latest.json)")

@@ -239,11 +239,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: %(default)s)")
     p.add_argument("--repo", type=Path, default=data.REPO_ROOT / "exported",
                    help="model repository with the exports (default: exported/ of this checkout)")
-    p.add_argument("--data-root", type=Path, default=None,
-                   help="where the data files are looked for first, as train reads them [COURSEZOO_DATA_ROOT, data/]")
-    p.add_argument("--data-mirror", type=Path, default=None,
-                   help="a folder laid out like ../shared/data, looked in next [COURSEZOO_DATA_MIRROR, "
-                        "../shared/data beside the repository]")
+    data.add_place_options(p)
     p.add_argument("--json", type=Path, default=DEFAULT_JSON,
                    help="results file (default: bench/results/robustness.json)")
     return p

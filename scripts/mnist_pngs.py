@@ -23,11 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("folder", type=Path, help="where the PNG files go (made if missing)")
     p.add_argument("--count", type=at_least(1), default=20, help="how many digits, at most 10,000 (default: 20)")
-    p.add_argument("--data-root", type=Path, default=None,
-                   help="where the data files are looked for first, as train reads them [COURSEZOO_DATA_ROOT, data/]")
-    p.add_argument("--data-mirror", type=Path, default=None,
-                   help="a folder laid out like ../shared/data, looked in next [COURSEZOO_DATA_MIRROR, "
-                        "../shared/data beside the repository]")
+    data.add_place_options(p)
     args = p.parse_args(argv)
     data.choose_places(args.data_root, args.data_mirror)
     count = min(args.count, 10_000)
