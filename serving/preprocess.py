@@ -507,7 +507,12 @@ def _keyed_paper(img: Image.Image) -> np.ndarray | None:
     if img.mode not in ("P", "L", "RGB") or isinstance(img.info.get("transparency"), bytes):
         return None
     gray = np.asarray(img.convert("L"))
-    return gray if int(gray.max()) - int(gray.min()) >= MIN_CONTRAST else None
+    return gray if _contrasted(gray) else None
+
+
+def _contrasted(gray: np.ndarray) -> bool:
+    """Whether ``gray``'s grey levels spread over ``MIN_CONTRAST`` at least: room for a digit."""
+    return int(gray.max()) - int(gray.min()) >= MIN_CONTRAST
 
 
 def _to_uint8_range(x: np.ndarray) -> np.ndarray:
@@ -572,7 +577,7 @@ def _sheet(gray: np.ndarray) -> np.ndarray:
     top, left = top + edge * (top > 0), left + edge * (left > 0)
     bottom, right = bottom - edge * (bottom < h), right - edge * (right < w)
     sheet = gray[top:bottom, left:right]
-    if min(sheet.shape) < 3 or int(sheet.max()) - int(sheet.min()) < MIN_CONTRAST:
+    if min(sheet.shape) < 3 or not _contrasted(sheet):
         return gray  # a light blob, not a sheet with a digit on it (a bold digit on a dark ground)
     return sheet
 
@@ -831,11 +836,11 @@ def _unplaced_one(light: np.ndarray, background: float, fit_box: int) -> bool:
     centre = np.array([rows @ weights[:h, 1], cols @ weights[:w, 1]], dtype=np.float32) / max(mass, np.float32(1))
     if np.abs(centre - _half(h, w)).max() > PLACED_CENTRE_SLACK:
         return True
-    threshold = INK_THRESHOLD * (float(light.max()) - background)
+    contrast = float(light.max()) - background
     largest = fit_box + PLACED_BOX_SLACK
-    if max(_span(rows > threshold), _span(cols > threshold)) <= largest:
+    if max(_span(rows > INK_THRESHOLD * contrast), _span(cols > INK_THRESHOLD * contrast)) <= largest:
         return False
-    box = _ink_box(grey, 0.0, float(light.max()) - background)
+    box = _ink_box(grey, 0.0, contrast)
     return max(box[0].stop - box[0].start, box[1].stop - box[1].start) > largest
 
 
