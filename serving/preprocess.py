@@ -607,11 +607,11 @@ def _without_lines(light: np.ndarray, background: float) -> np.ndarray:
 
 
 def _cover(ink: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The share of each row, and of each column, that is ink: matrix products, a third of np.count_nonzero's time
-    along an axis (exact below 2**24 pixels a row or column)."""
+    """The share of each row, and of each column, that is ink: sums of its bytes, half np.count_nonzero's time along
+    an axis, with no copy of the image (a float copy for matrix products took 4 bytes a pixel of a 24 MP photo)."""
     h, w = ink.shape
-    ones = ink.astype(np.float32)
-    return ones @ np.full(w, 1 / w, dtype=np.float32), np.full(h, 1 / h, dtype=np.float32) @ ones
+    ones = ink.view(np.uint8)
+    return ones.sum(axis=1, dtype=np.int32) / w, ones.sum(axis=0, dtype=np.int32) / h
 
 
 def _ruled_lines(ink: np.ndarray, cover: np.ndarray) -> list[tuple[int, int]]:
