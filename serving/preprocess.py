@@ -560,19 +560,24 @@ def _place_photo(gray: np.ndarray, height: int, width: int, fit_box: int) -> np.
 
 
 def _sheet(gray: np.ndarray) -> np.ndarray:
-    """The sheet of paper in a photo of one lying on something darker (``MIN_SHEET``), or ``gray`` itself."""
+    """The sheet of paper in a photo of one lying on something darker (``MIN_SHEET``), or ``gray`` itself.
+
+    Looked for in every ``step``-th row and column (every 5th of a 12 MP photo: ~5 ms, not ~25): the sheet is
+    large, and its edges found within ``step`` pixels are cut ``SHEET_EDGE`` further in anyway."""
     h, w = gray.shape
-    lo, hi = int(gray.min()), int(gray.max())
+    step = 1 + max(h, w) // 1000
+    coarse = gray[::step, ::step]
+    lo, hi = int(coarse.min()), int(coarse.max())
     if hi - lo < MIN_CONTRAST:
         return gray  # refused by _light_on_dark, with its grey levels
     if _background(gray) > (lo + hi) / 2:
         return gray  # the border is light: paper (a digit cropped tight has strokes across it, but paper around them)
-    light = gray > (lo + hi) / 2
-    rows = _runs(light.mean(axis=1) > 0.5, MIN_SHEET * h)
-    cols = _runs(light.mean(axis=0) > 0.5, MIN_SHEET * w)
-    if len(rows) != 1 or len(cols) != 1 or (rows[0] == (0, h) and cols[0] == (0, w)):
+    rows, cols = _cover(coarse > (lo + hi) / 2)
+    rows, cols = _runs(rows > 0.5, MIN_SHEET * len(rows)), _runs(cols > 0.5, MIN_SHEET * len(cols))
+    if len(rows) != 1 or len(cols) != 1 or (rows[0] == (0, coarse.shape[0]) and cols[0] == (0, coarse.shape[1])):
         return gray  # no sheet, or one that fills the photo
     (top, bottom), (left, right) = rows[0], cols[0]
+    top, bottom, left, right = top * step, min(bottom * step, h), left * step, min(right * step, w)
     edge = max(1, round(SHEET_EDGE * max(h, w)))
     top, left = top + edge * (top > 0), left + edge * (left > 0)
     bottom, right = bottom - edge * (bottom < h), right - edge * (right < w)
@@ -607,8 +612,9 @@ def _without_lines(light: np.ndarray, background: float) -> np.ndarray:
 
 
 def _cover(ink: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The share of each row, and of each column, that is ink: sums of its bytes, half np.count_nonzero's time along
-    an axis, with no copy of the image (a float copy for matrix products took 4 bytes a pixel of a 24 MP photo)."""
+    """The share of each row, and of each column, that is ink (or light): sums of the mask's bytes, half
+    np.count_nonzero's time along an axis, with no copy of the image (a float copy for matrix products took 4
+    bytes a pixel of a 24 MP photo)."""
     h, w = ink.shape
     ones = ink.view(np.uint8)
     return ones.sum(axis=1, dtype=np.int32) / w, ones.sum(axis=0, dtype=np.int32) / h
