@@ -5,8 +5,9 @@
 
 MNIST's test digits are redrawn as the image files a client really uploads (an off-centre drawing, a noisy
 grey scan, a paint app's palette PNG, a phone photo with uneven light or a dark desk around the sheet, a form's
-printed box, ruled notebook paper, a thin pen), decoded by ``serving.preprocess.decode_digits`` as the server
-decodes them and read by each model's ONNX export on ONNX Runtime's CPU provider. Per variant and model it
+printed box, ruled notebook paper, a thin pen, a phone camera's full-size photo), decoded by
+``serving.preprocess.decode_digits`` as the server decodes them and read by each model's ONNX export on ONNX
+Runtime's CPU provider. Per variant and model it
 prints and writes (JSON) the share read right (an image the decoder refuses counts as wrong, and is counted as
 refused too) and the decode time per image. ``plain`` is the control: MNIST's own PNG, which any loss of the
 others is measured against. Every random choice comes from ``--seed``, so a run can be repeated exactly.
@@ -192,6 +193,17 @@ def thin_pen(digit: np.ndarray, rng: np.random.Generator) -> bytes:
     return _encode(_on_paper(_on_canvas(strokes.astype(np.float32), 120, rng), 255.0, 0.0), "PNG")
 
 
+def phone_photo(digit: np.ndarray, rng: np.random.Generator) -> bytes:
+    """A phone camera's photo, 1600x1200 JPEG 90: a ~400 px digit on paper lit from one side, sensor noise."""
+    height, width, side = 1200, 1600, 400
+    big = np.clip(np.asarray(Image.fromarray(_ink(digit)).resize((side, side), Image.Resampling.LANCZOS)), 0, 1)
+    ink = np.zeros((height, width), dtype=np.float32)
+    top, left = (int((n - side) / 2 + rng.uniform(-MAX_OFFSET, MAX_OFFSET) * n) for n in (height, width))
+    ink[top:top + side, left:left + side] = big
+    light = np.linspace(235, 150, width, dtype=np.float32)[None, ::int(rng.choice([-1, 1]))]  # from either side
+    return _encode(_noisy(_on_paper(ink, light, 0.3 * light), 4.0, rng), "JPEG", quality=90)
+
+
 def _skeleton(ink: np.ndarray) -> np.ndarray:
     """Zhang-Suen thinning of a binary image (bool [h, w], border pixels off): strokes one pixel wide, connected
     as they were, where Pillow's MinFilter erosion would cut a digit's thinner strokes before its thick ones were
@@ -219,7 +231,7 @@ def _skeleton(ink: np.ndarray) -> np.ndarray:
 
 #: name -> how it draws one MNIST digit (uint8 28x28, light on black) as an image file; ``plain`` first, the control
 VARIANTS: dict[str, Variant] = {f.__name__: f for f in (plain, off_centre, noisy_scan, keyed_palette, gradient,
-                                                        dark_border, form_box, ruled_line, thin_pen)}
+                                                        dark_border, form_box, ruled_line, thin_pen, phone_photo)}
 
 
 # --- The measurement ----------------------------------------------------------------------------------------------

@@ -208,6 +208,10 @@ INK_THRESHOLD = 0.125
 #: image's edges (grey scanner paper, noise sigma 10, JPEG: 93.5% of 1,000 MNIST test digits read right by
 #: mnist_cnn, 98.7% with the blurred copy).
 SMOOTH_RADIUS = 0.01
+#: An image longer than this on a side is reduced by an integer factor to at most this before anything else (a JPEG
+#: decoded at a reduced size by libjpeg itself): a phone photo's 12 MP took ~200 ms to place, most of it on pixels
+#: that the fit into ``fit_box`` averages away (a digit ~600 px tall in the photo is still ~150 px when reduced).
+PHOTO_SIDE = 1024
 #: A digit whose strongest pixel is under this fraction of 255 once fitted into ``fit_box`` has its grey levels
 #: stretched back to 255: a pen's 1-2 px strokes in a 100 px digit fade to a fifth of their level when a fifth of
 #: a pixel wide (a thin pen: 92.5% of 1,000 MNIST test digits read right by mnist_cnn, 96.0% stretched).
@@ -371,15 +375,17 @@ def _decode_gray(data: bytes) -> np.ndarray:
         raise InputError(f"empty image: expected the bytes of {_FORMATS_TEXT}")
     gray = _plain_gray_png(data)
     if gray is not None:
-        return gray
+        return _shrunk(gray)
     what = f"{len(data)} bytes"
     try:
         with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
             what = f"a {img.format} of {img.width}x{img.height}, {len(data)} bytes"
             _check_pixels(img)
+            if img.format == "JPEG" and (k := _shrink_factor(img.size)) > 1:
+                img.draft("L", (img.width // k, img.height // k))  # libjpeg decodes at 1/2, 1/4 or 1/8 the size
             if "exif" in img.info or img.format == "TIFF":  # phone photos: upright as the user saw them
                 ImageOps.exif_transpose(img, in_place=True)
-            return _to_gray(img)
+            return _shrunk(_to_gray(img))
     except InputError:
         raise
     except Image.DecompressionBombError as e:
@@ -406,6 +412,17 @@ _PNG_IHDR = _PNG_SIGNATURE + b"\x00\x00\x00\rIHDR"
 _LEFT_TO_PILLOW = (b"tRNS", b"eXIf", b"zTXt", b"iTXt", b"iCCP")
 #: Chunk headers read before the pixels (an encoder writes a handful: an MNIST PNG has IHDR, then IDAT).
 MAX_CHUNKS_WALKED = 64
+
+
+def _shrink_factor(size: tuple[int, ...]) -> int:
+    """The integer factor that brings an image's longer side to at most ``PHOTO_SIDE`` (1 for most images)."""
+    return -(-max(size) // PHOTO_SIDE)
+
+
+def _shrunk(gray: np.ndarray) -> np.ndarray:
+    """``gray`` reduced by ``_shrink_factor`` (each pixel the mean of a k x k block: Pillow's reduce, in C)."""
+    k = _shrink_factor(gray.shape)
+    return gray if k == 1 else np.asarray(Image.fromarray(gray).reduce(k))
 
 
 def _plain_gray_png(data: bytes) -> np.ndarray | None:

@@ -29,6 +29,7 @@ INTENDED = {
     "form_box": ("PNG", "L", (200, 200)),
     "ruled_line": ("PNG", "RGB", (200, 200)),
     "thin_pen": ("PNG", "L", (120, 120)),
+    "phone_photo": ("JPEG", "L", (1600, 1200)),
 }
 
 

@@ -235,6 +235,17 @@ def test_digits_cropped_tight_keep_their_straight_strokes(mnist: np.ndarray) -> 
     assert errors.mean() < 0.05 and errors.max() < 0.2
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_a_large_photo_comes_out_as_the_small_image_does(mnist: np.ndarray, fmt: str) -> None:
+    """A photo's longer side over PHOTO_SIDE is brought down before the digit is placed (a JPEG decoded at a
+    reduced size by libjpeg itself): the digit comes out as from the small image (2160x1800 here)."""
+    images = mnist[:40]
+    kwargs = {"quality": 95} if fmt == "JPEG" else {}
+    photos = [np.kron(np.rint(a).astype(np.uint8), np.ones((24, 24), dtype=np.uint8)) for a in on_paper(pad(images))]
+    errors = aligned_error(decode_all([encode(a, fmt, **kwargs) for a in photos]), training_normalization(images))
+    assert errors.mean() < 0.03 and errors.max() < 0.12
+
+
 @pytest.mark.parametrize("pen", [1, 2])
 def test_a_thin_pens_strokes_come_out_as_strong_as_mnists(pen: int) -> None:
     """A 7 drawn with a 1-2 px pen in a 200 px image: fitted into 20 px, its strokes are a fifth of a pixel wide
