@@ -623,11 +623,7 @@ def main(args: argparse.Namespace) -> int:
     targets = report.check_targets(run.results, run.targets())
     best = report.best_batches(run.results)
     result = {
-        "schema": 1,
-        "started": started.isoformat(timespec="seconds"),
-        "duration_s": round((datetime.now(UTC) - started).total_seconds(), 1),
-        "machine": {**machine.describe(), "at_start": at_start, "at_end": machine.snapshot()},
-        "versions": machine.versions(),
+        **machine.run_record(started, at_start),
         "settings": {
             "command": " ".join(["coursezoo bench", *(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])]),
             "quick": args.quick, "device": "cuda" if cuda else "cpu", "cases": sorted(cases),

@@ -11,6 +11,7 @@ import platform
 import shutil
 import subprocess
 import time
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -103,3 +104,11 @@ def describe() -> dict[str, Any]:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"cpu": _cpu_model(), "cores": cores, "memory_gib": _memory_gib(), "gpus": gpus(),
             "os": platform.platform(), "hostname": platform.node()}
+
+
+def run_record(started: datetime, at_start: dict[str, Any]) -> dict[str, Any]:
+    """The keys every results file starts with: its schema, when the run started and how long it took, the
+    machine (with its load at the start, ``snapshot()`` then, and now) and the versions measured."""
+    return {"schema": 1, "started": started.isoformat(timespec="seconds"),
+            "duration_s": round((datetime.now(UTC) - started).total_seconds(), 1),
+            "machine": {**describe(), "at_start": at_start, "at_end": snapshot()}, "versions": versions()}

@@ -337,11 +337,7 @@ def main(args: argparse.Namespace) -> int:
             for export in selected:
                 results[export.name][name] = read(export, files, labels, sessions[export.name], bar)
     result = {
-        "schema": 1,
-        "started": started.isoformat(timespec="seconds"),
-        "duration_s": round((datetime.now(UTC) - started).total_seconds(), 1),
-        "machine": {**machine.describe(), "at_start": at_start, "at_end": machine.snapshot()},
-        "versions": machine.versions(),
+        **machine.run_record(started, at_start),
         "n": len(digits),
         "seed": args.seed,
         "settings": {"models": [f"{e.name}/{e.version}" for e in selected], "repo": str(args.repo),
