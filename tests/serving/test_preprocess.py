@@ -225,14 +225,15 @@ def test_a_forms_box_around_the_digit_is_cropped_to(mnist: np.ndarray) -> None:
 
 def test_digits_cropped_tight_keep_their_straight_strokes(mnist: np.ndarray) -> None:
     """A digit cropped to its ink has strokes across the whole image (a 7's bar, a 4's, a boxy 0's sides), which
-    must not be taken for a ruled line or a form's box."""
+    must not be taken for a ruled line or a form's box (measured: mean 0.025, worst 0.047, as before those steps;
+    taking them for lines and boxes gave 0.21 and 1.03)."""
     crops = []
     for a in mnist:
         rows, cols = np.flatnonzero(a.any(axis=1)), np.flatnonzero(a.any(axis=0))
         crops.append(np.kron(on_paper(a[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]), np.ones((3, 3))))
     errors = aligned_error(decode_all([encode(np.rint(a).astype(np.uint8)) for a in crops]),
                            training_normalization(mnist))
-    assert errors.mean() < 0.05 and errors.max() < 0.2
+    assert errors.mean() < 0.03 and errors.max() < 0.1
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
