@@ -159,11 +159,22 @@ SCENARIOS: dict[str, list[Scenario]] = {
         checks=[("3m", []), ("8m", [({"job": JOB, "instance": A, "model": "names_gru"}, None)])],
     )],
     "CourseZooInternalErrors": [Scenario(
-        series=[failures("mnist_cnn", "INTERNAL", "0+60x10 600x10"),  # 1/s for 10 minutes, then none
+        series=[(sel("up", instance=A), "1x20"),
+                failures("mnist_cnn", "INTERNAL", "0+60x10 600x10"),  # 1/s for 10 minutes, then none
                 failures("names_gru", "INTERNAL", "3x20"),  # an old failure, no new ones
                 failures("", "NOT_FOUND", "0+60x20"),  # the client's mistake, not the server's
                 failures("mnist_cnn", "UNAVAILABLE", "0+60x20")],
         checks=[("1m", []), ("10m", [({"job": JOB, "instance": A, "model": "mnist_cnn"}, "1")]), ("20m", [])],
+    ), Scenario(
+        # The first failure of a (model, rpc) creates its series, which rate() cannot see: it alerted only from
+        # the second failure on. A series new within 5 minutes counts too (its value per 5 minutes, as a rate),
+        # on a target scraped 5 minutes before: not every old series in the first minutes of a Prometheus.
+        series=[(sel("up", instance=A), "1x20"), (sel("up", instance=B), "_x3 1x17"),
+                failures("hello_rnn", "INTERNAL", "_x5 1x15"),  # one failure at 5m, none after
+                failures("names_gru", "INTERNAL", "2x20"),  # an old series: nothing new
+                failures("mnist_cnn", "INTERNAL", "_x3 4x17", instance=B)],  # old, on a target first seen at 3m
+        checks=[("2m", []), ("5m", []), ("7m", [({"job": JOB, "instance": A, "model": "hello_rnn"}, "3.333m")]),
+                ("12m", [])],
     )],
     "CourseZooUnavailableRatioHigh": [Scenario(
         series=[requests("mnist_cnn", "0+600x30"), failures("mnist_cnn", "UNAVAILABLE", "0+60x30"),  # 10%
