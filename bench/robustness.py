@@ -158,6 +158,18 @@ def dark_border(digit: np.ndarray, rng: np.random.Generator) -> bytes:
     return _encode(_noisy(grey, 4.0, rng), "JPEG", quality=85)
 
 
+def tilted_sheet(digit: np.ndarray, rng: np.random.Generator) -> bytes:
+    """The sheet on a dark desk photographed askew: turned 3-10 degrees either way, desk all round, JPEG 85."""
+    side = 300
+    margin = int(side * rng.uniform(0.08, 0.12))
+    paper = np.full((side, side), 35.0, dtype=np.float32)
+    paper[margin:side - margin, margin:side - margin] = 220.0
+    sheet = Image.fromarray(np.clip(np.rint(_on_paper(_on_canvas(_upscaled(digit), side, rng), paper, 30.0)), 0, 255)
+                            .astype(np.uint8))
+    turned = sheet.rotate(rng.uniform(3, 10) * rng.choice([-1, 1]), Image.Resampling.BILINEAR, fillcolor=35)
+    return _encode(_noisy(np.asarray(turned, dtype=np.float32), 4.0, rng), "JPEG", quality=85)
+
+
 def form_box(digit: np.ndarray, rng: np.random.Generator) -> bytes:
     """A form's printed box around a handwritten digit: a ~3 px outline, 10-20% of the box's side from the ink."""
     side = 200
@@ -231,7 +243,8 @@ def _skeleton(ink: np.ndarray) -> np.ndarray:
 
 #: name -> how it draws one MNIST digit (uint8 28x28, light on black) as an image file; ``plain`` first, the control
 VARIANTS: dict[str, Variant] = {f.__name__: f for f in (plain, off_centre, noisy_scan, keyed_palette, gradient,
-                                                        dark_border, form_box, ruled_line, thin_pen, phone_photo)}
+                                                        dark_border, tilted_sheet, form_box, ruled_line, thin_pen,
+                                                        phone_photo)}
 
 
 # --- The measurement ----------------------------------------------------------------------------------------------

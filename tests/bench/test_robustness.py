@@ -26,6 +26,7 @@ INTENDED = {
     "keyed_palette": ("PNG", "P", (200, 200)),
     "gradient": ("JPEG", "L", (300, 300)),
     "dark_border": ("JPEG", "L", (300, 300)),
+    "tilted_sheet": ("JPEG", "L", (300, 300)),
     "form_box": ("PNG", "L", (200, 200)),
     "ruled_line": ("PNG", "RGB", (200, 200)),
     "thin_pen": ("PNG", "L", (120, 120)),

@@ -201,6 +201,23 @@ def test_a_sheet_on_a_dark_desk_is_cropped_to(mnist: np.ndarray) -> None:
     assert errors.mean() < 0.03 and errors.max() < 0.12
 
 
+@pytest.mark.parametrize("degrees", [-8, 10])
+def test_a_tilted_sheet_on_a_dark_desk_comes_out_as_without_the_desk(mnist: np.ndarray, degrees: float) -> None:
+    """A sheet photographed a little askew: cropping to its rows and columns kept wedges of desk at the corners,
+    which were ink to the ink box (a mean error of 0.37). Compared with the same tilted sheet on paper all round."""
+
+    def photo(sheet: np.ndarray, surround: int) -> bytes:
+        frame = np.full((110, 95), surround, dtype=np.uint8)  # 10 px of desk round the sheet
+        frame[10:100, 10:85] = np.rint(sheet).astype(np.uint8)
+        tilted = Image.fromarray(frame).rotate(degrees, Image.Resampling.BILINEAR, fillcolor=surround)
+        return encode(np.asarray(tilted))
+
+    sheets = on_paper(pad(mnist))
+    on_desk, alone = (decode_all([photo(a, surround) for a in sheets]) for surround in (35, 255))
+    errors = aligned_error(on_desk, alone)
+    assert errors.mean() < 0.03 and errors.max() < 0.12
+
+
 @pytest.mark.parametrize("row", [37 + 10, 37 + 16])
 def test_a_ruled_line_through_the_digit_is_taken_away(mnist: np.ndarray, row: int) -> None:
     """Notebook paper: a light blue line across the whole image through the digit stretched the ink box to the
