@@ -577,7 +577,8 @@ def _place_photo(gray: np.ndarray, height: int, width: int, fit_box: int) -> np.
 
 
 def _sheet(gray: np.ndarray) -> np.ndarray:
-    """The sheet of paper in a photo of one lying on something darker (``MIN_SHEET``), or ``gray`` itself.
+    """The sheet of paper in a photo of one lying on something darker (``MIN_SHEET``), the desk that a tilted
+    sheet's crop keeps at its corners painted over (``_without_desk``); or ``gray`` itself.
 
     Looked for in every ``step``-th row and column (every 5th of a 12 MP photo: ~5 ms, not ~27): the sheet is
     large, and its edges found within ``step`` pixels are cut ``SHEET_EDGE`` further in anyway."""
