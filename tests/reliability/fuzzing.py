@@ -103,8 +103,9 @@ def shapes(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
         elif kind == 1:
             pixels[top:bottom, [left, right - 1]] = grey
             pixels[[top, bottom - 1], left:right] = grey
-        else:
-            pixels[top:top + rng.integers(1, 4)] = grey if kind == 2 else pixels[top:top + 1]
+        elif kind == 2:  # whole rows, 1-3 thick
+            pixels[top:top + rng.integers(1, 4)] = grey
+        else:  # whole columns
             pixels[:, left:left + rng.integers(1, 4)] = grey
     return pixels
 
