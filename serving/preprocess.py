@@ -588,9 +588,10 @@ def _sheet(gray: np.ndarray) -> np.ndarray:
     lo, hi = int(coarse.min()), int(coarse.max())
     if hi - lo < MIN_CONTRAST:
         return gray  # refused by _light_on_dark, with its grey levels
-    if _background(gray) > (lo + hi) / 2:
+    mid = (lo + hi) / 2
+    if _background(gray) > mid:
         return gray  # the border is light: paper (a digit cropped tight has strokes across it, but paper around them)
-    rows, cols = _cover(coarse > (lo + hi) / 2)
+    rows, cols = _cover(coarse > mid)
     rows, cols = _runs(rows > 0.5, MIN_SHEET * len(rows)), _runs(cols > 0.5, MIN_SHEET * len(cols))
     if len(rows) != 1 or len(cols) != 1 or (rows[0] == (0, coarse.shape[0]) and cols[0] == (0, coarse.shape[1])):
         return gray  # no sheet, or one that fills the photo
@@ -602,7 +603,7 @@ def _sheet(gray: np.ndarray) -> np.ndarray:
     sheet = gray[top:bottom, left:right]
     if min(sheet.shape) < 3 or not _contrasted(sheet):
         return gray  # a light blob, not a sheet with a digit on it (a bold digit on a dark ground)
-    return _without_desk(sheet, lo, (lo + hi) / 2, step)
+    return _without_desk(sheet, lo, mid, step)
 
 
 def _without_desk(sheet: np.ndarray, desk: int, mid: float, step: int) -> np.ndarray:
@@ -628,7 +629,7 @@ def _without_desk(sheet: np.ndarray, desk: int, mid: float, step: int) -> np.nda
 def _without_lines(light: np.ndarray, background: float) -> np.ndarray:
     """A light-on-dark image cropped to the inside of a form's box and without its ruled lines (``RULED_LINE``,
     ``BOX_LINE``); ``light`` itself when it has neither, or when nothing would be left (lines and nothing else)."""
-    ink = light > background + INK_THRESHOLD * (float(light.max()) - background)
+    ink = _ink(light, background, float(light.max()))
     rows, cols = _cover(ink)
     if max(rows.max(), cols.max()) <= BOX_LINE:
         return light  # nothing across half the image (most digits): no line and no box (~40 µs for 300x300)
@@ -723,16 +724,16 @@ def _evenly_lit(gray: np.ndarray) -> np.ndarray:
     paper = np.concatenate((gray[0], gray[-1], gray[1:-1, 0], gray[1:-1, -1])).astype(np.float64)
     level = _median(paper)
     off = np.abs(paper - level)
-    if 1.4826 * _median(off) < UNEVEN_LIGHT / 4:
+    if _sigma(off) < UNEVEN_LIGHT / 4:
         return gray  # most of the border within a few levels of one: even (~30 µs for 300x300, the usual case)
     terms, sides, half_sides = _border_terms(h, w)
     for _ in range(2):
-        kept = off <= 3 * 1.4826 * _median(off) + 1  # within 3 sigma, robustly (the median deviation)
+        kept = off <= 3 * _sigma(off) + 1
         if (np.add.reduceat(kept, sides) < half_sides).any():
             return gray  # half a side off: no paper there to fit, and a surface fitted to three sides is a guess
         c = _least_squares(terms, paper, kept)
         off = np.abs(paper - terms @ c)
-    if 1.4826 * _median(off) > UNEVEN_LIGHT / 2:
+    if _sigma(off) > UNEVEN_LIGHT / 2:
         return gray  # the border is no paper a surface fits: strokes cross much of it, or a desk's things lie there
     if np.ptp(_grid_terms() @ c) < UNEVEN_LIGHT:  # a quadratic's range: its extremes lie on a corner, an edge or
         return gray  # its one stationary point, all near some point of the grid
@@ -750,6 +751,12 @@ def _evenly_lit(gray: np.ndarray) -> np.ndarray:
 def _median(values: np.ndarray) -> float:
     """The (upper) median, by np.partition: np.median sorts a copy first, ~4x the cost here."""
     return float(np.partition(values, len(values) // 2)[len(values) // 2])
+
+
+def _sigma(off: np.ndarray) -> float:
+    """The standard deviation that deviations ``off`` (absolute) show, robustly: from their median, which a
+    minority of strokes or noise does not move (x 1.4826 for a normal distribution's)."""
+    return 1.4826 * _median(off)
 
 
 def _least_squares(terms: np.ndarray, values: np.ndarray, kept: np.ndarray) -> np.ndarray:
@@ -915,9 +922,14 @@ def _half(h: int, w: int) -> np.ndarray:
     return np.array([h / 2, w / 2], dtype=np.float32)
 
 
+def _ink(gray: np.ndarray, background: float, peak: float) -> np.ndarray:
+    """Which pixels are ink: brighter than ``INK_THRESHOLD`` of the way from background to peak."""
+    return gray > background + INK_THRESHOLD * (peak - background)
+
+
 def _ink_box(gray: np.ndarray, background: float, peak: float) -> tuple[slice, slice]:
-    """The rows and columns of the pixels brighter than ``INK_THRESHOLD`` of the way from background to peak."""
-    ink = gray > background + INK_THRESHOLD * (peak - background)
+    """The rows and columns of the ink (``_ink``)."""
+    ink = _ink(gray, background, peak)
     rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
     return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
 
