@@ -58,9 +58,9 @@ def _ink(digit: np.ndarray) -> np.ndarray:
     return digit.astype(np.float32) / 255
 
 
-def _upscaled(digit: np.ndarray) -> np.ndarray:
-    """The digit's ink ``UPSCALE`` times larger (Lanczos, as a camera sees a smooth stroke), float32 0..1."""
-    side = digit.shape[0] * UPSCALE
+def _upscaled(digit: np.ndarray, side: int = 28 * UPSCALE) -> np.ndarray:
+    """The digit's ink ``side`` pixels square, by default ``UPSCALE`` times MNIST's (Lanczos, as a camera sees a
+    smooth stroke), float32 0..1."""
     big = np.asarray(Image.fromarray(_ink(digit)).resize((side, side), Image.Resampling.LANCZOS))
     return np.clip(big, 0, 1)
 
@@ -92,10 +92,15 @@ def _ink_box(ink: np.ndarray) -> tuple[int, int, int, int]:
     return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
 
 
+def _image(grey: np.ndarray) -> Image.Image:
+    """Grey levels (any float or int array, [h, w] or [h, w, 3]) rounded and clipped to uint8, as an image."""
+    return Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8))
+
+
 def _encode(grey: np.ndarray, fmt: str, **options: Any) -> bytes:
-    """Grey levels (any float or int array, [h, w] or [h, w, 3]) rounded and clipped to uint8, as an image file."""
+    """``_image`` of the grey levels, as an image file."""
     buf = io.BytesIO()
-    Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8)).save(buf, format=fmt, **options)
+    _image(grey).save(buf, format=fmt, **options)
     return buf.getvalue()
 
 
@@ -128,7 +133,7 @@ def noisy_scan(digit: np.ndarray, rng: np.random.Generator) -> bytes:
 def keyed_palette(digit: np.ndarray, rng: np.random.Generator) -> bytes:
     """A paint app's drawing: black strokes on white, saved as a 16-colour palette PNG with white transparent."""
     grey = _on_paper(_on_canvas(_upscaled(digit), 200, rng), paper=255.0, ink_level=0.0)
-    image = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8)).convert("RGB").quantize(16)
+    image = _image(grey).convert("RGB").quantize(16)
     palette = np.asarray(image.getpalette()[:16 * 3]).reshape(16, 3)
     white = int(np.argmax(palette.sum(axis=1)))  # the paper's own colour: most of the image, so quantized exactly
     buf = io.BytesIO()
@@ -164,8 +169,7 @@ def tilted_sheet(digit: np.ndarray, rng: np.random.Generator) -> bytes:
     margin = int(side * rng.uniform(0.08, 0.12))
     paper = np.full((side, side), 35.0, dtype=np.float32)
     paper[margin:side - margin, margin:side - margin] = 220.0
-    sheet = Image.fromarray(np.clip(np.rint(_on_paper(_on_canvas(_upscaled(digit), side, rng), paper, 30.0)), 0, 255)
-                            .astype(np.uint8))
+    sheet = _image(_on_paper(_on_canvas(_upscaled(digit), side, rng), paper, 30.0))
     turned = sheet.rotate(rng.uniform(3, 10) * rng.choice([-1, 1]), Image.Resampling.BILINEAR, fillcolor=35)
     return _encode(_noisy(np.asarray(turned, dtype=np.float32), 4.0, rng), "JPEG", quality=85)
 
@@ -208,7 +212,7 @@ def thin_pen(digit: np.ndarray, rng: np.random.Generator) -> bytes:
 def phone_photo(digit: np.ndarray, rng: np.random.Generator) -> bytes:
     """A phone camera's photo, 1600x1200 JPEG 90: a ~400 px digit on paper lit from one side, sensor noise."""
     height, width, side = 1200, 1600, 400
-    big = np.clip(np.asarray(Image.fromarray(_ink(digit)).resize((side, side), Image.Resampling.LANCZOS)), 0, 1)
+    big = _upscaled(digit, side)
     ink = np.zeros((height, width), dtype=np.float32)
     top, left = (int((n - side) / 2 + rng.uniform(-MAX_OFFSET, MAX_OFFSET) * n) for n in (height, width))
     ink[top:top + side, left:left + side] = big
