@@ -11,7 +11,7 @@ import io
 import os
 import struct
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -190,14 +190,18 @@ def on_paper(digits: np.ndarray) -> np.ndarray:
     return 255 - digits.astype(np.float32) * (225 / 255)
 
 
+def decode_grey_levels(images: Iterable[np.ndarray]) -> np.ndarray:
+    """``decode_all`` of float grey levels, rounded to uint8 PNGs."""
+    return decode_all([encode(np.rint(a).astype(np.uint8)) for a in images])
+
+
 def test_a_sheet_on_a_dark_desk_is_cropped_to(mnist: np.ndarray) -> None:
     """A photo of a sheet (the digit on it) lying on a dark desk: the desk was taken for the background and the
     sheet for ink, so the whole sheet was the digit."""
     sheets = on_paper(pad(mnist))  # 90x75
     photos = np.full((len(sheets), 130, 105), 35, dtype=np.float32)
     photos[:, 12:102, 21:96] = sheets  # desk strips of 12, 28, 21 and 9 pixels
-    errors = aligned_error(decode_all([encode(np.rint(a).astype(np.uint8)) for a in photos]),
-                           training_normalization(mnist))
+    errors = aligned_error(decode_grey_levels(photos), training_normalization(mnist))
     assert errors.mean() < 0.03 and errors.max() < 0.12
 
 
@@ -225,8 +229,7 @@ def test_a_ruled_line_through_the_digit_is_taken_away(mnist: np.ndarray, row: in
     (the worst image here: 0.20)."""
     pages = np.repeat(on_paper(pad(mnist))[..., None], 3, axis=3)
     pages[:, row : row + 2] = np.minimum(pages[:, row : row + 2], np.float32([150, 170, 230]))
-    errors = aligned_error(decode_all([encode(np.rint(a).astype(np.uint8)) for a in pages]),
-                           training_normalization(mnist))
+    errors = aligned_error(decode_grey_levels(pages), training_normalization(mnist))
     assert errors.mean() < 0.03 and errors.max() < 0.3
 
 
@@ -235,8 +238,7 @@ def test_a_forms_box_around_the_digit_is_cropped_to(mnist: np.ndarray) -> None:
     forms = on_paper(pad(mnist, top=20, left=20, size=(68, 68)))
     for side in (np.s_[:, 8:11, 8:60], np.s_[:, 57:60, 8:60], np.s_[:, 8:60, 8:11], np.s_[:, 8:60, 57:60]):
         forms[side] = 60
-    errors = aligned_error(decode_all([encode(np.rint(a).astype(np.uint8)) for a in forms]),
-                           training_normalization(mnist))
+    errors = aligned_error(decode_grey_levels(forms), training_normalization(mnist))
     assert errors.mean() < 0.03 and errors.max() < 0.12
 
 
@@ -248,8 +250,7 @@ def test_digits_cropped_tight_keep_their_straight_strokes(mnist: np.ndarray) -> 
     for a in mnist:
         rows, cols = np.flatnonzero(a.any(axis=1)), np.flatnonzero(a.any(axis=0))
         crops.append(np.kron(on_paper(a[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]), np.ones((3, 3))))
-    errors = aligned_error(decode_all([encode(np.rint(a).astype(np.uint8)) for a in crops]),
-                           training_normalization(mnist))
+    errors = aligned_error(decode_grey_levels(crops), training_normalization(mnist))
     assert errors.mean() < 0.03 and errors.max() < 0.1
 
 
