@@ -63,15 +63,15 @@ NO_WAIT = (0.0,)
 
 class BatchObserver(Protocol):
     """Metrics hooks, called on the event loop: after every model execution, and whenever items enter or
-    leave the queue (as changes, so that the batchers of one model's versions, or of a version and the
-    re-export replacing it, add up in one gauge)."""
+    leave the queue (as changes, so that the batchers of a version and of the re-export replacing it add up in
+    one gauge), each for the model's ``version`` the batcher runs."""
 
-    def observe_batch(self, model: str, size: int, seconds: float, waits: Sequence[float]) -> None:
+    def observe_batch(self, model: str, version: str, size: int, seconds: float, waits: Sequence[float]) -> None:
         """One execution of ``size`` items, which took ``seconds`` from its inputs' assembly to its outputs, and the
         seconds each of its requests waited in the queue before it (0 for a request run at once in its caller's
         task; none for the runs again of a merged batch's requests one by one, whose waits were told with it)."""
 
-    def queue_changed(self, model: str, items: int) -> None: ...
+    def queue_changed(self, model: str, version: str, items: int) -> None: ...
 
 
 @dataclass(eq=False)
@@ -106,6 +106,7 @@ class DynamicBatcher:
         max_delay_ms: float,
         max_queue_items: int,
         name: str = "model",
+        version: str = "",
         observer: BatchObserver | None = None,
         executor: Executor | None = None,
         inline_budget_ms: float = 0.0,
@@ -114,6 +115,7 @@ class DynamicBatcher:
         adaptive: bool = False,
     ):
         self.name = name
+        self.version = version
         self.max_batch_size = max(1, max_batch_size)
         self.chunk_size = max(self.max_batch_size, chunk_size or 0)
         self.max_delay_s = max(0.0, max_delay_ms) / 1000
@@ -429,9 +431,9 @@ class DynamicBatcher:
         if self._observer is None:
             return
         try:
-            getattr(self._observer, hook)(self.name, *args)
+            getattr(self._observer, hook)(self.name, self.version, *args)
         except Exception:  # noqa: BLE001 - metrics must never fail a request or stop the worker
-            log.exception("batch observer failed", extra={"model": self.name})
+            log.exception("batch observer failed", extra={"model": self.name, "version": self.version})
 
 
 class ItemBudget:

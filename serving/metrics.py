@@ -2,8 +2,12 @@
 
 One ``Metrics`` object per server owns its own registry, so tests can run several servers (or build
 one twice) in a process without prometheus-client's duplicate-name errors. Label children are cached
-per (model, rpc): ``Counter.labels`` takes a lock and builds a tuple on every call, and this sits on
-the per-request path.
+per (model, version, rpc): ``Counter.labels`` takes a lock and builds a tuple on every call, and this sits
+on the per-request path.
+
+Every per-model series carries the version too, as Triton's do: while a new version serves beside the old
+one (a canary, a rollback), its errors and latency must not hide in the model's sums. A version's request
+series stay until the process ends, like a retired model's: the labels are the versions loaded, a bounded set.
 
 With ``--workers N`` the server is N processes, and a scrape of one would see a share of the traffic.
 ``WorkerMetrics`` (the supervisor's) uses prometheus-client's multiprocess mode, as gunicorn setups do:
@@ -50,6 +54,9 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5,
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 #: Queue waits and model executions: from a CNN's 25 µs run of one image (and a lone request's zero wait) up.
 DURATION_BUCKETS = (0.0001, 0.00025, *LATENCY_BUCKETS)
+#: The labels of a model version's series, and of a call's (which RPC asked it).
+PER_VERSION = ["model", "version"]
+PER_CALL = [*PER_VERSION, "rpc"]
 
 
 class _BatchChildren(NamedTuple):
@@ -74,84 +81,89 @@ class Metrics:
             collector(registry=reg)
         # A stream's messages count one by one: each is a request with its own answer or error.
         self.requests = Counter("coursezoo_requests", "Requests (unary calls, and each message of a stream), per "
-                                "model and RPC", ["model", "rpc"], registry=reg)
+                                "model version and RPC", PER_CALL, registry=reg)
         self.failures = Counter("coursezoo_request_failures", "Requests answered with an error status (a stream's "
-                                "failed message too, in place or ending the stream)", ["model", "rpc", "code"],
+                                "failed message too, in place or ending the stream)", [*PER_CALL, "code"],
                                 registry=reg)
         self.items = Counter("coursezoo_items", "Items (images, records, texts, batch rows) answered",
-                             ["model", "rpc"], registry=reg)
+                             PER_CALL, registry=reg)
         self.latency = Histogram("coursezoo_request_latency_seconds", "Time from request to response",
-                                 ["model", "rpc"], buckets=LATENCY_BUCKETS, registry=reg)
+                                 PER_CALL, buckets=LATENCY_BUCKETS, registry=reg)
         self.batch_size = Histogram("coursezoo_batch_size", "Items per model execution (dynamic batching)",
-                                    ["model"], buckets=BATCH_BUCKETS, registry=reg)
+                                    PER_VERSION, buckets=BATCH_BUCKETS, registry=reg)
         self.decoders_restarted = Counter("coursezoo_decoder_restarts", "Times the image decoding processes were "
                                           "replaced after one of them died (out of memory, or a crash in a "
                                           "decoder)", registry=reg)
         # Where a request's time goes, as Triton's queue and compute durations: waiting for its batch, or the run.
         self.queue_duration = Histogram("coursezoo_queue_duration_seconds", "Time each request waited in its "
-                                        "model's queue before its batch ran", ["model"], buckets=DURATION_BUCKETS,
-                                        registry=reg)
+                                        "model's queue before its batch ran", PER_VERSION,
+                                        buckets=DURATION_BUCKETS, registry=reg)
         self.compute_duration = Histogram("coursezoo_compute_duration_seconds", "Time each model execution took, "
                                           "from its batch's inputs being ready to its outputs (a wait for a free "
-                                          "run thread included)", ["model"], buckets=DURATION_BUCKETS, registry=reg)
+                                          "run thread included)", PER_VERSION, buckets=DURATION_BUCKETS,
+                                          registry=reg)
         # multiprocess_mode applies only with --workers N (values in files, summed by WorkerMetrics); "live":
         # a worker that has ended no longer counts. Queue depth: the items waiting in all workers.
-        self.queue_depth = Gauge("coursezoo_queue_depth", "Items waiting in a model's batching queues (all its "
-                                 "versions)", ["model"], registry=reg, multiprocess_mode="livesum")
+        self.queue_depth = Gauge("coursezoo_queue_depth", "Items waiting in a model version's batching queue "
+                                 "(sum by model for the model's)", PER_VERSION, registry=reg,
+                                 multiprocess_mode="livesum")
         # Model ready: the smallest over the workers, so it stays 0 or 1 as for one process and turns 0 as soon
         # as one worker has retired the version (the calls that reach that worker fail), not once all have. A
         # worker that could not load a version sets nothing for it: 1 = every worker that loaded it serves it.
-        self.model_ready = Gauge("coursezoo_model_ready", "1 while a model version serves", ["model", "version"],
+        self.model_ready = Gauge("coursezoo_model_ready", "1 while a model version serves", PER_VERSION,
                                  registry=reg, multiprocess_mode="livemin")
-        self._children: dict[tuple[str, str], tuple[Callable[[], None], Callable[[float], None],
-                                                      Callable[[float], None]]] = {}
-        self._batch_children: dict[str, _BatchChildren] = {}
+        self._children: dict[tuple[str, str, str], tuple[Callable[[], None], Callable[[float], None],
+                                                           Callable[[float], None]]] = {}
+        self._batch_children: dict[tuple[str, str], _BatchChildren] = {}
         self._lock = threading.Lock()
 
-    def observe_request(self, model: str, rpc: str, seconds: float, items: int, code: str | None = None) -> None:
-        """Count one finished RPC; ``code`` is the gRPC status name when it failed."""
-        children = self._children.get((model, rpc))
+    def observe_request(self, model: str, version: str, rpc: str, seconds: float, items: int,
+                        code: str | None = None) -> None:
+        """Count one finished RPC of ``model`` at ``version`` ("" for a call of no model or version, such as
+        ServerReady or RepositoryIndex); ``code`` is the gRPC status name when it failed."""
+        key = (model, version, rpc)
+        children = self._children.get(key)
         if children is None:
-            children = (self.requests.labels(model, rpc).inc, self.latency.labels(model, rpc).observe,
-                        self.items.labels(model, rpc).inc)
-            self._children[(model, rpc)] = children
+            children = (self.requests.labels(*key).inc, self.latency.labels(*key).observe, self.items.labels(*key).inc)
+            self._children[key] = children
         inc_requests, observe_latency, inc_items = children
         inc_requests()
         observe_latency(seconds)
         if code is None:
             inc_items(items)
         else:
-            self.failures.labels(model, rpc, code).inc()
+            self.failures.labels(model, version, rpc, code).inc()
 
     def observe_refusal(self, method: str, code: str) -> None:
         """Count an RPC refused before its handler ran: no or a wrong token, bytes that are not its message, a
-        server shutting down. A failed request of no model (``model=""``) and no latency (nothing was served).
+        server shutting down. A failed request of no model or version (``""``) and no latency (nothing was served).
         ``method`` is a served method's path (``/pkg.Service/Name``): a made-up one is UNIMPLEMENTED by gRPC
         before this, so the ``rpc`` label stays bounded."""
         rpc = method.rsplit("/", 1)[-1]
-        self.requests.labels("", rpc).inc()
-        self.failures.labels("", rpc, code).inc()
+        self.requests.labels("", "", rpc).inc()
+        self.failures.labels("", "", rpc, code).inc()
 
-    def observe_batch(self, model: str, size: int, seconds: float, waits: Sequence[float]) -> None:
+    def observe_batch(self, model: str, version: str, size: int, seconds: float, waits: Sequence[float]) -> None:
         """Batcher hook: one model execution of ``size`` items that took ``seconds``, and its requests' waits."""
-        hooks = self._batch_hooks(model)
+        hooks = self._batch_hooks(model, version)
         hooks.batch_size(size)
         hooks.compute(seconds)
         for wait in waits:
             hooks.queue(wait)
 
-    def queue_changed(self, model: str, items: int) -> None:
-        """Batcher hook: ``items`` entered (> 0) or left (< 0) one of the model's queues."""
-        self._batch_hooks(model).queue_depth(items)
+    def queue_changed(self, model: str, version: str, items: int) -> None:
+        """Batcher hook: ``items`` entered (> 0) or left (< 0) the queue of the model's ``version``."""
+        self._batch_hooks(model, version).queue_depth(items)
 
-    def _batch_hooks(self, model: str) -> _BatchChildren:
-        children = self._batch_children.get(model)
+    def _batch_hooks(self, model: str, version: str) -> _BatchChildren:
+        key = (model, version)
+        children = self._batch_children.get(key)
         if children is None:
             with self._lock:
-                children = _BatchChildren(self.batch_size.labels(model).observe, self.queue_depth.labels(model).inc,
-                                          self.compute_duration.labels(model).observe,
-                                          self.queue_duration.labels(model).observe)
-                self._batch_children[model] = children
+                children = _BatchChildren(self.batch_size.labels(*key).observe, self.queue_depth.labels(*key).inc,
+                                          self.compute_duration.labels(*key).observe,
+                                          self.queue_duration.labels(*key).observe)
+                self._batch_children[key] = children
         return children
 
     def set_model_ready(self, model: str, version: str, ready: bool | None) -> None:

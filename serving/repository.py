@@ -435,7 +435,7 @@ class ModelRepository:
             return
         batcher = DynamicBatcher(
             session.run, max_batch_size=settings.max_batch_size, max_delay_ms=settings.max_queue_delay_ms,
-            max_queue_items=settings.max_queue_items, name=name, observer=self._metrics,
+            max_queue_items=settings.max_queue_items, name=name, version=version, observer=self._metrics,
             inline_budget_ms=settings.inline_run_ms, inline_batches=session.provider == CPU,
             chunk_size=settings.max_items_per_request, adaptive=settings.adaptive_queue_delay, executor=self._executor,
         )

@@ -69,11 +69,13 @@ def status_of(exc: BaseException) -> grpc.StatusCode:
 
 
 class Answer(NamedTuple):
-    """A handler's result: the reply, and the model and item count the request is counted under."""
+    """A handler's result: the reply, and the model, item count and version the request is counted under
+    (the version that answered; "" for a call that no version answers)."""
 
     message: Message
     model: str
     items: int
+    version: str = ""
 
 
 class Settings(Protocol):
@@ -136,24 +138,27 @@ async def answer(handler: Handler, rpc_name: str, method: UnaryMethod, request: 
 
     A failure is labelled with the requested model name only if the repository knows that name: any
     other name a client sends (a typo, or a flood of random ones) would become a metrics series of its own
-    for the life of the process. ``context`` is the call's (a stream's, for a request read from one): it tells
-    a deadline that passed from a client that cancelled.
+    for the life of the process; so too its version (``_version_counted``). ``context`` is the call's (a
+    stream's, for a request read from one): it tells a deadline that passed from a client that cancelled.
     """
     start = time.perf_counter()
     try:
         result = await method(handler, request)
     except asyncio.CancelledError:  # the client cancelled or its deadline passed: counted, not logged
-        handler.metrics.observe_request(_known(handler, request, model_field), rpc_name, time.perf_counter() - start,
-                                        0, _cancelled_code(context).name)
+        model = _known(handler, request, model_field)
+        handler.metrics.observe_request(model, _version_counted(handler, model, request), rpc_name,
+                                        time.perf_counter() - start, 0, _cancelled_code(context).name)
         raise
     except Exception as exc:
         code = status_of(exc)
         model = _known(handler, request, model_field)
-        handler.metrics.observe_request(model, rpc_name, time.perf_counter() - start, 0, code.name)
+        handler.metrics.observe_request(model, _version_counted(handler, model, request), rpc_name,
+                                        time.perf_counter() - start, 0, code.name)
         if code is grpc.StatusCode.INTERNAL:
             INTERNAL_ERRORS.log(exc, rpc=rpc_name, model=model, version=_version_asked(request), peer=context.peer())
         raise
-    handler.metrics.observe_request(result.model, rpc_name, time.perf_counter() - start, result.items)
+    handler.metrics.observe_request(result.model, result.version, rpc_name, time.perf_counter() - start,
+                                    result.items)
     return result
 
 
@@ -202,6 +207,19 @@ def _known(handler: Handler, request: Any, model_field: str) -> str:
     """The request's model name if the repository knows it, else ""."""
     name = getattr(request, model_field, "")
     return name if handler.repository.knows(name) else ""
+
+
+def _version_counted(handler: Handler, model: str, request: Any) -> str:
+    """The version a failed request of ``model`` (a name the repository knows, or "") is counted under: the
+    serving version it named, or the one serving its model now when it named none (the one that failed it,
+    unless a swap came in between); "" when there is no such serving version. Only versions that serve become
+    labels, whatever a client sends."""
+    if not model:
+        return ""
+    try:
+        return handler.repository.get(model, _version_asked(request) or None).version
+    except (ModelNotFound, ModelNotReady):
+        return ""
 
 
 #: The most UTF-8 bytes of a status message sent. It travels in a trailer, percent-encoded (each byte beyond

@@ -110,7 +110,7 @@ class ClassifierService(Handler, classifier_pb2_grpc.ClassifierServicer):
                        for p in postprocess.digit_predictions(outputs[model.card.outputs[0].name])]
         reply = pb.ClassifyDigitsResponse(model=model.name, model_version=model.version, predictions=predictions,
                                           id=request.id)
-        return Answer(reply, model.name, len(predictions))
+        return Answer(reply, model.name, len(predictions), model.version)
 
     ClassifyDigits = rpc("ClassifyDigits")(_classify_digits)
 
@@ -146,7 +146,7 @@ class ClassifierService(Handler, classifier_pb2_grpc.ClassifierServicer):
         predictions = [pb.DiabetesPrediction(label=p.label, probability=p.probability)
                        for p in postprocess.diabetes_predictions(outputs[model.card.outputs[0].name])]
         reply = pb.ClassifyDiabetesResponse(model=model.name, model_version=model.version, predictions=predictions)
-        return Answer(reply, model.name, len(predictions))
+        return Answer(reply, model.name, len(predictions), model.version)
 
     @rpc("ClassifySequences")
     async def ClassifySequences(self, request: pb.ClassifySequencesRequest) -> Answer:
@@ -162,7 +162,7 @@ class ClassifierService(Handler, classifier_pb2_grpc.ClassifierServicer):
                                              top=[pb.LabelScore(label=label, score=score) for label, score in p.top])
                        for p in results]
         reply = pb.ClassifySequencesResponse(model=model.name, model_version=model.version, predictions=predictions)
-        return Answer(reply, model.name, len(predictions))
+        return Answer(reply, model.name, len(predictions), model.version)
 
 
 def _decode_image(image: pb.Image, index: int, prep: dict) -> np.ndarray:

@@ -76,10 +76,12 @@ class InferenceService(Handler, inference_pb2_grpc.GRPCInferenceServiceServicer)
     @rpc("ModelReady", model_field="name")
     async def ModelReady(self, request: pb.ModelReadyRequest) -> Answer:
         try:
-            ready = self.repository.get(request.name, request.version or None).ready
+            served = self.repository.get(request.name, request.version or None)
         except (ModelNotFound, ModelNotReady):
-            ready = False
-        return Answer(pb.ModelReadyResponse(ready=ready), request.name if ready else "", 0)
+            return Answer(pb.ModelReadyResponse(ready=False), "", 0)
+        if not served.ready:
+            return Answer(pb.ModelReadyResponse(ready=False), "", 0)
+        return Answer(pb.ModelReadyResponse(ready=True), request.name, 0, served.version)
 
     @rpc("ServerMetadata")
     async def ServerMetadata(self, request: pb.ServerMetadataRequest) -> Answer:
@@ -98,7 +100,7 @@ class InferenceService(Handler, inference_pb2_grpc.GRPCInferenceServiceServicer)
                     for t in card.inputs],
             outputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in card.outputs],
         )
-        return Answer(reply, model.name, 0)
+        return Answer(reply, model.name, 0, model.version)
 
     async def _infer(self, request: pb.ModelInferRequest, *, wait_for_room: bool = False) -> Answer:
         model = self.repository.get(request.model_name, request.model_version or None)
@@ -137,7 +139,7 @@ class InferenceService(Handler, inference_pb2_grpc.GRPCInferenceServiceServicer)
                 reply.raw_output_contents.append(data)
         finally:
             held.let_go()
-        return Answer(reply, model.name, rows)
+        return Answer(reply, model.name, rows, model.version)
 
     ModelInfer = rpc("ModelInfer", model_field="model_name")(_infer)
 
@@ -177,7 +179,7 @@ class InferenceService(Handler, inference_pb2_grpc.GRPCInferenceServiceServicer)
     @rpc("ModelConfig", model_field="name")
     async def ModelConfig(self, request: pb.ModelConfigRequest) -> Answer:
         model = self.repository.get(request.name, request.version or None)
-        return Answer(pb.ModelConfigResponse(config=model_config(model)), model.name, 0)
+        return Answer(pb.ModelConfigResponse(config=model_config(model)), model.name, 0, model.version)
 
     @rpc("ModelStatistics", model_field="name")
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest) -> Answer:

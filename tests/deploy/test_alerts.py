@@ -119,17 +119,24 @@ def latency(model: str, rpc: str, instance: str, slowest: float, per_minute: int
     out = []
     for le in [*LATENCY_BUCKETS, "+Inf"]:
         values = f"0+{per_minute}x30" if le == "+Inf" or le >= slowest else "0x30"
-        out.append((sel("coursezoo_request_latency_seconds_bucket", instance=instance, model=model, rpc=rpc,
-                        le=str(le)), values))
+        out.append((sel("coursezoo_request_latency_seconds_bucket", instance=instance, model=model, version="1",
+                        rpc=rpc, le=str(le)), values))
     return out
 
 
-def failures(model: str, code: str, values: str, instance: str = A, rpc: str = "ClassifyDigits") -> tuple[str, str]:
-    return sel("coursezoo_request_failures_total", instance=instance, model=model, rpc=rpc, code=code), values
+def failures(model: str, code: str, values: str, instance: str = A, rpc: str = "ClassifyDigits",
+             version: str = "1") -> tuple[str, str]:
+    return sel("coursezoo_request_failures_total", instance=instance, model=model, version=version, rpc=rpc,
+               code=code), values
 
 
-def requests(model: str, values: str, instance: str = A, rpc: str = "ClassifyDigits") -> tuple[str, str]:
-    return sel("coursezoo_requests_total", instance=instance, model=model, rpc=rpc), values
+def requests(model: str, values: str, instance: str = A, rpc: str = "ClassifyDigits",
+             version: str = "1") -> tuple[str, str]:
+    return sel("coursezoo_requests_total", instance=instance, model=model, version=version, rpc=rpc), values
+
+
+def queued(model: str, version: str, values: str, instance: str = A) -> tuple[str, str]:
+    return sel("coursezoo_queue_depth", instance=instance, model=model, version=version), values
 
 
 def ready(model: str, version: str, values: str, instance: str = A) -> tuple[str, str]:
@@ -160,11 +167,14 @@ SCENARIOS: dict[str, list[Scenario]] = {
     )],
     "CourseZooInternalErrors": [Scenario(
         series=[(sel("up", instance=A), "1x20"),
-                failures("mnist_cnn", "INTERNAL", "0+60x10 600x10"),  # 1/s for 10 minutes, then none
+                failures("mnist_cnn", "INTERNAL", "0+60x10 600x10", version="2"),  # 1/s for 10 minutes, then none
+                failures("mnist_cnn", "INTERNAL", "5x20"),  # the version before: an old failure, no new ones
                 failures("names_gru", "INTERNAL", "3x20"),  # an old failure, no new ones
-                failures("", "NOT_FOUND", "0+60x20"),  # the client's mistake, not the server's
+                failures("", "NOT_FOUND", "0+60x20", version=""),  # the client's mistake, not the server's
                 failures("mnist_cnn", "UNAVAILABLE", "0+60x20")],
-        checks=[("1m", []), ("10m", [({"job": JOB, "instance": A, "model": "mnist_cnn"}, "1")]), ("20m", [])],
+        # the version that fails is named: a new one beside the old (a canary) shows apart from it
+        checks=[("1m", []), ("10m", [({"job": JOB, "instance": A, "model": "mnist_cnn", "version": "2"}, "1")]),
+                ("20m", [])],
     ), Scenario(
         # The first failure of a (model, rpc) creates its series, which rate() cannot see: it alerted only from
         # the second failure on. A series new within 5 minutes counts too (its value per 5 minutes, as a rate),
@@ -173,8 +183,8 @@ SCENARIOS: dict[str, list[Scenario]] = {
                 failures("hello_rnn", "INTERNAL", "_x5 1x15"),  # one failure at 5m, none after
                 failures("names_gru", "INTERNAL", "2x20"),  # an old series: nothing new
                 failures("mnist_cnn", "INTERNAL", "_x3 4x17", instance=B)],  # old, on a target first seen at 3m
-        checks=[("2m", []), ("5m", []), ("7m", [({"job": JOB, "instance": A, "model": "hello_rnn"}, "3.333m")]),
-                ("12m", [])],
+        checks=[("2m", []), ("5m", []),
+                ("7m", [({"job": JOB, "instance": A, "model": "hello_rnn", "version": "1"}, "3.333m")]), ("12m", [])],
     )],
     "CourseZooUnavailableRatioHigh": [Scenario(
         series=[requests("mnist_cnn", "0+600x30"), failures("mnist_cnn", "UNAVAILABLE", "0+60x30"),  # 10%
@@ -190,10 +200,12 @@ SCENARIOS: dict[str, list[Scenario]] = {
                                       "995ms")])],
     )],
     "CourseZooQueueDepthHigh": [Scenario(
-        series=[(sel("coursezoo_queue_depth", instance=A, model="mnist_cnn"), "0 2000x20"),
-                (sel("coursezoo_queue_depth", instance=A, model="names_gru"), "900x20"),
-                (sel("coursezoo_queue_depth", instance=B, model="mnist_cnn"), "0 4000 0x19")],  # a burst
-        checks=[("3m", []), ("10m", [({"job": JOB, "instance": A, "model": "mnist_cnn"}, "2k")])],
+        series=[queued("mnist_cnn", "1", "0 2000x20"),
+                queued("names_gru", "1", "900x20"),
+                queued("mnist_inception", "1", "600x20"), queued("mnist_inception", "2", "600x20"),  # 1200 in all
+                queued("mnist_cnn", "1", "0 4000 0x19", instance=B)],  # a burst
+        checks=[("3m", []), ("10m", [({"job": JOB, "instance": A, "model": "mnist_cnn"}, "2k"),
+                                     ({"job": JOB, "instance": A, "model": "mnist_inception"}, "1.2k")])],
     )],
     "CourseZooFileDescriptorsNearLimit": [Scenario(
         series=[(sel("process_open_fds", instance=A), "900x20"), (sel("process_max_fds", instance=A), "1000x20"),

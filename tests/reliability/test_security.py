@@ -268,7 +268,8 @@ def test_refused_calls_are_counted_not_logged_at_info(small_repo: Path,
     failures = {line.rpartition(" ")[0]: float(line.rpartition(" ")[2]) for line in proc.metrics().splitlines()
                 if line.startswith("coursezoo_request_failures_total{")}
     for rpc in ("ListModels", "ClassifyDiabetes", "StreamClassifyDigits", "ModelInfer", "ServerReflectionInfo"):
-        assert failures[f'coursezoo_request_failures_total{{code="UNAUTHENTICATED",model="",rpc="{rpc}"}}'] == 3
+        assert failures[f'coursezoo_request_failures_total{{code="UNAUTHENTICATED",model="",rpc="{rpc}",version=""}}'] \
+            == 3
     assert not any("x" * 100 in line for line in failures)
 
 

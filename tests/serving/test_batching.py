@@ -47,16 +47,18 @@ class Recorder:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, int, int]] = []
+        self.queued_for: set[str] = set()
         self.depth = 0
         self.run_s: list[float] = []
         self.waits: list[float] = []
 
-    def observe_batch(self, model: str, size: int, seconds: float, waits: Sequence[float]) -> None:
-        self.calls.append((model, size, self.depth))
+    def observe_batch(self, model: str, version: str, size: int, seconds: float, waits: Sequence[float]) -> None:
+        self.calls.append((f"{model}/{version}", size, self.depth))
         self.run_s.append(seconds)
         self.waits += waits
 
-    def queue_changed(self, model: str, items: int) -> None:
+    def queue_changed(self, model: str, version: str, items: int) -> None:
+        self.queued_for.add(f"{model}/{version}")
         self.depth += items
 
 
@@ -387,7 +389,7 @@ def test_observer_sees_every_batch_and_the_queue_depth() -> None:
 
     async def main() -> None:
         batcher = DynamicBatcher(model, max_batch_size=3, max_delay_ms=0, max_queue_items=100, name="digits",
-                                 observer=recorder)
+                                 version="3", observer=recorder)
         tasks = [await hold_first(batcher, model, x(0))]
         tasks += [asyncio.create_task(batcher.submit(x(i))) for i in range(1, 7)]
         await until(lambda: batcher.queue_depth == 6)
@@ -397,8 +399,8 @@ def test_observer_sees_every_batch_and_the_queue_depth() -> None:
         await asyncio.gather(*tasks)
 
     run(main())
-    assert recorder.calls == [("digits", 1, 6), ("digits", 3, 3), ("digits", 3, 0)]
-    assert recorder.depth == 0
+    assert recorder.calls == [("digits/3", 1, 6), ("digits/3", 3, 3), ("digits/3", 3, 0)]
+    assert recorder.depth == 0 and recorder.queued_for == {"digits/3"}  # each series its model version's
     # each request's wait, once (the first ran at once), and each execution's duration (the first held 50 ms)
     assert len(recorder.waits) == 7 and recorder.waits[0] < 0.05 <= min(recorder.waits[1:])
     assert len(recorder.run_s) == 3 and recorder.run_s[0] >= 0.05
@@ -406,10 +408,10 @@ def test_observer_sees_every_batch_and_the_queue_depth() -> None:
 
 def test_a_failing_observer_does_not_fail_requests() -> None:
     class Broken:
-        def observe_batch(self, model: str, size: int, seconds: float, waits: Sequence[float]) -> None:
+        def observe_batch(self, model: str, version: str, size: int, seconds: float, waits: Sequence[float]) -> None:
             raise ValueError("metrics down")
 
-        def queue_changed(self, model: str, items: int) -> None:
+        def queue_changed(self, model: str, version: str, items: int) -> None:
             raise ValueError("metrics down")
 
     async def main() -> dict[str, np.ndarray]:

@@ -42,13 +42,13 @@ class Metrics:
     """Records the repository's metrics hooks."""
 
     def __init__(self) -> None:
-        self.batches: list[tuple[str, int]] = []
+        self.batches: list[tuple[str, str, int]] = []
         self.ready: list[tuple[str, str, bool]] = []
 
-    def observe_batch(self, model: str, size: int, seconds: float, waits: Sequence[float]) -> None:
-        self.batches.append((model, size))
+    def observe_batch(self, model: str, version: str, size: int, seconds: float, waits: Sequence[float]) -> None:
+        self.batches.append((model, version, size))
 
-    def queue_changed(self, model: str, items: int) -> None:
+    def queue_changed(self, model: str, version: str, items: int) -> None:
         pass
 
     def set_model_ready(self, model: str, version: str, ready: bool | None) -> None:
@@ -113,11 +113,13 @@ def test_start_loads_verifies_and_serves_every_model(repo: Path) -> None:
 
 def test_concurrent_requests_are_batched_and_answered_in_order(repo: Path) -> None:
     metrics = Metrics()
+    answering: list[str] = []  # the version that served
 
     async def main() -> None:
         r = ModelRepository(repo, dataclasses.replace(CPU_SETTINGS, max_queue_delay_ms=20), metrics=metrics)
         await r.start()
         served = r.get("diabetes_mlp")
+        answering.append(served.version)
         requests = [features(1, seed=i) for i in range(64)]
         results = await asyncio.gather(*(served.infer(x) for x in requests))
         want = served.session.run({"features": np.concatenate([x["features"] for x in requests])})["probability"]
@@ -125,8 +127,9 @@ def test_concurrent_requests_are_batched_and_answered_in_order(repo: Path) -> No
         await r.stop()
 
     run(main())
-    sizes = [size for model, size in metrics.batches if model == "diabetes_mlp"]
+    sizes = [size for model, _, size in metrics.batches if model == "diabetes_mlp"]
     assert max(sizes) > 1 and sum(sizes) == 64
+    assert {version for model, version, _ in metrics.batches if model == "diabetes_mlp"} == set(answering)
 
 
 def test_newest_valid_version_serves_and_old_versions_stay_servable(repo: Path) -> None:

@@ -320,19 +320,22 @@ def test_concurrent_requests_form_batches(server: ServerProcess, client: CourseZ
             t.join()
         assert results == [expected] * 640  # batched or not, every caller gets its own row back
         metrics = server.metrics()
-        count = float(re.search(r'coursezoo_batch_size_count\{model="diabetes_mlp"\} (\S+)', metrics).group(1))
-        single = float(re.search(r'coursezoo_batch_size_bucket\{le="1.0",model="diabetes_mlp"\} (\S+)',
+        count = float(re.search(r'coursezoo_batch_size_count\{model="diabetes_mlp",version="1"\} (\S+)',
+                                metrics).group(1))
+        single = float(re.search(r'coursezoo_batch_size_bucket\{le="1.0",model="diabetes_mlp",version="1"\} (\S+)',
                                  metrics).group(1))
         if single < count:
             break
     assert single < count, "no execution ran more than one request"
-    assert re.search(r'coursezoo_requests_total\{model="diabetes_mlp",rpc="ClassifyDiabetes"\} (\d+)', metrics)
+    assert re.search(r'coursezoo_requests_total\{model="diabetes_mlp",rpc="ClassifyDiabetes",version="1"\} (\d+)',
+                     metrics)
     assert re.search(r'coursezoo_request_latency_seconds_bucket\{.*model="diabetes_mlp"', metrics)
-    assert re.search(r'coursezoo_queue_depth\{model="diabetes_mlp"\}', metrics)
+    assert re.search(r'coursezoo_queue_depth\{model="diabetes_mlp",version="1"\}', metrics)
     assert re.search(r"^coursezoo_decoder_restarts_total 0\.0$", metrics, re.MULTILINE)  # none died here
     # where the time went, per request (queue) and per execution (compute), as Triton's queue and compute durations
-    queued = float(re.search(r'coursezoo_queue_duration_seconds_count\{model="diabetes_mlp"\} (\S+)', metrics).group(1))
-    computed = float(re.search(r'coursezoo_compute_duration_seconds_count\{model="diabetes_mlp"\} (\S+)',
+    queued = float(re.search(r'coursezoo_queue_duration_seconds_count\{model="diabetes_mlp",version="1"\} (\S+)',
+                             metrics).group(1))
+    computed = float(re.search(r'coursezoo_compute_duration_seconds_count\{model="diabetes_mlp",version="1"\} (\S+)',
                                metrics).group(1))
     assert queued >= 1 + 640 * rounds and computed == count  # every request, the first one's too; every execution
 
@@ -340,12 +343,12 @@ def test_concurrent_requests_form_batches(server: ServerProcess, client: CourseZ
 def test_failures_are_counted_per_model_and_code(server: ServerProcess, client: CourseZooClient) -> None:
     _status(lambda: client.classify_diabetes([[0.0]], model="diabetes_mlp"))
     assert re.search(r'coursezoo_request_failures_total\{code="INVALID_ARGUMENT",model="diabetes_mlp",'
-                     r'rpc="ClassifyDiabetes"\} [1-9]', server.metrics())
+                     r'rpc="ClassifyDiabetes",version="1"\} [1-9]', server.metrics())
 
 
 def test_requests_that_are_not_their_message_are_counted(server: ServerProcess) -> None:
     """Refused before any handler runs (the handlers count calls), so they were in no metric."""
-    series = 'coursezoo_request_failures_total{code="INVALID_ARGUMENT",model="",rpc="ClassifyDigits"}'
+    series = 'coursezoo_request_failures_total{code="INVALID_ARGUMENT",model="",rpc="ClassifyDigits",version=""}'
 
     def count() -> float:
         return next((float(line.rpartition(" ")[2]) for line in server.metrics().splitlines()

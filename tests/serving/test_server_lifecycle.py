@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
+import numpy as np
 import onnx
 import onnx.numpy_helper
 import pytest
@@ -135,6 +136,41 @@ def test_latest_versions_serves_the_newest_and_says_so(tmp_path: Path, source: P
     assert policy.WhichOneof("policy_choice") == "latest" and policy.latest.num_versions == 1
 
 
+def test_each_version_is_counted_in_its_own_series(tmp_path: Path, source: Path,
+                                                  start_server: Callable[..., ServerProcess]) -> None:
+    """While two versions serve (a canary beside the old one), their calls, items, failures and batches are told
+    apart, as Triton's metrics are: a call pinned to a version counts under it, any other under the version that
+    answered it (the newest), and one that names a version that does not serve under "", whatever it sent."""
+    for version in ("1", "2"):
+        add_version(tmp_path, source, version)
+    server = start_server(tmp_path)
+    with CourseZooClient(server.target) as client:
+        assert client.classify_diabetes([RECORD, RECORD]).model_version == "2"
+        assert client.classify_diabetes([RECORD], version="1").model_version == "1"
+        for version in ("", "1", "99"):  # one feature of 8: INVALID_ARGUMENT; no version 99: NOT_FOUND
+            with pytest.raises(grpc.RpcError):
+                client.classify_diabetes([[0.0]], model=MODEL, version=version)
+    features = triton.InferInput("features", [3, 8], "FP32")
+    features.set_data_from_numpy(np.tile(np.float32(RECORD), (3, 1)))
+    assert triton.InferenceServerClient(server.target).infer(MODEL, [features], model_version="1") \
+        .get_response().model_version == "1"
+    series = {line.rpartition(" ")[0]: float(line.rpartition(" ")[2]) for line in server.metrics().splitlines()
+              if line.startswith("coursezoo_")}
+    call = f'model="{MODEL}",rpc="ClassifyDiabetes"'
+    assert series[f"coursezoo_requests_total{{{call},version=\"2\"}}"] == 2
+    assert series[f"coursezoo_requests_total{{{call},version=\"1\"}}"] == 2
+    assert series[f"coursezoo_items_total{{{call},version=\"2\"}}"] == 2
+    assert series[f"coursezoo_items_total{{{call},version=\"1\"}}"] == 1
+    failures = "coursezoo_request_failures_total{code="
+    for version in ("1", "2"):
+        assert series[f'{failures}"INVALID_ARGUMENT",{call},version="{version}"}}'] == 1
+    assert series[f'{failures}"NOT_FOUND",{call},version=""}}'] == 1
+    assert series[f'coursezoo_items_total{{model="{MODEL}",rpc="ModelInfer",version="1"}}'] == 3
+    assert series[f'coursezoo_batch_size_sum{{model="{MODEL}",version="1"}}'] == 1 + 3
+    assert series[f'coursezoo_batch_size_sum{{model="{MODEL}",version="2"}}'] == 2
+    assert not any('version="99"' in name for name in series)
+
+
 def test_hot_reload_new_version_and_broken_version(scratch: tuple[Path, ServerProcess], source: Path) -> None:
     repo, proc = scratch
     triton_client = triton.InferenceServerClient(proc.target)
@@ -205,7 +241,7 @@ def test_sigterm_finishes_in_flight_work_and_exits_zero(start_server: Callable[.
 
     def queue_depth() -> str | None:
         return next((line.rsplit(" ", 1)[1] for line in proc.metrics().splitlines()
-                     if line.startswith(f'coursezoo_queue_depth{{model="{MODEL}"}} ')), None)
+                     if line.startswith(f'coursezoo_queue_depth{{model="{MODEL}",version="1"}} ')), None)
 
     with CourseZooClient(proc.target) as client:
         record = pb.DiabetesRecord(features=RECORD)
@@ -244,9 +280,11 @@ def test_calls_cut_off_by_the_end_of_the_grace_period_are_a_warning(start_server
                                                        timeout=30)
 
         futures = [call(1)]
-        wait_for(lambda: f'coursezoo_queue_depth{{model="{MODEL}"}}' in proc.metrics(), "the first call to queue")
+        wait_for(lambda: f'coursezoo_queue_depth{{model="{MODEL}",version="1"}}' in proc.metrics(),
+                 "the first call to queue")
         futures.append(call(2))
-        wait_for(lambda: f'coursezoo_queue_depth{{model="{MODEL}"}} 2.0' in proc.metrics(), "the second to queue")
+        wait_for(lambda: f'coursezoo_queue_depth{{model="{MODEL}",version="1"}} 2.0' in proc.metrics(),
+                 "the second to queue")
         assert proc.stop(signal.SIGTERM) == 0
         assert all(f.exception(timeout=30) is not None for f in futures)
     lines = [json.loads(line) for line in proc.output.splitlines() if line.startswith("{")]

@@ -98,8 +98,8 @@ def answered_by(workers: list[int], target: str) -> list[int]:
 
 
 def requests_counted(metrics: str) -> float:
-    return sum(float(v) for v in re.findall(r'^coursezoo_requests_total\{model="diabetes_mlp",rpc="ClassifyDiabetes"\} '
-                                            r"(\S+)$", metrics, re.MULTILINE))
+    return sum(float(v) for v in re.findall(r'^coursezoo_requests_total\{model="diabetes_mlp",rpc="ClassifyDiabetes",'
+                                            r'version="\d+"\} (\S+)$', metrics, re.MULTILINE))
 
 
 def test_two_workers_share_the_port_and_stop_cleanly(repo: Path, tmp_path: Path) -> None:
