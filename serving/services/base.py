@@ -14,6 +14,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from typing import Any, NamedTuple, Protocol, TypeVar
 
 import grpc
@@ -102,6 +103,13 @@ class Handler:
         if served.card.task not in tasks:
             raise InputError(f"model {served.name!r} is a {served.card.task} model; {rpc} needs a "
                              f"{' or '.join(tasks)} model")
+        return self.chose(served)
+
+    @staticmethod
+    def chose(served: ServedModel) -> ServedModel:
+        """Note ``served`` as the version this call runs on: a failure from here on counts under it (``answer``),
+        the default model's too for a call that named none."""
+        _CHOSEN.set(served)
         return served
 
     async def infer(self, served: ServedModel, inputs: Mapping[str, np.ndarray], *, pinned: bool,
@@ -119,7 +127,7 @@ class Handler:
             if now is served or (now.card.inputs, now.card.preprocessing) != (served.card.inputs,
                                                                              served.card.preprocessing):
                 raise
-            return now, await now.infer(inputs, wait_for_room=wait_for_room)
+            return now, await self.chose(now).infer(inputs, wait_for_room=wait_for_room)
 
     def check_count(self, n: int, what: str) -> None:
         if n == 0:
@@ -131,32 +139,38 @@ class Handler:
 
 UnaryMethod = Callable[[Any, Any], Awaitable[Answer]]
 
+#: The model version the call being answered runs on (``Handler.chose``); each call, a stream's requests too, runs
+#: in a task of its own, with its own value.
+_CHOSEN: ContextVar[ServedModel | None] = ContextVar("coursezoo_chosen_version", default=None)
+
 
 async def answer(handler: Handler, rpc_name: str, method: UnaryMethod, request: Any, model_field: str = "model", *,
                  context: grpc.aio.ServicerContext) -> Answer:
     """Run ``method(handler, request)`` and record it in the metrics; exceptions propagate unchanged.
 
-    A failure is labelled with the requested model name only if the repository knows that name: any
-    other name a client sends (a typo, or a flood of random ones) would become a metrics series of its own
-    for the life of the process; so too its version (``_version_counted``). ``context`` is the call's (a
-    stream's, for a request read from one): it tells a deadline that passed from a client that cancelled.
+    A failure is counted under the model version its handler had chosen (``Handler.chose``) when it failed; one
+    that failed before (no such model or version, none serving) under the requested model name, if the
+    repository knows that name, and version "": any other name or version a client sends (a typo, or a flood of
+    random ones) would become a metrics series of its own for the life of the process. ``context`` is the call's
+    (a stream's, for a request read from one): it tells a deadline that passed from a client that cancelled.
     """
     start = time.perf_counter()
+    chosen = _CHOSEN.set(None)
     try:
         result = await method(handler, request)
     except asyncio.CancelledError:  # the client cancelled or its deadline passed: counted, not logged
-        model = _known(handler, request, model_field)
-        handler.metrics.observe_request(model, _version_counted(handler, model, request), rpc_name,
+        handler.metrics.observe_request(*_counted(handler, request, model_field), rpc_name,
                                         time.perf_counter() - start, 0, _cancelled_code(context).name)
         raise
     except Exception as exc:
         code = status_of(exc)
-        model = _known(handler, request, model_field)
-        handler.metrics.observe_request(model, _version_counted(handler, model, request), rpc_name,
-                                        time.perf_counter() - start, 0, code.name)
+        model, version = _counted(handler, request, model_field)
+        handler.metrics.observe_request(model, version, rpc_name, time.perf_counter() - start, 0, code.name)
         if code is grpc.StatusCode.INTERNAL:
             INTERNAL_ERRORS.log(exc, rpc=rpc_name, model=model, version=_version_asked(request), peer=context.peer())
         raise
+    finally:
+        _CHOSEN.reset(chosen)
     handler.metrics.observe_request(result.model, result.version, rpc_name, time.perf_counter() - start,
                                     result.items)
     return result
@@ -209,17 +223,12 @@ def _known(handler: Handler, request: Any, model_field: str) -> str:
     return name if handler.repository.knows(name) else ""
 
 
-def _version_counted(handler: Handler, model: str, request: Any) -> str:
-    """The version a failed request of ``model`` (a name the repository knows, or "") is counted under: the
-    serving version it named, or the one serving its model now when it named none (the one that failed it,
-    unless a swap came in between); "" when there is no such serving version. Only versions that serve become
-    labels, whatever a client sends."""
-    if not model:
-        return ""
-    try:
-        return handler.repository.get(model, _version_asked(request) or None).version
-    except (ModelNotFound, ModelNotReady):
-        return ""
+def _counted(handler: Handler, request: Any, model_field: str) -> tuple[str, str]:
+    """The model and version a failed call counts under (``answer``)."""
+    chosen = _CHOSEN.get()
+    if chosen is not None:
+        return chosen.name, chosen.version
+    return _known(handler, request, model_field), ""
 
 
 #: The most UTF-8 bytes of a status message sent. It travels in a trailer, percent-encoded (each byte beyond

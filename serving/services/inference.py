@@ -103,7 +103,7 @@ class InferenceService(Handler, inference_pb2_grpc.GRPCInferenceServiceServicer)
         return Answer(reply, model.name, 0, model.version)
 
     async def _infer(self, request: pb.ModelInferRequest, *, wait_for_room: bool = False) -> Answer:
-        model = self.repository.get(request.model_name, request.model_version or None)
+        model = self.chose(self.repository.get(request.model_name, request.model_version or None))
         check_request_parameters(request.parameters)
         inputs = squeeze_item_scalars(decode_inputs(request.inputs, request.raw_input_contents, self.shared_memory,
                                                     model.card.inputs), model.card.inputs)

@@ -139,17 +139,18 @@ def test_latest_versions_serves_the_newest_and_says_so(tmp_path: Path, source: P
 def test_each_version_is_counted_in_its_own_series(tmp_path: Path, source: Path,
                                                   start_server: Callable[..., ServerProcess]) -> None:
     """While two versions serve (a canary beside the old one), their calls, items, failures and batches are told
-    apart, as Triton's metrics are: a call pinned to a version counts under it, any other under the version that
-    answered it (the newest), and one that names a version that does not serve under "", whatever it sent."""
+    apart, as Triton's metrics are: a call counts under the version that answered it, or, failing, the one it was
+    to run on (the default model's for a call that names none), and one that names a version that does not serve
+    under "", whatever it sent."""
     for version in ("1", "2"):
         add_version(tmp_path, source, version)
     server = start_server(tmp_path)
     with CourseZooClient(server.target) as client:
         assert client.classify_diabetes([RECORD, RECORD]).model_version == "2"
         assert client.classify_diabetes([RECORD], version="1").model_version == "1"
-        for version in ("", "1", "99"):  # one feature of 8: INVALID_ARGUMENT; no version 99: NOT_FOUND
-            with pytest.raises(grpc.RpcError):
-                client.classify_diabetes([[0.0]], model=MODEL, version=version)
+        for model, version in (("", ""), (MODEL, ""), (MODEL, "1"), (MODEL, "99")):
+            with pytest.raises(grpc.RpcError):  # one feature of 8: INVALID_ARGUMENT; no version 99: NOT_FOUND
+                client.classify_diabetes([[0.0]], model=model, version=version)
     features = triton.InferInput("features", [3, 8], "FP32")
     features.set_data_from_numpy(np.tile(np.float32(RECORD), (3, 1)))
     assert triton.InferenceServerClient(server.target).infer(MODEL, [features], model_version="1") \
@@ -157,13 +158,13 @@ def test_each_version_is_counted_in_its_own_series(tmp_path: Path, source: Path,
     series = {line.rpartition(" ")[0]: float(line.rpartition(" ")[2]) for line in server.metrics().splitlines()
               if line.startswith("coursezoo_")}
     call = f'model="{MODEL}",rpc="ClassifyDiabetes"'
-    assert series[f"coursezoo_requests_total{{{call},version=\"2\"}}"] == 2
+    assert series[f"coursezoo_requests_total{{{call},version=\"2\"}}"] == 3
     assert series[f"coursezoo_requests_total{{{call},version=\"1\"}}"] == 2
     assert series[f"coursezoo_items_total{{{call},version=\"2\"}}"] == 2
     assert series[f"coursezoo_items_total{{{call},version=\"1\"}}"] == 1
     failures = "coursezoo_request_failures_total{code="
-    for version in ("1", "2"):
-        assert series[f'{failures}"INVALID_ARGUMENT",{call},version="{version}"}}'] == 1
+    assert series[f'{failures}"INVALID_ARGUMENT",{call},version="1"}}'] == 1
+    assert series[f'{failures}"INVALID_ARGUMENT",{call},version="2"}}'] == 2  # the default model's too
     assert series[f'{failures}"NOT_FOUND",{call},version=""}}'] == 1
     assert series[f'coursezoo_items_total{{model="{MODEL}",rpc="ModelInfer",version="1"}}'] == 3
     assert series[f'coursezoo_batch_size_sum{{model="{MODEL}",version="1"}}'] == 1 + 3
