@@ -29,7 +29,7 @@ import numpy as np
 from serving.batching import BatcherClosed, BatchObserver, DynamicBatcher
 from serving.card import CARD_FILE, ONNX_FILE, VERSION_DIR, CardError, ModelCard, preference, version_dirs
 from serving.preprocess import InputError, quote
-from serving.runtime import CPU, OnnxModel, ProviderError
+from serving.runtime import CPU, OnnxModel, ProviderError, device_for
 from serving.statistics import InferenceStatistics
 
 log = logging.getLogger("coursezoo.repository")
@@ -102,13 +102,16 @@ CARD_OVERRIDES = {"max_batch_size": int, "max_queue_delay_ms": float, "adaptive_
 
 def settings_for(settings: Any, card: ModelCard) -> ServingSettings:
     """The settings one model runs with: ``settings`` (a ServingSettings, or any object with its fields,
-    such as the server's own settings) overridden by the card's ``serving`` dict."""
+    such as the server's own settings) overridden by the card's ``serving`` dict (its ``device``, "cpu" or
+    "auto", by ``runtime.device_for``)."""
     values = {f.name: getattr(settings, f.name) for f in dataclasses.fields(ServingSettings)}
-    unknown = sorted(set(card.serving) - set(CARD_OVERRIDES))
+    known = {*CARD_OVERRIDES, "device"}
+    unknown = sorted(set(card.serving) - known)
     if unknown:
-        raise CardError(f"{card.name}/{card.version}: unknown serving keys {unknown}; known: {sorted(CARD_OVERRIDES)}")
+        raise CardError(f"{card.name}/{card.version}: unknown serving keys {unknown}; known: {sorted(known)}")
+    values["device"] = device_for(values["device"], card)
     try:
-        values.update({k: CARD_OVERRIDES[k](v) for k, v in card.serving.items()})
+        values.update({k: CARD_OVERRIDES[k](v) for k, v in card.serving.items() if k != "device"})
         return ServingSettings(**values)
     except (TypeError, ValueError) as e:
         raise CardError(f"{card.name}/{card.version}: bad serving value: {e}") from e

@@ -26,6 +26,11 @@ from serving.workers import cores
 log = logging.getLogger("coursezoo.runtime")
 
 DEVICES = ("auto", "cpu", "cuda")
+#: What a card's ``serving.device`` may say. "cpu" runs the model on the CPU whatever device the process runs models
+#: on, as Triton's instance group of KIND_CPU does: for a model too small for a GPU to pay. On an H200 the diabetes
+#: MLP's ORT CUDA runs were 0.10-0.26x its CPU runs at batches 1 to 1024 (docs/performance.md). "auto", the
+#: default, follows the process.
+CARD_DEVICES = ("auto", "cpu")
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
@@ -70,6 +75,15 @@ SLICE_ITEMS = 64
 #: a lane and back (in-process, diabetes_mlp 1024: 80M items/s whole, 3.3M in 16 slices); the digit models and
 #: the GRU take 0.3-7 ms.
 SLICE_WORTH_S = 100e-6
+
+
+def device_for(device: str, card: ModelCard) -> str:
+    """The device ``card``'s model runs on in a process that runs models on ``device`` (``CARD_DEVICES``)."""
+    asked = card.serving.get("device", "auto")
+    if asked not in CARD_DEVICES:
+        raise CardError(f"{card.name}/{card.version}: bad serving value: device {asked!r}: expected one of "
+                        f"{', '.join(CARD_DEVICES)} (cpu: on the CPU whatever --device says)")
+    return "cpu" if asked == "cpu" else device
 
 
 class ProviderError(RuntimeError):

@@ -243,6 +243,22 @@ def test_a_device_that_cannot_run_fails_once_not_as_a_broken_version(batch: Batc
     assert "broken model version" not in run.err
 
 
+def test_a_card_that_says_cpu_runs_there_whatever_the_device(batch: Batch, tmp_path: Path) -> None:
+    """A card's ``serving.device`` "cpu" (Triton's KIND_CPU, for a model too small for a GPU to pay) holds for the
+    batch CLI as for the server: ``--device cuda`` runs it on the CPU, here where CUDA cannot run at all. Any other
+    value is a broken version, named with the values expected."""
+    (tmp_path / "names.txt").write_text("Nakamura\n")
+    for version, device in (("1", "cpu"), ("2", "gpu")):
+        repo = tmp_path / f"repo{version}"
+        shutil.copytree(EXPORTED / "names_gru" / "1", repo / "names_gru" / "1")
+        card = json.loads((repo / "names_gru" / "1" / "model.json").read_text())
+        (repo / "names_gru" / "1" / "model.json").write_text(json.dumps({**card, "serving": {"device": device}}))
+    run = batch(tmp_path / "names.txt", "--repo", tmp_path / "repo1", "--device", "cuda", out=tmp_path / "a.csv")
+    assert run.code == 0 and run.rows[0]["prediction"] == "Japanese"
+    run = batch(tmp_path / "names.txt", "--repo", tmp_path / "repo2", "--device", "cuda", out=tmp_path / "b.csv")
+    assert run.code == 1 and "bad serving value: device 'gpu': expected one of auto, cpu" in run.err
+
+
 def test_runs_without_pyarrow_and_says_what_a_uri_needs(names_rows: list[tuple[str, str]], tmp_path: Path) -> None:
     """The server image (which also runs the compose batch job) has no pyarrow: it comes with the ray extra.
     Local inputs must classify without it; an s3:// input must say what is missing instead of crashing."""

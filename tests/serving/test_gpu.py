@@ -6,6 +6,8 @@ within 1e-4; the tolerances below are that promise.
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -13,6 +15,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnxruntime as ort
 import pytest
+import tritonclient.grpc as triton
+from tritonclient.grpc import model_config_pb2 as mc
 
 from serving.client import CourseZooClient
 
@@ -66,3 +70,24 @@ def test_gpu_answers_match_cpu(gpu_client: CourseZooClient, client: CourseZooCli
         assert [p.digit for p in gpu_digits] == [p.digit for p in cpu_digits]
         np.testing.assert_allclose([p.probabilities for p in gpu_digits], [p.probabilities for p in cpu_digits],
                                    atol=1e-4)
+
+
+def test_a_card_that_says_cpu_stays_on_the_cpu(exported_repo: Path, tmp_path: Path,
+                                                start_server: Callable[..., ServerProcess]) -> None:
+    """A card's ``serving.device`` "cpu" (Triton's KIND_CPU) keeps its model on the CPU of a ``--device cuda``
+    server, and says so (ListModels' provider, ModelConfig's instance group); the other models run on the GPU."""
+    reason = _cuda_unusable(exported_repo)
+    if reason:
+        pytest.skip(reason)
+    for name in ("diabetes_mlp", "names_gru"):
+        shutil.copytree(exported_repo / name, tmp_path / name)
+    card_path = max((tmp_path / "diabetes_mlp").glob("[0-9]*/model.json"))
+    card_path.write_text(json.dumps({**json.loads(card_path.read_text()), "serving": {"device": "cpu"}}))
+    server = start_server(tmp_path, "--device", "cuda")
+    with CourseZooClient(server.target, timeout=60) as client:
+        assert {m.name: m.provider for m in client.list_models()} == {"diabetes_mlp": "CPUExecutionProvider",
+                                                                      "names_gru": "CUDAExecutionProvider"}
+        assert client.classify_diabetes([[0.1] * 8]).model == "diabetes_mlp"
+    groups = {name: triton.InferenceServerClient(server.target).get_model_config(name).config.instance_group[0].kind
+              for name in ("diabetes_mlp", "names_gru")}
+    assert groups == {"diabetes_mlp": mc.ModelInstanceGroup.KIND_CPU, "names_gru": mc.ModelInstanceGroup.KIND_GPU}

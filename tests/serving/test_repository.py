@@ -29,6 +29,7 @@ from serving.repository import (
     ModelNotReady,
     ModelRepository,
     ServingSettings,
+    settings_for,
 )
 from serving.runtime import CPU, OnnxModel, ProviderError
 
@@ -585,6 +586,7 @@ def test_card_serving_hints_override_the_settings(repo: Path) -> None:
                     edit=lambda c: dataclasses.replace(c, serving={"max_queue_items": 0}))
         add_version(repo, "diabetes_mlp", "7",  # NaN is never below a least value
                     edit=lambda c: dataclasses.replace(c, serving={"max_queue_delay_ms": float("nan")}))
+        add_version(repo, "diabetes_mlp", "8", edit=lambda c: dataclasses.replace(c, serving={"device": "gpu"}))
         r = ModelRepository(repo, CPU_SETTINGS)
         await r.start()
         assert r.get("diabetes_mlp", "2").settings.max_batch_size == 4
@@ -595,9 +597,21 @@ def test_card_serving_hints_override_the_settings(repo: Path) -> None:
         assert "bad serving value: 'false' is not true or false" in reasons["5"]
         assert "bad serving value: max_queue_items 0: expected a number of at least 1" in reasons["6"]
         assert "bad serving value: max_queue_delay_ms nan: expected a number of at least 0" in reasons["7"]
+        assert "bad serving value: device 'gpu': expected one of auto, cpu" in reasons["8"]
         await r.stop()
 
     run(main())
+
+
+def test_a_card_that_says_cpu_runs_on_the_cpu_on_a_gpu_server() -> None:
+    """``serving.device`` "cpu" is Triton's KIND_CPU: the model runs on the CPU whatever the server's --device (a
+    model too small for a GPU to pay); "auto", or no word, follows the server."""
+    card = ModelCard.load(max((EXPORTED / "diabetes_mlp").glob("[0-9]*")))
+    for server in ("auto", "cuda"):
+        settings = dataclasses.replace(CPU_SETTINGS, device=server)
+        assert settings_for(settings, dataclasses.replace(card, serving={"device": "cpu"})).device == "cpu"
+        assert settings_for(settings, dataclasses.replace(card, serving={"device": "auto"})).device == server
+        assert settings_for(settings, card).device == server
 
 
 def test_cuda_device_without_cuda_fails_start_loudly(repo: Path) -> None:

@@ -27,7 +27,7 @@ from serving.batch.engines.models import find_model
 from serving.batch.prepare import Preparer
 from serving.batch.types import Failure, Prediction
 from serving.card import CardError, ModelCard
-from serving.runtime import CPU, OnnxModel, ProviderError
+from serving.runtime import CPU, OnnxModel, ProviderError, device_for
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,8 @@ class LocalEngine:
             # session only checks the file and picks the device.
             threads = threads or 1
         try:
-            self.model = OnnxModel(card.verify_file(directory), card, device=device, intra_op_threads=threads)
+            self.model = OnnxModel(card.verify_file(directory), card, device=device_for(device, card),
+                                   intra_op_threads=threads)
         except CardError as e:
             raise BrokenVersion(str(e)) from e
         except ProviderError as e:  # the device, not this version: no other version would run either
