@@ -6,8 +6,9 @@ per (model, version, rpc): ``Counter.labels`` takes a lock and builds a tuple on
 on the per-request path.
 
 Every per-model series carries the version too, as Triton's do: while a new version serves beside the old
-one (a canary, a rollback), its errors and latency must not hide in the model's sums. A version's request
-series stay until the process ends, like a retired model's: the labels are the versions loaded, a bounded set.
+one (a canary, a rollback), its errors and latency must not hide in the model's sums. A version that leaves
+the repository takes its series with it (``set_model_ready(..., None)``): a server that takes a new export
+every night would otherwise keep a year of versions' series.
 
 With ``--workers N`` the server is N processes, and a scrape of one would see a share of the traffic.
 ``WorkerMetrics`` (the supervisor's) uses prometheus-client's multiprocess mode, as gunicorn setups do:
@@ -115,6 +116,7 @@ class Metrics:
         self._children: dict[tuple[str, str, str], tuple[Callable[[], None], Callable[[float], None],
                                                            Callable[[float], None]]] = {}
         self._batch_children: dict[tuple[str, str], _BatchChildren] = {}
+        self._failure_labels: set[tuple[str, str, str, str]] = set()  # (model, version, rpc, code) counted
         self._lock = threading.Lock()
 
     def observe_request(self, model: str, version: str, rpc: str, seconds: float, items: int,
@@ -132,7 +134,8 @@ class Metrics:
         if code is None:
             inc_items(items)
         else:
-            self.failures.labels(model, version, rpc, code).inc()
+            self._failure_labels.add((*key, code))
+            self.failures.labels(*key, code).inc()
 
     def observe_refusal(self, method: str, code: str) -> None:
         """Count an RPC refused before its handler ran: no or a wrong token, bytes that are not its message, a
@@ -168,15 +171,33 @@ class Metrics:
 
     def set_model_ready(self, model: str, version: str, ready: bool | None) -> None:
         """1 while the version serves, 0 while it does not (unloaded, failed to load); ``None``: the version
-        is gone from the repository or held back by ``latest_versions``, and its series with it. Left at 0,
-        every version ever retired fired an alert on ``coursezoo_model_ready == 0`` for good. With
-        ``--workers N`` a series stays at its last value until the server restarts: prometheus-client's
-        multiprocess files keep what a worker removes."""
+        is gone from the repository or held back by ``latest_versions``, and every series of it goes with it
+        (``_forget``). Left at 0, every version ever retired fired an alert on ``coursezoo_model_ready == 0`` for
+        good. With ``--workers N`` a series stays at its last value until the server restarts:
+        prometheus-client's multiprocess files keep what a worker removes."""
         if ready is None:
-            with contextlib.suppress(KeyError):  # never set: it failed to load, or the version was unloaded
-                self.model_ready.remove(model, version)
+            self._forget(model, version)
         else:
             self.model_ready.labels(model, version).set(1 if ready else 0)
+
+    def _forget(self, model: str, version: str) -> None:
+        """Remove the series of a version that has left the repository, and their cached children: a version
+        whose folder comes back (a rollback undone) is counted afresh. The repository retires a version (its
+        queue drained) before this; a reply still on its way out then would bring a series of it back."""
+        with self._lock:
+            removals: list[tuple[Any, tuple[str, ...]]] = [(self.model_ready, (model, version))]
+            if self._batch_children.pop((model, version), None) is not None:
+                removals += [(metric, (model, version)) for metric in (self.batch_size, self.queue_depth,
+                                                                       self.compute_duration, self.queue_duration)]
+            for key in [key for key in self._children if key[:2] == (model, version)]:
+                del self._children[key]
+                removals += [(metric, key) for metric in (self.requests, self.latency, self.items)]
+            for labels in [labels for labels in self._failure_labels if labels[:2] == (model, version)]:
+                self._failure_labels.discard(labels)
+                removals.append((self.failures, labels))
+            for metric, labels in removals:
+                with contextlib.suppress(KeyError):  # never set: it failed to load, or was unloaded before
+                    metric.remove(*labels)
 
     def serve(self, port: int, host: str) -> WSGIServer:
         """Start the ``/metrics`` HTTP endpoint in a daemon thread; port 0 binds an ephemeral port."""

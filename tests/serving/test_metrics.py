@@ -26,6 +26,30 @@ def test_a_gone_versions_series_leaves_the_metrics() -> None:
         'coursezoo_model_ready{model="m",version="2"} 0.0']
 
 
+def test_a_gone_version_takes_every_series_with_it() -> None:
+    """Each series of a version goes with it (a server that takes a new export every night would otherwise keep a
+    year of versions' series), the others stay, and a version whose folder comes back is counted afresh."""
+    metrics = Metrics()
+    for version in ("1", "2"):
+        metrics.set_model_ready("m", version, True)
+        metrics.observe_request("m", version, "ClassifyDigits", 0.001, 3)
+        metrics.observe_request("m", version, "ModelInfer", 0.001, 0, "INTERNAL")
+        metrics.observe_batch("m", version, 3, 0.001, [0.0])
+        metrics.queue_changed("m", version, 1)
+    metrics.observe_request("", "", "ServerReady", 0.001, 0)
+
+    def series(version: str) -> list[str]:
+        return [line for line in generate_latest(metrics.registry).decode().splitlines()
+                if line.startswith("coursezoo_") and f'version="{version}"' in line]
+
+    kept, no_version = series("2"), series("")
+    metrics.set_model_ready("m", "1", None)
+    assert series("1") == [] and series("2") == kept and series("") == no_version
+    metrics.set_model_ready("m", "1", True)
+    metrics.observe_request("m", "1", "ClassifyDigits", 0.001, 5)
+    assert 'coursezoo_items_total{model="m",rpc="ClassifyDigits",version="1"} 5.0' in series("1")
+
+
 def test_the_process_is_described_too() -> None:
     """Memory, descriptors, CPU and start time (restarts): what an operator watches for leaks."""
     text = generate_latest(Metrics().registry).decode()

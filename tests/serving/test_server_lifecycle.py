@@ -144,7 +144,7 @@ def test_each_version_is_counted_in_its_own_series(tmp_path: Path, source: Path,
     under "", whatever it sent."""
     for version in ("1", "2"):
         add_version(tmp_path, source, version)
-    server = start_server(tmp_path)
+    server = start_server(tmp_path, "--poll-interval-s", "0.2")
     with CourseZooClient(server.target) as client:
         assert client.classify_diabetes([RECORD, RECORD]).model_version == "2"
         assert client.classify_diabetes([RECORD], version="1").model_version == "1"
@@ -170,6 +170,9 @@ def test_each_version_is_counted_in_its_own_series(tmp_path: Path, source: Path,
     assert series[f'coursezoo_batch_size_sum{{model="{MODEL}",version="1"}}'] == 1 + 3
     assert series[f'coursezoo_batch_size_sum{{model="{MODEL}",version="2"}}'] == 2
     assert not any('version="99"' in name for name in series)
+    shutil.rmtree(tmp_path / MODEL / "1")  # retired on the next poll, and its series with it
+    wait_for(lambda: 'version="1"' not in server.metrics(), "version 1's series to go")
+    assert f'coursezoo_items_total{{{call},version="2"}} 2.0' in server.metrics()
 
 
 def test_hot_reload_new_version_and_broken_version(scratch: tuple[Path, ServerProcess], source: Path) -> None:
