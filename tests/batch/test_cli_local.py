@@ -4,6 +4,7 @@ overwrite refusal, resume after a kill, CSV and text inputs."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ from coursezoo import cli
 from serving.batch.engines import EngineError
 from serving.batch.engines.local import LocalEngine
 from serving.batch.output import BASE_COLUMNS, partial_path
+from serving.card import ModelCard
 from serving.preprocess import DEFAULT_MAX_IMAGE_PIXELS
 from tests.batch.conftest import BROKEN_DIGITS, Run, digit_label, read_rows
 from tests.conftest import EXPORTED, REPO_ROOT
@@ -250,9 +252,8 @@ def test_a_card_that_says_cpu_runs_there_whatever_the_device(batch: Batch, tmp_p
     (tmp_path / "names.txt").write_text("Nakamura\n")
     for version, device in (("1", "cpu"), ("2", "gpu")):
         repo = tmp_path / f"repo{version}"
-        shutil.copytree(EXPORTED / "names_gru" / "1", repo / "names_gru" / "1")
-        card = json.loads((repo / "names_gru" / "1" / "model.json").read_text())
-        (repo / "names_gru" / "1" / "model.json").write_text(json.dumps({**card, "serving": {"device": device}}))
+        version_dir = shutil.copytree(EXPORTED / "names_gru" / "1", repo / "names_gru" / "1")
+        dataclasses.replace(ModelCard.load(version_dir), serving={"device": device}).save(version_dir)
     run = batch(tmp_path / "names.txt", "--repo", tmp_path / "repo1", "--device", "cuda", out=tmp_path / "a.csv")
     assert run.code == 0 and run.rows[0]["prediction"] == "Japanese"
     run = batch(tmp_path / "names.txt", "--repo", tmp_path / "repo2", "--device", "cuda", out=tmp_path / "b.csv")

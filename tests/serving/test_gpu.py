@@ -6,7 +6,7 @@ within 1e-4; the tolerances below are that promise.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +18,7 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.grpc import model_config_pb2 as mc
 
+from serving.card import ModelCard
 from serving.client import CourseZooClient
 
 if TYPE_CHECKING:
@@ -81,8 +82,8 @@ def test_a_card_that_says_cpu_stays_on_the_cpu(exported_repo: Path, tmp_path: Pa
         pytest.skip(reason)
     for name in ("diabetes_mlp", "names_gru"):
         shutil.copytree(exported_repo / name, tmp_path / name)
-    card_path = max((tmp_path / "diabetes_mlp").glob("[0-9]*/model.json"))
-    card_path.write_text(json.dumps({**json.loads(card_path.read_text()), "serving": {"device": "cpu"}}))
+    version_dir = max((tmp_path / "diabetes_mlp").glob("[0-9]*"), key=lambda p: int(p.name))
+    dataclasses.replace(ModelCard.load(version_dir), serving={"device": "cpu"}).save(version_dir)
     server = start_server(tmp_path, "--device", "cuda")
     with CourseZooClient(server.target, timeout=60) as client:
         assert {m.name: m.provider for m in client.list_models()} == {"diabetes_mlp": "CPUExecutionProvider",
