@@ -29,9 +29,9 @@ from serving.batch import pipeline, sources
 from serving.batch.discover import check_inputs, infer_kind, iter_files
 from serving.batch.engines import Engine
 from serving.batch.items import LABELLED_KINDS, iter_items
-from serving.batch.output import FORMATS, ResultWriter, check_target, columns, make_row, partial_path
+from serving.batch.output import FORMATS, RenderedRows, ResultWriter, check_target, columns, partial_path
 from serving.batch.summary import Summary
-from serving.batch.types import KINDS, BatchError, Failure, Item, Prediction
+from serving.batch.types import KINDS, BatchError, Item
 from serving.preprocess import DEFAULT_MAX_IMAGE_PIXELS
 from serving.workers import cores
 
@@ -193,7 +193,7 @@ def main(args: argparse.Namespace) -> int:
         writer = ResultWriter(args.out, fmt, cols, overwrite=args.overwrite, resume=args.resume)
         summary = Summary(str(writer.out), engine.description, engine.labels, resumed=writer.kept,
                           resumed_failed=writer.done_failed)
-        _classify(args, engine, workers if engine.kind == "digits" else None, writer, summary, cols)
+        _classify(args, engine, workers if engine.kind == "digits" else None, writer, summary)
     except BatchError as e:
         print(f"coursezoo batch: error: {e}{_kept(writer)}", file=sys.stderr)
         return EXIT_FATAL
@@ -319,23 +319,23 @@ def _own_files(args: argparse.Namespace) -> set[str]:
 
 
 def _classify(args: argparse.Namespace, engine: Engine | RayEngine, workers: pipeline.Workers | None,
-              writer: ResultWriter, summary: Summary, cols: list[str]) -> None:
+              writer: ResultWriter, summary: Summary) -> None:
     bar = tqdm(unit="item", dynamic_ncols=True, disable=not sys.stderr.isatty())
     if not bar.disable:  # the total is counted on the side, so the first results are not held back for it
         threading.Thread(target=_count_total, args=(bar, _todo(args, engine.kind, writer)), daemon=True).start()
 
-    def on_batch(pairs: list[tuple[Item, Prediction | Failure]]) -> None:
-        writer.write([make_row(item, outcome, cols) for item, outcome in pairs])
-        for item, outcome in pairs:
-            summary.add(item, outcome)
-        bar.update(len(pairs))
+    def write(rows: RenderedRows) -> None:
+        writer.write(rows)
+        summary.tally.merge(rows.tally)
+        bar.update(rows.count)
 
     todo = _todo(args, engine.kind, writer, warn_skipped=True)
     with bar:
         if args.engine == "ray":
-            engine.run(todo, batch_size=args.batch_size, on_batch=on_batch)
+            engine.run(todo, batch_size=args.batch_size, on_batch=lambda pairs: write(writer.format.render(pairs)))
         else:
-            pipeline.run(todo, engine, batch_size=args.batch_size, workers=workers, on_batch=on_batch)
+            pipeline.run(todo, engine, batch_size=args.batch_size, workers=workers, finish=writer.format.render,
+                         on_batch=write)
     summary.finish()
     writer.commit()
 

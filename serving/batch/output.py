@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import os
 import re
 import shutil
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from serving.batch.summary import Tally
 from serving.batch.types import BatchError, Failure, Item, Prediction
 
 BASE_COLUMNS = ("path", "prediction", "confidence", "error", "model", "model_version")
@@ -72,6 +75,37 @@ def make_row(item: Item, outcome: Prediction | Failure, cols: Sequence[str]) -> 
         if f"top{k}" in row:
             row[f"top{k}"], row[f"top{k}_score"] = label, round(score, 6)
     return row
+
+
+@dataclass(frozen=True)
+class RenderedRows:
+    """A batch's rows as text of the results file, and what they add to the summary."""
+
+    text: str
+    count: int
+    tally: Tally = field(default_factory=Tally)
+
+
+@dataclass(frozen=True)
+class RowFormat:
+    """Turns a batch's (item, outcome) pairs into the results file's text; picklable, so that a worker process
+    that classified a batch renders it too and this process, which lists every input and writes every row,
+    only writes (on many cores it was the ceiling: ~30 µs of its CPU an image, 25-33k images/s on 16 cores)."""
+
+    fmt: str
+    cols: tuple[str, ...]
+
+    def render(self, pairs: Sequence[tuple[Item, Prediction | Failure]]) -> RenderedRows:
+        tally = Tally()
+        rows = []
+        for item, outcome in pairs:
+            rows.append(make_row(item, outcome, self.cols))
+            tally.add(item, outcome)
+        if self.fmt == "csv":
+            text = io.StringIO()
+            csv.writer(text).writerows(row.values() for row in rows)  # None is written as "", as DictWriter does
+            return RenderedRows(text.getvalue(), len(rows), tally)
+        return RenderedRows("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), len(rows), tally)
 
 
 def partial_path(out: Path) -> Path:
@@ -125,9 +159,9 @@ class ResultWriter:
             where = f"{e.filename}: " if e.filename and str(e.filename) != str(self.partial) else ""
             raise OutputError(f"cannot write the results to {self.partial} ({where}{e.strerror or e}): expected a "
                               "path in a folder that exists or can be made, writable by this user") from e
-        self._csv = csv.DictWriter(self._file, self.cols) if fmt == "csv" else None
-        if fresh and self._csv:
-            self._csv.writeheader()
+        self.format = RowFormat(fmt, tuple(self.cols))
+        if fresh and fmt == "csv":
+            csv.writer(self._file).writerow(self.cols)
             self._file.flush()
 
     def _read_done(self, path: Path) -> None:
@@ -173,24 +207,22 @@ class ResultWriter:
 
     def has(self, item_id: str) -> bool:
         """Whether the output already holds a row for ``item_id`` (``--resume`` skips it)."""
-        return path_text(item_id) in self.done
+        return bool(self.done) and path_text(item_id) in self.done
 
     @property
     def rows(self) -> int:
         """Rows in the output so far: those found by ``--resume`` and those written since."""
         return self.kept + self._written
 
-    def write(self, rows: Sequence[dict[str, Any]]) -> None:
-        """Append a batch of rows and flush them to the OS, so a crash after this call keeps them."""
+    def write(self, rows: RenderedRows) -> None:
+        """Append a batch of rows (``format.render``) and flush them to the OS, so a crash after this call keeps
+        them."""
         try:
-            if self._csv:
-                self._csv.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
-            else:
-                self._file.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+            self._file.write(rows.text)
             self._file.flush()
         except OSError as e:  # a full disk, a quota: the rows flushed before stay, resumable
             raise OutputError(f"cannot write results to {self.partial}: {e.strerror or e}") from e
-        self._written += len(rows)
+        self._written += rows.count
 
     def commit(self) -> None:
         """Make the results durable and visible under ``<out>`` in one atomic step."""

@@ -8,9 +8,7 @@ items travel raw: the server owns the preprocessing of the model it serves.
 
 from __future__ import annotations
 
-import os
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,9 +38,7 @@ class PreparedBatch:
     """
 
     outcomes: list[Failure | None]
-    # the ready items' inputs, collated for one model call, or the model's output for them when the worker
-    # ran it (``Preparer.model``); None when no item is ready
-    inputs: Any
+    inputs: Any  # the ready items' inputs, collated for one model call; None when no item is ready
 
     @property
     def ready(self) -> int:
@@ -56,9 +52,6 @@ class Preparer:
     kind: str
     preprocessing: dict[str, Any] | None = None  # a model card's; None: leave it to the server
     max_image_pixels: int = preprocess.DEFAULT_MAX_IMAGE_PIXELS
-    # run on the collated inputs in the worker too (the local engine's CPU model, which keeps the tensors
-    # from crossing the process boundary); None: the engine runs the model
-    model: Callable[[Any], Any] | None = None
 
     def __call__(self, items: list[Item]) -> PreparedBatch:
         if self.kind == "digits":  # a process-wide Pillow setting: set where the decoding happens
@@ -70,8 +63,7 @@ class Preparer:
         inputs = [v for v in values if not isinstance(v, Failure)]
         if not inputs:
             return PreparedBatch(outcomes, None)
-        collated = self._collate(inputs)
-        return PreparedBatch(outcomes, self.model(collated) if self.model else collated)
+        return PreparedBatch(outcomes, self._collate(inputs))
 
     def _collate(self, inputs: list[Any]) -> Any:
         """Tensors are stacked into one array, which crosses the process boundary as a single buffer."""
@@ -128,12 +120,9 @@ def _column(item: Item, feature: int) -> str:
 
 def _read_file(path: str) -> bytes | Failure:
     try:
-        with sources.open_file(path) as f:
-            size = f.seek(0, os.SEEK_END)
-            f.seek(0)
-            if size > MAX_FILE_BYTES:
-                return Failure(TOO_LARGE, f"{size:,} bytes: at most {MAX_FILE_BYTES:,} are read")
-            data = f.read()
+        data = sources.read_file(path, MAX_FILE_BYTES)
+    except sources.FileTooLarge as e:
+        return Failure(TOO_LARGE, f"{e.size:,} bytes: at most {MAX_FILE_BYTES:,} are read")
     except OSError as e:
         return Failure("unreadable file", e.strerror or str(e))
     return data if data else Failure("empty file", "the file has no content")

@@ -55,11 +55,8 @@ def open_file(path: str) -> BinaryIO:
     would wait for a writer) and checked before anything is read; raises ``NotRegularFile`` if it is not one.
     """
     if not is_uri(path):
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        fd, _ = _open_regular(path)
         try:
-            what = special(os.fstat(fd).st_mode)
-            if what:
-                raise NotRegularFile(f"not a regular file but {what}")
             os.set_blocking(fd, True)  # the flag was for the open: reads stay ordinary blocking reads
             return open(fd, "rb")
         except BaseException:
@@ -67,6 +64,65 @@ def open_file(path: str) -> BinaryIO:
             raise
     filesystem, key = _resolve(path)
     return io.BufferedReader(filesystem.open_input_file(key))  # type: ignore[arg-type]
+
+
+#: the least ``read_file`` asks of one read
+READ_CHUNK = 1 << 16
+
+
+class FileTooLarge(Exception):
+    """A file over the size ``read_file`` was given: ``size`` bytes, or more (one that grew while read)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(f"{size:,} bytes")
+        self.size = size
+
+
+def read_file(path: str, limit: int) -> bytes:
+    """A whole file or object of at most ``limit`` bytes, checked before it is read (``FileTooLarge``).
+
+    An image is read whole, so a local one goes straight through system calls: open, fstat, read to the
+    end, close, ~11 µs for an MNIST PNG where a buffered file object (``open_file``, which adds a fcntl
+    pair, a second fstat and two seeks) took ~28 on a 2-core host, a sixth of all the work per image.
+    ``O_NONBLOCK`` stays set: reads of a regular file never block anyway, and nothing else is read.
+    """
+    if is_uri(path):
+        with open_file(path) as f:
+            size = f.seek(0, os.SEEK_END)
+            if size > limit:
+                raise FileTooLarge(size)
+            f.seek(0)
+            return f.read()
+    fd, size = _open_regular(path)
+    try:
+        if size > limit:
+            raise FileTooLarge(size)
+        chunks, total = [], 0
+        # the rest and one byte more: a read and the read that finds the end (a pseudo file that tells no size:
+        # 64 KiB at a time)
+        while chunk := os.read(fd, max(size - total + 1, READ_CHUNK)):
+            total += len(chunk)
+            if total > limit:  # the file grew since fstat, or it is a pseudo file that tells no size
+                raise FileTooLarge(total)
+            chunks.append(chunk)
+        return b"".join(chunks) if len(chunks) != 1 else chunks[0]
+    finally:
+        os.close(fd)
+
+
+def _open_regular(path: str) -> tuple[int, int]:
+    """A local regular file's descriptor (opened without blocking: a named pipe's open would wait for a
+    writer) and its size; raises ``NotRegularFile`` for anything else, checked before a byte is read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        what = special(st.st_mode)
+        if what:
+            raise NotRegularFile(f"not a regular file but {what}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st.st_size
 
 
 def exists(uri: str) -> bool:

@@ -289,15 +289,16 @@ def test_workers_check_the_model_file_they_load(tmp_path: Path) -> None:
     for folder in ("good", "replaced"):
         engine = LocalEngine.open(tmp_path / folder, "mnist_cnn", None, device="cpu", top_k=0,
                                   max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS, decode_workers=2)
-        worker_model = engine.preparer.model
-        assert worker_model is not None
+        worker_classify = engine.worker_classify
+        assert worker_classify is not None
         if folder == "good":
-            np.testing.assert_allclose(worker_model(digits), engine.model.run({"image": digits})["logits"],
-                                       rtol=1e-5, atol=1e-5)
+            answers, own = worker_classify(digits), engine.classify(digits)
+            assert [a.label for a in answers] == [a.label for a in own]
+            np.testing.assert_allclose([a.confidence for a in answers], [a.confidence for a in own], rtol=1e-5)
         else:
             shutil.copy(EXPORTED / "mnist_softmax" / "1" / "model.onnx", tmp_path / folder / "mnist_cnn" / "1")
             with pytest.raises(EngineError, match="does not match the card"):
-                worker_model(digits)
+                worker_classify(digits)
 
 
 def test_the_course_names_file_reports_accuracy(batch: Batch, names_rows: list[tuple[str, str]],

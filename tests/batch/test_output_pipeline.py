@@ -7,13 +7,14 @@ import os
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from serving.batch import pipeline
-from serving.batch.output import OutputError, ResultWriter, columns, make_row, partial_path
+from serving.batch.output import OutputError, ResultWriter, columns, partial_path
 from serving.batch.prepare import PreparedBatch, Preparer
 from serving.batch.types import BatchError, Failure, Item, Prediction
 from tests.batch.conftest import read_rows
@@ -21,16 +22,16 @@ from tests.batch.conftest import read_rows
 COLS = columns(top_k=1, with_label=False)
 
 
-def _rows(*ids: str) -> list[dict[str, Any]]:
-    return [make_row(Item(i), Prediction("7", 0.5, "m", "1", (("7", 0.5),)) if i != "bad" else Failure("x", "y"),
-                     COLS) for i in ids]
+def _write(writer: ResultWriter, *ids: str) -> None:
+    writer.write(writer.format.render([(Item(i), Prediction("7", 0.5, "m", "1", (("7", 0.5),)) if i != "bad"
+                                        else Failure("x", "y")) for i in ids]))
 
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])
 def test_rows_appear_only_on_commit_and_resume_continues_a_torn_partial(tmp_path: Path, fmt: str) -> None:
     out = tmp_path / f"results.{fmt}"
     writer = ResultWriter(out, fmt, COLS, overwrite=False, resume=False)
-    writer.write(_rows("a", "bad"))
+    _write(writer, "a", "bad")
     writer.close()  # a crash: nothing committed, the partial file keeps the rows
     assert not out.exists()
     partial = partial_path(out)
@@ -40,7 +41,7 @@ def test_rows_appear_only_on_commit_and_resume_continues_a_torn_partial(tmp_path
         ResultWriter(out, fmt, COLS, overwrite=False, resume=False)
     resumed = ResultWriter(out, fmt, COLS, overwrite=False, resume=True)
     assert resumed.done == {"a", "bad"} and resumed.done_failed == 1
-    resumed.write(_rows("c"))
+    _write(resumed, "c")
     resumed.commit()
     assert not partial.exists()
     rows = read_rows(out)
@@ -54,7 +55,7 @@ def test_resume_of_a_finished_file_and_of_other_columns(tmp_path: Path, fmt: str
     a CSV's header and a JSON Lines file's first keys are checked alike."""
     out = tmp_path / f"results.{fmt}"
     writer = ResultWriter(out, fmt, COLS, overwrite=False, resume=False)
-    writer.write(_rows("a"))
+    _write(writer, "a")
     writer.commit()
     before = out.read_bytes()
     with pytest.raises(OutputError, match=f"{out} has the columns .*top1_score, this run writes .*top2_score"):
@@ -62,12 +63,12 @@ def test_resume_of_a_finished_file_and_of_other_columns(tmp_path: Path, fmt: str
     assert out.read_bytes() == before and not partial_path(out).exists()  # a refused resume changes nothing
     again = ResultWriter(out, fmt, COLS, overwrite=False, resume=True)
     assert again.done == {"a"}
-    again.write(_rows("b"))
+    _write(again, "b")
     again.commit()
     assert [r["path"] for r in read_rows(out)] == ["a", "b"]
     fresh = ResultWriter(out, fmt, COLS, overwrite=True, resume=False)
     assert out.read_bytes().count(b"\n") == 2 + (fmt == "csv")  # --overwrite replaces the file only on commit
-    fresh.write(_rows("z"))
+    _write(fresh, "z")
     fresh.commit()
     assert [r["path"] for r in read_rows(out)] == ["z"]
 
@@ -90,26 +91,47 @@ def test_ordered_map_keeps_order_and_a_bounded_window() -> None:
             assert taken - consumed <= 3
 
 
-class _Echo:
-    """A fake engine: the label of an item is its text; one failure per batch shows where answers go."""
+def _echo(inputs: list[str]) -> list[Prediction | Failure]:
+    """A fake model: the label of an input is its text, "x" is refused."""
+    return [Failure("refused", t) if t == "x" else Prediction(t, 1.0, "echo", "1") for t in inputs]
 
+
+def _where(pairs: list[tuple[Item, Any]]) -> tuple[int, list[tuple[Item, Any]]]:
+    """A ``finish`` that tells which process classified the batch."""
+    return os.getpid(), pairs
+
+
+@dataclass
+class _Echo:
+    """A fake engine; with ``worker_classify`` a worker process classifies and finishes its batches."""
+
+    worker_classify: Any = None
     kind, labels, description, concurrency = "names", (), "echo", 2
     preparer = Preparer("names")
 
     def classify(self, inputs: list[str]) -> list[Prediction | Failure]:
-        return [Failure("refused", t) if t == "x" else Prediction(t, 1.0, "echo", "1") for t in inputs]
+        return _echo(inputs)
 
     def close(self) -> None: ...
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_pipeline_answers_every_item_once_in_order(workers: int) -> None:
+@pytest.mark.parametrize(("workers", "in_workers"), [(0, False), (2, False), (2, True), (0, True)])
+def test_pipeline_answers_every_item_once_in_order(workers: int, in_workers: bool) -> None:
+    """The same answers, in order, wherever the batches are prepared and classified; an engine that can classify
+    in the workers does so there, ``finish`` included, and in this process when there are none."""
     items = [Item(f"f:{i}", data=str(i % 7) if i % 11 else "x", failure=Failure("empty line", "") if i % 13 == 0
                   else None) for i in range(1, 300)]
     seen: list[tuple[Item, Any]] = []
+    pids: set[int] = set()
+
+    def on_batch(result: tuple[int, list[tuple[Item, Any]]]) -> None:
+        pids.add(result[0])
+        seen.extend(result[1])
+
     pool = pipeline.Workers(workers) if workers else None
     try:
-        pipeline.run(iter(items), _Echo(), batch_size=16, workers=pool, on_batch=seen.extend)
+        pipeline.run(iter(items), _Echo(_echo if in_workers else None), batch_size=16, workers=pool, finish=_where,
+                     on_batch=on_batch)
     finally:
         if pool:
             pool.close()
@@ -121,6 +143,7 @@ def test_pipeline_answers_every_item_once_in_order(workers: int) -> None:
             assert outcome == Failure("refused", "x")
         else:
             assert isinstance(outcome, Prediction) and outcome.label == item.data
+    assert os.getpid() not in pids if workers and in_workers else pids == {os.getpid()}
 
 
 def test_output_that_cannot_be_written_or_resumed_is_an_output_error(tmp_path: Path) -> None:
@@ -131,7 +154,7 @@ def test_output_that_cannot_be_written_or_resumed_is_an_output_error(tmp_path: P
         ResultWriter(tmp_path / "d.csv" / "x.csv", "csv", COLS, overwrite=False, resume=False)
     out = tmp_path / "results.jsonl"
     writer = ResultWriter(out, "jsonl", COLS, overwrite=False, resume=False)
-    writer.write(_rows("a"))
+    _write(writer, "a")
     writer.commit()
     good = out.read_bytes()
     for line, error in ((b"not json\n", "is not JSON"), (b"[1]\n", "is not a results row")):
@@ -150,7 +173,7 @@ def test_paths_that_are_not_utf8_are_written_losslessly_and_resumed(tmp_path: Pa
     odd, lookalike, accented = os.fsdecode(b"d/caf\xe9.png"), "d/caf\\xe9.png", "d/caf\u00e9 \\n.png"
     out = tmp_path / f"results.{fmt}"
     writer = ResultWriter(out, fmt, COLS, overwrite=False, resume=False)
-    writer.write(_rows(odd, lookalike, accented))
+    _write(writer, odd, lookalike, accented)
     writer.commit()
     paths = [r["path"] for r in read_rows(out)]
     assert paths == ["d/caf\\xe9.png", "d/caf\\x5cxe9.png", "d/caf\u00e9 \\n.png"]
@@ -168,11 +191,10 @@ def test_an_engine_answering_another_number_of_inputs_stops_the_batch() -> None:
     """Each answer goes to the next ready item's row: one answer too few raised StopIteration inside a generator
     (a RuntimeError traceback, no rows), one too many was dropped unseen. Any engine, whatever it checked."""
 
-    class Short:
-        def classify(self, inputs: list[str]) -> list[Prediction]:
-            return [Prediction("7", 0.5, "m", "1", ()) for _ in inputs[1:]]
+    def short(inputs: list[str]) -> list[Prediction]:
+        return [Prediction("7", 0.5, "m", "1", ()) for _ in inputs[1:]]
 
     items = [Item("a"), Item("b"), Item("c")]
     batch = PreparedBatch([None, Failure("x", "y"), None], ["a", "c"])
     with pytest.raises(BatchError, match="answered 1 of 2 inputs"):
-        pipeline._classify(Short(), items, batch)
+        pipeline._classify(short, items, batch)

@@ -99,3 +99,20 @@ def test_opening_refuses_what_is_not_a_regular_file_without_blocking(folder: Pat
         assert str(prepared.outcomes[0]) == f"unreadable file: not a regular file but {what}"
     with sources.open_file(str(folder / "a.png")) as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_read_file_reads_whole_files_up_to_the_limit(tmp_path: Path) -> None:
+    """The images' read: a file of exactly ``limit`` bytes whole, one byte more refused before it is read with its
+    size; a pseudo file that states no size (``/proc``) read to its end, and refused once past the limit."""
+    data = os.urandom(3 * sources.READ_CHUNK + 5)
+    (tmp_path / "big.bin").write_bytes(data)
+    assert sources.read_file(str(tmp_path / "big.bin"), len(data)) == data
+    with pytest.raises(sources.FileTooLarge) as refused:
+        sources.read_file(str(tmp_path / "big.bin"), len(data) - 1)
+    assert refused.value.size == len(data)
+    maps = Path("/proc/self/maps")
+    assert maps.stat().st_size == 0
+    text = sources.read_file(str(maps), 1 << 24)
+    assert text.endswith(b"\n") and b"python" in text
+    with pytest.raises(sources.FileTooLarge):
+        sources.read_file(str(maps), 100)

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import pytest
 from bench import batch_cli, exports, harness, inprocess, report
 from bench import data as bench_data
 from bench.stats import PERCENTILE_MIN_CALLS, summarize
-from serving.batch.summary import Summary
+from serving.batch.summary import Summary, Tally
 from tests.conftest import DATA_MIRROR, EXPORTED, REPO_ROOT
 
 
@@ -61,7 +62,8 @@ def test_full_fp32_turns_torchs_tf32_off_and_back() -> None:
 
 def test_batch_cli_throughput_comes_from_its_rate() -> None:
     """2,000 items in 0.095 s print as "0.10 s" (20,000 items/s): the rate line says 21,052.6."""
-    summary = Summary(out="out.csv", engine="local", classified=2000, started=0.0, finished=0.095)
+    summary = Summary(out="out.csv", engine="local", tally=Tally(classes=Counter({"7": 2000})), started=0.0,
+                      finished=0.095)
     items, seconds = batch_cli.throughput(summary.render()) or (0, 0.0)
     assert items == 2000
     assert items / seconds == pytest.approx(2000 / 0.095, rel=1e-5)

@@ -5,17 +5,17 @@ only encodes texts/records, runs ONNX Runtime on large batches and turns outputs
 ``serving.postprocess``, exactly as the server's handlers do.
 
 On the CPU, digits go further in the workers: each runs the model itself, one ONNX Runtime thread per
-worker, right after decoding a batch (``WorkerModel``). The model's output (10 floats an image) then
-crosses the process boundary instead of the tensor (784), and this process, which also reads the file
-list and writes every row, is no longer the bottleneck. Measured on 2 cores, 20,000 MNIST PNGs:
-17,500 -> 20,400 images/s (docs/performance.md). On a GPU this process keeps the one CUDA session.
+worker, right after decoding a batch, and answers it there (``WorkerClassifier``; the pipeline renders the
+rows there too). Only the rows' text crosses back, and this process, which also lists the inputs and
+writes every row, is no longer the bottleneck (docs/performance.md). On a GPU this process keeps the one
+CUDA session.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +58,9 @@ class LocalEngine:
         self.top_k = top_k
         self.preparer = Preparer(card.task, card.preprocessing, max_image_pixels)
         self.description = f"{card.name} v{card.version}, local ONNX Runtime, {self.model.provider}"
+        self.worker_classify: WorkerClassifier | None = None
         if card.task == "digits" and decode_workers and self.model.provider == CPU:
-            self.preparer = replace(self.preparer, model=WorkerModel(str(directory), card, threads))
+            self.worker_classify = WorkerClassifier(str(directory), card, threads or 1, top_k)
             self.description += f" in {decode_workers} worker processes"
 
     @classmethod
@@ -81,22 +82,17 @@ class LocalEngine:
         card, prep = self.card, self.card.preprocessing
         first, output = card.inputs[0].name, card.outputs[0].name
         if self.kind == "digits":
-            probabilities = inputs if self.preparer.model else self.model.run({first: inputs})[output]
-            results = postprocess.digit_predictions(probabilities)
-            return [self._answer(self.labels[r.digit], r.confidence, r.probabilities) for r in results]
+            return digit_answers(card, self.model.run({first: inputs})[output], self.top_k)
         outputs = self.model.run(preprocess.model_inputs(card, inputs))[output]
         if self.kind == "diabetes":
             results = postprocess.diabetes_predictions(outputs)
-            return [self._answer(self.labels[r.label], *diabetes_answer(r.label, r.probability)) for r in results]
+            return [_answer(card, self.labels[r.label], *diabetes_answer(r.label, r.probability), self.top_k)
+                    for r in results]
         if self.kind == "names":
             results = postprocess.names_predictions(outputs, self.labels, max(self.top_k, 1))
         else:
             results = postprocess.hello_predictions(outputs, inputs, prep["vocabulary"])
         return [Prediction(r.label, r.confidence, card.name, card.version, r.top[: self.top_k]) for r in results]
-
-    def _answer(self, label: str, confidence: float, scores: Sequence[float]) -> Prediction:
-        return Prediction(label, confidence, self.card.name, self.card.version,
-                          top_classes(scores, self.labels, self.top_k))
 
     def close(self) -> None:
         """Nothing to release: the session goes with the process."""
@@ -106,15 +102,26 @@ class BrokenVersion(EngineError):
     """A model version whose files fail their card's check: ``open`` goes on to an older version."""
 
 
+def digit_answers(card: ModelCard, probabilities: np.ndarray, top_k: int) -> list[Prediction]:
+    """A digits model's outputs for a batch -> its answers, as the server's handlers make them."""
+    return [_answer(card, card.labels[r.digit], r.confidence, r.probabilities, top_k)
+            for r in postprocess.digit_predictions(probabilities)]
+
+
+def _answer(card: ModelCard, label: str, confidence: float, scores: Sequence[float], top_k: int) -> Prediction:
+    return Prediction(label, confidence, card.name, card.version, top_classes(scores, card.labels, top_k))
+
+
 @dataclass(frozen=True)
-class WorkerModel:
+class WorkerClassifier:
     """A digits model that a worker process loads once and runs on the batches it has just decoded."""
 
     directory: str
     card: ModelCard
     threads: int
+    top_k: int
 
-    def __call__(self, digits: np.ndarray) -> np.ndarray:
+    def __call__(self, digits: np.ndarray) -> list[Prediction]:
         model = _worker_models.get(self.directory)
         if model is None:
             try:  # checked again here: the file may have been replaced since this run's main process loaded it
@@ -123,7 +130,8 @@ class WorkerModel:
                 raise EngineError(str(e)) from e
             model = _worker_models[self.directory] = OnnxModel(path, self.card, device="cpu",
                                                                intra_op_threads=self.threads)
-        return model.run({self.card.inputs[0].name: digits})[self.card.outputs[0].name]
+        return digit_answers(self.card, model.run({self.card.inputs[0].name: digits})[self.card.outputs[0].name],
+                             self.top_k)
 
 
 #: the models loaded in this (worker) process, by folder

@@ -161,7 +161,7 @@ class _Predictor:
         outcomes = [x and pickle.loads(x) for x in batch[OUTCOME].to_pylist()]
         ready = [pickle.loads(x) for x in batch[INPUT].to_pylist() if x is not None]
         prepared = PreparedBatch(outcomes, self.engine.preparer._collate(ready) if ready else None)
-        pairs = _classify(self.engine, items, prepared)
+        pairs = _classify(self.engine.classify, items, prepared)
         return pa.table({INDEX: batch[INDEX], ITEM: batch[ITEM],
                          OUTCOME: pa.array([pickle.dumps(outcome) for _, outcome in pairs], pa.binary())})
 

@@ -51,6 +51,8 @@ HINTS = {
 class RemoteEngine:
     """Classifies through a server; the model is resolved once, from ``ListModels``, so it stays fixed."""
 
+    worker_classify = None  # the calls go out from this process's threads
+
     def __init__(self, client: CourseZooClient, retrying: Retrying, info: pb.ModelInfo, version: str, *,
                  top_k: int, in_flight: int) -> None:
         self.client, self.retrying, self.name, self.version = client, retrying, info.name, version
