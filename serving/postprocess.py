@@ -52,10 +52,10 @@ def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
 def digit_predictions(logits: np.ndarray) -> list[DigitResult]:
     """[N, 10] logits -> the most likely digit per image with its softmax probability."""
     probs = softmax(logits)
-    best = probs.argmax(axis=1)
+    # as lists: a numpy row and scalar per image cost more than the rest of the answer (7.5 -> ~4 µs an image)
     return [
-        DigitResult(digit=int(d), confidence=float(p[d]), probabilities=tuple(p.tolist()))
-        for d, p in zip(best, probs, strict=True)
+        DigitResult(digit=d, confidence=p[d], probabilities=tuple(p))
+        for d, p in zip(probs.argmax(axis=1).tolist(), probs.tolist(), strict=True)
     ]
 
 
