@@ -166,8 +166,9 @@ async def answer(handler: Handler, rpc_name: str, method: UnaryMethod, request: 
         code = status_of(exc)
         model, version = _counted(handler, request, model_field)
         handler.metrics.observe_request(model, version, rpc_name, time.perf_counter() - start, 0, code.name)
-        if code is grpc.StatusCode.INTERNAL:
-            INTERNAL_ERRORS.log(exc, rpc=rpc_name, model=model, version=_version_asked(request), peer=context.peer())
+        if code is grpc.StatusCode.INTERNAL:  # the version that failed, else (none chosen yet) the one asked for
+            INTERNAL_ERRORS.log(exc, rpc=rpc_name, model=model, version=version or _version_asked(request),
+                                peer=context.peer())
         raise
     finally:
         _CHOSEN.reset(chosen)

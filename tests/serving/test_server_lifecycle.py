@@ -479,3 +479,63 @@ def test_silent_and_idle_connections_are_closed(exported_repo: Path, limit: str)
             assert GOAWAY in _frame_types_until_closed(sock)
         else:  # the server's SETTINGS, and nothing from the client
             _frame_types_until_closed(sock)
+
+
+def _fails_at_run_time(folder: Path) -> None:
+    """Make ``folder``'s diabetes export one that loads, warms up (on ones) and answers, but fails inside ONNX
+    Runtime for a batch whose first record's first feature is below -0.99: the mean of each record's features,
+    taken through a Reshape to rows of 8, or of 3 for such a batch, which 8 values cannot fill ("The input tensor
+    cannot be reshaped", an ORT ``Fail``: the server's own failure, not the caller's)."""
+    from onnx import TensorProto, helper
+
+    def const(name: str, value: object) -> onnx.TensorProto:
+        return onnx.numpy_helper.from_array(np.asarray(value), name)
+
+    graph = helper.make_graph(
+        [helper.make_node("Slice", ["features", "zeros", "ones", "zeros"], ["first_record"]),
+         helper.make_node("Gather", ["first_record", "zero"], ["first_feature"], axis=1),
+         helper.make_node("Less", ["first_feature", "limit"], ["low"]),
+         helper.make_node("Cast", ["low"], ["lowered"], to=TensorProto.INT64),
+         helper.make_node("Mul", ["lowered", "five"], ["cut"]),
+         helper.make_node("Sub", ["eight", "cut"], ["width"]),
+         helper.make_node("Concat", ["any", "width"], ["shape"], axis=0),
+         helper.make_node("Reshape", ["features", "shape"], ["rows"]),
+         helper.make_node("ReduceMean", ["rows", "ones"], ["probability"], keepdims=1)],
+        "fails_at_run_time",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["N", 1])],
+        [const("zeros", np.int64([0])), const("ones", np.int64([1])), const("zero", np.int64(0)),
+         const("limit", np.float32([-0.99])), const("five", np.int64([5])), const("eight", np.int64([8])),
+         const("any", np.int64([-1]))],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10),
+              folder / "model.onnx")
+    card = json.loads((folder / "model.json").read_text())
+    card["files"]["model.onnx"]["sha256"] = sha256_file(folder / "model.onnx")
+    (folder / "model.json").write_text(json.dumps(card))
+
+
+def test_a_version_failing_at_run_time_is_internal_and_logged_under_that_version(
+        tmp_path: Path, source: Path, start_server: Callable[..., ServerProcess]) -> None:
+    """The server's own failure, through a real server: INTERNAL, its details kept from the client and logged
+    with a traceback, counted and logged under the version that failed (the default, version 2, for a call
+    that pinned none: the log said version ""), while version 1 answers the same record."""
+    for version in ("1", "2"):
+        add_version(tmp_path, source, version)
+    _fails_at_run_time(tmp_path / MODEL / "2")
+    server = start_server(tmp_path)
+    bad = [-1.0, *RECORD[1:]]
+    with CourseZooClient(server.target) as client:
+        assert client.classify_diabetes([RECORD]).model_version == "2"
+        with pytest.raises(grpc.RpcError) as info:
+            client.classify_diabetes([bad])
+        assert client.classify_diabetes([bad], version="1").model_version == "1"
+    assert info.value.code() == grpc.StatusCode.INTERNAL
+    assert info.value.details() == "internal error (Fail); the server log has the details"
+    failures = 'coursezoo_request_failures_total{code="INTERNAL",model="diabetes_mlp",rpc="ClassifyDiabetes"'
+    assert f'{failures},version="2"}} 1.0' in server.metrics()
+    server.stop()
+    logged = [json.loads(line) for line in server.output.splitlines() if line.startswith("{")]
+    internal = [line for line in logged if line["msg"] == "internal error"]
+    assert len(internal) == 1 and "cannot be reshaped" in internal[0]["exc"]
+    assert (internal[0]["model"], internal[0]["version"], internal[0]["rpc"]) == (MODEL, "2", "ClassifyDiabetes")
