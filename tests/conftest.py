@@ -12,21 +12,33 @@ trained digits model while the shipped MNIST exports are being trained); the def
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from serving.process import ServerProcess
 
-__all__ = ["DATA_MIRROR", "EXPORTED", "REPO_ROOT", "ServerProcess", "digits_models", "require_tool", "wait_for"]
+__all__ = ["DATA_MIRROR", "EXPORTED", "REPO_ROOT", "ServerProcess", "digits_models", "edit_card", "require_tool",
+           "wait_for"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXPORTED = Path(os.environ.get("COURSEZOO_TEST_REPO", REPO_ROOT / "exported"))
 DATA_MIRROR = Path(os.environ.get("COURSEZOO_DATA_MIRROR", REPO_ROOT.parent / "shared" / "data"))
+
+
+def edit_card(directory: Path, change: Callable[[dict[str, Any]], object]) -> None:
+    """``change`` the model.json in ``directory`` as plain JSON: unlike ``ModelCard.load``/``save`` this can also
+    make a card that the card class would refuse (a wrong sha256, another name), as the tests that break one do."""
+    path = directory / "model.json"
+    card = json.loads(path.read_text())
+    change(card)
+    path.write_text(json.dumps(card))
 
 
 def digits_models(repo: Path) -> list[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import os
 import shutil
 import signal
@@ -27,7 +26,7 @@ from serving.batch.output import BASE_COLUMNS, partial_path
 from serving.card import ModelCard
 from serving.preprocess import DEFAULT_MAX_IMAGE_PIXELS
 from tests.batch.conftest import BROKEN_DIGITS, Run, digit_label, read_rows
-from tests.conftest import EXPORTED, REPO_ROOT
+from tests.conftest import EXPORTED, REPO_ROOT, edit_card
 
 Batch = Callable[..., Run]
 
@@ -210,8 +209,7 @@ def test_newest_valid_version_is_used_and_a_pinned_broken_one_refused(batch: Bat
     repo = tmp_path / "repo"
     for version in ("1", "2"):
         shutil.copytree(EXPORTED / "names_gru" / "1", repo / "names_gru" / version)
-    card = json.loads((repo / "names_gru" / "2" / "model.json").read_text())
-    (repo / "names_gru" / "2" / "model.json").write_text(json.dumps({**card, "version": "2"}))
+    edit_card(repo / "names_gru" / "2", lambda card: card.update(version="2"))
     (repo / "names_gru" / "2" / "model.onnx").write_bytes(b"not the exported graph")
     (tmp_path / "names.txt").write_text("Nakamura\n")
     run = batch(tmp_path / "names.txt", "--repo", repo, out=tmp_path / "a.csv")

@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving.protos import classifier_pb2 as pb
 from serving.protos import classifier_pb2_grpc
+from tests.conftest import edit_card
 from tests.serving.test_server_lifecycle import wait_for
 
 if TYPE_CHECKING:
@@ -315,27 +316,21 @@ def test_a_model_file_damaged_at_run_time_leaves_the_serving_version_working(
 def break_onnx_keep_sha(directory: Path) -> None:
     """Not an ONNX model, with a card that vouches for it: loading must fail in ONNX Runtime, not at the hash."""
     (directory / "model.onnx").write_bytes(b"\x08\x07 this is not a protobuf graph")
-    card = json.loads((directory / "model.json").read_text())
-    card["files"]["model.onnx"]["sha256"] = hashlib.sha256((directory / "model.onnx").read_bytes()).hexdigest()
-    (directory / "model.json").write_text(json.dumps(card))
+    sha256 = hashlib.sha256((directory / "model.onnx").read_bytes()).hexdigest()
+    edit_card(directory, lambda card: card["files"]["model.onnx"].update(sha256=sha256))
 
 
-def edit_card(change: Callable[[dict], None]) -> Callable[[Path], None]:
-    def apply(directory: Path) -> None:
-        card = json.loads((directory / "model.json").read_text())
-        change(card)
-        (directory / "model.json").write_text(json.dumps(card))
-
-    return apply
+def editing(change: Callable[[dict], object]) -> Callable[[Path], None]:
+    return lambda directory: edit_card(directory, change)
 
 
 BREAKAGES: dict[str, Callable[[Path], None]] = {
-    "sha256 mismatch": edit_card(lambda c: c["files"]["model.onnx"].update(sha256="0" * 64)),
+    "sha256 mismatch": editing(lambda c: c["files"]["model.onnx"].update(sha256="0" * 64)),
     "not an ONNX file": break_onnx_keep_sha,
-    "card names other tensors": edit_card(lambda c: c["inputs"][0].update(name="pixels")),
+    "card names other tensors": editing(lambda c: c["inputs"][0].update(name="pixels")),
     "card is not JSON": lambda d: (d / "model.json").write_text("{ truncated"),
     "model.onnx missing": lambda d: (d / "model.onnx").unlink(),
-    "card for another version": edit_card(lambda c: c.update(version="1")),
+    "card for another version": editing(lambda c: c.update(version="1")),
 }
 
 
@@ -345,9 +340,7 @@ def test_a_broken_new_version_never_replaces_a_good_one(server: ServerProcess, r
     broken = repo / "linear_regression" / str(int(good.name) + 1)
     staging = repo / "linear_regression" / f".staging-{broken.name}"
     shutil.copytree(good, staging)
-    card = json.loads((staging / "model.json").read_text())
-    card["version"] = broken.name
-    (staging / "model.json").write_text(json.dumps(card))
+    edit_card(staging, lambda card: card.update(version=broken.name))
     BREAKAGES[breakage](staging)
     staging.rename(broken)
     kserve = triton.InferenceServerClient(server.target)

@@ -33,7 +33,7 @@ from tritonclient.utils import InferenceServerException
 
 from serving.client import CourseZooClient, tls_credentials
 from serving.security import ConfigError, Security, control_enabled, is_loopback, load_token
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, edit_card
 
 if TYPE_CHECKING:
     from tests.conftest import ServerProcess
@@ -376,9 +376,7 @@ def guarded(tmp_path_factory: pytest.TempPathFactory, exported_repo: Path,
 
 
 def _rename(version_dir: Path, name: str) -> None:
-    card = json.loads((version_dir / "model.json").read_text())
-    card["name"], card["version"] = name, version_dir.name
-    (version_dir / "model.json").write_text(json.dumps(card))
+    edit_card(version_dir, lambda card: card.update(name=name, version=version_dir.name))
 
 
 @pytest.mark.parametrize("name", TRAVERSALS)

@@ -15,6 +15,7 @@ import pytest
 
 from bench import exports
 from serving.card import CardError, ModelCard, version_dirs
+from tests.conftest import edit_card
 from training.evaluate import latest_version
 
 EXPORTED = Path(__file__).resolve().parents[2] / "exported"
@@ -68,8 +69,7 @@ def test_the_newest_readable_version_is_the_one_benchmarked(tmp_path: Path) -> N
     for version in ("1", "2"):
         folder = tmp_path / "mnist_cnn" / version
         shutil.copytree(EXPORTED / "mnist_cnn" / max(p.name for p in version_dirs(EXPORTED / "mnist_cnn")), folder)
-        card = json.loads((folder / "model.json").read_text())
-        (folder / "model.json").write_text(json.dumps({**card, "version": version}))
+        edit_card(folder, lambda card, version=version: card.update(version=version))
     (tmp_path / "mnist_cnn" / "2" / "model.json").write_text("{")
     assert exports.latest(tmp_path, "mnist_cnn").version == "1"  # type: ignore[union-attr]
     assert latest_version(tmp_path, "mnist_cnn").name == "2"

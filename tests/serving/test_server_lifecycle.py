@@ -30,24 +30,24 @@ from serving.card import sha256_file
 from serving.client import CourseZooClient
 from serving.process import ChildServer
 from serving.protos import classifier_pb2 as pb
-from tests.conftest import wait_for
+from tests.conftest import edit_card, wait_for
 
 if TYPE_CHECKING:
     from tests.conftest import ServerProcess
 
 MODEL = "diabetes_mlp"
 RECORD = [0.1, -0.2, 0.3, -0.4, 0.5, -0.6, 0.7, -0.8]
+#: card serving hints under which a batch waits 6 s for more (the drain tests' calls stay in the server)
+WAITING_BATCHES = {"max_queue_delay_ms": 6000, "adaptive_queue_delay": False}
 
 
 def add_version(repo: Path, source: Path, version: str, *, break_sha: bool = False) -> None:
     """Publish ``source`` as ``repo/MODEL/version`` the way an export should: build aside, rename in."""
     staging = repo / MODEL / f".staging-{version}"
     shutil.copytree(source, staging)
-    card = json.loads((staging / "model.json").read_text())
-    card["version"] = version
+    edit_card(staging, lambda card: card.update(version=version))
     if break_sha:
-        card["files"]["model.onnx"]["sha256"] = "0" * 64
-    (staging / "model.json").write_text(json.dumps(card))
+        edit_card(staging, lambda card: card["files"]["model.onnx"].update(sha256="0" * 64))
     staging.rename(repo / MODEL / version)
 
 
@@ -237,10 +237,7 @@ def test_sigterm_finishes_in_flight_work_and_exits_zero(start_server: Callable[.
     ``coursezoo_queue_depth`` before the signal; so both are in the server, neither answered yet. With no grace
     they were cut off, and the test passed on an answer that came before the signal."""
     add_version(tmp_path, source, "1")
-    card_path = tmp_path / MODEL / "1" / "model.json"
-    card = json.loads(card_path.read_text())
-    card["serving"] = {"max_queue_delay_ms": 6000, "adaptive_queue_delay": False}
-    card_path.write_text(json.dumps(card))
+    edit_card(tmp_path / MODEL / "1", lambda card: card.update(serving=WAITING_BATCHES))
     proc = start_server(tmp_path, "--grace-s", "20", "--max-batch-size", "2")
 
     def queue_depth() -> str | None:
@@ -270,10 +267,7 @@ def test_calls_cut_off_by_the_end_of_the_grace_period_are_a_warning(start_server
     """A stop that outlasted its grace period cut calls off and said nothing in the log. The same two waiting calls
     as above, with a grace period of 0.5 s."""
     add_version(tmp_path, source, "1")
-    card_path = tmp_path / MODEL / "1" / "model.json"
-    card = json.loads(card_path.read_text())
-    card["serving"] = {"max_queue_delay_ms": 6000, "adaptive_queue_delay": False}
-    card_path.write_text(json.dumps(card))
+    edit_card(tmp_path / MODEL / "1", lambda card: card.update(serving=WAITING_BATCHES))
     proc = start_server(tmp_path, "--grace-s", "0.5", "--max-batch-size", "2",
                         env={**os.environ, "COURSEZOO_LOG_LEVEL": "info"})
     with CourseZooClient(proc.target) as client:
@@ -362,10 +356,8 @@ def test_a_chunked_call_is_answered_by_one_version_when_a_new_one_arrives_midway
     weights = model.graph.initializer[0]
     weights.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(weights) * 2, weights.name))
     onnx.save(model, retrained / "model.onnx")
-    card = json.loads((retrained / "model.json").read_text())
-    card["files"]["model.onnx"] = {"sha256": sha256_file(retrained / "model.onnx"),
-                                   "bytes": (retrained / "model.onnx").stat().st_size}
-    (retrained / "model.json").write_text(json.dumps(card))
+    edit_card(retrained, lambda card: card["files"].update({"model.onnx": {
+        "sha256": sha256_file(retrained / "model.onnx"), "bytes": (retrained / "model.onnx").stat().st_size}}))
     proc = start_server(tmp_path, "--poll-interval-s", "0")
 
     class PublishingAfterTheFirstChunk:
@@ -510,9 +502,7 @@ def _fails_at_run_time(folder: Path) -> None:
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10),
               folder / "model.onnx")
-    card = json.loads((folder / "model.json").read_text())
-    card["files"]["model.onnx"]["sha256"] = sha256_file(folder / "model.onnx")
-    (folder / "model.json").write_text(json.dumps(card))
+    edit_card(folder, lambda card: card["files"]["model.onnx"].update(sha256=sha256_file(folder / "model.onnx")))
 
 
 def test_a_version_failing_at_run_time_is_internal_and_logged_under_that_version(

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from serving.card import CardError
+from tests.conftest import edit_card
 from training import data
 from training.catalog import CATALOG
 from training.evaluate import evaluate_export, get_args_parser, latest_version, main
@@ -28,9 +29,7 @@ def _edited_copy(tmp_path: Path, name: str, edit: Callable[[dict], None]) -> Pat
     """The newest shipped version of ``name`` under ``tmp_path``, its card edited (the files stay as shipped)."""
     version = latest_version(REPO / "exported", name)
     copy = shutil.copytree(version, tmp_path / name / version.name)
-    card = json.loads((copy / "model.json").read_text())
-    edit(card)
-    (copy / "model.json").write_text(json.dumps(card))
+    edit_card(copy, edit)
     return copy
 
 
@@ -87,9 +86,8 @@ def test_one_broken_version_does_not_stop_the_others(tmp_path: Path, data_cfg: d
     evaluated and ``--json`` never written; the JSON also left out the [ERR] rows."""
     broken = _edited_copy(tmp_path, "linear_regression", lambda card: None)
     (broken / "model.onnx").write_bytes(b"not an onnx file")
-    card = json.loads((broken / "model.json").read_text())
-    card["files"]["model.onnx"]["sha256"] = hashlib.sha256(b"not an onnx file").hexdigest()
-    (broken / "model.json").write_text(json.dumps(card))
+    edit_card(broken, lambda card: card["files"]["model.onnx"].update(sha256=hashlib.sha256(b"not an onnx file")
+                                                                      .hexdigest()))
     shutil.copytree(latest_version(REPO / "exported", "hello_rnn"), tmp_path / "hello_rnn" / "1")
     report = tmp_path / "eval.json"
     args = get_args_parser().parse_args(["linear_regression", "hello_rnn", *_eval_args(tmp_path, data_cfg),
