@@ -271,6 +271,10 @@ class Run:
             self.results.append(batch_cli.run_cli(digits, folder.path, n,
                                                   ["--local", "--repo", str(self.args.repo), "--device", device],
                                                   "--local", f"batchcli/local/{digits.name}/n{n}"))
+            if self.cuda:  # on CUDA one process runs the model for all; on the CPU every worker does, core by core
+                self.results.append(batch_cli.run_cli(digits, folder.path, n,
+                                                      ["--local", "--repo", str(self.args.repo), "--device", "cpu"],
+                                                      "--local --device cpu", f"batchcli/local-cpu/{digits.name}/n{n}"))
             if target:
                 self.results.append(batch_cli.run_cli(digits, folder.path, n, ["--server", target], "--server",
                                                       f"batchcli/server/{digits.name}/n{n}"))
@@ -403,6 +407,8 @@ class Run:
                       f"batchcli/local/{m}/n{n}", f"batchcli/ort-decoded/{m}/n{n}", 0.7),
                 Ratio(f"batch --server vs in-process ORT on decoded tensors ({n} PNGs)",
                       f"batchcli/server/{m}/n{n}", f"batchcli/ort-decoded/{m}/n{n}"),
+                Ratio(f"batch --local on a GPU host: --device cpu vs cuda ({n} PNGs)",
+                      f"batchcli/local-cpu/{m}/n{n}", f"batchcli/local/{m}/n{n}"),
             ]
         return out
 
