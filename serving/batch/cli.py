@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from coursezoo.args import at_least
 from serving.batch import pipeline, sources
-from serving.batch.discover import check_inputs, infer_kind, iter_files
+from serving.batch.discover import check_inputs, first_files, infer_kind, iter_files
 from serving.batch.engines import Engine
 from serving.batch.items import LABELLED_KINDS, iter_items
 from serving.batch.output import FORMATS, RenderedRows, ResultWriter, check_target, columns, partial_path
@@ -179,11 +179,15 @@ def main(args: argparse.Namespace) -> int:
         fmt = args.format or ("jsonl" if args.out and args.out.suffix in (".jsonl", ".json") else "csv")
         args.out = args.out or Path(f"results.{fmt}")
         check_target(args.out, overwrite=args.overwrite, resume=args.resume)  # before any slow start-up
-        if next(iter_files(args.inputs, args.recursive, _own_files(args)), None) is None:
+        sample = first_files(args.inputs, args.recursive, _own_files(args))
+        if not sample:
             raise BatchError(f"no files in {' '.join(args.inputs)}" + ("" if args.recursive else " (--recursive?)"))
-        kind = args.kind or _inferred_or_none(args)
-        if kind is None and not args.model:
-            infer_kind(args.inputs, args.recursive, _own_files(args))  # raises, saying why the kind is ambiguous
+        try:
+            kind = args.kind or infer_kind(args.inputs, args.recursive, _own_files(args), sample)
+        except BatchError:  # saying why the kind is ambiguous, which a --model settles
+            if not args.model:
+                raise
+            kind = None
         if args.workers is None:
             args.workers = default_workers(args.server, args.inputs)
         if args.workers and kind in ("digits", None) and args.engine == "local":  # Ray decodes in its own tasks
@@ -296,13 +300,6 @@ def _tls(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
         raise BatchError(str(e)) from e
     except OSError as e:
         raise BatchError(f"cannot read the TLS file {e.filename}: {e.strerror or e}") from e
-
-
-def _inferred_or_none(args: argparse.Namespace) -> str | None:
-    try:
-        return infer_kind(args.inputs, args.recursive, _own_files(args))
-    except BatchError:
-        return None
 
 
 def _todo(args: argparse.Namespace, kind: str, writer: ResultWriter, *, warn_skipped: bool = False) -> Iterator[Item]:

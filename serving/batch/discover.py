@@ -277,15 +277,23 @@ def _is_numbers(line: str) -> bool:
     return bool(fields) and all(map(records.is_number, fields)) and any(map(str.isdigit, line))
 
 
-def infer_kind(inputs: Sequence[str], recursive: bool, exclude: Collection[str] = ()) -> str:
-    """The kind of the inputs, from the content of the first files and of the files named beyond them
-    (``named_files``); raise ``BatchError`` when ambiguous, as when they mix kinds.
+def first_files(inputs: Sequence[str], recursive: bool, exclude: Collection[str] = ()) -> list[FileEntry]:
+    """The first ``SNIFF_FILES`` files of the inputs, which kind inference reads; none: the inputs hold no file."""
+    return list(itertools.islice(iter_files(inputs, recursive, exclude), SNIFF_FILES))
+
+
+def infer_kind(inputs: Sequence[str], recursive: bool, exclude: Collection[str] = (),
+               sample: Sequence[FileEntry] | None = None) -> str:
+    """The kind of the inputs, from the content of the first files (``first_files``, or ``sample`` when the
+    caller listed them already: a listing sorts each whole folder first, seconds for a million files) and of
+    the files named beyond them (``named_files``); raise ``BatchError`` when ambiguous, as when they mix kinds.
 
     Text is read as names: the hello models take words over four letters, which a user asks for with
     ``--kind hello``.
     """
-    files = iter_files(inputs, recursive, exclude)
-    first = [e.path for e in itertools.islice(files, SNIFF_FILES) if e.failure is None]
+    if sample is None:
+        sample = first_files(inputs, recursive, exclude)
+    first = [e.path for e in sample if e.failure is None]
     named = named_files(inputs, first, exclude)
     sniffed = {p: sniff(p) for p in first + named}
     categories = Counter(sniffed.values())
