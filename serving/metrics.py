@@ -69,6 +69,13 @@ class _BatchChildren(NamedTuple):
     queue: Callable[[float], None]
 
 
+def _uncounted(_: float) -> None:
+    """A hook of a version that has left the repository: nothing is counted."""
+
+
+_UNCOUNTED = _BatchChildren(_uncounted, _uncounted, _uncounted, _uncounted)
+
+
 class Metrics:
     """The server's counters, histograms and gauges, and the hooks that update them."""
 
@@ -117,6 +124,7 @@ class Metrics:
                                                            Callable[[float], None]]] = {}
         self._batch_children: dict[tuple[str, str], _BatchChildren] = {}
         self._failure_labels: set[tuple[str, str, str, str]] = set()  # (model, version, rpc, code) counted
+        self._gone: set[tuple[str, str]] = set()  # versions that left the repository (``_forget``) and not come back
         self._lock = threading.Lock()
 
     def observe_request(self, model: str, version: str, rpc: str, seconds: float, items: int,
@@ -126,6 +134,8 @@ class Metrics:
         key = (model, version, rpc)
         children = self._children.get(key)
         if children is None:
+            if (model, version) in self._gone:  # a reply that left after its version did: no series comes back
+                return
             children = (self.requests.labels(*key).inc, self.latency.labels(*key).observe, self.items.labels(*key).inc)
             self._children[key] = children
         inc_requests, observe_latency, inc_items = children
@@ -162,6 +172,8 @@ class Metrics:
         key = (model, version)
         children = self._batch_children.get(key)
         if children is None:
+            if key in self._gone:
+                return _UNCOUNTED
             with self._lock:
                 children = _BatchChildren(self.batch_size.labels(*key).observe, self.queue_depth.labels(*key).inc,
                                           self.compute_duration.labels(*key).observe,
@@ -178,13 +190,16 @@ class Metrics:
         if ready is None:
             self._forget(model, version)
         else:
+            self._gone.discard((model, version))  # its folder came back
             self.model_ready.labels(model, version).set(1 if ready else 0)
 
     def _forget(self, model: str, version: str) -> None:
         """Remove the series of a version that has left the repository, and their cached children: a version
         whose folder comes back (a rollback undone) is counted afresh. The repository retires a version (its
-        queue drained) before this; a reply still on its way out then would bring a series of it back."""
+        queue drained) before this; a reply still on its way out is not counted, or it would bring a series of
+        the version back for good (``_gone``, one entry per version retired)."""
         with self._lock:
+            self._gone.add((model, version))
             removals: list[tuple[Any, tuple[str, ...]]] = [(self.model_ready, (model, version))]
             if self._batch_children.pop((model, version), None) is not None:
                 removals += [(metric, (model, version)) for metric in (self.batch_size, self.queue_depth,

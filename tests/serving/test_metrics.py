@@ -28,7 +28,8 @@ def test_a_gone_versions_series_leaves_the_metrics() -> None:
 
 def test_a_gone_version_takes_every_series_with_it() -> None:
     """Each series of a version goes with it (a server that takes a new export every night would otherwise keep a
-    year of versions' series), the others stay, and a version whose folder comes back is counted afresh."""
+    year of versions' series), the others stay, a late reply of the gone version brings none back, and a version
+    whose folder comes back is counted afresh."""
     metrics = Metrics()
     for version in ("1", "2"):
         metrics.set_model_ready("m", version, True)
@@ -45,6 +46,12 @@ def test_a_gone_version_takes_every_series_with_it() -> None:
     kept, no_version = series("2"), series("")
     metrics.set_model_ready("m", "1", None)
     assert series("1") == [] and series("2") == kept and series("") == no_version
+    # a reply still on its way out, and a batch's last hooks, after the version left: they brought it back
+    metrics.observe_request("m", "1", "ClassifyDigits", 0.001, 3)
+    metrics.observe_request("m", "1", "ModelInfer", 0.001, 0, "INTERNAL")
+    metrics.observe_batch("m", "1", 3, 0.001, [0.0])
+    metrics.queue_changed("m", "1", -1)
+    assert series("1") == []
     metrics.set_model_ready("m", "1", True)
     metrics.observe_request("m", "1", "ClassifyDigits", 0.001, 5)
     assert 'coursezoo_items_total{model="m",rpc="ClassifyDigits",version="1"} 5.0' in series("1")
