@@ -21,7 +21,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -83,14 +83,15 @@ class RenderedRows:
 
     text: str
     count: int
-    tally: Tally = field(default_factory=Tally)
+    tally: Tally
 
 
 @dataclass(frozen=True)
 class RowFormat:
     """Turns a batch's (item, outcome) pairs into the results file's text; picklable, so that a worker process
-    that classified a batch renders it too and this process, which lists every input and writes every row,
-    only writes (on many cores it was the ceiling: ~30 µs of its CPU an image, 25-33k images/s on 16 cores)."""
+    that classified a batch renders it too, and this process, which lists every input and writes every row,
+    only writes: answering and rendering every row here made it the ceiling on many cores (25-27k images/s on
+    16) and took a third of a core on 2."""
 
     fmt: str
     cols: tuple[str, ...]
