@@ -407,8 +407,8 @@ class Run:
                       f"batchcli/local/{m}/n{n}", f"batchcli/ort-decoded/{m}/n{n}", 0.7),
                 Ratio(f"batch --server vs in-process ORT on decoded tensors ({n} PNGs)",
                       f"batchcli/server/{m}/n{n}", f"batchcli/ort-decoded/{m}/n{n}"),
-                Ratio(f"batch --local on a GPU host: --device cpu vs cuda ({n} PNGs)",
-                      f"batchcli/local-cpu/{m}/n{n}", f"batchcli/local/{m}/n{n}"),
+                *([Ratio(f"batch --local on a GPU host: --device cpu vs cuda ({n} PNGs)",
+                         f"batchcli/local-cpu/{m}/n{n}", f"batchcli/local/{m}/n{n}")] if self.cuda else []),
             ]
         return out
 
