@@ -124,7 +124,7 @@ class Metrics:
                                                            Callable[[float], None]]] = {}
         self._batch_children: dict[tuple[str, str], _BatchChildren] = {}
         self._failure_labels: set[tuple[str, str, str, str]] = set()  # (model, version, rpc, code) counted
-        self._gone: set[tuple[str, str]] = set()  # versions that left the repository (``_forget``) and not come back
+        self._gone: set[tuple[str, str]] = set()  # versions that left the repository (``_forget``), not back since
         self._lock = threading.Lock()
 
     def observe_request(self, model: str, version: str, rpc: str, seconds: float, items: int,

@@ -80,8 +80,8 @@ def iter_files(inputs: Sequence[str], recursive: bool, exclude: Collection[str] 
     inside folders are skipped, and so are the ``exclude`` files (absolute paths: the run's own output,
     which may sit among its inputs).
     ``warn_skipped`` logs the subfolders left out without ``recursive`` once the listing ends: a run
-    lists its inputs several times (checks, kind inference, the work, the progress bar's count) and
-    asks for the warning on one of them only.
+    lists its inputs several times (the first files for its checks and kind inference, the work, the progress
+    bar's count) and asks for the warning on one of them only.
     """
     names = tuple({os.path.basename(path) for path in exclude})
     for entry in _files(inputs, recursive, warn_skipped):
