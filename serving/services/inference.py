@@ -20,7 +20,7 @@ from serving.metrics import Metrics
 from serving.preprocess import InputError, quote
 from serving.protos import inference_pb2 as pb
 from serving.protos import inference_pb2_grpc
-from serving.repository import ModelNotFound, ModelNotReady, ModelRepository, version_number
+from serving.repository import ModelNotFound, ModelNotReady, ModelRepository, ServedModel, version_number
 from serving.security import ModelControlOff, SharedMemoryOff
 from serving.services.base import Answer, Handler, Settings, Unsupported, answer, fail, in_order, message_of, rpc
 from serving.services.codecs import (
@@ -76,10 +76,10 @@ class InferenceService(Handler, inference_pb2_grpc.GRPCInferenceServiceServicer)
     @rpc("ModelReady", model_field="name")
     async def ModelReady(self, request: pb.ModelReadyRequest) -> Answer:
         try:
-            served = self.repository.get(request.name, request.version or None)
+            served: ServedModel | None = self.repository.get(request.name, request.version or None)
         except (ModelNotFound, ModelNotReady):
-            return Answer(pb.ModelReadyResponse(ready=False), "", 0)
-        if not served.ready:
+            served = None
+        if served is None or not served.ready:
             return Answer(pb.ModelReadyResponse(ready=False), "", 0)
         return Answer(pb.ModelReadyResponse(ready=True), request.name, 0, served.version)
 
